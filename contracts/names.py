@@ -1,0 +1,84 @@
+"""Names, labels, annotations, ports and paths every part of lorafleet agrees on."""
+
+from __future__ import annotations
+
+GROUP = "lorafleet.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+POOL_KIND = "BaseModelPool"
+POOL_PLURAL = "basemodelpools"
+POOL_SHORT = "lfpool"
+ADAPTER_KIND = "LoRAAdapter"
+ADAPTER_PLURAL = "loraadapters"
+ADAPTER_SHORT = "lora"
+
+FIELD_MANAGER = "lorafleet"
+
+# Labels
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_POOL = "lorafleet.io/pool"
+LABEL_ROUTES_FOR = "lorafleet.io/routes-for"
+
+# Annotations
+SYNC_ANNOTATION = "lorafleet.io/sync"  # on pool pods, written by the sidecar
+ROUTES_KEY = "routes.json"  # key of the routes ConfigMaps
+
+# Ports and paths inside a pool pod
+RUNTIME_PORT = 8000
+ADMIN_PORT = 8001  # runtime admin API, bound to 127.0.0.1 only
+SIDECAR_METRICS_PORT = 9090
+CACHE_MOUNT = "/var/lib/lorafleet"
+CACHE_VOLUME = "cache"
+
+RUNTIME_CONTAINER = "runtime"
+SIDECAR_CONTAINER = "sidecar"
+
+
+def deployment_name(pool: str) -> str:
+    return f"lorafleet-{pool}"
+
+
+def service_name(pool: str) -> str:
+    return f"lorafleet-{pool}"
+
+
+def ingress_name(pool: str) -> str:
+    return f"lorafleet-{pool}"
+
+
+def sidecar_service_account(pool: str) -> str:
+    return f"lorafleet-{pool}-sidecar"
+
+
+def routes_configmap_name(pool: str, shard: int | None = None) -> str:
+    """``lorafleet-routes-<pool>`` for an unsharded pool, ``...-<shard>`` for shard N of many."""
+    base = f"lorafleet-routes-{pool}"
+    return base if shard is None else f"{base}-{shard}"
+
+
+def pool_labels(pool: str, component: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: "lorafleet",
+        LABEL_INSTANCE: pool,
+        LABEL_COMPONENT: component,
+        LABEL_MANAGED_BY: "lorafleet",
+        LABEL_POOL: pool,
+    }
+
+
+def pod_selector(pool: str) -> dict[str, str]:
+    return {LABEL_NAME: "lorafleet", LABEL_POOL: pool, LABEL_COMPONENT: "runtime"}
+
+
+def versioned_name(name: str, version: str) -> str:
+    """``name@version``: how clients pin a version and how sync reports name an adapter version."""
+    return f"{name}@{version}"
+
+
+def split_versioned(model: str) -> tuple[str, str | None]:
+    name, sep, version = model.partition("@")
+    return name, (version if sep else None)

@@ -1,0 +1,370 @@
+"""Pydantic models of the lorafleet custom resources (DESIGN §2): the one source of the CRD schema.
+
+Field names are camelCase on the wire (aliases) and snake_case in Python. Rules the API server can
+enforce are attached as CEL ``x-kubernetes-validations`` (see ``crdgen``); the same rules are
+checked again here so that Python callers get the same errors.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from .quantity import parse_quantity
+
+URI_RE = r"^(s3|file|hf)://.+"
+DIGEST_PATTERN = r"^[0-9a-f]{64}$"
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$"  # no '@': name@version pins
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+TENANT_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
+
+IntOrString = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+
+
+def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict:
+    out: dict[str, Any] = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+def _cel_extra(*rules: dict) -> dict:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def wire(self) -> dict[str, Any]:
+        """The object as the API server stores it (camelCase, unset fields left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class _Status(_Model):
+    # Status is written by the operator and read back; tolerate fields newer versions add.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+def _match(pattern: str, value: str, what: str) -> str:
+    if not re.match(pattern, value):
+        raise ValueError(f"{what} {value!r} does not match {pattern}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- pool
+
+
+class Task(str, Enum):
+    sequence_classification = "sequence-classification"
+    text_generation = "text-generation"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class ModelSpec(_Model):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid",
+        json_schema_extra=_cel_extra(
+            cel("self.uri.matches('^(s3|file|hf)://.+')",
+                "model.uri must start with s3://, file:// or hf://", ".uri", "FieldValueInvalid"),
+            cel("self.sha256.matches('^[0-9a-f]{64}$')",
+                "model.sha256 must be 64 lowercase hex characters", ".sha256", "FieldValueInvalid"),
+        ),
+    )
+    uri: str = Field(max_length=2048, description="Where the base model directory is: s3://bucket/prefix/, file:///path or hf://org/name")
+    sha256: str = Field(max_length=64, description="Digest of the model directory (lorafleet digest DIR)")
+    task: Task = Field(description="sequence-classification or text-generation")
+    dtype: DType = Field(DType.float32, description="Weights' dtype on the device")
+
+    @field_validator("uri")
+    @classmethod
+    def check_uri(cls, v: str) -> str:
+        return _match(URI_RE, v, "model.uri")
+
+    @field_validator("sha256")
+    @classmethod
+    def check_sha(cls, v: str) -> str:
+        return _match(DIGEST_PATTERN, v, "model.sha256")
+
+
+
+class ResourceRequirements(_Model):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    limits: dict[str, IntOrString] | None = None
+    requests: dict[str, IntOrString] | None = None
+
+
+class RuntimeSpec(_Model):
+    image: str = Field("lorafleet/runtime:0.1.0", description="Runtime container image")
+    resources: ResourceRequirements | None = None
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Rows in one forward pass")
+    max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill")
+    max_queue: int = Field(1024, ge=1, description="Queued requests before 429")
+    per_tenant_max_inflight: int = Field(64, ge=1, description="Queued + running requests of one tenant before 429")
+
+
+class SidecarSpec(_Model):
+    image: str = Field("lorafleet/control:0.1.0", description="Sidecar container image")
+    resources: ResourceRequirements | None = None
+
+
+class CacheSpec(_Model):
+    device_slots: int = Field(32, ge=1, le=65536, description="Adapters resident on the device at once")
+    host_adapters: int = Field(512, ge=1, description="Adapters kept in host memory")
+    disk_bytes: IntOrString = Field("20Gi", description="Cache volume size (emptyDir sizeLimit)")
+    max_rank: int = Field(64, ge=1, le=4096, description="Largest LoRA rank accepted")
+    max_adapter_bytes: IntOrString = Field("512Mi", description="Largest adapter accepted")
+
+    @field_validator("disk_bytes", "max_adapter_bytes")
+    @classmethod
+    def _quantity(cls, v: int | str) -> int | str:
+        parse_quantity(v)
+        return v
+
+    @property
+    def disk_bytes_int(self) -> int:
+        return parse_quantity(self.disk_bytes)
+
+    @property
+    def max_adapter_bytes_int(self) -> int:
+        return parse_quantity(self.max_adapter_bytes)
+
+
+class SecretRef(_Model):
+    name: str = Field(pattern=DNS_LABEL_PATTERN.replace("{0,61}", "{0,251}"))
+
+
+class StorageSpec(_Model):
+    endpoint: str = Field("http://minio.lorafleet-system:9000", description="S3 endpoint URL")
+    secret_ref: SecretRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    region: str | None = None
+
+
+class IngressSpec(_Model):
+    host: str | None = None
+    class_name: str | None = None
+    path: str = "/"
+    tls: list[dict[str, Any]] | None = Field(
+        None, json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}
+    )
+
+
+class BaseModelPoolSpec(_Model):
+    model: ModelSpec
+    replicas: int = Field(1, ge=0, le=1000)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    sidecar: SidecarSpec = Field(default_factory=SidecarSpec)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    ingress: IngressSpec | None = None
+
+
+class Condition(_Status):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class PoolPhase(str, Enum):
+    pending = "Pending"
+    progressing = "Progressing"
+    ready = "Ready"
+    degraded = "Degraded"
+    failed = "Failed"
+
+
+class BaseModelPoolStatus(_Status):
+    phase: PoolPhase | None = None
+    observed_generation: int | None = None
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    ready: str | None = Field(None, description="readyReplicas/replicas, for kubectl get")
+    adapters: int | None = None
+    adapters_ready: int | None = None
+    routes_generation: int | None = None
+    message: str | None = None
+    conditions: list[Condition] | None = None
+
+
+class BaseModelPool(_Model):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    api_version: str = "lorafleet.io/v1alpha1"
+    kind: Literal["BaseModelPool"] = "BaseModelPool"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: BaseModelPoolSpec
+    status: BaseModelPoolStatus | None = None
+
+
+# ------------------------------------------------------------------------------------- adapter
+
+
+class AdapterSource(_Model):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid",
+        json_schema_extra=_cel_extra(
+            cel("self.uri.matches('^(s3|file|hf)://.+')",
+                "source.uri must start with s3://, file:// or hf://", ".uri", "FieldValueInvalid"),
+            cel("self.sha256.matches('^[0-9a-f]{64}$')",
+                "source.sha256 must be 64 lowercase hex characters (lorafleet digest DIR)", ".sha256",
+                "FieldValueInvalid"),
+        ),
+    )
+    uri: str = Field(max_length=2048, description="Where the adapter directory is: s3://bucket/prefix/ or file:///path")
+    sha256: str = Field(max_length=64, description="Digest of the adapter directory (lorafleet digest DIR)")
+
+    @field_validator("uri")
+    @classmethod
+    def check_uri(cls, v: str) -> str:
+        return _match(URI_RE, v, "source.uri")
+
+    @field_validator("sha256")
+    @classmethod
+    def check_sha(cls, v: str) -> str:
+        return _match(DIGEST_PATTERN, v, "source.sha256")
+
+
+
+_VERSION_CEL = cel(
+    "self.version.matches('^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$')",
+    "version must be 1-63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit",
+    ".version", "FieldValueInvalid",
+)
+
+
+class CanarySpec(_Model):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid",
+        json_schema_extra=_cel_extra(
+            _VERSION_CEL,
+            cel("self.weight >= 0 && self.weight <= 100", "canary.weight must be between 0 and 100",
+                ".weight", "FieldValueInvalid"),
+        ),
+    )
+    version: str = Field(max_length=63)
+    source: AdapterSource
+    weight: int = Field(10, description="Percent of requests sent to the canary version (0-100)")
+
+    @field_validator("version")
+    @classmethod
+    def check_version(cls, v: str) -> str:
+        return _match(VERSION_PATTERN, v, "canary.version")
+
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: int) -> int:
+        if not 0 <= v <= 100:
+            raise ValueError(f"canary.weight must be between 0 and 100, got {v}")
+        return v
+
+
+class LoRAAdapterSpec(_Model):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid",
+        json_schema_extra=_cel_extra(
+            _VERSION_CEL,
+            cel("self.pool.matches('^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$')",
+                "pool must be the name of a BaseModelPool (a DNS label)", ".pool", "FieldValueInvalid"),
+            cel("self.tenant.matches('^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$')",
+                "tenant must be 1-63 letters, digits, '.', '_' or '-'", ".tenant", "FieldValueInvalid"),
+            cel("!has(self.servedName) || self.servedName.matches('^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$')",
+                "servedName must be letters, digits, '.', '_' or '-' (no '@', which pins a version)",
+                ".servedName", "FieldValueInvalid"),
+        ),
+    )
+    pool: str = Field(max_length=63, description="BaseModelPool in the same namespace")
+    tenant: str = Field(max_length=63, description="Tenant that owns this adapter")
+    served_name: str | None = Field(None, max_length=253, description="The `model` clients send; default metadata.name")
+    version: str = Field(max_length=63, description="A version's content never changes: same version => same digest")
+    source: AdapterSource
+    canary: CanarySpec | None = None
+    pinned: bool = Field(False, description="Keep resident in a device slot")
+    preload: bool = Field(True, description="Load on every replica before first use")
+
+    @field_validator("version")
+    @classmethod
+    def check_version(cls, v: str) -> str:
+        return _match(VERSION_PATTERN, v, "version")
+
+    @field_validator("pool")
+    @classmethod
+    def check_pool(cls, v: str) -> str:
+        return _match(DNS_LABEL_PATTERN, v, "pool")
+
+    @field_validator("tenant")
+    @classmethod
+    def check_tenant(cls, v: str) -> str:
+        return _match(TENANT_PATTERN, v, "tenant")
+
+    @field_validator("served_name")
+    @classmethod
+    def _served(cls, v: str | None) -> str | None:
+        return None if v is None else _match(NAME_PATTERN, v, "servedName")
+
+    def problems(self) -> list[str]:
+        """Rules the schema cannot express, each naming its field (every problem, not the first)."""
+        out = []
+        if self.canary is not None:
+            if self.canary.version == self.version:
+                out.append(f"spec.canary.version: must differ from spec.version ({self.version!r})")
+        return out
+
+
+class AdapterPhase(str, Enum):
+    pending = "Pending"
+    syncing = "Syncing"
+    ready = "Ready"
+    degraded = "Degraded"
+    failed = "Failed"
+
+
+class LoRAAdapterStatus(_Status):
+    phase: AdapterPhase | None = None
+    served_version: str | None = None
+    digest: str | None = None
+    ready_replicas: int | None = None
+    replicas: int | None = None
+    ready: str | None = Field(None, description="readyReplicas/replicas, for kubectl get")
+    observed_generation: int | None = None
+    message: str | None = None
+    conditions: list[Condition] | None = None
+
+
+class LoRAAdapter(_Model):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    api_version: str = "lorafleet.io/v1alpha1"
+    kind: Literal["LoRAAdapter"] = "LoRAAdapter"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: LoRAAdapterSpec
+    status: LoRAAdapterStatus | None = None
+
+    @property
+    def served_name(self) -> str:
+        return self.spec.served_name or self.metadata.get("name", "")
+
+
+def condition(type_: str, ok: bool | None, reason: str, message: str = "", generation: int | None = None,
+              previous: list[Condition] | None = None) -> Condition:
+    """A condition whose lastTransitionTime only moves when its status changes."""
+    status = "Unknown" if ok is None else ("True" if ok else "False")
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for c in previous or []:
+        if c.type == type_ and c.status == status and c.last_transition_time:
+            now = c.last_transition_time
+    return Condition(type=type_, status=status, reason=reason, message=message,
+                     last_transition_time=now, observed_generation=generation)

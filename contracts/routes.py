@@ -1,0 +1,159 @@
+"""The routes table the operator writes per pool and the sidecar reads (DESIGN §3), and the sync
+report the sidecar writes back on its pod (DESIGN §4).
+
+A pool may hold 10,000 adapters, more than one ConfigMap (1 MiB) can: the table is split into a
+power-of-two number of shards, each adapter placed by a stable hash of its served name, so the same
+table always produces the same ConfigMaps, and doubling the shard count only splits shards.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import ClassVar, Iterable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import names
+
+# Room left for metadata and for entries that grow between two splits.
+SHARD_BUDGET_BYTES = 512 * 1024
+MAX_SHARDS = 1024
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+
+class RouteVersion(_Wire):
+    version: str
+    uri: str
+    sha256: str
+    weight: int = Field(100, ge=0, le=100)
+    draining: bool = False
+    # Routes generation at which this version entered the table: a replica whose sync report has
+    # reached this generation, and does not list the version as failed or pending, has it loaded.
+    since: int = 0
+
+
+class RouteEntry(_Wire):
+    tenant: str
+    pinned: bool = False
+    preload: bool = True
+    versions: list[RouteVersion]
+
+    def serving(self) -> list[RouteVersion]:
+        """Versions that take traffic (weight > 0), heaviest first."""
+        return sorted((v for v in self.versions if v.weight > 0), key=lambda v: -v.weight)
+
+
+class RoutesTable(_Wire):
+    pool: str
+    generation: int = 0
+    adapters: dict[str, RouteEntry] = Field(default_factory=dict)
+    # Set on shards only: which shard of how many this table is.
+    shard: int | None = None
+    shards: int | None = None
+
+    # -------------------------------------------------------------------------- serialization
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, compact, so that equal tables give equal ConfigMaps."""
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RoutesTable":
+        return cls.model_validate_json(text)
+
+    # ------------------------------------------------------------------------------- sharding
+
+    def shard_count(self, budget: int = SHARD_BUDGET_BYTES) -> int:
+        """Smallest power of two such that every shard fits ``budget`` bytes."""
+        n = 1
+        while n < MAX_SHARDS:
+            if all(len(s.to_json()) <= budget for s in self._split(n)):
+                return n
+            n *= 2
+        raise ValueError(f"pool {self.pool}: routes do not fit {MAX_SHARDS} ConfigMaps")
+
+    def _split(self, n: int) -> list["RoutesTable"]:
+        buckets: list[dict[str, RouteEntry]] = [{} for _ in range(n)]
+        for name in sorted(self.adapters):
+            buckets[shard_of(name, n)][name] = self.adapters[name]
+        return [
+            RoutesTable(pool=self.pool, generation=self.generation, adapters=b,
+                        shard=(i if n > 1 else None), shards=(n if n > 1 else None))
+            for i, b in enumerate(buckets)
+        ]
+
+    def to_configmap_data(self, budget: int = SHARD_BUDGET_BYTES) -> dict[str, str]:
+        """ConfigMap name -> routes.json for every shard of this table."""
+        n = self.shard_count(budget)
+        return {
+            names.routes_configmap_name(self.pool, s.shard): s.to_json()
+            for s in self._split(n)
+        }
+
+    @classmethod
+    def merge(cls, pool: str, shards: Iterable["RoutesTable"]) -> "RoutesTable":
+        """The whole table from its shards (as read from the ConfigMaps).
+
+        While the operator re-shards, ConfigMaps of the old and the new count can both exist for a
+        moment: only shards of the newest count are used.
+        """
+        shards = [s for s in shards if s.pool == pool]
+        if not shards:
+            return cls(pool=pool)
+        newest = max(shards, key=lambda s: s.generation)
+        count = newest.shards
+        out = cls(pool=pool, generation=max(s.generation for s in shards))
+        for s in shards:
+            if s.shards != count:
+                continue
+            out.adapters.update(s.adapters)
+        return out
+
+
+def shard_of(name: str, shards: int) -> int:
+    """Shard of a served name: stable across processes and Python versions (crc32, not hash())."""
+    return zlib.crc32(name.encode("utf-8")) % shards
+
+
+class SyncReport(_Wire):
+    """What a sidecar writes to its pod's ``lorafleet.io/sync`` annotation.
+
+    ``generation`` is the newest routes generation the sidecar has worked through: every version in
+    the routes at that generation is loaded into the runtime, except the ones named in ``failed``
+    (with the reason) or ``pending`` (still downloading). Both maps are capped so the annotation stays
+    small with 10,000 adapters; ``failedTotal``/``pendingTotal`` count what was cut.
+    """
+
+    generation: int = 0
+    loaded: int = 0
+    failed: dict[str, str] = Field(default_factory=dict)
+    pending: list[str] = Field(default_factory=list)
+    failed_total: int | None = Field(None, alias="failedTotal")
+    pending_total: int | None = Field(None, alias="pendingTotal")
+    model_ready: bool | None = Field(None, alias="modelReady")
+
+    MAX_LISTED: ClassVar[int] = 200
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True),
+                          sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_annotation(cls, value: str | None) -> "SyncReport | None":
+        if not value:
+            return None
+        try:
+            return cls.model_validate_json(value)
+        except ValueError:
+            return None
+
+    def has_loaded(self, name: str, version: str, since: int) -> bool:
+        key = names.versioned_name(name, version)
+        return self.generation >= since and key not in self.failed and key not in self.pending
+
+    def failure(self, name: str, version: str) -> str | None:
+        return self.failed.get(names.versioned_name(name, version))

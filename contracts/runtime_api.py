@@ -1,0 +1,41 @@
+"""Bodies of the runtime's admin API (127.0.0.1:8001), spoken by the sidecar (DESIGN §5)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+
+class AdapterLoadRequest(_Wire):
+    """``PUT /admin/adapters/{name}/{version}``: load a verified adapter directory from the cache."""
+
+    path: str = Field(description="Directory under the cache's adapters/ folder")
+    sha256: str
+    tenant: str
+    weight: int = Field(100, ge=0, le=100, description="Share of requests for `name` this version takes")
+    pinned: bool = False
+    preload: bool = True
+
+
+class AdapterState(_Wire):
+    """One entry of ``GET /admin/adapters``."""
+
+    name: str
+    version: str
+    sha256: str
+    tenant: str
+    weight: int
+    pinned: bool = False
+    state: Literal["registered", "host", "device", "failed"]
+    error: str | None = None
+
+
+class AdapterList(_Wire):
+    adapters: list[AdapterState]
+    # Changes every time the runtime process starts: a sidecar that sees a new one loads again.
+    instance: str

@@ -1,0 +1,1 @@
+"""The lorafleet operator's kopf handlers (all of them, in one place)."""

@@ -1,0 +1,1 @@
+"""lorafleet runtime: the batched multi-LoRA model server of a pool pod."""

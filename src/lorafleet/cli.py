@@ -1,0 +1,74 @@
+"""The ``lorafleet`` command. Each component parses its own arguments and is imported only when its
+subcommand runs, so ``lorafleet digest`` or ``lorafleet operator`` never import torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+# subcommand -> (module with main(argv) -> int, one-line help)
+COMPONENTS = {
+    "operator": ("lorafleet.operator.cli", "run the kopf operator (reconciles pools and adapters)"),
+    "sidecar": ("lorafleet.sidecar.cli", "run a pool pod's sidecar (syncs adapters from S3 into the cache)"),
+    "runtime": ("lorafleet.runtime.cli", "run the model server of a pool pod"),
+    "serve": ("lorafleet.runtime.serve", "serve a model and every adapter in a folder, no cluster needed"),
+    "push": ("lorafleet.sidecar.push", "validate an adapter, upload it to S3, print its LoRAAdapter YAML"),
+}
+
+
+def _digest(args: argparse.Namespace) -> int:
+    from lorafleet.contracts.digest import directory_digest
+
+    try:
+        print(directory_digest(args.dir))
+    except (NotADirectoryError, FileNotFoundError) as e:
+        print(f"lorafleet digest: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _gen_crds(args: argparse.Namespace) -> int:
+    from lorafleet.contracts.crdgen import crd_manifests, render
+
+    out = Path(args.out)
+    stale = []
+    for name, manifest in crd_manifests().items():
+        text = render(manifest)
+        path = out / name
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(str(path))
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}", file=sys.stderr)
+    if stale:
+        print("stale CRDs (run `lorafleet gen-crds`): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMPONENTS:
+        module, _ = COMPONENTS[argv[0]]
+        return int(importlib.import_module(module).main(argv[1:]) or 0)
+
+    parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMPONENTS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    d = sub.add_parser("digest", help="print the content digest of an adapter or model directory")
+    d.add_argument("dir")
+    d.set_defaults(func=_digest)
+    g = sub.add_parser("gen-crds", help="write the CRD YAML generated from the contracts")
+    g.add_argument("--out", default="crds", help="folder to write into (default: crds)")
+    g.add_argument("--check", action="store_true", help="fail if the files differ instead of writing")
+    g.set_defaults(func=_gen_crds)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args))
