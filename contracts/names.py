@@ -82,3 +82,39 @@ def versioned_name(name: str, version: str) -> str:
 def split_versioned(model: str) -> tuple[str, str | None]:
     name, sep, version = model.partition("@")
     return name, (version if sep else None)
+
+
+# Environment of a pool pod's containers: the operator's Deployment sets these, the sidecar and the
+# runtime read them (the pod runner of the local stack passes them through unchanged).
+class RuntimeEnv:
+    MODEL_DIR = "LORAFLEET_MODEL_DIR"  # <cache>/models/<digest>; the runtime waits until it exists
+    CACHE_DIR = "LORAFLEET_CACHE_DIR"
+    TASK = "LORAFLEET_TASK"
+    DTYPE = "LORAFLEET_DTYPE"
+    PORT = "LORAFLEET_PORT"
+    ADMIN_PORT = "LORAFLEET_ADMIN_PORT"
+    MAX_BATCH_SIZE = "LORAFLEET_MAX_BATCH_SIZE"
+    MAX_BATCH_DELAY_MS = "LORAFLEET_MAX_BATCH_DELAY_MS"
+    MAX_QUEUE = "LORAFLEET_MAX_QUEUE"
+    PER_TENANT_MAX_INFLIGHT = "LORAFLEET_PER_TENANT_MAX_INFLIGHT"
+    DEVICE_SLOTS = "LORAFLEET_DEVICE_SLOTS"
+    HOST_ADAPTERS = "LORAFLEET_HOST_ADAPTERS"
+    MAX_RANK = "LORAFLEET_MAX_RANK"
+
+
+class SidecarEnv:
+    POD_NAME = "POD_NAME"
+    POD_NAMESPACE = "POD_NAMESPACE"
+    POOL = "POOL"
+    CACHE_DIR = "CACHE_DIR"
+    RUNTIME_ADMIN_URL = "RUNTIME_ADMIN_URL"
+    MODEL_URI = "MODEL_URI"
+    MODEL_SHA256 = "MODEL_SHA256"
+    S3_ENDPOINT = "S3_ENDPOINT"
+    S3_REGION = "S3_REGION"
+    ACCESS_KEY = "AWS_ACCESS_KEY_ID"  # from the pool's storage Secret, in this container only
+    SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
+    MAX_RANK = "LORAFLEET_MAX_RANK"
+    MAX_ADAPTER_BYTES = "LORAFLEET_MAX_ADAPTER_BYTES"
+    DISK_BYTES = "LORAFLEET_DISK_BYTES"
+    METRICS_PORT = "LORAFLEET_METRICS_PORT"

@@ -39,3 +39,14 @@ class AdapterList(_Wire):
     adapters: list[AdapterState]
     # Changes every time the runtime process starts: a sidecar that sees a new one loads again.
     instance: str
+
+
+class SyncState(_Wire):
+    """``PUT /admin/sync``: the sidecar tells the runtime how far it has got.
+
+    The runtime's ``/readyz`` stays 503 until it has received a state with ``preload_pending == 0``
+    (and its base model is loaded): a pod takes traffic only once its preload adapters are in.
+    """
+
+    routes_generation: int = Field(0, alias="routesGeneration")
+    preload_pending: int = Field(0, alias="preloadPending")
