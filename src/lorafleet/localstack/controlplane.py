@@ -23,6 +23,10 @@ from .tools import require_tool
 SERVICE_CIDR = "10.96.0.0/16"
 
 
+class KubectlFailed(RuntimeError):
+    pass
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
@@ -112,7 +116,7 @@ class ControlPlane:
             f"--service-account-key-file={self.pki / 'sa.pub'}",
             f"--service-account-signing-key-file={self.pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
-            "--enable-priority-and-fairness=false", "--v=1",
+            "--endpoint-reconciler-type=none", "--enable-priority-and-fairness=false", "--v=1",
         ], self.workdir / "kube-apiserver.log")
         self.procs.append(api)
         ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
@@ -162,8 +166,12 @@ class ControlPlane:
         return path
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={self.kubeconfig}", *args],
-                              input=input, capture_output=True, text=True, check=check)
+        """Run the real kubectl against this control plane; with ``check``, a failure raises with its stderr."""
+        r = subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={self.kubeconfig}", *args],
+                           input=input, capture_output=True, text=True)
+        if check and r.returncode != 0:
+            raise KubectlFailed(f"kubectl {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}")
+        return r
 
     def stop(self) -> None:
         for p in reversed(self.procs):
