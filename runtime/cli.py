@@ -1,0 +1,69 @@
+"""``lorafleet runtime``: the model server of a pool pod. Settings come from the pod environment
+(``LORAFLEET_*``, see contracts.names.RuntimeEnv); flags override them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from lorafleet.runtime.settings import RuntimeSettings
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", dest="model_dir", help="base model directory (env LORAFLEET_MODEL_DIR)")
+    p.add_argument("--task", choices=["sequence-classification", "text-generation"],
+                   help="default: from the model's config (env LORAFLEET_TASK)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="env LORAFLEET_DTYPE")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--host", help="public API bind address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="public API port (env LORAFLEET_PORT, default 8000)")
+    p.add_argument("--admin-port", type=int, help="admin API port on 127.0.0.1 (env LORAFLEET_ADMIN_PORT, 8001)")
+    p.add_argument("--max-batch-size", type=int, help="env LORAFLEET_MAX_BATCH_SIZE")
+    p.add_argument("--max-batch-delay-ms", type=float, help="env LORAFLEET_MAX_BATCH_DELAY_MS")
+    p.add_argument("--max-queue", type=int, help="env LORAFLEET_MAX_QUEUE")
+    p.add_argument("--per-tenant-max-inflight", type=int, help="env LORAFLEET_PER_TENANT_MAX_INFLIGHT")
+    p.add_argument("--device-slots", type=int, help="env LORAFLEET_DEVICE_SLOTS")
+    p.add_argument("--host-adapters", type=int, help="env LORAFLEET_HOST_ADAPTERS")
+    p.add_argument("--max-rank", type=int, help="env LORAFLEET_MAX_RANK")
+    p.add_argument("--log-level", default="info")
+
+
+def settings_from(args: argparse.Namespace, **extra) -> RuntimeSettings:
+    names = ["model_dir", "task", "dtype", "device", "host", "port", "admin_port", "max_batch_size",
+             "max_batch_delay_ms", "max_queue", "per_tenant_max_inflight", "device_slots", "host_adapters",
+             "max_rank"]
+    return RuntimeSettings.from_env(**{n: getattr(args, n, None) for n in names}, **extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lorafleet runtime", description=__doc__.splitlines()[0])
+    add_common_flags(p)
+    p.add_argument("--cache", dest="cache_dir", help="the pod's cache folder (env LORAFLEET_CACHE_DIR)")
+    p.add_argument("--model-wait-s", type=float, default=86400.0,
+                   help="how long to wait for the model directory to appear (default: a day)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from(args, cache_dir=args.cache_dir)
+    except ValueError as e:
+        print(f"lorafleet runtime: {e}", file=sys.stderr)
+        return 2
+    if not settings.model_dir:
+        print("lorafleet runtime: no model directory; pass --model DIR or set LORAFLEET_MODEL_DIR", file=sys.stderr)
+        return 2
+    from lorafleet.runtime.app import Runtime, bind, serve_async
+
+    rt = Runtime(settings)
+    public, admin = bind(settings.host, settings.port), bind("127.0.0.1", settings.admin_port)
+    rt.load_in_background(wait_s=args.model_wait_s)
+    try:
+        asyncio.run(serve_async(rt, public, admin, log_level=args.log_level))
+    finally:
+        rt.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Prometheus metrics of one runtime: requests, latency and batch sizes by tenant, adapters per tier,
+loads, evictions and queue depth. Each runtime owns its registry (tests run several in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, CounterMetricFamily
+
+
+class RuntimeMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lorafleet_runtime_requests", "Requests by tenant, endpoint and HTTP status",
+                                ["tenant", "endpoint", "status"], registry=r)
+        self.latency = Histogram("lorafleet_runtime_request_seconds", "Request latency by tenant",
+                                 ["tenant", "endpoint"], registry=r,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.tokens = Counter("lorafleet_runtime_generated_tokens", "Generated tokens by tenant", ["tenant"],
+                              registry=r)
+        self.batch_size = Histogram("lorafleet_runtime_batch_size", "Rows per model forward", ["task"], registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.batch_seconds = Histogram("lorafleet_runtime_batch_seconds", "Model forward time", ["task"],
+                                       registry=r)
+        self.adapter_events = Counter("lorafleet_runtime_adapter_events",
+                                      "Adapter admin events (loaded, failed, unloaded)", ["event"], registry=r)
+        self._runtime = None
+
+    def bind(self, runtime) -> None:
+        """Gauges read at scrape time from the runtime's tiers and queue."""
+        self._runtime = runtime
+        self.registry.register(_TierCollector(runtime))
+
+    def batch(self, task: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(task).observe(size)
+        self.batch_seconds.labels(task).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _TierCollector:
+    def __init__(self, runtime):
+        self.rt = runtime
+
+    def collect(self):
+        rt = self.rt
+        g = GaugeMetricFamily("lorafleet_runtime_adapters", "Adapters by tier", labels=["tier"])
+        for tier, n in rt.manager.counts().items():
+            g.add_metric([tier], n)
+        yield g
+        q = GaugeMetricFamily("lorafleet_runtime_queue_depth", "Work items waiting for the model worker")
+        q.add_metric([], rt.scheduler.queued)
+        yield q
+        loads = CounterMetricFamily("lorafleet_runtime_adapter_loads", "Adapter reads from disk into host memory")
+        loads.add_metric([], rt.manager.loads)
+        yield loads
+        ev = CounterMetricFamily("lorafleet_runtime_adapter_evictions", "Evictions by tier", labels=["tier"])
+        ev.add_metric(["host"], rt.manager.host_evictions)
+        ev.add_metric(["device"], rt.engine.slots.evictions)
+        yield ev

@@ -1,0 +1,72 @@
+"""``lorafleet serve --model DIR --adapters DIR``: serve a base model and every adapter subfolder of a
+folder (name = folder name, version "1"), no cluster or sidecar needed. The admin API runs too."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from lorafleet.runtime.cli import add_common_flags, settings_from
+
+log = logging.getLogger("lorafleet.runtime")
+
+
+def register_folder(rt, folder: Path) -> list[str]:
+    """Register every adapter subfolder (one with adapter_config.json); returns the failures."""
+    from lorafleet.contracts.digest import directory_digest
+    from lorafleet.contracts.runtime_api import AdapterLoadRequest
+
+    failed = []
+    for sub in sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file()):
+        req = AdapterLoadRequest(path=str(sub.resolve()), sha256=directory_digest(sub), tenant=sub.name)
+        entry, _ = rt.manager.register(sub.name, "1", req)
+        if entry.error:
+            failed.append(f"{sub.name}: {entry.error}")
+            log.error("adapter %s failed to load: %s", sub.name, entry.error)
+        else:
+            log.info("serving adapter %s from %s", sub.name, sub)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lorafleet serve", description=__doc__.splitlines()[0])
+    add_common_flags(p)
+    p.add_argument("--adapters", required=True, help="folder whose subfolders are PEFT adapters")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    folder = Path(args.adapters)
+    if not folder.is_dir():
+        print(f"lorafleet serve: --adapters {folder} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        settings = settings_from(args)
+    except ValueError as e:
+        print(f"lorafleet serve: {e}", file=sys.stderr)
+        return 2
+    if not settings.model_dir:
+        print("lorafleet serve: pass --model DIR (a transformers model directory)", file=sys.stderr)
+        return 2
+    from lorafleet.runtime.app import Runtime, bind, serve_async
+
+    rt = Runtime(settings)
+    rt.require_sync = False  # no sidecar: ready once the model and the folder's adapters are loaded
+    try:
+        rt.load()
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"lorafleet serve: {e}", file=sys.stderr)
+        return 2
+    register_folder(rt, folder)
+    public, admin = bind(settings.host, settings.port), bind("127.0.0.1", settings.admin_port)
+    log.info("listening on %s:%d (admin 127.0.0.1:%d)", settings.host, settings.port, settings.admin_port)
+    try:
+        asyncio.run(serve_async(rt, public, admin, log_level=args.log_level))
+    finally:
+        rt.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Runtime settings: defaults, the pod environment (``contracts.names.RuntimeEnv``), then flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from lorafleet.contracts.names import ADMIN_PORT, RUNTIME_PORT, RuntimeEnv
+
+TASKS = ("sequence-classification", "text-generation")
+
+
+@dataclass
+class RuntimeSettings:
+    model_dir: str = ""
+    cache_dir: str = ""
+    task: str = ""  # empty: read from the model's config (architectures)
+    dtype: str = "float32"
+    device: str = "cpu"
+    host: str = "0.0.0.0"
+    port: int = RUNTIME_PORT
+    admin_port: int = ADMIN_PORT
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 5.0
+    max_queue: int = 1024
+    per_tenant_max_inflight: int = 64
+    device_slots: int = 32
+    host_adapters: int = 512
+    max_rank: int = 64
+    max_new_tokens: int = 256  # default when a request gives none
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "RuntimeSettings":
+        env = os.environ if env is None else env
+        names = {
+            "model_dir": RuntimeEnv.MODEL_DIR, "cache_dir": RuntimeEnv.CACHE_DIR, "task": RuntimeEnv.TASK,
+            "dtype": RuntimeEnv.DTYPE, "port": RuntimeEnv.PORT, "admin_port": RuntimeEnv.ADMIN_PORT,
+            "max_batch_size": RuntimeEnv.MAX_BATCH_SIZE, "max_batch_delay_ms": RuntimeEnv.MAX_BATCH_DELAY_MS,
+            "max_queue": RuntimeEnv.MAX_QUEUE, "per_tenant_max_inflight": RuntimeEnv.PER_TENANT_MAX_INFLIGHT,
+            "device_slots": RuntimeEnv.DEVICE_SLOTS, "host_adapters": RuntimeEnv.HOST_ADAPTERS,
+            "max_rank": RuntimeEnv.MAX_RANK,
+        }
+        s = cls()
+        types = {f.name: f.type for f in fields(cls)}
+        for attr, var in names.items():
+            raw = env.get(var)
+            if raw not in (None, ""):
+                s._set(attr, raw, types[attr], var)
+        for attr, value in overrides.items():
+            if value is not None:
+                setattr(s, attr, value)
+        s.validate()
+        return s
+
+    def _set(self, attr: str, raw: str, typ: str, source: str) -> None:
+        conv = {"int": int, "float": float}.get(typ, str)
+        try:
+            setattr(self, attr, conv(raw))
+        except ValueError:
+            raise ValueError(f"{source}={raw!r}: expected a {typ}") from None
+
+    def validate(self) -> None:
+        problems = []
+        if self.task and self.task not in TASKS:
+            problems.append(f"task {self.task!r}: expected one of {', '.join(TASKS)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            problems.append(f"dtype {self.dtype!r}: expected float32, bfloat16 or float16")
+        for name in ("max_batch_size", "max_queue", "per_tenant_max_inflight", "device_slots", "host_adapters",
+                     "max_rank"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.max_batch_delay_ms < 0:
+            problems.append("max_batch_delay_ms must not be negative")
+        if problems:
+            raise ValueError("invalid runtime settings: " + "; ".join(problems))
