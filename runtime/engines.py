@@ -210,6 +210,7 @@ class GenerationEngine(Engine):
             self.patch.ctx.set(None)
         for s in seqs:
             s.pos = len(s.prompt)
+        self.last_logits = logits
         return self._sample(logits, seqs)
 
     @torch.inference_mode()
@@ -226,6 +227,7 @@ class GenerationEngine(Engine):
             self.patch.ctx.set(None)
         for s in seqs:
             s.pos += 1
+        self.last_logits = logits  # kept for tests that compare logits with PEFT's
         return self._sample(logits, seqs)
 
     def finish(self, seq: Sequence) -> None:

@@ -142,3 +142,80 @@ def make_classification_adapter(base_dir: str | Path, out_dir: str | Path, *, la
     pm.save_pretrained(str(out))
     (out / "labels.json").write_text(json.dumps(labels))
     return out
+
+
+# Mixed shapes for suites of tenants: (r, alpha, rank_pattern, alpha_pattern, use_rslora, targets)
+GENERATION_MIX = [
+    (8, 16, None, None, False, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    (4, 8, None, None, False, ("q_proj", "v_proj")),
+    (16, 16, {"o_proj": 4}, None, True, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    (2, 32, None, {"k_proj": 4}, False, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    (8, 8, {"q_proj": 16}, None, False, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    (12, 24, None, None, True, ("k_proj", "o_proj")),
+    (6, 3, None, None, False, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")),
+    (16, 64, None, None, False, ("q_proj", "k_proj", "v_proj", "o_proj")),
+]
+
+
+def make_generation_suite(base_dir: str | Path, out_root: str | Path, n: int, *, seed0: int = 100,
+                          prefix: str = "gen") -> dict[str, Path]:
+    """``n`` tenants' generation adapters with mixed ranks, alphas, patterns and targets."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    out = {}
+    for i in range(n):
+        r, alpha, rp, ap, rs, targets = GENERATION_MIX[i % len(GENERATION_MIX)]
+        name = f"{prefix}{i}"
+        out[name] = make_generation_adapter(base_dir, Path(out_root) / name, seed=seed0 + i, r=r, alpha=alpha,
+                                            rank_pattern=rp, alpha_pattern=ap, use_rslora=rs, targets=targets,
+                                            base_model=base)
+    return out
+
+
+def make_classification_suite(base_dir: str | Path, out_root: str | Path, n: int, *, seed0: int = 200,
+                              prefix: str = "cls", train_steps: int = 0) -> dict[str, Path]:
+    """``n`` tenants' classifiers with 2..6 labels each and mixed ranks/alphas."""
+    mix = [(8, 16, False), (4, 4, False), (16, 8, True), (2, 16, False)]
+    out = {}
+    for i in range(n):
+        r, alpha, rs = mix[i % len(mix)]
+        labels = [f"{prefix}{i}-label{j}" for j in range(2 + i % 5)]
+        name = f"{prefix}{i}"
+        out[name] = make_classification_adapter(base_dir, Path(out_root) / name, labels=labels, seed=seed0 + i,
+                                                r=r, alpha=alpha, use_rslora=rs, train_steps=train_steps)
+    return out
+
+
+class PeftOracle:
+    """What PEFT itself answers for one adapter alone (the correctness oracle of the tests)."""
+
+    def __init__(self, base_dir: str | Path, task: str):
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+        self.base_dir, self.task = str(base_dir), task
+        self.tok = AutoTokenizer.from_pretrained(self.base_dir)
+        self._base_cls = AutoModelForCausalLM if task == "text-generation" else AutoModelForSequenceClassification
+
+    def _model(self, adapter_dir):
+        from peft import PeftModel
+
+        if adapter_dir is None:
+            return self._base_cls.from_pretrained(self.base_dir).eval()
+        labels = json.loads((Path(adapter_dir) / "labels.json").read_text()) if self.task != "text-generation" else None
+        kw = {"num_labels": len(labels)} if labels else {}
+        return PeftModel.from_pretrained(self._base_cls.from_pretrained(self.base_dir, **kw), str(adapter_dir)).eval()
+
+    @torch.inference_mode()
+    def greedy(self, adapter_dir, prompt: str, max_new_tokens: int) -> list[int]:
+        m = self._model(adapter_dir)
+        ids = self.tok(prompt, return_tensors="pt")["input_ids"]
+        out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=0)
+        return out[0, ids.shape[1]:].tolist()
+
+    @torch.inference_mode()
+    def logits(self, adapter_dir, texts: list[str]) -> torch.Tensor:
+        m = self._model(adapter_dir)
+        enc = self.tok(texts, padding=True, return_tensors="pt")
+        return m(**enc).logits.float()
