@@ -1,0 +1,49 @@
+# lorafleet developer entry points. Tools and the virtualenv are cached outside the repo
+# (~/.cache/lorafleet, or $LORAFLEET_CACHE), keyed by their versions and requirements.lock.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTEST_ARGS ?=
+
+.PHONY: help tools venv up down status test test-unit test-api test-e2e crds bench
+
+help:
+	@echo "make up        install everything, start the local stack, run a demo request"
+	@echo "make down      stop everything 'make up' started"
+	@echo "make test      build tools if needed, run every test tier (what CI runs)"
+	@echo "make test-unit / test-api / test-e2e   one tier"
+	@echo "make crds      regenerate crds/ (and the chart's copy) from contracts/"
+	@echo "make bench     run the benchmarks (writes nothing; copy figures into docs/benchmarks.md)"
+
+tools:
+	@tools/install-test-tools >/dev/null
+
+venv:
+	@tools/venv >/dev/null
+
+up: tools venv
+	@"$$(tools/venv)/bin/python" -m lorafleet.localstack.stack up
+
+down:
+	@"$$(tools/venv)/bin/python" -m lorafleet.localstack.stack down
+
+status:
+	@"$$(tools/venv)/bin/python" -m lorafleet.localstack.stack status
+
+test: tools venv
+	@"$$(tools/venv)/bin/python" -m pytest --durations=20 $(PYTEST_ARGS)
+
+test-unit: venv
+	@"$$(tools/venv)/bin/python" -m pytest tests/unit $(PYTEST_ARGS)
+
+test-api: tools venv
+	@"$$(tools/venv)/bin/python" -m pytest tests/api $(PYTEST_ARGS)
+
+test-e2e: tools venv
+	@"$$(tools/venv)/bin/python" -m pytest tests/e2e $(PYTEST_ARGS)
+
+crds: venv
+	@"$$(tools/venv)/bin/lorafleet" gen-crds --out crds
+	@if [ -d charts/lorafleet/crds ]; then cp crds/*.yaml charts/lorafleet/crds/; fi
+
+bench: venv
+	@for b in bench/*_bench.py; do echo "== $$b"; "$$(tools/venv)/bin/python" "$$b" || exit 1; done

@@ -1,0 +1,108 @@
+"""The local stack's kubelet stand-in runs Deployment pods as processes against the real control plane:
+the controller manager creates the pods, the runner starts them with the environment the template
+gives, readiness flows back into Pod and Deployment status, and deleted pods' processes end."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import urllib.request
+
+import pytest
+from lightkube.models.apps_v1 import DeploymentSpec
+from lightkube.models.core_v1 import (
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec,
+    Probe, SecretKeySelector, VolumeMount, Volume, EmptyDirVolumeSource,
+)
+from lightkube.models.meta_v1 import LabelSelector, ObjectMeta
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import Pod, Secret
+
+from lorafleet.localstack.podrunner import LOCAL_PORTS_ANNOTATION, PodRunner
+from lorafleet.localstack.procs import wait_for
+
+# A container that serves its own environment as JSON on port 8000, and writes into its volume.
+SERVER = """
+import http.server, json, os, pathlib
+pathlib.Path(os.environ["DATA"]).mkdir(parents=True, exist_ok=True)
+pathlib.Path(os.environ["DATA"], "hello").write_text("hi")
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps(dict(os.environ)).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+@pytest.fixture
+def runner(control_plane, tmp_path):
+    r = PodRunner(control_plane.kubeconfig, tmp_path / "node", selector={"app": "echo"})
+    t = threading.Thread(target=r.run, daemon=True)
+    t.start()
+    yield r
+    r.stop()
+    t.join(20)
+
+
+def deployment(namespace: str, replicas: int) -> Deployment:
+    labels = {"app": "echo"}
+    c = Container(
+        name="echo", image="local/echo", command=[sys.executable, "-c", SERVER],
+        ports=[ContainerPort(containerPort=8000, name="http")],
+        env=[EnvVar(name="PORT", value="8000"),
+             EnvVar(name="POD_NAME", valueFrom=EnvVarSource(fieldRef=ObjectFieldSelector(fieldPath="metadata.name"))),
+             EnvVar(name="TOKEN", valueFrom=EnvVarSource(secretKeyRef=SecretKeySelector(name="creds", key="token"))),
+             EnvVar(name="DATA", value="/data/sub")],
+        volumeMounts=[VolumeMount(name="cache", mountPath="/data")],
+        readinessProbe=Probe(httpGet=HTTPGetAction(path="/", port="http"), periodSeconds=1),
+    )
+    return Deployment(
+        metadata=ObjectMeta(name="echo", namespace=namespace),
+        spec=DeploymentSpec(replicas=replicas, selector=LabelSelector(matchLabels=labels),
+                            template=PodTemplateSpec(metadata=ObjectMeta(labels=labels),
+                                                     spec=PodSpec(containers=[c], volumes=[
+                                                         Volume(name="cache", emptyDir=EmptyDirVolumeSource())]))))
+
+
+def test_deployment_pods_run_as_processes_and_report_ready(kube, namespace, runner):
+    kube.create(Secret(metadata=ObjectMeta(name="creds", namespace=namespace), stringData={"token": "s3cret"}))
+    kube.create(deployment(namespace, 2))
+    wait_for(lambda: (kube.get(Deployment, "echo", namespace=namespace).status.readyReplicas or 0) == 2,
+             timeout=60, what="2 ready replicas")
+    pods = list(kube.list(Pod, namespace=namespace, labels={"app": "echo"}))
+    assert len(pods) == 2
+    seen_ports = set()
+    for pod in pods:
+        assert pod.spec.nodeName == "lorafleet-local"
+        port = json.loads(pod.metadata.annotations[LOCAL_PORTS_ANNOTATION])["8000"]
+        seen_ports.add(port)
+        env = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5))
+        assert env["POD_NAME"] == pod.metadata.name  # downward API
+        assert env["TOKEN"] == "s3cret"  # secretKeyRef
+        assert env["PORT"] == str(port)  # container port mapped to a free local port
+        assert (runner.workdir / namespace / pod.metadata.name / "volumes" / "cache" / "sub" / "hello").read_text() == "hi"
+    assert len(seen_ports) == 2
+
+    # Scale to zero: the controller deletes the pods, the runner ends their processes.
+    kube.patch(Deployment, "echo", {"spec": {"replicas": 0}}, namespace=namespace)
+    wait_for(lambda: not list(kube.list(Pod, namespace=namespace, labels={"app": "echo"})), timeout=60,
+             what="pods to be gone")
+    for port in seen_ports:
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def test_a_crashing_container_is_restarted_and_counted(kube, namespace, runner):
+    kube.create(Secret(metadata=ObjectMeta(name="creds", namespace=namespace), stringData={"token": "x"}))
+    d = deployment(namespace, 1)
+    d.spec.template.spec.containers[0].command = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    kube.create(d)
+
+    def restarted():
+        pods = list(kube.list(Pod, namespace=namespace, labels={"app": "echo"}))
+        statuses = pods[0].status.containerStatuses if pods and pods[0].status else None
+        return statuses and statuses[0].restartCount >= 2 and not statuses[0].ready
+
+    wait_for(restarted, timeout=60, what="restartCount >= 2")
