@@ -1,0 +1,181 @@
+"""The Helm chart against the real helm, kubectl and kube-apiserver: lint, every ci/ variant accepted
+by a server-side dry run, install and uninstall, a values typo refused, and RBAC that lets the
+operator apply everything a pool owns (there is no kubelet: pods stay Pending, so nothing waits on them).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafleet.localstack.procs import wait_for
+from lorafleet.localstack.tools import require_tool
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "lorafleet"
+VARIANTS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
+
+pytestmark = pytest.mark.api
+
+
+@pytest.fixture(scope="module")
+def helm_env(tmp_path_factory) -> dict[str, str]:
+    """helm's config, cache and data folders kept out of the user's home."""
+    home = tmp_path_factory.mktemp("helm")
+    return {**os.environ, "HELM_CONFIG_HOME": str(home / "config"), "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_DATA_HOME": str(home / "data")}
+
+
+def helm(env: dict, *args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [str(require_tool("helm")), *args]
+    if kubeconfig is not None:
+        cmd.append(f"--kubeconfig={kubeconfig}")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    if check:
+        assert r.returncode == 0, f"helm {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def new_namespace(control_plane) -> str:
+    name = f"chart-{uuid.uuid4().hex[:8]}"
+    control_plane.kubectl("create", "namespace", name)
+    return name
+
+
+def test_helm_lint_passes_for_the_defaults_and_every_ci_variant(helm_env):
+    helm(helm_env, "lint", str(CHART), "--strict")
+    for variant in VARIANTS:
+        r = helm(helm_env, "lint", str(CHART), "--strict", "-f", str(CHART / "ci" / variant))
+        assert "0 chart(s) failed" in r.stdout, f"{variant}: {r.stdout}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_rendered_variant_is_accepted_by_the_api_server(control_plane, helm_env, variant):
+    ns = new_namespace(control_plane)
+    try:
+        rendered = helm(helm_env, "template", f"lf-{ns}", str(CHART), "--namespace", ns,
+                        "-f", str(CHART / "ci" / variant)).stdout
+        docs = [d for d in yaml.safe_load_all(rendered) if d]
+        kinds = sorted(d["kind"] for d in docs)
+        # The server validates every object: schemas, the CRDs' schema and CEL rules for the pool.
+        r = control_plane.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=rendered)
+        assert r.stdout.count("(server dry run)") == len(docs), r.stdout
+        assert {"ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"} <= set(kinds)
+        if "minio" in variant or "all-on" in variant:
+            assert {"Secret", "Service"} <= set(kinds)
+        if "example-pool" in variant or "all-on" in variant:
+            assert "BaseModelPool" in kinds
+    finally:
+        control_plane.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def test_a_values_typo_fails_install_naming_the_key(control_plane, helm_env):
+    ns = new_namespace(control_plane)
+    try:
+        r = helm(helm_env, "install", f"lf-{ns}", str(CHART), "--namespace", ns, "--set", "operator.replicaz=2",
+                 kubeconfig=control_plane.kubeconfig, check=False)
+        assert r.returncode != 0
+        assert "additional properties 'replicaz' not allowed" in r.stderr and "/operator" in r.stderr, r.stderr
+        listed = helm(helm_env, "list", "--namespace", ns, "-q", kubeconfig=control_plane.kubeconfig).stdout
+        assert listed.strip() == "", "nothing is installed when values are refused"
+    finally:
+        control_plane.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def installed(control_plane, helm_env):
+    """The chart with everything on (MinIO and the example pool), installed in a fresh namespace."""
+    ns = new_namespace(control_plane)
+    release = f"lf-{ns}"
+    r = helm(helm_env, "install", release, str(CHART), "--namespace", ns, "-f", str(CHART / "ci" / "all-on-values.yaml"),
+             kubeconfig=control_plane.kubeconfig)
+    # The full name is <release>-lorafleet when the release name does not contain "lorafleet".
+    yield ns, f"{release}-lorafleet", r.stdout
+    helm(helm_env, "uninstall", release, "--namespace", ns, kubeconfig=control_plane.kubeconfig, check=False)
+    control_plane.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def get(control_plane, *args: str) -> dict:
+    return yaml.safe_load(control_plane.kubectl("get", "-o", "yaml", *args).stdout)
+
+
+def test_install_creates_the_operator_and_tells_the_user_what_to_do_next(control_plane, installed):
+    ns, full, out = installed
+    dep = get(control_plane, "-n", ns, "deployment", f"{full}-operator")
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "lorafleet/control:0.1.0"
+    assert container["args"][0] == "operator"
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == full
+    # The controller manager makes the operator's pod; with no kubelet it stays Pending.
+    wait_for(lambda: get(control_plane, "-n", ns, "pods", "-l", "app.kubernetes.io/component=operator")["items"],
+             timeout=30, interval=0.5, what="the operator's pod to be created")
+    pool = get(control_plane, "-n", ns, "basemodelpool", "minilm")
+    assert pool["spec"]["storage"] == {"endpoint": f"http://minio.{ns}:9000", "secretRef": {"name": f"{full}-minio"}}
+    secret = get(control_plane, "-n", ns, "secret", f"{full}-minio")
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"} <= set(secret["data"])
+    # NOTES.txt: the next commands.
+    assert f"kubectl -n {ns} get lora" in out and "lorafleet push" in out and "/v1/classify" in out
+
+
+def test_operator_service_account_can_apply_everything_a_pool_owns(control_plane, installed, tmp_path):
+    """The ClusterRole is enough for what the operator really applies (its own builders), including
+    the sidecar's Role, which RBAC allows only if the operator holds every permission it grants."""
+    from lorafleet.contracts.resources import BaseModelPoolSpec
+    from lorafleet.operator.manifests import pool_children, routes_configmap
+
+    ns, full, _ = installed
+    token = control_plane.kubectl("create", "token", full, "-n", ns, "--duration=10m").stdout.strip()
+    kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "operator.kubeconfig", namespace=ns)
+
+    def as_operator(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={kubeconfig}", *args], input=input,
+                           capture_output=True, text=True, timeout=60)
+        if check:
+            assert r.returncode == 0, f"as the operator: kubectl {' '.join(args)}: {r.stderr}"
+        return r
+
+    pool = get(control_plane, "-n", ns, "basemodelpool", "minilm")
+    spec = BaseModelPoolSpec.model_validate(pool["spec"])
+    uid = pool["metadata"]["uid"]
+    manifests = pool_children("minilm", ns, uid, spec) + [
+        routes_configmap("minilm", ns, uid, "lorafleet-routes-minilm", '{"pool": "minilm", "generation": 1, "adapters": {}}')]
+    as_operator("apply", "--server-side", "--field-manager=lorafleet", "-f", "-",
+                input=yaml.safe_dump_all(manifests))
+    for m in manifests:
+        assert get(control_plane, "-n", ns, m["kind"].lower(), m["metadata"]["name"])["metadata"]["uid"]
+    as_operator("patch", "basemodelpool", "minilm", "--subresource=status", "--type=merge",
+                "-p", '{"status": {"phase": "Pending", "message": "waiting for the model"}}')
+    assert get(control_plane, "-n", ns, "basemodelpool", "minilm")["status"]["phase"] == "Pending"
+    as_operator("get", "pods", "-A")
+    as_operator("get", "crd")
+    # Least privilege: no Secrets (the storage Secret reaches the sidecar through the pod spec).
+    r = as_operator("auth", "can-i", "get", "secrets", "-n", ns, check=False)
+    assert r.stdout.strip() == "no"
+    r = as_operator("auth", "can-i", "delete", "pods", "-n", ns, check=False)
+    assert r.stdout.strip() == "no"
+
+
+def test_uninstall_removes_what_the_chart_made_and_keeps_the_crds(control_plane, helm_env):
+    ns = new_namespace(control_plane)
+    release = f"lf-{ns}"
+    full = f"{release}-lorafleet"
+    kc = control_plane.kubeconfig
+    try:
+        helm(helm_env, "install", release, str(CHART), "--namespace", ns, "--set", "minio.enabled=true",
+             kubeconfig=kc)
+        assert control_plane.kubectl("get", "clusterrole", full).returncode == 0
+        helm(helm_env, "uninstall", release, "--namespace", ns, kubeconfig=kc)
+        for kind, args in [("clusterrole", [full]), ("clusterrolebinding", [full]),
+                           ("deployment", ["-n", ns, f"{full}-operator"]), ("service", ["-n", ns, "minio"]),
+                           ("secret", ["-n", ns, f"{full}-minio"])]:
+            r = control_plane.kubectl("get", kind, *args, check=False)
+            assert r.returncode != 0 and "NotFound" in r.stderr, f"{kind} {args} survived uninstall"
+        # Helm never deletes CRDs (that would delete every tenant's adapters).
+        control_plane.kubectl("get", "crd", "loraadapters.lorafleet.io", "basemodelpools.lorafleet.io")
+    finally:
+        control_plane.kubectl("delete", "namespace", ns, "--wait=false")
