@@ -106,3 +106,57 @@ def test_a_crashing_container_is_restarted_and_counted(kube, namespace, runner):
         return statuses and statuses[0].restartCount >= 2 and not statuses[0].ready
 
     wait_for(restarted, timeout=60, what="restartCount >= 2")
+
+
+def test_local_ingress_routes_by_ingress_objects_to_ready_pods(kube, namespace, runner):
+    import asyncio
+
+    from lightkube import Client, KubeConfig
+    from lightkube.models.core_v1 import ServicePort, ServiceSpec
+    from lightkube.models.networking_v1 import (
+        HTTPIngressPath, HTTPIngressRuleValue, IngressBackend, IngressRule, IngressServiceBackend, IngressSpec,
+        ServiceBackendPort,
+    )
+    from lightkube.resources.core_v1 import Service
+    from lightkube.resources.networking_v1 import Ingress
+
+    from lorafleet.localstack.ingress import LocalIngress
+    from lorafleet.localstack.procs import free_port
+
+    kube.create(Secret(metadata=ObjectMeta(name="creds", namespace=namespace), stringData={"token": "t"}))
+    kube.create(deployment(namespace, 2))
+    kube.create(Service(metadata=ObjectMeta(name="echo", namespace=namespace), spec=ServiceSpec(
+        selector={"app": "echo"}, ports=[ServicePort(port=80, targetPort=8000)])))
+    kube.create(Ingress(metadata=ObjectMeta(name="echo", namespace=namespace), spec=IngressSpec(rules=[IngressRule(
+        host="echo.example", http=HTTPIngressRuleValue(paths=[HTTPIngressPath(
+            path="/", pathType="Prefix", backend=IngressBackend(service=IngressServiceBackend(
+                name="echo", port=ServiceBackendPort(number=80))))]))])))
+    wait_for(lambda: (kube.get(Deployment, "echo", namespace=namespace).status.readyReplicas or 0) == 2,
+             timeout=60, what="2 ready replicas")
+
+    port = free_port()
+
+    async def scenario():
+        import aiohttp
+
+        ing = LocalIngress(Client(config=KubeConfig.from_file(str(runner.kubeconfig))), refresh=0.2)
+        web_runner = await ing.serve(port)
+        try:
+            async with aiohttp.ClientSession() as s:
+                pods = set()
+                for _ in range(40):
+                    async with s.get(f"http://127.0.0.1:{port}/", headers={"Host": "echo.example"}) as r:
+                        if r.status == 200:
+                            pods.add((await r.json(content_type=None))["POD_NAME"])
+                    if len(pods) == 2:
+                        break
+                    await asyncio.sleep(0.1)
+                async with s.get(f"http://127.0.0.1:{port}/", headers={"Host": "other.example"}) as r:
+                    unknown = r.status, await r.json()
+            return pods, unknown
+        finally:
+            await web_runner.cleanup()
+
+    pods, unknown = asyncio.run(scenario())
+    assert len(pods) == 2, pods  # both ready pods answer (round robin)
+    assert unknown[0] == 404 and "no Ingress rule" in unknown[1]["error"]["message"]

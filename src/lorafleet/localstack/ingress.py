@@ -1,0 +1,140 @@
+"""The local stack's ingress: an HTTP reverse proxy on a localhost port that routes by the cluster's
+Ingress objects (host, path prefix) to the Service's ready pods, which the pod runner runs as local
+processes (their ports are in the pods' ``lorafleet.io/local-ports`` annotation). A request without a
+matching host goes to the default backend (the demo pool), so ``curl $LORAFLEET_URL/...`` works.
+Responses stream through (SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from lightkube import Client
+from lightkube.resources.core_v1 import Pod, Service
+from lightkube.resources.networking_v1 import Ingress
+
+from .podrunner import LOCAL_PORTS_ANNOTATION, warm_decoders
+
+log = logging.getLogger("lorafleet.ingress")
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+              "transfer-encoding", "upgrade", "host", "content-length"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    host: str | None
+    path: str
+    namespace: str
+    service: str
+    port: int | str
+
+
+class LocalIngress:
+    def __init__(self, client: Client, default_backend: tuple[str, str] | None = None, refresh: float = 0.5):
+        self.client = client
+        self.default_backend = default_backend
+        self.refresh = refresh
+        self.rules: list[Rule] = []
+        self.endpoints: dict[tuple[str, str], list[int]] = {}  # (ns, service) -> local ports of ready pods
+        self._rr = itertools.count()
+        warm_decoders(Ingress, Service, Pod)
+
+    # --------------------------------------------------------------------------- routing table
+
+    def _snapshot(self) -> tuple[list[Rule], dict[tuple[str, str], list[int]]]:
+        rules: list[Rule] = []
+        for ing in self.client.list(Ingress, namespace="*"):
+            for r in ing.spec.rules or []:
+                for p in (r.http.paths if r.http else []) or []:
+                    svc = p.backend.service
+                    if svc is None:
+                        continue
+                    rules.append(Rule(r.host, p.path or "/", ing.metadata.namespace, svc.name,
+                                      svc.port.number or svc.port.name))
+        rules.sort(key=lambda r: (r.host is None, -len(r.path)))
+        wanted = {(r.namespace, r.service) for r in rules}
+        if self.default_backend:
+            wanted.add(self.default_backend)
+        endpoints: dict[tuple[str, str], list[int]] = {}
+        for ns, name in wanted:
+            try:
+                svc = self.client.get(Service, name, namespace=ns)
+            except Exception:
+                continue
+            target = (svc.spec.ports or [None])[0]
+            target_port = int(target.targetPort) if target and str(target.targetPort).isdigit() else 8000
+            ports = []
+            for pod in self.client.list(Pod, namespace=ns, labels=svc.spec.selector or {}):
+                ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or [])) \
+                    if pod.status else False
+                local = json.loads((pod.metadata.annotations or {}).get(LOCAL_PORTS_ANNOTATION, "{}"))
+                if ready and not pod.metadata.deletionTimestamp and str(target_port) in local:
+                    ports.append(local[str(target_port)])
+            endpoints[(ns, name)] = sorted(ports)
+        return rules, endpoints
+
+    async def refresh_forever(self) -> None:
+        while True:
+            try:
+                self.rules, self.endpoints = await asyncio.to_thread(self._snapshot)
+            except Exception:
+                log.exception("ingress refresh failed")
+            await asyncio.sleep(self.refresh)
+
+    def backend_for(self, host: str | None, path: str) -> tuple[str, str] | None:
+        host = (host or "").split(":")[0] or None
+        for r in self.rules:
+            if r.host is not None and r.host == host and path.startswith(r.path):
+                return (r.namespace, r.service)
+        return self.default_backend
+
+    # ---------------------------------------------------------------------------------- proxy
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        backend = self.backend_for(request.headers.get("Host"), request.path)
+        if backend is None:
+            return web.json_response({"error": {"message": f"no Ingress rule matches {request.host}{request.path}",
+                                                "type": "not_found", "code": "no_route"}}, status=404)
+        ports = self.endpoints.get(backend) or []
+        if not ports:
+            return web.json_response({"error": {"message": f"service {backend[0]}/{backend[1]} has no ready pods",
+                                                "type": "unavailable", "code": "no_ready_endpoints"}}, status=503,
+                                     headers={"Retry-After": "1"})
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        start = next(self._rr)
+        last_error: Exception | None = None
+        for i in range(len(ports)):  # a connection refused (pod just went away) tries the next pod
+            port = ports[(start + i) % len(ports)]
+            url = f"http://127.0.0.1:{port}{request.rel_url}"
+            try:
+                upstream = await self.session.request(request.method, url, data=body, headers=headers,
+                                                      allow_redirects=False)
+            except aiohttp.ClientConnectionError as e:
+                last_error = e
+                continue
+            resp = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
+            await resp.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            upstream.release()
+            return resp
+        return web.json_response({"error": {"message": f"no pod of {backend[0]}/{backend[1]} answered: {last_error}",
+                                            "type": "unavailable", "code": "upstream_unreachable"}}, status=502)
+
+    async def serve(self, port: int, host: str = "127.0.0.1") -> web.AppRunner:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        self._refresher = asyncio.create_task(self.refresh_forever())
+        return runner
