@@ -110,6 +110,14 @@ def test_install_creates_the_operator_and_tells_the_user_what_to_do_next(control
     (container,) = dep["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "lorafleet/control:0.1.0"
     assert container["args"][0] == "operator"
+    # The flags the chart passes are ones `lorafleet operator` accepts (argparse exits on others).
+    from lorafleet.operator.cli import parse
+
+    args = parse(container["args"][1:])
+    assert args.liveness == "http://0.0.0.0:8080/healthz" and args.namespace == ["team-*", "default"]
+    probe = container["livenessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"]) == ("/healthz", "health")
+    assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == full
     # The controller manager makes the operator's pod; with no kubelet it stays Pending.
     wait_for(lambda: get(control_plane, "-n", ns, "pods", "-l", "app.kubernetes.io/component=operator")["items"],
