@@ -1,0 +1,331 @@
+"""The sync loop: routes -> ``plan_sync`` -> downloads (bounded, retried with backoff and jitter) ->
+runtime admin calls -> sync report. One adapter failing never holds up the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from lorafleet.contracts.routes import RoutesTable, SyncReport
+from lorafleet.contracts.runtime_api import AdapterLoadRequest, SyncState
+
+from .kube import PodReporter
+from .metrics import Metrics
+from .plan import DesiredVersion, Download, LoadedAdapter, desired_versions, plan_sync
+from .runtime_client import RuntimeAdmin, RuntimeRefused, RuntimeUnavailable
+from .store import ContentStore, DiskFull
+from .validate import BaseModelInfo, Refused
+
+log = logging.getLogger("lorafleet.sidecar")
+
+
+@dataclass
+class Failure:
+    reason: str
+    category: str
+    attempts: int = 1
+    next_try: float = float("inf")  # monotonic; inf = not retried (the content itself is refused)
+
+    @property
+    def permanent(self) -> bool:
+        return self.next_try == float("inf")
+
+
+@dataclass
+class RetryPolicy:
+    base: float = 0.5
+    cap: float = 60.0
+
+    def delay(self, attempts: int) -> float:
+        """Exponential backoff with jitter (half fixed, half random), so replicas do not retry in step."""
+        d = min(self.cap, self.base * 2 ** max(0, attempts - 1))
+        return d / 2 + random.uniform(0, d / 2)
+
+
+class Syncer:
+    def __init__(self, store: ContentStore, runtime: RuntimeAdmin, metrics: Metrics, *,
+                 reporter: PodReporter | None = None, model_uri: str = "", model_sha256: str = "",
+                 concurrency: int = 4, collect_after: float | None = 600.0, poll_interval: float = 2.0,
+                 retry: RetryPolicy | None = None):
+        self.store, self.runtime, self.metrics, self.reporter = store, runtime, metrics, reporter
+        self.model_uri, self.model_sha256 = model_uri, model_sha256
+        self.collect_after = collect_after
+        self.poll_interval = poll_interval
+        self.retry = retry or RetryPolicy()
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch")
+        self.wake = threading.Event()
+        self._lock = threading.Lock()
+        self.routes: RoutesTable | None = None
+        self.base: BaseModelInfo | None = None
+        self.model_ready = not model_sha256
+        self.model_failure: Failure | None = None
+        self._model_busy = False
+        self.in_flight: set[str] = set()
+        self.digest_failures: dict[str, Failure] = {}
+        self.load_failures: dict[str, Failure] = {}
+        self.instance: str | None = None
+        self.runtime_up = False
+        self._sent_state: SyncState | None = None
+        self._referenced: set[str] = set()
+        self._runtime_digests: set[str] = set()
+        self.last_report: SyncReport | None = None
+        store.make_room = self._make_room
+
+    # ------------------------------------------------------------------------------ inputs
+
+    def set_routes(self, table: RoutesTable) -> None:
+        with self._lock:
+            self.routes = table
+        self.wake.set()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.wake.clear()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a bug in one pass must not end the loop
+                log.exception("sync pass failed; trying again")
+            self.wake.wait(self.poll_interval)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------------------- one pass
+
+    def step(self) -> SyncReport | None:
+        self._ensure_model()
+        with self._lock:
+            table = self.routes
+        if table is None:  # the first list of the routes has not come back yet
+            return None
+        desired = desired_versions(table)
+        now, mono = time.time(), time.monotonic()
+
+        loaded = self._runtime_state()
+        with self._lock:
+            busy = set(self.in_flight) | {d for d, f in self.digest_failures.items() if f.next_try > mono}
+            hold = {k for k, f in self.load_failures.items() if f.next_try > mono}
+        if not self.model_ready:
+            busy |= {d.sha256 for d in desired}  # adapters are validated against the base model
+
+        plan = plan_sync(desired, self.store.entries(), loaded, busy=busy, hold=hold,
+                         disk_bytes=self.store.disk_bytes, other_bytes=self.store.model_bytes, now=now,
+                         collect_after=self.collect_after)
+        for dl in plan.downloads:
+            with self._lock:
+                self.in_flight.add(dl.digest)
+            self.pool.submit(self._download, dl)
+
+        if loaded is not None:
+            loaded = self._apply_runtime(plan.unloads, plan.loads, loaded)
+        for digest in plan.collect:
+            self.store.remove(digest)
+
+        referenced = {d.sha256 for d in desired}
+        for gone in self._referenced - referenced:
+            self.store.mark_unreferenced(gone)
+        self._referenced = referenced
+        self.store.touch(referenced, now)
+        return self._report(table, desired, loaded)
+
+    def _runtime_state(self) -> dict[str, LoadedAdapter] | None:
+        try:
+            listing = self.runtime.adapters()
+        except RuntimeUnavailable as e:
+            if self.runtime_up:
+                log.warning("runtime unreachable (%s); will load everything desired when it is back", e)
+            self.runtime_up = False
+            return None
+        if listing.instance != self.instance or not self.runtime_up:
+            if self.instance is not None:
+                log.info("runtime %s (instance %s -> %s): loading every desired adapter again",
+                         "restarted" if listing.instance != self.instance else "reachable again",
+                         self.instance, listing.instance)
+                self.metrics.runtime_restarts.inc()
+            self.instance = listing.instance
+            self._sent_state = None
+            with self._lock:
+                self.load_failures.clear()
+        self.runtime_up = True
+        self._runtime_digests = {a.sha256 for a in listing.adapters}
+        out = {}
+        mono = time.monotonic()
+        for a in listing.adapters:
+            la = LoadedAdapter(a.name, a.version, a.sha256, a.weight, a.pinned, a.state == "failed")
+            out[la.key] = la
+            if la.failed:
+                with self._lock:
+                    f = self.load_failures.get(la.key)
+                    if f is None or f.next_try <= mono:
+                        self._fail(self.load_failures, la.key, f"runtime failed to load it: {a.error}",
+                                   "runtime", transient=True)
+        return out
+
+    def _apply_runtime(self, unloads, loads: list[DesiredVersion],
+                       loaded: dict[str, LoadedAdapter]) -> dict[str, LoadedAdapter] | None:
+        try:
+            for name, version in unloads:
+                self.runtime.unload(name, version)
+                loaded.pop(f"{name}@{version}", None)
+                log.info("unloaded %s@%s", name, version)
+            for d in loads:
+                req = AdapterLoadRequest(path=str(self.store.layout.adapter_dir(d.sha256)), sha256=d.sha256,
+                                         tenant=d.tenant, weight=d.weight, pinned=d.pinned, preload=d.preload)
+                try:
+                    self.runtime.load(d.name, d.version, req)
+                except RuntimeRefused as e:
+                    with self._lock:
+                        self._fail(self.load_failures, d.key, str(e), "runtime", transient=True)
+                    continue
+                with self._lock:
+                    self.load_failures.pop(d.key, None)
+                loaded[d.key] = LoadedAdapter(d.name, d.version, d.sha256, d.weight, d.pinned)
+        except RuntimeUnavailable as e:
+            log.warning("%s", e)
+            self.runtime_up = False
+            return None
+        return loaded
+
+    # ---------------------------------------------------------------------------- downloads
+
+    def _fail(self, table: dict[str, Failure], key: str, reason: str, category: str, transient: bool) -> None:
+        prev = table.get(key)
+        attempts = prev.attempts + 1 if prev else 1
+        next_try = time.monotonic() + self.retry.delay(attempts) if transient else float("inf")
+        table[key] = Failure(reason, category, attempts, next_try)
+        self.metrics.failures.labels(category).inc()
+
+    def _download(self, dl: Download) -> None:
+        try:
+            self.store.install_adapter(dl.digest, dl.uri, self.base)
+            with self._lock:
+                self.digest_failures.pop(dl.digest, None)
+        except Exception as e:  # noqa: BLE001 - every failure is recorded for this digest only
+            self._record_failure(dl, e)
+        finally:
+            with self._lock:
+                self.in_flight.discard(dl.digest)
+            self.wake.set()
+
+    def _record_failure(self, dl: Download, e: Exception) -> None:
+        if isinstance(e, Refused):
+            # A changed object may be fixed in storage: retried. Refused content never changes.
+            transient, category, reason = e.category == "digest_mismatch", e.category, e.reason
+        elif isinstance(e, DiskFull):
+            transient, category, reason = True, "disk_full", str(e)
+        else:
+            transient, category, reason = True, "storage", f"download failed, retrying: {e}"
+        with self._lock:
+            self._fail(self.digest_failures, dl.digest, reason, category, transient)
+        log.warning("%s (%s): %s", ",".join(dl.keys), dl.uri, reason)
+
+    def _ensure_model(self) -> None:
+        if self.model_ready and (self.base is not None or not self.model_sha256):
+            return
+        d = self.store.layout.model_dir(self.model_sha256)
+        if d.is_dir():
+            try:
+                self.base = BaseModelInfo.from_dir(d, self.model_uri, self.model_sha256)
+            except Refused as e:  # unreadable headers: validate what can be without the base
+                log.error("base model %s: %s; adapters are checked without it", d, e.reason)
+                self.base = None
+            self.model_ready = True
+            log.info("base model ready at %s", d)
+            self.wake.set()
+            return
+        with self._lock:
+            if self._model_busy or (self.model_failure and self.model_failure.next_try > time.monotonic()):
+                return
+            self._model_busy = True
+        self.pool.submit(self._download_model)
+
+    def _download_model(self) -> None:
+        try:
+            self.store.install_model(self.model_sha256, self.model_uri)
+            self.model_failure = None
+        except Exception as e:  # noqa: BLE001
+            prev = self.model_failure
+            attempts = prev.attempts + 1 if prev else 1
+            reason = e.reason if isinstance(e, Refused) else str(e)
+            self.model_failure = Failure(f"base model {self.model_uri}: {reason}", "model", attempts,
+                                         time.monotonic() + self.retry.delay(attempts))
+            self.metrics.failures.labels("model").inc()
+            log.error("%s", self.model_failure.reason)
+        finally:
+            with self._lock:
+                self._model_busy = False
+            self.wake.set()
+
+    def _make_room(self, needed: int) -> int:
+        """Evict unreferenced content, least recently used first, to fit a download."""
+        with self._lock:
+            table = self.routes
+        keep = ({d.sha256 for d in desired_versions(table)} if table else set()) | self._runtime_digests
+        freed = 0
+        for c in sorted(self.store.entries().values(), key=lambda c: c.last_used):
+            if freed >= needed:
+                break
+            if c.digest in keep:
+                continue
+            self.store.remove(c.digest)
+            freed += c.size
+        return freed
+
+    # ------------------------------------------------------------------------------ report
+
+    def _report(self, table: RoutesTable, desired: list[DesiredVersion],
+                loaded: dict[str, LoadedAdapter] | None) -> SyncReport:
+        failed: dict[str, str] = {}
+        pending: list[str] = []
+        n_loaded = 0
+        preload_pending = 0
+        cached = self.store.entries()
+        with self._lock:
+            for d in desired:
+                have = loaded.get(d.key) if loaded else None
+                if have is not None and have.sha256 == d.sha256 and not have.failed:
+                    n_loaded += 1
+                    continue
+                f = self.load_failures.get(d.key) if d.sha256 in cached else self.digest_failures.get(d.sha256)
+                if f is not None and d.key not in failed:
+                    failed[d.key] = f.reason if f.permanent else f"{f.reason} (attempt {f.attempts})"
+                else:
+                    pending.append(d.key)
+                    preload_pending += d.preload
+            if not self.model_ready and self.model_failure is not None:
+                for d in desired:
+                    if d.key in pending:
+                        failed[d.key] = self.model_failure.reason
+                pending = [k for k in pending if k not in failed]
+        cap = SyncReport.MAX_LISTED
+        report = SyncReport(
+            generation=table.generation, loaded=n_loaded,
+            failed=dict(sorted(failed.items())[:cap]), pending=sorted(pending)[:cap],
+            failed_total=len(failed) if len(failed) > cap else None,
+            pending_total=len(pending) if len(pending) > cap else None,
+            model_ready=self.model_ready if self.model_sha256 else None,
+        )
+        self.last_report = report
+        m = self.metrics
+        m.adapters.labels("loaded").set(n_loaded)
+        m.adapters.labels("pending").set(len(pending))
+        m.adapters.labels("failed").set(len(failed))
+        m.generation.set(table.generation)
+
+        if loaded is not None and self.model_ready:
+            state = SyncState(routes_generation=table.generation, preload_pending=preload_pending)
+            if state != self._sent_state:
+                try:
+                    self.runtime.sync(state)
+                    self._sent_state = state
+                except RuntimeUnavailable as e:
+                    log.warning("%s", e)
+        if self.reporter is not None:
+            try:
+                self.reporter.report(report)
+            except Exception as e:  # noqa: BLE001 - API server away: report on the next pass
+                log.warning("could not patch the sync report onto pod %s: %s", self.reporter.pod, e)
+        return report
