@@ -1,0 +1,100 @@
+"""A minimal stand-in for the runtime's admin API (docs/architecture.md, contracts/runtime_api.py), so
+sidecar tests run without a model. It checks what the real runtime relies on: the path is a complete
+directory under the cache's ``adapters/`` and its digest is the one claimed. ``restart()`` comes back
+empty with a new ``instance``, as a restarted runtime does. The real runtime is tested on its own."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+
+from lorafleet.contracts.digest import directory_digest
+from lorafleet.contracts.runtime_api import AdapterList, AdapterLoadRequest, AdapterState, SyncState
+from lorafleet.localstack.procs import free_port, wait_for
+
+
+class StandinRuntime:
+    def __init__(self, cache_dir: Path, verify_digest: bool = True):
+        self.cache_dir = Path(cache_dir)
+        self.verify_digest = verify_digest
+        self.port = free_port()
+        self.instance = ""
+        self.adapters: dict[str, AdapterState] = {}
+        self.sync: SyncState | None = None
+        self.loads: list[str] = []  # name@version of every successful PUT, in order
+        self.unloads: list[str] = []
+        self.refuse: dict[str, str] = {}  # name@version -> error to answer
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.put("/admin/adapters/{name}/{version}")
+        def load(name: str, version: str, req: AdapterLoadRequest):
+            key = f"{name}@{version}"
+            path = Path(req.path)
+            if key in self.refuse:
+                return JSONResponse({"error": {"message": self.refuse[key], "type": "invalid_adapter"}}, 422)
+            if path.parent != self.cache_dir / "adapters" or not path.is_dir():
+                return JSONResponse({"error": {"message": f"{path} is not under the cache's adapters/"}}, 422)
+            if self.verify_digest and directory_digest(path) != req.sha256:
+                return JSONResponse({"error": {"message": f"{path}: digest is not {req.sha256}"}}, 422)
+            self.adapters[key] = AdapterState(name=name, version=version, sha256=req.sha256, tenant=req.tenant,
+                                              weight=req.weight, pinned=req.pinned, state="host")
+            self.loads.append(key)
+            return {"loaded": key}
+
+        @app.delete("/admin/adapters/{name}/{version}")
+        def unload(name: str, version: str):
+            key = f"{name}@{version}"
+            if self.adapters.pop(key, None) is None:
+                return Response(status_code=404)
+            self.unloads.append(key)
+            return Response(status_code=204)
+
+        @app.get("/admin/adapters")
+        def listing() -> AdapterList:
+            return AdapterList(adapters=list(self.adapters.values()), instance=self.instance)
+
+        @app.put("/admin/sync")
+        def sync(state: SyncState):
+            self.sync = state
+            return {}
+
+        return app
+
+    def start(self) -> "StandinRuntime":
+        self.instance = uuid.uuid4().hex
+        self.adapters, self.sync = {}, None
+        self._server = uvicorn.Server(uvicorn.Config(self.app(), host="127.0.0.1", port=self.port,
+                                                     log_level="warning", lifespan="off"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        wait_for(lambda: self._server.started, 20, what="stand-in runtime to start")
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+            self._server = None
+
+    def restart(self) -> "StandinRuntime":
+        self.stop()
+        time.sleep(0)  # the port is reused at once (SO_REUSEADDR)
+        return self.start()
+
+    def loaded(self) -> dict[str, str]:
+        """name@version -> sha256 of what is loaded now."""
+        return {k: a.sha256 for k, a in list(self.adapters.items())}

@@ -1,0 +1,65 @@
+"""The sidecar keeps the cache and the runtime in step with the routes: three adapters in, a version
+rollout, an adapter removed and later collected, shared content stored once."""
+
+from __future__ import annotations
+
+from conftest import POOL, digest, sync_report, upload_dir
+from lorafleet.localstack.procs import wait_for
+from sidecar_peft_dirs import write_adapter
+
+
+def synced(kube, namespace, pod, generation, **want):
+    def check():
+        r = sync_report(kube, namespace, pod)
+        if r and r.generation >= generation and all(getattr(r, k) == v for k, v in want.items()):
+            return r
+    return check
+
+
+def test_routes_drive_downloads_loads_unloads_and_collection(kube, namespace, pod, s3, bucket, tmp_path,
+                                                             cache_dir, runtime, routes, start_sidecar):
+    ads = {}
+    for i, name in enumerate(["support", "billing", "legal", "support-v2"]):
+        d = write_adapter(tmp_path / name, seed=i)
+        ads[name] = (upload_dir(s3, bucket, d, f"acme/{name}/"), digest(d))
+    for name in ["support", "billing", "legal"]:
+        routes.set(name, [("1", *ads[name], 100)])
+    g = routes.write()
+    start_sidecar("--collect-after", "1")
+
+    report = wait_for(synced(kube, namespace, pod, g, loaded=3, pending=[], failed={}), 30, what="3 adapters loaded")
+    assert report.has_loaded("billing", "1", since=g)
+    assert runtime.loaded() == {f"{n}@1": ads[n][1] for n in ["support", "billing", "legal"]}
+    assert {p.name for p in (cache_dir / "adapters").iterdir()} == {ads[n][1] for n in ["support", "billing", "legal"]}
+    assert runtime.sync.routes_generation == g and runtime.sync.preload_pending == 0
+
+    # Rollout: version 2 takes the weight, version 1 stays loaded (draining) until the routes drop it.
+    routes.set("support", [("2", *ads["support-v2"], 100), ("1", *ads["support"], 0)])
+    g = routes.write()
+    wait_for(synced(kube, namespace, pod, g, loaded=4), 30, what="support@2 loaded next to support@1")
+    assert runtime.adapters["support@1"].weight == 0 and runtime.adapters["support@2"].weight == 100
+    assert "support@1" not in runtime.unloads
+
+    routes.set("support", [("2", *ads["support-v2"], 100)])
+    routes.drop("legal")
+    g = routes.write()
+    wait_for(synced(kube, namespace, pod, g, loaded=2), 30, what="support@1 and legal@1 unloaded")
+    assert sorted(runtime.unloads) == ["legal@1", "support@1"]
+    assert set(runtime.loaded()) == {"billing@1", "support@2"}
+    # ... and their content is garbage-collected once unreferenced for --collect-after.
+    wait_for(lambda: {p.name for p in (cache_dir / "adapters").iterdir()} == {ads["billing"][1], ads["support-v2"][1]},
+             30, what="unreferenced content collected")
+
+
+def test_two_routes_with_the_same_digest_share_one_directory(kube, namespace, pod, s3, bucket, tmp_path,
+                                                             cache_dir, runtime, routes, start_sidecar):
+    d = write_adapter(tmp_path / "same")
+    uri, sha = upload_dir(s3, bucket, d, "shared/"), digest(d)
+    routes.set("one", [("1", uri, sha, 100)], tenant="acme")
+    routes.set("two", [("7", uri, sha, 100)], tenant="globex")
+    g = routes.write()
+    start_sidecar()
+    wait_for(synced(kube, namespace, pod, g, loaded=2), 30, what="both served names loaded")
+    assert [p.name for p in (cache_dir / "adapters").iterdir()] == [sha]
+    assert runtime.adapters["two@7"].tenant == "globex"
+    assert not list((cache_dir / "tmp").iterdir())
