@@ -1,0 +1,212 @@
+"""Pure builders: a BaseModelPool's spec -> the manifests of everything the pool owns (no API calls).
+
+Every function returns plain dicts as server-side apply takes them. Nothing here depends on the
+pool's adapters, so changing adapters never changes the pod template (no restarts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorafleet.contracts import names
+from lorafleet.contracts.names import RuntimeEnv, SidecarEnv
+from lorafleet.contracts.resources import BaseModelPoolSpec, ResourceRequirements
+
+Manifest = dict[str, Any]
+
+
+def owner_reference(pool: str, uid: str) -> dict[str, Any]:
+    """The pool as controller of what it owns: the garbage collector deletes it all with the pool."""
+    return {"apiVersion": names.API_VERSION, "kind": names.POOL_KIND, "name": pool, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _meta(name: str, namespace: str, pool: str, uid: str, component: str) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": names.pool_labels(pool, component),
+            "ownerReferences": [owner_reference(pool, uid)]}
+
+
+def _env(pairs: dict[str, object]) -> list[dict[str, Any]]:
+    return [{"name": k, "value": str(v)} for k, v in pairs.items() if v is not None]
+
+
+def _resources(r: ResourceRequirements | None) -> dict[str, Any]:
+    return r.wire() if r is not None else {}
+
+
+def runtime_env(pool: str, spec: BaseModelPoolSpec) -> list[dict[str, Any]]:
+    return _env({
+        RuntimeEnv.MODEL_DIR: f"{names.CACHE_MOUNT}/models/{spec.model.sha256}",
+        RuntimeEnv.CACHE_DIR: names.CACHE_MOUNT,
+        RuntimeEnv.TASK: spec.model.task.value,
+        RuntimeEnv.DTYPE: spec.model.dtype.value,
+        RuntimeEnv.PORT: names.RUNTIME_PORT,
+        RuntimeEnv.ADMIN_PORT: names.ADMIN_PORT,
+        RuntimeEnv.MAX_BATCH_SIZE: spec.runtime.max_batch_size,
+        RuntimeEnv.MAX_BATCH_DELAY_MS: spec.runtime.max_batch_delay_ms,
+        RuntimeEnv.MAX_QUEUE: spec.runtime.max_queue,
+        RuntimeEnv.PER_TENANT_MAX_INFLIGHT: spec.runtime.per_tenant_max_inflight,
+        RuntimeEnv.DEVICE_SLOTS: spec.cache.device_slots,
+        RuntimeEnv.HOST_ADAPTERS: spec.cache.host_adapters,
+        RuntimeEnv.MAX_RANK: spec.cache.max_rank,
+    })
+
+
+def sidecar_env(pool: str, spec: BaseModelPoolSpec) -> list[dict[str, Any]]:
+    env = [
+        {"name": SidecarEnv.POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": SidecarEnv.POD_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    env += _env({
+        SidecarEnv.POOL: pool,
+        SidecarEnv.CACHE_DIR: names.CACHE_MOUNT,
+        SidecarEnv.RUNTIME_ADMIN_URL: f"http://127.0.0.1:{names.ADMIN_PORT}",
+        SidecarEnv.MODEL_URI: spec.model.uri,
+        SidecarEnv.MODEL_SHA256: spec.model.sha256,
+        SidecarEnv.S3_ENDPOINT: spec.storage.endpoint,
+        SidecarEnv.S3_REGION: spec.storage.region,
+    })
+    if spec.storage.secret_ref is not None:
+        # The storage credentials reach this container only, never the runtime.
+        for key in (SidecarEnv.ACCESS_KEY, SidecarEnv.SECRET_KEY):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": spec.storage.secret_ref.name,
+                                                                    "key": key}}})
+    env += _env({
+        SidecarEnv.MAX_RANK: spec.cache.max_rank,
+        SidecarEnv.MAX_ADAPTER_BYTES: spec.cache.max_adapter_bytes_int,
+        SidecarEnv.DISK_BYTES: spec.cache.disk_bytes_int,
+        SidecarEnv.METRICS_PORT: names.SIDECAR_METRICS_PORT,
+    })
+    return env
+
+
+def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> Manifest:
+    labels = names.pool_labels(pool, "runtime")
+    mount = [{"name": names.CACHE_VOLUME, "mountPath": names.CACHE_MOUNT}]
+    runtime = {
+        "name": names.RUNTIME_CONTAINER,
+        "image": spec.runtime.image,
+        "command": ["lorafleet", "runtime"],
+        "ports": [{"name": "http", "containerPort": names.RUNTIME_PORT, "protocol": "TCP"}],
+        "env": runtime_env(pool, spec),
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
+                           "failureThreshold": 3},
+        # Loading a large base model can take minutes: liveness only starts once the pod was ready.
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5,
+                         "failureThreshold": 120},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
+                          "failureThreshold": 3},
+        "resources": _resources(spec.runtime.resources),
+        "volumeMounts": mount,
+    }
+    sidecar = {
+        "name": names.SIDECAR_CONTAINER,
+        "image": spec.sidecar.image,
+        "command": ["lorafleet", "sidecar"],
+        # A native sidecar: starts before the runtime and lives as long as the pod.
+        "restartPolicy": "Always",
+        "ports": [{"name": "metrics", "containerPort": names.SIDECAR_METRICS_PORT, "protocol": "TCP"}],
+        "env": sidecar_env(pool, spec),
+        "resources": _resources(spec.sidecar.resources),
+        "volumeMounts": mount,
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(names.deployment_name(pool), namespace, pool, uid, "runtime"),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": names.pod_selector(pool)},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": names.sidecar_service_account(pool),
+                    "initContainers": [sidecar],
+                    "containers": [runtime],
+                    "volumes": [{"name": names.CACHE_VOLUME,
+                                 "emptyDir": {"sizeLimit": str(spec.cache.disk_bytes)}}],
+                },
+            },
+        },
+    }
+
+
+def service_account(pool: str, namespace: str, uid: str) -> Manifest:
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": _meta(names.sidecar_service_account(pool), namespace, pool, uid, "sidecar")}
+
+
+def routes_reader_names(pool: str, shards: int) -> list[str]:
+    """ConfigMap names the sidecar may read: today's shards and those of the next doubling, so a
+    re-shard never races the Role update."""
+    out = [names.routes_configmap_name(pool)]
+    out += [names.routes_configmap_name(pool, i) for i in range(max(2, 2 * shards))]
+    return out
+
+
+def role(pool: str, namespace: str, uid: str, shards: int = 1) -> Manifest:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": _meta(names.sidecar_service_account(pool), namespace, pool, uid, "sidecar"),
+        "rules": [
+            # Only this pool's routes, by name (a watch uses fieldSelector metadata.name=<shard>).
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"],
+             "resourceNames": routes_reader_names(pool, shards)},
+            # The sidecar reports on its own pod; RBAC cannot name a pod that does not exist yet.
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
+        ],
+    }
+
+
+def role_binding(pool: str, namespace: str, uid: str) -> Manifest:
+    sa = names.sidecar_service_account(pool)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": _meta(sa, namespace, pool, uid, "sidecar"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}],
+    }
+
+
+def service(pool: str, namespace: str, uid: str) -> Manifest:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(names.service_name(pool), namespace, pool, uid, "runtime"),
+        "spec": {"type": "ClusterIP", "selector": names.pod_selector(pool),
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
+    }
+
+
+def ingress(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> Manifest | None:
+    ing = spec.ingress
+    if ing is None:
+        return None
+    rule: dict[str, Any] = {"http": {"paths": [{
+        "path": ing.path, "pathType": "Prefix",
+        "backend": {"service": {"name": names.service_name(pool), "port": {"number": 80}}}}]}}
+    if ing.host:
+        rule["host"] = ing.host
+    body: dict[str, Any] = {"rules": [rule]}
+    if ing.class_name:
+        body["ingressClassName"] = ing.class_name
+    if ing.tls:
+        body["tls"] = ing.tls
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": _meta(names.ingress_name(pool), namespace, pool, uid, "ingress"), "spec": body}
+
+
+def routes_configmap(pool: str, namespace: str, uid: str, name: str, routes_json: str) -> Manifest:
+    meta = _meta(name, namespace, pool, uid, "routes")
+    meta["labels"][names.LABEL_ROUTES_FOR] = pool
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {names.ROUTES_KEY: routes_json}}
+
+
+def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, shards: int = 1) -> list[Manifest]:
+    """Everything a pool owns except its routes, in the order to apply them (the pod's service
+    account and its permissions before the Deployment that uses them)."""
+    out = [service_account(pool, namespace, uid), role(pool, namespace, uid, shards),
+           role_binding(pool, namespace, uid), service(pool, namespace, uid)]
+    ing = ingress(pool, namespace, uid, spec)
+    if ing is not None:
+        out.append(ing)
+    out.append(deployment(pool, namespace, uid, spec))
+    return out

@@ -1,0 +1,351 @@
+"""Pure planning for one pool: its adapters, its pods' sync reports and the routes last written ->
+the next routes table, which shards to write or delete, and every adapter's and the pool's status.
+
+No API calls here: ``lorafleet.operator.fleet`` feeds it views of the objects and writes what it
+returns. DESIGN §3 (routes, rollout rule) and §4 (sync report) are implemented here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from lorafleet.contracts import names
+from lorafleet.contracts.resources import (AdapterPhase, BaseModelPoolSpec, BaseModelPoolStatus, Condition,
+                                           LoRAAdapterSpec, LoRAAdapterStatus, PoolPhase, condition)
+from lorafleet.contracts.routes import RouteEntry, RoutesTable, RouteVersion, SyncReport
+
+NEW = -1  # `since` of a version not yet in the table: filled with the generation that adds it
+
+
+# ------------------------------------------------------------------------------------- views
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    created: str
+    spec: LoRAAdapterSpec | None
+    spec_error: str | None
+    pool: str
+    status: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def served_name(self) -> str:
+        return (self.spec.served_name if self.spec is not None else None) or self.name
+
+    def ref(self) -> dict[str, Any]:
+        """Enough of the object for a Kubernetes Event."""
+        return {"apiVersion": names.API_VERSION, "kind": names.ADAPTER_KIND,
+                "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid}}
+
+
+@dataclass(frozen=True)
+class PoolView:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: BaseModelPoolSpec | None
+    spec_error: str | None
+    status: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def ref(self) -> dict[str, Any]:
+        return {"apiVersion": names.API_VERSION, "kind": names.POOL_KIND,
+                "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid}}
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    ready: bool
+    report: SyncReport | None
+
+
+def _spec_error(e: ValidationError, prefix: str) -> str:
+    return "; ".join(f"{prefix}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+
+
+def adapter_view(body: dict[str, Any]) -> AdapterView:
+    meta, raw = body.get("metadata", {}), body.get("spec") or {}
+    try:
+        spec, error = LoRAAdapterSpec.model_validate(raw), None
+    except ValidationError as e:
+        spec, error = None, _spec_error(e, "spec")
+    return AdapterView(namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
+                       generation=int(meta.get("generation") or 0), created=meta.get("creationTimestamp") or "",
+                       spec=spec, spec_error=error, pool=str(raw.get("pool", "")),
+                       status=dict(body.get("status") or {}))
+
+
+def pool_view(body: dict[str, Any]) -> PoolView:
+    meta = body.get("metadata", {})
+    try:
+        spec, error = BaseModelPoolSpec.model_validate(body.get("spec") or {}), None
+    except ValidationError as e:
+        spec, error = None, _spec_error(e, "spec")
+    return PoolView(namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
+                    generation=int(meta.get("generation") or 0), spec=spec, spec_error=error,
+                    status=dict(body.get("status") or {}))
+
+
+def pod_view(body: dict[str, Any]) -> PodView:
+    meta, status = body.get("metadata", {}), body.get("status") or {}
+    ready = not meta.get("deletionTimestamp") and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    report = SyncReport.from_annotation((meta.get("annotations") or {}).get(names.SYNC_ANNOTATION))
+    return PodView(name=meta.get("name", ""), ready=bool(ready), report=report)
+
+
+# ------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PoolPlan:
+    table: RoutesTable  # the whole table (generation = the pool-wide generation after this plan)
+    changed: bool  # routes differ from the previous table
+    adapter_status: dict[str, dict[str, Any]]  # adapter name -> status (wire form)
+    pool_status: dict[str, Any] | None
+
+
+def validity(adapters: list[AdapterView], pool: str) -> dict[str, list[str]]:
+    """Adapter name -> problems (empty when valid). Of two adapters claiming one servedName, the
+    older keeps it."""
+    problems: dict[str, list[str]] = {}
+    claims: dict[str, AdapterView] = {}
+    for a in sorted(adapters, key=lambda a: (a.created, a.name)):
+        if a.spec is None:
+            problems[a.name] = [a.spec_error or "spec: does not parse"]
+            continue
+        found = a.spec.problems()
+        holder = claims.get(a.served_name)
+        if holder is not None:
+            found.append(f"spec.servedName: {a.served_name!r} is already served by LoRAAdapter {holder.name!r} "
+                         f"in pool {pool!r}; choose another servedName")
+        elif not found:
+            claims[a.served_name] = a
+        problems[a.name] = found
+    return problems
+
+
+def desired_versions(spec: LoRAAdapterSpec) -> list[RouteVersion]:
+    if spec.canary is None:
+        return [RouteVersion(version=spec.version, uri=spec.source.uri, sha256=spec.source.sha256, weight=100,
+                             since=NEW)]
+    w = spec.canary.weight
+    return [RouteVersion(version=spec.version, uri=spec.source.uri, sha256=spec.source.sha256, weight=100 - w,
+                         since=NEW),
+            RouteVersion(version=spec.canary.version, uri=spec.canary.source.uri,
+                         sha256=spec.canary.source.sha256, weight=w, since=NEW)]
+
+
+def merge_entry(served: str, spec: LoRAAdapterSpec, previous: RouteEntry | None,
+                ready_pods: list[PodView]) -> RouteEntry:
+    """The rollout rule: a version that leaves the spec stays, draining (weight 0), until every
+    ready replica has loaded every version the spec wants; then it is dropped."""
+    want = desired_versions(spec)
+    old = {v.version: v for v in (previous.versions if previous else [])}
+    for v in want:
+        p = old.get(v.version)
+        if p is not None and p.sha256 == v.sha256 and p.uri == v.uri:
+            v.since = p.since
+    wanted = {v.version for v in want}
+    leaving = [p for p in old.values() if p.version not in wanted]
+    if leaving:
+        everyone_has_new = all(
+            v.since != NEW and pod.report is not None and pod.report.has_loaded(served, v.version, v.since)
+            for pod in ready_pods for v in want
+        )
+        if not everyone_has_new:
+            want += [p.model_copy(update={"weight": 0, "draining": True}) for p in leaving]
+    return RouteEntry(tenant=spec.tenant, pinned=spec.pinned, preload=spec.preload, versions=want)
+
+
+def _fill_since(entries: dict[str, RouteEntry], generation: int) -> None:
+    for e in entries.values():
+        for v in e.versions:
+            if v.since == NEW:
+                v.since = generation
+
+
+def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list[str]], previous: RoutesTable,
+                pods: list[PodView]) -> tuple[RoutesTable, bool]:
+    ready = [p for p in pods if p.ready]
+    entries: dict[str, RouteEntry] = {}
+    for a in adapters:
+        if a.spec is None:
+            continue
+        if problems.get(a.name):
+            # An invalid update leaves the last good routes of this adapter alone (if it still
+            # holds its name): nothing else in the pool is disturbed, and neither is its traffic.
+            prev = previous.adapters.get(a.served_name)
+            if prev is not None and not any(a.served_name == b.served_name and not problems.get(b.name)
+                                            for b in adapters):
+                entries[a.served_name] = prev
+            continue
+        entries[a.served_name] = merge_entry(a.served_name, a.spec, previous.adapters.get(a.served_name), ready)
+    changed = entries != previous.adapters
+    generation = previous.generation + 1 if changed else previous.generation
+    _fill_since(entries, generation)
+    return RoutesTable(pool=pool, generation=generation, adapters=entries), changed
+
+
+def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable]) -> tuple[dict[str, str], list[str], int]:
+    """ConfigMap name -> routes.json to write (shards whose content changed, at the table's
+    generation), the names of ConfigMaps to delete (shards no longer used), and the shard count. A shard whose
+    adapters did not change is not rewritten: it keeps the generation of its last write."""
+    wanted = table.to_configmap_data()
+    write: dict[str, str] = {}
+    for name, text in wanted.items():
+        shard = RoutesTable.from_json(text)
+        old = existing.get(name)
+        if old is None or old.adapters != shard.adapters or old.shards != shard.shards or old.pool != shard.pool:
+            write[name] = text
+    delete = sorted(set(existing) - set(wanted))
+    return write, delete, len(wanted)
+
+
+# ----------------------------------------------------------------------------------- status
+
+
+def _conditions(previous: dict[str, Any]) -> list[Condition]:
+    out = []
+    for c in previous.get("conditions") or []:
+        try:
+            out.append(Condition.model_validate(c))
+        except ValidationError:
+            continue
+    return out
+
+
+def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], table: RoutesTable,
+                   pods: list[PodView], previous: dict[str, Any]) -> dict[str, Any]:
+    prev = _conditions(previous)
+    gen = a.generation
+
+    def cond(type_: str, ok: bool | None, reason: str, message: str = "") -> Condition:
+        return condition(type_, ok, reason, message, gen, prev)
+
+    valid = cond("Valid", not problems, "Invalid" if problems else "Valid", "; ".join(problems))
+    st = LoRAAdapterStatus(observed_generation=gen)
+    pool_ok = pool is not None and pool.spec is not None
+    if problems:
+        msg = f"invalid spec: {'; '.join(problems)}"
+        st.phase = AdapterPhase.failed
+        st.message = msg
+        st.conditions = [cond("Ready", False, "Invalid", msg), cond("Synced", False, "Invalid", msg), valid]
+        return st.wire()
+    if not pool_ok:
+        msg = (f"BaseModelPool {a.pool!r} not found in namespace {a.namespace!r}; the adapter is routed once "
+               f"it exists (check spec.pool)")
+        if pool is not None and pool.spec_error:
+            msg = f"BaseModelPool {a.pool!r} has an invalid spec: {pool.spec_error}"
+        st.phase = AdapterPhase.pending
+        st.message = msg
+        st.conditions = [cond("Ready", False, "PoolNotFound", msg), cond("Synced", False, "PoolNotFound", msg), valid]
+        return st.wire()
+
+    assert a.spec is not None and pool is not None and pool.spec is not None
+    entry = table.adapters.get(a.served_name)
+    since = {v.version: v.since for v in entry.versions} if entry else {}
+    ready = [p for p in pods if p.ready]
+    version = a.spec.version
+    loaded = [p for p in ready if p.report and p.report.has_loaded(a.served_name, version, since.get(version, 0))]
+    failures = []
+    for p in ready:
+        if p.report is None:
+            continue
+        for v in [version] + ([a.spec.canary.version] if a.spec.canary else []):
+            reason = p.report.failure(a.served_name, v)
+            if reason:
+                failures.append(f"{p.name}: {names.versioned_name(a.served_name, v)}: {reason}")
+    replicas = pool.spec.replicas
+    st.replicas = replicas
+    st.ready_replicas = len(loaded)
+    st.ready = f"{len(loaded)}/{replicas}"
+    if loaded:
+        st.served_version, st.digest = version, a.spec.source.sha256
+    elif entry is not None:
+        for v in entry.versions:
+            if v.draining and any(p.report and p.report.has_loaded(a.served_name, v.version, v.since) for p in ready):
+                st.served_version, st.digest = v.version, v.sha256
+                break
+    synced = cond("Synced", True, "Routed", f"in the routes of pool {a.pool!r}")
+    if failures and len(failures) >= len(ready) and not loaded:
+        phase, reason, msg = AdapterPhase.failed, "LoadFailed", "; ".join(failures[:5])
+    elif failures:
+        phase, reason, msg = AdapterPhase.degraded, "LoadFailed", "; ".join(failures[:5])
+    elif replicas > 0 and len(loaded) >= replicas:
+        phase, reason, msg = AdapterPhase.ready, "Loaded", f"version {version} loaded on {len(loaded)}/{replicas} replicas"
+    elif not ready:
+        phase, reason, msg = AdapterPhase.pending, "NoReadyReplicas", f"pool {a.pool!r} has no ready replicas"
+    else:
+        phase, reason, msg = (AdapterPhase.syncing, "Syncing",
+                              f"version {version} loaded on {len(loaded)}/{replicas} replicas")
+    st.phase = phase
+    st.message = msg
+    st.conditions = [cond("Ready", phase == AdapterPhase.ready, reason, msg), synced, valid]
+    return st.wire()
+
+
+def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
+                table: RoutesTable, pods: list[PodView]) -> dict[str, Any]:
+    prev = _conditions(pool.status)
+    if pool.spec is None:
+        st = BaseModelPoolStatus(phase=PoolPhase.failed, observed_generation=pool.generation,
+                                 message=f"invalid spec: {pool.spec_error}")
+        return st.wire()
+    replicas = pool.spec.replicas
+    ready = sum(1 for p in pods if p.ready)
+    phases = [statuses.get(a.name, {}).get("phase") for a in adapters]
+    bad = sum(1 for p in phases if p in (AdapterPhase.failed.value, AdapterPhase.degraded.value))
+    if ready >= replicas:
+        phase = PoolPhase.degraded if bad else PoolPhase.ready
+    elif ready == 0:
+        phase = PoolPhase.pending
+    else:
+        phase = PoolPhase.progressing
+    msg = f"{ready}/{replicas} replicas ready"
+    if bad:
+        msg += f"; {bad} adapters failed or degraded"
+    st = BaseModelPoolStatus(
+        phase=phase, observed_generation=pool.generation, replicas=replicas, ready_replicas=ready,
+        ready=f"{ready}/{replicas}", adapters=len(adapters),
+        adapters_ready=sum(1 for p in phases if p == AdapterPhase.ready.value),
+        routes_generation=table.generation, message=msg,
+        conditions=[condition("Ready", phase == PoolPhase.ready, phase.value, msg, pool.generation, prev)],
+    )
+    return st.wire()
+
+
+def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView], pods: list[PodView],
+              previous: RoutesTable, previous_status: dict[str, dict[str, Any]]) -> PoolPlan:
+    """Everything one reconcile of a pool decides. ``previous_status`` maps adapter name -> the
+    status last written (or read), so conditions keep their transition times."""
+    problems = validity(adapters, pool_name)
+    pool_ok = pool is not None and pool.spec is not None
+    if pool_ok:
+        table, changed = plan_routes(pool_name, adapters, problems, previous, pods)
+    else:
+        table, changed = RoutesTable(pool=pool_name, generation=previous.generation), False
+    statuses = {a.name: adapter_status(a, pool, problems.get(a.name, []), table, pods,
+                                       previous_status.get(a.name, a.status))
+                for a in adapters}
+    pstatus = pool_status(pool, adapters, statuses, table, pods) if pool is not None else None
+    return PoolPlan(table=table, changed=changed, adapter_status=statuses, pool_status=pstatus)
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
+    """A JSON merge patch turning ``old`` into ``new`` (None when equal): keys gone become null."""
+    if old == new:
+        return None
+    patch: dict[str, Any] = dict(new)
+    for k in old:
+        if k not in new:
+            patch[k] = None
+    return patch
