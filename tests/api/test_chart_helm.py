@@ -147,18 +147,23 @@ def test_operator_service_account_can_apply_everything_a_pool_owns(control_plane
             assert r.returncode == 0, f"as the operator: kubectl {' '.join(args)}: {r.stderr}"
         return r
 
-    pool = get(control_plane, "-n", ns, "basemodelpool", "minilm")
+    # A pool of its own (the example pool is left to the operator in the next test).
+    example = get(control_plane, "-n", ns, "basemodelpool", "minilm")
+    control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "lorafleet.io/v1alpha1", "kind": "BaseModelPool",
+        "metadata": {"name": "probe", "namespace": ns}, "spec": example["spec"]}))
+    pool = get(control_plane, "-n", ns, "basemodelpool", "probe")
     spec = BaseModelPoolSpec.model_validate(pool["spec"])
     uid = pool["metadata"]["uid"]
-    manifests = pool_children("minilm", ns, uid, spec) + [
-        routes_configmap("minilm", ns, uid, "lorafleet-routes-minilm", '{"pool": "minilm", "generation": 1, "adapters": {}}')]
+    manifests = pool_children("probe", ns, uid, spec) + [
+        routes_configmap("probe", ns, uid, "lorafleet-routes-probe", '{"pool": "probe", "generation": 1, "adapters": {}}')]
     as_operator("apply", "--server-side", "--field-manager=lorafleet", "-f", "-",
                 input=yaml.safe_dump_all(manifests))
     for m in manifests:
         assert get(control_plane, "-n", ns, m["kind"].lower(), m["metadata"]["name"])["metadata"]["uid"]
-    as_operator("patch", "basemodelpool", "minilm", "--subresource=status", "--type=merge",
+    as_operator("patch", "basemodelpool", "probe", "--subresource=status", "--type=merge",
                 "-p", '{"status": {"phase": "Pending", "message": "waiting for the model"}}')
-    assert get(control_plane, "-n", ns, "basemodelpool", "minilm")["status"]["phase"] == "Pending"
+    assert get(control_plane, "-n", ns, "basemodelpool", "probe")["status"]["phase"] == "Pending"
     as_operator("get", "pods", "-A")
     as_operator("get", "crd")
     # Least privilege: no Secrets (the storage Secret reaches the sidecar through the pod spec).
@@ -187,3 +192,54 @@ def test_uninstall_removes_what_the_chart_made_and_keeps_the_crds(control_plane,
         control_plane.kubectl("get", "crd", "loraadapters.lorafleet.io", "basemodelpools.lorafleet.io")
     finally:
         control_plane.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def test_the_real_operator_with_only_the_charts_permissions_serves_the_example_pool(control_plane, installed, tmp_path):
+    """`lorafleet operator` authenticated as the chart's ServiceAccount (so with exactly the chart's
+    ClusterRole) answers the chart's liveness probe, reconciles the example pool into its Deployment
+    with the chart's images, and takes an adapter into the routes and its status; never a 403."""
+    import json
+    import sys
+    import urllib.request
+
+    from lorafleet.localstack.procs import ManagedProcess, free_port
+
+    ns, full, _ = installed
+    token = control_plane.kubectl("create", "token", full, "-n", ns, "--duration=10m").stdout.strip()
+    kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "operator.kubeconfig", namespace=ns)
+    port = free_port()
+    # Only this test's namespace: other tests share the API server.
+    op = ManagedProcess("operator", [sys.executable, "-m", "lorafleet", "operator", f"--namespace={ns}",
+                                     f"--liveness=http://127.0.0.1:{port}/healthz"],
+                        tmp_path / "operator.log", env={"KUBECONFIG": str(kubeconfig)})
+    try:
+        def healthy() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                return r.status == 200
+
+        op.wait_until(healthy, 60, "answering the chart's liveness probe path /healthz")
+        dep = wait_for(lambda: get(control_plane, "-n", ns, "deployment", "lorafleet-minilm"), timeout=60,
+                       interval=0.5, what="the example pool's Deployment")
+        pod = dep["spec"]["template"]["spec"]
+        images = {c["name"]: c["image"] for c in pod["containers"] + pod.get("initContainers", [])}
+        assert images == {"runtime": "lorafleet/runtime:0.1.0", "sidecar": "lorafleet/control:0.1.0"}
+        wait_for(lambda: (get(control_plane, "-n", ns, "basemodelpool", "minilm").get("status") or {}).get("phase"),
+                 timeout=30, interval=0.5, what="the pool's status")
+
+        adapter = {"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRAAdapter",
+                   "metadata": {"name": "acme-support", "namespace": ns},
+                   "spec": {"pool": "minilm", "tenant": "acme", "version": "1",
+                            "source": {"uri": "s3://adapters/acme/support/1/", "sha256": "a" * 64}}}
+        control_plane.kubectl("apply", "-f", "-", input=json.dumps(adapter))
+
+        def routed() -> bool:
+            cm = get(control_plane, "-n", ns, "configmap", "lorafleet-routes-minilm")
+            return "acme-support" in json.loads(cm["data"]["routes.json"])["adapters"]
+
+        wait_for(routed, timeout=30, interval=0.5, what="the adapter in the pool's routes")
+        wait_for(lambda: (get(control_plane, "-n", ns, "loraadapter", "acme-support").get("status") or {}).get("phase"),
+                 timeout=30, interval=0.5, what="the adapter's status")
+    finally:
+        op.stop()
+    log = op.log.read_text()
+    assert "403" not in log and "Forbidden" not in log and "forbidden" not in log, log[-3000:]
