@@ -173,25 +173,55 @@ def test_operator_service_account_can_apply_everything_a_pool_owns(control_plane
     assert r.stdout.strip() == "no"
 
 
-def test_uninstall_removes_what_the_chart_made_and_keeps_the_crds(control_plane, helm_env):
-    ns = new_namespace(control_plane)
-    release = f"lf-{ns}"
-    full = f"{release}-lorafleet"
-    kc = control_plane.kubeconfig
+def kind_guide_install_command() -> list[str]:
+    """The `helm install` of docs/kind.md, as argv (continuation lines joined)."""
+    import re
+    import shlex
+
+    text = (REPO / "docs" / "kind.md").read_text().replace("\\\n", " ")
+    (line,) = re.findall(r"^helm install lorafleet .*$", text, flags=re.M)
+    return shlex.split(line)
+
+
+def test_the_kind_guides_install_works_on_a_cluster_without_crds_and_uninstall_keeps_them(control_plane, helm_env,
+                                                                                         tmp_path):
+    """The exact command of docs/kind.md on a fresh API server: Helm installs the CRDs first, then
+    the example pool that needs them; uninstall removes what the chart made and keeps the CRDs."""
+    from lorafleet.localstack.controlplane import ControlPlane
+
+    argv = kind_guide_install_command()
+    assert argv[:4] == ["helm", "install", "lorafleet", "charts/lorafleet"]
+    assert {"minio.enabled=true", "examplePool.enabled=true"} <= set(argv)
+    ns = argv[argv.index("--namespace") + 1]
+    # A second API server of its own: the session's already has the CRDs. No controller manager:
+    # nothing here needs one. Its certificates are the session's (making new keys is slow).
+    import shutil
+
+    shutil.copytree(control_plane.pki, tmp_path / "fresh" / "pki")
+    cp = ControlPlane(tmp_path / "fresh").start(controller_manager=False)
     try:
-        helm(helm_env, "install", release, str(CHART), "--namespace", ns, "--set", "minio.enabled=true",
-             kubeconfig=kc)
-        assert control_plane.kubectl("get", "clusterrole", full).returncode == 0
-        helm(helm_env, "uninstall", release, "--namespace", ns, kubeconfig=kc)
-        for kind, args in [("clusterrole", [full]), ("clusterrolebinding", [full]),
-                           ("deployment", ["-n", ns, f"{full}-operator"]), ("service", ["-n", ns, "minio"]),
-                           ("secret", ["-n", ns, f"{full}-minio"])]:
-            r = control_plane.kubectl("get", kind, *args, check=False)
+        assert "lorafleet.io" not in cp.kubectl("get", "crd").stdout
+        r = helm(helm_env, *argv[1:3], str(CHART), *argv[4:], kubeconfig=cp.kubeconfig)
+        assert "kubectl -n lorafleet-system get lora" in r.stdout
+        cp.kubectl("get", "-n", ns, "basemodelpool", "minilm")
+        pool = yaml.safe_load(cp.kubectl("get", "-n", ns, "basemodelpool", "minilm", "-o", "yaml").stdout)
+        # In lorafleet-system the bundled MinIO is where every pool looks by default.
+        assert pool["spec"]["storage"]["endpoint"] == "http://minio.lorafleet-system:9000"
+        for kind, name in [("deployment", "lorafleet-operator"), ("deployment", "lorafleet-minio"),
+                           ("service", "minio"), ("secret", "lorafleet-minio"), ("serviceaccount", "lorafleet")]:
+            cp.kubectl("get", "-n", ns, kind, name)
+        cp.kubectl("get", "clusterrole,clusterrolebinding", "lorafleet")
+
+        helm(helm_env, "uninstall", "lorafleet", "--namespace", ns, kubeconfig=cp.kubeconfig)
+        for kind, args in [("clusterrole", ["lorafleet"]), ("clusterrolebinding", ["lorafleet"]),
+                           ("deployment", ["-n", ns, "lorafleet-operator"]), ("service", ["-n", ns, "minio"]),
+                           ("secret", ["-n", ns, "lorafleet-minio"]), ("basemodelpool", ["-n", ns, "minilm"])]:
+            r = cp.kubectl("get", kind, *args, check=False)
             assert r.returncode != 0 and "NotFound" in r.stderr, f"{kind} {args} survived uninstall"
         # Helm never deletes CRDs (that would delete every tenant's adapters).
-        control_plane.kubectl("get", "crd", "loraadapters.lorafleet.io", "basemodelpools.lorafleet.io")
+        cp.kubectl("get", "crd", "loraadapters.lorafleet.io", "basemodelpools.lorafleet.io")
     finally:
-        control_plane.kubectl("delete", "namespace", ns, "--wait=false")
+        cp.stop()
 
 
 def test_the_real_operator_with_only_the_charts_permissions_serves_the_example_pool(control_plane, installed, tmp_path):
