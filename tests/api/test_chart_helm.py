@@ -1,7 +1,7 @@
 """The Helm chart against the real helm, kubectl and kube-apiserver: lint, every ci/ variant accepted
-by a server-side dry run, install and uninstall, a values typo refused, and RBAC that lets the
-operator apply everything a pool owns (there is no kubelet: pods stay Pending, so nothing waits on them).
-"""
+by a server-side dry run, the kind guide's install and an uninstall, a values typo refused, and the
+real operator working with nothing but the chart's RBAC (no kubelet: pods stay Pending, so nothing
+waits on them)."""
 
 from __future__ import annotations
 
