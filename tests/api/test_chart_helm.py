@@ -114,7 +114,8 @@ def test_install_creates_the_operator_and_tells_the_user_what_to_do_next(control
     from lorafleet.operator.cli import parse
 
     args = parse(container["args"][1:])
-    assert args.liveness == "http://0.0.0.0:8080/healthz" and args.namespace == ["team-*", "default"]
+    # ci/all-on-values.yaml watches team-* and default; the example pool's namespace is added.
+    assert args.liveness == "http://0.0.0.0:8080/healthz" and args.namespace == ["team-*", "default", ns]
     probe = container["livenessProbe"]["httpGet"]
     assert (probe["path"], probe["port"]) == ("/healthz", "health")
     assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
