@@ -50,6 +50,8 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def _write_hashed(dest: Path, rel: str, chunks, progress: Progress | None) -> str:
+    """Write ``chunks`` to ``dest/rel``, fsynced; return its sha256, computed on the way (no second
+    read of the file to verify it)."""
     target = dest / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
