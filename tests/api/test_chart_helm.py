@@ -187,7 +187,8 @@ def kind_guide_install_command() -> list[str]:
 def test_the_kind_guides_install_works_on_a_cluster_without_crds_and_uninstall_keeps_them(control_plane, helm_env,
                                                                                          tmp_path):
     """The exact command of docs/kind.md on a fresh API server: Helm installs the CRDs first, then
-    the example pool that needs them; uninstall removes what the chart made and keeps the CRDs."""
+    the example pool that needs them; an upgrade keeps MinIO's generated password; uninstall removes
+    what the chart made and keeps the CRDs."""
     from lorafleet.localstack.controlplane import ControlPlane
 
     argv = kind_guide_install_command()
@@ -212,6 +213,18 @@ def test_the_kind_guides_install_works_on_a_cluster_without_crds_and_uninstall_k
                            ("service", "minio"), ("secret", "lorafleet-minio"), ("serviceaccount", "lorafleet")]:
             cp.kubectl("get", "-n", ns, kind, name)
         cp.kubectl("get", "clusterrole,clusterrolebinding", "lorafleet")
+
+        # An upgrade keeps the generated MinIO password (pools and users hold it).
+        def password() -> str:
+            return cp.kubectl("get", "-n", ns, "secret", "lorafleet-minio",
+                              "-o", "jsonpath={.data.MINIO_ROOT_PASSWORD}").stdout
+
+        before = password()
+        helm(helm_env, "upgrade", "lorafleet", str(CHART), "--namespace", ns, "--reuse-values",
+             "--set", "examplePool.replicas=2", kubeconfig=cp.kubeconfig)
+        assert password() == before and len(before) > 20
+        assert yaml.safe_load(cp.kubectl("get", "-n", ns, "basemodelpool", "minilm", "-o", "yaml").stdout
+                              )["spec"]["replicas"] == 2
 
         helm(helm_env, "uninstall", "lorafleet", "--namespace", ns, kubeconfig=cp.kubeconfig)
         for kind, args in [("clusterrole", ["lorafleet"]), ("clusterrolebinding", ["lorafleet"]),
