@@ -185,7 +185,8 @@ class PodRunner:
         sa = pod.spec.serviceAccountName
         if not sa or sa == "default":
             return None
-        tr = self.client.create(ServiceAccount.Token(spec=TokenRequestSpec(audiences=[], expirationSeconds=24 * 3600)),
+        tr = self.client.create(ServiceAccount.Token(metadata=ObjectMeta(name=sa, namespace=pod.metadata.namespace),
+                                                     spec=TokenRequestSpec(audiences=[], expirationSeconds=24 * 3600)),
                                 sa, namespace=pod.metadata.namespace)
         cfg = yaml.safe_load(self.kubeconfig.read_text())
         cfg["users"] = [{"name": sa, "user": {"token": tr.status.token}}]

@@ -37,8 +37,8 @@ TENANTS = [
 ]
 
 
-def say(msg: str) -> None:
-    print(f"[lorafleet up] {msg}", file=sys.stderr, flush=True)
+def say(msg: str, verb: str = "up") -> None:
+    print(f"[lorafleet {verb}] {msg}", file=sys.stderr, flush=True)
 
 
 class StackFailed(RuntimeError):
@@ -250,7 +250,7 @@ class Stack:
             pid = pids[name]
             if _alive(pid):
                 if not quiet:
-                    say(f"stopping {name} (pid {pid})".replace("lorafleet up", "lorafleet down"))
+                    say(f"stopping {name} (pid {pid})", "down")
                 _terminate(pid)
         st["pids"] = {}
         self.save(st)
