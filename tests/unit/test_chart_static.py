@@ -265,3 +265,30 @@ def test_kind_config_has_an_ingress_ready_node_with_ports_80_and_443():
     assert "kind create cluster --config kind-config.yaml" in kind_md
     assert "kind load docker-image lorafleet/control:0.1.0" in kind_md
     assert "kind load docker-image lorafleet/runtime:0.1.0" in kind_md
+
+
+def test_the_kind_guides_commands_and_imports_exist():
+    """What docs/kind.md tells users to run: every `lorafleet push` parses with push's own parser,
+    every `lorafleet X` is a subcommand, every `from lorafleet... import name` names something real."""
+    import ast
+    import importlib.util
+
+    from lorafleet.sidecar.push import parse_args
+
+    text = (REPO / "docs" / "kind.md").read_text().replace("\\\n", " ")
+    pushes = re.findall(r"^\s*(lorafleet push [^|\n]*)", text, flags=re.M)
+    assert pushes
+    for cmd in pushes:
+        args = parse_args(shlex.split(cmd)[2:])
+        assert args.dest.startswith("s3://adapters/") and args.pool == values()["examplePool"]["name"]
+    for sub in set(re.findall(r"`lorafleet ([a-z-]+)", text)):
+        assert sub in COMPONENTS or sub in BUILT_INS, f"docs/kind.md mentions `lorafleet {sub}`, no such subcommand"
+    imports = re.findall(r"^from (lorafleet[\w.]*) import ([\w, ]+)$", text, flags=re.M)
+    assert imports
+    for module, names in imports:
+        spec = importlib.util.find_spec(module)
+        assert spec and spec.origin, f"docs/kind.md imports {module}: no such module"
+        defined = {n.name for n in ast.parse(Path(spec.origin).read_text()).body
+                   if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        for name in (n.strip() for n in names.split(",")):
+            assert name in defined, f"docs/kind.md imports {name} from {module}: not defined there"
