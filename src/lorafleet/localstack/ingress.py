@@ -133,8 +133,13 @@ class LocalIngress:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_cleanup.append(self._close)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         self._refresher = asyncio.create_task(self.refresh_forever())
         return runner
+
+    async def _close(self, _app) -> None:
+        self._refresher.cancel()
+        await self.session.close()

@@ -301,7 +301,7 @@ class PodRunner:
             return {"type": t, "status": "True" if ok else "False"}
 
         status = {
-            "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+            "phase": "Running", "reason": None, "message": None, "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
             "conditions": [cond("PodScheduled", True), cond("Initialized", True),
                            cond("ContainersReady", all(c.ready for c in main)), cond("Ready", ready)],
             "containerStatuses": [cstatus(c) for c in main],
