@@ -106,6 +106,12 @@ class Syncer:
 
         loaded = self._runtime_state()
         with self._lock:
+            # Forget failures of versions the routes no longer name (bounded memory with churn).
+            wanted_digests, wanted_keys = {d.sha256 for d in desired}, {d.key for d in desired}
+            for k in [k for k in self.digest_failures if k not in wanted_digests]:
+                del self.digest_failures[k]
+            for k in [k for k in self.load_failures if k not in wanted_keys]:
+                del self.load_failures[k]
             busy = set(self.in_flight) | {d for d, f in self.digest_failures.items() if f.next_try > mono}
             hold = {k for k, f in self.load_failures.items() if f.next_try > mono}
         if not self.model_ready:
