@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,7 +29,9 @@ from lorafleet.contracts.cache import CacheLayout  # noqa: E402
 from lorafleet.contracts.digest import directory_digest, regular_files  # noqa: E402
 from lorafleet.contracts.routes import RouteEntry, RoutesTable, RouteVersion  # noqa: E402
 from lorafleet.localstack.minio import MinioServer  # noqa: E402
-from lorafleet.localstack.procs import wait_for  # noqa: E402
+import httpx  # noqa: E402
+
+from lorafleet.localstack.procs import free_port, wait_for  # noqa: E402
 from lorafleet.sidecar.metrics import Metrics  # noqa: E402
 from lorafleet.sidecar.runtime_client import RuntimeAdmin  # noqa: E402
 from lorafleet.sidecar.storage import S3Storage, Storages, remove_tree  # noqa: E402
@@ -36,7 +39,6 @@ from lorafleet.sidecar.store import ContentStore  # noqa: E402
 from lorafleet.sidecar.sync import Syncer  # noqa: E402
 from lorafleet.sidecar.validate import Limits  # noqa: E402
 from sidecar_peft_dirs import write_adapter  # noqa: E402
-from sidecar_standin_runtime import StandinRuntime  # noqa: E402
 
 
 def throughput(server: MinioServer, work: Path, mib: int, rounds: int) -> dict:
@@ -121,11 +123,16 @@ def sync_many(server: MinioServer, work: Path, table: RoutesTable, concurrency: 
     """From routes with n adapters and an empty cache to every adapter loaded in the runtime."""
     n = len(table.adapters)
     cache = work / f"cache-{concurrency}"
-    runtime = StandinRuntime(cache, verify_digest=False).start()
+    # The stand-in runtime runs in its own process, as the real one does (no shared GIL).
+    port = free_port()
+    runtime = subprocess.Popen([sys.executable, str(REPO / "tests/api/sidecar/sidecar_standin_runtime.py"),
+                                str(cache), str(port)])
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: httpx.get(f"{url}/admin/adapters").status_code == 200, 30, what="stand-in runtime")
     s3 = S3Storage(server.endpoint, server.access_key, server.secret_key, max_connections=concurrency + 4)
     store = ContentStore(CacheLayout(cache), Storages(s3), Limits(), Metrics())
     store.scan()
-    syncer = Syncer(store, RuntimeAdmin(runtime.url), store.metrics, concurrency=concurrency, poll_interval=0.5)
+    syncer = Syncer(store, RuntimeAdmin(url), store.metrics, concurrency=concurrency, poll_interval=0.5)
     stop = threading.Event()
     t0 = time.perf_counter()
     syncer.set_routes(table)
@@ -137,7 +144,8 @@ def sync_many(server: MinioServer, work: Path, table: RoutesTable, concurrency: 
     stop.set()
     syncer.wake.set()
     thread.join(30)
-    runtime.stop()
+    runtime.terminate()
+    runtime.wait(10)
     return {"adapters": n, "concurrency": concurrency, "bytes": store.used_bytes(), "sync_s": round(elapsed, 2),
             "adapters_per_s": round(n / elapsed, 1)}
 

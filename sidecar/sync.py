@@ -86,10 +86,14 @@ class Syncer:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.wake.clear()
+            t0 = time.monotonic()
             try:
                 self.step()
             except Exception:  # noqa: BLE001 - a bug in one pass must not end the loop
                 log.exception("sync pass failed; trying again")
+            # A pass costs O(routes): while downloads finish back to back, let a few of them
+            # accumulate instead of spending a core on passes (at most 1/4 of the time in passes).
+            stop.wait(min(0.5, 3 * (time.monotonic() - t0)))
             self.wake.wait(self.poll_interval)
         self.pool.shutdown(wait=False, cancel_futures=True)
 

@@ -98,3 +98,12 @@ class StandinRuntime:
     def loaded(self) -> dict[str, str]:
         """name@version -> sha256 of what is loaded now."""
         return {k: a.sha256 for k, a in list(self.adapters.items())}
+
+
+if __name__ == "__main__":  # run in its own process (the benchmark): CACHE_DIR PORT
+    import sys
+
+    rt = StandinRuntime(Path(sys.argv[1]), verify_digest=False)
+    rt.port = int(sys.argv[2])
+    rt.start()
+    threading.Event().wait()

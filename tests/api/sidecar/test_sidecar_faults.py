@@ -11,9 +11,10 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from conftest import POOL, digest, sync_report, upload_dir
 from lorafleet.contracts.digest import directory_digest
 from lorafleet.localstack.procs import free_port, wait_for
+
+from sidecar_api_support import POOL, digest, sync_report, upload_dir
 from sidecar_peft_dirs import write_adapter
 
 

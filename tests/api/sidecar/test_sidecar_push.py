@@ -10,10 +10,11 @@ import sys
 
 import yaml
 
-from conftest import sync_report
 from lorafleet.contracts.digest import directory_digest
 from lorafleet.contracts.resources import LoRAAdapter
 from lorafleet.localstack.procs import wait_for
+
+from sidecar_api_support import sync_report
 from sidecar_peft_dirs import write_adapter
 
 

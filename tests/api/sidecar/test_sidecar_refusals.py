@@ -7,8 +7,9 @@ import io
 import json
 import os
 
-from conftest import digest, sync_report, upload_dir
 from lorafleet.localstack.procs import wait_for
+
+from sidecar_api_support import digest, sync_report, upload_dir
 from sidecar_peft_dirs import write_adapter, write_base
 
 

@@ -3,8 +3,9 @@ rollout, an adapter removed and later collected, shared content stored once."""
 
 from __future__ import annotations
 
-from conftest import POOL, digest, sync_report, upload_dir
 from lorafleet.localstack.procs import wait_for
+
+from sidecar_api_support import digest, sync_report, upload_dir
 from sidecar_peft_dirs import write_adapter
 
 

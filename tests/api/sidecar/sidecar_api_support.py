@@ -1,0 +1,79 @@
+"""Helpers of the sidecar api tests: upload adapter folders, write routes ConfigMaps as the operator
+would, read the pod's sync report."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightkube import ApiError
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import ConfigMap, Pod
+
+from lorafleet.contracts import names
+from lorafleet.contracts.digest import directory_digest, regular_files
+from lorafleet.contracts.routes import RouteEntry, RoutesTable, RouteVersion, SyncReport
+
+POOL = "tiny"
+
+
+def upload_dir(s3, bucket: str, src: Path, prefix: str) -> str:
+    """Upload a directory's files under ``prefix``; return its s3:// URI."""
+    for rel in regular_files(src):
+        data = (src / rel).read_bytes()
+        s3.put_object(bucket, f"{prefix}{rel}", io.BytesIO(data), len(data))
+    return f"s3://{bucket}/{prefix}"
+
+
+@dataclass
+class Routes:
+    """The pool's routes as the operator would write them (one ConfigMap, generation +1 per write)."""
+
+    kube: object
+    namespace: str
+    pool: str = POOL
+    table: RoutesTable = field(default=None)
+
+    def __post_init__(self):
+        self.table = RoutesTable(pool=self.pool)
+
+    def set(self, name: str, versions: list[tuple[str, str, str, int]], tenant: str = "acme",
+            preload: bool = True) -> None:
+        """versions: (version, uri, sha256, weight); weight 0 marks it draining."""
+        self.table.adapters[name] = RouteEntry(tenant=tenant, preload=preload, versions=[
+            RouteVersion(version=v, uri=u, sha256=s, weight=w, draining=w == 0, since=self.table.generation + 1)
+            for v, u, s, w in versions])
+
+    def drop(self, name: str) -> None:
+        self.table.adapters.pop(name, None)
+
+    def write(self) -> int:
+        self.table.generation += 1
+        for cm_name, text in self.table.to_configmap_data().items():
+            cm = ConfigMap(metadata=ObjectMeta(name=cm_name, namespace=self.namespace,
+                                               labels={names.LABEL_ROUTES_FOR: self.pool}),
+                           data={names.ROUTES_KEY: text})
+            try:
+                self.kube.create(cm)
+            except ApiError as e:
+                if e.status.code != 409:
+                    raise
+                self.kube.replace(cm)
+        return self.table.generation
+
+
+def sync_report(kube, namespace: str, pod: str) -> SyncReport | None:
+    p = kube.get(Pod, pod, namespace=namespace)
+    return SyncReport.from_annotation((p.metadata.annotations or {}).get(names.SYNC_ANNOTATION))
+
+
+def sidecar_argv(control_plane, minio_server, namespace, pod, cache_dir, runtime, *extra) -> list[str]:
+    return ["--pool", POOL, "--namespace", namespace, "--pod", pod, "--cache-dir", str(cache_dir),
+            "--runtime-admin-url", runtime.url, "--s3-endpoint", minio_server.endpoint,
+            "--kubeconfig", str(control_plane.kubeconfig), "--metrics-port", "0", "--poll-interval", "0.3",
+            "--retry-base", "0.2", "--retry-max", "2", *extra]
+
+
+def digest(d: Path) -> str:
+    return directory_digest(d)
