@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 
 from . import names
-from .resources import BaseModelPoolSpec, BaseModelPoolStatus, LoRAAdapterSpec, LoRAAdapterStatus
+from .resources import (BaseModelPoolSpec, BaseModelPoolStatus, LoRAAdapterSpec, LoRAAdapterStatus, LoRATenantSpec,
+                        LoRATenantStatus)
 
 _KEEP = {
     "type", "properties", "required", "items", "enum", "pattern", "minimum", "maximum", "exclusiveMinimum",
@@ -149,9 +150,20 @@ def crd_manifests() -> dict[str, dict[str, Any]]:
         ],
         "A base model and the pods that serve its tenants' adapters.",
     )
+    tenant = _crd(
+        names.TENANT_KIND, names.TENANT_PLURAL, names.TENANT_SHORT, LoRATenantSpec, LoRATenantStatus,
+        [
+            {"name": "Secret", "type": "string", "jsonPath": ".spec.apiKeySecretRef.name"},
+            {"name": "RPS", "type": "number", "jsonPath": ".spec.rateLimit.requestsPerSecond"},
+            {"name": "Concurrency", "type": "integer", "jsonPath": ".spec.maxConcurrency"},
+            age,
+        ],
+        "A tenant of the gateway: the Secret with its API keys, its rate limit and concurrency.",
+    )
     return {
         f"{names.GROUP}_{names.ADAPTER_PLURAL}.yaml": adapter,
         f"{names.GROUP}_{names.POOL_PLURAL}.yaml": pool,
+        f"{names.GROUP}_{names.TENANT_PLURAL}.yaml": tenant,
     }
 
 

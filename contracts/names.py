@@ -12,6 +12,9 @@ POOL_SHORT = "lfpool"
 ADAPTER_KIND = "LoRAAdapter"
 ADAPTER_PLURAL = "loraadapters"
 ADAPTER_SHORT = "lora"
+TENANT_KIND = "LoRATenant"
+TENANT_PLURAL = "loratenants"
+TENANT_SHORT = "lftenant"
 
 FIELD_MANAGER = "lorafleet"
 

@@ -358,6 +358,46 @@ class LoRAAdapter(_Model):
         return self.spec.served_name or self.metadata.get("name", "")
 
 
+# -------------------------------------------------------------------------------------- tenant
+
+
+class SecretKeyRef(_Model):
+    name: str = Field(pattern=DNS_LABEL_PATTERN.replace("{0,61}", "{0,251}"),
+                      description="Secret in the tenant's namespace")
+    key: str | None = Field(None, max_length=253,
+                            description="Data key holding the API key; unset: every key of the Secret is a valid "
+                                        "API key (rotation: add the new key, then remove the old one)")
+
+
+class RateLimitSpec(_Model):
+    requests_per_second: float = Field(ge=0.001, le=1_000_000, description="Sustained requests per second")
+    burst: int = Field(1, ge=1, le=1_000_000, description="Requests allowed at once above the sustained rate")
+
+
+class LoRATenantSpec(_Model):
+    api_key_secret_ref: SecretKeyRef = Field(description="Secret holding the tenant's API key(s), sent as "
+                                                         "`Authorization: Bearer <key>` to the gateway")
+    rate_limit: RateLimitSpec | None = Field(None, description="Per-tenant token bucket; unset: unlimited")
+    max_concurrency: int | None = Field(None, ge=1, le=1_000_000,
+                                        description="Requests of this tenant in flight at once; unset: unlimited")
+
+
+class LoRATenantStatus(_Status):
+    keys: int | None = Field(None, description="API keys the gateway accepts for this tenant")
+    message: str | None = None
+
+
+class LoRATenant(_Model):
+    """A tenant of the gateway: its API keys and limits. The tenant's name is ``metadata.name``; its
+    adapters are the LoRAAdapters of the same namespace whose ``spec.tenant`` is that name."""
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    api_version: str = "lorafleet.io/v1alpha1"
+    kind: Literal["LoRATenant"] = "LoRATenant"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: LoRATenantSpec
+    status: LoRATenantStatus | None = None
+
+
 def condition(type_: str, ok: bool | None, reason: str, message: str = "", generation: int | None = None,
               previous: list[Condition] | None = None) -> Condition:
     """A condition whose lastTransitionTime only moves when its status changes."""
