@@ -96,10 +96,12 @@ class MultiLoRALinear(nn.Module):
                                 per_sample_weights=x2, mode="sum")
             d = F.embedding_bag(self.ctx.bag(self.rank), self.B.view(-1, self.out_features),
                                 per_sample_weights=h, mode="sum")
-            return y + d.view(y.shape)
+            return y.add_(d.view(y.shape))
+        # Many tokens per row (prefill): the gathered (in×r, r×out) copies are small next to the
+        # tokens' activations, and baddbmm adds into y without another pass over it.
         x3 = x.reshape(n, -1, self.in_features)
-        d = torch.bmm(torch.bmm(x3, self.A[idx]), self.B[idx])
-        return y + d.view(y.shape)
+        y3 = y.view(n, -1, self.out_features)
+        return torch.baddbmm(y3, torch.bmm(x3, self.A[idx]), self.B[idx], out=y3).view(y.shape)
 
 
 class MultiHead(nn.Module):

@@ -219,3 +219,22 @@ class PeftOracle:
         m = self._model(adapter_dir)
         enc = self.tok(texts, padding=True, return_tensors="pt")
         return m(**enc).logits.float()
+
+
+def start_runtime(model_dir, **settings):
+    """A runtime (for tests) on loopback ports (public + admin), model loaded, not yet synced."""
+    from lorafleet.runtime.app import Runtime, RuntimeServer
+    from lorafleet.runtime.settings import RuntimeSettings
+
+    rt = Runtime(RuntimeSettings.from_env({}, model_dir=str(model_dir), **settings))
+    rt.load()
+    return RuntimeServer(rt).start()
+
+
+def put_adapter(admin, name, version, path, tenant=None, weight=100, pinned=False):
+    """``PUT /admin/adapters/{name}/{version}`` the way the sidecar does (``admin``: an httpx client)."""
+    from lorafleet.contracts.digest import directory_digest
+
+    return admin.put(f"/admin/adapters/{name}/{version}",
+                     json={"path": str(path), "sha256": directory_digest(path), "tenant": tenant or name,
+                           "weight": weight, "pinned": pinned})

@@ -36,3 +36,15 @@ def cls_adapters(minilm, tmp_path_factory):
     from lorafleet.runtime.testing_models import make_classification_suite
 
     return make_classification_suite(minilm, tmp_path_factory.mktemp("cls-adapters"), 8)
+
+
+@pytest.fixture(scope="session")
+def gen_adapters20(tiny_llama, tmp_path_factory):
+    """20 tenants' generation adapters plus a second version of gen15 (for a rollout during traffic)."""
+    from lorafleet.runtime.testing_models import make_generation_adapter, make_generation_suite
+
+    root = tmp_path_factory.mktemp("gen20")
+    out = make_generation_suite(tiny_llama, root, 20)
+    out["gen15@2"] = make_generation_adapter(tiny_llama, root / "gen15-v2", seed=999, r=4, alpha=8)
+    return out
+

@@ -1,0 +1,99 @@
+"""A sequence-classification pool over real HTTP on the real MiniLM: per-tenant heads with different
+label counts, each answer checked against PEFT, concurrent tenants, and the documented errors."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from lorafleet.runtime.testing_models import PeftOracle, make_classification_adapter, put_adapter, start_runtime
+
+TEXTS = ["my order has not arrived", "the invoice is wrong", "great product , thanks !", "please reset my password",
+         "where is my refund", "hello"]
+
+
+@pytest.fixture(scope="module")
+def expected(minilm, cls_adapters):
+    oracle = PeftOracle(minilm, "sequence-classification")
+    return {name: torch.softmax(oracle.logits(path, TEXTS), -1) for name, path in cls_adapters.items()}
+
+
+@pytest.fixture(scope="module")
+def server(minilm, cls_adapters):
+    srv = start_runtime(minilm, device_slots=3, max_batch_size=16, max_batch_delay_ms=2)
+    with httpx.Client(base_url=srv.admin_url) as admin:
+        for name, path in cls_adapters.items():
+            assert put_adapter(admin, name, "1", path).status_code == 200
+        admin.put("/admin/sync", json={"preloadPending": 0})
+    yield srv
+    srv.stop()
+
+
+def _check(body: dict, name: str, rows: list[int], expected) -> None:
+    assert body["model"] == f"{name}@1"
+    for item, i in zip(body["data"], rows):
+        want = expected[name][i]
+        scores = [s["score"] for s in item["labels"]]
+        assert len(scores) == len(want), f"{name}: one score per label of its own head"
+        torch.testing.assert_close(torch.tensor(scores), want, atol=1e-4, rtol=1e-3)
+        top = int(want.argmax())
+        assert item["label"] == item["labels"][top]["label"] == f"{name}-label{top}"
+
+
+def test_classify_matches_peft_per_tenant_with_own_labels(server, cls_adapters, expected):
+    for name in cls_adapters:
+        r = httpx.post(server.url + "/v1/classify", json={"model": name, "input": TEXTS})
+        assert r.status_code == 200, r.text
+        _check(r.json(), name, list(range(len(TEXTS))), expected)
+    r = httpx.post(server.url + "/v1/classify", json={"model": "cls0", "input": TEXTS[2]})
+    _check(r.json(), "cls0", [2], expected)
+
+
+def test_concurrent_tenants_get_their_own_heads(server, cls_adapters, expected):
+    wrong = []
+
+    def client(n: int):
+        rng = random.Random(n)
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            for _ in range(4):
+                name = rng.choice(list(cls_adapters))
+                rows = rng.sample(range(len(TEXTS)), 2)
+                r = c.post("/v1/classify", json={"model": name, "input": [TEXTS[i] for i in rows]})
+                try:
+                    assert r.status_code == 200, r.text
+                    _check(r.json(), name, rows, expected)
+                except AssertionError as e:
+                    wrong.append((name, str(e)[:200]))
+
+    with ThreadPoolExecutor(50) as pool:
+        list(pool.map(client, range(50)))
+    assert not wrong, wrong[:3]
+
+
+def test_a_trained_tenant_adapter_predicts_its_labels(server, minilm, tmp_path):
+    labels = ["billing", "shipping", "password"]
+    path = make_classification_adapter(minilm, tmp_path / "trained", labels=labels, seed=7, train_steps=25)
+    with httpx.Client(base_url=server.admin_url) as admin:
+        assert put_adapter(admin, "helpdesk", "1", path, tenant="acme").status_code == 200
+    r = httpx.post(server.url + "/v1/classify", json={"model": "helpdesk", "input": [
+        "please billing today", "the account shipping now", "my password again"]})
+    assert [d["label"] for d in r.json()["data"]] == labels
+
+
+def test_classification_errors(server):
+    c = httpx.Client(base_url=server.url, timeout=30)
+    r = c.post("/v1/classify", json={"model": "cls0", "input": "word " * 600})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "input_too_long" and "512" in r.json()["error"]["message"]
+    r = c.post("/v1/completions", json={"model": "cls0", "prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_task"
+    r = c.post("/v1/classify", json={"model": "nobody", "input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = c.post("/v1/classify", json={"model": "cls0", "input": []})
+    assert r.status_code == 422
+    r = c.post("/v1/classify", content=b"not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert c.post("/v1/classify", json={"model": "cls1", "input": "hello"}).status_code == 200
