@@ -34,6 +34,7 @@ class Routes:
     namespace: str
     pool: str = POOL
     table: RoutesTable = field(default=None)
+    budget: int | None = None  # bytes per shard: small values force several ConfigMaps
 
     def __post_init__(self):
         self.table = RoutesTable(pool=self.pool)
@@ -50,7 +51,8 @@ class Routes:
 
     def write(self) -> int:
         self.table.generation += 1
-        for cm_name, text in self.table.to_configmap_data().items():
+        data = self.table.to_configmap_data(self.budget) if self.budget else self.table.to_configmap_data()
+        for cm_name, text in data.items():
             cm = ConfigMap(metadata=ObjectMeta(name=cm_name, namespace=self.namespace,
                                                labels={names.LABEL_ROUTES_FOR: self.pool}),
                            data={names.ROUTES_KEY: text})

@@ -64,3 +64,26 @@ def test_two_routes_with_the_same_digest_share_one_directory(kube, namespace, po
     assert [p.name for p in (cache_dir / "adapters").iterdir()] == [sha]
     assert runtime.adapters["two@7"].tenant == "globex"
     assert not list((cache_dir / "tmp").iterdir())
+
+
+def test_sharded_routes_are_merged_and_followed_through_reshards(kube, namespace, pod, s3, bucket, tmp_path,
+                                                                   runtime, routes, start_sidecar):
+    from lightkube.resources.core_v1 import ConfigMap
+
+    routes.budget = 700  # a few adapters per ConfigMap
+    for i in range(8):
+        d = write_adapter(tmp_path / f"a{i}", seed=i)
+        routes.set(f"a{i}", [("1", upload_dir(s3, bucket, d, f"a{i}/"), digest(d), 100)])
+    g = routes.write()
+    shards = [cm.metadata.name for cm in kube.list(ConfigMap, namespace=namespace)
+              if (cm.metadata.labels or {}).get("lorafleet.io/routes-for") == "tiny"]
+    assert len(shards) > 2
+    start_sidecar()
+    wait_for(synced(kube, namespace, pod, g, loaded=8), 30, what="adapters from every shard loaded")
+    # The table shrinks to one ConfigMap; the old shards linger (older generation) and are ignored.
+    for i in range(2, 8):
+        routes.drop(f"a{i}")
+    routes.budget = None
+    g = routes.write()
+    wait_for(synced(kube, namespace, pod, g, loaded=2), 30, what="only the newest shard count used")
+    assert set(runtime.loaded()) == {"a0@1", "a1@1"}
