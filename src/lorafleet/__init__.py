@@ -8,7 +8,7 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-COMPONENTS = ("contracts", "operator", "sidecar", "runtime")
+COMPONENTS = ("contracts", "operator", "sidecar", "runtime", "gateway")
 
 
 class _CheckoutFinder:

@@ -14,6 +14,7 @@ COMPONENTS = {
     "sidecar": ("lorafleet.sidecar.cli", "run a pool pod's sidecar (syncs adapters from S3 into the cache)"),
     "runtime": ("lorafleet.runtime.cli", "run the model server of a pool pod"),
     "serve": ("lorafleet.runtime.serve", "serve a model and every adapter in a folder, no cluster needed"),
+    "gateway": ("lorafleet.gateway.cli", "run a pool's gateway (adapter-affinity routing, tenant keys and limits)"),
     "push": ("lorafleet.sidecar.push", "validate an adapter, upload it to S3, print its LoRAAdapter YAML"),
 }
 

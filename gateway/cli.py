@@ -1,0 +1,58 @@
+"""``lorafleet gateway``: the HTTP front of one pool: adapter-affinity routing across its ready pods,
+tenant API keys (LoRATenant Secrets), per-tenant rate and concurrency limits, Prometheus metrics."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lorafleet gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE"),
+                   help="namespace of the pool, its adapters and tenants (env POD_NAMESPACE)")
+    p.add_argument("--pool", default=os.environ.get("POOL"), help="the BaseModelPool to front (env POOL)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=int(os.environ.get("LORAFLEET_GATEWAY_PORT", "8080")))
+    p.add_argument("--policy", choices=["affinity", "round-robin"], default="affinity",
+                   help="replica choice (round-robin is the baseline the benchmark compares against)")
+    p.add_argument("--spill-inflight", type=int, default=8,
+                   help="requests open on a replica before the next request for its adapters goes elsewhere")
+    p.add_argument("--retries", type=int, default=2,
+                   help="other replicas tried when one fails before answering (never once a stream started)")
+    p.add_argument("--poll-s", type=float, default=1.0, help="how often pods, tenants and keys are re-read")
+    p.add_argument("--replica-poll-s", type=float, default=0.5,
+                   help="how often each replica's GET /v1/models is read (what it holds where)")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.namespace or not args.pool:
+        print("lorafleet gateway: pass --namespace and --pool (or set POD_NAMESPACE and POOL)", file=sys.stderr)
+        return 2
+
+    from aiohttp import web
+    from lightkube import Client, KubeConfig
+
+    from .kube import KubeView, warm_decoders
+    from .server import Gateway
+
+    try:
+        config = KubeConfig.from_env()  # in-cluster credentials, else $KUBECONFIG or ~/.kube/config
+    except Exception as e:
+        print(f"lorafleet gateway: no Kubernetes credentials ({e}); set KUBECONFIG or run in a pod",
+              file=sys.stderr)
+        return 2
+    warm_decoders()
+    view = KubeView(Client(config=config), args.namespace, args.pool)
+    gw = Gateway(view.ready_pods, view.directory, policy=args.policy, spill_inflight=args.spill_inflight,
+                 retries=args.retries, poll_s=args.poll_s, replica_poll_s=args.replica_poll_s)
+    logging.getLogger("lorafleet.gateway").info("gateway for pool %s/%s on %s:%d", args.namespace, args.pool,
+                                                args.host, args.port)
+    web.run_app(gw.app(), host=args.host, port=args.port, access_log=None, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""The only module that reads the Kubernetes API: the pool's ready pods (where each listens) and the
+tenant directory (LoRATenants, their key Secrets, the pool's LoRAAdapters), polled so edits to a Secret
+take effect within a poll interval, without a restart."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+
+from lightkube import Client
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.core_v1 import Pod, Secret
+
+from lorafleet.contracts import names
+from lorafleet.contracts.resources import LoRAAdapter, LoRATenant
+
+from .tenants import Directory, TenantLimits, key_digest
+
+log = logging.getLogger("lorafleet.gateway")
+
+LOCAL_PORTS_ANNOTATION = "lorafleet.io/local-ports"  # the local stack's pod runner: {"8000": <local port>}
+
+LoRAAdapterResource = create_namespaced_resource(names.GROUP, names.VERSION, names.ADAPTER_KIND,
+                                                 names.ADAPTER_PLURAL)
+LoRATenantResource = create_namespaced_resource(names.GROUP, names.VERSION, names.TENANT_KIND,
+                                                names.TENANT_PLURAL)
+
+
+def warm_decoders() -> None:
+    """lightkube 1.0 builds msgspec decoders lazily; two threads building the same one at once crashed
+    the process (docs/architecture.md, hazards). Build them once, here, before any other thread runs."""
+    from lightkube.core.decoders import decode_list
+
+    for res in (Pod, Secret, LoRAAdapterResource, LoRATenantResource):
+        decode_list(b'{"items": []}', res)
+
+
+def pod_address(pod, port: int = names.RUNTIME_PORT) -> str | None:
+    """``http://podIP:8000``, or the local stack's loopback port when the pod is a local process."""
+    local = (pod.metadata.annotations or {}).get(LOCAL_PORTS_ANNOTATION)
+    if local:
+        try:
+            return f"http://127.0.0.1:{int(json.loads(local)[str(port)])}"
+        except (ValueError, KeyError, TypeError):
+            log.warning("pod %s: annotation %s=%r has no port for %d", pod.metadata.name,
+                        LOCAL_PORTS_ANNOTATION, local, port)
+    ip = pod.status.podIP if pod.status else None
+    return f"http://{ip}:{port}" if ip else None
+
+
+def pod_ready(pod) -> bool:
+    if pod.metadata.deletionTimestamp or not pod.status:
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+class KubeView:
+    def __init__(self, client: Client, namespace: str, pool: str):
+        self.client, self.namespace, self.pool = client, namespace, pool
+
+    def ready_pods(self) -> dict[str, str]:
+        """Pod name -> address of the pool's Ready pods."""
+        out = {}
+        for pod in self.client.list(Pod, namespace=self.namespace, labels={names.LABEL_POOL: self.pool}):
+            addr = pod_address(pod)
+            if pod_ready(pod) and addr:
+                out[pod.metadata.name] = addr
+        return out
+
+    def directory(self) -> Directory:
+        d = Directory()
+        for obj in self.client.list(LoRAAdapterResource, namespace=self.namespace):
+            try:
+                a = LoRAAdapter.model_validate(obj.to_dict())
+            except ValueError as e:
+                log.warning("LoRAAdapter %s/%s skipped: %s", self.namespace, obj.metadata.name, e)
+                continue
+            if a.spec.pool == self.pool:
+                d.adapters[a.served_name] = a.spec.tenant
+        shared: set[str] = set()
+        secrets = {s.metadata.name: s for s in self.client.list(Secret, namespace=self.namespace)}
+        for obj in self.client.list(LoRATenantResource, namespace=self.namespace):
+            name = obj.metadata.name
+            try:
+                t = LoRATenant.model_validate(obj.to_dict())
+            except ValueError as e:
+                d.problems.append(f"LoRATenant {self.namespace}/{name}: {e}")
+                continue
+            rl = t.spec.rate_limit
+            d.limits[name] = TenantLimits(rl.requests_per_second if rl else None, rl.burst if rl else 1,
+                                          t.spec.max_concurrency)
+            ref = t.spec.api_key_secret_ref
+            secret = secrets.get(ref.name)
+            if secret is None:
+                d.problems.append(f"LoRATenant {self.namespace}/{name}: spec.apiKeySecretRef.name: Secret "
+                                  f"{ref.name!r} does not exist; create it with the tenant's API key")
+                continue
+            data = secret.data or {}
+            picked = {ref.key: data[ref.key]} if ref.key and ref.key in data else ({} if ref.key else data)
+            if not picked:
+                d.problems.append(f"LoRATenant {self.namespace}/{name}: spec.apiKeySecretRef.key: Secret "
+                                  f"{ref.name!r} has no key {ref.key!r}")
+            for value in picked.values():
+                key = base64.b64decode(value).decode(errors="replace").strip()
+                if not key:
+                    continue
+                digest = key_digest(key)
+                other = d.keys.get(digest)
+                if other is not None and other != name:
+                    # One key for two tenants would let one reach the other's adapters: refuse it for both.
+                    shared.add(digest)
+                    d.problems.append(f"LoRATenant {self.namespace}/{name}: its API key is also tenant "
+                                      f"{other}'s; the key is refused until each tenant has its own")
+                d.keys[digest] = name
+        for digest in shared:
+            d.keys.pop(digest, None)
+        return d

@@ -1,0 +1,337 @@
+"""The gateway's HTTP server: authenticate the tenant, check the adapter is its own, admit it within its
+limits, pick a replica (``routing``) and stream the replica's answer through, retrying another replica
+when one fails before it answered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+
+from .metrics import GatewayMetrics
+from .routing import AffinityRouter, Replica, RoundRobinRouter
+from .tenants import Admission, Directory, TenantLimits
+
+log = logging.getLogger("lorafleet.gateway")
+
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+              "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
+# Inference endpoints and where each names its adapter.
+MODEL_IN_BODY = {"/v1/completions", "/v1/chat/completions", "/v1/classify"}
+TGI_PATHS = {"/generate", "/generate_stream", "/"}
+ANONYMOUS = "_anonymous"
+
+
+def error(status: int, message: str, type_: str, code: str, headers: dict | None = None) -> web.Response:
+    """OpenAI-shaped, like the runtime's errors."""
+    return web.json_response({"error": {"message": message, "type": type_, "code": code}}, status=status,
+                             headers=headers)
+
+
+def requested_adapter(path: str, body: dict) -> str | None:
+    """The adapter a request names: ``model`` (OpenAI, classify) or ``parameters.adapter_id`` (TGI)."""
+    if path in MODEL_IN_BODY:
+        model = body.get("model")
+        return model if isinstance(model, str) and model else None
+    params = body.get("parameters")
+    adapter = params.get("adapter_id") if isinstance(params, dict) else None
+    return adapter if isinstance(adapter, str) and adapter else None
+
+
+def bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class Gateway:
+    """``pods``: returns pod name -> address of the pool's ready pods (blocking; run in a thread).
+    ``directory``: returns the current tenant ``Directory`` (blocking), or None to run without tenant
+    keys (benchmarks and single-tenant development only: every caller is one anonymous tenant)."""
+
+    def __init__(self, pods: Callable[[], dict[str, str]], directory: Callable[[], Directory] | None,
+                 policy: str = "affinity", spill_inflight: int = 8, retries: int = 2, poll_s: float = 1.0,
+                 replica_poll_s: float = 0.5, metrics: GatewayMetrics | None = None):
+        self.pods_source, self.directory_source = pods, directory
+        self.router = AffinityRouter(spill_inflight) if policy == "affinity" else RoundRobinRouter()
+        self.retries, self.poll_s, self.replica_poll_s = retries, poll_s, replica_poll_s
+        self.metrics = metrics or GatewayMetrics()
+        self.replicas: dict[str, Replica] = {}
+        self.directory = Directory()
+        self.directory_loaded = directory is None
+        self.admission = Admission()
+        self.session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._kube_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------------------ fleet view
+
+    async def refresh_pods(self) -> None:
+        async with self._kube_lock:  # one API thread at a time (lightkube decoders, see kube.py)
+            pods = await asyncio.to_thread(self.pods_source)
+        for name in list(self.replicas):
+            if name not in pods:  # requests still open on it finish on their own Replica object
+                del self.replicas[name]
+        for name, url in pods.items():
+            r = self.replicas.get(name)
+            if r is None or r.url != url:
+                self.replicas[name] = Replica(name, url, inflight=r.inflight if r else 0)
+
+    async def poll_replica(self, r: Replica) -> None:
+        """What the replica holds, from its ``GET /v1/models`` (entries' versions carry their tier)."""
+        try:
+            async with self.session.get(f"{r.url}/v1/models", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                if resp.status != 200:
+                    raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
+                body = await resp.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            if r.healthy:
+                log.warning("replica %s (%s) did not answer GET /v1/models: %s", r.name, r.url, e)
+            r.healthy = False
+            return
+        held: dict[str, str] = {}
+        for m in body.get("data", []):
+            if "parent" not in m:
+                r.base, r.task = m.get("id"), m.get("task")
+                continue
+            states = [v.get("state", "registered") for v in m.get("versions", [])] or ["registered"]
+            held[m["id"]] = min(states, key=lambda s: {"device": 0, "host": 1, "registered": 2}.get(s, 3))
+        r.adapters, r.healthy = held, True
+
+    async def refresh_directory(self) -> None:
+        async with self._kube_lock:
+            d = await asyncio.to_thread(self.directory_source)
+        for p in set(d.problems) - set(self.directory.problems):
+            log.warning("%s", p)
+        self.directory, self.directory_loaded = d, True
+
+    async def _every(self, seconds: float, step, what: str) -> None:
+        while True:
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("gateway: refreshing %s failed; keeping the last view", what)
+            await asyncio.sleep(seconds)
+
+    async def _replica_loop(self) -> None:
+        last_pods = 0.0
+        while True:
+            try:
+                if time.monotonic() - last_pods >= self.poll_s:
+                    await self.refresh_pods()
+                    last_pods = time.monotonic()
+                await asyncio.gather(*(self.poll_replica(r) for r in list(self.replicas.values())))
+                healthy = sum(r.healthy for r in self.replicas.values())
+                self.metrics.replicas.labels("true").set(healthy)
+                self.metrics.replicas.labels("false").set(len(self.replicas) - healthy)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("gateway: refreshing the pool's replicas failed; keeping the last view")
+            await asyncio.sleep(self.replica_poll_s)
+
+    # ------------------------------------------------------------------------------------ HTTP
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        app.router.add_get("/v1/models", self.models)
+        for path in sorted(MODEL_IN_BODY | TGI_PATHS):
+            app.router.add_post(path, self.infer)
+        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, _app) -> None:
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=3),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0))
+        self._tasks.append(asyncio.create_task(self._replica_loop()))
+        if self.directory_source is not None:
+            self._tasks.append(asyncio.create_task(self._every(self.poll_s, self.refresh_directory, "tenants")))
+
+    async def _cleanup(self, _app) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.session.close()
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        view = {r.name: {"url": r.url, "healthy": r.healthy, "inflight": r.inflight, "adapters": len(r.adapters)}
+                for r in self.replicas.values()}
+        healthy = [r for r in self.replicas.values() if r.healthy]
+        if not healthy or not self.directory_loaded:
+            why = "tenants not read yet" if not self.directory_loaded else "no ready replica answered yet"
+            return web.json_response({"error": {"message": f"not ready: {why}", "type": "service_unavailable",
+                                                "code": "not_ready"}, "replicas": view}, status=503)
+        return web.json_response({"status": "ready", "replicas": view,
+                                  "tenants": len(self.directory.limits), "problems": self.directory.problems})
+
+    async def metrics_endpoint(self, _request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return error(404, f"{request.method} {request.path} is not an endpoint of the lorafleet gateway",
+                     "invalid_request_error", "not_found")
+
+    def authenticate(self, request: web.Request) -> tuple[str | None, web.Response | None]:
+        if self.directory_source is None:
+            return ANONYMOUS, None
+        key = bearer(request)
+        if key is None:
+            self.metrics.rejected.labels("", "missing_api_key").inc()
+            return None, error(401, "send your tenant's API key as `Authorization: Bearer <key>`",
+                               "authentication_error", "missing_api_key", {"WWW-Authenticate": "Bearer"})
+        tenant = self.directory.tenant_of_key(key)
+        if tenant is None:
+            self.metrics.rejected.labels("", "invalid_api_key").inc()
+            return None, error(401, "the API key is not valid (unknown, or rotated out of its tenant's Secret)",
+                               "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        return tenant, None
+
+    def base_names(self) -> set[str]:
+        return {r.base for r in self.replicas.values() if r.base}
+
+    async def models(self, request: web.Request) -> web.Response:
+        tenant, refused = self.authenticate(request)
+        if refused is not None:
+            return refused
+        mine = None if tenant == ANONYMOUS else self.directory.adapters_of(tenant)
+        created = int(time.time())
+        data, seen = [], set()
+        for r in sorted(self.replicas.values(), key=lambda r: r.name):
+            if r.base and r.base not in seen:
+                seen.add(r.base)
+                data.append({"id": r.base, "object": "model", "created": created, "owned_by": "lorafleet",
+                             "task": r.task})
+        adapters: dict[str, dict] = {}
+        for r in self.replicas.values():
+            if not r.healthy:
+                continue
+            for name in r.adapters:
+                if mine is None or name in mine:
+                    adapters.setdefault(name, {"id": name, "object": "model", "created": created,
+                                               "owned_by": tenant if mine is not None else
+                                               self.directory.adapters.get(name, "lorafleet"),
+                                               "parent": r.base, "task": r.task, "replicas": 0})["replicas"] += 1
+        data.extend(adapters[n] for n in sorted(adapters))
+        return web.json_response({"object": "list", "data": data})
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        tenant, refused = self.authenticate(request)
+        if refused is not None:
+            return refused
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else {}
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+        except ValueError as e:
+            return error(422, f"the request body is not valid JSON: {e}", "invalid_request_error", "invalid_json")
+        adapter = requested_adapter(request.path, body)
+        if adapter is not None and tenant != ANONYMOUS and adapter not in self.base_names():
+            owner = self.directory.owner(adapter)
+            if owner is None:
+                self.metrics.rejected.labels(tenant, "model_not_found").inc()
+                return error(404, f"The model '{adapter}' does not exist in this pool; GET /v1/models lists "
+                             "the adapters your key can use", "invalid_request_error", "model_not_found")
+            if owner != tenant:
+                self.metrics.rejected.labels(tenant, "adapter_forbidden").inc()
+                return error(403, f"the API key of tenant {tenant} may not use model '{adapter}': it is not one "
+                             f"of tenant {tenant}'s adapters", "permission_error", "adapter_forbidden")
+        limits = self.directory.limits.get(tenant, TenantLimits())
+        refusal = self.admission.admit(tenant, limits)
+        if refusal is not None:
+            code, message, retry_after = refusal
+            self.metrics.rejected.labels(tenant, code).inc()
+            return error(429, message, "rate_limit_exceeded", code, {"Retry-After": str(retry_after)})
+        try:
+            stream = request.path == "/generate_stream" or body.get("stream") is True
+            return await self.forward(request, raw, tenant, adapter, stream, t0)
+        finally:
+            self.admission.release(tenant)
+
+    async def forward(self, request: web.Request, raw: bytes, tenant: str, adapter: str | None, stream: bool,
+                      t0: float) -> web.StreamResponse:
+        from lorafleet.contracts.names import split_versioned
+
+        choice = self.router.choose(split_versioned(adapter)[0] if adapter else None, list(self.replicas.values()))
+        if not choice.order:
+            self.metrics.requests.labels(tenant, "", "503").inc()
+            return error(503, "the pool has no ready replica; retry shortly", "service_unavailable",
+                         "no_ready_replicas", {"Retry-After": "1"})
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["X-Lorafleet-Tenant"] = tenant
+        last = "no replica tried"
+        for attempt, r in enumerate(choice.order[: 1 + self.retries]):
+            if attempt:
+                self.metrics.retries.labels(choice.order[attempt - 1].name).inc()
+            self.metrics.routed.labels(r.name, choice.reason if attempt == 0 else "retry").inc()
+            r.inflight += 1
+            self.metrics.inflight.labels(r.name).set(r.inflight)
+            try:
+                upstream = await self.session.request(request.method, r.url + str(request.rel_url), data=raw,
+                                                      headers=headers)
+                try:
+                    out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+                    out_headers["X-Lorafleet-Replica"] = r.name
+                    if not stream or upstream.status != 200:
+                        # Read it all before answering: a replica dying mid-body is retried elsewhere.
+                        data = await upstream.read()
+                        if upstream.status in (502, 503, 504) and attempt < min(self.retries, len(choice.order) - 1):
+                            last = f"{r.name} answered {upstream.status}"
+                            continue
+                        self.metrics.requests.labels(tenant, r.name, str(upstream.status)).inc()
+                        self.metrics.latency.labels(tenant).observe(time.perf_counter() - t0)
+                        return web.Response(body=data, status=upstream.status, headers=out_headers)
+                    # A stream: the first chunk still may be retried; after it, bytes are the client's.
+                    first = await upstream.content.readany()
+                    resp = web.StreamResponse(status=upstream.status, headers=out_headers)
+                    await resp.prepare(request)
+                    await resp.write(first)
+                    try:
+                        async for chunk in upstream.content.iter_any():
+                            await resp.write(chunk)
+                    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                        # Never replay a stream that reached the client: end it with an error event.
+                        log.warning("replica %s broke a stream of tenant %s: %s", r.name, tenant, e)
+                        r.healthy = False
+                        msg = {"error": {"message": f"the replica serving this stream failed: {e}",
+                                         "type": "server_error", "code": "upstream_failed"}}
+                        await resp.write(f"data: {json.dumps(msg)}\n\n".encode())
+                        self.metrics.requests.labels(tenant, r.name, "502").inc()
+                        return resp
+                    await resp.write_eof()
+                    self.metrics.requests.labels(tenant, r.name, "200").inc()
+                    self.metrics.latency.labels(tenant).observe(time.perf_counter() - t0)
+                    return resp
+                finally:
+                    upstream.release()
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
+                # It failed before the client saw a byte: mark it down until its next poll, try the next.
+                log.warning("replica %s failed a request of tenant %s before answering (%s); trying another",
+                            r.name, tenant, e or type(e).__name__)
+                r.healthy = False
+                last = f"{r.name}: {e or type(e).__name__}"
+            finally:
+                r.inflight -= 1
+                self.metrics.inflight.labels(r.name).set(r.inflight)
+        self.metrics.requests.labels(tenant, "", "502").inc()
+        return error(502, f"no replica of the pool answered ({last}); retry shortly", "service_unavailable",
+                     "upstream_unreachable", {"Retry-After": "1"})

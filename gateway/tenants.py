@@ -1,0 +1,96 @@
+"""Who may call what (pure): API keys -> tenant, adapters -> tenant, and each tenant's token bucket and
+concurrency cap. The kube poller builds a new ``Directory`` on every change; requests read the current one."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+
+from lorafleet.contracts.names import split_versioned
+
+
+def key_digest(key: str) -> str:
+    # Keys are kept only as digests, so a heap dump or a log of the directory does not leak them.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    requests_per_second: float | None = None
+    burst: int = 1
+    max_concurrency: int | None = None
+
+
+@dataclass
+class Directory:
+    keys: dict[str, str] = field(default_factory=dict)          # key digest -> tenant
+    adapters: dict[str, str] = field(default_factory=dict)      # served name -> tenant
+    limits: dict[str, TenantLimits] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)           # tenants whose keys could not be read, why
+
+    def tenant_of_key(self, key: str | None) -> str | None:
+        if not key:
+            return None
+        # Looked up by digest: the timing of a dict lookup says nothing about the key itself.
+        return self.keys.get(key_digest(key))
+
+    def owner(self, model: str) -> str | None:
+        """The tenant owning ``model`` (``name`` or ``name@version``); None when no adapter has that name."""
+        name, _ = split_versioned(model)
+        return self.adapters.get(name)
+
+    def adapters_of(self, tenant: str) -> set[str]:
+        return {a for a, t in self.adapters.items() if t == tenant}
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int, now: float | None = None):
+        self.rate, self.burst = rate, max(1, burst)
+        self.tokens = float(self.burst)
+        self.stamp = time.monotonic() if now is None else now
+
+    def take(self, now: float | None = None) -> float:
+        """0 when a request may pass (a token is spent), else seconds until the next token."""
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class Admission:
+    """Per-tenant rate and concurrency. ``admit`` returns None (go, call ``release`` when done) or
+    ``(code, message, retry_after_s)``."""
+
+    def __init__(self):
+        self.buckets: dict[str, tuple[TenantLimits, TokenBucket]] = {}
+        self.inflight: dict[str, int] = {}
+
+    def admit(self, tenant: str, limits: TenantLimits, now: float | None = None):
+        if limits.max_concurrency is not None and self.inflight.get(tenant, 0) >= limits.max_concurrency:
+            return ("concurrency_limit_exceeded",
+                    f"tenant {tenant} already has {limits.max_concurrency} requests in flight "
+                    f"(LoRATenant spec.maxConcurrency); retry when one finishes", 1)
+        if limits.requests_per_second is not None:
+            held = self.buckets.get(tenant)
+            if held is None or held[0] != limits:  # new tenant or edited limits: a fresh bucket
+                held = (limits, TokenBucket(limits.requests_per_second, limits.burst, now))
+                self.buckets[tenant] = held
+            wait = held[1].take(now)
+            if wait > 0:
+                return ("rate_limit_exceeded",
+                        f"tenant {tenant} is over its rate limit of {limits.requests_per_second:g} requests/s "
+                        f"(burst {limits.burst}; LoRATenant spec.rateLimit)", max(1, math.ceil(wait)))
+        self.inflight[tenant] = self.inflight.get(tenant, 0) + 1
+        return None
+
+    def release(self, tenant: str) -> None:
+        n = self.inflight.get(tenant, 0) - 1
+        if n <= 0:
+            self.inflight.pop(tenant, None)
+        else:
+            self.inflight[tenant] = n
