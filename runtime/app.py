@@ -256,6 +256,12 @@ class _Generation:
                     raise ApiError(500, f"generation failed: {value}", "server_error", "internal_error")
                 if kind == "done":
                     self.finish = value
+                    # Bytes held back as half a character are final now: the decoder's output stands.
+                    self.text = tok.decode(self.ids, skip_special_tokens=True)
+                    for s in self.stops:
+                        at = self.text.find(s)
+                        if at >= 0:
+                            self.text, self.finish = self.text[:at], "stop"
                     if self.sent < len(self.text):
                         yield None, self.text[self.sent:]
                         self.sent = len(self.text)

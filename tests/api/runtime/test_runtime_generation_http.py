@@ -79,8 +79,11 @@ def test_openai_client_completions_chat_streaming_models(server, oracle, gen_ada
     assert e.value.code == "model_not_found"
 
 
-def test_huggingface_inference_client_text_generation(server, expected):
-    from huggingface_hub import InferenceClient
+def test_huggingface_inference_client_text_generation(server, expected, monkeypatch):
+    from huggingface_hub import InferenceClient, constants
+
+    # Offline mode (no hub downloads) also blocks the client's requests to our loopback server.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
     client = InferenceClient(model=server.url)
     text = client.text_generation(PROMPTS[0], adapter_id="gen4", max_new_tokens=NEW)
