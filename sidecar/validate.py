@@ -315,8 +315,10 @@ def _tensor_problems(header: dict[str, tuple[str, list[int]]], limits: Limits, b
             out.append(f"module {module}: rank {r} is above maxRank ({limits.max_rank})")
         if b[1] != r:
             out.append(f"module {module}: lora_A {a} and lora_B {b} disagree on the rank")
-        expected_r = next((v for k, v in rank_pattern.items() if re.search(rf"(^|\.){re.escape(k)}$", module)),
-                          default_rank)
+        # With a rank_pattern (whose keys PEFT matches as names or regexes) per-module ranks vary:
+        # only the maxRank limit applies. Without one, every module must have the config's r, which
+        # the runtime's alpha/r scaling relies on.
+        expected_r = None if rank_pattern else default_rank
         if expected_r is not None and r != expected_r:
             out.append(f"module {module}: rank {r} differs from adapter_config.json r={expected_r}")
         if base is None or not base.weights:
