@@ -170,7 +170,8 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        view = {r.name: {"url": r.url, "healthy": r.healthy, "inflight": r.inflight, "adapters": len(r.adapters)}
+        view = {r.name: {"url": r.url, "healthy": r.healthy, "inflight": r.inflight, "adapters": len(r.adapters),
+                         "device": sorted(a for a, s in r.adapters.items() if s == "device")}
                 for r in self.replicas.values()}
         healthy = [r for r in self.replicas.values() if r.healthy]
         if not healthy or not self.directory_loaded:

@@ -1,0 +1,186 @@
+"""The gateway in front of three real runtime replicas: adapter affinity, load spill, tenant isolation on
+every endpoint, key rotation, rate and concurrency limits, SSE, metrics, and a replica killed mid-run.
+(The kill test runs last: it takes a replica away from the module's pool.)"""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from lorafleet.gateway.routing import rendezvous_score
+from lorafleet.localstack.procs import wait_for
+
+PROMPT = "hello world , how are"
+
+
+def complete(c: httpx.Client, model: str, max_tokens: int = 4) -> httpx.Response:
+    return c.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
+                                           "temperature": 0})
+
+
+def ranked(adapter: str, pods) -> list[str]:
+    return sorted(pods, key=lambda p: rendezvous_score(adapter, p), reverse=True)
+
+
+def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(pool):
+    pods = list(pool.replicas)
+    # globex-bot made resident on the device of the replica the hash would pick last ...
+    holder = ranked("globex-bot", pods)[-1]
+    assert complete(httpx.Client(base_url=pool.urls[holder], timeout=30), "globex-bot").status_code == 200
+    wait_for(lambda: "globex-bot" in pool.view()[holder]["device"], 10, what=f"the gateway to see globex-bot on {holder}")
+    with pool.client("globex") as c:
+        served_by = {complete(c, "globex-bot").headers["X-Lorafleet-Replica"] for _ in range(12)}
+    assert served_by == {holder}
+    # ... and acme-support, held by no device, lands on its hash choice every time and stays there.
+    with pool.client("acme") as c:
+        served_by = [complete(c, "acme-support").headers["X-Lorafleet-Replica"] for _ in range(12)]
+    assert set(served_by) == {ranked("acme-support", pods)[0]}
+    assert "acme-support" in pool.view()[served_by[0]]["device"]
+
+
+def test_load_spreads_to_other_replicas_when_the_holder_is_busy(pool):
+    with pool.client("acme") as c, ThreadPoolExecutor(12) as ex:
+        rs = list(ex.map(lambda _: complete(c, "acme-chat", max_tokens=48), range(24)))
+    assert [r.status_code for r in rs] == [200] * 24
+    assert len({r.headers["X-Lorafleet-Replica"] for r in rs}) >= 2, "12 at once with --spill-inflight 2"
+    metrics = httpx.get(f"{pool.gateway}/metrics").text
+    assert re.search(r'lorafleet_gateway_routed_total\{reason="spill",replica="[^"]+"\} [1-9]', metrics)
+
+
+def test_a_key_reaches_only_its_own_tenants_adapters_on_every_endpoint(pool):
+    bodies = {
+        "/v1/completions": lambda m: {"model": m, "prompt": PROMPT, "max_tokens": 3},
+        "/v1/chat/completions": lambda m: {"model": m, "messages": [{"role": "user", "content": "hi"}],
+                                           "max_tokens": 3},
+        "/generate": lambda m: {"inputs": PROMPT, "parameters": {"adapter_id": m, "max_new_tokens": 3}},
+        "/generate_stream": lambda m: {"inputs": PROMPT, "parameters": {"adapter_id": m, "max_new_tokens": 3}},
+        "/": lambda m: {"inputs": PROMPT, "parameters": {"adapter_id": m, "max_new_tokens": 3}},
+        "/v1/classify": lambda m: {"model": m, "input": "refund please"},
+    }
+    with pool.client("acme") as acme, pool.client() as anonymous, pool.client(key="not-a-key") as stranger:
+        for path, body in bodies.items():
+            foreign = acme.post(path, json=body("globex-bot"))
+            assert foreign.status_code == 403, (path, foreign.text)
+            err = foreign.json()["error"]
+            assert err["code"] == "adapter_forbidden" and "globex-bot" in err["message"] and "acme" in err["message"]
+            pinned = acme.post(path, json=body("globex-bot@1"))
+            assert pinned.status_code == 403, path
+            assert anonymous.post(path, json=body("acme-support")).status_code == 401, path
+            assert stranger.post(path, json=body("acme-support")).json()["error"]["code"] == "invalid_api_key"
+            own = acme.post(path, json=body("acme-support"))
+            # The tiny pool generates text: classify reaches the runtime, which says it is the wrong task.
+            expected = (400, "wrong_task") if path == "/v1/classify" else (200, None)
+            assert own.status_code == expected[0], (path, own.text)
+            if expected[1]:
+                assert own.json()["error"]["code"] == "wrong_task"
+        assert acme.post("/v1/completions", json=bodies["/v1/completions"]("no-such-adapter")).status_code == 404
+        # Another pool's adapter of the same tenant is not served here.
+        assert acme.post("/v1/completions", json=bodies["/v1/completions"]("elsewhere")).status_code == 404
+
+        listed = {m["id"]: m for m in acme.get("/v1/models").json()["data"]}
+        assert {k for k, m in listed.items() if "parent" in m} == {"acme-support", "acme-chat"}
+        assert all(m["owned_by"] == "acme" for m in listed.values() if "parent" in m)
+        globex = {m["id"] for m in pool.client("globex").get("/v1/models").json()["data"] if "parent" in m}
+        assert globex == {"globex-bot"}
+        assert anonymous.get("/v1/models").status_code == 401
+
+        # The base model is shared, not a tenant's adapter: any valid key may use it.
+        base = next(k for k, m in listed.items() if "parent" not in m)
+        assert complete(acme, base).status_code == 200
+
+
+def test_sse_streams_through_and_errors_keep_the_runtimes_shape(pool):
+    with pool.client("acme") as c:
+        with c.stream("POST", "/v1/chat/completions", json={"model": "acme-chat", "stream": True, "max_tokens": 8,
+                                                             "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and len(lines) >= 3
+        bad = c.post("/v1/completions", json={"model": "acme-chat", "prompt": PROMPT, "max_tokens": 0})
+        assert bad.status_code == 422  # the runtime's validation error, passed through
+        assert c.post("/v1/completions", content=b"{not json").json()["error"]["code"] == "invalid_json"
+
+
+def test_rotating_a_key_in_its_secret_takes_effect_without_a_restart(pool, kube):
+    from lightkube.resources.core_v1 import Secret
+    from lightkube.types import PatchType
+
+    with pool.client("acme") as old, pool.client(key="acme-key-2") as new:
+        assert complete(old, "acme-support").status_code == 200
+        assert complete(new, "acme-support").status_code == 401
+        kube.patch(Secret, "acme-keys", {"data": {"api-key": base64.b64encode(b"acme-key-2").decode()}},
+                   namespace=pool.namespace, patch_type=PatchType.MERGE)
+        wait_for(lambda: complete(old, "acme-support").status_code == 401, 5, what="the old key to be refused")
+        assert complete(new, "acme-support").status_code == 200
+        kube.patch(Secret, "acme-keys", {"data": {"api-key": base64.b64encode(b"acme-key-1").decode()}},
+                   namespace=pool.namespace, patch_type=PatchType.MERGE)
+        wait_for(lambda: complete(old, "acme-support").status_code == 200, 5, what="the key to be restored")
+
+
+def test_rate_limit_and_concurrency_answer_429_with_retry_after(pool):
+    with pool.client("initech") as c:  # 0.2 requests/s, burst 2
+        codes = [complete(c, "initech-bot").status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        r = complete(c, "initech-bot")
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["code"] == "rate_limit_exceeded" and "rateLimit" in r.json()["error"]["message"]
+    with pool.client("acme") as other:  # another tenant is not affected
+        assert complete(other, "acme-support").status_code == 200
+
+    start = threading.Barrier(6)
+
+    def one(_):
+        with pool.client("umbrella") as c:  # maxConcurrency 1
+            start.wait()
+            return complete(c, "umbrella-bot", max_tokens=48)
+    with ThreadPoolExecutor(6) as ex:
+        rs = list(ex.map(one, range(6)))
+    codes = sorted(r.status_code for r in rs)
+    assert codes[0] == 200 and codes[-1] == 429, codes
+    refused = next(r for r in rs if r.status_code == 429)
+    assert refused.json()["error"]["code"] == "concurrency_limit_exceeded" and refused.headers["Retry-After"]
+
+    metrics = httpx.get(f"{pool.gateway}/metrics").text
+    assert re.search(r'lorafleet_gateway_rejected_total\{reason="rate_limit_exceeded",tenant="initech"\} [1-9]',
+                     metrics)
+    assert re.search(r'lorafleet_gateway_requests_total\{replica="tiny-replica-\d",status="200",tenant="acme"\} '
+                     r'[1-9]', metrics)
+    assert 'lorafleet_gateway_request_seconds_bucket{le="0.5",tenant="acme"}' in metrics
+
+
+def test_a_replica_killed_mid_run_fails_no_request(pool):
+    """Runs last in this module (the pool keeps two replicas afterwards)."""
+    pods = list(pool.replicas)
+    victim = ranked("acme-support", pods)[0]
+    models = ["acme-support", "acme-chat"]
+    done_on_victim = threading.Event()
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def worker(i: int):
+        with pool.client("acme") as c:
+            for j in range(12):
+                r = complete(c, models[(i + j) % len(models)], max_tokens=24)
+                with lock:
+                    results.append(r)
+                    if sum(x.headers.get("X-Lorafleet-Replica") == victim for x in results) >= 6:
+                        done_on_victim.set()
+
+    with ThreadPoolExecutor(6) as ex:
+        futures = [ex.submit(worker, i) for i in range(6)]
+        assert done_on_victim.wait(60)
+        pool.replicas[victim].proc.kill()  # SIGKILL: connections reset under requests in flight
+        for f in futures:
+            f.result()
+    failed = [(r.status_code, r.text[:200]) for r in results if r.status_code != 200]
+    assert not failed and len(results) == 72
+    after = httpx.get(f"{pool.gateway}/metrics").text
+    retries = sum(float(v) for v in re.findall(r'lorafleet_gateway_retries_total\{[^}]*\} (\S+)', after))
+    assert retries >= 1, "no request was in flight on the killed replica; the test proved nothing"
+    wait_for(lambda: not pool.view()[victim]["healthy"], 5, what=f"{victim} marked down")
+    with pool.client("acme") as c:
+        assert complete(c, "acme-support").headers["X-Lorafleet-Replica"] != victim

@@ -1,0 +1,123 @@
+"""Gateway decisions without processes: replica choice, tenant keys and ownership, limits, request parsing."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from lorafleet.gateway.kube import pod_address, pod_ready
+from lorafleet.gateway.routing import AffinityRouter, Replica, RoundRobinRouter, rendezvous_score
+from lorafleet.gateway.server import requested_adapter
+from lorafleet.gateway.tenants import Admission, Directory, TenantLimits, TokenBucket, key_digest
+
+
+def fleet(n=4, **held):
+    reps = [Replica(f"pod-{i}", f"http://10.0.0.{i}:8000") for i in range(n)]
+    for name, states in held.items():
+        for i, s in enumerate(states):
+            if s:
+                reps[i].adapters[name] = s
+    return reps
+
+
+def test_an_adapter_on_a_device_wins_over_one_in_host_memory_and_over_the_hash():
+    reps = fleet(a=["host", "device", "host", None])
+    c = AffinityRouter(4).choose("a", reps)
+    assert c.order[0].name == "pod-1" and c.reason == "device"
+    assert {r.name for r in c.order} == {r.name for r in reps}  # the rest are fallbacks
+
+
+def test_among_device_holders_the_least_loaded_serves():
+    reps = fleet(a=["device", "device", None, None])
+    reps[0].inflight = 3
+    assert AffinityRouter(8).choose("a", reps).order[0].name == "pod-1"
+
+
+def test_a_busy_holder_spills_and_everything_busy_goes_to_the_least_loaded():
+    reps = fleet(a=["device", None, None, None])
+    reps[0].inflight = 4
+    c = AffinityRouter(4).choose("a", reps)
+    assert c.reason == "spill" and c.order[0].name != "pod-0"
+    for r in reps:
+        r.inflight = 5
+    reps[2].inflight = 4
+    assert AffinityRouter(4).choose("a", reps).order[0].name == "pod-2"
+
+
+def test_adapters_held_nowhere_land_on_one_replica_by_rendezvous_and_spread_over_all():
+    reps = fleet()
+    router = AffinityRouter(8)
+    picks = {f"t{i}": router.choose(f"t{i}", reps).order[0].name for i in range(400)}
+    assert all(router.choose(a, reps).order[0].name == p for a, p in picks.items())  # stable
+    counts = {r.name: list(picks.values()).count(r.name) for r in reps}
+    assert min(counts.values()) > 60, counts  # ~100 each
+    # Removing a replica moves only the adapters that ranked it first.
+    moved = sum(1 for a, p in picks.items() if router.choose(a, reps[:3]).order[0].name != p)
+    assert moved == counts["pod-3"]
+    assert rendezvous_score("a", "pod-0") == rendezvous_score("a", "pod-0")
+
+
+def test_host_copy_beats_the_hash_when_no_device_holds_it():
+    reps = fleet(a=[None, None, "host", None])
+    assert AffinityRouter(8).choose("a", reps).order[0].name == "pod-2"
+
+
+def test_unhealthy_replicas_are_skipped_while_a_healthy_one_exists():
+    reps = fleet(a=["device", None, None, None])
+    reps[0].healthy = False
+    assert AffinityRouter(8).choose("a", reps).order[0].name != "pod-0"
+    for r in reps:
+        r.healthy = False
+    assert AffinityRouter(8).choose("a", reps).order  # nothing healthy: try them all anyway
+
+
+def test_round_robin_cycles():
+    reps = fleet(3)
+    rr = RoundRobinRouter()
+    assert [rr.choose("a", reps).order[0].name for _ in range(4)] == ["pod-0", "pod-1", "pod-2", "pod-0"]
+
+
+def test_directory_maps_keys_and_versioned_names_to_tenants():
+    d = Directory(keys={key_digest("k1"): "acme"}, adapters={"support": "acme", "bot": "globex"})
+    assert d.tenant_of_key("k1") == "acme" and d.tenant_of_key("k2") is None and d.tenant_of_key(None) is None
+    assert d.owner("support@3") == "acme" and d.owner("nope") is None
+    assert d.adapters_of("acme") == {"support"}
+
+
+def test_token_bucket_and_concurrency():
+    b = TokenBucket(2.0, 2, now=0.0)
+    assert b.take(0.0) == 0 and b.take(0.0) == 0
+    assert b.take(0.0) == 0.5  # the next token in half a second
+    assert b.take(0.5) == 0
+    a = Admission()
+    lim = TenantLimits(max_concurrency=1)
+    assert a.admit("acme", lim) is None
+    code, message, retry = a.admit("acme", lim)
+    assert code == "concurrency_limit_exceeded" and "maxConcurrency" in message and retry >= 1
+    a.release("acme")
+    assert a.admit("acme", lim) is None
+    rl = TenantLimits(requests_per_second=0.5, burst=1)
+    assert a.admit("globex", rl, now=0.0) is None
+    code, _, retry = a.admit("globex", rl, now=0.1)
+    assert code == "rate_limit_exceeded" and retry == 2
+
+
+def test_the_adapter_comes_from_model_or_tgi_parameters():
+    assert requested_adapter("/v1/completions", {"model": "a"}) == "a"
+    assert requested_adapter("/v1/chat/completions", {"model": "a@2"}) == "a@2"
+    assert requested_adapter("/v1/classify", {"model": "c"}) == "c"
+    assert requested_adapter("/generate", {"inputs": "x", "parameters": {"adapter_id": "t"}}) == "t"
+    assert requested_adapter("/generate_stream", {"inputs": "x"}) is None
+    assert requested_adapter("/", {"parameters": "junk"}) is None
+
+
+def _pod(annotations=None, ip="10.1.2.3", ready=True, deleting=False):
+    return SimpleNamespace(
+        metadata=SimpleNamespace(name="p", annotations=annotations, deletionTimestamp="x" if deleting else None),
+        status=SimpleNamespace(podIP=ip, conditions=[SimpleNamespace(type="Ready", status="True" if ready else "False")]))
+
+
+def test_pod_address_prefers_the_local_stacks_port_else_the_pod_ip():
+    assert pod_address(_pod()) == "http://10.1.2.3:8000"
+    assert pod_address(_pod({"lorafleet.io/local-ports": '{"8000": 41234}'})) == "http://127.0.0.1:41234"
+    assert pod_address(_pod({"lorafleet.io/local-ports": "not json"})) == "http://10.1.2.3:8000"
+    assert pod_ready(_pod()) and not pod_ready(_pod(ready=False)) and not pod_ready(_pod(deleting=True))
