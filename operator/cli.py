@@ -31,12 +31,19 @@ def main(argv: list[str]) -> int:
     if not args.debug:
         # kopf logs every handler call at INFO: with 10,000 adapters that is noise, not news.
         logging.getLogger("kopf").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
     if args.verbose:
         logging.getLogger("lorafleet.operator").setLevel(logging.DEBUG)
 
-    from lorafleet.operator import main as handlers  # noqa: F401 - registers the handlers
+    from lorafleet.operator import main as handlers  # registers the handlers
+    from lorafleet.operator.fleet import FLEET
 
     namespaces = args.namespace
+    FLEET.namespaces = list(namespaces)
+    assert handlers.FLEET is FLEET
+    logging.getLogger("lorafleet.operator").info(
+        "lorafleet operator starting, watching %s", ", ".join(namespaces) or "all namespaces")
     try:
         kopf.run(
             standalone=True,

@@ -4,10 +4,11 @@ server-side apply with field manager ``lorafleet``, status patches, routes Confi
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 from typing import Any
 
-from lightkube import AsyncClient, Client
+from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
@@ -17,6 +18,11 @@ from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
 from lightkube.types import PatchType
 
 from lorafleet.contracts import names
+
+try:  # lightkube 1.x speaks through httpx2, earlier ones through httpx
+    from httpx2 import TransportError
+except ImportError:  # pragma: no cover
+    from httpx import TransportError
 from lorafleet.contracts.routes import RoutesTable
 
 log = logging.getLogger("lorafleet.operator.kube")
@@ -28,15 +34,18 @@ BaseModelPoolResource = create_namespaced_resource(names.GROUP, names.VERSION, n
 KINDS = {"Deployment": Deployment, "ConfigMap": ConfigMap, "Service": Service, "ServiceAccount": ServiceAccount,
          "Ingress": Ingress, "Role": Role, "RoleBinding": RoleBinding}
 
-# Writes in flight at once: enough to keep the API server busy at startup with 10,000 adapters,
-# few enough not to starve its other clients.
-MAX_INFLIGHT = 24
+# Status writes in flight at once: enough to keep the API server busy at startup with 10,000
+# adapters, few enough not to starve its other clients. Routes and pool objects have their own
+# lane, so a burst of status writes never delays a routes change.
+MAX_STATUS_INFLIGHT = 32
+MAX_INFLIGHT = 8
 
 
 class Kube:
     def __init__(self, client: AsyncClient | None = None):
         self.client = client or AsyncClient(field_manager=names.FIELD_MANAGER)
         self.inflight = asyncio.Semaphore(MAX_INFLIGHT)
+        self.status_inflight = asyncio.Semaphore(MAX_STATUS_INFLIGHT)
         self.writes = 0  # counted, so tests and the bench can see that an idle restart writes nothing
 
     async def apply(self, manifest: dict[str, Any]) -> None:
@@ -61,7 +70,7 @@ class Kube:
         """Merge-patch ``status``; False when the object is gone (deleted meanwhile)."""
         res = LoRAAdapterResource if kind == names.ADAPTER_KIND else BaseModelPoolResource
         try:
-            async with self.inflight:
+            async with self.status_inflight:
                 await self.client.patch(res.Status, name, {"status": patch}, namespace=namespace,
                                         patch_type=PatchType.MERGE)
             self.writes += 1
@@ -86,10 +95,51 @@ class Kube:
                 out[cm.metadata.name] = RoutesTable(pool=pool, generation=-1)
         return out
 
+    async def list_bodies(self, namespaces: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+        """Adapters, pools and pool pods as raw bodies, in the given namespaces (all when empty)."""
+        from lightkube.resources.core_v1 import Pod
+
+        patterns = any(set(ns) & set("*?[!") for ns in namespaces)
+        scopes = ["*"] if patterns or not namespaces else namespaces
+
+        def watched(ns: str) -> bool:
+            return not patterns or any(fnmatch.fnmatchcase(ns, p) for p in namespaces)
+
+        async def bodies(res: Any, labels: dict | None = None) -> list[dict]:
+            out: list[dict] = []
+            for scope in scopes:
+                async for obj in self.client.list(res, namespace=scope, labels=labels):
+                    body = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+                    if watched(body.get("metadata", {}).get("namespace", "")):
+                        out.append(body)
+            return out
+
+        from lightkube.operators import exists
+
+        adapters, pools, pods = await asyncio.gather(
+            bodies(LoRAAdapterResource), bodies(BaseModelPoolResource),
+            bodies(Pod, {names.LABEL_POOL: exists()}))
+        return adapters, pools, pods
+
+    async def list_bodies_when_ready(self, namespaces: list[str], logger: logging.Logger,
+                                     timeout: float = 300) -> tuple[list[dict], list[dict], list[dict]]:
+        """``list_bodies``, retried while the API server is starting (CRD storage initializing,
+        connection refused): kopf would otherwise wait a minute before its next attempt."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        delay = 0.2
+        while True:
+            try:
+                return await self.list_bodies(namespaces)
+            except (ApiError, TransportError) as e:
+                if isinstance(e, ApiError) and e.status.code not in (429, 500, 503, 504):
+                    raise
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                logger.warning("listing adapters, pools and pods failed (%s); retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def close(self) -> None:
         await self.client.close()
 
 
-def sync_client() -> Client:
-    """A blocking client for tools and tests that read what the operator wrote."""
-    return Client(field_manager=names.FIELD_MANAGER)

@@ -1,13 +1,15 @@
 """The lorafleet operator's kopf handlers (all of them, in one place).
 
-Adapters, pools and pool pods are indexed by pool; every event only marks its pool for the
-coalesced reconcile in ``fleet``. Event handlers (not create/update handlers) keep kopf from
+Every event only updates the operator's store of adapters and pods by pool (``fleet``) and marks
+the pool for a coalesced reconcile. Event handlers (not create/update handlers) keep kopf from
 writing its own state onto 10,000 adapters, and no finalizers are used: pool children go with the
-pool through ownerReferences, and an adapter leaves the routes on its DELETED event.
+pool through ownerReferences, and an adapter leaves the routes on its DELETED event. Handlers are
+async: sync ones would run in threads, 10,000 times at startup.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import kopf
@@ -15,61 +17,42 @@ import kopf
 from lorafleet.contracts import names
 
 from .fleet import FLEET
-from .routing import AdapterView, PodView, PoolView, adapter_view, pod_view, pool_view
+from .kube import Kube
+from .routing import adapter_view, pool_view
 
 ADAPTERS = f"{names.ADAPTER_PLURAL}.{names.GROUP}"
 POOLS = f"{names.POOL_PLURAL}.{names.GROUP}"
+POOL_PODS = {names.LABEL_POOL: kopf.PRESENT}
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.persistence.finalizer = f"{names.GROUP}/operator"
-    settings.posting.level = 20  # INFO and above become Kubernetes Events
+async def start(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+    settings.posting.level = logging.INFO  # kopf.info/warn become Kubernetes Events
     settings.watching.server_timeout = 300
     settings.batching.idle_timeout = 30
-    settings.networking.connect_timeout = 10
-
-
-@kopf.index(ADAPTERS)
-async def adapters_by_pool(body: kopf.Body, **_: Any) -> dict[tuple[str, str], AdapterView]:
-    view = adapter_view(dict(body))
-    return {(view.namespace, view.pool): view}
-
-
-@kopf.index(POOLS)
-async def pools_by_name(body: kopf.Body, **_: Any) -> dict[tuple[str, str], PoolView]:
-    view = pool_view(dict(body))
-    return {(view.namespace, view.name): view}
-
-
-@kopf.index("pods", labels={names.LABEL_POOL: kopf.PRESENT})
-async def pods_by_pool(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[tuple[str, str], PodView]:
-    return {(namespace, labels[names.LABEL_POOL]): pod_view(dict(body))}
+    FLEET.kube = Kube()
+    adapters, pools, pods = await FLEET.kube.list_bodies_when_ready(FLEET.namespaces, logger)
+    FLEET.prime(adapters, pools, pods)
+    logger.info("store primed: %d adapters, %d pools, %d pool pods", len(adapters), len(pools), len(pods))
 
 
 @kopf.on.event(ADAPTERS)
-async def adapter_changed(type: str | None, body: kopf.Body, adapters_by_pool: kopf.Index, pods_by_pool: kopf.Index,
-                    pools_by_name: kopf.Index, **_: Any) -> None:
-    FLEET.bind(adapters_by_pool, pods_by_pool, pools_by_name)
+async def adapter_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     FLEET.adapter_event(type, adapter_view(dict(body)))
 
 
 @kopf.on.event(POOLS)
-async def pool_changed(type: str | None, body: kopf.Body, adapters_by_pool: kopf.Index, pods_by_pool: kopf.Index,
-                 pools_by_name: kopf.Index, **_: Any) -> None:
-    FLEET.bind(adapters_by_pool, pods_by_pool, pools_by_name)
+async def pool_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     FLEET.pool_event(type, pool_view(dict(body)))
 
 
-@kopf.on.event("pods", labels={names.LABEL_POOL: kopf.PRESENT})
-async def pod_changed(namespace: str, labels: kopf.Labels, adapters_by_pool: kopf.Index, pods_by_pool: kopf.Index,
-                pools_by_name: kopf.Index, **_: Any) -> None:
-    FLEET.bind(adapters_by_pool, pods_by_pool, pools_by_name)
-    FLEET.touch((namespace, labels[names.LABEL_POOL]))
+@kopf.on.event("pods", labels=POOL_PODS)
+async def pod_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.pod_event(type, dict(body))
 
 
 @kopf.on.cleanup()
-async def close(**_: Any) -> None:
+async def stop(**_: Any) -> None:
     await FLEET.idle()
     if FLEET.kube is not None:
         await FLEET.kube.close()

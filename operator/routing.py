@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from lorafleet.contracts import names
 from lorafleet.contracts.resources import (AdapterPhase, BaseModelPoolSpec, BaseModelPoolStatus, Condition,
                                            LoRAAdapterSpec, LoRAAdapterStatus, PoolPhase, condition)
-from lorafleet.contracts.routes import RouteEntry, RoutesTable, RouteVersion, SyncReport
+from lorafleet.contracts.routes import SHARD_BUDGET_BYTES, RouteEntry, RoutesTable, RouteVersion, SyncReport
 
 NEW = -1  # `since` of a version not yet in the table: filled with the generation that adds it
 
@@ -71,12 +71,29 @@ def _spec_error(e: ValidationError, prefix: str) -> str:
     return "; ".join(f"{prefix}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
 
 
+# (uid, generation) -> parsed spec: status writes send every adapter through the index again, and
+# a spec only changes with the generation.
+_parsed: dict[tuple[str, int], tuple[LoRAAdapterSpec | None, str | None]] = {}
+
+
+def _parse_adapter_spec(uid: str, generation: int, raw: dict[str, Any]) -> tuple[LoRAAdapterSpec | None, str | None]:
+    key = (uid, generation)
+    hit = _parsed.get(key)
+    if hit is not None and uid:
+        return hit
+    try:
+        out: tuple[LoRAAdapterSpec | None, str | None] = (LoRAAdapterSpec.model_validate(raw), None)
+    except ValidationError as e:
+        out = (None, _spec_error(e, "spec"))
+    if len(_parsed) > 200_000:
+        _parsed.clear()
+    _parsed[key] = out
+    return out
+
+
 def adapter_view(body: dict[str, Any]) -> AdapterView:
     meta, raw = body.get("metadata", {}), body.get("spec") or {}
-    try:
-        spec, error = LoRAAdapterSpec.model_validate(raw), None
-    except ValidationError as e:
-        spec, error = None, _spec_error(e, "spec")
+    spec, error = _parse_adapter_spec(meta.get("uid", ""), int(meta.get("generation") or 0), raw)
     return AdapterView(namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
                        generation=int(meta.get("generation") or 0), created=meta.get("creationTimestamp") or "",
                        spec=spec, spec_error=error, pool=str(raw.get("pool", "")),
@@ -195,11 +212,12 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
     return RoutesTable(pool=pool, generation=generation, adapters=entries), changed
 
 
-def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable]) -> tuple[dict[str, str], list[str], int]:
+def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable],
+                budget: int = SHARD_BUDGET_BYTES) -> tuple[dict[str, str], list[str], int]:
     """ConfigMap name -> routes.json to write (shards whose content changed, at the table's
     generation), the names of ConfigMaps to delete (shards no longer used), and the shard count. A shard whose
     adapters did not change is not rewritten: it keeps the generation of its last write."""
-    wanted = table.to_configmap_data()
+    wanted = table.to_configmap_data(budget)
     write: dict[str, str] = {}
     for name, text in wanted.items():
         shard = RoutesTable.from_json(text)

@@ -1,0 +1,76 @@
+"""Pool manifests built from a spec, without a cluster: what the Deployment, RBAC, Service and
+Ingress say, and that adapters never reach the pod template."""
+
+from __future__ import annotations
+
+from lorafleet.contracts.resources import BaseModelPoolSpec
+from lorafleet.operator import manifests
+
+SPEC = BaseModelPoolSpec.model_validate({
+    "model": {"uri": "s3://models/minilm/", "sha256": "a" * 64, "task": "text-generation", "dtype": "bfloat16"},
+    "replicas": 3,
+    "runtime": {"image": "rt:1", "resources": {"limits": {"nvidia.com/gpu": 1}}, "maxBatchSize": 8},
+    "sidecar": {"image": "sc:1"},
+    "cache": {"diskBytes": "1Gi", "maxAdapterBytes": "64Mi", "deviceSlots": 4},
+    "storage": {"endpoint": "http://minio:9000", "secretRef": {"name": "creds"}, "region": "eu-1"},
+})
+
+
+def _env(c):
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+
+
+def test_deployment_has_runtime_and_native_sidecar_sharing_the_cache():
+    d = manifests.deployment("gen", "ns", "uid-1", SPEC)
+    assert d["metadata"]["name"] == "lorafleet-gen" and d["spec"]["replicas"] == 3
+    assert d["metadata"]["ownerReferences"] == [{"apiVersion": "lorafleet.io/v1alpha1", "kind": "BaseModelPool",
+                                                 "name": "gen", "uid": "uid-1", "controller": True,
+                                                 "blockOwnerDeletion": True}]
+    pod = d["spec"]["template"]["spec"]
+    [rt], [sc] = pod["containers"], pod["initContainers"]
+    assert sc["restartPolicy"] == "Always" and "restartPolicy" not in rt
+    assert rt["image"] == "rt:1" and sc["image"] == "sc:1"
+    assert rt["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    env, senv = _env(rt), _env(sc)
+    assert env["LORAFLEET_DTYPE"] == "bfloat16" and env["LORAFLEET_MAX_BATCH_SIZE"] == "8"
+    assert env["LORAFLEET_DEVICE_SLOTS"] == "4" and env["LORAFLEET_CACHE_DIR"] == "/var/lib/lorafleet"
+    assert senv["LORAFLEET_MAX_ADAPTER_BYTES"] == str(64 * 2**20) and senv["S3_REGION"] == "eu-1"
+    assert senv["MODEL_URI"] == "s3://models/minilm/" and senv["MODEL_SHA256"] == "a" * 64
+    assert not {k for k in env if k.startswith("AWS_")}
+    assert senv["AWS_ACCESS_KEY_ID"]["secretKeyRef"] == {"name": "creds", "key": "AWS_ACCESS_KEY_ID"}
+    assert pod["volumes"] == [{"name": "cache", "emptyDir": {"sizeLimit": "1Gi"}}]
+    assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_no_secret_ref_means_no_credentials_in_the_pod():
+    spec = SPEC.model_copy(update={"storage": SPEC.storage.model_copy(update={"secret_ref": None})})
+    sc = manifests.deployment("gen", "ns", "u", spec)["spec"]["template"]["spec"]["initContainers"][0]
+    assert "AWS_ACCESS_KEY_ID" not in _env(sc)
+
+
+def test_sidecar_role_reads_only_its_routes_and_patches_pods():
+    role = manifests.role("gen", "ns", "u", shards=2)
+    cms, pods = role["rules"]
+    assert cms["verbs"] == ["get", "list", "watch"] and cms["resources"] == ["configmaps"]
+    assert cms["resourceNames"][0] == "lorafleet-routes-gen"
+    assert {"lorafleet-routes-gen-0", "lorafleet-routes-gen-3"} <= set(cms["resourceNames"])
+    assert all(n.startswith("lorafleet-routes-gen") for n in cms["resourceNames"])
+    assert pods["verbs"] == ["get", "patch"] and pods["resources"] == ["pods"]
+
+
+def test_ingress_only_when_asked():
+    assert manifests.ingress("gen", "ns", "u", SPEC) is None
+    spec = BaseModelPoolSpec.model_validate({**SPEC.wire(), "ingress": {"host": "h", "path": "/v1",
+                                                                       "tls": [{"secretName": "t"}]}})
+    ing = manifests.ingress("gen", "ns", "u", spec)
+    assert ing["spec"]["rules"][0]["host"] == "h" and ing["spec"]["tls"] == [{"secretName": "t"}]
+    assert ing["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/v1"
+    assert "ingressClassName" not in ing["spec"]
+    kinds = [m["kind"] for m in manifests.pool_children("gen", "ns", "u", spec)]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "Service", "Ingress", "Deployment"]
+
+
+def test_routes_configmap_is_labelled_for_its_pool():
+    cm = manifests.routes_configmap("gen", "ns", "u", "lorafleet-routes-gen", "{}")
+    assert cm["metadata"]["labels"]["lorafleet.io/routes-for"] == "gen"
+    assert cm["data"] == {"routes.json": "{}"}

@@ -1,0 +1,133 @@
+"""Routes and status planning without a cluster: the rollout rule, canary weights, servedName
+collisions, shards written only when they change, and status from the pods' sync reports."""
+
+from __future__ import annotations
+
+import itertools
+
+from lorafleet.contracts.routes import RoutesTable, SyncReport
+from lorafleet.operator import routing
+from lorafleet.operator.routing import PodView
+
+
+_uids = itertools.count()
+
+
+def adapter(name, version="1", sha="b", pool="p", created="2026-01-01T00:00:00Z", generation=1, **spec):
+    # A fresh uid each time: views cache the parsed spec by (uid, generation), as the API server
+    # bumps the generation on every spec change.
+    body = {"metadata": {"name": name, "namespace": "ns", "uid": f"uid-{next(_uids)}",
+                         "generation": generation, "creationTimestamp": created},
+            "spec": {"pool": pool, "tenant": "acme", "version": version,
+                     "source": {"uri": f"s3://a/{name}/{version}/", "sha256": sha * 64}, **spec}}
+    return routing.adapter_view(body)
+
+
+POOL = routing.pool_view({"metadata": {"name": "p", "namespace": "ns", "uid": "pu", "generation": 1},
+                          "spec": {"model": {"uri": "s3://m/", "sha256": "a" * 64, "task": "sequence-classification"},
+                                   "replicas": 2}})
+
+
+def pod(name, generation, ready=True, failed=None):
+    return PodView(name=name, ready=ready, report=SyncReport(generation=generation, failed=failed or {}))
+
+
+def plan(adapters, pods=(), previous=None):
+    return routing.plan_pool("p", POOL, list(adapters), list(pods), previous or RoutesTable(pool="p"), {})
+
+
+def test_new_adapter_enters_at_the_next_generation():
+    p = plan([adapter("a")])
+    assert p.changed and p.table.generation == 1
+    [v] = p.table.adapters["a"].versions
+    assert (v.version, v.weight, v.since, v.draining) == ("1", 100, 1, False)
+    # Same inputs again: nothing changes, the generation stays.
+    again = plan([adapter("a")], previous=p.table)
+    assert not again.changed and again.table.generation == 1
+
+
+def test_version_change_drains_until_every_ready_pod_has_the_new_one():
+    t1 = plan([adapter("a")]).table
+    t2 = plan([adapter("a", "2", "c")], [pod("x", 1), pod("y", 1)], previous=t1).table
+    assert [(v.version, v.weight, v.draining, v.since) for v in t2.adapters["a"].versions] == [
+        ("2", 100, False, 2), ("1", 0, True, 1)]
+    # One of two has it: still draining. A pod that is not ready does not count.
+    t3 = plan([adapter("a", "2", "c")], [pod("x", 2), pod("y", 1), pod("z", 0, ready=False)], previous=t2)
+    assert not t3.changed
+    t4 = plan([adapter("a", "2", "c")], [pod("x", 2), pod("y", 2), pod("z", 0, ready=False)], previous=t2)
+    assert t4.changed and [v.version for v in t4.table.adapters["a"].versions] == ["2"]
+    # A replica that failed to load the new version holds the old one in the routes.
+    t5 = plan([adapter("a", "2", "c")], [pod("x", 2), pod("y", 2, failed={"a@2": "bad"})], previous=t2)
+    assert not t5.changed
+
+
+def test_canary_splits_weights():
+    t = plan([adapter("a", canary={"version": "2", "weight": 25,
+                                   "source": {"uri": "s3://a/a/2/", "sha256": "c" * 64}})]).table
+    assert [(v.version, v.weight) for v in t.adapters["a"].versions] == [("1", 75), ("2", 25)]
+
+
+def test_served_name_collision_keeps_the_older_and_names_the_field():
+    old = adapter("first", servedName="shared", created="2026-01-01T00:00:00Z")
+    new = adapter("second", sha="c", servedName="shared", created="2026-01-02T00:00:00Z")
+    p = plan([new, old])
+    assert p.table.adapters["shared"].versions[0].sha256 == "b" * 64
+    st = p.adapter_status["second"]
+    valid = next(c for c in st["conditions"] if c["type"] == "Valid")
+    assert valid["status"] == "False" and "spec.servedName" in valid["message"] and "'first'" in valid["message"]
+    assert st["phase"] == "Failed"
+    assert next(c for c in p.adapter_status["first"]["conditions"] if c["type"] == "Valid")["status"] == "True"
+
+
+def test_canary_equal_to_version_is_invalid_and_keeps_last_good_routes():
+    good = plan([adapter("a")]).table
+    bad = adapter("a", generation=2, canary={"version": "1", "weight": 5,
+                                              "source": {"uri": "s3://a/a/1/", "sha256": "b" * 64}})
+    p = plan([bad, adapter("other")], previous=good)
+    assert p.table.adapters["a"] == good.adapters["a"]
+    assert "spec.canary.version" in p.adapter_status["a"]["message"]
+    assert "other" in p.table.adapters
+
+
+def test_status_from_sync_reports():
+    t = plan([adapter("a"), adapter("b")]).table
+    p = plan([adapter("a"), adapter("b")], [pod("x", 1), pod("y", 1, failed={"b@1": "rank 128 above maxRank 64"})],
+             previous=t)
+    a, b = p.adapter_status["a"], p.adapter_status["b"]
+    assert (a["phase"], a["ready"], a["servedVersion"], a["digest"]) == ("Ready", "2/2", "1", "b" * 64)
+    assert b["phase"] == "Degraded" and "rank 128" in b["message"] and "y" in b["message"]
+    assert b["ready"] == "1/2"
+    assert p.pool_status["adaptersReady"] == 1 and p.pool_status["readyReplicas"] == 2
+    assert p.pool_status["phase"] == "Degraded"
+
+
+def test_missing_pool_waits_naming_it():
+    p = routing.plan_pool("nope", None, [adapter("a", pool="nope")], [], RoutesTable(pool="nope"), {})
+    st = p.adapter_status["a"]
+    synced = next(c for c in st["conditions"] if c["type"] == "Synced")
+    assert st["phase"] == "Pending" and synced["status"] == "False" and "'nope'" in synced["message"]
+    assert not p.changed and p.pool_status is None
+
+
+def test_shards_are_written_only_when_their_content_changes():
+    table = plan([adapter(f"t{i}") for i in range(50)]).table
+    write, delete, count = routing.plan_shards(table, {})
+    assert count == 1 and list(write) == ["lorafleet-routes-p"] and delete == []
+    existing = {n: RoutesTable.from_json(t) for n, t in write.items()}
+    assert routing.plan_shards(table, existing)[:2] == ({}, [])
+    # A small budget splits the table; the old single ConfigMap goes away.
+    write, delete, count = routing.plan_shards(table, existing, budget=2000)
+    assert count > 1 and len(write) == count and delete == ["lorafleet-routes-p"]
+    merged = RoutesTable.merge("p", [RoutesTable.from_json(t) for t in write.values()])
+    assert merged.adapters == table.adapters
+
+
+def test_status_patch_nulls_what_went_away():
+    assert routing.status_patch({"a": 1}, {"a": 1}) is None
+    assert routing.status_patch({"a": 1, "servedVersion": "1"}, {"a": 2}) == {"a": 2, "servedVersion": None}
+
+
+def test_conditions_keep_their_transition_time():
+    first = plan([adapter("a")]).adapter_status["a"]
+    again = routing.plan_pool("p", POOL, [adapter("a")], [], RoutesTable(pool="p"), {"a": first}).adapter_status["a"]
+    assert again == first
