@@ -622,6 +622,15 @@ class _QuietServer:
         return Server(config)
 
 
+def exit_quietly_after_signals() -> None:
+    """uvicorn re-raises the signal that stopped it once shutdown is complete; a no-op handler lets the
+    command return 0 after a graceful SIGTERM (what Kubernetes sends) instead of dying by the signal."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+
+
 async def serve_async(rt: Runtime, public_sock: socket.socket, admin_sock: socket.socket,
                       stop: asyncio.Event | None = None, log_level: str = "info", on_started=None) -> None:
     """Run the public and admin servers until the public one exits (signal) or ``stop`` is set."""

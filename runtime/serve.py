@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.model_dir:
         print("lorafleet serve: pass --model DIR (a transformers model directory)", file=sys.stderr)
         return 2
-    from lorafleet.runtime.app import Runtime, bind, serve_async
+    from lorafleet.runtime.app import Runtime, bind, exit_quietly_after_signals, serve_async
 
     rt = Runtime(settings)
     rt.require_sync = False  # no sidecar: ready once the model and the folder's adapters are loaded
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     register_folder(rt, folder)
     public, admin = bind(settings.host, settings.port), bind("127.0.0.1", settings.admin_port)
     log.info("listening on %s:%d (admin 127.0.0.1:%d)", settings.host, settings.port, settings.admin_port)
+    exit_quietly_after_signals()
     try:
         asyncio.run(serve_async(rt, public, admin, log_level=args.log_level))
     finally:
