@@ -22,6 +22,7 @@ from .store import ContentStore, DiskFull
 from .validate import BaseModelInfo, Refused
 
 log = logging.getLogger("lorafleet.sidecar")
+LOAD_CONCURRENCY = 4
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Syncer:
         self.poll_interval = poll_interval
         self.retry = retry or RetryPolicy()
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch")
+        self.loader = ThreadPoolExecutor(max_workers=LOAD_CONCURRENCY, thread_name_prefix="load")
         self.wake = threading.Event()
         self._lock = threading.Lock()
         self.routes: RoutesTable | None = None
@@ -96,6 +98,7 @@ class Syncer:
             stop.wait(min(0.5, 3 * (time.monotonic() - t0)))
             self.wake.wait(self.poll_interval)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.loader.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------------------- one pass
 
@@ -181,23 +184,28 @@ class Syncer:
                 self.runtime.unload(name, version)
                 loaded.pop(f"{name}@{version}", None)
                 log.info("unloaded %s@%s", name, version)
-            for d in loads:
-                req = AdapterLoadRequest(path=str(self.store.layout.adapter_dir(d.sha256)), sha256=d.sha256,
-                                         tenant=d.tenant, weight=d.weight, pinned=d.pinned, preload=d.preload)
-                try:
-                    self.runtime.load(d.name, d.version, req)
-                except RuntimeRefused as e:
-                    with self._lock:
-                        self._fail(self.load_failures, d.key, str(e), "runtime", transient=True)
-                    continue
-                with self._lock:
-                    self.load_failures.pop(d.key, None)
-                loaded[d.key] = LoadedAdapter(d.name, d.version, d.sha256, d.weight, d.pinned)
+            # The runtime reads the adapter's weights on PUT: a few at once keeps a big sync short.
+            for d, ok in zip(loads, self.loader.map(self._load_one, loads)):
+                if ok:
+                    loaded[d.key] = LoadedAdapter(d.name, d.version, d.sha256, d.weight, d.pinned)
         except RuntimeUnavailable as e:
             log.warning("%s", e)
             self.runtime_up = False
             return None
         return loaded
+
+    def _load_one(self, d: DesiredVersion) -> bool:
+        req = AdapterLoadRequest(path=str(self.store.layout.adapter_dir(d.sha256)), sha256=d.sha256,
+                                 tenant=d.tenant, weight=d.weight, pinned=d.pinned, preload=d.preload)
+        try:
+            self.runtime.load(d.name, d.version, req)
+        except RuntimeRefused as e:
+            with self._lock:
+                self._fail(self.load_failures, d.key, str(e), "runtime", transient=True)
+            return False
+        with self._lock:
+            self.load_failures.pop(d.key, None)
+        return True
 
     # ---------------------------------------------------------------------------- downloads
 
