@@ -1,4 +1,4 @@
-# The control image: `lorafleet operator` and every pool pod's `lorafleet sidecar`. No torch.
+# The control image: `lorafleet operator`, every pool pod's `lorafleet sidecar` and `lorafleet gateway`. No torch.
 #   docker build -f docker/control.Dockerfile -t lorafleet/control:0.1.0 .
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
@@ -15,10 +15,11 @@ COPY contracts ./contracts
 COPY operator ./operator
 COPY sidecar ./sidecar
 COPY runtime ./runtime
+COPY gateway ./gateway
 # requirements.lock pins the versions the tests ran with; as constraints it installs only what the
 # `control` extra needs.
 RUN pip install --constraint requirements.lock ".[control]" \
-    && python -c "import lorafleet.operator.cli, lorafleet.sidecar" \
+    && python -c "import lorafleet.operator.cli, lorafleet.sidecar, lorafleet.gateway.cli" \
     && cd / && rm -rf /src
 
 # A numeric UID, so `runAsNonRoot: true` can be verified by the kubelet.

@@ -21,6 +21,7 @@ COPY contracts ./contracts
 COPY operator ./operator
 COPY sidecar ./sidecar
 COPY runtime ./runtime
+COPY gateway ./gateway
 # torch first, from the chosen index; then the rest, pinned by requirements.lock.
 RUN if [ -n "$TORCH_INDEX_URL" ]; then \
         pip install --index-url "$TORCH_INDEX_URL" "torch==$(sed -n 's/^torch==//p' requirements.lock)"; \
