@@ -25,8 +25,16 @@ def make_client(kubeconfig: str | None = None) -> Client:
 
 
 class RoutesWatcher:
-    """Keeps the merged routes table of ``pool`` current: list, then watch from the list's
-    resourceVersion; on any error (410 Gone, dropped connection, API server restart) list again."""
+    """Keeps the merged routes table of ``pool`` current.
+
+    The sidecar's Role may read only its pool's routes ConfigMaps, by name (RBAC authorizes a list or
+    watch naming one object through ``fieldSelector=metadata.name=...``), so there is one watch per
+    name: the unsharded ``lorafleet-routes-<pool>`` and shards ``-0 .. -(2N-1)`` for the largest shard
+    count N seen (the operator's Role covers the next doubling too). Each watch lists, then watches from
+    the list's resourceVersion, and lists again after any error (410 Gone, dropped connection, API
+    server restart). The label ``lorafleet.io/routes-for=<pool>`` is required as well. The table is
+    published only once every watch has listed, so a partial view never unloads anything.
+    """
 
     def __init__(self, client: Client, namespace: str, pool: str, on_change: Callable[[RoutesTable], None],
                  server_timeout: int = 60):
@@ -34,19 +42,31 @@ class RoutesWatcher:
         self.on_change = on_change
         self.server_timeout = server_timeout
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._shards: dict[str, RoutesTable] = {}
-        self.thread = threading.Thread(target=self._run, name="routes-watch", daemon=True)
+        self._listed: set[str] = set()
+        self._threads: dict[str, threading.Thread] = {}
 
     def start(self) -> "RoutesWatcher":
-        self.thread.start()
+        self._ensure_watches(1)
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        try:  # unblocks a watch waiting for events
+        try:  # unblocks the watches waiting for events
             self.client._client._client.close()
         except Exception:  # noqa: BLE001 - best effort on shutdown
             pass
+
+    def _ensure_watches(self, shards: int) -> None:
+        wanted = [names.routes_configmap_name(self.pool)]
+        wanted += [names.routes_configmap_name(self.pool, i) for i in range(max(2, 2 * shards))]
+        with self._lock:
+            for name in wanted:
+                if name not in self._threads and not self._stop.is_set():
+                    t = threading.Thread(target=self._run, args=(name,), name=f"watch-{name}", daemon=True)
+                    self._threads[name] = t
+                    t.start()
 
     def _parse(self, cm) -> RoutesTable | None:
         text = (cm.data or {}).get(names.ROUTES_KEY)
@@ -59,42 +79,45 @@ class RoutesWatcher:
                       self.namespace, cm.metadata.name, names.ROUTES_KEY, e)
             return None
 
-    def _publish(self) -> None:
-        self.on_change(RoutesTable.merge(self.pool, self._shards.values()))
+    def _update(self, name: str, table: RoutesTable | None, listed: bool = False) -> None:
+        with self._lock:
+            if table is None:
+                self._shards.pop(name, None)
+            else:
+                self._shards[name] = table
+            if listed:
+                self._listed.add(name)
+            most = max([s.shards or 1 for s in self._shards.values()] + [1])
+        self._ensure_watches(most)
+        with self._lock:
+            if not set(self._threads) <= self._listed:
+                return  # some watch has not listed yet: its shard may be missing from the view
+            merged = RoutesTable.merge(self.pool, self._shards.values())
+        self.on_change(merged)
 
-    def _run(self) -> None:
+    def _run(self, name: str) -> None:
         labels = {names.LABEL_ROUTES_FOR: self.pool}
+        fields = {"metadata.name": name}
         failures = 0
         while not self._stop.is_set():
             try:
-                listing = self.client.list(ConfigMap, namespace=self.namespace, labels=labels)
-                shards = {}
-                for cm in listing:
-                    t = self._parse(cm)
-                    if t is not None:
-                        shards[cm.metadata.name] = t
-                self._shards = shards
-                self._publish()
+                listing = self.client.list(ConfigMap, namespace=self.namespace, labels=labels, fields=fields)
+                items = list(listing)
+                self._update(name, self._parse(items[0]) if items else None, listed=True)
                 failures = 0
                 for kind, cm in self.client.watch(ConfigMap, namespace=self.namespace, labels=labels,
-                                                  resource_version=listing.resourceVersion,
+                                                  fields=fields, resource_version=listing.resourceVersion,
                                                   server_timeout=self.server_timeout):
                     if self._stop.is_set():
                         return
-                    name = cm.metadata.name
-                    t = None if kind == "DELETED" else self._parse(cm)
-                    if t is None:
-                        self._shards.pop(name, None)
-                    else:
-                        self._shards[name] = t
-                    self._publish()
+                    self._update(name, None if kind == "DELETED" else self._parse(cm))
             except Exception as e:  # noqa: BLE001 - any failure: list again after a pause
                 if self._stop.is_set():
                     return
                 failures += 1
                 delay = min(10.0, 0.2 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
-                log.warning("routes watch for pool %s: %s: %s; listing again in %.1fs",
-                            self.pool, type(e).__name__, e, delay)
+                log.warning("routes watch %s/%s: %s: %s; listing again in %.1fs",
+                            self.namespace, name, type(e).__name__, e, delay)
                 self._stop.wait(delay)
 
 

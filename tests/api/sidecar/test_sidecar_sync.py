@@ -87,3 +87,50 @@ def test_sharded_routes_are_merged_and_followed_through_reshards(kube, namespace
     g = routes.write()
     wait_for(synced(kube, namespace, pod, g, loaded=2), 30, what="only the newest shard count used")
     assert set(runtime.loaded()) == {"a0@1", "a1@1"}
+
+
+def test_least_privilege_service_account_is_enough(kube, namespace, pod, s3, bucket, tmp_path, cache_dir, runtime,
+                                                   routes, control_plane, minio_server, monkeypatch):
+    """With only the rights the operator's Role gives the sidecar (its routes ConfigMaps by name, get
+    and patch on pods), the sidecar watches routes and reports; it never lists other ConfigMaps."""
+    from lightkube.models.authentication_v1 import TokenRequestSpec
+    from lightkube.models.meta_v1 import ObjectMeta
+    from lightkube.models.rbac_v1 import PolicyRule, RoleRef, Subject
+    from lightkube.resources.core_v1 import ServiceAccount
+    from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
+
+    from lorafleet.contracts import names
+    from lorafleet.sidecar.app import Sidecar
+    from lorafleet.sidecar.cli import parse_args
+    from sidecar_api_support import POOL, sidecar_argv
+
+    sa = names.sidecar_service_account(POOL)
+    cms = [names.routes_configmap_name(POOL)] + [names.routes_configmap_name(POOL, i) for i in range(4)]
+    kube.create(ServiceAccount(metadata=ObjectMeta(name=sa, namespace=namespace)))
+    kube.create(Role(metadata=ObjectMeta(name=sa, namespace=namespace), rules=[
+        PolicyRule(apiGroups=[""], resources=["configmaps"], verbs=["get", "list", "watch"], resourceNames=cms),
+        PolicyRule(apiGroups=[""], resources=["pods"], verbs=["get", "patch"])]))
+    kube.create(RoleBinding(metadata=ObjectMeta(name=sa, namespace=namespace),
+                            roleRef=RoleRef(apiGroup="rbac.authorization.k8s.io", kind="Role", name=sa),
+                            subjects=[Subject(kind="ServiceAccount", name=sa, namespace=namespace)]))
+    token = kube.create(ServiceAccount.Token(metadata=ObjectMeta(name=sa, namespace=namespace),
+                                             spec=TokenRequestSpec(audiences=[], expirationSeconds=3600)),
+                        sa, namespace=namespace).status.token
+    kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "sa.kubeconfig", namespace)
+
+    d = write_adapter(tmp_path / "a")
+    routes.set("a", [("1", upload_dir(s3, bucket, d, "a/"), digest(d), 100)])
+    g = routes.write()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", minio_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", minio_server.secret_key)
+    argv = sidecar_argv(control_plane, minio_server, namespace, pod, cache_dir, runtime)
+    argv[argv.index("--kubeconfig") + 1] = str(kubeconfig)
+    sc = Sidecar.from_args(parse_args(argv)).start()
+    try:
+        wait_for(synced(kube, namespace, pod, g, loaded=1), 30, what="a loaded with least privilege")
+        routes.set("a", [("2", upload_dir(s3, bucket, d, "a2/"), digest(d), 100)])
+        g = routes.write()
+        wait_for(synced(kube, namespace, pod, g, loaded=1), 30, what="the change seen through the watch")
+        assert set(runtime.loaded()) == {"a@2"}
+    finally:
+        sc.stop()
