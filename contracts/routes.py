@@ -59,7 +59,7 @@ class RoutesTable(_Wire):
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, compact, so that equal tables give equal ConfigMaps."""
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
+        return _canonical(self.model_dump(mode="json", exclude_none=True))
 
     @classmethod
     def from_json(cls, text: str) -> "RoutesTable":
@@ -67,31 +67,48 @@ class RoutesTable(_Wire):
 
     # ------------------------------------------------------------------------------- sharding
 
+    def _parts(self) -> list[tuple[str, str]]:
+        """(name, ``"name":{entry}``) in canonical form, sorted as ``json.dumps(sort_keys=True)`` sorts."""
+        return [(name, json.dumps(name) + ":" + _canonical(self.adapters[name].model_dump(mode="json", exclude_none=True)))
+                for name in sorted(self.adapters)]
+
+    def _shard_text(self, parts: list[str], shard: int | None, shards: int | None) -> str:
+        """Exactly ``RoutesTable(..., shard=shard, shards=shards).to_json()``, without re-serializing entries."""
+        tail = f',"shard":{shard},"shards":{shards}' if shards else ""
+        return ('{"adapters":{' + ",".join(parts) + '},"generation":' + str(self.generation)
+                + ',"pool":' + json.dumps(self.pool) + tail + "}")
+
     def shard_count(self, budget: int = SHARD_BUDGET_BYTES) -> int:
-        """Smallest power of two such that every shard fits ``budget`` bytes."""
+        """Smallest power of two such that every shard's JSON fits ``budget`` bytes.
+
+        Sizes are summed from each entry's serialized length (computed once), so choosing the count
+        for 10,000 adapters costs one serialization, not one per candidate count."""
+        parts = self._parts()
+        crcs = [zlib.crc32(name.encode("utf-8")) for name, _ in parts]
+        lengths = [len(text.encode("utf-8")) for _, text in parts]
         n = 1
-        while n < MAX_SHARDS:
-            if all(len(s.to_json()) <= budget for s in self._split(n)):
+        while n <= MAX_SHARDS:
+            fixed = len(self._shard_text([], n - 1 if n > 1 else None, n if n > 1 else None).encode("utf-8"))
+            sizes = [fixed] * n
+            counts = [0] * n
+            for crc, length in zip(crcs, lengths):
+                sizes[crc % n] += length
+                counts[crc % n] += 1
+            if all(size + max(count - 1, 0) <= budget for size, count in zip(sizes, counts)):
                 return n
             n *= 2
         raise ValueError(f"pool {self.pool}: routes do not fit {MAX_SHARDS} ConfigMaps")
 
-    def _split(self, n: int) -> list["RoutesTable"]:
-        buckets: list[dict[str, RouteEntry]] = [{} for _ in range(n)]
-        for name in sorted(self.adapters):
-            buckets[shard_of(name, n)][name] = self.adapters[name]
-        return [
-            RoutesTable(pool=self.pool, generation=self.generation, adapters=b,
-                        shard=(i if n > 1 else None), shards=(n if n > 1 else None))
-            for i, b in enumerate(buckets)
-        ]
-
     def to_configmap_data(self, budget: int = SHARD_BUDGET_BYTES) -> dict[str, str]:
         """ConfigMap name -> routes.json for every shard of this table."""
         n = self.shard_count(budget)
+        buckets: list[list[str]] = [[] for _ in range(n)]
+        for name, text in self._parts():
+            buckets[shard_of(name, n)].append(text)
         return {
-            names.routes_configmap_name(self.pool, s.shard): s.to_json()
-            for s in self._split(n)
+            names.routes_configmap_name(self.pool, i if n > 1 else None):
+                self._shard_text(b, i if n > 1 else None, n if n > 1 else None)
+            for i, b in enumerate(buckets)
         }
 
     @classmethod
@@ -112,6 +129,10 @@ class RoutesTable(_Wire):
                 continue
             out.adapters.update(s.adapters)
         return out
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def shard_of(name: str, shards: int) -> int:

@@ -132,6 +132,20 @@ def test_ten_thousand_adapters_shard_under_the_configmap_limit_deterministically
         assert all(shard_of(a, n) == shard for a in RoutesTable.from_json(text).adapters)
 
 
+def test_shard_text_is_the_canonical_json_of_that_shard():
+    t = table(3000)
+    data = t.to_configmap_data(budget=200_000)
+    assert len(data) > 1
+    n = len(data)
+    for name, text in data.items():
+        shard = int(name.rsplit("-", 1)[1])
+        same = RoutesTable(pool="p", generation=t.generation, shard=shard, shards=n,
+                           adapters={a: e for a, e in t.adapters.items() if shard_of(a, n) == shard})
+        assert text == same.to_json()
+        assert len(text.encode()) <= 200_000
+    assert t.shard_count(budget=200_000) == n and t.shard_count(budget=100_000) > n
+
+
 def test_merge_ignores_shards_of_an_old_count_during_resharding():
     new = table(10_000).to_configmap_data()
     old_single = table(3)  # a stale unsharded ConfigMap left from before the pool grew
