@@ -1,0 +1,64 @@
+"""The chart's gateway RBAC is enough for the gateway's reads, and no more: the real KubeView,
+authenticated as the chart's gateway ServiceAccount, finds the pool's pods, tenants, keys and adapters,
+and cannot read Secrets outside its namespace."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from lorafleet.localstack.tools import require_tool
+
+REPO = Path(__file__).resolve().parents[3]
+CHART = REPO / "charts" / "lorafleet"
+
+
+def test_the_gateway_service_account_reads_what_the_gateway_needs(control_plane, namespace, tmp_path):
+    from lightkube import Client, KubeConfig
+
+    from lorafleet.gateway.kube import KubeView, warm_decoders
+
+    rendered = subprocess.run(
+        [str(require_tool("helm")), "template", "lf", str(CHART), "--namespace", namespace,
+         "--set", "gateway.enabled=true", "--set", "gateway.pool=tiny",
+         "--show-only", "templates/gateway-rbac.yaml", "--show-only", "templates/gateway-deployment.yaml"],
+        capture_output=True, text=True, timeout=60, env={"HELM_CONFIG_HOME": str(tmp_path / "h"),
+                                                          "HELM_CACHE_HOME": str(tmp_path / "c"),
+                                                          "HELM_DATA_HOME": str(tmp_path / "d"), "PATH": "/usr/bin:/bin"})
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "Role", "RoleBinding", "Deployment", "Service"}
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:3] == ["gateway", f"--namespace={namespace}", "--pool=tiny"]
+    control_plane.kubectl("apply", "--server-side", "-f", "-", input=rendered.stdout)
+
+    control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "acme-keys"},
+         "data": {"api-key": base64.b64encode(b"k-acme").decode()}},
+        {"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRATenant", "metadata": {"name": "acme"},
+         "spec": {"apiKeySecretRef": {"name": "acme-keys", "key": "api-key"}, "maxConcurrency": 4}},
+        {"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRAAdapter", "metadata": {"name": "support"},
+         "spec": {"pool": "tiny", "tenant": "acme", "version": "1",
+                  "source": {"uri": "s3://a/support/1/", "sha256": "1" * 64}}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tiny-0", "labels": {"lorafleet.io/pool": "tiny"}},
+         "spec": {"containers": [{"name": "runtime", "image": "x"}]}},
+    ]))
+    token = control_plane.kubectl("create", "token", "lf-lorafleet-gateway", "-n", namespace,
+                                  "--duration=10m").stdout.strip()
+    kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "gateway.kubeconfig", namespace=namespace)
+    warm_decoders()
+    view = KubeView(Client(config=KubeConfig.from_file(str(kubeconfig))), namespace, "tiny")
+    d = view.directory()
+    assert d.problems == [] and d.tenant_of_key("k-acme") == "acme" and d.owner("support") == "acme"
+    assert d.limits["acme"].max_concurrency == 4
+    assert view.ready_pods() == {}  # the pod exists but is not Ready
+    can = subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={kubeconfig}", "auth", "can-i", "list",
+                          "secrets", "-n", "default"], capture_output=True, text=True, timeout=30)
+    assert can.stdout.strip() == "no"
+    can = subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={kubeconfig}", "auth", "can-i", "patch",
+                          "pods", "-n", namespace], capture_output=True, text=True, timeout=30)
+    assert can.stdout.strip() == "no"
