@@ -48,9 +48,11 @@ class Fleet:
         self.dirty: set[PoolKey] = set()
         self.shards: dict[PoolKey, dict[str, RoutesTable]] = {}  # what the ConfigMaps hold
         self.tables: dict[PoolKey, RoutesTable] = {}  # the whole table last written
+        self.shard_count: dict[PoolKey, int] = {}  # shards of that table, once checked
         self.applied: dict[PoolKey, str] = {}  # children manifests last applied (canonical JSON)
         self.written: dict[ObjKey, dict[str, Any]] = {}  # adapter status last written
         self.desired: dict[ObjKey, dict[str, Any]] = {}  # adapter status last planned
+        self.memo: dict[PoolKey, dict] = {}  # per pool: adapter -> (inputs, status) of the last plan
         self.status_queue: OrderedDict[ObjKey, AdapterView] = OrderedDict()
         self.status_inflight: set[ObjKey] = set()
         self.status_ready = asyncio.Event()
@@ -84,6 +86,13 @@ class Fleet:
             pending, self.pending = self.pending, set()
             for key in pending:
                 self.touch(key)
+
+    def adapter_unchanged(self, kind_event: str | None, namespace: str, name: str, uid: str, generation: int,
+                          pool: str) -> bool:
+        """True for an event that moves nothing a reconcile reads (its status, i.e. our own write):
+        the handler then skips even building the view."""
+        return kind_event != "DELETED" and self.seen.get(("a", (namespace, name))) == (generation, pool, uid) \
+            and (namespace, name) in self.written
 
     def adapter_event(self, kind_event: str | None, view: AdapterView) -> None:
         key = (view.namespace, view.name)
@@ -140,6 +149,32 @@ class Fleet:
         pods[name] = view
         self.touch(key)
 
+    def routes_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
+        """A routes ConfigMap changed: our own writes are known and ignored; one deleted or edited
+        by someone else is written again."""
+        meta = body.get("metadata") or {}
+        pool = (meta.get("labels") or {}).get(names.LABEL_ROUTES_FOR)
+        key, name = (meta.get("namespace", ""), pool or ""), meta.get("name", "")
+        shards = self.shards.get(key)
+        if not pool or shards is None or self.priming:
+            return
+        known = shards.get(name)
+        if kind_event == "DELETED":
+            if known is None:
+                return
+        else:
+            try:
+                now = RoutesTable.from_json((body.get("data") or {}).get(names.ROUTES_KEY) or "")
+            except ValueError:
+                now = None
+            if known is None or now == known:
+                return
+        log.info("routes ConfigMap %s/%s was %s outside the operator; writing it again", key[0], name,
+                 "deleted" if kind_event == "DELETED" else "changed")
+        for d in (self.shards, self.tables, self.shard_count):
+            d.pop(key, None)
+        self.touch(key)
+
     def touch(self, key: PoolKey) -> None:
         """Reconcile this pool soon; events arriving meanwhile join the same reconcile."""
         self.dirty.add(key)
@@ -177,6 +212,7 @@ class Fleet:
 
     async def reconcile(self, key: PoolKey) -> None:
         namespace, pool_name = key
+        started = asyncio.get_running_loop().time()
         if self.kube is None:
             self.kube = Kube()
         kube = self.kube
@@ -187,27 +223,41 @@ class Fleet:
         pool_ok = pool is not None and pool.spec is not None
         if not pool_ok:
             # The pool is gone (its ConfigMaps go with it) or unusable: start afresh when it is back.
-            for d in (self.shards, self.tables, self.applied):
+            for d in (self.shards, self.tables, self.applied, self.shard_count):
                 d.pop(key, None)
         elif key not in self.shards:
-            self.shards[key] = await kube.routes_shards(namespace, pool_name)
+            assert pool is not None
+            self.shards[key] = await kube.routes_shards(namespace, pool_name, pool.uid)
             self.tables[key] = RoutesTable.merge(pool_name, self.shards[key].values())
         previous = self.tables.get(key) or RoutesTable(pool=pool_name)
         previous_status = {a.name: st for a in adapters
                            if (st := self.desired.get((namespace, a.name), self.written.get((namespace, a.name))))}
-        plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status)
+        plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status,
+                                 self.memo.setdefault(key, {}))
 
         if pool_ok:
             assert pool is not None
-            write, delete, count = routing.plan_shards(plan.table, self.shards[key])
+            if plan.changed or key not in self.shard_count:
+                parsed: dict[str, RoutesTable] = {}
+                write, delete, count = routing.plan_shards(plan.table, self.shards[key], parsed=parsed)
+            else:  # the ConfigMaps were checked against this same table already
+                write, delete, count, parsed = {}, [], self.shard_count[key], {}
+            self.shard_count[key] = count
             await self._apply_children(pool, count)
-            await asyncio.gather(*(kube.apply(manifests.routes_configmap(pool_name, namespace, pool.uid, n, text))
-                                   for n, text in write.items()))
-            for n in delete:
-                await kube.delete("ConfigMap", n, namespace)
+            # Recorded before writing, so the watch events of our own writes are recognised.
             shards = {n: t for n, t in self.shards[key].items() if n not in delete}
-            shards.update({n: RoutesTable.from_json(t) for n, t in write.items()})
+            shards.update({n: parsed[n] for n in write})
             self.shards[key] = shards
+            try:
+                await asyncio.gather(*(kube.apply(manifests.routes_configmap(pool_name, namespace, pool.uid, n,
+                                                                             text))
+                                       for n, text in write.items()))
+                for n in delete:
+                    await kube.delete("ConfigMap", n, namespace)
+            except BaseException:
+                for d in (self.shards, self.tables, self.shard_count):  # unknown now: list again
+                    d.pop(key, None)
+                raise
             self.tables[key] = plan.table
             if write or delete:
                 log.info("pool %s/%s: routes generation %d, %d adapters, wrote %d and deleted %d ConfigMaps",
@@ -220,8 +270,9 @@ class Fleet:
             patch = routing.status_patch(old, plan.pool_status)
             if patch and await kube.patch_status(names.POOL_KIND, pool_name, namespace, patch):
                 self.pool_written[key] = plan.pool_status
-        log.debug("pool %s/%s reconciled: %d adapters, %d pods, generation %d", namespace, pool_name,
-                  len(adapters), len(pods), plan.table.generation)
+        log.debug("pool %s/%s reconciled: %d adapters, %d pods, generation %d, %.0f ms", namespace, pool_name,
+                  len(adapters), len(pods), plan.table.generation,
+                  1000 * (asyncio.get_running_loop().time() - started))
 
     async def _apply_children(self, pool: PoolView, shards: int) -> None:
         assert self.kube is not None and pool.spec is not None

@@ -80,12 +80,14 @@ class Kube:
                 return False
             raise
 
-    async def routes_shards(self, namespace: str, pool: str) -> dict[str, RoutesTable]:
-        """The routes ConfigMaps of a pool as they are now: name -> table."""
+    async def routes_shards(self, namespace: str, pool: str, uid: str) -> dict[str, RoutesTable]:
+        """The routes ConfigMaps of a pool as they are now: name -> table. ConfigMaps left by an
+        earlier pool of the same name (another uid, about to be garbage collected) do not count."""
         out: dict[str, RoutesTable] = {}
         async for cm in self.client.list(ConfigMap, namespace=namespace, labels={names.LABEL_ROUTES_FOR: pool}):
             text = (cm.data or {}).get(names.ROUTES_KEY)
-            if cm.metadata.deletionTimestamp or not text:
+            owners = {o.uid for o in cm.metadata.ownerReferences or []}
+            if cm.metadata.deletionTimestamp or not text or uid not in owners:
                 continue
             try:
                 out[cm.metadata.name] = RoutesTable.from_json(text)

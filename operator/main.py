@@ -9,6 +9,7 @@ async: sync ones would run in threads, 10,000 times at startup.
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -33,11 +34,18 @@ async def start(settings: kopf.OperatorSettings, logger: logging.Logger, **_: An
     FLEET.kube = Kube()
     adapters, pools, pods = await FLEET.kube.list_bodies_when_ready(FLEET.namespaces, logger)
     FLEET.prime(adapters, pools, pods)
+    # The store lives as long as the operator: keep the collector from walking it again and again.
+    gc.collect()
+    gc.freeze()
     logger.info("store primed: %d adapters, %d pools, %d pool pods", len(adapters), len(pools), len(pods))
 
 
 @kopf.on.event(ADAPTERS)
 async def adapter_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    meta = body.metadata
+    if FLEET.adapter_unchanged(type, meta.namespace or "", meta.name or "", meta.uid or "",
+                               int(meta.get("generation") or 0), str(body.spec.get("pool", ""))):
+        return
     FLEET.adapter_event(type, adapter_view(dict(body)))
 
 
@@ -49,6 +57,11 @@ async def pool_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
 @kopf.on.event("pods", labels=POOL_PODS)
 async def pod_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     FLEET.pod_event(type, dict(body))
+
+
+@kopf.on.event("configmaps", labels={names.LABEL_ROUTES_FOR: kopf.PRESENT})
+async def routes_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.routes_event(type, dict(body))
 
 
 @kopf.on.cleanup()

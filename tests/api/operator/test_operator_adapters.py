@@ -43,6 +43,10 @@ def test_routes_follow_adapters_create_update_delete_and_canary(control_plane, o
     wait_routes(kube, namespace, "p", lambda t: "billing" not in t.adapters and "acme-support" in t.adapters,
                 "billing to leave the routes")
 
+    # Routes deleted by hand come back.
+    control_plane.kubectl("delete", "configmap", "lorafleet-routes-p", "-n", namespace)
+    wait_routes(kube, namespace, "p", lambda t: "acme-support" in t.adapters, "the routes to be written again")
+
     st = wait_status(control_plane, namespace, "lora", "support", lambda s: s.get("observedGeneration") == 1,
                      what="support's status")
     assert st["phase"] == "Pending" and st["ready"] == "0/1" and st["replicas"] == 1

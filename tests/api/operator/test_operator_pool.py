@@ -101,9 +101,11 @@ def test_pool_creates_everything_it_owns_and_takes_it_away(control_plane, operat
     apply(control_plane, namespace, adapter_doc("acme", "minilm", version="2", sha=SHA["c"]))
     wait_routes(kube, namespace, "minilm", lambda t: t.adapters["acme"].versions[0].version == "2", "acme@2")
     assert get_json(control_plane, namespace, "deployment", "lorafleet-minilm")["spec"]["template"] == template_before
-    apply(control_plane, namespace, pool_doc("minilm", replicas=3, cache={"diskBytes": "5Gi", "maxRank": 16}))
-    wait_for(lambda: get_json(control_plane, namespace, "deployment", "lorafleet-minilm")["spec"]["replicas"] == 3,
-             what="replicas 3")
+    apply(control_plane, namespace, pool_doc("minilm", replicas=3, cache={"diskBytes": "5Gi", "maxRank": 16},
+                                             runtime={"image": "lorafleet/runtime:0.2.0"}))
+    dep = wait_for(lambda: (d := get_json(control_plane, namespace, "deployment", "lorafleet-minilm"))
+                   ["spec"]["replicas"] == 3 and d, what="replicas 3")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "lorafleet/runtime:0.2.0"
     # The ingress left the spec, so it is gone.
     wait_for(lambda: get_json(control_plane, namespace, "ingress", "lorafleet-minilm") is None,
              what="the Ingress to be removed")
