@@ -105,3 +105,14 @@ def test_a_changed_object_never_replaces_the_good_cached_copy(kube, namespace, p
                  30, what="b@1 refused")
     assert "digest mismatch" in sync_report(kube, namespace, pod).failure("b", "1")
     assert set(runtime.loaded()) == {"a@1", "a-alias@1"}
+
+
+def test_report_lists_are_capped_with_totals(kube, namespace, pod, runtime, routes, start_sidecar):
+    for i in range(250):  # hf:// is refused at once: 250 failures without a download
+        routes.set(f"t{i:03d}", [("1", f"hf://acme/a{i}", f"{i:064x}", 100)])
+    g = routes.write()
+    start_sidecar()
+    r = wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.generation >= g and r.failed_total == 250
+                 and r, 30, what="250 failures reported")
+    assert len(r.failed) == 200 and r.loaded == 0 and r.pending == []
+    assert "hf:// sources are not supported" in r.failure("t000", "1")
