@@ -129,9 +129,9 @@ class S3Storage:
         try:
             objs = list(self.client.list_objects(bucket, prefix=prefix, recursive=True))
         except S3Error as e:
-            if e.code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise StorageError(f"{uri}: {e.code} ({e.message})") from None
-            raise StorageError(f"{uri}: {e}") from None
+            hint = (" (check the pool's spec.storage endpoint and its Secret's keys)"
+                    if e.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") else "")
+            raise StorageError(f"{uri}: {e.code}: {e.message}{hint}") from None
         except Exception as e:  # connection refused/reset: transient
             raise StorageError(f"{uri}: storage unreachable ({type(e).__name__}: {e})") from None
         out = []
