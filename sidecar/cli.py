@@ -72,7 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .app import Sidecar
 
-    sidecar = Sidecar.from_args(args)
+    try:
+        sidecar = Sidecar.from_args(args)
+    except Exception as e:  # noqa: BLE001 - startup errors end the process with one clear line
+        from lightkube.core.exceptions import ConfigError
+
+        if isinstance(e, ConfigError):
+            print(f"lorafleet sidecar: no Kubernetes credentials ({e}): run in a pod with a ServiceAccount, "
+                  f"set KUBECONFIG or pass --kubeconfig", file=sys.stderr)
+            return 2
+        raise
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
