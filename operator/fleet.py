@@ -57,7 +57,7 @@ class Fleet:
         self.status_inflight: set[ObjKey] = set()
         self.status_ready = asyncio.Event()
         self.status_workers: list[asyncio.Task] = []
-        self.pool_written: dict[PoolKey, dict[str, Any]] = {}
+        self.pool_written: dict[PoolKey, tuple[str, dict[str, Any]]] = {}  # (pool uid, status)
         self.seen: dict[tuple[str, ObjKey], tuple[Any, ...]] = {}  # kind, object -> what a reconcile depends on
         self.reconciles = 0
 
@@ -89,10 +89,10 @@ class Fleet:
 
     def adapter_unchanged(self, kind_event: str | None, namespace: str, name: str, uid: str, generation: int,
                           pool: str) -> bool:
-        """True for an event that moves nothing a reconcile reads (its status, i.e. our own write):
-        the handler then skips even building the view."""
-        return kind_event != "DELETED" and self.seen.get(("a", (namespace, name))) == (generation, pool, uid) \
-            and (namespace, name) in self.written
+        """True for an event that moves nothing a reconcile reads (its status: our own write, or the
+        listing kopf starts with, which the store already holds): the handler skips even building
+        the view. Statuses are compared with what was written, else with the status primed."""
+        return kind_event != "DELETED" and self.seen.get(("a", (namespace, name))) == (generation, pool, uid)
 
     def adapter_event(self, kind_event: str | None, view: AdapterView) -> None:
         key = (view.namespace, view.name)
@@ -266,10 +266,12 @@ class Fleet:
 
         self._queue_statuses(namespace, adapters, plan.adapter_status)
         if pool is not None and plan.pool_status is not None:
-            old = self.pool_written.get(key, pool.status)
+            uid, old = self.pool_written.get(key, ("", {}))
+            if uid != pool.uid:  # a pool of the same name as a deleted one starts from its own status
+                old = pool.status
             patch = routing.status_patch(old, plan.pool_status)
             if patch and await kube.patch_status(names.POOL_KIND, pool_name, namespace, patch):
-                self.pool_written[key] = plan.pool_status
+                self.pool_written[key] = (pool.uid, plan.pool_status)
         log.debug("pool %s/%s reconciled: %d adapters, %d pods, generation %d, %.0f ms", namespace, pool_name,
                   len(adapters), len(pods), plan.table.generation,
                   1000 * (asyncio.get_running_loop().time() - started))
