@@ -8,13 +8,14 @@ returns. DESIGN §3 (routes, rollout rule) and §4 (sync report) are implemented
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import ValidationError
 
 from lorafleet.contracts import names
 from lorafleet.contracts.resources import (AdapterPhase, BaseModelPoolSpec, BaseModelPoolStatus, Condition,
-                                           LoRAAdapterSpec, LoRAAdapterStatus, PoolPhase, condition)
+                                           LoRAAdapterSpec, PoolPhase, condition)
 from lorafleet.contracts.routes import SHARD_BUDGET_BYTES, RouteEntry, RoutesTable, RouteVersion, SyncReport
 
 NEW = -1  # `since` of a version not yet in the table: filled with the generation that adds it
@@ -255,32 +256,49 @@ def _conditions(previous: dict[str, Any]) -> list[Condition]:
     return out
 
 
-def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], table: RoutesTable,
-                   pods: list[PodView], previous: dict[str, Any]) -> dict[str, Any]:
-    prev = _conditions(previous)
-    gen = a.generation
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    def cond(type_: str, ok: bool | None, reason: str, message: str = "") -> Condition:
-        return condition(type_, ok, reason, message, gen, prev)
+
+def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
+               previous: dict[str, dict[str, Any]], now: str) -> dict[str, Any]:
+    """A condition in wire form (as ``contracts.resources.condition`` makes it, without building a
+    model: 10,000 adapters each have three) whose lastTransitionTime only moves with its status."""
+    status = "True" if ok else "False"
+    prev = previous.get(type_)
+    since = prev["lastTransitionTime"] if prev and prev.get("status") == status and prev.get(
+        "lastTransitionTime") else now
+    return {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": since, "observedGeneration": generation}
+
+
+def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], table: RoutesTable,
+                   pods: list[PodView], previous: dict[str, Any], now: str | None = None) -> dict[str, Any]:
+    """The adapter's status in wire form (``LoRAAdapterStatus`` fields, camelCase, unset left out)."""
+    prev = {c.get("type"): c for c in previous.get("conditions") or [] if isinstance(c, dict)}
+    gen = a.generation
+    now = now or _now()
+
+    def cond(type_: str, ok: bool, reason: str, message: str = "") -> dict[str, Any]:
+        return _condition(type_, ok, reason, message, gen, prev, now)
 
     valid = cond("Valid", not problems, "Invalid" if problems else "Valid", "; ".join(problems))
-    st = LoRAAdapterStatus(observed_generation=gen)
+    st: dict[str, Any] = {"observedGeneration": gen}
     pool_ok = pool is not None and pool.spec is not None
     if problems:
         msg = f"invalid spec: {'; '.join(problems)}"
-        st.phase = AdapterPhase.failed
-        st.message = msg
-        st.conditions = [cond("Ready", False, "Invalid", msg), cond("Synced", False, "Invalid", msg), valid]
-        return st.wire()
+        st.update(phase=AdapterPhase.failed.value, message=msg,
+                  conditions=[cond("Ready", False, "Invalid", msg), cond("Synced", False, "Invalid", msg), valid])
+        return st
     if not pool_ok:
         msg = (f"BaseModelPool {a.pool!r} not found in namespace {a.namespace!r}; the adapter is routed once "
                f"it exists (check spec.pool)")
         if pool is not None and pool.spec_error:
             msg = f"BaseModelPool {a.pool!r} has an invalid spec: {pool.spec_error}"
-        st.phase = AdapterPhase.pending
-        st.message = msg
-        st.conditions = [cond("Ready", False, "PoolNotFound", msg), cond("Synced", False, "PoolNotFound", msg), valid]
-        return st.wire()
+        st.update(phase=AdapterPhase.pending.value, message=msg,
+                  conditions=[cond("Ready", False, "PoolNotFound", msg), cond("Synced", False, "PoolNotFound", msg),
+                              valid])
+        return st
 
     assert a.spec is not None and pool is not None and pool.spec is not None
     entry = table.adapters.get(a.served_name)
@@ -290,22 +308,22 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
     loaded = [p for p in ready if p.report and p.report.has_loaded(a.served_name, version, since.get(version, 0))]
     failures = []
     for p in ready:
-        if p.report is None:
+        if p.report is None or not p.report.failed:
             continue
         for v in [version] + ([a.spec.canary.version] if a.spec.canary else []):
             reason = p.report.failure(a.served_name, v)
             if reason:
                 failures.append(f"{p.name}: {names.versioned_name(a.served_name, v)}: {reason}")
     replicas = pool.spec.replicas
-    st.replicas = replicas
-    st.ready_replicas = len(loaded)
-    st.ready = f"{len(loaded)}/{replicas}"
+    st["replicas"] = replicas
+    st["readyReplicas"] = len(loaded)
+    st["ready"] = f"{len(loaded)}/{replicas}"
     if loaded:
-        st.served_version, st.digest = version, a.spec.source.sha256
+        st["servedVersion"], st["digest"] = version, a.spec.source.sha256
     elif entry is not None:
         for v in entry.versions:
             if v.draining and any(p.report and p.report.has_loaded(a.served_name, v.version, v.since) for p in ready):
-                st.served_version, st.digest = v.version, v.sha256
+                st["servedVersion"], st["digest"] = v.version, v.sha256
                 break
     synced = cond("Synced", True, "Routed", f"in the routes of pool {a.pool!r}")
     if failures and len(failures) >= len(ready) and not loaded:
@@ -319,10 +337,10 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
     else:
         phase, reason, msg = (AdapterPhase.syncing, "Syncing",
                               f"version {version} loaded on {len(loaded)}/{replicas} replicas")
-    st.phase = phase
-    st.message = msg
-    st.conditions = [cond("Ready", phase == AdapterPhase.ready, reason, msg), synced, valid]
-    return st.wire()
+    st["phase"] = phase.value
+    st["message"] = msg
+    st["conditions"] = [cond("Ready", phase == AdapterPhase.ready, reason, msg), synced, valid]
+    return st
 
 
 def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
@@ -374,6 +392,7 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
     common = (pool.uid, pool.generation, pool.spec is None) if pool is not None else None
     common = (common, tuple((p.name, p.ready, p.report.to_json() if p.report else None) for p in pods))
     statuses: dict[str, dict[str, Any]] = {}
+    now = _now()
     for a in adapters:
         found = problems.get(a.name, [])
         prev = previous_status.get(a.name, a.status)
@@ -382,7 +401,7 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
         if hit is not None and hit[0] == inputs and (prev is hit[1] or prev == hit[1]):
             statuses[a.name] = hit[1]
             continue
-        statuses[a.name] = adapter_status(a, pool, found, table, pods, prev)
+        statuses[a.name] = adapter_status(a, pool, found, table, pods, prev, now)
         statuses_memo[a.name] = (inputs, statuses[a.name])
     for gone in set(statuses_memo) - set(statuses):
         del statuses_memo[gone]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+from lorafleet.contracts.resources import BaseModelPoolStatus, LoRAAdapterStatus
 from lorafleet.contracts.routes import RoutesTable, SyncReport
 from lorafleet.operator import routing
 from lorafleet.operator.routing import PodView
@@ -99,6 +100,10 @@ def test_status_from_sync_reports():
     assert b["ready"] == "1/2"
     assert p.pool_status["adaptersReady"] == 1 and p.pool_status["readyReplicas"] == 2
     assert p.pool_status["phase"] == "Degraded"
+    # Built as plain dicts for speed, they are exactly what the status model writes.
+    for st in (a, b, p.pool_status):
+        model = LoRAAdapterStatus if st is not p.pool_status else BaseModelPoolStatus
+        assert model.model_validate(st).wire() == st
 
 
 def test_missing_pool_waits_naming_it():
