@@ -9,7 +9,8 @@ import os
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lorafleet operator", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="lorafleet operator",
+                                description="Run the kopf operator that reconciles pools and adapters.")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=[],
                        help="watch only this namespace (repeatable; glob patterns allowed)")
@@ -36,12 +37,10 @@ def main(argv: list[str]) -> int:
     if args.verbose:
         logging.getLogger("lorafleet.operator").setLevel(logging.DEBUG)
 
-    from lorafleet.operator import main as handlers  # registers the handlers
-    from lorafleet.operator.fleet import FLEET
+    from lorafleet.operator import main as handlers  # importing registers the handlers
 
     namespaces = args.namespace
-    FLEET.namespaces = list(namespaces)
-    assert handlers.FLEET is FLEET
+    handlers.FLEET.namespaces = list(namespaces)
     logging.getLogger("lorafleet.operator").info(
         "lorafleet operator starting, watching %s", ", ".join(namespaces) or "all namespaces")
     try:

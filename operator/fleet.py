@@ -200,6 +200,20 @@ class Fleet:
         finally:
             self.tasks.pop(key, None)
 
+    async def stop(self, grace: float = 2.0) -> None:
+        """On shutdown: let running work finish for ``grace`` seconds, then cancel the rest (what is
+        left is recomputed by the next start, which compares before writing)."""
+        try:
+            await asyncio.wait_for(self.idle(), grace)
+        except asyncio.TimeoutError:
+            pass
+        for t in [*self.tasks.values(), *self.status_workers]:
+            t.cancel()
+        await asyncio.gather(*self.tasks.values(), *self.status_workers, return_exceptions=True)
+        self.status_workers.clear()
+        if self.kube is not None:
+            await self.kube.close()
+
     async def idle(self) -> None:
         """Wait until no reconcile runs and no status waits to be written."""
         while self.tasks or self.status_queue or self.status_inflight:

@@ -66,6 +66,4 @@ async def routes_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def stop(**_: Any) -> None:
-    await FLEET.idle()
-    if FLEET.kube is not None:
-        await FLEET.kube.close()
+    await FLEET.stop()
