@@ -65,6 +65,9 @@ class Runtime:
         self.model_error: str | None = None
         self.sync: SyncState | None = None
         self.require_sync = True  # lorafleet serve has no sidecar: it marks itself synced
+        # Readiness waits for the first complete preload only: an adapter added later must not take a
+        # serving pod out of its Service (during a rollout the old version keeps answering).
+        self.preloaded = False
         self.loaded = threading.Event()
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -122,10 +125,12 @@ class Runtime:
     def ready(self) -> tuple[bool, str]:
         if not self.loaded.is_set():
             return False, self.model_error or "the base model is still loading"
-        if self.require_sync and (self.sync is None or self.sync.preload_pending > 0):
-            pending = "no sync state from the sidecar yet" if self.sync is None else \
-                f"{self.sync.preload_pending} preload adapters pending"
-            return False, pending
+        if self.require_sync and not self.preloaded:
+            if self.sync is None or self.sync.preload_pending > 0:
+                pending = "no sync state from the sidecar yet" if self.sync is None else \
+                    f"{self.sync.preload_pending} preload adapters pending"
+                return False, pending
+            self.preloaded = True
         return True, "ready"
 
     def _adapter_event(self, kind: str, entry: AdapterEntry) -> None:

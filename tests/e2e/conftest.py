@@ -51,10 +51,17 @@ class E2E:
                      secret_key=self.s3env["AWS_SECRET_ACCESS_KEY"], secure=False)
 
     def wait_adapter(self, name: str, ns: str, phase: str = "Ready", ready: str | None = None, timeout: float = 180):
+        last: dict = {}
+
         def ok():
-            st = self.get("lora", name, ns).get("status") or {}
-            return st.get("phase") == phase and (ready is None or st.get("ready") == ready) and st
-        return wait_for(ok, timeout=timeout, interval=0.5, what=f"LoRAAdapter {ns}/{name} {phase} {ready or ''}")
+            last.update(self.get("lora", name, ns).get("status") or {})
+            return last.get("phase") == phase and (ready is None or last.get("ready") == ready) and dict(last)
+        try:
+            return wait_for(ok, timeout=timeout, interval=0.5, what=f"LoRAAdapter {ns}/{name} {phase} {ready or ''}")
+        except TimeoutError as e:
+            pods = self.kubectl("get", "pods", "-n", ns, "-o", "jsonpath={range .items[*]}{.metadata.name} "
+                                "{.metadata.annotations.lorafleet\\.io/sync}{'\\n'}{end}")
+            raise AssertionError(f"{e}; last status: {json.dumps(last)}; pods' sync reports:\n{pods}") from None
 
 
 @pytest.fixture(scope="session")

@@ -69,6 +69,9 @@ class Container:
     restarts: int = 0
     next_start: float = 0.0
     ready: bool = False
+    probe_failures: int = 0
+    probe_successes: int = 0
+    next_probe: float = 0.0
     started_at: str | None = None
     env: dict[str, str] = field(default_factory=dict)
 
@@ -269,10 +272,33 @@ class PodRunner:
                 c.proc = ManagedProcess(f"{local.key}/{c.name}", self._argv(c.spec, local),
                                         local.root / "logs" / f"{c.name}.log", env=c.env)
                 c.started_at = _now()
-            c.ready = c.proc is not None and c.proc.alive() and self._probe(c.spec, local)
+            self._update_readiness(c, local, now)
         self._report(local)
 
-    def _probe(self, c, local: LocalPod) -> bool:
+    def _update_readiness(self, c: Container, local: LocalPod, now: float) -> None:
+        """Readiness as kubelet decides it: failureThreshold consecutive failures make a ready container
+        unready, successThreshold successes make it ready. Probes run every periodSeconds, capped at 1 s
+        so that local pods come up quickly."""
+        if c.proc is None or not c.proc.alive():
+            c.ready, c.probe_failures, c.probe_successes = False, 0, 0
+            return
+        probe = c.spec.readinessProbe
+        if probe is None:
+            c.ready = True
+            return
+        if now < c.next_probe:
+            return
+        c.next_probe = now + min(float(probe.periodSeconds or 10), 1.0)
+        if self._probe(c.spec, local, timeout=float(probe.timeoutSeconds or 1)):
+            c.probe_failures, c.probe_successes = 0, c.probe_successes + 1
+            if c.probe_successes >= (probe.successThreshold or 1):
+                c.ready = True
+        else:
+            c.probe_successes, c.probe_failures = 0, c.probe_failures + 1
+            if not c.ready or c.probe_failures >= (probe.failureThreshold or 3):
+                c.ready = False
+
+    def _probe(self, c, local: LocalPod, timeout: float = 1.0) -> bool:
         probe = c.readinessProbe
         if probe is None or probe.httpGet is None:
             return True
@@ -281,7 +307,7 @@ class PodRunner:
             port = next(p.containerPort for p in c.ports or [] if p.name == port)
         url = f"http://127.0.0.1:{local.ports.get(int(port), int(port))}{probe.httpGet.path or '/'}"
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
                 return 200 <= r.status < 400
         except Exception:
             return False

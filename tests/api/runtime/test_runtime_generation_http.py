@@ -230,6 +230,9 @@ def test_readyz_waits_for_the_sidecars_sync_and_admin_listens_on_loopback_only(t
         assert httpx.get(srv.url + "/readyz").status_code == 503
         assert admin.put("/admin/sync", json={"routesGeneration": 4, "preloadPending": 0}).json()["ready"] is True
         assert httpx.get(srv.url + "/readyz").status_code == 200
+        # A new adapter on its way (a rollout) does not take a serving replica out of its Service.
+        admin.put("/admin/sync", json={"routesGeneration": 5, "preloadPending": 1})
+        assert httpx.get(srv.url + "/readyz").status_code == 200
         listing = admin.get("/admin/adapters").json()
         assert listing["instance"] == srv.rt.instance and listing["adapters"] == []
     finally:
