@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1000, help="requests before measuring, per policy")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=4)
-    p.add_argument("--spill-inflight", type=int, default=8)
+    p.add_argument("--spill-inflight", type=int, default=3,
+                   help="the gateway's --spill-inflight (docs/benchmarks.md: 3 and 8 compared)")
     p.add_argument("--rounds", type=int, default=2, help="rounds, alternating round-robin and affinity")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

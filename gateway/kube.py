@@ -15,7 +15,7 @@ from lightkube.resources.core_v1 import Pod, Secret
 from lorafleet.contracts import names
 from lorafleet.contracts.resources import LoRAAdapter, LoRATenant
 
-from .tenants import Directory, TenantLimits, key_digest
+from .tenants import Directory, TenantLimits, adapter_owners, key_digest
 
 log = logging.getLogger("lorafleet.gateway")
 
@@ -70,14 +70,13 @@ class KubeView:
 
     def directory(self) -> Directory:
         d = Directory()
+        adapters = []
         for obj in self.client.list(LoRAAdapterResource, namespace=self.namespace):
             try:
-                a = LoRAAdapter.model_validate(obj.to_dict())
+                adapters.append(LoRAAdapter.model_validate(obj.to_dict()))
             except ValueError as e:
                 log.warning("LoRAAdapter %s/%s skipped: %s", self.namespace, obj.metadata.name, e)
-                continue
-            if a.spec.pool == self.pool:
-                d.adapters[a.served_name] = a.spec.tenant
+        d.adapters, d.problems = adapter_owners(adapters, self.pool)
         shared: set[str] = set()
         secrets = {s.metadata.name: s for s in self.client.list(Secret, namespace=self.namespace)}
         for obj in self.client.list(LoRATenantResource, namespace=self.namespace):

@@ -277,7 +277,8 @@ class Gateway:
             self.metrics.requests.labels(tenant, "", "503").inc()
             return error(503, "the pool has no ready replica; retry shortly", "service_unavailable",
                          "no_ready_replicas", {"Retry-After": "1"})
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        # accept-encoding stays behind: the client session decompresses, so bodies pass on as identity.
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"accept-encoding"}}
         headers["X-Lorafleet-Tenant"] = tenant
         last = "no replica tried"
         for attempt, r in enumerate(choice.order[: 1 + self.retries]):
@@ -309,6 +310,9 @@ class Gateway:
                     try:
                         async for chunk in upstream.content.iter_any():
                             await resp.write(chunk)
+                    except ConnectionResetError:  # the client went away: nothing left to send it
+                        self.metrics.requests.labels(tenant, r.name, "499").inc()
+                        return resp
                     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                         # Never replay a stream that reached the client: end it with an error event.
                         log.warning("replica %s broke a stream of tenant %s: %s", r.name, tenant, e)

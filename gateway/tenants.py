@@ -45,6 +45,24 @@ class Directory:
         return {a for a, t in self.adapters.items() if t == tenant}
 
 
+def adapter_owners(adapters: list, pool: str) -> tuple[dict[str, str], list[str]]:
+    """Served name -> tenant for the pool's ``LoRAAdapter``s, with the operator's rule for two adapters
+    claiming one servedName: the older keeps it (so a tenant cannot take over another's name by
+    creating a colliding adapter); the problems name the loser."""
+    owners: dict[str, str] = {}
+    holders: dict[str, str] = {}
+    problems = []
+    mine = [a for a in adapters if a.spec.pool == pool and not a.spec.problems()]
+    for a in sorted(mine, key=lambda a: (str(a.metadata.get("creationTimestamp") or ""), a.metadata.get("name", ""))):
+        name = a.served_name
+        if name in owners:
+            problems.append(f"LoRAAdapter {a.metadata.get('name')}: spec.servedName {name!r} is already served by "
+                            f"LoRAAdapter {holders[name]!r}; the gateway routes it to tenant {owners[name]}")
+            continue
+        owners[name], holders[name] = a.spec.tenant, a.metadata.get("name", "")
+    return owners, problems
+
+
 class TokenBucket:
     def __init__(self, rate: float, burst: int, now: float | None = None):
         self.rate, self.burst = rate, max(1, burst)

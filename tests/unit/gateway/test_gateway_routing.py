@@ -121,3 +121,19 @@ def test_pod_address_prefers_the_local_stacks_port_else_the_pod_ip():
     assert pod_address(_pod({"lorafleet.io/local-ports": '{"8000": 41234}'})) == "http://127.0.0.1:41234"
     assert pod_address(_pod({"lorafleet.io/local-ports": "not json"})) == "http://10.1.2.3:8000"
     assert pod_ready(_pod()) and not pod_ready(_pod(ready=False)) and not pod_ready(_pod(deleting=True))
+
+
+def test_of_two_adapters_claiming_one_served_name_the_older_keeps_it():
+    from lorafleet.contracts.resources import LoRAAdapter
+    from lorafleet.gateway.tenants import adapter_owners
+
+    def adapter(name, tenant, created, served="bot", pool="p"):
+        return LoRAAdapter.model_validate({"metadata": {"name": name, "creationTimestamp": created}, "spec": {
+            "pool": pool, "tenant": tenant, "servedName": served, "version": "1",
+            "source": {"uri": "s3://a/b/", "sha256": "0" * 64}}})
+
+    owners, problems = adapter_owners([adapter("thief", "globex", "2026-01-02T00:00:00Z"),
+                                       adapter("orig", "acme", "2026-01-01T00:00:00Z"),
+                                       adapter("other-pool", "globex", "2025-01-01T00:00:00Z", "x", pool="q")], "p")
+    assert owners == {"bot": "acme"}
+    assert len(problems) == 1 and "thief" in problems[0] and "orig" in problems[0]
