@@ -196,15 +196,17 @@ class Bench:
                 "prefill_base_ms": pf_base * 1e3, "prefill_lora_ms": pf_lora * 1e3, "prefill_ratio": pf_lora / pf_base}
 
     def ours_registered(self, base_dir: Path, paths: list[Path], many: int, batch: int, ctx: int, reps: int) -> dict:
-        """Decode latency of a batch when 1 adapter is registered vs ``many`` (device slots full)."""
+        """Decode latency of one tenant's batch with 1 adapter registered vs ``many`` (device slots full of
+        other tenants). Both engines are built first and timed alternately."""
         from lorafleet.runtime.engines import Sequence
 
-        out = {}
+        runs = []
         for count in (1, many):
             eng, man = self.engine(base_dir, slots=batch, max_seqs=batch, host=256)
             entries = self.register(man, [paths[i % len(paths)] for i in range(count)])
             for e in entries[1: batch]:  # other tenants occupy the remaining device slots
-                eng.release(e) if eng.acquire(e) else None
+                eng.acquire(e)
+                eng.release(e)
             g = torch.Generator().manual_seed(0)
             vocab = eng.model.config.vocab_size
             slot = eng.acquire(entries[0])
@@ -212,14 +214,15 @@ class Bench:
                              slot=slot) for _ in range(batch)]
             eng.prefill(seqs)
 
-            def run():
+            def run(eng=eng, seqs=seqs):
                 eng.decode(seqs)
                 for s in seqs:
                     s.pos -= 1
                     s.generated.pop()
 
-            out[count] = self.timeit(run, reps)
-        return {"one_ms": out[1] * 1e3, "many_ms": out[many] * 1e3, "ratio": out[many] / out[1], "registered": many}
+            runs.append(run)
+        one, lots = self.timepair(runs[0], runs[1], reps)
+        return {"one_ms": one * 1e3, "many_ms": lots * 1e3, "ratio": lots / one, "registered": many}
 
     def ours_load(self, paths: list[Path], base_dir: Path) -> dict:
         eng, man = self.engine(base_dir, slots=4, max_seqs=4, host=len(paths) + 1)
@@ -295,19 +298,20 @@ class Bench:
                 "prefill_base_ms": pf_base * 1e3, "prefill_lora_ms": pf_lora * 1e3, "prefill_ratio": pf_lora / pf_base}
 
     def peft_registered_and_load(self, base_dir: Path, paths: list[Path], batch: int, ctx: int, reps: int) -> dict:
+        """PEFT forward latency with N adapters loaded vs 1 (timed alternately), and its load times."""
         pm, load_times = self.peft_model(base_dir, paths)
+        one, _ = self.peft_model(base_dir, paths[:1])
         vocab = pm.base_model.model.config.vocab_size
         ids = torch.randint(3, vocab, (batch, ctx), generator=torch.Generator().manual_seed(0)).to(self.device)
 
-        def run():
-            with torch.inference_mode():
-                pm(input_ids=ids)
+        def run(model):
+            def go():
+                with torch.inference_mode():
+                    model(input_ids=ids)
+            return go
 
         pm.set_adapter("t0")
-        t_many = self.timeit(run, reps)
-        for i in range(1, len(paths)):
-            pm.delete_adapter(f"t{i}")
-        t_one = self.timeit(run, reps)
+        t_one, t_many = self.timepair(run(one), run(pm), reps)
         return {"one_ms": t_one * 1e3, "many_ms": t_many * 1e3, "ratio": t_many / t_one, "registered": len(paths),
                 "load": _load_summary(load_times)}
 
@@ -419,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         big = args.device != "cpu"
         shapes = [(512, 8, 16, 64), (2048, 4, 8, 32)] + ([(4096, 8, 16, 64)] if big else [])
-        reps, ctx, many, peft_many, loads, tenants, requests = 15, 16, 1000, 100, 1000, 100, 800
+        reps, ctx, many, peft_many, loads, tenants, requests = 10, 16, 1000, 100, 1000, 100, 800
     out: dict = {"bench": "runtime", "quick": args.quick, "device": args.device, "dtype": args.dtype,
                  "threads": args.threads, "machine": machine()}
     for d, layers, r, batch in shapes:
