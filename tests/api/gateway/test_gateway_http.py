@@ -152,12 +152,10 @@ def test_rate_limit_and_concurrency_answer_429_with_retry_after(pool):
     assert 'lorafleet_gateway_request_seconds_bucket{le="0.5",tenant="acme"}' in metrics
 
 
-def test_a_replica_killed_mid_run_fails_no_request(pool):
+def test_a_replica_killed_mid_run_fails_no_request_and_never_replays_a_stream(pool):
     """Runs last in this module (the pool keeps two replicas afterwards)."""
-    pods = list(pool.replicas)
-    victim = ranked("acme-support", pods)[0]
     models = ["acme-support", "acme-chat"]
-    done_on_victim = threading.Event()
+    warmed = threading.Event()
     results: list[httpx.Response] = []
     lock = threading.Lock()
 
@@ -167,20 +165,31 @@ def test_a_replica_killed_mid_run_fails_no_request(pool):
                 r = complete(c, models[(i + j) % len(models)], max_tokens=24)
                 with lock:
                     results.append(r)
-                    if sum(x.headers.get("X-Lorafleet-Replica") == victim for x in results) >= 6:
-                        done_on_victim.set()
+                    if len(results) >= 12:
+                        warmed.set()
 
-    with ThreadPoolExecutor(6) as ex:
+    with ThreadPoolExecutor(6) as ex, pool.client("acme") as c:
         futures = [ex.submit(worker, i) for i in range(6)]
-        assert done_on_victim.wait(60)
-        pool.replicas[victim].proc.kill()  # SIGKILL: connections reset under requests in flight
+        assert warmed.wait(60)
+        # A long stream: once its first bytes reached us, its replica dies (SIGKILL, connections reset
+        # under every request in flight there).
+        with c.stream("POST", "/v1/completions", json={"model": "acme-chat", "prompt": PROMPT, "max_tokens": 220,
+                                                        "temperature": 0, "stream": True}) as stream:
+            victim = stream.headers["X-Lorafleet-Replica"]
+            lines = stream.iter_lines()
+            first = next(ln for ln in lines if ln.startswith("data: "))
+            pool.replicas[victim].proc.kill()
+            rest = [ln for ln in lines if ln.startswith("data: ")]
         for f in futures:
             f.result()
+    # The stream was not replayed from another replica: it ends with an error event, no [DONE].
+    assert "text_completion" in first
+    assert rest and "upstream_failed" in rest[-1] and "data: [DONE]" not in rest, rest[-3:]
     failed = [(r.status_code, r.text[:200]) for r in results if r.status_code != 200]
     assert not failed and len(results) == 72
     after = httpx.get(f"{pool.gateway}/metrics").text
     retries = sum(float(v) for v in re.findall(r'lorafleet_gateway_retries_total\{[^}]*\} (\S+)', after))
     assert retries >= 1, "no request was in flight on the killed replica; the test proved nothing"
     wait_for(lambda: not pool.view()[victim]["healthy"], 5, what=f"{victim} marked down")
-    with pool.client("acme") as c:
-        assert complete(c, "acme-support").headers["X-Lorafleet-Replica"] != victim
+    with pool.client("acme") as c2:
+        assert all(complete(c2, m).headers["X-Lorafleet-Replica"] != victim for m in models)
