@@ -31,7 +31,7 @@ class RuntimeAdmin:
             raise RuntimeUnavailable(f"runtime admin API {self.http.base_url}{path}: {type(e).__name__}: {e}") from None
 
     def adapters(self) -> AdapterList:
-        r = self._call("GET", "/admin/adapters")
+        r = self._call("GET", "/admin/adapters", timeout=10.0)
         if r.status_code != 200:
             raise RuntimeUnavailable(f"GET /admin/adapters: HTTP {r.status_code}: {r.text[:200]}")
         return AdapterList.model_validate_json(r.content)

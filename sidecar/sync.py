@@ -76,6 +76,8 @@ class Syncer:
         self._referenced: set[str] = set()
         self._runtime_digests: set[str] = set()
         self.last_report: SyncReport | None = None
+        self._seen_generation: int | None = None
+        self._told_waiting = False
         store.make_room = self._make_room
 
     # ------------------------------------------------------------------------------ inputs
@@ -110,7 +112,13 @@ class Syncer:
             return None
         desired = desired_versions(table)
         now, mono = time.time(), time.monotonic()
+        if table.generation != self._seen_generation:
+            log.info("routes generation %d: %d versions of %d adapters", table.generation, len(desired),
+                     len(table.adapters))
+            self._seen_generation = table.generation
 
+        # Downloads first: they need nothing from the runtime, which may be slow or away.
+        self._start_downloads(plan_sync(desired, self.store.entries(), None, busy=self._busy(desired)).downloads)
         loaded = self._runtime_state()
         with self._lock:
             # Forget failures of versions the routes no longer name (bounded memory with churn).
@@ -119,18 +127,12 @@ class Syncer:
                 del self.digest_failures[k]
             for k in [k for k in self.load_failures if k not in wanted_keys]:
                 del self.load_failures[k]
-            busy = set(self.in_flight) | {d for d, f in self.digest_failures.items() if f.next_try > mono}
             hold = {k for k, f in self.load_failures.items() if f.next_try > mono}
-        if not self.model_ready:
-            busy |= {d.sha256 for d in desired}  # adapters are validated against the base model
 
-        plan = plan_sync(desired, self.store.entries(), loaded, busy=busy, hold=hold,
+        plan = plan_sync(desired, self.store.entries(), loaded, busy=self._busy(desired), hold=hold,
                          disk_bytes=self.store.disk_bytes, other_bytes=self.store.model_bytes, now=now,
                          collect_after=self.collect_after)
-        for dl in plan.downloads:
-            with self._lock:
-                self.in_flight.add(dl.digest)
-            self.pool.submit(self._download, dl)
+        self._start_downloads(plan.downloads)
 
         if loaded is not None:
             loaded = self._apply_runtime(plan.unloads, plan.loads, loaded)
@@ -144,12 +146,30 @@ class Syncer:
         self.store.touch(referenced, now)
         return self._report(table, desired, loaded)
 
+    def _busy(self, desired: list[DesiredVersion]) -> set[str]:
+        """Digests not to download now: in flight, backing off, refused, or waiting for the model
+        (adapters are validated against it)."""
+        if not self.model_ready:
+            return {d.sha256 for d in desired}
+        mono = time.monotonic()
+        with self._lock:
+            return set(self.in_flight) | {d for d, f in self.digest_failures.items() if f.next_try > mono}
+
+    def _start_downloads(self, downloads: list[Download]) -> None:
+        for dl in downloads:
+            with self._lock:
+                if dl.digest in self.in_flight:
+                    continue
+                self.in_flight.add(dl.digest)
+            self.pool.submit(self._download, dl)
+
     def _runtime_state(self) -> dict[str, LoadedAdapter] | None:
         try:
             listing = self.runtime.adapters()
         except RuntimeUnavailable as e:
-            if self.runtime_up:
+            if self.runtime_up or self.instance is None and not self._told_waiting:
                 log.warning("runtime unreachable (%s); will load everything desired when it is back", e)
+                self._told_waiting = True
             self.runtime_up = False
             return None
         if listing.instance != self.instance or not self.runtime_up:

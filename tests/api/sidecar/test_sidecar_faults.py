@@ -69,18 +69,18 @@ def test_minio_killed_mid_download_then_back(kube, namespace, pod, s3, bucket, t
     g = routes.write()
     watch = AdapterDirWatch(cache_dir / "adapters")
     sc = start_sidecar("--max-adapter-bytes", "1Gi")
-    wait_for(report_at(kube, namespace, pod, g, loaded=2), 30, what="small adapters loaded")
+    wait_for(report_at(kube, namespace, pod, g, loaded=2), 60, what="small adapters loaded")
 
     big_uri, big_sha = upload_dir(s3, bucket, big, "big/"), digest(big)
     routes.set("big", [("1", big_uri, big_sha, 100)])
     g = routes.write()
     try:
-        partial = wait_for(lambda: (n := tmp_bytes(cache_dir)) > (1 << 20) and n, 30, interval=0.001,
+        partial = wait_for(lambda: (n := tmp_bytes(cache_dir)) > (1 << 20) and n, 60, interval=0.001,
                            what="the big download to start")
         minio_server.kill()
         assert partial < (64 << 20)
         failures = wait_for(lambda: sc.metrics.registry.get_sample_value(
-            "lorafleet_sidecar_failures_total", {"reason": "storage"}), 30, what="the broken download noticed")
+            "lorafleet_sidecar_failures_total", {"reason": "storage"}), 60, what="the broken download noticed")
         assert failures >= 1
         r = sync_report(kube, namespace, pod)
         assert r.loaded == 2 and r.has_loaded("a", "1", r.generation)
@@ -105,25 +105,25 @@ def test_disk_budget_evicts_least_recently_used_unreferenced_content(kube, names
         routes.set(n, [("1", *ads[n], 100)])
     g = routes.write()
     start_sidecar("--disk-bytes", "350000", "--collect-after", "600")
-    wait_for(report_at(kube, namespace, pod, g, loaded=3), 30, what="a, b, c loaded")
+    wait_for(report_at(kube, namespace, pod, g, loaded=3), 60, what="a, b, c loaded")
     cached = lambda: {p.name for p in (cache_dir / "adapters").iterdir()}  # noqa: E731
     # a stops being referenced first, then b: a is the least recently used.
     routes.drop("a")
     g = routes.write()
-    wait_for(report_at(kube, namespace, pod, g, loaded=2), 30, what="a unloaded")
+    wait_for(report_at(kube, namespace, pod, g, loaded=2), 60, what="a unloaded")
     routes.drop("b")
     g = routes.write()
-    wait_for(report_at(kube, namespace, pod, g, loaded=1), 30, what="b unloaded")
+    wait_for(report_at(kube, namespace, pod, g, loaded=1), 60, what="b unloaded")
     assert cached() == {ads[n][1] for n in "abc"}  # under budget: unreferenced content stays
     routes.set("d", [("1", *ads["d"], 100)])
     g = routes.write()
-    wait_for(report_at(kube, namespace, pod, g, loaded=2), 30, what="d loaded")
+    wait_for(report_at(kube, namespace, pod, g, loaded=2), 60, what="d loaded")
     assert cached() == {ads[n][1] for n in "bcd"}
     # Content that cannot fit even with every unreferenced entry gone is refused with the reason.
     routes.set("e", [("1", *ads["e"], 100)])
     g = routes.write()
-    r = wait_for(report_at(kube, namespace, pod, g, loaded=2), 30, what="e refused")
-    r = wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.failure("e", "1") and r, 30,
+    r = wait_for(report_at(kube, namespace, pod, g, loaded=2), 60, what="e refused")
+    r = wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.failure("e", "1") and r, 60,
                  what="e failed")
     assert "cache full" in r.failure("e", "1")
     assert {ads["c"][1], ads["d"][1]} <= cached()
@@ -137,16 +137,16 @@ def test_runtime_restart_or_outage_loads_everything_again(kube, namespace, pod, 
         routes.set(n, [("1", upload_dir(s3, bucket, d, f"{n}/"), digest(d), 100)], preload=True)
     g = routes.write()
     sc = start_sidecar()
-    wait_for(report_at(kube, namespace, pod, g, loaded=2), 30, what="a, b loaded")
+    wait_for(report_at(kube, namespace, pod, g, loaded=2), 60, what="a, b loaded")
     runtime.restart()  # comes back empty, with a new instance id
-    wait_for(lambda: set(runtime.loaded()) == {"a@1", "b@1"} and runtime.sync is not None, 30,
+    wait_for(lambda: set(runtime.loaded()) == {"a@1", "b@1"} and runtime.sync is not None, 60,
              what="everything loaded into the new runtime instance")
     assert runtime.sync.preload_pending == 0 and runtime.sync.routes_generation == g
     runtime.stop()
-    r = wait_for(report_at(kube, namespace, pod, g, loaded=0), 30, what="the outage reported")
+    r = wait_for(report_at(kube, namespace, pod, g, loaded=0), 60, what="the outage reported")
     assert sorted(r.pending) == ["a@1", "b@1"]
     runtime.start()
-    wait_for(report_at(kube, namespace, pod, g, loaded=2), 30, what="loaded again after the outage")
+    wait_for(report_at(kube, namespace, pod, g, loaded=2), 60, what="loaded again after the outage")
     assert sc.metrics.registry.get_sample_value("lorafleet_sidecar_runtime_restarts_total") >= 2
 
 
@@ -174,7 +174,7 @@ def test_sidecar_restart_resumes_from_the_cache_without_downloading(kube, namesp
 
     first = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(report_at(kube, namespace, pod, g, loaded=3), 60, what="the first sidecar to load a, b, c")
+        wait_for(report_at(kube, namespace, pod, g, loaded=3), 120, what="the first sidecar to load a, b, c")
         assert wait_for(lambda: _metric(port, "lorafleet_sidecar_download_bytes_total"), 10, what="metrics") > 0
     finally:
         first.send_signal(signal.SIGKILL)  # a crash, not a clean stop
@@ -183,7 +183,7 @@ def test_sidecar_restart_resumes_from_the_cache_without_downloading(kube, namesp
 
     second = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: _metric(port, "lorafleet_sidecar_adapters", '{state="loaded"}') == 3, 60,
+        wait_for(lambda: _metric(port, "lorafleet_sidecar_adapters", '{state="loaded"}') == 3, 120,
                  what="the restarted sidecar to load a, b, c from the cache")
         assert _metric(port, "lorafleet_sidecar_download_bytes_total") == 0
         assert set(runtime.loaded()) == {"a@1", "b@1", "c@1"}

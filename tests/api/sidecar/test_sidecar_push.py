@@ -46,7 +46,7 @@ def test_push_uploads_and_prints_yaml_kubectl_applies(s3, minio_server, control_
     routes.set("acme-support", [("3", adapter.spec.source.uri, adapter.spec.source.sha256, 100)])
     g = routes.write()
     start_sidecar()
-    wait_for(lambda: (rep := sync_report(kube, namespace, pod)) and rep.generation >= g and rep.loaded == 1, 30,
+    wait_for(lambda: (rep := sync_report(kube, namespace, pod)) and rep.generation >= g and rep.loaded == 1, 60,
              what="the pushed adapter loaded")
 
 

@@ -64,7 +64,7 @@ def test_each_hostile_or_invalid_adapter_is_refused_with_its_reason(kube, namesp
         r = sync_report(kube, namespace, pod)
         return r if r and r.generation >= g and r.loaded == 1 and len(r.failed) == len(cases) - 1 else None
 
-    report = wait_for(all_settled, 30, what="every bad adapter refused and the good one loaded")
+    report = wait_for(all_settled, 60, what="every bad adapter refused and the good one loaded")
     assert report.model_ready is True
     assert (cache_dir / "models" / model_sha / "model.safetensors").is_file()
     for name, (_, _, expect) in cases.items():
@@ -85,7 +85,7 @@ def test_a_changed_object_never_replaces_the_good_cached_copy(kube, namespace, p
     routes.set("a", [("1", uri, sha, 100)])
     g = routes.write()
     start_sidecar()
-    wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.generation >= g and r.loaded == 1, 30,
+    wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.generation >= g and r.loaded == 1, 60,
              what="a@1 loaded")
     # Someone overwrites the published version in storage.
     evil = b'{"r": 4, "target_modules": ["query"], "peft_type": "LORA"}'
@@ -96,13 +96,13 @@ def test_a_changed_object_never_replaces_the_good_cached_copy(kube, namespace, p
     g = routes.write()
     runtime.restart()
     wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.generation >= g and r.loaded == 2
-             and set(runtime.loaded()) == {"a@1", "a-alias@1"}, 30, what="both loaded from the cache")
+             and set(runtime.loaded()) == {"a@1", "a-alias@1"}, 60, what="both loaded from the cache")
     assert digest(cache_dir / "adapters" / sha) == sha
     # Content not cached yet is downloaded and refused: the digest no longer matches.
     routes.set("b", [("1", "s3://" + bucket + "/acme/a/1/", "e" * 64, 100)])
     g = routes.write()
     r = wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.generation >= g and r.failure("b", "1"),
-                 30, what="b@1 refused")
+                 60, what="b@1 refused")
     assert "digest mismatch" in sync_report(kube, namespace, pod).failure("b", "1")
     assert set(runtime.loaded()) == {"a@1", "a-alias@1"}
 
@@ -113,6 +113,6 @@ def test_report_lists_are_capped_with_totals(kube, namespace, pod, runtime, rout
     g = routes.write()
     start_sidecar()
     r = wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.generation >= g and r.failed_total == 250
-                 and r, 30, what="250 failures reported")
+                 and r, 60, what="250 failures reported")
     assert len(r.failed) == 200 and r.loaded == 0 and r.pending == []
     assert "hf:// sources are not supported" in r.failure("t000", "1")

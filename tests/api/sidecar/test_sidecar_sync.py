@@ -28,7 +28,7 @@ def test_routes_drive_downloads_loads_unloads_and_collection(kube, namespace, po
     g = routes.write()
     start_sidecar("--collect-after", "1")
 
-    report = wait_for(synced(kube, namespace, pod, g, loaded=3, pending=[], failed={}), 30, what="3 adapters loaded")
+    report = wait_for(synced(kube, namespace, pod, g, loaded=3, pending=[], failed={}), 60, what="3 adapters loaded")
     assert report.has_loaded("billing", "1", since=g)
     assert runtime.loaded() == {f"{n}@1": ads[n][1] for n in ["support", "billing", "legal"]}
     assert {p.name for p in (cache_dir / "adapters").iterdir()} == {ads[n][1] for n in ["support", "billing", "legal"]}
@@ -37,14 +37,14 @@ def test_routes_drive_downloads_loads_unloads_and_collection(kube, namespace, po
     # Rollout: version 2 takes the weight, version 1 stays loaded (draining) until the routes drop it.
     routes.set("support", [("2", *ads["support-v2"], 100), ("1", *ads["support"], 0)])
     g = routes.write()
-    wait_for(synced(kube, namespace, pod, g, loaded=4), 30, what="support@2 loaded next to support@1")
+    wait_for(synced(kube, namespace, pod, g, loaded=4), 60, what="support@2 loaded next to support@1")
     assert runtime.adapters["support@1"].weight == 0 and runtime.adapters["support@2"].weight == 100
     assert "support@1" not in runtime.unloads
 
     routes.set("support", [("2", *ads["support-v2"], 100)])
     routes.drop("legal")
     g = routes.write()
-    wait_for(synced(kube, namespace, pod, g, loaded=2), 30, what="support@1 and legal@1 unloaded")
+    wait_for(synced(kube, namespace, pod, g, loaded=2), 60, what="support@1 and legal@1 unloaded")
     assert sorted(runtime.unloads) == ["legal@1", "support@1"]
     assert set(runtime.loaded()) == {"billing@1", "support@2"}
     # ... and their content is garbage-collected once unreferenced for --collect-after.
@@ -60,7 +60,7 @@ def test_two_routes_with_the_same_digest_share_one_directory(kube, namespace, po
     routes.set("two", [("7", uri, sha, 100)], tenant="globex")
     g = routes.write()
     start_sidecar()
-    wait_for(synced(kube, namespace, pod, g, loaded=2), 30, what="both served names loaded")
+    wait_for(synced(kube, namespace, pod, g, loaded=2), 60, what="both served names loaded")
     assert [p.name for p in (cache_dir / "adapters").iterdir()] == [sha]
     assert runtime.adapters["two@7"].tenant == "globex"
     assert not list((cache_dir / "tmp").iterdir())
@@ -79,13 +79,13 @@ def test_sharded_routes_are_merged_and_followed_through_reshards(kube, namespace
               if (cm.metadata.labels or {}).get("lorafleet.io/routes-for") == "tiny"]
     assert len(shards) > 2
     start_sidecar()
-    wait_for(synced(kube, namespace, pod, g, loaded=8), 30, what="adapters from every shard loaded")
+    wait_for(synced(kube, namespace, pod, g, loaded=8), 60, what="adapters from every shard loaded")
     # The table shrinks to one ConfigMap; the old shards linger (older generation) and are ignored.
     for i in range(2, 8):
         routes.drop(f"a{i}")
     routes.budget = None
     g = routes.write()
-    wait_for(synced(kube, namespace, pod, g, loaded=2), 30, what="only the newest shard count used")
+    wait_for(synced(kube, namespace, pod, g, loaded=2), 60, what="only the newest shard count used")
     assert set(runtime.loaded()) == {"a0@1", "a1@1"}
 
 
@@ -127,10 +127,10 @@ def test_least_privilege_service_account_is_enough(kube, namespace, pod, s3, buc
     argv[argv.index("--kubeconfig") + 1] = str(kubeconfig)
     sc = Sidecar.from_args(parse_args(argv)).start()
     try:
-        wait_for(synced(kube, namespace, pod, g, loaded=1), 30, what="a loaded with least privilege")
+        wait_for(synced(kube, namespace, pod, g, loaded=1), 60, what="a loaded with least privilege")
         routes.set("a", [("2", upload_dir(s3, bucket, d, "a2/"), digest(d), 100)])
         g = routes.write()
-        wait_for(synced(kube, namespace, pod, g, loaded=1), 30, what="the change seen through the watch")
+        wait_for(synced(kube, namespace, pod, g, loaded=1), 60, what="the change seen through the watch")
         assert set(runtime.loaded()) == {"a@2"}
     finally:
         sc.stop()
