@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import kopf
+from lightkube.core.exceptions import ApiError
 
 from lorafleet.contracts import names
 from lorafleet.contracts.resources import AdapterPhase
@@ -193,6 +194,13 @@ class Fleet:
                     await self.reconcile(key)
                 except asyncio.CancelledError:
                     raise
+                except ApiError as e:
+                    # Refusals the API server explains (a namespace being deleted, a quota, RBAC):
+                    # one line with its reason, and try again.
+                    log.warning("pool %s/%s: reconcile failed: %s; retrying in %.0f s", *key, e.status.message,
+                                RETRY_S)
+                    self.dirty.add(key)
+                    await asyncio.sleep(RETRY_S)
                 except Exception:
                     log.exception("pool %s/%s: reconcile failed; retrying in %.0f s", *key, RETRY_S)
                     self.dirty.add(key)
@@ -345,6 +353,10 @@ class Fleet:
                     await self._write_status(a, old, new, patch)
             except asyncio.CancelledError:
                 raise
+            except ApiError as e:
+                log.warning("LoRAAdapter %s/%s: status write failed: %s; retrying", *key, e.status.message)
+                self.status_queue[key] = a
+                await asyncio.sleep(RETRY_S)
             except Exception:
                 log.exception("LoRAAdapter %s/%s: status write failed; retrying", *key)
                 self.status_queue[key] = a

@@ -25,6 +25,8 @@ ADAPTERS = f"{names.ADAPTER_PLURAL}.{names.GROUP}"
 POOLS = f"{names.POOL_PLURAL}.{names.GROUP}"
 POOL_PODS = {names.LABEL_POOL: kopf.PRESENT}
 
+log = logging.getLogger("lorafleet.operator")
+
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
@@ -37,7 +39,7 @@ async def start(settings: kopf.OperatorSettings, logger: logging.Logger, **_: An
     # The store lives as long as the operator: keep the collector from walking it again and again.
     gc.collect()
     gc.freeze()
-    logger.info("store primed: %d adapters, %d pools, %d pool pods", len(adapters), len(pools), len(pods))
+    log.info("store primed: %d adapters, %d pools, %d pool pods", len(adapters), len(pools), len(pods))
 
 
 @kopf.on.event(ADAPTERS)

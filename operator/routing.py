@@ -7,6 +7,8 @@ returns. DESIGN §3 (routes, rollout rule) and §4 (sync report) are implemented
 
 from __future__ import annotations
 
+import json
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -16,7 +18,7 @@ from pydantic import ValidationError
 from lorafleet.contracts import names
 from lorafleet.contracts.resources import (AdapterPhase, BaseModelPoolSpec, BaseModelPoolStatus, Condition,
                                            LoRAAdapterSpec, PoolPhase, condition)
-from lorafleet.contracts.routes import SHARD_BUDGET_BYTES, RouteEntry, RoutesTable, RouteVersion, SyncReport
+from lorafleet.contracts.routes import MAX_SHARDS, SHARD_BUDGET_BYTES, RouteEntry, RoutesTable, RouteVersion, SyncReport
 
 NEW = -1  # `since` of a version not yet in the table: filled with the generation that adds it
 
@@ -225,22 +227,75 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
     return RoutesTable(pool=pool, generation=generation, adapters=entries), changed
 
 
+# (id(entry), served name) -> (entry, '"name":{entry}'): entries are immutable once planned and the
+# planner reuses unchanged ones, so each is serialized once, not on every change of its pool.
+_PARTS: dict[tuple[int, str], tuple[RouteEntry, str]] = {}
+
+
+def _part(served: str, entry: RouteEntry) -> str:
+    hit = _PARTS.get((id(entry), served))
+    if hit is not None and hit[0] is entry:
+        return hit[1]
+    text = json.dumps(served) + ":" + json.dumps(entry.model_dump(mode="json", exclude_none=True), sort_keys=True,
+                                                 separators=(",", ":"))
+    if len(_PARTS) > 200_000:
+        _PARTS.clear()
+    _PARTS[(id(entry), served)] = (entry, text)
+    return text
+
+
+def _shard_text(table: RoutesTable, parts: list[str], shard: int | None, shards: int | None) -> str:
+    """``RoutesTable(..., shard=shard, shards=shards).to_json()`` from entries already serialized."""
+    tail = f',"shard":{shard},"shards":{shards}' if shards else ""
+    return ('{"adapters":{' + ",".join(parts) + '},"generation":' + str(table.generation)
+            + ',"pool":' + json.dumps(table.pool) + tail + "}")
+
+
+def shard_layout(table: RoutesTable, budget: int = SHARD_BUDGET_BYTES) -> tuple[int, list[list[tuple[str, str]]]]:
+    """``RoutesTable.shard_count`` and the entries of each shard (served name, serialized part),
+    from cached serializations."""
+    parts = [(served, _part(served, table.adapters[served])) for served in sorted(table.adapters)]
+    crcs = [zlib.crc32(served.encode("utf-8")) for served, _ in parts]
+    lengths = [len(text.encode("utf-8")) for _, text in parts]
+    n = 1
+    while n <= MAX_SHARDS:
+        fixed = len(_shard_text(table, [], n - 1 if n > 1 else None, n if n > 1 else None).encode("utf-8"))
+        sizes, counts = [fixed] * n, [0] * n
+        for crc, length in zip(crcs, lengths):
+            sizes[crc % n] += length
+            counts[crc % n] += 1
+        if all(size + max(count - 1, 0) <= budget for size, count in zip(sizes, counts)):
+            buckets: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+            for (served, text), crc in zip(parts, crcs):
+                buckets[crc % n].append((served, text))
+            return n, buckets
+        n *= 2
+    raise ValueError(f"pool {table.pool}: routes do not fit {MAX_SHARDS} ConfigMaps; split the pool")
+
+
 def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable], budget: int = SHARD_BUDGET_BYTES,
                 parsed: dict[str, RoutesTable] | None = None) -> tuple[dict[str, str], list[str], int]:
     """ConfigMap name -> routes.json to write (shards whose content changed, at the table's
-    generation), the names of ConfigMaps to delete (shards no longer used), and the shard count. A shard whose
-    adapters did not change is not rewritten: it keeps the generation of its last write."""
+    generation), the names of ConfigMaps to delete (shards no longer used), and the shard count.
+    A shard whose adapters did not change is not rewritten: it keeps the generation of its last
+    write. The texts are what ``RoutesTable.to_configmap_data`` gives (a unit test holds them equal)."""
     parsed = {} if parsed is None else parsed  # filled with the tables of the shards to write
-    wanted = table.to_configmap_data(budget)
+    n, buckets = shard_layout(table, budget)
     write: dict[str, str] = {}
-    for name, text in wanted.items():
-        shard = RoutesTable.from_json(text)
+    wanted = []
+    for i, bucket in enumerate(buckets):
+        index, count = (i, n) if n > 1 else (None, None)
+        name = names.routes_configmap_name(table.pool, index)
+        wanted.append(name)
+        adapters = {served: table.adapters[served] for served, _ in bucket}
         old = existing.get(name)
-        if old is None or old.adapters != shard.adapters or old.shards != shard.shards or old.pool != shard.pool:
-            write[name] = text
-            parsed[name] = shard
+        if old is not None and old.pool == table.pool and old.shards == count and old.adapters == adapters:
+            continue
+        write[name] = _shard_text(table, [text for _, text in bucket], index, count)
+        parsed[name] = RoutesTable.model_construct(pool=table.pool, generation=table.generation, adapters=adapters,
+                                                   shard=index, shards=count)
     delete = sorted(set(existing) - set(wanted))
-    return write, delete, len(wanted)
+    return write, delete, n
 
 
 # ----------------------------------------------------------------------------------- status

@@ -118,11 +118,13 @@ def test_shards_are_written_only_when_their_content_changes():
     table = plan([adapter(f"t{i}") for i in range(50)]).table
     write, delete, count = routing.plan_shards(table, {})
     assert count == 1 and list(write) == ["lorafleet-routes-p"] and delete == []
+    assert write == table.to_configmap_data()
     existing = {n: RoutesTable.from_json(t) for n, t in write.items()}
     assert routing.plan_shards(table, existing)[:2] == ({}, [])
     # A small budget splits the table; the old single ConfigMap goes away.
     write, delete, count = routing.plan_shards(table, existing, budget=2000)
     assert count > 1 and len(write) == count and delete == ["lorafleet-routes-p"]
+    assert write == table.to_configmap_data(budget=2000) and count == table.shard_count(2000)
     merged = RoutesTable.merge("p", [RoutesTable.from_json(t) for t in write.values()])
     assert merged.adapters == table.adapters
 
