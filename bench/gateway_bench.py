@@ -66,8 +66,9 @@ class GatewayThread:
 
         self.gw = Gateway(lambda: dict(replicas), None, policy=policy, spill_inflight=spill_inflight,
                           replica_poll_s=0.25)
-        self.port = free_port()
+        self.port, self.ops_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ops_url = f"http://127.0.0.1:{self.ops_port}"
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -76,12 +77,16 @@ class GatewayThread:
 
         async def main():
             runner = web.AppRunner(self.gw.app(), access_log=None)
+            ops = web.AppRunner(self.gw.ops_app(), access_log=None)
             await runner.setup()
+            await ops.setup()
             await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            await web.TCPSite(ops, "127.0.0.1", self.ops_port).start()
             self._stop = asyncio.Event()
             self._ready.set()
             await self._stop.wait()
             await runner.cleanup()
+            await ops.cleanup()
 
         self._loop = asyncio.new_event_loop()
         self._loop.run_until_complete(main())
@@ -146,9 +151,9 @@ def run_round(policy: str, args, urls: dict[str, str], warmup: list[str], measur
     round left in the device slots), then the measured requests."""
     gw = GatewayThread(urls, policy, args.spill_inflight).start()
     try:
-        wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 200 and
+        wait_for(lambda: httpx.get(f"{gw.ops_url}/readyz").status_code == 200 and
                  all(v["healthy"] and v["adapters"] == args.adapters
-                     for v in httpx.get(f"{gw.url}/readyz").json()["replicas"].values()),
+                     for v in httpx.get(f"{gw.ops_url}/readyz").json()["replicas"].values()),
                  60, what="the gateway to see every replica")
         asyncio.run(drive(gw.url, warmup, args.concurrency, args.max_tokens))
         before, served0 = sum(device_fills(u) for u in urls.values()), served_by(gw, urls)

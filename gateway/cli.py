@@ -4,8 +4,10 @@ tenant API keys (LoRATenant Secrets), per-tenant rate and concurrency limits, Pr
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
 
 
@@ -15,7 +17,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="namespace of the pool, its adapters and tenants (env POD_NAMESPACE)")
     p.add_argument("--pool", default=os.environ.get("POOL"), help="the BaseModelPool to front (env POOL)")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=int(os.environ.get("LORAFLEET_GATEWAY_PORT", "8080")))
+    p.add_argument("--port", type=int, default=int(os.environ.get("LORAFLEET_GATEWAY_PORT", "8080")),
+                   help="the public API")
+    p.add_argument("--metrics-port", type=int, default=9090,
+                   help="/metrics and the detailed /readyz (tenant names are labels there: keep it internal)")
     p.add_argument("--policy", choices=["affinity", "round-robin"], default="affinity",
                    help="replica choice (round-robin is the baseline the benchmark compares against)")
     p.add_argument("--spill-inflight", type=int, default=8,
@@ -32,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         print("lorafleet gateway: pass --namespace and --pool (or set POD_NAMESPACE and POOL)", file=sys.stderr)
         return 2
 
-    from aiohttp import web
     from lightkube import Client, KubeConfig
 
     from .kube import KubeView, warm_decoders
@@ -48,10 +52,29 @@ def main(argv: list[str] | None = None) -> int:
     view = KubeView(Client(config=config), args.namespace, args.pool)
     gw = Gateway(view.ready_pods, view.directory, policy=args.policy, spill_inflight=args.spill_inflight,
                  retries=args.retries, poll_s=args.poll_s, replica_poll_s=args.replica_poll_s)
-    logging.getLogger("lorafleet.gateway").info("gateway for pool %s/%s on %s:%d", args.namespace, args.pool,
-                                                args.host, args.port)
-    web.run_app(gw.app(), host=args.host, port=args.port, access_log=None, print=None)
+    asyncio.run(serve(gw, f"{args.namespace}/{args.pool}", args.host, args.port, args.metrics_port))
     return 0
+
+
+async def serve(gw, pool: str, host: str, port: int, metrics_port: int) -> None:
+    """Both ports until SIGTERM or SIGINT; then open requests get a few seconds to finish."""
+    from aiohttp import web
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    public = web.AppRunner(gw.app(), access_log=None, shutdown_timeout=10)
+    ops = web.AppRunner(gw.ops_app(), access_log=None)
+    await public.setup()
+    await ops.setup()
+    await web.TCPSite(public, host, port).start()
+    await web.TCPSite(ops, host, metrics_port).start()
+    logging.getLogger("lorafleet.gateway").info("gateway for pool %s on %s:%d (metrics :%d)",
+                                                pool, host, port, metrics_port)
+    await stop.wait()
+    await public.cleanup()
+    await ops.cleanup()
 
 
 if __name__ == "__main__":

@@ -140,16 +140,26 @@ class Gateway:
     # ------------------------------------------------------------------------------------ HTTP
 
     def app(self) -> web.Application:
+        """The public API (what the Service and Ingress expose). It says nothing about other tenants or
+        the pods: metrics and the detailed view are on ``ops_app``, a port of their own."""
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_endpoint)
+        app.router.add_get("/readyz", self.readyz_public)
         app.router.add_get("/v1/models", self.models)
         for path in sorted(MODEL_IN_BODY | TGI_PATHS):
             app.router.add_post(path, self.infer)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
+        return app
+
+    def ops_app(self) -> web.Application:
+        """Prometheus ``/metrics`` and ``/readyz`` with each pod's view and tenant problems, for the
+        cluster's scrapers and operators (tenant names are labels there: keep this port internal)."""
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_endpoint)
         return app
 
     async def _startup(self, _app) -> None:
@@ -180,6 +190,13 @@ class Gateway:
                                                 "code": "not_ready"}, "replicas": view}, status=503)
         return web.json_response({"status": "ready", "replicas": view,
                                   "tenants": len(self.directory.limits), "problems": self.directory.problems})
+
+    async def readyz_public(self, request: web.Request) -> web.Response:
+        detailed = await self.readyz(request)
+        if detailed.status == 200:
+            return web.json_response({"status": "ready"})
+        return error(503, "not ready: no ready replica answered yet" if self.directory_loaded else
+                     "not ready: tenants not read yet", "service_unavailable", "not_ready", {"Retry-After": "1"})
 
     async def metrics_endpoint(self, _request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST

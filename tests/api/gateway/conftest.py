@@ -29,7 +29,8 @@ DIGEST = "0" * 64
 @dataclass
 class Pool:
     namespace: str
-    gateway: str                                   # the gateway's URL
+    gateway: str                                   # the gateway's public URL
+    ops: str                                       # its metrics and detailed-readiness URL
     replicas: dict[str, ManagedProcess]            # pod name -> its runtime process
     urls: dict[str, str]                           # pod name -> its runtime's URL
     procs: list[ManagedProcess] = field(default_factory=list)
@@ -40,7 +41,10 @@ class Pool:
         return httpx.Client(base_url=self.gateway, headers=headers, timeout=60)
 
     def view(self) -> dict:
-        return httpx.get(f"{self.gateway}/readyz", timeout=5).json()["replicas"]
+        return httpx.get(f"{self.ops}/readyz", timeout=5).json()["replicas"]
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.ops}/metrics", timeout=5).text
 
 
 @pytest.fixture(scope="module")
@@ -115,21 +119,22 @@ def pool(control_plane, kube, gw_adapters, tmp_path_factory):
             kube.create(LoRATenantResource(metadata=ObjectMeta(name=tenant, namespace=ns), spec={
                 "apiKeySecretRef": {"name": f"{tenant}-keys", "key": "api-key"}, **LIMITS.get(tenant, {})}))
 
-        gw_port = free_port()
+        gw_port, ops_port = free_port(), free_port()
         gw = ManagedProcess("gateway", [sys.executable, "-m", "lorafleet", "gateway", "--namespace", ns, "--pool", POOL,
-                                        "--host", "127.0.0.1", "--port", str(gw_port), "--spill-inflight", "2",
+                                        "--host", "127.0.0.1", "--port", str(gw_port),
+                                        "--metrics-port", str(ops_port), "--spill-inflight", "2",
                                         "--poll-s", "0.3", "--replica-poll-s", "0.2", "--log-level", "warning"],
                             logs / "gateway.log", env={"KUBECONFIG": str(control_plane.kubeconfig)})
         procs.append(gw)
-        url = f"http://127.0.0.1:{gw_port}"
+        url, ops = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{ops_port}"
 
         def all_up():
-            r = httpx.get(f"{url}/readyz", timeout=2)
+            r = httpx.get(f"{ops}/readyz", timeout=2)
             view = r.json().get("replicas", {})
             return r.status_code == 200 and sorted(view) == sorted(replicas) and \
                 all(v["healthy"] and v["adapters"] == len(ADAPTERS) for v in view.values())
         gw.wait_until(all_up, 60, "routing to 3 replicas")
-        yield Pool(ns, url, replicas, urls, procs)
+        yield Pool(ns, url, ops, replicas, urls, procs)
     finally:
         for p in procs:
             p.stop()

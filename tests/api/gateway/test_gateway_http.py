@@ -47,7 +47,7 @@ def test_load_spreads_to_other_replicas_when_the_holder_is_busy(pool):
         rs = list(ex.map(lambda _: complete(c, "acme-chat", max_tokens=48), range(24)))
     assert [r.status_code for r in rs] == [200] * 24
     assert len({r.headers["X-Lorafleet-Replica"] for r in rs}) >= 2, "12 at once with --spill-inflight 2"
-    metrics = httpx.get(f"{pool.gateway}/metrics").text
+    metrics = pool.metrics()
     assert re.search(r'lorafleet_gateway_routed_total\{reason="spill",replica="[^"]+"\} [1-9]', metrics)
 
 
@@ -87,6 +87,10 @@ def test_a_key_reaches_only_its_own_tenants_adapters_on_every_endpoint(pool):
         globex = {m["id"] for m in pool.client("globex").get("/v1/models").json()["data"] if "parent" in m}
         assert globex == {"globex-bot"}
         assert anonymous.get("/v1/models").status_code == 401
+
+        # The public port tells nothing about other tenants or the pods: metrics are on the internal port.
+        assert anonymous.get("/metrics").status_code == 404
+        assert anonymous.get("/readyz").json() == {"status": "ready"}
 
         # The base model is shared, not a tenant's adapter: any valid key may use it.
         base = next(k for k, m in listed.items() if "parent" not in m)
@@ -144,7 +148,7 @@ def test_rate_limit_and_concurrency_answer_429_with_retry_after(pool):
     refused = next(r for r in rs if r.status_code == 429)
     assert refused.json()["error"]["code"] == "concurrency_limit_exceeded" and refused.headers["Retry-After"]
 
-    metrics = httpx.get(f"{pool.gateway}/metrics").text
+    metrics = pool.metrics()
     assert re.search(r'lorafleet_gateway_rejected_total\{reason="rate_limit_exceeded",tenant="initech"\} [1-9]',
                      metrics)
     assert re.search(r'lorafleet_gateway_requests_total\{replica="tiny-replica-\d",status="200",tenant="acme"\} '
@@ -187,7 +191,7 @@ def test_a_replica_killed_mid_run_fails_no_request_and_never_replays_a_stream(po
     assert rest and "upstream_failed" in rest[-1] and "data: [DONE]" not in rest, rest[-3:]
     failed = [(r.status_code, r.text[:200]) for r in results if r.status_code != 200]
     assert not failed and len(results) == 72
-    after = httpx.get(f"{pool.gateway}/metrics").text
+    after = pool.metrics()
     retries = sum(float(v) for v in re.findall(r'lorafleet_gateway_retries_total\{[^}]*\} (\S+)', after))
     assert retries >= 1, "no request was in flight on the killed replica; the test proved nothing"
     wait_for(lambda: not pool.view()[victim]["healthy"], 5, what=f"{victim} marked down")
