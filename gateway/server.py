@@ -79,8 +79,10 @@ class Gateway:
                 del self.replicas[name]
         for name, url in pods.items():
             r = self.replicas.get(name)
-            if r is None or r.url != url:
-                self.replicas[name] = Replica(name, url, inflight=r.inflight if r else 0)
+            if r is None:
+                self.replicas[name] = Replica(name, url)
+            elif r.url != url:  # same pod, new address (the local stack restarted it): forget what it held
+                r.url, r.adapters = url, {}
 
     async def poll_replica(self, r: Replica) -> None:
         """What the replica holds, from its ``GET /v1/models`` (entries' versions carry their tier)."""
