@@ -137,3 +137,12 @@ def test_of_two_adapters_claiming_one_served_name_the_older_keeps_it():
                                        adapter("other-pool", "globex", "2025-01-01T00:00:00Z", "x", pool="q")], "p")
     assert owners == {"bot": "acme"}
     assert len(problems) == 1 and "thief" in problems[0] and "orig" in problems[0]
+
+
+def test_the_command_refuses_to_start_without_a_pool(capsys, monkeypatch):
+    from lorafleet.gateway.cli import main
+
+    monkeypatch.delenv("POOL", raising=False)
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    assert main(["--namespace", "team-a"]) == 2
+    assert "--pool" in capsys.readouterr().err
