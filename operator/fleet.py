@@ -50,6 +50,7 @@ class Fleet:
         self.shards: dict[PoolKey, dict[str, RoutesTable]] = {}  # what the ConfigMaps hold
         self.tables: dict[PoolKey, RoutesTable] = {}  # the whole table last written
         self.shard_count: dict[PoolKey, int] = {}  # shards of that table, once checked
+        self.texts: dict[tuple[PoolKey, str], str] = {}  # routes.json last written per ConfigMap
         self.applied: dict[PoolKey, str] = {}  # children manifests last applied (canonical JSON)
         self.written: dict[ObjKey, dict[str, Any]] = {}  # adapter status last written
         self.desired: dict[ObjKey, dict[str, Any]] = {}  # adapter status last planned
@@ -163,6 +164,8 @@ class Fleet:
         if kind_event == "DELETED":
             if known is None:
                 return
+        elif self.texts.get((key, name)) == (body.get("data") or {}).get(names.ROUTES_KEY):
+            return  # our own write (a string comparison, not a parse of up to 512 KB)
         else:
             try:
                 now = RoutesTable.from_json((body.get("data") or {}).get(names.ROUTES_KEY) or "")
@@ -269,6 +272,7 @@ class Fleet:
             # Recorded before writing, so the watch events of our own writes are recognised.
             shards = {n: t for n, t in self.shards[key].items() if n not in delete}
             shards.update({n: parsed[n] for n in write})
+            self.texts.update({(key, n): t for n, t in write.items()})
             self.shards[key] = shards
             try:
                 await asyncio.gather(*(kube.apply(manifests.routes_configmap(pool_name, namespace, pool.uid, n,
