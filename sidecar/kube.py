@@ -16,6 +16,25 @@ from lorafleet.contracts import names
 from lorafleet.contracts.routes import RoutesTable, SyncReport
 
 log = logging.getLogger("lorafleet.sidecar")
+_LIST_LOCK = threading.Lock()
+
+
+def warm_up_decoders() -> None:
+    """Build lightkube's (msgspec) decoders for the types the sidecar reads, once, in one thread.
+
+    msgspec builds a type's decoding info on first use and doing that from several threads at
+    once can crash the process (seen as SIGSEGV when the routes watches all listed at the same
+    moment); after this, concurrent decoding is safe.
+    """
+    from lightkube.core.decoders import decode_list, decode_object, decode_watch_event
+
+    cm = (b'{"metadata":{"name":"w","namespace":"n","labels":{"a":"b"},"resourceVersion":"1"},'
+          b'"data":{"k":"v"}}')
+    decode_list(b'{"items":[' + cm + b'],"metadata":{"resourceVersion":"1"}}', ConfigMap)
+    decode_object(cm, ConfigMap)
+    decode_object(b'{"metadata":{"name":"p","annotations":{"a":"b"}},"spec":{"containers":[{"name":"c"}]},'
+                  b'"status":{"phase":"Pending"}}', Pod)
+    decode_watch_event(b'{"type":"ADDED","object":' + cm + b'}')
 
 
 def make_client(kubeconfig: str | None = None) -> Client:
@@ -48,6 +67,7 @@ class RoutesWatcher:
         self._threads: dict[str, threading.Thread] = {}
 
     def start(self) -> "RoutesWatcher":
+        warm_up_decoders()
         self._ensure_watches(1)
         return self
 
@@ -101,8 +121,9 @@ class RoutesWatcher:
         failures = 0
         while not self._stop.is_set():
             try:
-                listing = self.client.list(ConfigMap, namespace=self.namespace, labels=labels, fields=fields)
-                items = list(listing)
+                with _LIST_LOCK:  # one list at a time: cheap, and no concurrent first decodes
+                    listing = self.client.list(ConfigMap, namespace=self.namespace, labels=labels, fields=fields)
+                    items = list(listing)
                 self._update(name, self._parse(items[0]) if items else None, listed=True)
                 failures = 0
                 for kind, cm in self.client.watch(ConfigMap, namespace=self.namespace, labels=labels,
