@@ -381,7 +381,9 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
                 st["servedVersion"], st["digest"] = v.version, v.sha256
                 break
     synced = cond("Synced", True, "Routed", f"in the routes of pool {a.pool!r}")
-    if failures and len(failures) >= len(ready) and not loaded:
+    # Failed only when nothing answers for the adapter: a bad new version while the old one keeps
+    # serving (draining) is Degraded, which is what the user needs to see.
+    if failures and len(failures) >= len(ready) and not loaded and "servedVersion" not in st:
         phase, reason, msg = AdapterPhase.failed, "LoadFailed", "; ".join(failures[:5])
     elif failures:
         phase, reason, msg = AdapterPhase.degraded, "LoadFailed", "; ".join(failures[:5])

@@ -138,3 +138,17 @@ def test_conditions_keep_their_transition_time():
     first = plan([adapter("a")]).adapter_status["a"]
     again = routing.plan_pool("p", POOL, [adapter("a")], [], RoutesTable(pool="p"), {"a": first}).adapter_status["a"]
     assert again == first
+
+
+def test_a_bad_new_version_while_the_old_one_serves_is_degraded_not_failed():
+    t1 = plan([adapter("a")]).table
+    t2 = plan([adapter("a", "2", "c")], [pod("x", 1), pod("y", 1)], previous=t1).table
+    bad = {"a@2": "adapter_model.bin: pickle weights are refused"}
+    p = plan([adapter("a", "2", "c")], [pod("x", 2, failed=bad), pod("y", 2, failed=bad)], previous=t2)
+    st = p.adapter_status["a"]
+    assert st["phase"] == "Degraded" and "pickle" in st["message"]
+    assert st["servedVersion"] == "1"  # still answering with the old version
+    # With nothing left to serve, the same failure is Failed.
+    fresh = plan([adapter("b")]).table
+    p = plan([adapter("b")], [pod("x", 1, failed={"b@1": "bad"}), pod("y", 1, failed={"b@1": "bad"})], previous=fresh)
+    assert p.adapter_status["b"]["phase"] == "Failed"
