@@ -4,6 +4,7 @@ a preallocated pool, so rows of different lengths and tenants decode together)."
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,12 +83,18 @@ class ClassificationEngine(Engine):
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         return cls(model, tok, device_slots, max_rank, device)
 
+    _counter = None
+
     def max_input_tokens(self) -> int:
         limits = [getattr(self.model.config, "max_position_embeddings", 512), self.tokenizer.model_max_length]
         return int(min(x for x in limits if x and x < 1e9))
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+        """Called on the event loop while the worker tokenises batches: a fast tokenizer keeps padding
+        state per call and is not safe to share across threads, so this uses a copy of its own."""
+        if self._counter is None:
+            self._counter = copy.deepcopy(self.tokenizer)
+        return len(self._counter(text)["input_ids"])
 
     @torch.inference_mode()
     def classify(self, texts: list[str], slots: list[int], label_counts: list[int]) -> list[list[float]]:
