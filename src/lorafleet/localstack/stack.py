@@ -93,7 +93,10 @@ class Stack:
         print(f"  set -a; . {self.env_file}; set +a; export PATH={require_tool('kubectl').parent}:$PATH\n"
               f"  kubectl -n {NAMESPACE} get lfpool,lora\n"
               f"  curl -s $LORAFLEET_URL/v1/classify -H 'content-type: application/json' "
-              f"-d '{{\"model\": \"acme-support\", \"input\": \"where is my parcel\"}}'", flush=True)
+              f"-d '{{\"model\": \"acme-support\", \"input\": \"where is my parcel\"}}'\n"
+              f"  curl -s $LORAFLEET_GATEWAY_URL/v1/classify -H \"authorization: Bearer $LORAFLEET_API_KEY_ACME\" "
+              f"-H 'content-type: application/json' -d '{{\"model\": \"acme-support\", \"input\": \"hi\"}}'",
+              flush=True)
 
     def start(self, ingress_default: str | None = f"{NAMESPACE}/lorafleet-{POOL}") -> dict:
         """Start the servers, the operator and the node; returns the state (kubeconfig, s3 env, ports)."""
@@ -133,6 +136,16 @@ class Stack:
                                   self.logs / "node.log", env=env)
             pids["node"] = node.pid
             st["ingress_port"] = ingress_port
+            if ingress_default:
+                gateway_port = free_port()
+                gw_ns, gw_service = ingress_default.split("/", 1)
+                say(f"starting the gateway for pool {gw_ns}/{POOL} on 127.0.0.1:{gateway_port} (tenant API keys)")
+                gw = ManagedProcess("gateway", [_bin("lorafleet"), "gateway", "--namespace", gw_ns, "--pool", POOL,
+                                                "--host", "127.0.0.1", "--port", str(gateway_port),
+                                                "--metrics-port", str(free_port()), "--spill-inflight", "3"],
+                                    self.logs / "gateway.log", env=env)
+                pids["gateway"] = gw.pid
+                st["gateway_port"] = gateway_port
             self.save(st)
             node.wait_until(lambda: _http_status(f"http://127.0.0.1:{ingress_port}/healthz") > 0, 60,
                             "serving the ingress")
@@ -153,6 +166,10 @@ class Stack:
             "LORAFLEET_NAMESPACE": NAMESPACE,
             **st["s3"],
         }
+        if st.get("gateway_port"):
+            lines["LORAFLEET_GATEWAY_URL"] = f"http://127.0.0.1:{st['gateway_port']}"
+        for tenant, key in sorted(st.get("api_keys", {}).items()):
+            lines[f"LORAFLEET_API_KEY_{tenant.upper()}"] = key
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
 
     def kubectl(self, st: dict, *args: str, input: str | None = None) -> str:
@@ -221,6 +238,8 @@ class Stack:
             self.kubectl(st, "apply", "-f", "-", input=yaml_doc.stdout)
             say(f"pushed and applied LoRAAdapter {name}")
 
+        if st.get("gateway_port"):
+            self._tenants(st)
         say("waiting for the pool's pod and the three adapters to be Ready")
 
         def ready() -> bool:
@@ -241,6 +260,48 @@ class Stack:
             with urllib.request.urlopen(req, timeout=30) as r:
                 answer = json.load(r)
             print(f"POST {url}/v1/classify model={name} -> {json.dumps(answer)[:300]}", flush=True)
+        if st.get("gateway_port"):
+            self._gateway_demo(st)
+
+    def _gateway_demo(self, st: dict) -> None:
+        gw = f"http://127.0.0.1:{st['gateway_port']}"
+        key = st["api_keys"]["acme"]
+
+        def call(model: str) -> tuple[int, dict]:
+            body = json.dumps({"model": model, "input": "where is my parcel"}).encode()
+            req = urllib.request.Request(f"{gw}/v1/classify", data=body, headers={
+                "content-type": "application/json", "authorization": f"Bearer {key}"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.status, json.load(r)
+            except urllib.error.HTTPError as e:
+                return e.code, json.load(e)
+
+        wait_for(lambda: call("acme-support")[0] == 200, timeout=60, interval=0.5,
+                 what="the gateway to route acme-support")
+        own, other = call("acme-support"), call("globex-triage")
+        print(f"POST {gw}/v1/classify (acme's key) model=acme-support -> {own[0]}; "
+              f"model=globex-triage -> {other[0]} {other[1].get('error', {}).get('code')}", flush=True)
+
+    def _tenants(self, st: dict) -> None:
+        """A LoRATenant and an API key Secret per demo tenant, for the gateway (kept across `make up`s)."""
+        import secrets as _secrets
+
+        keys = st.setdefault("api_keys", {})
+        docs = []
+        for tenant, _, _ in TENANTS:
+            key = keys.setdefault(tenant, f"lf-{tenant}-{_secrets.token_urlsafe(18)}")
+            docs.append({"apiVersion": "v1", "kind": "Secret",
+                         "metadata": {"name": f"{tenant}-api-keys", "namespace": NAMESPACE},
+                         "stringData": {"api-key": key}})
+            docs.append({"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRATenant",
+                         "metadata": {"name": tenant, "namespace": NAMESPACE},
+                         "spec": {"apiKeySecretRef": {"name": f"{tenant}-api-keys", "key": "api-key"},
+                                  "rateLimit": {"requestsPerSecond": 50, "burst": 100}, "maxConcurrency": 32}})
+        self.kubectl(st, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+        self.save(st)
+        self._write_env(st)
+        say(f"tenants {', '.join(keys)} have API keys for the gateway (in {self.env_file})")
 
     # ----------------------------------------------------------------------------------- down
 
