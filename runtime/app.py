@@ -577,8 +577,11 @@ def admin_app(rt: Runtime) -> FastAPI:
     async def put_adapter(name: str, version: str, body: AdapterLoadRequest):
         m = manager()
         entry, changed = await asyncio.to_thread(m.register, name, version, body)
-        out = state(entry) | {"changed": changed}
-        return JSONResponse(out, 422 if entry.error else 200)
+        if entry.error:
+            return JSONResponse({"error": {"message": f"adapter {entry.served}: {entry.error}",
+                                           "type": "invalid_request_error", "code": "adapter_load_failed"},
+                                 "adapter": state(entry)}, 422)
+        return state(entry) | {"changed": changed}
 
     @app.delete("/admin/adapters/{name}/{version}")
     async def delete_adapter(name: str, version: str):

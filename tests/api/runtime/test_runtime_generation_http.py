@@ -183,7 +183,8 @@ def test_bad_requests_get_documented_codes_and_the_server_keeps_serving(server, 
         broken.mkdir()
         (broken / "adapter_config.json").write_text("{not json")
         r = put_adapter(admin, "broken", "1", broken)
-        assert r.status_code == 422 and r.json()["state"] == "failed"
+        assert r.status_code == 422 and r.json()["adapter"]["state"] == "failed"
+        assert r.json()["error"]["code"] == "adapter_load_failed" and "broken@1" in r.json()["error"]["message"]
     r = c.post("/v1/completions", json={"model": "broken", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 503 and r.json()["error"]["code"] == "adapter_unavailable"
 
