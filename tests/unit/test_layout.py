@@ -51,7 +51,7 @@ def wheel_install(tmp_path_factory) -> Path:
 
 def test_wheel_contains_every_module(wheel_install: Path):
     for folder, package in [("contracts", "contracts"), ("operator", "operator"), ("sidecar", "sidecar"),
-                            ("runtime", "runtime"), ("src/lorafleet", "")]:
+                            ("runtime", "runtime"), ("gateway", "gateway"), ("src/lorafleet", "")]:
         for src in (REPO / folder).rglob("*.py"):
             rel = src.relative_to(REPO / folder)
             installed = wheel_install / "lorafleet" / package / rel
@@ -76,8 +76,8 @@ def test_import_layering(wheel_install: Path, tmp_path: Path):
 
 
 def test_control_plane_imports_without_torch(wheel_install: Path):
-    """The operator/sidecar image has no torch: every module of operator, sidecar and contracts, and
-    the `lorafleet` command, must import with torch absent."""
+    """The control image (operator, sidecar, gateway) has no torch: every module of those and of
+    contracts, and the `lorafleet` command, must import with torch absent."""
     r = run_py(f"""
         import importlib, pkgutil, sys
         sys.path.insert(0, {str(wheel_install)!r})
@@ -89,7 +89,7 @@ def test_control_plane_imports_without_torch(wheel_install: Path):
         import lorafleet
         assert lorafleet.__file__.startswith({str(wheel_install)!r}), lorafleet.__file__
         imported = []
-        for pkg in ('lorafleet.contracts', 'lorafleet.operator', 'lorafleet.sidecar'):
+        for pkg in ('lorafleet.contracts', 'lorafleet.operator', 'lorafleet.sidecar', 'lorafleet.gateway'):
             mod = importlib.import_module(pkg)
             for info in pkgutil.walk_packages(mod.__path__, pkg + '.'):
                 importlib.import_module(info.name)
