@@ -191,7 +191,7 @@ class Bench:
             return run
 
         pf_base, pf_lora = self.timepair(prefill([0] * pf_rows), prefill([s.slot for s in lora_seqs[:pf_rows]]),
-                                         max(3, reps // 3), 1)
+                                         max(3, reps), 1)
         return {"base_ms": t_base * 1e3, "lora_ms": t_lora * 1e3, "ratio": t_lora / t_base,
                 "prefill_base_ms": pf_base * 1e3, "prefill_lora_ms": pf_lora * 1e3, "prefill_ratio": pf_lora / pf_base}
 
@@ -292,7 +292,7 @@ class Bench:
 
         pf_rows = min(batch, PREFILL_ROWS)
         pf_ids = torch.randint(3, vocab, (pf_rows, 128), generator=g).to(self.device)
-        pf_base, pf_lora = self.timepair(prefill(None), prefill(names[:pf_rows]), max(3, reps // 3), 1)
+        pf_base, pf_lora = self.timepair(prefill(None), prefill(names[:pf_rows]), max(3, reps), 1)
         del DynamicCache
         return {"base_ms": t_base * 1e3, "lora_ms": t_lora * 1e3, "ratio": t_lora / t_base,
                 "prefill_base_ms": pf_base * 1e3, "prefill_lora_ms": pf_lora * 1e3, "prefill_ratio": pf_lora / pf_base}
