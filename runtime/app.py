@@ -662,6 +662,17 @@ async def serve_async(rt: Runtime, public_sock: socket.socket, admin_sock: socke
     await adm_task
 
 
+def serve_until_signalled(rt: Runtime, public_sock: socket.socket, admin_sock: socket.socket,
+                          log_level: str = "info") -> int:
+    """The commands' main loop: serve both APIs until SIGTERM/SIGINT, then close the runtime; 0."""
+    exit_quietly_after_signals()
+    try:
+        asyncio.run(serve_async(rt, public_sock, admin_sock, log_level=log_level))
+    finally:
+        rt.close()
+    return 0
+
+
 class RuntimeServer:
     """The runtime on loopback ports in a background thread (tests, benchmarks, ``lorafleet serve``)."""
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
@@ -53,17 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.model_dir:
         print("lorafleet runtime: no model directory; pass --model DIR or set LORAFLEET_MODEL_DIR", file=sys.stderr)
         return 2
-    from lorafleet.runtime.app import Runtime, bind, exit_quietly_after_signals, serve_async
+    from lorafleet.runtime.app import Runtime, bind, serve_until_signalled
 
     rt = Runtime(settings)
     public, admin = bind(settings.host, settings.port), bind("127.0.0.1", settings.admin_port)
     rt.load_in_background(wait_s=args.model_wait_s)
-    exit_quietly_after_signals()
-    try:
-        asyncio.run(serve_async(rt, public, admin, log_level=args.log_level))
-    finally:
-        rt.close()
-    return 0
+    return serve_until_signalled(rt, public, admin, log_level=args.log_level)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ folder (name = folder name, version "1"), no cluster or sidecar needed. The admi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.model_dir:
         print("lorafleet serve: pass --model DIR (a transformers model directory)", file=sys.stderr)
         return 2
-    from lorafleet.runtime.app import Runtime, bind, exit_quietly_after_signals, serve_async
+    from lorafleet.runtime.app import Runtime, bind, serve_until_signalled
 
     rt = Runtime(settings)
     rt.require_sync = False  # no sidecar: ready once the model and the folder's adapters are loaded
@@ -61,12 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     register_folder(rt, folder)
     public, admin = bind(settings.host, settings.port), bind("127.0.0.1", settings.admin_port)
     log.info("listening on %s:%d (admin 127.0.0.1:%d)", settings.host, settings.port, settings.admin_port)
-    exit_quietly_after_signals()
-    try:
-        asyncio.run(serve_async(rt, public, admin, log_level=args.log_level))
-    finally:
-        rt.close()
-    return 0
+    return serve_until_signalled(rt, public, admin, log_level=args.log_level)
 
 
 if __name__ == "__main__":
