@@ -55,9 +55,12 @@ class RoutesWatcher:
     published only once every watch has listed, so a partial view never unloads anything.
     """
 
-    def __init__(self, client: Client, namespace: str, pool: str, on_change: Callable[[RoutesTable], None],
-                 server_timeout: int = 60):
-        self.client, self.namespace, self.pool = client, namespace, pool
+    def __init__(self, new_client: Callable[[], Client], namespace: str, pool: str,
+                 on_change: Callable[[RoutesTable], None], server_timeout: int = 60):
+        # Each watch holds a streaming response open for minutes: every watch thread gets a client
+        # (and connection pool) of its own, so no two threads ever share a TLS connection.
+        self.new_client, self.namespace, self.pool = new_client, namespace, pool
+        self._clients: list[Client] = []
         self.on_change = on_change
         self.server_timeout = server_timeout
         self._stop = threading.Event()
@@ -73,10 +76,13 @@ class RoutesWatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        try:  # unblocks the watches waiting for events
-            self.client._client._client.close()
-        except Exception:  # noqa: BLE001 - best effort on shutdown
-            pass
+        with self._lock:
+            clients = list(self._clients)
+        for client in clients:
+            try:  # unblocks the watches waiting for events
+                client._client._client.close()
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                pass
 
     def _ensure_watches(self, shards: int) -> None:
         wanted = [names.routes_configmap_name(self.pool)]
@@ -116,17 +122,20 @@ class RoutesWatcher:
         self.on_change(merged)
 
     def _run(self, name: str) -> None:
+        client = self.new_client()
+        with self._lock:
+            self._clients.append(client)
         labels = {names.LABEL_ROUTES_FOR: self.pool}
         fields = {"metadata.name": name}
         failures = 0
         while not self._stop.is_set():
             try:
                 with _LIST_LOCK:  # one list at a time: cheap, and no concurrent first decodes
-                    listing = self.client.list(ConfigMap, namespace=self.namespace, labels=labels, fields=fields)
+                    listing = client.list(ConfigMap, namespace=self.namespace, labels=labels, fields=fields)
                     items = list(listing)
                 self._update(name, self._parse(items[0]) if items else None, listed=True)
                 failures = 0
-                for kind, cm in self.client.watch(ConfigMap, namespace=self.namespace, labels=labels,
+                for kind, cm in client.watch(ConfigMap, namespace=self.namespace, labels=labels,
                                                   fields=fields, resource_version=listing.resourceVersion,
                                                   server_timeout=self.server_timeout):
                     if self._stop.is_set():
