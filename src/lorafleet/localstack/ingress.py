@@ -118,13 +118,31 @@ class LocalIngress:
             except aiohttp.ClientConnectionError as e:
                 last_error = e
                 continue
-            resp = web.StreamResponse(status=upstream.status, headers={
-                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
+            headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            if not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                # A whole answer is read before anything is sent: its framing is the proxy's own
+                # (Content-Length), and an upstream that fails midway becomes a clean 502.
+                try:
+                    body = await upstream.read()
+                except aiohttp.ClientError as e:
+                    last_error = e
+                    continue
+                finally:
+                    upstream.release()
+                return web.Response(status=upstream.status, body=body, headers=headers)
+            resp = web.StreamResponse(status=upstream.status, headers=headers)
             await resp.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await resp.write(chunk)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+            except aiohttp.ClientError:
+                # Headers are out: no error response can follow on this connection, so end it.
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+            finally:
+                upstream.release()
             await resp.write_eof()
-            upstream.release()
             return resp
         return web.json_response({"error": {"message": f"no pod of {backend[0]}/{backend[1]} answered: {last_error}",
                                             "type": "unavailable", "code": "upstream_unreachable"}}, status=502)
