@@ -122,7 +122,8 @@ def test_rollout_under_load_fails_no_request_and_drains_the_old_version(e2e, poo
     stop = threading.Event()
 
     def client_loop():
-        with httpx.Client() as c:
+        # A connection per request, as many independent clients would open.
+        with httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as c:
             while not stop.is_set():
                 for name in ("acme-support", "globex-triage"):
                     try:
