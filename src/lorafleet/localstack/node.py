@@ -9,13 +9,14 @@ import argparse
 import asyncio
 import logging
 import signal
-import threading
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lightkube import Client, KubeConfig
 
 from .ingress import LocalIngress
-from .podrunner import PodRunner
+from .procs import ManagedProcess
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,15 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    runner = PodRunner(Path(args.kubeconfig), Path(args.workdir))
-    thread = threading.Thread(target=runner.run, name="pod-runner", daemon=True)
-    thread.start()
+    # The pod runner is a process of its own: a TLS API client and the ingress's accepted sockets in
+    # one process once saw bytes of one written to the other (fd reuse across threads, under load).
+    workdir = Path(args.workdir)
+    runner = ManagedProcess("pod-runner", [sys.executable, "-m", "lorafleet.localstack.podrunner",
+                                           "--kubeconfig", args.kubeconfig, "--workdir", str(workdir)],
+                            workdir.parent / f"{workdir.name}-podrunner.log")
     default = tuple(args.default_backend.split("/", 1)) if args.default_backend else None
     ingress = LocalIngress(Client(config=KubeConfig.from_file(args.kubeconfig)), default)  # type: ignore[arg-type]
 
     async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        # Every API call of the ingress from one and the same thread.
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingress-api"))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         web_runner = await ingress.serve(args.port)
@@ -46,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve())
     finally:
-        runner.stop()
-        thread.join(30)
+        runner.stop(timeout=30)  # SIGTERM: it ends its pods' processes first
     return 0
 
 
