@@ -29,8 +29,11 @@ down:
 status:
 	@"$$(tools/venv)/bin/python" -m lorafleet.localstack.stack status
 
+# The e2e tier runs in a pytest process of its own: threads that api-tier tests leave behind (in-process
+# sidecars' API clients) once wrote into sockets the e2e clients had reused.
 test: tools venv
-	@"$$(tools/venv)/bin/python" -m pytest --durations=20 $(PYTEST_ARGS)
+	@"$$(tools/venv)/bin/python" -m pytest --durations=20 tests/unit tests/api $(PYTEST_ARGS) && \
+	  "$$(tools/venv)/bin/python" -m pytest --durations=10 tests/e2e $(PYTEST_ARGS)
 
 test-unit: venv
 	@"$$(tools/venv)/bin/python" -m pytest tests/unit $(PYTEST_ARGS)

@@ -121,19 +121,12 @@ def test_rollout_under_load_fails_no_request_and_drains_the_old_version(e2e, poo
     answers: list[tuple[str, int, list]] = []
     stop = threading.Event()
 
-    # The load goes straight to the pool's pod (its local port): the rollout is the operator's,
-    # sidecar's and runtime's work. Through the local ingress (a stand-in's aiohttp proxy), keep-alive
-    # clients under load in the full suite saw a few corrupted responses (cause not found yet).
-    pods = json.loads(e2e.kubectl("get", "pods", "-n", NS, "-l", f"lorafleet.io/pool={POOL}", "-o", "json"))["items"]
-    [pod_port] = [json.loads(p["metadata"]["annotations"]["lorafleet.io/local-ports"])["8000"] for p in pods]
-    pod_url = f"http://127.0.0.1:{pod_port}"
-
     def client_loop():
         with httpx.Client() as c:
             while not stop.is_set():
                 for name in ("acme-support", "globex-triage"):
                     try:
-                        r = classify(c, pod_url, name)
+                        r = classify(c, e2e.url, name)
                         answers.append((name, r.status_code, scores_of(r.json()) if r.status_code == 200 else r.text))
                     except httpx.HTTPError as e:
                         answers.append((name, -1, repr(e)))
