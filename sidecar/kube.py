@@ -60,7 +60,6 @@ class RoutesWatcher:
         # Each watch holds a streaming response open for minutes: every watch thread gets a client
         # (and connection pool) of its own, so no two threads ever share a TLS connection.
         self.new_client, self.namespace, self.pool = new_client, namespace, pool
-        self._clients: list[Client] = []
         self.on_change = on_change
         self.server_timeout = server_timeout
         self._stop = threading.Event()
@@ -75,14 +74,11 @@ class RoutesWatcher:
         return self
 
     def stop(self) -> None:
+        # Only the flag: closing a client from this thread while a watch thread is blocked reading its
+        # socket frees the fd number for reuse, and the watch's TLS state then reads and writes another
+        # socket (seen as SSL errors and corrupted HTTP in other clients of the same process). Watches
+        # end at their next event or server timeout.
         self._stop.set()
-        with self._lock:
-            clients = list(self._clients)
-        for client in clients:
-            try:  # unblocks the watches waiting for events
-                client._client._client.close()
-            except Exception:  # noqa: BLE001 - best effort on shutdown
-                pass
 
     def _ensure_watches(self, shards: int) -> None:
         wanted = [names.routes_configmap_name(self.pool)]
@@ -123,8 +119,6 @@ class RoutesWatcher:
 
     def _run(self, name: str) -> None:
         client = self.new_client()
-        with self._lock:
-            self._clients.append(client)
         labels = {names.LABEL_ROUTES_FOR: self.pool}
         fields = {"metadata.name": name}
         failures = 0
