@@ -25,6 +25,8 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_POOL = "lorafleet.io/pool"
 LABEL_ROUTES_FOR = "lorafleet.io/routes-for"
+# On a pool's gateway pods instead of LABEL_POOL, which marks the pool's runtime pods only.
+LABEL_GATEWAY_FOR = "lorafleet.io/gateway-for"
 
 # Annotations
 SYNC_ANNOTATION = "lorafleet.io/sync"  # on pool pods, written by the sidecar
@@ -39,6 +41,10 @@ CACHE_VOLUME = "cache"
 
 RUNTIME_CONTAINER = "runtime"
 SIDECAR_CONTAINER = "sidecar"
+GATEWAY_CONTAINER = "gateway"
+# Ports of a pool's gateway pod (``lorafleet gateway --port/--metrics-port``)
+GATEWAY_PORT = 8080
+GATEWAY_METRICS_PORT = 9090
 
 
 def deployment_name(pool: str) -> str:
@@ -55,6 +61,15 @@ def ingress_name(pool: str) -> str:
 
 def sidecar_service_account(pool: str) -> str:
     return f"lorafleet-{pool}-sidecar"
+
+
+def gateway_name(pool: str) -> str:
+    """The pool's gateway Deployment, Service, ServiceAccount, Role and RoleBinding."""
+    return f"lorafleet-{pool}-gateway"
+
+
+def gateway_selector(pool: str) -> dict[str, str]:
+    return {LABEL_NAME: "lorafleet", LABEL_GATEWAY_FOR: pool, LABEL_COMPONENT: "gateway"}
 
 
 def routes_configmap_name(pool: str, shard: int | None = None) -> str:

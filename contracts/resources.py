@@ -161,6 +161,22 @@ class IngressSpec(_Model):
     )
 
 
+class GatewaySpec(_Model):
+    """``lorafleet gateway`` in front of this pool, deployed by the operator (docs/gateway.md)."""
+    enabled: bool = Field(False, description="Deploy a gateway for this pool; with spec.ingress set, the "
+                                             "Ingress sends requests to the gateway (tenants need API keys)")
+    replicas: int = Field(1, ge=0, le=100, description="Gateway pods; each keeps its own limits, so a tenant "
+                                                       "gets up to replicas times its rate limit")
+    image: str | None = Field(None, max_length=512, description="Gateway image; default spec.sidecar.image "
+                                                                "(the control image)")
+    spill_inflight: int = Field(8, ge=1, le=100_000, description="Requests open on a pod before the next "
+                                                                 "request for its adapters goes to another pod")
+    retries: int = Field(2, ge=0, le=10, description="Other pods tried when one fails before answering")
+    resources: ResourceRequirements | None = None
+    extra_args: list[Annotated[str, Field(max_length=1024)]] | None = Field(
+        None, max_length=64, description="Extra arguments after `lorafleet gateway` (see its --help)")
+
+
 class BaseModelPoolSpec(_Model):
     model: ModelSpec
     replicas: int = Field(1, ge=0, le=1000)
@@ -169,6 +185,7 @@ class BaseModelPoolSpec(_Model):
     cache: CacheSpec = Field(default_factory=CacheSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     ingress: IngressSpec | None = None
+    gateway: GatewaySpec | None = None
 
 
 class Condition(_Status):

@@ -18,6 +18,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                        help="watch every namespace (the default when no --namespace is given)")
     p.add_argument("--liveness", default=os.environ.get("LORAFLEET_OPERATOR_LIVENESS", ""),
                    help="serve liveness on this URL, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--gateway-cluster-role", default=os.environ.get("LORAFLEET_GATEWAY_CLUSTER_ROLE", ""),
+                   help="pools' gateways get a RoleBinding to this ClusterRole (the chart's) instead of a Role "
+                        "of their own, so the operator needs no read access to Secrets")
     p.add_argument("-v", "--verbose", action="store_true", help="log every reconcile")
     p.add_argument("--debug", action="store_true", help="also log kopf's internals")
     return p.parse_args(argv)
@@ -41,6 +44,7 @@ def main(argv: list[str]) -> int:
 
     namespaces = args.namespace
     handlers.FLEET.namespaces = list(namespaces)
+    handlers.FLEET.gateway_cluster_role = args.gateway_cluster_role or None
     logging.getLogger("lorafleet.operator").info(
         "lorafleet operator starting, watching %s", ", ".join(namespaces) or "all namespaces")
     try:

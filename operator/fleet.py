@@ -45,6 +45,7 @@ class Fleet:
         self.pending: set[PoolKey] = set()  # primed before the event loop could run reconciles
         self.priming = False
         self.namespaces: list[str] = []  # watched namespaces or glob patterns (all when empty)
+        self.gateway_cluster_role: str | None = None  # pools' gateways bind this ClusterRole, else a Role each
         self.tasks: dict[PoolKey, asyncio.Task] = {}
         self.dirty: set[PoolKey] = set()
         self.shards: dict[PoolKey, dict[str, RoutesTable]] = {}  # what the ConfigMaps hold
@@ -305,19 +306,23 @@ class Fleet:
     async def _apply_children(self, pool: PoolView, shards: int) -> None:
         assert self.kube is not None and pool.spec is not None
         key = (pool.namespace, pool.name)
-        children = manifests.pool_children(pool.name, pool.namespace, pool.uid, pool.spec, shards)
+        children = manifests.pool_children(pool.name, pool.namespace, pool.uid, pool.spec, shards,
+                                           self.gateway_cluster_role)
         canonical = json.dumps(children, sort_keys=True)
         if self.applied.get(key) == canonical:
             return
         # Unchanged fields make server-side apply a no-op: a restart rewrites nothing.
         for m in children:
             await self.kube.apply(m)
-        if pool.spec.ingress is None:
-            await self.kube.delete("Ingress", names.ingress_name(pool.name), pool.namespace)
+        # After the applies: the Ingress points back at the pool's Service before the gateway goes.
+        for kind, name in manifests.stale_children(pool.name, pool.spec, self.gateway_cluster_role):
+            await self.kube.delete(kind, name, pool.namespace)
         if key in self.applied or pool.status.get("observedGeneration") != pool.generation:
+            gateway = (f"; gateway {names.gateway_name(pool.name)} ({pool.spec.gateway.replicas} replicas)"
+                       if pool.spec.gateway is not None and pool.spec.gateway.enabled else "")
             kopf.info(pool.ref(), reason="Applied",
                       message=f"Deployment {names.deployment_name(pool.name)} and its Service, ServiceAccount, "
-                              f"Role and RoleBinding applied ({pool.spec.replicas} replicas)")
+                              f"Role and RoleBinding applied ({pool.spec.replicas} replicas){gateway}")
         self.applied[key] = canonical
 
     def _queue_statuses(self, namespace: str, adapters: list[AdapterView],

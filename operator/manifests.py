@@ -176,13 +176,20 @@ def service(pool: str, namespace: str, uid: str) -> Manifest:
     }
 
 
+def gateway_enabled(spec: BaseModelPoolSpec) -> bool:
+    return spec.gateway is not None and spec.gateway.enabled
+
+
 def ingress(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> Manifest | None:
+    """The pool's Ingress; with the gateway on, it sends requests to the gateway (tenants' API keys
+    are checked there), else straight to the pool's pods."""
     ing = spec.ingress
     if ing is None:
         return None
+    backend = names.gateway_name(pool) if gateway_enabled(spec) else names.service_name(pool)
     rule: dict[str, Any] = {"http": {"paths": [{
         "path": ing.path, "pathType": "Prefix",
-        "backend": {"service": {"name": names.service_name(pool), "port": {"number": 80}}}}]}}
+        "backend": {"service": {"name": backend, "port": {"number": 80}}}}]}}
     if ing.host:
         rule["host"] = ing.host
     body: dict[str, Any] = {"rules": [rule]}
@@ -194,17 +201,134 @@ def ingress(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> Man
             "metadata": _meta(names.ingress_name(pool), namespace, pool, uid, "ingress"), "spec": body}
 
 
+# ------------------------------------------------------------------------------------ gateway
+
+# What `lorafleet gateway` reads, in the pool's namespace only: the pool's pods (where to send
+# requests), LoRAAdapters (which tenant owns which adapter), LoRATenants and their key Secrets. The same
+# rules as the chart's gateway Role.
+GATEWAY_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [""], "resources": ["pods", "secrets", "configmaps"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [names.GROUP], "resources": [names.ADAPTER_PLURAL, names.TENANT_PLURAL, names.POOL_PLURAL],
+     "verbs": ["get", "list", "watch"]},
+]
+
+
+def gateway_labels(pool: str) -> dict[str, str]:
+    """Labels of the gateway's pods: no ``lorafleet.io/pool``, which would make the operator, the
+    gateway itself and the pool's Service count them as pool replicas."""
+    labels = names.pool_labels(pool, "gateway")
+    del labels[names.LABEL_POOL]
+    labels[names.LABEL_GATEWAY_FOR] = pool
+    return labels
+
+
+def gateway_deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> Manifest:
+    gw = spec.gateway
+    assert gw is not None
+    args = [f"--namespace={namespace}", f"--pool={pool}",
+            # Ports as arguments of their own: the local stack's pod runner maps container ports it
+            # finds as whole arguments to free local ports.
+            "--port", str(names.GATEWAY_PORT), "--metrics-port", str(names.GATEWAY_METRICS_PORT),
+            f"--spill-inflight={gw.spill_inflight}", f"--retries={gw.retries}", *(gw.extra_args or [])]
+    container = {
+        "name": names.GATEWAY_CONTAINER,
+        "image": gw.image or spec.sidecar.image,
+        "command": ["lorafleet", "gateway"],
+        "args": args,
+        "ports": [{"name": "http", "containerPort": names.GATEWAY_PORT, "protocol": "TCP"},
+                  # /metrics (tenant names are labels) and the detailed /readyz: not in the Service.
+                  {"name": "metrics", "containerPort": names.GATEWAY_METRICS_PORT, "protocol": "TCP"}],
+        # Ready once it read the tenants and a pool pod answered.
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20},
+        "resources": _resources(gw.resources),
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(names.gateway_name(pool), namespace, pool, uid, "gateway"),
+        "spec": {
+            "replicas": gw.replicas,
+            "selector": {"matchLabels": names.gateway_selector(pool)},
+            "template": {
+                "metadata": {"labels": gateway_labels(pool)},
+                "spec": {
+                    "serviceAccountName": names.gateway_name(pool),
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                },
+            },
+        },
+    }
+
+
+def gateway_service(pool: str, namespace: str, uid: str) -> Manifest:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(names.gateway_name(pool), namespace, pool, uid, "gateway"),
+        "spec": {"type": "ClusterIP", "selector": names.gateway_selector(pool),
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
+    }
+
+
+def gateway_rbac(pool: str, namespace: str, uid: str, cluster_role: str | None = None) -> list[Manifest]:
+    """The gateway's ServiceAccount and its read-only rights in this namespace: a Role of its own, or,
+    with ``cluster_role``, a RoleBinding to that ClusterRole (the chart's: then the operator needs only
+    ``bind`` on it, not read access to Secrets, which RBAC requires of whoever creates such a Role)."""
+    name = names.gateway_name(pool)
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(name, namespace, pool, uid, "gateway")}
+    role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole" if cluster_role else "Role",
+                "name": cluster_role or name}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": _meta(name, namespace, pool, uid, "gateway"), "roleRef": role_ref,
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]}
+    if cluster_role:
+        return [sa, binding]
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": _meta(name, namespace, pool, uid, "gateway"), "rules": GATEWAY_RULES}
+    return [sa, role, binding]
+
+
+def gateway_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
+                     cluster_role: str | None = None) -> list[Manifest]:
+    """The gateway's objects when ``spec.gateway.enabled``, else none."""
+    if not gateway_enabled(spec):
+        return []
+    return [*gateway_rbac(pool, namespace, uid, cluster_role), gateway_service(pool, namespace, uid),
+            gateway_deployment(pool, namespace, uid, spec)]
+
+
+def stale_children(pool: str, spec: BaseModelPoolSpec, cluster_role: str | None = None) -> list[tuple[str, str]]:
+    """(kind, name) of objects this pool may have owned that ``pool_children`` no longer renders: they
+    are deleted (a 404 is fine). Turning the gateway off removes all of it."""
+    out: list[tuple[str, str]] = []
+    if spec.ingress is None:
+        out.append(("Ingress", names.ingress_name(pool)))
+    gw = names.gateway_name(pool)
+    if not gateway_enabled(spec):
+        out += [("Deployment", gw), ("Service", gw), ("RoleBinding", gw), ("Role", gw), ("ServiceAccount", gw)]
+    elif cluster_role:
+        out.append(("Role", gw))  # bound to the ClusterRole now
+    return out
+
+
 def routes_configmap(pool: str, namespace: str, uid: str, name: str, routes_json: str) -> Manifest:
     meta = _meta(name, namespace, pool, uid, "routes")
     meta["labels"][names.LABEL_ROUTES_FOR] = pool
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {names.ROUTES_KEY: routes_json}}
 
 
-def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, shards: int = 1) -> list[Manifest]:
+def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, shards: int = 1,
+                  gateway_cluster_role: str | None = None) -> list[Manifest]:
     """Everything a pool owns except its routes, in the order to apply them (the pod's service
-    account and its permissions before the Deployment that uses them)."""
+    account and its permissions before the Deployment that uses them; the gateway's Service before
+    the Ingress that points at it)."""
     out = [service_account(pool, namespace, uid), role(pool, namespace, uid, shards),
            role_binding(pool, namespace, uid), service(pool, namespace, uid)]
+    out += gateway_children(pool, namespace, uid, spec, gateway_cluster_role)
     ing = ingress(pool, namespace, uid, spec)
     if ing is not None:
         out.append(ing)

@@ -1,0 +1,129 @@
+"""The gateway a pool owns when ``spec.gateway.enabled``: its Deployment, Service and read-only RBAC,
+the Ingress switching to it, and what is deleted when it is turned off (no cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from lorafleet.contracts import names
+from lorafleet.contracts.resources import BaseModelPoolSpec
+from lorafleet.operator import manifests
+
+BASE = {
+    "model": {"uri": "s3://models/minilm/", "sha256": "a" * 64, "task": "sequence-classification"},
+    "sidecar": {"image": "lorafleet/control:9.9"},
+    "ingress": {"host": "minilm.example"},
+}
+
+
+def spec(**gateway) -> BaseModelPoolSpec:
+    return BaseModelPoolSpec.model_validate({**BASE, "gateway": gateway} if gateway else BASE)
+
+
+def kinds(children) -> list[tuple[str, str]]:
+    return [(m["kind"], m["metadata"]["name"]) for m in children]
+
+
+def test_no_gateway_unless_enabled():
+    for s in (spec(), spec(enabled=False, replicas=3)):
+        assert manifests.gateway_children("p", "ns", "u", s) == []
+        assert not any(n == "lorafleet-p-gateway" for _, n in kinds(manifests.pool_children("p", "ns", "u", s)))
+        backend = manifests.ingress("p", "ns", "u", s)["spec"]["rules"][0]["http"]["paths"][0]["backend"]
+        assert backend == {"service": {"name": "lorafleet-p", "port": {"number": 80}}}
+
+
+def test_enabled_gateway_children_in_apply_order_and_the_ingress_points_at_it():
+    s = spec(enabled=True)
+    got = kinds(manifests.pool_children("p", "ns", "u", s))
+    gw = "lorafleet-p-gateway"
+    assert got == [("ServiceAccount", "lorafleet-p-sidecar"), ("Role", "lorafleet-p-sidecar"),
+                   ("RoleBinding", "lorafleet-p-sidecar"), ("Service", "lorafleet-p"),
+                   ("ServiceAccount", gw), ("Role", gw), ("RoleBinding", gw), ("Service", gw), ("Deployment", gw),
+                   ("Ingress", "lorafleet-p"), ("Deployment", "lorafleet-p")]
+    for m in manifests.gateway_children("p", "ns", "u", s):
+        assert m["metadata"]["ownerReferences"] == [manifests.owner_reference("p", "u")]
+        assert m["metadata"]["namespace"] == "ns"
+        assert m["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+    backend = manifests.ingress("p", "ns", "u", s)["spec"]["rules"][0]["http"]["paths"][0]["backend"]
+    assert backend == {"service": {"name": gw, "port": {"number": 80}}}
+    # Without spec.ingress there is no Ingress, gateway or not.
+    no_ing = BaseModelPoolSpec.model_validate({**BASE, "ingress": None, "gateway": {"enabled": True}})
+    assert manifests.ingress("p", "ns", "u", no_ing) is None
+
+
+def test_gateway_deployment_runs_the_control_image_with_the_pools_settings():
+    s = spec(enabled=True, replicas=2, spillInflight=3, retries=1, extraArgs=["--poll-s=0.5"],
+             resources={"limits": {"memory": "256Mi"}})
+    d = manifests.gateway_deployment("p", "ns", "u", s)
+    assert d["spec"]["replicas"] == 2
+    pod = d["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["image"] == "lorafleet/control:9.9"  # the sidecar's image, the control image
+    assert c["command"] == ["lorafleet", "gateway"]
+    assert c["args"] == ["--namespace=ns", "--pool=p", "--port", "8080", "--metrics-port", "9090",
+                         "--spill-inflight=3", "--retries=1", "--poll-s=0.5"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "metrics": 9090}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["resources"] == {"limits": {"memory": "256Mi"}}
+    assert pod["serviceAccountName"] == "lorafleet-p-gateway"
+    labels = d["spec"]["template"]["metadata"]["labels"]
+    assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # Gateway pods are not pool replicas: the operator, the gateway and the pool's Service select on
+    # lorafleet.io/pool.
+    assert names.LABEL_POOL not in labels and labels[names.LABEL_GATEWAY_FOR] == "p"
+    assert not names.pod_selector("p").items() <= labels.items()
+    svc = manifests.gateway_service("p", "ns", "u")
+    assert svc["spec"]["selector"] == d["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert manifests.gateway_deployment("p", "ns", "u", spec(enabled=True, image="gw:1"))[
+        "spec"]["template"]["spec"]["containers"][0]["image"] == "gw:1"
+
+
+def test_gateway_rbac_is_read_only_in_its_namespace():
+    sa, role, rb = manifests.gateway_rbac("p", "ns", "u")
+    assert (sa["kind"], role["kind"], rb["kind"]) == ("ServiceAccount", "Role", "RoleBinding")
+    for rule in role["rules"]:
+        assert rule["verbs"] == ["get", "list", "watch"]
+    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert granted == {("", "pods"), ("", "secrets"), ("", "configmaps"), ("lorafleet.io", "loraadapters"),
+                       ("lorafleet.io", "loratenants"), ("lorafleet.io", "basemodelpools")}
+    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "lorafleet-p-gateway"}
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "lorafleet-p-gateway", "namespace": "ns"}]
+    # With the chart's ClusterRole: a RoleBinding to it, no Role.
+    sa, rb = manifests.gateway_rbac("p", "ns", "u", cluster_role="rel-lorafleet-pool-gateway")
+    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                             "name": "rel-lorafleet-pool-gateway"}
+
+
+def test_chart_gateway_role_and_the_operators_grant_the_same_rules():
+    text = (Path(__file__).resolve().parents[3] / "charts/lorafleet/templates/gateway-rbac.yaml").read_text()
+    rules_block = text.split("rules:\n", 1)[1].split("---", 1)[0]
+    assert yaml.safe_load(rules_block) == manifests.GATEWAY_RULES
+
+
+def test_turning_the_gateway_off_deletes_all_of_it():
+    gw = "lorafleet-p-gateway"
+    off = manifests.stale_children("p", spec(enabled=False))
+    assert set(off) == {("Deployment", gw), ("Service", gw), ("RoleBinding", gw), ("Role", gw),
+                        ("ServiceAccount", gw)}
+    assert manifests.stale_children("p", spec(enabled=True)) == []
+    assert manifests.stale_children("p", spec(enabled=True), cluster_role="cr") == [("Role", gw)]
+    no_ing = BaseModelPoolSpec.model_validate({**BASE, "ingress": None, "gateway": {"enabled": True}})
+    assert manifests.stale_children("p", no_ing) == [("Ingress", "lorafleet-p")]
+    # Nothing rendered is ever deleted.
+    for s, cr in ((spec(), None), (spec(enabled=True), None), (spec(enabled=True), "cr"), (no_ing, None)):
+        rendered = set(kinds(manifests.pool_children("p", "ns", "u", s, gateway_cluster_role=cr)))
+        assert not rendered & set(manifests.stale_children("p", s, cr))
+
+
+def test_gateway_spec_defaults_and_bounds():
+    g = spec(enabled=True).gateway
+    assert (g.replicas, g.spill_inflight, g.retries, g.image, g.extra_args) == (1, 8, 2, None, None)
+    for bad in ({"replicas": -1}, {"spillInflight": 0}, {"retries": 11}, {"unknown": 1}):
+        with pytest.raises(ValidationError):
+            spec(enabled=True, **bad)
