@@ -14,6 +14,7 @@ import pytest
 from lorafleet.localstack.procs import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+GATEWAY_HOST = "minilm.e2e.local"  # the e2e pool's Ingress host
 
 
 @dataclass
@@ -25,6 +26,11 @@ class E2E:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.state['ingress_port']}"
+
+    @property
+    def gateway_url(self) -> str:
+        """The ingress's second port, as host ``GATEWAY_HOST``: that host's Ingress rules apply."""
+        return f"http://127.0.0.1:{self.state['gateway_port']}"
 
     @property
     def s3env(self) -> dict[str, str]:
@@ -77,7 +83,7 @@ def e2e(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     stack = Stack(root)
     try:
-        state = stack.start(ingress_default=None)
+        state = stack.start(ingress_default=None, gateway_host=GATEWAY_HOST)
         s3 = E2E(stack, state, root).s3()
         for b in ("models", "adapters"):
             s3.make_bucket(b)

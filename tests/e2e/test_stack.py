@@ -210,3 +210,57 @@ def test_delete_is_404_and_a_second_replica_serves(e2e, pool, adapters):
             port = json.loads(p["metadata"]["annotations"]["lorafleet.io/local-ports"])["8000"]
             r = c.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "acme-support", "input": PROBES})
             assert r.status_code == 200 and matches(scores_of(r.json()), adapters["acme-v2"][1]), r.text
+
+
+def test_tenant_keys_through_the_ingress_and_the_operators_gateway(e2e, pool, adapters):
+    """``spec.gateway.enabled``: the operator deploys the gateway, the pod runner runs it, and the pool's
+    Ingress sends its host's requests through it. A tenant's key reaches its own adapter (the right
+    answer), not another tenant's (403); no key is 401. Turned off, the Ingress goes straight to the pool."""
+    apply_adapter(e2e, adapters, "acme-v1", "acme-gw", "acme", "1")
+    apply_adapter(e2e, adapters, "globex-v1", "globex-gw", "globex", "1")
+    keys = {"acme": "lf-e2e-acme-3c9f0e1d5b7a", "globex": "lf-e2e-globex-8d2b6a4f1e0c"}
+    docs = []
+    for tenant, key in keys.items():
+        docs += [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{tenant}-keys", "namespace": NS},
+                  "stringData": {"api-key": key}},
+                 {"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRATenant",
+                  "metadata": {"name": tenant, "namespace": NS},
+                  "spec": {"apiKeySecretRef": {"name": f"{tenant}-keys", "key": "api-key"}}}]
+    e2e.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+    e2e.kubectl("patch", "lfpool", POOL, "-n", NS, "--type=merge", "-p",
+                '{"spec": {"gateway": {"enabled": true, "spillInflight": 3}}}')
+    e2e.wait_adapter("acme-gw", NS, "Ready", timeout=240)
+    e2e.wait_adapter("globex-gw", NS, "Ready")
+
+    def call(c: httpx.Client, model: str, key: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return c.post(f"{e2e.gateway_url}/v1/classify", json={"model": model, "input": PROBES}, headers=headers,
+                      timeout=30)
+
+    try:
+        with httpx.Client() as c:
+            # Until the operator switched the Ingress and the gateway pod is Ready, the pool answers
+            # directly; the gateway's answers name the pool pod that served them.
+            r = wait_for(lambda: (r := call(c, "acme-gw", keys["acme"])).status_code == 200
+                         and "x-lorafleet-replica" in r.headers and r, timeout=120, interval=0.5,
+                         what="acme-gw answering through the ingress and the gateway")
+            assert matches(scores_of(r.json()), adapters["acme-v1"][1]), r.json()
+            assert r.headers["x-lorafleet-replica"].startswith(f"lorafleet-{POOL}-")
+            r = call(c, "globex-gw", keys["globex"])
+            assert r.status_code == 200 and matches(scores_of(r.json()), adapters["globex-v1"][1]), r.text
+            r = call(c, "globex-gw", keys["acme"])
+            assert r.status_code == 403 and r.json()["error"]["code"] == "adapter_forbidden", r.text
+            r = call(c, "acme-gw")
+            assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key", r.text
+        # The gateway is a pod of its own, not one of the pool's replicas.
+        gw_pods = json.loads(e2e.kubectl("get", "pods", "-n", NS, "-l", f"lorafleet.io/gateway-for={POOL}",
+                                         "-o", "json"))["items"]
+        assert len(gw_pods) == 1 and "lorafleet.io/pool" not in gw_pods[0]["metadata"]["labels"]
+    finally:
+        e2e.kubectl("patch", "lfpool", POOL, "-n", NS, "--type=merge", "-p",
+                    '{"spec": {"gateway": {"enabled": false}}}')
+    with httpx.Client() as c:
+        wait_for(lambda: (r := call(c, "acme-gw")).status_code == 200 and "x-lorafleet-replica" not in r.headers,
+                 timeout=60, interval=0.5, what="the Ingress back to the pool's Service (no key needed)")
+    wait_for(lambda: not e2e.kubectl("get", "pods", "-n", NS, "-l", f"lorafleet.io/gateway-for={POOL}",
+                                     "-o", "name").strip(), timeout=60, what="the gateway's pod to be deleted")

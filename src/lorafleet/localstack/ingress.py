@@ -2,7 +2,8 @@
 Ingress objects (host, path prefix) to the Service's ready pods, which the pod runner runs as local
 processes (their ports are in the pods' ``lorafleet.io/local-ports`` annotation). A request without a
 matching host goes to the default backend (the demo pool), so ``curl $LORAFLEET_URL/...`` works.
-Responses stream through (SSE)."""
+A virtual-host port treats every request as sent to one host (``--vhost-port 8081=pool.example``), so a
+client reaches that host's Ingress rules without setting a Host header. Responses stream through (SSE)."""
 
 from __future__ import annotations
 
@@ -67,14 +68,15 @@ class LocalIngress:
             except Exception:
                 continue
             target = (svc.spec.ports or [None])[0]
-            target_port = int(target.targetPort) if target and str(target.targetPort).isdigit() else 8000
+            target_port = str(target.targetPort if target and target.targetPort is not None else 8000)
             ports = []
             for pod in self.client.list(Pod, namespace=ns, labels=svc.spec.selector or {}):
                 ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or [])) \
                     if pod.status else False
                 local = json.loads((pod.metadata.annotations or {}).get(LOCAL_PORTS_ANNOTATION, "{}"))
-                if ready and not pod.metadata.deletionTimestamp and str(target_port) in local:
-                    ports.append(local[str(target_port)])
+                number = target_port if target_port.isdigit() else _named_port(pod, target_port)
+                if ready and not pod.metadata.deletionTimestamp and number in local:
+                    ports.append(local[number])
             endpoints[(ns, name)] = sorted(ports)
         return rules, endpoints
 
@@ -86,19 +88,22 @@ class LocalIngress:
                 log.exception("ingress refresh failed")
             await asyncio.sleep(self.refresh)
 
-    def backend_for(self, host: str | None, path: str) -> tuple[str, str] | None:
+    def backend_for(self, host: str | None, path: str, default: bool = True) -> tuple[str, str] | None:
         host = (host or "").split(":")[0] or None
         for r in self.rules:
             if r.host is not None and r.host == host and path.startswith(r.path):
                 return (r.namespace, r.service)
-        return self.default_backend
+        return self.default_backend if default else None
 
     # ---------------------------------------------------------------------------------- proxy
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        backend = self.backend_for(request.headers.get("Host"), request.path)
+    async def handle(self, request: web.Request, host: str | None = None) -> web.StreamResponse:
+        # A virtual-host port never falls back to the default backend: with its host's Ingress gone,
+        # a request must not reach the pool by another way (past the gateway's API keys).
+        backend = self.backend_for(host or request.headers.get("Host"), request.path, default=host is None)
         if backend is None:
-            return web.json_response({"error": {"message": f"no Ingress rule matches {request.host}{request.path}",
+            where = f"{host or request.host}{request.path}"
+            return web.json_response({"error": {"message": f"no Ingress rule matches {where}",
                                                 "type": "not_found", "code": "no_route"}}, status=404)
         ports = self.endpoints.get(backend) or []
         if not ports:
@@ -147,17 +152,43 @@ class LocalIngress:
         return web.json_response({"error": {"message": f"no pod of {backend[0]}/{backend[1]} answered: {last_error}",
                                             "type": "unavailable", "code": "upstream_unreachable"}}, status=502)
 
-    async def serve(self, port: int, host: str = "127.0.0.1") -> web.AppRunner:
+    async def serve(self, port: int, host: str = "127.0.0.1", vhosts: dict[int, str] | None = None) -> web.AppRunner:
+        """Listen on ``port`` (routing by the Host header) and on each port of ``vhosts`` (as if every
+        request there were sent to that host). Cleaning up the runner returned stops them all."""
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        app.on_cleanup.append(self._close)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        self._vhost_runners: list[web.AppRunner] = []
+        main: web.AppRunner | None = None
+        for listen, forced in [(port, None), *(vhosts or {}).items()]:
+            app = web.Application(client_max_size=64 * 1024 * 1024)
+
+            async def handler(request: web.Request, forced: str | None = forced) -> web.StreamResponse:
+                return await self.handle(request, forced)
+
+            app.router.add_route("*", "/{tail:.*}", handler)
+            if main is None:
+                app.on_cleanup.append(self._close)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, host, listen).start()
+            if main is None:
+                main = runner
+            else:
+                self._vhost_runners.append(runner)
         self._refresher = asyncio.create_task(self.refresh_forever())
-        return runner
+        assert main is not None
+        return main
 
     async def _close(self, _app) -> None:
+        for r in self._vhost_runners:
+            await r.cleanup()
         self._refresher.cancel()
         await self.session.close()
+
+
+def _named_port(pod, name: str) -> str:
+    """The container port a Service's named targetPort means in this pod ("" when none has it)."""
+    for c in list(pod.spec.initContainers or []) + list(pod.spec.containers or []):
+        for p in c.ports or []:
+            if p.name == name:
+                return str(p.containerPort)
+    return ""

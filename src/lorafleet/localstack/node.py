@@ -1,6 +1,7 @@
 """The local stack's node: the pod runner (kubelet stand-in) and the local ingress in one process.
 
     python -m lorafleet.localstack.node --kubeconfig K --workdir D --port 8080 [--default-backend NS/SERVICE]
+        [--vhost-port 8081=pool.example ...]
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", required=True, help="where pods' volumes and logs go")
     p.add_argument("--port", type=int, required=True, help="local ingress port")
     p.add_argument("--default-backend", help="NS/SERVICE for requests no Ingress host matches")
+    p.add_argument("--vhost-port", action="append", default=[], metavar="PORT=HOST",
+                   help="also listen on PORT, treating every request there as sent to HOST (repeatable)")
     args = p.parse_args(argv)
+    vhosts = {}
+    for item in args.vhost_port:
+        port, sep, host = item.partition("=")
+        if not sep or not port.isdigit() or not host:
+            p.error(f"--vhost-port {item!r}: expected PORT=HOST, e.g. 8081=minilm.lorafleet.local")
+        vhosts[int(port)] = host
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     # The pod runner is a process of its own: a TLS API client and the ingress's accepted sockets in
@@ -44,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         loop.set_default_executor(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingress-api"))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        web_runner = await ingress.serve(args.port)
-        logging.getLogger("lorafleet.node").info("ingress on http://127.0.0.1:%d", args.port)
+        web_runner = await ingress.serve(args.port, vhosts=vhosts)
+        logging.getLogger("lorafleet.node").info("ingress on http://127.0.0.1:%d%s", args.port, "".join(
+            f", http://127.0.0.1:{port} as host {host}" for port, host in vhosts.items()))
         await stop.wait()
         await web_runner.cleanup()
 

@@ -1,8 +1,9 @@
 """`make up` / `make down`: the whole lorafleet stack on this machine.
 
 Real etcd, kube-apiserver, kube-controller-manager and MinIO; the operator; the local node (pod runner
-and ingress); then a demo: a sequence-classification pool on MiniLM and three tenants' adapters,
-trained here, pushed with `lorafleet push` and applied with kubectl, answered through the ingress.
+and ingress); then a demo: a sequence-classification pool on MiniLM with the operator's gateway, and
+three tenants' adapters and API keys, trained here, pushed with `lorafleet push` and applied with
+kubectl, answered through the ingress (directly, and through the gateway with the tenants' keys).
 State and logs live in `.lorafleet/` of the working directory; `.lorafleet/stack.env` says how to
 reach everything.
 """
@@ -28,6 +29,8 @@ from .tools import require_tool
 
 NAMESPACE = "lorafleet-demo"
 POOL = "minilm"
+# The demo pool's Ingress host: its rule sends requests to the pool's gateway (tenants' API keys).
+GATEWAY_HOST = f"{POOL}.lorafleet.local"
 SECRET = "storage-creds"
 # tenant, adapter name, labels (label counts differ per tenant on purpose)
 TENANTS = [
@@ -98,8 +101,12 @@ class Stack:
               f"-H 'content-type: application/json' -d '{{\"model\": \"acme-support\", \"input\": \"hi\"}}'",
               flush=True)
 
-    def start(self, ingress_default: str | None = f"{NAMESPACE}/lorafleet-{POOL}") -> dict:
-        """Start the servers, the operator and the node; returns the state (kubeconfig, s3 env, ports)."""
+    def start(self, ingress_default: str | None = f"{NAMESPACE}/lorafleet-{POOL}",
+              gateway_host: str | None = GATEWAY_HOST) -> dict:
+        """Start the servers, the operator and the node; returns the state (kubeconfig, s3 env, ports).
+        ``ingress_default``: where requests matching no Ingress host go (the pool's Service: no API
+        keys); ``gateway_host``: the host of a second ingress port (``gateway_port``), whose Ingress is
+        the pool's, which sends it to the operator's gateway."""
         import shutil
 
         for d in ("controlplane", "minio", "node", "logs"):
@@ -128,24 +135,18 @@ class Stack:
                                 self.logs / "operator.log", env=env)
             pids["operator"] = op.pid
             ingress_port = int(os.environ.get("LORAFLEET_INGRESS_PORT") or free_port())
-            say(f"starting the local node (pod runner + ingress on 127.0.0.1:{ingress_port})")
-            node = ManagedProcess("node", [sys.executable, "-m", "lorafleet.localstack.node",
-                                           "--kubeconfig", str(cp.kubeconfig), "--workdir", str(self.root / "node"),
-                                           "--port", str(ingress_port)]
-                                  + (["--default-backend", ingress_default] if ingress_default else []),
-                                  self.logs / "node.log", env=env)
+            argv = [sys.executable, "-m", "lorafleet.localstack.node", "--kubeconfig", str(cp.kubeconfig),
+                    "--workdir", str(self.root / "node"), "--port", str(ingress_port)]
+            if ingress_default:
+                argv += ["--default-backend", ingress_default]
+            if gateway_host:
+                st["gateway_port"] = int(os.environ.get("LORAFLEET_INGRESS_GATEWAY_PORT") or free_port())
+                argv += ["--vhost-port", f"{st['gateway_port']}={gateway_host}"]
+            say(f"starting the local node (pod runner + ingress on 127.0.0.1:{ingress_port}"
+                + (f", and on 127.0.0.1:{st['gateway_port']} as host {gateway_host}" if gateway_host else "") + ")")
+            node = ManagedProcess("node", argv, self.logs / "node.log", env=env)
             pids["node"] = node.pid
             st["ingress_port"] = ingress_port
-            if ingress_default:
-                gateway_port = free_port()
-                gw_ns, gw_service = ingress_default.split("/", 1)
-                say(f"starting the gateway for pool {gw_ns}/{POOL} on 127.0.0.1:{gateway_port} (tenant API keys)")
-                gw = ManagedProcess("gateway", [_bin("lorafleet"), "gateway", "--namespace", gw_ns, "--pool", POOL,
-                                                "--host", "127.0.0.1", "--port", str(gateway_port),
-                                                "--metrics-port", str(free_port()), "--spill-inflight", "3"],
-                                    self.logs / "gateway.log", env=env)
-                pids["gateway"] = gw.pid
-                st["gateway_port"] = gateway_port
             self.save(st)
             node.wait_until(lambda: _http_status(f"http://127.0.0.1:{ingress_port}/healthz") > 0, 60,
                             "serving the ingress")
@@ -217,7 +218,9 @@ class Stack:
                 "runtime": {"maxBatchSize": 32, "maxBatchDelayMs": 5},
                 "cache": {"deviceSlots": 8, "hostAdapters": 64, "diskBytes": "2Gi", "maxRank": 64},
                 "storage": {"endpoint": s3env["S3_ENDPOINT"], "secretRef": {"name": SECRET}},
-                "ingress": {"host": f"{POOL}.lorafleet.local"},
+                "ingress": {"host": GATEWAY_HOST},
+                # The operator deploys `lorafleet gateway` and points the Ingress at it.
+                "gateway": {"enabled": True, "spillInflight": 3},
             },
         }
         say(f"applying BaseModelPool {NAMESPACE}/{POOL}")
@@ -277,10 +280,12 @@ class Stack:
             except urllib.error.HTTPError as e:
                 return e.code, json.load(e)
 
-        wait_for(lambda: call("acme-support")[0] == 200, timeout=60, interval=0.5,
-                 what="the gateway to route acme-support")
+        # The gateway pod turns Ready once it has read the tenants and a pool pod answered.
+        wait_for(lambda: call("acme-support")[0] == 200, timeout=120, interval=0.5,
+                 what=f"the ingress ({gw}, host {GATEWAY_HOST}) and the pool's gateway to route acme-support")
         own, other = call("acme-support"), call("globex-triage")
-        print(f"POST {gw}/v1/classify (acme's key) model=acme-support -> {own[0]}; "
+        print(f"POST {gw}/v1/classify (ingress -> gateway {NAMESPACE}/lorafleet-{POOL}-gateway, acme's key) "
+              f"model=acme-support -> {own[0]}; "
               f"model=globex-triage -> {other[0]} {other[1].get('error', {}).get('code')}", flush=True)
 
     def _tenants(self, st: dict) -> None:
