@@ -3,6 +3,11 @@
 ``models/<digest>/`` and ``adapters/<digest>/`` exist only once complete and verified: downloads go
 to ``tmp/`` and are renamed into place, so a crash never leaves a half-written directory that looks
 complete.
+
+``durable/<digest>`` marks an entry whose files and directory entries are known to be on disk. The
+sidecar makes entries servable as soon as they are verified and renamed, and makes them durable (fsync)
+in the background; after a restart, an entry without its marker (a crash came first) is verified again
+before it is trusted.
 """
 
 from __future__ import annotations
@@ -34,8 +39,16 @@ class CacheLayout:
     def tmp(self) -> Path:
         return self.root / "tmp"
 
+    @property
+    def durable(self) -> Path:
+        return self.root / "durable"
+
+    def durable_marker(self, digest: str) -> Path:
+        _check(digest)
+        return self.durable / digest
+
     def ensure(self) -> "CacheLayout":
-        for d in (self.models, self.adapters, self.tmp):
+        for d in (self.models, self.adapters, self.tmp, self.durable):
             d.mkdir(parents=True, exist_ok=True)
         return self
 

@@ -69,6 +69,8 @@ class Sidecar:
             self.watcher.stop()
         if self._thread is not None:
             self._thread.join(30)
+        # What is still only in the page cache would be verified again after a restart; finish it now.
+        self.syncer.store.wait_durable(20)
         self.syncer.runtime.close()
         if self._server is not None:
             try:

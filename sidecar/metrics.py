@@ -17,6 +17,9 @@ class Metrics:
                                           registry=r)
         self.verify_seconds = Histogram("lorafleet_sidecar_verify_seconds", "Time to verify a directory's digest",
                                         buckets=_BUCKETS, registry=r)
+        self.durable_seconds = Histogram("lorafleet_sidecar_durable_seconds",
+                                         "Time to fsync one installed directory (in the background, after it "
+                                         "is servable)", buckets=_BUCKETS, registry=r)
         self.failures = Counter("lorafleet_sidecar_failures", "Failed sync attempts by reason", ["reason"],
                                 registry=r)
         self.cache_bytes = Gauge("lorafleet_sidecar_cache_bytes", "Bytes in the cache (models and adapters)",

@@ -1,13 +1,12 @@
 """Where adapters and models come from, behind one small interface: ``listing(uri)`` and
 ``fetch(uri, dest)``. ``s3://bucket/prefix/`` through the minio client, ``file:///path`` by copy.
 
-``fetch`` hashes every file while writing it and fsyncs it, so verification needs no second read.
+``fetch`` hashes every file while writing it, so verification needs no second read; making it durable
+(fsync) is the cache's job, off the serving path (``store.ContentStore``).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import os
 import shutil
@@ -19,7 +18,6 @@ from urllib.parse import urlparse
 from .validate import Refused, path_problem
 
 CHUNK = 1 << 20
-WRITEBACK_EVERY = 16 << 20
 Progress = Callable[[int], None]
 
 
@@ -53,57 +51,35 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def _write_hashed(dest: Path, rel: str, chunks, progress: Progress | None) -> str:
-    """Write ``chunks`` to ``dest/rel``, fsynced; return its sha256, computed on the way (no second
-    read of the file to verify it)."""
+    """Write ``chunks`` to ``dest/rel``; return its sha256, computed on the way (no second read of the
+    file to verify it). No fsync here: the disk works after the entry is servable (see store.py);
+    starting writeback while downloading measured 22% slower than leaving it to the background fsync."""
     target = dest / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
     with open(target, "xb") as f:
-        written = flushed = 0
         for chunk in chunks:
             h.update(chunk)
             f.write(chunk)
-            written += len(chunk)
             if progress:
                 progress(len(chunk))
-            if written - flushed >= WRITEBACK_EVERY:
-                f.flush()
-                _start_writeback(f.fileno(), flushed, written - flushed)
-                flushed = written
-        f.flush()
-        os.fsync(f.fileno())
     return h.hexdigest()
 
 
-def _load_sync_file_range():
+def fsync_path(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):  # not Linux/glibc: the final fsync does all the work
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    return fn
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a range to disk without waiting (``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so
-    the disk works while the network does and the final fsync has little left. Not a durability
-    point: the fsync is."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, length, 2)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_tree(root: Path) -> None:
-    """fsync every directory under ``root`` (files are fsynced as they are written)."""
-    for dirpath, _, _ in os.walk(root):
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """fsync every file under ``root``, then every directory (children before parents)."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
 class S3Storage:

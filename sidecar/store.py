@@ -1,8 +1,12 @@
 """The sidecar's side of the content-addressed cache: install a digest (download to ``tmp/`` ->
-fsync -> verify -> validate -> rename into place), account for its size, remove what is collected.
+verify -> validate -> rename into place -> fsync in the background), account for its size, remove what
+is collected.
 
 A directory under ``adapters/`` or ``models/`` appears only through the final ``rename``, so readers
-(the runtime, a restarted sidecar) never see a partial one.
+(the runtime, a restarted sidecar) never see a partial one. Durability is off the serving path: the
+runtime may load an entry from the page cache while its files are still being written to disk; a
+background thread fsyncs it and then writes its ``durable/<digest>`` marker. After a crash (power loss,
+node reset) an entry without its marker may hold torn files, so ``scan`` verifies it again.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -20,7 +25,7 @@ from lorafleet.contracts.digest import directory_digest, regular_files
 
 from .metrics import Metrics
 from .plan import CachedContent
-from .storage import Storages, fsync_tree, remove_tree
+from .storage import Storages, fsync_path, fsync_tree, remove_tree
 from .validate import BaseModelInfo, Limits, Refused, adapter_problems, listing_problems
 
 log = logging.getLogger("lorafleet.sidecar")
@@ -56,13 +61,24 @@ class ContentStore:
         self.model_bytes = 0
         # Called (under no lock) to free ``needed`` bytes of unreferenced content; returns bytes freed.
         self.make_room: Callable[[int], int] | None = None
+        self._durable_q: queue.Queue[Path] = queue.Queue()
+        self._durable_thread: threading.Thread | None = None
 
     # --------------------------------------------------------------------------- inventory
 
     def scan(self) -> None:
-        """Take stock after a (re)start: complete entries stay, leftovers in ``tmp/`` are removed."""
+        """Take stock after a (re)start: leftovers in ``tmp/`` are removed; durable entries stay; an
+        entry without its durable marker is verified again (made durable if whole, removed if not)."""
         for leftover in self.layout.tmp.iterdir():
             remove_tree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        cached = {(self.layout.adapter_dir(d), d) for d in self.layout.cached_adapters()}
+        cached |= {(self.layout.model_dir(d), d) for d in self.layout.cached_models()}
+        for marker in self.layout.durable.iterdir():
+            if marker.name not in {d for _, d in cached}:
+                marker.unlink(missing_ok=True)
+        for path, digest in sorted(cached):
+            if not self.layout.durable_marker(digest).exists():
+                self._verify_again(path, digest)
         entries = {}
         for digest in self.layout.cached_adapters():
             d = self.layout.adapter_dir(digest)
@@ -71,6 +87,58 @@ class ContentStore:
         with self._lock:
             self._entries = entries
         self._gauge()
+
+    def _verify_again(self, path: Path, digest: str) -> None:
+        t0 = time.monotonic()
+        got = directory_digest(path)
+        if got == digest:
+            self._make_durable(path)
+            log.info("%s had no durable marker (the sidecar stopped before it was on disk); verified "
+                     "again in %.2f s, kept", path, time.monotonic() - t0)
+            return
+        log.warning("%s had no durable marker and its files no longer match the digest (%s): torn by a "
+                    "crash; removed, it is downloaded again if the routes still want it", path, got)
+        self._move_out_and_delete(path, digest)
+
+    # ------------------------------------------------------------------------------ durability
+
+    def _make_durable(self, path: Path) -> None:
+        fsync_tree(path)
+        fsync_path(path.parent)
+        marker = self.layout.durable_marker(path.name)
+        marker.touch()
+        fsync_path(marker.parent)
+
+    def _durable_loop(self) -> None:
+        while True:
+            path = self._durable_q.get()
+            try:
+                if path.is_dir():  # gone already if collected right after install
+                    t0 = time.monotonic()
+                    self._make_durable(path)
+                    self.metrics.durable_seconds.observe(time.monotonic() - t0)
+            except OSError as e:
+                # Not fatal to serving; without its marker the entry is verified again after a restart.
+                log.warning("could not make %s durable: %s", path, e)
+            finally:
+                self._durable_q.task_done()
+
+    def _queue_durable(self, path: Path) -> None:
+        with self._lock:
+            if self._durable_thread is None:
+                self._durable_thread = threading.Thread(target=self._durable_loop, name="cache-fsync", daemon=True)
+                self._durable_thread.start()
+        self._durable_q.put(path)
+
+    def wait_durable(self, timeout: float = 60.0) -> bool:
+        """Wait until every installed entry is on disk with its marker (shutdown, tests); False if
+        ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        while self._durable_q.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def entries(self) -> dict[str, CachedContent]:
         with self._lock:
@@ -99,9 +167,16 @@ class ContentStore:
 
     def remove(self, digest: str) -> None:
         """Move out of ``adapters/`` first (atomic), then delete: never a half-deleted entry in place."""
-        src = self.layout.adapter_dir(digest)
         with self._lock:
             self._entries.pop(digest, None)
+        self._move_out_and_delete(self.layout.adapter_dir(digest), digest)
+        log.info("removed %s from the cache", digest)
+        self._gauge()
+
+    def _move_out_and_delete(self, src: Path, digest: str) -> None:
+        # The marker goes first: a marker without its entry is harmless, an entry left behind by a
+        # crash without its marker is verified again.
+        self.layout.durable_marker(digest).unlink(missing_ok=True)
         if src.is_dir():
             trash = self.layout.new_tmp_dir(f"gc-{digest[:12]}")
             try:
@@ -109,8 +184,6 @@ class ContentStore:
             except FileNotFoundError:  # removed concurrently (eviction for a download)
                 pass
             remove_tree(trash)
-        log.info("removed %s from the cache", digest)
-        self._gauge()
 
     def _gauge(self) -> None:
         self.metrics.cache_bytes.set(self.used_bytes())
@@ -164,7 +237,6 @@ class ContentStore:
         try:
             t0 = time.monotonic()
             hashes = storage.fetch(uri, tmp, self.metrics.downloaded_bytes.inc, entries=entries)
-            fsync_tree(tmp)
             self.metrics.download_seconds.observe(time.monotonic() - t0)
             t1 = time.monotonic()
             got = digest_of_hashes(hashes)
@@ -185,11 +257,7 @@ class ContentStore:
             except OSError:
                 if not final.is_dir():  # lost a race with ourselves: the other copy is as good
                     raise
-            fd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._queue_durable(final)
             if final.parent == self.layout.adapters:
                 with self._lock:
                     self._entries[digest] = CachedContent(digest, size, time.time())
