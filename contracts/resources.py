@@ -214,6 +214,7 @@ class BaseModelPoolStatus(_Status):
     adapters: int | None = None
     adapters_ready: int | None = None
     routes_generation: int | None = None
+    gateway_ready_replicas: int | None = Field(None, description="Ready gateway pods (spec.gateway.enabled)")
     message: str | None = None
     conditions: list[Condition] | None = None
 

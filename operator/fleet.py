@@ -41,6 +41,7 @@ class Fleet:
         self.adapters: dict[PoolKey, dict[str, AdapterView]] = {}  # by pool, then name
         self.adapter_pool: dict[ObjKey, str] = {}
         self.pods: dict[PoolKey, dict[str, PodView]] = {}
+        self.gateway_pods: dict[PoolKey, dict[str, bool]] = {}  # the pool's gateway pods: name -> Ready
         self.pools: dict[PoolKey, PoolView] = {}
         self.pending: set[PoolKey] = set()  # primed before the event loop could run reconciles
         self.priming = False
@@ -138,6 +139,7 @@ class Fleet:
         meta = body.get("metadata") or {}
         pool = (meta.get("labels") or {}).get(names.LABEL_POOL)
         if not pool:
+            self._gateway_pod_event(kind_event, body)
             return
         key, name = (meta.get("namespace", ""), pool), meta.get("name", "")
         self._flush_pending()
@@ -150,6 +152,25 @@ class Fleet:
         if pods.get(name) == view:
             return  # neither readiness nor the sync report moved
         pods[name] = view
+        self.touch(key)
+
+    def _gateway_pod_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
+        """A pool's gateway pod: only its readiness matters (the pool's status counts ready gateways)."""
+        meta = body.get("metadata") or {}
+        pool = (meta.get("labels") or {}).get(names.LABEL_GATEWAY_FOR)
+        if not pool:
+            return
+        key, name = (meta.get("namespace", ""), pool), meta.get("name", "")
+        self._flush_pending()
+        pods = self.gateway_pods.setdefault(key, {})
+        ready = kind_event != "DELETED" and routing.pod_view(body).ready
+        if kind_event == "DELETED":
+            if pods.pop(name, None) is not None:
+                self.touch(key)
+            return
+        if pods.get(name) == ready:
+            return
+        pods[name] = ready
         self.touch(key)
 
     def routes_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
@@ -258,8 +279,9 @@ class Fleet:
         previous = self.tables.get(key) or RoutesTable(pool=pool_name)
         previous_status = {a.name: st for a in adapters
                            if (st := self.desired.get((namespace, a.name), self.written.get((namespace, a.name))))}
+        gateway_ready = sum(self.gateway_pods.get(key, {}).values())
         plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status,
-                                 self.memo.setdefault(key, {}))
+                                 self.memo.setdefault(key, {}), gateway_ready=gateway_ready)
 
         if pool_ok:
             assert pool is not None

@@ -98,7 +98,8 @@ class Kube:
         return out
 
     async def list_bodies(self, namespaces: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
-        """Adapters, pools and pool pods as raw bodies, in the given namespaces (all when empty)."""
+        """Adapters, pools and pool pods (runtime and gateway) as raw bodies, in the given namespaces (all
+        when empty)."""
         from lightkube.resources.core_v1 import Pod
 
         patterns = any(set(ns) & set("*?[!") for ns in namespaces)
@@ -118,10 +119,10 @@ class Kube:
 
         from lightkube.operators import exists
 
-        adapters, pools, pods = await asyncio.gather(
+        adapters, pools, pods, gateways = await asyncio.gather(
             bodies(LoRAAdapterResource), bodies(BaseModelPoolResource),
-            bodies(Pod, {names.LABEL_POOL: exists()}))
-        return adapters, pools, pods
+            bodies(Pod, {names.LABEL_POOL: exists()}), bodies(Pod, {names.LABEL_GATEWAY_FOR: exists()}))
+        return adapters, pools, pods + gateways
 
     async def list_bodies_when_ready(self, namespaces: list[str], logger: logging.Logger,
                                      timeout: float = 300) -> tuple[list[dict], list[dict], list[dict]]:

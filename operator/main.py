@@ -24,6 +24,7 @@ from .routing import adapter_view, pool_view
 ADAPTERS = f"{names.ADAPTER_PLURAL}.{names.GROUP}"
 POOLS = f"{names.POOL_PLURAL}.{names.GROUP}"
 POOL_PODS = {names.LABEL_POOL: kopf.PRESENT}
+GATEWAY_PODS = {names.LABEL_GATEWAY_FOR: kopf.PRESENT}
 
 log = logging.getLogger("lorafleet.operator")
 
@@ -57,6 +58,7 @@ async def pool_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event("pods", labels=POOL_PODS)
+@kopf.on.event("pods", labels=GATEWAY_PODS, id="gateway_pod_changed")
 async def pod_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     FLEET.pod_event(type, dict(body))
 

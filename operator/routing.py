@@ -401,7 +401,7 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
 
 
 def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
-                table: RoutesTable, pods: list[PodView]) -> dict[str, Any]:
+                table: RoutesTable, pods: list[PodView], gateway_ready: int = 0) -> dict[str, Any]:
     prev = _conditions(pool.status)
     if pool.spec is None:
         st = BaseModelPoolStatus(phase=PoolPhase.failed, observed_generation=pool.generation,
@@ -427,12 +427,21 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
         routes_generation=table.generation, message=msg,
         conditions=[condition("Ready", phase == PoolPhase.ready, phase.value, msg, pool.generation, prev)],
     )
+    gw = pool.spec.gateway
+    if gw is not None and gw.enabled:
+        # The Ingress answers while one gateway pod is Ready; the pool's own readiness is separate.
+        gw_msg = f"{gateway_ready}/{gw.replicas} gateway replicas ready"
+        st.gateway_ready_replicas = gateway_ready
+        assert st.conditions is not None
+        st.conditions.append(condition("GatewayReady", gateway_ready > 0,
+                                       "GatewayReady" if gateway_ready else "NoGatewayReady", gw_msg,
+                                       pool.generation, prev))
     return st.wire()
 
 
 def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView], pods: list[PodView],
               previous: RoutesTable, previous_status: dict[str, dict[str, Any]],
-              memo: dict[str, tuple[tuple, dict[str, Any]]] | None = None) -> PoolPlan:
+              memo: dict[str, tuple[tuple, dict[str, Any]]] | None = None, gateway_ready: int = 0) -> PoolPlan:
     """Everything one reconcile of a pool decides. ``previous_status`` maps adapter name -> the
     status last written (or read), so conditions keep their transition times. ``memo`` (kept by the
     caller between reconciles of this pool) skips recomputing the status of adapters whose inputs
@@ -462,7 +471,7 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
         statuses_memo[a.name] = (inputs, statuses[a.name])
     for gone in set(statuses_memo) - set(statuses):
         del statuses_memo[gone]
-    pstatus = pool_status(pool, adapters, statuses, table, pods) if pool is not None else None
+    pstatus = pool_status(pool, adapters, statuses, table, pods, gateway_ready) if pool is not None else None
     return PoolPlan(table=table, changed=changed, adapter_status=statuses, pool_status=pstatus)
 
 

@@ -127,3 +127,26 @@ def test_gateway_spec_defaults_and_bounds():
     for bad in ({"replicas": -1}, {"spillInflight": 0}, {"retries": 11}, {"unknown": 1}):
         with pytest.raises(ValidationError):
             spec(enabled=True, **bad)
+
+
+def test_pool_status_counts_ready_gateway_pods_only_when_the_gateway_is_on():
+    from lorafleet.contracts.routes import RoutesTable
+    from lorafleet.operator import routing
+
+    def status(gateway: dict | None, ready: int) -> dict:
+        body = {"metadata": {"name": "p", "namespace": "ns", "uid": "pu", "generation": 3},
+                "spec": {**BASE, **({"gateway": gateway} if gateway else {})}}
+        plan = routing.plan_pool("p", routing.pool_view(body), [], [], RoutesTable(pool="p"), {}, gateway_ready=ready)
+        return plan.pool_status
+
+    off = status(None, 0)
+    assert "gatewayReadyReplicas" not in off and [c["type"] for c in off["conditions"]] == ["Ready"]
+    assert "gatewayReadyReplicas" not in status({"enabled": False}, 0)
+    none = status({"enabled": True, "replicas": 2}, 0)
+    gw = next(c for c in none["conditions"] if c["type"] == "GatewayReady")
+    assert none["gatewayReadyReplicas"] == 0
+    assert (gw["status"], gw["reason"], gw["message"]) == ("False", "NoGatewayReady", "0/2 gateway replicas ready")
+    one = status({"enabled": True, "replicas": 2}, 1)
+    gw = next(c for c in one["conditions"] if c["type"] == "GatewayReady")
+    assert one["gatewayReadyReplicas"] == 1 and gw["status"] == "True" and gw["observedGeneration"] == 3
+    assert one["phase"] == none["phase"]  # the pool's own phase is about its runtime pods
