@@ -163,11 +163,11 @@ class Fleet:
         key, name = (meta.get("namespace", ""), pool), meta.get("name", "")
         self._flush_pending()
         pods = self.gateway_pods.setdefault(key, {})
-        ready = kind_event != "DELETED" and routing.pod_view(body).ready
         if kind_event == "DELETED":
             if pods.pop(name, None) is not None:
                 self.touch(key)
             return
+        ready = routing.pod_view(body).ready
         if pods.get(name) == ready:
             return
         pods[name] = ready
