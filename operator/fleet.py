@@ -285,15 +285,22 @@ class Fleet:
 
         if pool_ok:
             assert pool is not None
+            current = self.shards[key]
             if plan.changed or key not in self.shard_count:
                 parsed: dict[str, RoutesTable] = {}
-                write, delete, count = routing.plan_shards(plan.table, self.shards[key], parsed=parsed)
+                write, delete, count = routing.plan_shards(plan.table, current, parsed=parsed)
             else:  # the ConfigMaps were checked against this same table already
                 write, delete, count, parsed = {}, [], self.shard_count[key], {}
             self.shard_count[key] = count
             await self._apply_children(pool, count)
+            if self.shards.get(key) is not current:
+                # A routes ConfigMap was deleted or edited while the children were applied (a
+                # namespace being deleted does that): routes_event forgot what the ConfigMaps hold and
+                # marked the pool dirty; the next pass lists them again and plans from there.
+                self.dirty.add(key)
+                return
             # Recorded before writing, so the watch events of our own writes are recognised.
-            shards = {n: t for n, t in self.shards[key].items() if n not in delete}
+            shards = {n: t for n, t in current.items() if n not in delete}
             shards.update({n: parsed[n] for n in write})
             self.texts.update({(key, n): t for n, t in write.items()})
             self.shards[key] = shards
