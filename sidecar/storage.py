@@ -127,16 +127,21 @@ class S3Storage:
               entries: list[ObjectEntry] | None = None) -> dict[str, str]:
         bucket, prefix = split_s3(uri)
         hashes = {}
+        buf = memoryview(bytearray(CHUNK))
         for e in entries if entries is not None else self.listing(uri):
             try:
                 resp = self.client.get_object(bucket, prefix + e.rel)
                 try:
-                    hashes[e.rel] = _write_hashed(dest, e.rel, resp.stream(CHUNK), progress)
+                    got = [0]
+                    hashes[e.rel] = _write_hashed(dest, e.rel, _body_chunks(resp, buf, got), progress)
+                    if got[0] != e.size:
+                        raise StorageError(f"{uri}: {e.rel}: got {got[0]} bytes, the listing said {e.size} "
+                                           f"(the object changed while it was read?)")
                 finally:
                     resp.close()
                     resp.release_conn()
-            except (Refused, OSError) as err:
-                if isinstance(err, Refused):
+            except (Refused, StorageError, OSError) as err:
+                if isinstance(err, (Refused, StorageError)):
                     raise
                 if isinstance(err, FileExistsError):
                     raise Refused(f"{uri}: object {e.rel!r} listed twice", "path") from None
@@ -144,6 +149,26 @@ class S3Storage:
             except Exception as err:  # urllib3 protocol errors, S3Error: transient
                 raise StorageError(f"{uri}: {e.rel}: {type(err).__name__}: {err}") from None
         return hashes
+
+
+def _body_chunks(resp, buf: memoryview, got: list[int]):
+    """The response body as views of ``buf`` (valid until the next one), counted into ``got[0]``.
+
+    Reading straight into one buffer saves a copy and an allocation per MiB over ``resp.stream()``
+    (urllib3 reads into a fresh bytearray, then copies it to bytes): +10% MB/s on a 256 MiB object
+    in a probe where the client's CPU is the limit. urllib3 keeps the http.client response as
+    ``_fp``; where it is not there, or the body is encoded or chunked, ``stream()`` is used. A body cut
+    short raises http.client.IncompleteRead, and the caller compares the count with the listing."""
+    fp = getattr(resp, "_fp", None)
+    if (fp is None or not hasattr(fp, "readinto") or getattr(resp, "chunked", False)
+            or resp.headers.get("content-encoding", "identity") != "identity"):
+        for chunk in resp.stream(CHUNK):
+            got[0] += len(chunk)
+            yield chunk
+        return
+    while n := fp.readinto(buf):
+        got[0] += n
+        yield buf[:n]
 
 
 class FileStorage:
