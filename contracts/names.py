@@ -118,6 +118,8 @@ class RuntimeEnv:
     DEVICE_SLOTS = "LORAFLEET_DEVICE_SLOTS"
     HOST_ADAPTERS = "LORAFLEET_HOST_ADAPTERS"
     MAX_RANK = "LORAFLEET_MAX_RANK"
+    # The base model's id in /v1/models and in requests (the operator sets the pool's name).
+    SERVED_MODEL_NAME = "LORAFLEET_SERVED_MODEL_NAME"
 
 
 class SidecarEnv:

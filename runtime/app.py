@@ -61,7 +61,7 @@ class Runtime:
         self.manager: AdapterManager | None = None
         self.worker: ModelWorker | None = None
         self.task = settings.task
-        self.base_name = Path(settings.model_dir).name or "base"
+        self.base_name = settings.served_model_name or Path(settings.model_dir).name or "base"
         self.model_error: str | None = None
         self.sync: SyncState | None = None
         self.require_sync = True  # lorafleet serve has no sidecar: it marks itself synced
@@ -575,6 +575,10 @@ def admin_app(rt: Runtime) -> FastAPI:
 
     @app.put("/admin/adapters/{name}/{version}")
     async def put_adapter(name: str, version: str, body: AdapterLoadRequest):
+        if name == rt.base_name:
+            # Requests naming it would reach the base model: the adapter could never be used.
+            raise ApiError(409, f"adapter name {name!r} is the base model's served name; give the adapter "
+                                f"another name", "invalid_request_error", "name_conflict")
         m = manager()
         entry, changed = await asyncio.to_thread(m.register, name, version, body)
         if entry.error:

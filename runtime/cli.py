@@ -26,13 +26,15 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-slots", type=int, help="env LORAFLEET_DEVICE_SLOTS")
     p.add_argument("--host-adapters", type=int, help="env LORAFLEET_HOST_ADAPTERS")
     p.add_argument("--max-rank", type=int, help="env LORAFLEET_MAX_RANK")
+    p.add_argument("--served-model-name", help="the base model's id in /v1/models and requests "
+                                                "(env LORAFLEET_SERVED_MODEL_NAME; default: the model folder's name)")
     p.add_argument("--log-level", default="info")
 
 
 def settings_from(args: argparse.Namespace, **extra) -> RuntimeSettings:
     names = ["model_dir", "task", "dtype", "device", "host", "port", "admin_port", "max_batch_size",
              "max_batch_delay_ms", "max_queue", "per_tenant_max_inflight", "device_slots", "host_adapters",
-             "max_rank"]
+             "max_rank", "served_model_name"]
     return RuntimeSettings.from_env(**{n: getattr(args, n, None) for n in names}, **extra)
 
 

@@ -20,6 +20,10 @@ def register_folder(rt, folder: Path) -> list[str]:
 
     failed = []
     for sub in sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file()):
+        if sub.name == rt.base_name:
+            failed.append(f"{sub.name}: the base model's served name; rename the folder or pass --served-model-name")
+            log.error("adapter folder %s has the base model's served name; not served", sub)
+            continue
         req = AdapterLoadRequest(path=str(sub.resolve()), sha256=directory_digest(sub), tenant=sub.name)
         entry, _ = rt.manager.register(sub.name, "1", req)
         if entry.error:

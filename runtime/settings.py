@@ -28,6 +28,7 @@ class RuntimeSettings:
     host_adapters: int = 512
     max_rank: int = 64
     max_new_tokens: int = 256  # default when a request gives none
+    served_model_name: str = ""  # the base model's id; empty: the model folder's name
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "RuntimeSettings":
@@ -38,7 +39,7 @@ class RuntimeSettings:
             "max_batch_size": RuntimeEnv.MAX_BATCH_SIZE, "max_batch_delay_ms": RuntimeEnv.MAX_BATCH_DELAY_MS,
             "max_queue": RuntimeEnv.MAX_QUEUE, "per_tenant_max_inflight": RuntimeEnv.PER_TENANT_MAX_INFLIGHT,
             "device_slots": RuntimeEnv.DEVICE_SLOTS, "host_adapters": RuntimeEnv.HOST_ADAPTERS,
-            "max_rank": RuntimeEnv.MAX_RANK,
+            "max_rank": RuntimeEnv.MAX_RANK, "served_model_name": RuntimeEnv.SERVED_MODEL_NAME,
         }
         s = cls()
         types = {f.name: f.type for f in fields(cls)}

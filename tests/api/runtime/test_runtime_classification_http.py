@@ -97,3 +97,24 @@ def test_classification_errors(server):
     r = c.post("/v1/classify", content=b"not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
     assert c.post("/v1/classify", json={"model": "cls1", "input": "hello"}).status_code == 200
+
+
+def test_the_base_model_answers_to_its_served_name(minilm, cls_adapters):
+    srv = start_runtime(minilm, served_model_name="support-pool")
+    try:
+        with httpx.Client(base_url=srv.admin_url) as admin:
+            assert put_adapter(admin, "cls0", "1", cls_adapters["cls0"]).status_code == 200
+            clash = put_adapter(admin, "support-pool", "1", cls_adapters["cls1"])
+            assert clash.status_code == 409 and clash.json()["error"]["code"] == "name_conflict"
+            assert "support-pool" in clash.json()["error"]["message"]
+            admin.put("/admin/sync", json={"preloadPending": 0})
+        c = httpx.Client(base_url=srv.url, timeout=30)
+        models = c.get("/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["support-pool", "cls0"]
+        assert models[1]["parent"] == "support-pool"
+        # The base model has no tenant head: named, it is the base (a clear 400), not an unknown model.
+        r = c.post("/v1/classify", json={"model": "support-pool", "input": "hello"})
+        assert r.status_code == 400 and "support-pool" in r.json()["error"]["message"]
+        assert c.post("/v1/classify", json={"model": "cls0", "input": "hello"}).status_code == 200
+    finally:
+        srv.stop()

@@ -34,6 +34,7 @@ def test_deployment_has_runtime_and_native_sidecar_sharing_the_cache():
     env, senv = _env(rt), _env(sc)
     assert env["LORAFLEET_DTYPE"] == "bfloat16" and env["LORAFLEET_MAX_BATCH_SIZE"] == "8"
     assert env["LORAFLEET_DEVICE_SLOTS"] == "4" and env["LORAFLEET_CACHE_DIR"] == "/var/lib/lorafleet"
+    assert env["LORAFLEET_SERVED_MODEL_NAME"] == "gen"  # the base model's id in /v1/models, not a digest
     assert senv["LORAFLEET_MAX_ADAPTER_BYTES"] == str(64 * 2**20) and senv["S3_REGION"] == "eu-1"
     assert senv["MODEL_URI"] == "s3://models/minilm/" and senv["MODEL_SHA256"] == "a" * 64
     assert not {k for k in env if k.startswith("AWS_")}
