@@ -68,6 +68,12 @@ class KubeView:
                 out[pod.metadata.name] = addr
         return out
 
+    def ready_gateways(self) -> int:
+        """Ready gateway pods of the pool (``lorafleet.io/gateway-for=<pool>``), this one included when
+        it runs in one: tenant limits are divided by it. 0 when none is visible (run by hand)."""
+        pods = self.client.list(Pod, namespace=self.namespace, labels={names.LABEL_GATEWAY_FOR: self.pool})
+        return sum(1 for pod in pods if pod_ready(pod))
+
     def directory(self) -> Directory:
         d = Directory()
         adapters = []

@@ -23,6 +23,11 @@ class GatewayMetrics:
                                "failed before answering", ["replica"], registry=r)
         self.inflight = Gauge("lorafleet_gateway_inflight", "Requests open on a replica", ["replica"], registry=r)
         self.replicas = Gauge("lorafleet_gateway_replicas", "Replicas by health", ["healthy"], registry=r)
+        self.gateways = Gauge("lorafleet_gateway_ready_gateways",
+                              "Ready gateway replicas of the pool (pods labelled lorafleet.io/gateway-for=<pool>, "
+                              "at least 1); this replica enforces 1/N of each tenant's rate, burst and concurrency",
+                              registry=r)
+        self.gateways.set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -52,12 +52,15 @@ def bearer(request: web.Request) -> str | None:
 class Gateway:
     """``pods``: returns pod name -> address of the pool's ready pods (blocking; run in a thread).
     ``directory``: returns the current tenant ``Directory`` (blocking), or None to run without tenant
-    keys (benchmarks and single-tenant development only: every caller is one anonymous tenant)."""
+    keys (benchmarks and single-tenant development only: every caller is one anonymous tenant).
+    ``gateways``: returns how many gateway replicas of the pool are Ready (blocking); each replica
+    enforces 1/N of every tenant's limits. None: this gateway alone (N = 1)."""
 
     def __init__(self, pods: Callable[[], dict[str, str]], directory: Callable[[], Directory] | None,
                  policy: str = "affinity", spill_inflight: int = 8, retries: int = 2, poll_s: float = 1.0,
-                 replica_poll_s: float = 0.5, metrics: GatewayMetrics | None = None):
-        self.pods_source, self.directory_source = pods, directory
+                 replica_poll_s: float = 0.5, metrics: GatewayMetrics | None = None,
+                 gateways: Callable[[], int] | None = None):
+        self.pods_source, self.directory_source, self.gateways_source = pods, directory, gateways
         self.router = AffinityRouter(spill_inflight) if policy == "affinity" else RoundRobinRouter()
         self.retries, self.poll_s, self.replica_poll_s = retries, poll_s, replica_poll_s
         self.metrics = metrics or GatewayMetrics()
@@ -65,6 +68,8 @@ class Gateway:
         self.directory = Directory()
         self.directory_loaded = directory is None
         self.admission = Admission()
+        self.gateways = 1  # Ready gateway replicas of the pool, at least 1: limits are divided by it
+        self.gateways_loaded = gateways is None
         self.session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
         self._kube_lock = asyncio.Lock()
@@ -111,6 +116,17 @@ class Gateway:
         for p in set(d.problems) - set(self.directory.problems):
             log.warning("%s", p)
         self.directory, self.directory_loaded = d, True
+
+    async def refresh_gateways(self) -> None:
+        async with self._kube_lock:
+            # No Ready gateway pod visible (run by hand, or this pod not Ready yet and no peer): itself.
+            n = max(1, await asyncio.to_thread(self.gateways_source))
+        if n != self.gateways:
+            log.info("the pool has %d Ready gateway replicas (was %d): this one now admits 1/%d of each "
+                     "tenant's rate limit and burst and ceil(1/%d) of its maxConcurrency", n, self.gateways, n, n)
+            self.gateways = n
+            self.metrics.gateways.set(n)
+        self.gateways_loaded = True
 
     async def _every(self, seconds: float, step, what: str) -> None:
         while True:
@@ -171,6 +187,9 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._replica_loop()))
         if self.directory_source is not None:
             self._tasks.append(asyncio.create_task(self._every(self.poll_s, self.refresh_directory, "tenants")))
+        if self.gateways_source is not None:
+            self._tasks.append(asyncio.create_task(self._every(self.poll_s, self.refresh_gateways,
+                                                               "the pool's gateway replicas")))
 
     async def _cleanup(self, _app) -> None:
         for t in self._tasks:
@@ -185,20 +204,29 @@ class Gateway:
         view = {r.name: {"url": r.url, "healthy": r.healthy, "inflight": r.inflight, "adapters": len(r.adapters),
                          "device": sorted(a for a, s in r.adapters.items() if s == "device")}
                 for r in self.replicas.values()}
-        healthy = [r for r in self.replicas.values() if r.healthy]
-        if not healthy or not self.directory_loaded:
-            why = "tenants not read yet" if not self.directory_loaded else "no ready replica answered yet"
+        why = self.not_ready_because()
+        if why:
             return web.json_response({"error": {"message": f"not ready: {why}", "type": "service_unavailable",
-                                                "code": "not_ready"}, "replicas": view}, status=503)
-        return web.json_response({"status": "ready", "replicas": view,
+                                                "code": "not_ready"}, "replicas": view,
+                                      "gatewayReplicas": self.gateways}, status=503)
+        return web.json_response({"status": "ready", "replicas": view, "gatewayReplicas": self.gateways,
                                   "tenants": len(self.directory.limits), "problems": self.directory.problems})
 
-    async def readyz_public(self, request: web.Request) -> web.Response:
-        detailed = await self.readyz(request)
-        if detailed.status == 200:
+    def not_ready_because(self) -> str | None:
+        if not self.directory_loaded:
+            return "tenants not read yet"
+        if not self.gateways_loaded:
+            # Until then it would admit each tenant's whole limit on top of its peers' shares.
+            return "the pool's gateway replicas not counted yet"
+        if not any(r.healthy for r in self.replicas.values()):
+            return "no ready replica answered yet"
+        return None
+
+    async def readyz_public(self, _request: web.Request) -> web.Response:
+        why = self.not_ready_because()
+        if why is None:
             return web.json_response({"status": "ready"})
-        return error(503, "not ready: no ready replica answered yet" if self.directory_loaded else
-                     "not ready: tenants not read yet", "service_unavailable", "not_ready", {"Retry-After": "1"})
+        return error(503, f"not ready: {why}", "service_unavailable", "not_ready", {"Retry-After": "1"})
 
     async def metrics_endpoint(self, _request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -276,7 +304,7 @@ class Gateway:
                 return error(403, f"the API key of tenant {tenant} may not use model '{adapter}': it is not one "
                              f"of tenant {tenant}'s adapters", "permission_error", "adapter_forbidden")
         limits = self.directory.limits.get(tenant, TenantLimits())
-        refusal = self.admission.admit(tenant, limits)
+        refusal = self.admission.admit(tenant, limits, replicas=self.gateways)
         if refusal is not None:
             code, message, retry_after = refusal
             self.metrics.rejected.labels(tenant, code).inc()

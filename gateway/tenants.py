@@ -19,8 +19,20 @@ def key_digest(key: str) -> str:
 @dataclass(frozen=True)
 class TenantLimits:
     requests_per_second: float | None = None
-    burst: int = 1
+    burst: float = 1
     max_concurrency: int | None = None
+
+    def share(self, replicas: int) -> TenantLimits:
+        """What one of ``replicas`` gateway replicas enforces so that the pool as a whole holds the
+        tenant's limits, when the load balancer in front spreads requests evenly: rate/N, burst/N (at
+        least one token, or no request would ever pass) and ceil(maxConcurrency/N) (at least one)."""
+        n = max(1, replicas)
+        if n == 1:
+            return self
+        return TenantLimits(
+            None if self.requests_per_second is None else self.requests_per_second / n,
+            max(1.0, self.burst / n),
+            None if self.max_concurrency is None else math.ceil(self.max_concurrency / n))
 
 
 @dataclass
@@ -64,10 +76,19 @@ def adapter_owners(adapters: list, pool: str) -> tuple[dict[str, str], list[str]
 
 
 class TokenBucket:
-    def __init__(self, rate: float, burst: int, now: float | None = None):
+    def __init__(self, rate: float, burst: float, now: float | None = None):
         self.rate, self.burst = rate, max(1, burst)
         self.tokens = float(self.burst)
         self.stamp = time.monotonic() if now is None else now
+
+    def retune(self, rate: float, burst: float, now: float | None = None) -> None:
+        """New rate and size (the tenant's limits or the number of gateway replicas changed): tokens
+        earned so far are kept, up to the new size, so a change never hands out a fresh full burst."""
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.rate, self.burst = rate, max(1, burst)
+        self.tokens = min(self.tokens, self.burst)
 
     def take(self, now: float | None = None) -> float:
         """0 when a request may pass (a token is spent), else seconds until the next token."""
@@ -82,27 +103,37 @@ class TokenBucket:
 
 class Admission:
     """Per-tenant rate and concurrency. ``admit`` returns None (go, call ``release`` when done) or
-    ``(code, message, retry_after_s)``."""
+    ``(code, message, retry_after_s)``. ``replicas``: the pool's Ready gateway replicas; each enforces
+    its ``TenantLimits.share`` so that together they hold the tenant's limits."""
 
     def __init__(self):
         self.buckets: dict[str, tuple[TenantLimits, TokenBucket]] = {}
         self.inflight: dict[str, int] = {}
 
-    def admit(self, tenant: str, limits: TenantLimits, now: float | None = None):
-        if limits.max_concurrency is not None and self.inflight.get(tenant, 0) >= limits.max_concurrency:
-            return ("concurrency_limit_exceeded",
-                    f"tenant {tenant} already has {limits.max_concurrency} requests in flight "
-                    f"(LoRATenant spec.maxConcurrency); retry when one finishes", 1)
-        if limits.requests_per_second is not None:
+    def admit(self, tenant: str, limits: TenantLimits, now: float | None = None, replicas: int = 1):
+        mine = limits.share(replicas)
+        if mine.max_concurrency is not None and self.inflight.get(tenant, 0) >= mine.max_concurrency:
+            where = (f" through this gateway replica (its share of LoRATenant spec.maxConcurrency "
+                     f"{limits.max_concurrency} across {replicas} gateway replicas)" if replicas > 1 else
+                     " (LoRATenant spec.maxConcurrency)")
+            return ("concurrency_limit_exceeded", f"tenant {tenant} already has {mine.max_concurrency} requests "
+                    f"in flight{where}; retry when one finishes", 1)
+        if mine.requests_per_second is not None:
             held = self.buckets.get(tenant)
-            if held is None or held[0] != limits:  # new tenant or edited limits: a fresh bucket
-                held = (limits, TokenBucket(limits.requests_per_second, limits.burst, now))
+            if held is None:
+                held = (mine, TokenBucket(mine.requests_per_second, mine.burst, now))
                 self.buckets[tenant] = held
+            elif held[0] != mine:  # edited limits or another number of gateway replicas
+                held[1].retune(mine.requests_per_second, mine.burst, now)
+                held = self.buckets[tenant] = (mine, held[1])
             wait = held[1].take(now)
             if wait > 0:
                 return ("rate_limit_exceeded",
                         f"tenant {tenant} is over its rate limit of {limits.requests_per_second:g} requests/s "
-                        f"(burst {limits.burst}; LoRATenant spec.rateLimit)", max(1, math.ceil(wait)))
+                        f"(burst {limits.burst:g}; LoRATenant spec.rateLimit)"
+                        + (f"; this gateway replica admits {mine.requests_per_second:g}/s (burst {mine.burst:g}), "
+                           f"its share across {replicas} replicas" if replicas > 1 else ""),
+                        max(1, math.ceil(wait)))
         self.inflight[tenant] = self.inflight.get(tenant, 0) + 1
         return None
 

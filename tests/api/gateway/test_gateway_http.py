@@ -156,6 +156,76 @@ def test_rate_limit_and_concurrency_answer_429_with_retry_after(pool):
     assert 'lorafleet_gateway_request_seconds_bucket{le="0.5",tenant="acme"}' in metrics
 
 
+def test_tenant_limits_are_divided_among_the_pools_ready_gateway_replicas(pool, kube):
+    """With a second Ready gateway pod of the pool, this gateway admits half of a tenant's limits (the
+    load balancer sends it half the requests); once the peer is gone, the whole of them again."""
+    from lightkube import ApiError
+    from lightkube.models.core_v1 import Container, PodSpec
+    from lightkube.models.meta_v1 import ObjectMeta
+    from lightkube.resources.core_v1 import Pod, Secret
+    from lightkube.types import PatchType
+
+    from lorafleet.contracts import names
+    from lorafleet.gateway.kube import LoRATenantResource
+
+    ns = pool.namespace
+
+    def readyz() -> dict:
+        return httpx.get(f"{pool.ops}/readyz", timeout=5).json()
+
+    def gateway_pod(name: str, of_pool: str, ready: bool) -> None:
+        kube.create(Pod(metadata=ObjectMeta(name=name, namespace=ns, labels={names.LABEL_GATEWAY_FOR: of_pool}),
+                        spec=PodSpec(containers=[Container(name="gateway", image="lorafleet/control:0.1.0")])))
+        if ready:
+            kube.patch(Pod.Status, name, {"status": {"phase": "Running", "conditions": [
+                {"type": "Ready", "status": "True"}]}}, namespace=ns, patch_type=PatchType.MERGE)
+
+    # One token per 20 s (per 40 s at half the rate): far longer than the test runs, so the counts of
+    # 200s in a burst are exact even on a loaded machine.
+    tenants = readyz()["tenants"]
+    for tenant in ("hooli", "piper"):
+        kube.create(Secret(metadata=ObjectMeta(name=f"{tenant}-keys", namespace=ns),
+                           data={"api-key": base64.b64encode(f"{tenant}-key-1".encode()).decode()}))
+        kube.create(LoRATenantResource(metadata=ObjectMeta(name=tenant, namespace=ns), spec={
+            "apiKeySecretRef": {"name": f"{tenant}-keys", "key": "api-key"},
+            "rateLimit": {"requestsPerSecond": 0.05, "burst": 4}}))
+    wait_for(lambda: readyz()["tenants"] == tenants + 2, 10, what="the gateway to read tenants hooli and piper")
+    assert readyz()["gatewayReplicas"] == 1  # run by hand: no gateway pod of its own, counts itself
+    with pool.client("acme") as acme:
+        base = next(m["id"] for m in acme.get("/v1/models").json()["data"] if "parent" not in m)
+    mine = ["tiny-gateway-0", "tiny-gateway-1", "tiny-gateway-2", "other-gateway-0"]
+    try:
+        gateway_pod("tiny-gateway-0", "tiny", ready=True)    # this gateway, as its pod
+        gateway_pod("tiny-gateway-1", "tiny", ready=True)    # its peer
+        gateway_pod("tiny-gateway-2", "tiny", ready=False)   # starting: gets no traffic, does not count
+        gateway_pod("other-gateway-0", "other", ready=True)  # another pool's gateway
+        wait_for(lambda: readyz()["gatewayReplicas"] == 2, 10, what="the gateway to count 2 Ready gateway pods")
+        with pool.client(key="hooli-key-1") as c:
+            rs = [complete(c, base) for _ in range(6)]
+        assert [r.status_code for r in rs] == [200, 200, 429, 429, 429, 429]  # half the burst of 4
+        err = rs[-1].json()["error"]
+        assert err["code"] == "rate_limit_exceeded" and "its share across 2 replicas" in err["message"], err
+        assert 20 < int(rs[-1].headers["Retry-After"]) <= 40, "half of 0.05/s: 40 s to the next token"
+        assert re.search(r"^lorafleet_gateway_ready_gateways 2\.0$", pool.metrics(), re.M)
+
+        kube.delete(Pod, "tiny-gateway-1", namespace=ns)
+        wait_for(lambda: readyz()["gatewayReplicas"] == 1, 10, what="the gateway to count 1 Ready gateway pod")
+        with pool.client(key="hooli-key-1") as c:
+            r = complete(c, base)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) <= 20, "the whole 0.05/s again"
+        with pool.client(key="piper-key-1") as c:
+            assert [complete(c, base).status_code for _ in range(6)] == [200] * 4 + [429] * 2  # the whole burst
+        assert re.search(r"^lorafleet_gateway_ready_gateways 1\.0$", pool.metrics(), re.M)
+    finally:
+        for name in mine:
+            try:
+                kube.delete(Pod, name, namespace=ns)
+            except ApiError as e:  # already gone, or never created when the test failed early
+                if e.status.code != 404:
+                    raise
+    wait_for(lambda: readyz()["gatewayReplicas"] == 1, 10, what="the gateway back to counting itself alone")
+
+
 def test_a_replica_killed_mid_run_fails_no_request_and_never_replays_a_stream(pool):
     """Runs last in this module (the pool keeps two replicas afterwards)."""
     models = ["acme-support", "acme-chat"]

@@ -146,3 +146,34 @@ def test_the_command_refuses_to_start_without_a_pool(capsys, monkeypatch):
     monkeypatch.delenv("POD_NAMESPACE", raising=False)
     assert main(["--namespace", "team-a"]) == 2
     assert "--pool" in capsys.readouterr().err
+
+
+def test_with_n_gateway_replicas_each_enforces_a_share_so_the_pool_holds_the_tenants_limits():
+    lim = TenantLimits(requests_per_second=10.0, burst=4, max_concurrency=5)
+    assert lim.share(1) == lim and lim.share(0) == lim  # nobody visible: this replica alone
+    assert lim.share(2) == TenantLimits(5.0, 2.0, 3)    # rate/N, burst/N, ceil(maxConcurrency/N)
+    assert lim.share(3) == TenantLimits(10 / 3, 4 / 3, 2)
+    # Never below one token or one request in flight, or the tenant could not be served at all.
+    assert TenantLimits(1.0, 1, 1).share(8) == TenantLimits(0.125, 1.0, 1)
+    assert TenantLimits().share(4) == TenantLimits(burst=1.0)  # unlimited stays unlimited
+
+    # Two replicas: a burst of 4 lets 2 through here, then one token per 1/5 s (half of 10/s).
+    a = Admission()
+    assert [a.admit("acme", TenantLimits(10.0, 4), now=0.0, replicas=2) for _ in range(3)][:2] == [None, None]
+    code, message, retry = a.admit("acme", TenantLimits(10.0, 4), now=0.0, replicas=2)
+    assert code == "rate_limit_exceeded" and "5/s" in message and "2 replicas" in message and retry == 1
+    slow = TenantLimits(0.1, 4)
+    assert [a.admit("globex", slow, now=0.0, replicas=2) is None for _ in range(3)] == [True, True, False]
+    assert a.admit("globex", slow, now=0.0, replicas=2)[2] == 20  # 1 / (0.1/2) seconds to the next token
+    # The peer went away: the same bucket refills at the whole rate, without a fresh burst.
+    assert a.admit("globex", slow, now=0.0, replicas=1)[2] == 10
+    assert a.admit("globex", slow, now=10.0, replicas=1) is None
+    assert a.admit("globex", slow, now=10.0, replicas=1) is not None
+
+    # maxConcurrency 3 over two replicas: 2 in flight here.
+    c = Admission()
+    assert c.admit("umbrella", TenantLimits(max_concurrency=3), replicas=2) is None
+    assert c.admit("umbrella", TenantLimits(max_concurrency=3), replicas=2) is None
+    code, message, _ = c.admit("umbrella", TenantLimits(max_concurrency=3), replicas=2)
+    assert code == "concurrency_limit_exceeded" and "maxConcurrency 3 across 2 gateway replicas" in message
+    assert c.admit("umbrella", TenantLimits(max_concurrency=3), replicas=1) is None  # back to 3
