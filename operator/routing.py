@@ -144,7 +144,10 @@ def validity(adapters: list[AdapterView], pool: str) -> dict[str, list[str]]:
             continue
         found = a.spec.problems()
         holder = claims.get(a.served_name)
-        if holder is not None:
+        if a.served_name == pool:
+            found.append(f"spec.servedName: {pool!r} is the pool's base model id (requests naming it reach the "
+                         f"base model); set another spec.servedName")
+        elif holder is not None:
             found.append(f"spec.servedName: {a.served_name!r} is already served by LoRAAdapter {holder.name!r} "
                          f"in pool {pool!r}; choose another servedName")
         elif not found:

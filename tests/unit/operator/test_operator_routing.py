@@ -152,3 +152,15 @@ def test_a_bad_new_version_while_the_old_one_serves_is_degraded_not_failed():
     fresh = plan([adapter("b")]).table
     p = plan([adapter("b")], [pod("x", 1, failed={"b@1": "bad"}), pod("y", 1, failed={"b@1": "bad"})], previous=fresh)
     assert p.adapter_status["b"]["phase"] == "Failed"
+
+
+def test_an_adapter_served_under_the_pools_name_is_refused():
+    # The runtime serves the base model under the pool's name: an adapter there could never be reached.
+    p = plan([adapter("p"), adapter("ok")])
+    assert "p" not in p.table.adapters and "ok" in p.table.adapters
+    st = p.adapter_status["p"]
+    valid = next(c for c in st["conditions"] if c["type"] == "Valid")
+    assert st["phase"] == "Failed" and valid["status"] == "False"
+    assert "spec.servedName" in valid["message"] and "base model" in valid["message"]
+    renamed = plan([adapter("p", servedName="p-support")])
+    assert "p-support" in renamed.table.adapters
