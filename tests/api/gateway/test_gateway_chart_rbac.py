@@ -34,6 +34,8 @@ def test_the_gateway_service_account_reads_what_the_gateway_needs(control_plane,
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:3] == ["gateway", f"--namespace={namespace}", "--pool=tiny"]
+    # What the gateways count to divide tenant limits among themselves.
+    assert deployment["spec"]["template"]["metadata"]["labels"]["lorafleet.io/gateway-for"] == "tiny"
     control_plane.kubectl("apply", "--server-side", "-f", "-", input=rendered.stdout)
 
     control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all([
@@ -56,6 +58,7 @@ def test_the_gateway_service_account_reads_what_the_gateway_needs(control_plane,
     assert d.problems == [] and d.tenant_of_key("k-acme") == "acme" and d.owner("support") == "acme"
     assert d.limits["acme"].max_concurrency == 4
     assert view.ready_pods() == {}  # the pod exists but is not Ready
+    assert view.ready_gateways() == 0  # it may list the gateway pods too (none Ready here)
     can = subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={kubeconfig}", "auth", "can-i", "list",
                           "secrets", "-n", "default"], capture_output=True, text=True, timeout=30)
     assert can.stdout.strip() == "no"
