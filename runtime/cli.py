@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorafleet.runtime.app import Runtime, bind, serve_until_signalled
 
     rt = Runtime(settings)
+    rt.freeze_gc = True
     public, admin = bind(settings.host, settings.port), bind("127.0.0.1", settings.admin_port)
     rt.load_in_background(wait_s=args.model_wait_s)
     return serve_until_signalled(rt, public, admin, log_level=args.log_level)

@@ -3,7 +3,9 @@ loads, evictions and queue depth. Each runtime owns its registry (tests run seve
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import gc
+
+from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, CounterMetricFamily
 
 
@@ -25,6 +27,7 @@ class RuntimeMetrics:
         self.adapter_events = Counter("lorafleet_runtime_adapter_events",
                                       "Adapter admin events (loaded, failed, unloaded)", ["event"], registry=r)
         self._runtime = None
+        GCCollector(registry=r)  # python_gc_collections_total by generation: full collections show here
 
     def bind(self, runtime) -> None:
         """Gauges read at scrape time from the runtime's tiers and queue."""
@@ -59,3 +62,7 @@ class _TierCollector:
         ev.add_metric(["host"], rt.manager.host_evictions)
         ev.add_metric(["device"], rt.engine.slots.evictions)
         yield ev
+        fz = GaugeMetricFamily("lorafleet_runtime_gc_frozen_objects",
+                               "Python objects moved out of the garbage collector's reach after the model loaded")
+        fz.add_metric([], gc.get_freeze_count())
+        yield fz

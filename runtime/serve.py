@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rt = Runtime(settings)
     rt.require_sync = False  # no sidecar: ready once the model and the folder's adapters are loaded
+    rt.freeze_gc = True
     try:
         rt.load()
     except (FileNotFoundError, OSError, ValueError) as e:

@@ -88,6 +88,12 @@ def test_runtime_waits_for_its_model_then_loads_adapters_from_the_cache(tiny_lla
         r = httpx.post(url + "/v1/chat/completions", json={"model": "acme", "max_tokens": 2,
                                                             "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200 and r.json()["model"] == "acme@1"
-        assert "lorafleet_runtime_adapters" in httpx.get(url + "/metrics").text
+        metrics = httpx.get(url + "/metrics").text
+        assert "lorafleet_runtime_adapters" in metrics
+        # The model's objects are out of the collector's reach: full collections stay short.
+        frozen = next(float(line.split()[-1]) for line in metrics.splitlines()
+                      if line.startswith("lorafleet_runtime_gc_frozen_objects "))
+        assert frozen > 100_000
+        assert 'python_gc_collections_total{generation="2"}' in metrics
     finally:
         assert _stop(p) == 0, (tmp_path / "runtime.log").read_text()[-2000:]
