@@ -165,8 +165,8 @@ class GatewaySpec(_Model):
     """``lorafleet gateway`` in front of this pool, deployed by the operator (docs/gateway.md)."""
     enabled: bool = Field(False, description="Deploy a gateway for this pool; with spec.ingress set, the "
                                              "Ingress sends requests to the gateway (tenants need API keys)")
-    replicas: int = Field(1, ge=0, le=100, description="Gateway pods; each keeps its own limits, so a tenant "
-                                                       "gets up to replicas times its rate limit")
+    replicas: int = Field(1, ge=0, le=100, description="Gateway pods; each enforces its share of a tenant's "
+                                                       "limits (divided by the Ready gateway pods)")
     image: str | None = Field(None, max_length=512, description="Gateway image; default spec.sidecar.image "
                                                                 "(the control image)")
     spill_inflight: int = Field(8, ge=1, le=100_000, description="Requests open on a pod before the next "
