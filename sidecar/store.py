@@ -71,12 +71,12 @@ class ContentStore:
         entry without its durable marker is verified again (made durable if whole, removed if not)."""
         for leftover in self.layout.tmp.iterdir():
             remove_tree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-        cached = {(self.layout.adapter_dir(d), d) for d in self.layout.cached_adapters()}
-        cached |= {(self.layout.model_dir(d), d) for d in self.layout.cached_models()}
+        cached = {d: self.layout.adapter_dir(d) for d in self.layout.cached_adapters()}
+        cached |= {d: self.layout.model_dir(d) for d in self.layout.cached_models()}
         for marker in self.layout.durable.iterdir():
-            if marker.name not in {d for _, d in cached}:
+            if marker.name not in cached:
                 marker.unlink(missing_ok=True)
-        for path, digest in sorted(cached):
+        for digest, path in sorted(cached.items()):
             if not self.layout.durable_marker(digest).exists():
                 self._verify_again(path, digest)
         entries = {}
