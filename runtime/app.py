@@ -194,16 +194,20 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class CompletionRequest(_Body):
-    model: str
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+class _Sampling(_Body):
+    """The OpenAI sampling fields both completion endpoints take, with the same bounds."""
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=1)
+
+
+class CompletionRequest(_Sampling):
+    model: str
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
 
 
 class ChatMessage(_Body):
@@ -211,17 +215,11 @@ class ChatMessage(_Body):
     content: str | list[dict] | None = ""
 
 
-class ChatRequest(_Body):
+class ChatRequest(_Sampling):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, gt=0, le=1)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1)
 
 
 class TGIParameters(_Body):
