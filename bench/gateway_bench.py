@@ -28,6 +28,9 @@ import httpx
 
 from lorafleet.localstack.procs import ManagedProcess, free_port, wait_for
 
+# Test support code (tiny seeded models, adapter makers) lives under tests/support, not in the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 
 def make_adapters(model: Path, out: Path, n: int) -> None:
     """One adapter saved by PEFT, then ``n`` siblings with its config and seeded random factors of the
@@ -35,7 +38,7 @@ def make_adapters(model: Path, out: Path, n: int) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lorafleet.runtime.testing_models import make_generation_adapter
+    from support.models import make_generation_adapter
 
     proto = make_generation_adapter(model, out / "_proto", seed=1, r=8, alpha=16)
     tensors = load_file(str(proto / "adapter_model.safetensors"))
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from lorafleet.runtime.testing_models import make_tiny_llama
+    from support.models import make_tiny_llama
 
     work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     try:

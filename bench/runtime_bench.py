@@ -28,6 +28,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+# Test support code (tiny seeded models, adapter makers) lives under tests/support, not in the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 PREFILL_ROWS = 8  # prefill: this many rows (each a different adapter) of 128 tokens
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,7 +90,7 @@ class Bench:
                               bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
             torch.manual_seed(0)
             LlamaForCausalLM(cfg).save_pretrained(out)
-            from lorafleet.runtime.testing_models import build_tokenizer
+            from support.models import build_tokenizer
 
             build_tokenizer(vocab).save_pretrained(out)
         return out
@@ -325,7 +328,7 @@ class Bench:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from lorafleet.runtime.engines import ClassificationEngine
-        from lorafleet.runtime.testing_models import CORPUS, minilm_path
+        from support.models import CORPUS, minilm_path
         from lorafleet.runtime.tiers import AdapterManager
 
         base_dir = minilm_path()

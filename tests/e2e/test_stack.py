@@ -28,7 +28,7 @@ PROBES = ["where is my parcel", "I forgot my password", "the invoice is wrong ag
 def oracle_scores(minilm_dir: Path, adapter_dir: Path) -> list[dict[str, float]]:
     import torch
 
-    from lorafleet.runtime.testing_models import PeftOracle
+    from support.models import PeftOracle
 
     labels = json.loads((adapter_dir / "labels.json").read_text())
     probs = torch.softmax(PeftOracle(minilm_dir, "sequence-classification").logits(adapter_dir, PROBES), -1)
@@ -51,7 +51,7 @@ def matches(got: list[dict[str, float]], want: list[dict[str, float]], tol: floa
 def adapters(minilm_dir, tmp_path_factory):
     """name -> (dir, oracle) for the tenants' adapter versions used below (different label sets, so a
     wrong tenant or version is visible in the labels alone)."""
-    from lorafleet.runtime.testing_models import make_classification_adapter
+    from support.models import make_classification_adapter
 
     root = tmp_path_factory.mktemp("adapters")
     specs = {

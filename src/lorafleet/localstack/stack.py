@@ -335,7 +335,9 @@ class Stack:
 
 
 def _train(model_dir: Path, out: Path, labels: list[str], seed: int) -> None:
-    code = ("import sys; from lorafleet.runtime.testing_models import make_classification_adapter as m; "
+    # The adapter makers are test support code (tests/support), not part of the shipped package.
+    code = (f"import sys; sys.path.insert(0, {str(_repo() / 'tests')!r}); "
+            "from support.models import make_classification_adapter as m; "
             "m(sys.argv[1], sys.argv[2], labels=sys.argv[3].split(','), seed=int(sys.argv[4]), train_steps=40)")
     r = subprocess.run([sys.executable, "-c", code, str(model_dir), str(out), ",".join(labels), str(seed)],
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

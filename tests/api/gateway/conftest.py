@@ -51,7 +51,7 @@ class Pool:
 def gw_adapters(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from lorafleet.runtime.testing_models import make_generation_adapter, make_tiny_llama
+    from support.models import make_generation_adapter, make_tiny_llama
 
     root = tmp_path_factory.mktemp("gateway-pool")
     model = make_tiny_llama(root / "model")

@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def gen_adapters20(tiny_llama, tmp_path_factory):
     """20 tenants' generation adapters plus a second version of gen15 (for a rollout during traffic)."""
-    from lorafleet.runtime.testing_models import make_generation_adapter, make_generation_suite
+    from support.models import make_generation_adapter, make_generation_suite
 
     root = tmp_path_factory.mktemp("gen20")
     out = make_generation_suite(tiny_llama, root, 20)

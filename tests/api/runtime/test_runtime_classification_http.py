@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from lorafleet.runtime.testing_models import PeftOracle, make_classification_adapter, put_adapter, start_runtime
+from support.models import PeftOracle, make_classification_adapter, put_adapter, start_runtime
 
 TEXTS = ["my order has not arrived", "the invoice is wrong", "great product , thanks !", "please reset my password",
          "where is my refund", "hello"]

@@ -12,7 +12,7 @@ import pytest
 
 from lorafleet.localstack.procs import wait_for
 from lorafleet.runtime.app import FALLBACK_CHAT_PROMPT, FALLBACK_CHAT_TEMPLATE
-from lorafleet.runtime.testing_models import PeftOracle, put_adapter, start_runtime
+from support.models import PeftOracle, put_adapter, start_runtime
 
 PROMPTS = ["hello world , how are", "please refund me , the invoice"]
 NEW = 6

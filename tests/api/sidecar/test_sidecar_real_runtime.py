@@ -17,7 +17,7 @@ from sidecar_api_support import digest, sync_report, upload_dir
 
 def test_sidecar_feeds_the_real_runtime(kube, namespace, pod, s3, bucket, tmp_path, cache_dir, routes,
                                         control_plane, minio_server, monkeypatch):
-    from lorafleet.runtime.testing_models import make_classification_adapter, minilm_path
+    from support.models import make_classification_adapter, minilm_path
 
     model = minilm_path()
     model_uri, model_sha = upload_dir(s3, bucket, model, "models/minilm/"), digest(model)

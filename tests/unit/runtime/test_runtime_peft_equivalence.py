@@ -9,7 +9,7 @@ import torch
 from lorafleet.contracts.runtime_api import AdapterLoadRequest
 from lorafleet.runtime.engines import ClassificationEngine, GenerationEngine, Sequence
 from lorafleet.runtime.tiers import AdapterManager
-from lorafleet.runtime.testing_models import PeftOracle
+from support.models import PeftOracle
 
 PROMPTS = ["hello world , how are", "the quick brown fox", "please refund me", "my order has not arrived , please",
            "one two three", "support billing", "great product , thanks !", "the invoice is wrong .", "red green"]
