@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.model_dir:
         print("lorafleet runtime: no model directory; pass --model DIR or set LORAFLEET_MODEL_DIR", file=sys.stderr)
         return 2
-    from lorafleet.runtime.app import Runtime, bind, serve_until_signalled
+    from lorafleet.runtime.lifecycle import Runtime
+    from lorafleet.runtime.server import bind, serve_until_signalled
 
     rt = Runtime(settings)
     rt.freeze_gc = True

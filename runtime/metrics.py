@@ -53,14 +53,15 @@ class _TierCollector:
             g.add_metric([tier], n)
         yield g
         q = GaugeMetricFamily("lorafleet_runtime_queue_depth", "Work items waiting for the model worker")
-        q.add_metric([], rt.scheduler.queued)
+        cap = rt.engine.capacity()
+        q.add_metric([], cap.get("queued", 0))
         yield q
         loads = CounterMetricFamily("lorafleet_runtime_adapter_loads", "Adapter reads from disk into host memory")
         loads.add_metric([], rt.manager.loads)
         yield loads
         ev = CounterMetricFamily("lorafleet_runtime_adapter_evictions", "Evictions by tier", labels=["tier"])
         ev.add_metric(["host"], rt.manager.host_evictions)
-        ev.add_metric(["device"], rt.engine.slots.evictions)
+        ev.add_metric(["device"], cap.get("device_evictions", 0))
         yield ev
         fz = GaugeMetricFamily("lorafleet_runtime_gc_frozen_objects",
                                "Python objects moved out of the garbage collector's reach after the model loaded")

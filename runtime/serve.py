@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.model_dir:
         print("lorafleet serve: pass --model DIR (a transformers model directory)", file=sys.stderr)
         return 2
-    from lorafleet.runtime.app import Runtime, bind, serve_until_signalled
+    from lorafleet.runtime.lifecycle import Runtime
+    from lorafleet.runtime.server import bind, serve_until_signalled
 
     rt = Runtime(settings)
     rt.require_sync = False  # no sidecar: ready once the model and the folder's adapters are loaded

@@ -4,50 +4,16 @@ batching for generation. The asyncio loop only submits work and receives events.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
+from lorafleet.runtime.engine_api import Overloaded, Work
 from lorafleet.runtime.engines import ClassificationEngine, Engine, GenerationEngine, Sequence
-from lorafleet.runtime.tiers import AdapterEntry
 
 log = logging.getLogger("lorafleet.runtime")
-
-
-class Overloaded(Exception):
-    """429: the queue is full or the tenant is over its share."""
-
-    def __init__(self, message: str, code: str, retry_after: int = 1):
-        super().__init__(message)
-        self.code = code
-        self.retry_after = retry_after
-
-
-@dataclass(eq=False)
-class Work:
-    """One unit of work (one input to classify, or one sequence to generate) and its way back."""
-
-    tenant: str
-    entry: AdapterEntry | None
-    payload: Any  # str to classify, or a Sequence
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    enqueued: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-
-    def send(self, kind: str, value: Any = None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the loop is gone (server shutting down)
-            pass
-
-    @property
-    def key(self):
-        return None if self.entry is None else self.entry.key
 
 
 class Scheduler:

@@ -223,7 +223,8 @@ class PeftOracle:
 
 def start_runtime(model_dir, **settings):
     """A runtime (for tests) on loopback ports (public + admin), model loaded, not yet synced."""
-    from lorafleet.runtime.app import Runtime, RuntimeServer
+    from lorafleet.runtime.lifecycle import Runtime
+    from lorafleet.runtime.server import RuntimeServer
     from lorafleet.runtime.settings import RuntimeSettings
 
     rt = Runtime(RuntimeSettings.from_env({}, model_dir=str(model_dir), **settings))

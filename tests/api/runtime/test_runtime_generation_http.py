@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from lorafleet.localstack.procs import wait_for
-from lorafleet.runtime.app import FALLBACK_CHAT_PROMPT, FALLBACK_CHAT_TEMPLATE
+from lorafleet.runtime.generation import FALLBACK_CHAT_PROMPT, FALLBACK_CHAT_TEMPLATE
 from support.models import PeftOracle, put_adapter, start_runtime
 
 PROMPTS = ["hello world , how are", "please refund me , the invoice"]
@@ -199,16 +199,16 @@ def test_queue_full_and_tenant_over_share_get_429_with_retry_after(tiny_llama, g
             for name in ("gen0", "gen1", "gen2"):
                 put_adapter(admin, name, "1", gen_adapters20[name])
         gate = threading.Event()
-        srv.rt.scheduler.post(gate.wait)  # hold the model worker so requests stay queued
+        srv.rt.engine.scheduler.post(gate.wait)  # hold the model worker so requests stay queued
         body = {"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}
         with ThreadPoolExecutor(4) as pool:
             first = pool.submit(httpx.post, srv.url + "/v1/completions", json={"model": "gen0", **body}, timeout=60)
-            wait_for(lambda: srv.rt.scheduler.queued == 1, what="first request queued")
+            wait_for(lambda: srv.rt.engine.scheduler.queued == 1, what="first request queued")
             r = httpx.post(srv.url + "/v1/completions", json={"model": "gen0", **body})
             assert r.status_code == 429 and r.json()["error"]["code"] == "tenant_over_share"
             assert int(r.headers["retry-after"]) >= 1
             second = pool.submit(httpx.post, srv.url + "/v1/completions", json={"model": "gen1", **body}, timeout=60)
-            wait_for(lambda: srv.rt.scheduler.queued == 2, what="second request queued")
+            wait_for(lambda: srv.rt.engine.scheduler.queued == 2, what="second request queued")
             r = httpx.post(srv.url + "/v1/completions", json={"model": "gen2", **body})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
             assert "retry-after" in r.headers

@@ -1,0 +1,112 @@
+"""The one interface between the runtime's HTTP layer and an engine that runs a model.
+
+The HTTP layer (routers, lifecycle) only ever talks to a ``ServingEngine``: it builds requests, submits
+them for an adapter, reads events back and cancels what nobody waits for; it tells the engine when an
+adapter is registered or dropped and asks it for its capacity. The torch engine (torch_engine.py) is
+one implementation; a second engine implements the same methods without touching the HTTP layer.
+
+Torch-free on purpose: nothing here runs a model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Overloaded(Exception):
+    """429: the queue is full or the tenant is over its share."""
+
+    def __init__(self, message: str, code: str, retry_after: int = 1):
+        super().__init__(message)
+        self.code = code
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Work:
+    """One unit of work (one input to classify, or one sequence to generate) and its way back.
+
+    Events on ``events``: ("token", id), ("done", finish_reason), ("result", value), ("error", exc)."""
+
+    tenant: str
+    entry: Any  # tiers.AdapterEntry, or None for the base model
+    payload: Any  # str to classify, or the engine's sequence object
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    def send(self, kind: str, value: Any = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is gone (server shutting down)
+            pass
+
+    @property
+    def key(self):
+        return None if self.entry is None else self.entry.key
+
+
+@dataclass
+class SamplingParams:
+    """What a generation request asks for, as the HTTP layer validated it (engine-neutral)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: set[int] = field(default_factory=set)
+
+
+class ServingEngine(ABC):
+    """What an engine offers the runtime. Every method is called on the asyncio loop's thread unless
+    it says otherwise; the engine runs its model wherever it likes (the torch engine: one worker
+    thread) and answers through ``Work.send``."""
+
+    task: str = ""
+    tokenizer: Any = None
+    dtype: Any = None  # the adapters' weight dtype in host memory (the tiers need it)
+
+    # --- requests ---------------------------------------------------------------------------------
+    @abstractmethod
+    def max_input_tokens(self) -> int:
+        """Prompt + new tokens (generation) or input tokens (classification) one request may take."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` (safe to call on the event loop while the engine runs)."""
+        raise NotImplementedError
+
+    def new_sequence(self, prompt: list[int], params: SamplingParams) -> Any:
+        """The engine's object for one generation request (``.prompt`` and ``.generated`` readable)."""
+        raise NotImplementedError(f"the {self.task} engine does not generate text")
+
+    @abstractmethod
+    def submit(self, works: list[Work]) -> None:
+        """Queue all of ``works`` (one request) or none: raises ``Overloaded``."""
+
+    def cancel(self, work: Work) -> None:
+        """Nobody waits for ``work`` any more: drop it from the queue or free its row within a step."""
+        work.cancelled = True
+
+    # --- adapters -------------------------------------------------------------------------------
+    @abstractmethod
+    def bind(self, manager) -> None:
+        """Attach the adapter manager (host tier) this engine takes adapters from."""
+
+    @abstractmethod
+    def adapter_event(self, kind: str, entry) -> None:
+        """The manager registered ("loaded") or dropped ("unloaded") ``entry`` (any thread)."""
+
+    # --- capacity and lifecycle ------------------------------------------------------------------
+    @abstractmethod
+    def capacity(self) -> dict[str, int]:
+        """Current figures: device slots (total/used), rows, queued work."""
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...

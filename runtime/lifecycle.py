@@ -1,0 +1,156 @@
+"""The runtime's lifecycle: load the base model (in the background), bind the adapter tiers to the
+engine, readiness, and the per-request steps every route shares (task check, adapter resolution,
+submission with overload answered as 429)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from lorafleet.contracts.runtime_api import SyncState
+from lorafleet.runtime.engine_api import Overloaded, ServingEngine, Work
+from lorafleet.runtime.metrics import RuntimeMetrics
+from lorafleet.runtime.protocol import ApiError
+from lorafleet.runtime.settings import RuntimeSettings
+from lorafleet.runtime.tiers import AdapterEntry, AdapterManager, AdapterUnavailable, ModelNotFound
+
+log = logging.getLogger("lorafleet.runtime")
+
+
+def detect_task(model_dir: Path) -> str:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    return "text-generation" if any(a.endswith("ForCausalLM") for a in archs) else "sequence-classification"
+
+
+def build_engine(model_dir: Path, task: str, settings: RuntimeSettings, metrics) -> ServingEngine:
+    """The engine for ``task``: lorafleet's torch engine (the one engine today)."""
+    from lorafleet.runtime.torch_engine import TorchEngine
+
+    return TorchEngine.from_dir(model_dir, task, settings, metrics)
+
+
+class Runtime:
+    """One runtime: loads the base model (in the background), owns the engine, serves both apps."""
+
+    def __init__(self, settings: RuntimeSettings):
+        self.settings = settings
+        self.instance = uuid.uuid4().hex
+        self.metrics = RuntimeMetrics()
+        self.engine: ServingEngine | None = None
+        self.manager: AdapterManager | None = None
+        self.task = settings.task
+        self.base_name = settings.served_model_name or Path(settings.model_dir).name or "base"
+        self.model_error: str | None = None
+        self.sync: SyncState | None = None
+        self.require_sync = True  # lorafleet serve has no sidecar: it marks itself synced
+        # Readiness waits for the first complete preload only: an adapter added later must not take a
+        # serving pod out of its Service (during a rollout the old version keeps answering).
+        self.preloaded = False
+        self.loaded = threading.Event()
+        # The commands set this: the process is the runtime's alone (not a test process holding many).
+        self.freeze_gc = False
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def load(self, wait_s: float = 0.0) -> None:
+        """Load the base model (blocking). With ``wait_s`` waits for the directory to appear."""
+        s = self.settings
+        model_dir = Path(s.model_dir)
+        deadline = time.monotonic() + wait_s
+        next_log = 0.0
+        while not (model_dir / "config.json").is_file():
+            if time.monotonic() >= deadline:
+                raise FileNotFoundError(f"model directory {model_dir} has no config.json; set --model / "
+                                        "LORAFLEET_MODEL_DIR to a transformers model directory")
+            if time.monotonic() >= next_log:
+                log.info("waiting for the base model at %s (the sidecar downloads it)", model_dir)
+                next_log = time.monotonic() + 10
+            time.sleep(0.5)
+        self.task = s.task or detect_task(model_dir)
+        t0 = time.monotonic()
+        engine = build_engine(model_dir, self.task, s, self.metrics)
+        manager = AdapterManager(self.task, s.host_adapters, s.cache_dir or None, engine.dtype,
+                                 on_event=self._adapter_event)
+        engine.bind(manager)
+        self.engine, self.manager = engine, manager
+        if self.freeze_gc:
+            # The model, tokenizer and imported modules are ~430,000 Python objects that live as long as
+            # the process. Every full collection walked them all: 165 ms with MiniLM, with the worker
+            # and the event loop stalled meanwhile. Frozen, a full collection walks what came later.
+            gc.collect()
+            gc.freeze()
+        engine.start()
+        self.metrics.bind(self)
+        self.loaded.set()
+        log.info("base model %s loaded (%s, %s) in %.1fs", model_dir, self.task, s.dtype, time.monotonic() - t0)
+
+    def load_in_background(self, wait_s: float = 0.0) -> threading.Thread:
+        def run():
+            try:
+                self.load(wait_s)
+            except Exception as e:
+                self.model_error = str(e)
+                log.exception("loading the base model failed")
+
+        t = threading.Thread(target=run, name="lorafleet-model-loader", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.loaded.is_set():
+            return False, self.model_error or "the base model is still loading"
+        if self.require_sync and not self.preloaded:
+            if self.sync is None or self.sync.preload_pending > 0:
+                pending = "no sync state from the sidecar yet" if self.sync is None else \
+                    f"{self.sync.preload_pending} preload adapters pending"
+                return False, pending
+            self.preloaded = True
+        return True, "ready"
+
+    def _adapter_event(self, kind: str, entry: AdapterEntry) -> None:
+        self.metrics.adapter_events.labels(kind).inc()
+        if self.engine is not None:
+            self.engine.adapter_event(kind, entry)
+
+    # --- requests --------------------------------------------------------------------------------
+    def need_task(self, task: str) -> None:
+        if not self.loaded.is_set():
+            raise ApiError(503, "the base model is still loading; retry shortly", "service_unavailable",
+                           "model_loading", {"Retry-After": "5"})
+        if self.task != task:
+            raise ApiError(400, f"this pool serves {self.task}; this endpoint needs a {task} pool",
+                           "invalid_request_error", "wrong_task")
+
+    def resolve(self, model: str | None) -> AdapterEntry | None:
+        if not model:
+            raise ApiError(400, "`model` is required: the served name of an adapter (or name@version)",
+                           "invalid_request_error", "missing_model")
+        if model == self.base_name:
+            return None
+        try:
+            return self.manager.resolve(model)
+        except ModelNotFound as e:
+            raise ApiError(404, str(e), "invalid_request_error", "model_not_found") from None
+        except AdapterUnavailable as e:
+            raise ApiError(503, str(e), "service_unavailable", "adapter_unavailable", {"Retry-After": "30"}) from None
+
+    def submit(self, entry: AdapterEntry | None, payloads: list[Any]) -> list[Work]:
+        loop = asyncio.get_running_loop()
+        tenant = entry.tenant if entry is not None else "_base"
+        works = [Work(tenant, entry, p, loop, asyncio.Queue()) for p in payloads]
+        try:
+            self.engine.submit(works)
+        except Overloaded as e:
+            raise ApiError(429, str(e), "rate_limit_exceeded", e.code, {"Retry-After": str(e.retry_after)}) from None
+        return works

@@ -1,0 +1,65 @@
+"""The admin API (127.0.0.1 only): what the sidecar calls to register and drop adapter versions and
+to report its sync state."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from lorafleet.contracts.runtime_api import AdapterLoadRequest, AdapterState, SyncState
+from lorafleet.runtime.lifecycle import Runtime
+from lorafleet.runtime.protocol import ApiError
+from lorafleet.runtime.tiers import AdapterEntry, AdapterManager
+
+
+def router(rt: Runtime) -> APIRouter:
+    r = APIRouter()
+
+    def manager() -> AdapterManager:
+        if rt.manager is None:
+            raise ApiError(503, rt.model_error or "the base model is still loading; retry shortly",
+                           "service_unavailable", "model_loading", {"Retry-After": "5"})
+        return rt.manager
+
+    def state(e: AdapterEntry) -> dict:
+        m = manager()
+        return AdapterState(name=e.name, version=e.version, sha256=e.sha256, tenant=e.tenant, weight=e.weight,
+                            pinned=e.pinned, state=m.state(e), error=e.error).model_dump(by_alias=True)
+
+    @r.put("/admin/adapters/{name}/{version}")
+    async def put_adapter(name: str, version: str, body: AdapterLoadRequest):
+        if name == rt.base_name:
+            # Requests naming it would reach the base model: the adapter could never be used.
+            raise ApiError(409, f"adapter name {name!r} is the base model's served name; give the adapter "
+                                f"another name", "invalid_request_error", "name_conflict")
+        m = manager()
+        entry, changed = await asyncio.to_thread(m.register, name, version, body)
+        if entry.error:
+            return JSONResponse({"error": {"message": f"adapter {entry.served}: {entry.error}",
+                                           "type": "invalid_request_error", "code": "adapter_load_failed"},
+                                 "adapter": state(entry)}, 422)
+        return state(entry) | {"changed": changed}
+
+    @r.delete("/admin/adapters/{name}/{version}")
+    async def delete_adapter(name: str, version: str):
+        entry = manager().unregister(name, version)
+        if entry is None:
+            raise ApiError(404, f"adapter {name}@{version} is not registered", "invalid_request_error",
+                           "model_not_found")
+        return {"name": name, "version": version, "deleted": True}
+
+    @r.get("/admin/adapters")
+    async def list_adapters():
+        if rt.manager is None:
+            return {"adapters": [], "instance": rt.instance}
+        return rt.manager.listing(rt.instance).model_dump(by_alias=True)
+
+    @r.put("/admin/sync")
+    async def put_sync(body: SyncState):
+        rt.sync = body
+        ok, why = rt.ready()
+        return {"ready": ok, "reason": why, "instance": rt.instance}
+
+    return r

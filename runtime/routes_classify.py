@@ -1,0 +1,59 @@
+"""The classification route: ``/v1/classify`` (each tenant's own classifier head over the base)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+
+from lorafleet.runtime.lifecycle import Runtime
+from lorafleet.runtime.protocol import ApiError, ClassifyRequest
+from lorafleet.runtime.routes_common import tag, unless_disconnected
+
+
+def router(rt: Runtime) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/v1/classify")
+    async def classify(request: Request, body: ClassifyRequest):
+        rt.need_task("sequence-classification")
+        entry = rt.resolve(body.model)
+        tag(request, entry)
+        if entry is None:
+            raise ApiError(400, f"the base model {rt.base_name} has no classifier head; name a tenant's adapter",
+                           "invalid_request_error", "no_classifier_head")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        limit = rt.engine.max_input_tokens()
+        for i, t in enumerate(texts):
+            n = rt.engine.count_tokens(t)
+            if n > limit:
+                raise ApiError(400, f"input[{i}] has {n} tokens; this model accepts at most {limit}. Shorten it.",
+                               "invalid_request_error", "input_too_long")
+        works = rt.submit(entry, texts)
+
+        def cancel_all() -> None:
+            for w in works:
+                rt.engine.cancel(w)
+
+        async def answers():
+            out = []
+            for w in works:
+                try:
+                    out.append(await w.events.get())
+                except asyncio.CancelledError:
+                    cancel_all()
+                    raise
+            return out
+
+        results = await unless_disconnected(request, answers(), cancel_all)
+        labels = entry.labels or []
+        data = []
+        for i, (kind, value) in enumerate(results):
+            if kind == "error":
+                raise ApiError(500, f"classification failed: {value}", "server_error", "internal_error")
+            scores = [{"label": labels[j], "score": p} for j, p in enumerate(value)]
+            top = max(scores, key=lambda s: s["score"])
+            data.append({"index": i, "label": top["label"], "score": top["score"], "labels": scores})
+        return {"object": "list", "model": entry.served, "data": data}
+
+    return r

@@ -1,0 +1,122 @@
+"""Server plumbing: sockets, the public and admin uvicorn servers in one event loop, the commands'
+signal handling, and ``RuntimeServer`` (the runtime on loopback ports in a thread, for tests,
+benchmarks and ``lorafleet serve``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+
+from lorafleet.runtime.app import admin_app, public_app
+from lorafleet.runtime.lifecycle import Runtime
+
+
+def bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _QuietServer:
+    """A uvicorn server that leaves signal handling to the public one."""
+
+    def __new__(cls, config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                yield
+
+        return Server(config)
+
+
+def exit_quietly_after_signals() -> None:
+    """uvicorn re-raises the signal that stopped it once shutdown is complete; a no-op handler lets the
+    command return 0 after a graceful SIGTERM (what Kubernetes sends) instead of dying by the signal."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+
+
+async def serve_async(rt: Runtime, public_sock: socket.socket, admin_sock: socket.socket,
+                      stop: asyncio.Event | None = None, log_level: str = "info", on_started=None) -> None:
+    """Run the public and admin servers until the public one exits (signal) or ``stop`` is set."""
+    import uvicorn
+
+    pub_cfg = uvicorn.Config(public_app(rt), log_level=log_level, timeout_graceful_shutdown=5)
+    adm_cfg = uvicorn.Config(admin_app(rt), log_level=log_level, timeout_graceful_shutdown=5)
+    pub = uvicorn.Server(pub_cfg) if stop is None else _QuietServer(pub_cfg)
+    adm = _QuietServer(adm_cfg)
+    adm_task = asyncio.create_task(adm.serve(sockets=[admin_sock]))
+    pub_task = asyncio.create_task(pub.serve(sockets=[public_sock]))
+    if on_started is not None:
+        while not (pub.started and adm.started):
+            await asyncio.sleep(0.01)
+        on_started()
+    if stop is not None:
+        await stop.wait()
+        pub.should_exit = True
+    await pub_task
+    adm.should_exit = True
+    await adm_task
+
+
+def serve_until_signalled(rt: Runtime, public_sock: socket.socket, admin_sock: socket.socket,
+                          log_level: str = "info") -> int:
+    """The commands' main loop: serve both APIs until SIGTERM/SIGINT, then close the runtime; 0."""
+    exit_quietly_after_signals()
+    try:
+        asyncio.run(serve_async(rt, public_sock, admin_sock, log_level=log_level))
+    finally:
+        rt.close()
+    return 0
+
+
+class RuntimeServer:
+    """The runtime on loopback ports in a background thread (tests, benchmarks, ``lorafleet serve``)."""
+
+    def __init__(self, rt: Runtime, host: str = "127.0.0.1", port: int = 0, admin_port: int = 0):
+        self.rt = rt
+        self.public_sock = bind(host, port)
+        self.admin_sock = bind("127.0.0.1", admin_port)
+        self.url = f"http://{host}:{self.public_sock.getsockname()[1]}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_sock.getsockname()[1]}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lorafleet-runtime-server", daemon=True)
+
+    def _run(self) -> None:
+        async def main():
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await serve_async(self.rt, self.public_sock, self.admin_sock, self._stop, "warning", self._started.set)
+
+        asyncio.run(main())
+
+    def start(self) -> "RuntimeServer":
+        self._thread.start()
+        if not self._started.wait(30):
+            raise RuntimeError("the runtime server did not start within 30 s")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=15)
+        self.rt.close()
+        self.public_sock.close()
+        self.admin_sock.close()
+
+    def __enter__(self) -> "RuntimeServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,94 @@
+"""lorafleet's own engine behind the ``ServingEngine`` interface: the batched multi-LoRA model
+(engines.py), the per-tenant scheduler and the one model-worker thread (worker.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lorafleet.runtime.engine_api import SamplingParams, ServingEngine, Work
+from lorafleet.runtime.settings import RuntimeSettings
+from lorafleet.runtime.worker import ModelWorker, Scheduler
+
+log = logging.getLogger("lorafleet.runtime")
+
+
+class TorchEngine(ServingEngine):
+    def __init__(self, model_engine, settings: RuntimeSettings, metrics=None):
+        self.model = model_engine  # ClassificationEngine or GenerationEngine
+        self.task = model_engine.task
+        self.tokenizer = model_engine.tokenizer
+        self.dtype = model_engine.dtype
+        self.settings = settings
+        self.scheduler = Scheduler(settings.max_queue, settings.per_tenant_max_inflight)
+        self.worker = ModelWorker(model_engine, self.scheduler, settings.max_batch_size,
+                                  settings.max_batch_delay_ms, metrics)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, task: str, settings: RuntimeSettings, metrics=None) -> "TorchEngine":
+        from lorafleet.runtime.engines import ClassificationEngine, GenerationEngine
+
+        s = settings
+        if task == "text-generation":
+            engine = GenerationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device, device_slots=s.device_slots,
+                                               max_rank=s.max_rank, max_seqs=s.max_batch_size)
+        else:
+            engine = ClassificationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device,
+                                                   device_slots=s.device_slots, max_rank=s.max_rank)
+        return cls(engine, settings, metrics)
+
+    # --- requests -------------------------------------------------------------------------------------
+    def max_input_tokens(self) -> int:
+        return self.model.max_input_tokens()
+
+    def count_tokens(self, text: str) -> int:
+        return self.model.count_tokens(text)
+
+    def new_sequence(self, prompt: list[int], params: SamplingParams):
+        from lorafleet.runtime.engines import Sequence
+
+        return Sequence(prompt=prompt, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                        top_p=params.top_p, seed=params.seed, stop_ids=set(params.stop_ids))
+
+    def submit(self, works: list[Work]) -> None:
+        self.scheduler.submit(works)
+
+    def cancel(self, work: Work) -> None:
+        # The worker skips cancelled queued work and retires cancelled rows at its next step.
+        work.cancelled = True
+
+    # --- adapters -------------------------------------------------------------------------------------
+    def bind(self, manager) -> None:
+        self.model.bind(manager)
+
+    def adapter_event(self, kind: str, entry) -> None:
+        model = self.model
+        if kind == "unloaded":
+            # Slots are the worker's; in-flight batches keep theirs until they finish.
+            self.scheduler.post(lambda: model.slots.drop(entry.key))
+        elif kind == "loaded" and entry.pinned:
+            def pin():
+                try:
+                    model.acquire(entry)
+                    model.release(entry)
+                except Exception:
+                    log.exception("pinning %s failed", entry.served)
+            self.scheduler.post(pin)
+
+    # --- capacity and lifecycle -------------------------------------------------------------------------
+    def capacity(self) -> dict[str, int]:
+        slots = self.model.slots
+        out = {"device_slots": slots.size, "device_slots_used": len(slots.by_key),
+               "device_evictions": slots.evictions, "queued": self.scheduler.queued,
+               "max_batch_size": self.settings.max_batch_size}
+        if hasattr(self.model, "free_rows"):
+            out["rows_free"] = len(self.model.free_rows)
+        return out
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def close(self) -> None:
+        self.scheduler.close()
+        if self.worker.is_alive():
+            self.worker.join(timeout=10)
