@@ -1,0 +1,63 @@
+"""Read a diffusion LoRA directory (diffusers ``pytorch_lora_weights.safetensors`` or one kohya file)
+into host tensors keyed ``unet.<module>`` / ``text_encoder.<module>``, with the scale diffusers'
+``load_lora_weights`` applies folded into B. Which files are accepted is ``contracts.diffusion_lora``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lorafleet.contracts import diffusion_lora as rules
+from lorafleet.runtime.peft_format import AdapterFormatError, HostAdapter, LoRAWeights, _pattern_value
+
+
+def _scale(plan: rules.DiffusionLoRAPlan, p: rules.ModulePlan, alphas: dict[str, float]) -> float:
+    if plan.layout == "kohya":
+        return alphas[p.alpha_key] / p.rank if p.alpha_key else 1.0
+    cfg = plan.config.get(p.component)
+    if not cfg:
+        return 1.0  # no metadata: diffusers sets alpha = r for every module
+    r = int(_pattern_value(cfg.get("rank_pattern") or {}, p.module, cfg["r"]))
+    if r != p.rank:
+        raise AdapterFormatError(f"{p.component}.{p.module}: rank {p.rank} in the weights but the metadata says "
+                                 f"r={r}")
+    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, p.module, cfg.get("lora_alpha", 8)))
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def load_diffusion_adapter(path: str | Path, base: dict[str, dict[str, list[int]]], max_rank: int,
+                           dtype: torch.dtype = torch.float32) -> HostAdapter:
+    """``base``: component -> module path -> weight shape (``DiffusionEngine.base_shapes``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFormatError(f"adapter directory {path} does not exist")
+    names = [p.name for p in path.iterdir() if p.is_file()]
+    pickles = [n for n in names if n.lower().endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    if pickles:
+        raise AdapterFormatError(f"{path}: pickle weights are refused ({', '.join(sorted(pickles))}); "
+                                 "save with safe_serialization=True")
+    name, why = rules.pick_weights_file(names)
+    if name is None:
+        raise AdapterFormatError(f"{path}: {why}")
+    with safe_open(str(path / name), framework="pt") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        plan, problems = rules.plan(shapes, f.metadata(), base, max_rank)
+        if plan is None:
+            raise AdapterFormatError(f"{path / name}: " + "; ".join(problems))
+        alphas = {p.alpha_key: float(f.get_tensor(p.alpha_key).item()) for p in plan.modules if p.alpha_key}
+        if plan.layout == "kohya" and len(set(alphas.values())) > 1:
+            raise AdapterFormatError(
+                f"{path / name}: per-module alphas differ ({sorted(set(alphas.values()))}); diffusers' "
+                "load_lora_weights applies them inconsistently, so they are refused: save one alpha")
+        modules: dict[str, LoRAWeights] = {}
+        nbytes = 0
+        for p in plan.modules:
+            scale = _scale(plan, p, alphas)
+            a = f.get_tensor(p.down_key).t().to(dtype).contiguous()
+            b = (f.get_tensor(p.up_key).t().float() * scale).to(dtype).contiguous()
+            modules[f"{p.component}.{p.module}"] = LoRAWeights(a, b, p.rank, scale)
+            nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+    return HostAdapter(modules=modules, task="text-to-image", max_rank=plan.max_rank, nbytes=nbytes)
