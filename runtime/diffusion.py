@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,7 +159,14 @@ class DiffusionEngine(Engine):
     def max_input_tokens(self) -> int:
         return self.max_tokens
 
+    def batcher(self, sched, max_jobs: int, metrics=None) -> "DiffusionBatcher":
+        return DiffusionBatcher(self, sched, max_jobs, metrics)
+
     # --- adapters ----------------------------------------------------------------------------------
+    def bind(self, manager) -> None:
+        super().bind(manager)
+        manager.read_adapter = self.load_adapter
+
     def load_adapter(self, path: str | Path, dtype: torch.dtype | None = None) -> HostAdapter:
         from lorafleet.runtime.diffusion_lora import load_diffusion_adapter
 
@@ -315,3 +323,121 @@ def encode_image(image, fmt: str = "png") -> bytes:
     Image.fromarray(image).save(buf, format="JPEG" if fmt in ("jpeg", "jpg") else "PNG")
     return buf.getvalue()
 
+
+
+class DiffusionBatcher:
+    """The model-worker side of a text-to-image pool (iteration-level batching): queued jobs are
+    admitted between steps while others denoise, every running job advances one step per round (one
+    UNet call per image size), finished ones are decoded, answered and give their slot back.
+
+    ``works`` carry an ``ImageJob`` as payload and receive ``("progress", (done, total))`` after each
+    step, then ``("result", images)`` or ``("error", exc)``."""
+
+    def __init__(self, engine: DiffusionEngine, sched, max_jobs: int, metrics=None, progress_log_s: float = 10.0):
+        self.engine = engine
+        self.sched = sched
+        self.max_jobs = max_jobs
+        self.metrics = metrics
+        self.progress_log_s = progress_log_s
+        self.active: list = []
+        self._logged: dict[int, float] = {}
+
+    def _accept(self, held: set):
+        chosen = set(held)
+
+        def accept(w) -> bool:
+            if w.key is None or w.key in chosen:
+                return True
+            if self.engine.slots.can_acquire(chosen | {w.key}):
+                chosen.add(w.key)
+                return True
+            return False
+
+        return accept
+
+    def _admit(self) -> None:
+        room = self.max_jobs - len(self.active)
+        if room <= 0 or not self.sched.queued:
+            return
+        held = {w.key for w in self.active if w.key is not None}
+        new = []
+        for w in self.sched.take(room, self._accept(held)):
+            try:
+                w.payload.slot = self.engine.acquire(w.entry)
+                new.append(w)
+            except Exception as e:
+                w.send("error", e)
+                self.sched.finished(w)
+        if not new:
+            return
+        try:
+            self.engine.start([w.payload for w in new])
+        except Exception as e:
+            log.exception("text encoding failed")
+            for w in new:
+                self._finish(w, error=e)
+            return
+        now = time.monotonic()
+        for w in new:
+            self._logged[id(w)] = now
+        self.active.extend(new)
+
+    def _finish(self, w, images=None, error: Exception | None = None) -> None:
+        if error is not None:
+            w.send("error", error)
+        elif images is not None:
+            w.send("result", images)
+        self._logged.pop(id(w), None)
+        self.engine.release(w.entry)
+        self.sched.finished(w)
+
+    def step(self) -> None:
+        if not self.active:
+            with self.sched.cv:
+                self.sched.cv.wait_for(lambda: self.sched.queued or self.sched.control or self.sched.closed,
+                                       timeout=0.5)
+        self._admit()
+        for w in [w for w in self.active if w.cancelled]:
+            self.active.remove(w)
+            self._finish(w)
+        by_size: dict[tuple[int, int], list] = {}
+        for w in self.active:
+            by_size.setdefault(w.payload.size, []).append(w)
+        for group in by_size.values():
+            t0 = time.perf_counter()
+            try:
+                self.engine.step([w.payload for w in group])
+            except Exception as e:
+                log.exception("denoising step failed")
+                for w in group:
+                    self.active.remove(w)
+                    self._finish(w, error=e)
+                continue
+            if self.metrics:
+                self.metrics.batch(TASK, sum(w.payload.rows for w in group), time.perf_counter() - t0)
+            now = time.monotonic()
+            for w in group:
+                job: ImageJob = w.payload
+                w.send("progress", (job.index, job.total))
+                if self.metrics:
+                    self.metrics.denoise_step(w.tenant)
+                if now - self._logged.get(id(w), now) >= self.progress_log_s and not job.done:
+                    self._logged[id(w)] = now
+                    log.info("image for %s (%s): %d/%d denoising steps", w.tenant,
+                             w.entry.served if w.entry else "base", job.index, job.total)
+        done = [w for w in self.active if w.payload.done]
+        if done:
+            self.active = [w for w in self.active if not w.payload.done]
+            try:
+                images = self.engine.decode([w.payload for w in done])
+            except Exception as e:
+                log.exception("decoding images failed")
+                for w in done:
+                    self._finish(w, error=e)
+                return
+            for w, img in zip(done, images):
+                self._finish(w, images=img)
+
+    def shutdown(self) -> None:
+        for w in self.active:
+            w.send("error", RuntimeError("the runtime is shutting down"))

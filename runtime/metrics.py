@@ -20,6 +20,9 @@ class RuntimeMetrics:
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.tokens = Counter("lorafleet_runtime_generated_tokens", "Generated tokens by tenant", ["tenant"],
                               registry=r)
+        self.denoising_steps = Counter("lorafleet_runtime_denoising_steps",
+                                       "Denoising steps done by tenant (text-to-image; one per image job per step)",
+                                       ["tenant"], registry=r)
         self.batch_size = Histogram("lorafleet_runtime_batch_size", "Rows per model forward", ["task"], registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batch_seconds = Histogram("lorafleet_runtime_batch_seconds", "Model forward time", ["task"],
@@ -37,6 +40,9 @@ class RuntimeMetrics:
     def batch(self, task: str, size: int, seconds: float) -> None:
         self.batch_size.labels(task).observe(size)
         self.batch_seconds.labels(task).observe(seconds)
+
+    def denoise_step(self, tenant: str) -> None:
+        self.denoising_steps.labels(tenant).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

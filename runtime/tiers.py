@@ -60,6 +60,9 @@ class AdapterManager:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.dtype = dtype
         self.check = check
+        # Reads an adapter directory into host tensors; an engine whose adapters have another layout
+        # (text-to-image) sets its own.
+        self.read_adapter = load_adapter_dir
         self.on_event = on_event or (lambda kind, entry: None)
         self._lock = threading.RLock()
         self._keys = itertools.count(1)
@@ -121,7 +124,7 @@ class AdapterManager:
     def _parse(self, entry: AdapterEntry) -> HostAdapter:
         if not entry.path.is_dir():
             raise AdapterFormatError(f"adapter directory {entry.path} does not exist")
-        host = load_adapter_dir(entry.path, self.dtype)
+        host = self.read_adapter(entry.path, self.dtype)
         if host.task is not None and host.task != self.task:
             raise AdapterFormatError(f"adapter {entry.served} was trained for {host.task} but this pool "
                                      f"serves {self.task}")

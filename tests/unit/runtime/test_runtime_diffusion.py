@@ -196,3 +196,79 @@ def test_bad_generation_parameters_are_refused_together(sd_base):
         engine.prepare(ImageJob("x", steps=0, height=30, n=20))
     msg = str(e.value)
     assert "height 30" in msg and "num_inference_steps 0" in msg and "n 20" in msg
+
+
+def test_twenty_clients_over_eight_adapters_with_three_slots_get_their_own_images(sd_base, oracle, tmp_path):
+    """Concurrency: fewer device slots than adapters, so slots are evicted and rewritten while other
+    tenants' images denoise; every image must still be its own adapter's (checked against diffusers)."""
+    import asyncio
+    import threading
+
+    from lorafleet.contracts.runtime_api import AdapterLoadRequest
+    from lorafleet.runtime.tiers import AdapterManager
+    from lorafleet.runtime.worker import Scheduler, Work
+
+    adapters = {}
+    for i in range(8):
+        if i % 2:
+            d, f = _kohya_dir(sd_base, tmp_path, f"k{i}", seed=100 + i, r=2 + i, alpha=1.5, pipe=oracle.pipe)
+            adapters[f"t{i}"] = (d, f)
+        else:
+            d = make_diffusers_lora(sd_base, tmp_path / f"p{i}", seed=100 + i, r=2 + i, alpha=4, pipe=oracle.pipe)
+            adapters[f"t{i}"] = (d, d)
+    engine = _engine(sd_base, slots=3)
+    manager = AdapterManager("text-to-image", 4)  # the host tier holds half of them too
+    engine.bind(manager)
+    entries = {}
+    for name, (d, _) in adapters.items():
+        entry, _ = manager.register(name, "1", AdapterLoadRequest(path=str(d), sha256="0" * 64, tenant=name))
+        assert entry.error is None, entry.error
+        entries[name] = entry
+    sched = Scheduler(max_queue=64, per_tenant_max_inflight=8)
+    batcher = engine.batcher(sched, max_jobs=6)
+    stop = threading.Event()
+    rounds = []
+
+    def worker():
+        while not stop.is_set():
+            batcher.step()
+            if batcher.active:
+                rounds.append({w.payload.slot for w in batcher.active})
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    clients = [(f"t{i % 8}", f"prompt {i} cat", 1000 + i, 3 + i % 3) for i in range(20)]
+
+    async def client(name, prompt, seed, steps):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = engine.prepare(ImageJob(prompt, steps=steps, seed=seed))
+        sched.submit([Work(name, entries[name], job, loop, events)])
+        progress = []
+        while True:
+            kind, value = await events.get()
+            if kind == "progress":
+                progress.append(value)
+            elif kind == "result":
+                return value, progress
+            else:
+                raise value
+
+    async def run_all():
+        return await asyncio.gather(*(client(*c) for c in clients))
+
+    try:
+        results = asyncio.run(run_all())
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert engine.slots.evictions > 0, "three slots for eight adapters: slots were reused"
+    assert max(len(r) for r in rounds) >= 2, "jobs of several tenants denoised together"
+    wrong = []
+    for (name, prompt, seed, steps), (img, progress) in zip(clients, results):
+        assert progress == [(k, steps) for k in range(1, steps + 1)]
+        ref = oracle.image(adapters[name][1], prompt, seed=seed, steps=steps)
+        diff = float(np.abs(img.numpy() - ref).max())
+        if diff > TOL:
+            wrong.append((name, seed, diff))
+    assert wrong == [], f"images that are not their adapter's: {wrong}"
