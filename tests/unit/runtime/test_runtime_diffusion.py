@@ -206,7 +206,8 @@ def test_twenty_clients_over_eight_adapters_with_three_slots_get_their_own_image
 
     from lorafleet.contracts.runtime_api import AdapterLoadRequest
     from lorafleet.runtime.tiers import AdapterManager
-    from lorafleet.runtime.worker import Scheduler, Work
+    from lorafleet.runtime.engine_api import Work
+    from lorafleet.runtime.worker import Scheduler
 
     adapters = {}
     for i in range(8):
