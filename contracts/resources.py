@@ -65,6 +65,7 @@ def _match(pattern: str, value: str, what: str) -> str:
 class Task(str, Enum):
     sequence_classification = "sequence-classification"
     text_generation = "text-generation"
+    text_to_image = "text-to-image"
 
 
 class DType(str, Enum):
@@ -85,7 +86,8 @@ class ModelSpec(_Model):
     )
     uri: str = Field(max_length=2048, description="Where the base model directory is: s3://bucket/prefix/, file:///path or hf://org/name")
     sha256: str = Field(max_length=64, description="Digest of the model directory (lorafleet digest DIR)")
-    task: Task = Field(description="sequence-classification or text-generation")
+    task: Task = Field(description="sequence-classification, text-generation or text-to-image (a diffusers "
+                                   "pipeline folder)")
     dtype: DType = Field(DType.float32, description="Weights' dtype on the device")
 
     @field_validator("uri")

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorafleet.runtime import routes_admin, routes_classify, routes_openai, routes_tgi
+from lorafleet.runtime import routes_admin, routes_classify, routes_images, routes_openai, routes_tgi
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.protocol import ApiError, error_response
 
@@ -91,6 +91,7 @@ def public_app(rt: Runtime) -> FastAPI:
     app.include_router(routes_openai.router(rt))
     app.include_router(routes_tgi.router(rt))
     app.include_router(routes_classify.router(rt))
+    app.include_router(routes_images.router(rt))
     return app
 
 

@@ -7,12 +7,12 @@ import argparse
 import logging
 import sys
 
-from lorafleet.runtime.settings import RuntimeSettings
+from lorafleet.runtime.settings import TASKS, RuntimeSettings
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="model_dir", help="base model directory (env LORAFLEET_MODEL_DIR)")
-    p.add_argument("--task", choices=["sequence-classification", "text-generation"],
+    p.add_argument("--task", choices=list(TASKS),
                    help="default: from the model's config (env LORAFLEET_TASK)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="env LORAFLEET_DTYPE")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default cpu)")

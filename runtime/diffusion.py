@@ -23,6 +23,7 @@ from torch import nn
 
 from lorafleet.runtime.engines import DTYPES, Engine
 from lorafleet.runtime.peft_format import HostAdapter
+from lorafleet.runtime.worker import ModelWorker
 
 log = logging.getLogger("lorafleet.runtime")
 
@@ -161,6 +162,10 @@ class DiffusionEngine(Engine):
 
     def batcher(self, sched, max_jobs: int, metrics=None) -> "DiffusionBatcher":
         return DiffusionBatcher(self, sched, max_jobs, metrics)
+
+    @property
+    def worker_class(self):
+        return DiffusionWorker
 
     # --- adapters ----------------------------------------------------------------------------------
     def bind(self, manager) -> None:
@@ -441,3 +446,22 @@ class DiffusionBatcher:
     def shutdown(self) -> None:
         for w in self.active:
             w.send("error", RuntimeError("the runtime is shutting down"))
+
+
+class DiffusionWorker(ModelWorker):
+    """The model-worker thread of a text-to-image pool: control operations between rounds, then one
+    round of the batcher (``maxBatchSize`` is the number of image jobs denoising at once)."""
+
+    def __init__(self, engine: DiffusionEngine, scheduler, max_batch_size: int, max_batch_delay_ms: float,
+                 metrics=None):
+        super().__init__(engine, scheduler, max_batch_size, max_batch_delay_ms, metrics)
+        self.batcher = DiffusionBatcher(engine, scheduler, max_batch_size, metrics)
+
+    def run(self) -> None:
+        while not self.sched.closed:
+            try:
+                self._control()
+                self.batcher.step()
+            except Exception:  # never let one bad round kill the worker
+                log.exception("model worker step failed")
+        self.batcher.shutdown()

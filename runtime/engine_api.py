@@ -61,6 +61,20 @@ class SamplingParams:
     stop_ids: set[int] = field(default_factory=set)
 
 
+@dataclass
+class ImageParams:
+    """What a text-to-image request asks for (engine-neutral; the engine validates the ranges)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    steps: int | None = None  # None: the pool's default
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    n: int = 1
+    seed: int | None = None
+
+
 class ServingEngine(ABC):
     """What an engine offers the runtime. Every method is called on the asyncio loop's thread unless
     it says otherwise; the engine runs its model wherever it likes (the torch engine: one worker
@@ -82,6 +96,12 @@ class ServingEngine(ABC):
     def new_sequence(self, prompt: list[int], params: SamplingParams) -> Any:
         """The engine's object for one generation request (``.prompt`` and ``.generated`` readable)."""
         raise NotImplementedError(f"the {self.task} engine does not generate text")
+
+    def new_image(self, params: ImageParams) -> Any:
+        """The engine's object for one text-to-image request (``n`` images of one prompt); raises
+        ``ValueError`` naming a parameter it cannot honour. Events: ("progress", (steps done, total)),
+        then ("result", float images (n, H, W, 3) in [0, 1])."""
+        raise NotImplementedError(f"the {self.task} engine does not generate images")
 
     @abstractmethod
     def submit(self, works: list[Work]) -> None:

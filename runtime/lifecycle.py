@@ -25,6 +25,8 @@ log = logging.getLogger("lorafleet.runtime")
 
 
 def detect_task(model_dir: Path) -> str:
+    if (model_dir / "model_index.json").is_file():  # a diffusers pipeline folder
+        return "text-to-image"
     cfg = json.loads((model_dir / "config.json").read_text())
     archs = cfg.get("architectures") or []
     return "text-generation" if any(a.endswith("ForCausalLM") for a in archs) else "sequence-classification"
@@ -65,10 +67,11 @@ class Runtime:
         model_dir = Path(s.model_dir)
         deadline = time.monotonic() + wait_s
         next_log = 0.0
-        while not (model_dir / "config.json").is_file():
+        while not ((model_dir / "config.json").is_file() or (model_dir / "model_index.json").is_file()):
             if time.monotonic() >= deadline:
-                raise FileNotFoundError(f"model directory {model_dir} has no config.json; set --model / "
-                                        "LORAFLEET_MODEL_DIR to a transformers model directory")
+                raise FileNotFoundError(f"model directory {model_dir} has no config.json (a transformers model) "
+                                        "or model_index.json (a diffusers pipeline); set --model / "
+                                        "LORAFLEET_MODEL_DIR to one")
             if time.monotonic() >= next_log:
                 log.info("waiting for the base model at %s (the sidecar downloads it)", model_dir)
                 next_log = time.monotonic() + 10

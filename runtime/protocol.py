@@ -74,3 +74,18 @@ class TGIRequest(_Body):
 class ClassifyRequest(_Body):
     model: str
     input: str | list[str] = Field(min_length=1)
+
+
+class ImagesRequest(_Body):
+    """OpenAI ``POST /v1/images/generations``; ``seed``, ``negative_prompt``, ``num_inference_steps`` and
+    ``guidance_scale`` are lorafleet's extensions (extra_body in the OpenAI clients)."""
+    model: str
+    prompt: str = Field(min_length=1)
+    n: int = Field(1, ge=1, le=8)
+    size: str | None = None  # "WIDTHxHEIGHT" or "auto"
+    response_format: str | None = None  # b64_json only
+    output_format: str | None = None  # png (default) or jpeg
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None

@@ -1,5 +1,6 @@
 """TGI-compatible routes: ``/generate``, ``/generate_stream`` and ``/`` (what huggingface_hub's
-InferenceClient posts to), with the adapter in ``parameters.adapter_id``."""
+InferenceClient posts to), with the adapter in ``parameters.adapter_id``. In a text-to-image pool
+``/`` is the hosted image API (routes_images.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from lorafleet.runtime import routes_images
 from lorafleet.runtime.generation import completion_prompt_ids
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.protocol import TGIRequest
@@ -62,6 +64,9 @@ def router(rt: Runtime) -> APIRouter:
 
     @r.post("/")
     async def tgi_root(request: Request, body: TGIRequest):
+        if rt.task == "text-to-image":  # the hosted image API's shape: same body, the adapter in `lora`
+            return await routes_images.hosted(rt, request, body.inputs, body.parameters.model_dump(exclude_unset=True),
+                                              None)
         return await tgi(request, body, stream=body.stream)
 
     return r

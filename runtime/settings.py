@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 from lorafleet.contracts.names import ADMIN_PORT, RUNTIME_PORT, RuntimeEnv
 
-TASKS = ("sequence-classification", "text-generation")
+TASKS = ("sequence-classification", "text-generation", "text-to-image")
 
 
 @dataclass

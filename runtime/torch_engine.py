@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lorafleet.runtime.engine_api import SamplingParams, ServingEngine, Work
+from lorafleet.runtime.engine_api import ImageParams, SamplingParams, ServingEngine, Work
 from lorafleet.runtime.settings import RuntimeSettings
 from lorafleet.runtime.worker import ModelWorker, Scheduler
 
@@ -21,7 +21,9 @@ class TorchEngine(ServingEngine):
         self.dtype = model_engine.dtype
         self.settings = settings
         self.scheduler = Scheduler(settings.max_queue, settings.per_tenant_max_inflight)
-        self.worker = ModelWorker(model_engine, self.scheduler, settings.max_batch_size,
+        # An engine with a stepping loop of its own (text-to-image) brings its worker.
+        worker_class = getattr(model_engine, "worker_class", ModelWorker)
+        self.worker = worker_class(model_engine, self.scheduler, settings.max_batch_size,
                                   settings.max_batch_delay_ms, metrics)
 
     @classmethod
@@ -29,7 +31,12 @@ class TorchEngine(ServingEngine):
         from lorafleet.runtime.engines import ClassificationEngine, GenerationEngine
 
         s = settings
-        if task == "text-generation":
+        if task == "text-to-image":
+            from lorafleet.runtime.diffusion import DiffusionEngine
+
+            engine = DiffusionEngine.from_dir(model_dir, dtype=s.dtype, device=s.device, device_slots=s.device_slots,
+                                              max_rank=s.max_rank)
+        elif task == "text-generation":
             engine = GenerationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device, device_slots=s.device_slots,
                                                max_rank=s.max_rank, max_seqs=s.max_batch_size)
         else:
@@ -49,6 +56,17 @@ class TorchEngine(ServingEngine):
 
         return Sequence(prompt=prompt, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                         top_p=params.top_p, seed=params.seed, stop_ids=set(params.stop_ids))
+
+    def new_image(self, params: ImageParams):
+        from lorafleet.runtime.diffusion import ImageJob
+
+        job = ImageJob(params.prompt, negative_prompt=params.negative_prompt, height=params.height,
+                       width=params.width, n=params.n, seed=params.seed)
+        if params.steps is not None:
+            job.steps = params.steps
+        if params.guidance is not None:
+            job.guidance = params.guidance
+        return self.model.prepare(job)
 
     def submit(self, works: list[Work]) -> None:
         self.scheduler.submit(works)
