@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lorafleet.runtime.architectures import UnsupportedModel, causal_lm_class, check_architecture, plan_model
 from lorafleet.runtime.multilora import LoRAModelPatch, SlotAllocator
 from lorafleet.runtime.tiers import AdapterEntry, AdapterManager
 
@@ -34,6 +36,15 @@ class Engine:
         self.patch = LoRAModelPatch(self.model, device_slots, max_rank)
         self.slots = SlotAllocator(device_slots)
         self.manager: AdapterManager | None = None
+        self.weights_bytes = _tensor_bytes(self.model)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """What the engine holds on its device: the base weights and the adapter slots' stacked factors."""
+        slots = sum(layer.A.numel() * layer.A.element_size() + layer.B.numel() * layer.B.element_size()
+                    for layer in self.patch.layers.values())
+        slots += sum(h.W.numel() * h.W.element_size() + h.b.numel() * h.b.element_size()
+                     for h in self.patch.heads.values())
+        return {"weights": self.weights_bytes, "adapter_slots": slots}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -124,38 +135,71 @@ class Sequence:
     generator: torch.Generator | None = None
 
 
+DEFAULT_MAX_MODEL_LEN = 8192  # when maxModelLen is not set: the model's length, capped here
+
+
 class GenerationEngine(Engine):
-    """Llama-family causal LM (Llama, Mistral, Qwen2 layouts: q/k/v/o + RMSNorm + gated MLP)."""
+    """Causal LM with a per-sequence KV cache: a compact forward over HF's own modules (embeddings,
+    norms, rotary tables, MLPs), laid out per architecture by ``architectures.plan_model``; an
+    architecture it cannot compute exactly is refused when the engine is built."""
 
     task = "text-generation"
 
     def __init__(self, model, tokenizer, device_slots: int, max_rank: int, device: str = "cpu",
                  max_seqs: int = 32, max_len: int | None = None):
-        super().__init__(model, tokenizer, device_slots, max_rank, device)
         cfg = model.config
+        self.plan = plan_model(model)  # before anything is allocated: a refusal costs nothing
+        model_len = int(cfg.max_position_embeddings)
+        if max_len and max_len > model_len:
+            raise UnsupportedModel(f"maxModelLen {max_len} is above the model's max_position_embeddings "
+                                   f"{model_len}; set maxModelLen to {model_len} or less")
+        super().__init__(model, tokenizer, device_slots, max_rank, device)
         self.inner = model.model
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.max_len = int(max_len or cfg.max_position_embeddings)
+        self.model_len = model_len
+        self.max_len = int(max_len or min(model_len, DEFAULT_MAX_MODEL_LEN))
         self.max_seqs = max_seqs
         shape = (max_seqs, self.n_kv, self.max_len, self.head_dim)
         n = cfg.num_hidden_layers
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
+        self.kv_cache_bytes = sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
         self.free_rows = list(range(max_seqs - 1, -1, -1))
         self.eos_ids = set(_as_list(getattr(model.generation_config, "eos_token_id", None))
                            or _as_list(cfg.eos_token_id) or _as_list(tokenizer.eos_token_id))
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        self._rope = apply_rotary_pos_emb
+        # The architecture's own rotary application (Phi-3's rotates only part of each head).
+        self._rope = sys.modules[type(self.inner.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        lay = self.plan.layout
+        self._layers = []
+        for layer, lp in zip(self.inner.layers, self.plan.layers):
+            attn = layer.self_attn
+            self._layers.append((
+                attn, _opt(layer, lay.pre_attn_norm), _opt(layer, lay.post_attn_norm),
+                _opt(layer, lay.pre_mlp_norm), _opt(layer, lay.post_mlp_norm), layer.mlp,
+                getattr(attn, "q_norm", None) if lay.qk_norm else None,
+                getattr(attn, "k_norm", None) if lay.qk_norm else None,
+                lp.window, lp.softcap, lp.scaling, lp.layer_type))
+        self._head_norm = lay.qk_norm == "head"
+        self._gqa = self.n_kv != self.n_heads
+        log.info("text-generation engine: %s; weights %.1f MiB, KV cache %.1f MiB (%d rows x %d positions; "
+                 "the model's length is %d)", self.plan.architecture, self.weights_bytes / 2**20,
+                 self.kv_cache_bytes / 2**20, max_seqs, self.max_len, model_len)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
                  device_slots: int = 32, max_rank: int = 64, max_seqs: int = 32,
                  max_len: int | None = None) -> "GenerationEngine":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        config = AutoConfig.from_pretrained(str(model_dir))
+        check_architecture(causal_lm_class(config))  # refuse before reading the weights
+        if max_len:
+            model_len = int(config.max_position_embeddings)
+            if max_len > model_len:
+                raise UnsupportedModel(f"maxModelLen {max_len} is above the model's max_position_embeddings "
+                                       f"{model_len}; set maxModelLen to {model_len} or less")
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).to(device)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         return cls(model, tok, device_slots, max_rank, device, max_seqs, max_len)
@@ -163,38 +207,94 @@ class GenerationEngine(Engine):
     def max_input_tokens(self) -> int:
         return self.max_len
 
+    def memory_bytes(self) -> dict[str, int]:
+        return {**super().memory_bytes(), "kv_cache": self.kv_cache_bytes}
+
     def has_row(self) -> bool:
         return bool(self.free_rows)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, decode: bool) -> torch.Tensor:
         n, t = ids.shape
         h = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(h, pos)
+        if self.plan.layout.rope_per_layer_type:
+            ropes = {lt: self.inner.rotary_emb(h, pos, lt) for lt in {lp.layer_type for lp in self.plan.layers}}
+        else:
+            cs = self.inner.rotary_emb(h, pos)
+        fused = self.plan.layout.fused_qkv
+        masks: dict[object, torch.Tensor | None] = {}
         if decode:
             p = pos[:, 0]
             span = int(p.max()) + 1
-            mask = (torch.arange(span, device=self.device)[None, :] <= p[:, None])[:, None, None, :]
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
+            keys = torch.arange(span, device=self.device)[None, :]
+            masks[None] = (keys <= p[:, None])[:, None, None, :]
+        else:
+            masks[None] = None  # right padding: a real query never sees the pads after it, causal is exact
+        for i, (attn, pre_norm, post_attn_norm, pre_mlp_norm, post_mlp_norm, mlp, q_norm, k_norm, window,
+                softcap, scaling, layer_type) in enumerate(self._layers):
+            x = h if pre_norm is None else pre_norm(h)
+            if fused:
+                qkv = attn.qkv_proj(x)
+                nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+                q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            if q_norm is not None and not self._head_norm:
+                q, k = q_norm(q), k_norm(k)
+            q = q.view(n, t, self.n_heads, self.head_dim)
+            k = k.view(n, t, self.n_kv, self.head_dim)
+            if q_norm is not None and self._head_norm:
+                q, k = q_norm(q), k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            v = v.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
+            cos, sin = ropes[layer_type] if self.plan.layout.rope_per_layer_type else cs
             q, k = self._rope(q, k, cos, sin)
+            key = "causal" if window is None and softcap is not None and not decode else window
+            mask = masks.get(key, False)
+            if mask is False:
+                mask = masks[key] = self._window_mask(pos, window, decode)
             kc, vc = self.k_cache[i], self.v_cache[i]
             if decode:
                 kc[rows, :, p] = k[:, :, 0]
                 vc[rows, :, p] = v[:, :, 0]
-                o = F.scaled_dot_product_attention(q, kc[rows, :, :span], vc[rows, :, :span], attn_mask=mask,
-                                                   enable_gqa=self.n_kv != self.n_heads)
+                k, v = kc[rows, :, :span], vc[rows, :, :span]
             else:
                 kc[rows, :, :t] = k
                 vc[rows, :, :t] = v
-                # Right padding: a real query never sees the pads after it, so plain causal is exact.
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if softcap is not None:
+                o = _softcapped_attention(q, k, v, mask, scaling, softcap, self.n_heads // self.n_kv)
+            elif mask is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=self._gqa)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=self._gqa)
+            o = attn.o_proj(o.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim))
+            h = h + (o if post_attn_norm is None else post_attn_norm(o))
+            m = mlp(h if pre_mlp_norm is None else pre_mlp_norm(h))
+            h = h + (m if post_mlp_norm is None else post_mlp_norm(m))
         return self.inner.norm(h)
+
+    def _window_mask(self, pos: torch.Tensor, window: int | None, decode: bool) -> torch.Tensor:
+        """Boolean mask (True = attend) for a query at p over keys in (p - window, p], as HF's
+        sliding-window mask; without a window, plain causal (prefill needs it for soft-capped attention)."""
+        if decode:
+            p = pos[:, 0]
+            keys = torch.arange(int(p.max()) + 1, device=self.device)[None, :]
+            ok = keys <= p[:, None]
+            if window is not None:
+                ok = ok & (keys > p[:, None] - window)
+            return ok[:, None, None, :]
+        t = pos.shape[1]
+        q, k = torch.arange(t, device=self.device)[:, None], torch.arange(t, device=self.device)[None, :]
+        ok = k <= q
+        if window is not None:
+            ok = ok & (k > q - window)
+        return ok[None, None]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.model.lm_head(h)
+        cap = self.plan.final_softcap
+        if cap is not None:  # as HF's Gemma 2: divide, tanh, multiply
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> list[int]:
@@ -212,7 +312,7 @@ class GenerationEngine(Engine):
         try:
             h = self._forward(ids, pos, rows, decode=False)
             last = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
-            logits = self.model.lm_head(h[torch.arange(len(seqs)), last])
+            logits = self._logits(h[torch.arange(len(seqs)), last])
         finally:
             self.patch.ctx.set(None)
         for s in seqs:
@@ -229,7 +329,7 @@ class GenerationEngine(Engine):
         self.patch.ctx.set(torch.tensor([s.slot for s in seqs], device=self.device))
         try:
             h = self._forward(ids, pos, rows, decode=True)
-            logits = self.model.lm_head(h[:, 0])
+            logits = self._logits(h[:, 0])
         finally:
             self.patch.ctx.set(None)
         for s in seqs:
@@ -262,6 +362,31 @@ class GenerationEngine(Engine):
     def is_done(self, seq: Sequence) -> bool:
         return (len(seq.generated) >= seq.max_new_tokens or seq.generated[-1] in self.eos_ids
                 or seq.generated[-1] in seq.stop_ids or seq.pos >= self.max_len)
+
+
+def _tensor_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:  # tied embeddings count once
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _opt(module, name: str | None):
+    return None if name is None else getattr(module, name)
+
+
+def _softcapped_attention(q, k, v, mask, scaling: float, softcap: float, groups: int) -> torch.Tensor:
+    """HF's eager attention with Gemma 2's tanh soft-capping of the scores (SDPA cannot cap)."""
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    w = torch.matmul(q, k.transpose(2, 3)) * scaling
+    w = torch.tanh(w / softcap) * softcap
+    w = w.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(w, v)
 
 
 def _as_list(x) -> list[int]:
