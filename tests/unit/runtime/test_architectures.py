@@ -139,7 +139,7 @@ def test_moe_is_refused_with_its_reason(tmp_path):
 def test_a_refused_model_is_the_runtimes_readiness_reason(tmp_path):
     from transformers import GPT2Config
 
-    from lorafleet.runtime.app import Runtime
+    from lorafleet.runtime.lifecycle import Runtime
     from lorafleet.runtime.settings import RuntimeSettings
 
     model = _save(GPT2Config(n_embd=64, n_layer=1, n_head=4, n_positions=64), tmp_path / "gpt2")
