@@ -115,6 +115,11 @@ class RuntimeSpec(_Model):
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="Queued requests before 429")
     per_tenant_max_inflight: int = Field(64, ge=1, description="Queued + running requests of one tenant before 429")
+    max_model_len: int | None = Field(
+        None, ge=1, le=10_000_000,
+        description="Text generation: positions per KV-cache row (prompt + generated tokens); the cache holds "
+                    "maxBatchSize rows of this many. Default: the model's max_position_embeddings capped at 8192; "
+                    "above the model's max_position_embeddings the runtime refuses to start")
 
 
 class SidecarSpec(_Model):

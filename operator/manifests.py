@@ -49,6 +49,7 @@ def runtime_env(pool: str, spec: BaseModelPoolSpec) -> list[dict[str, Any]]:
         RuntimeEnv.DEVICE_SLOTS: spec.cache.device_slots,
         RuntimeEnv.HOST_ADAPTERS: spec.cache.host_adapters,
         RuntimeEnv.MAX_RANK: spec.cache.max_rank,
+        RuntimeEnv.MAX_MODEL_LEN: spec.runtime.max_model_len,
         RuntimeEnv.SERVED_MODEL_NAME: pool,
     })
 

@@ -26,6 +26,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-slots", type=int, help="env LORAFLEET_DEVICE_SLOTS")
     p.add_argument("--host-adapters", type=int, help="env LORAFLEET_HOST_ADAPTERS")
     p.add_argument("--max-rank", type=int, help="env LORAFLEET_MAX_RANK")
+    p.add_argument("--max-model-len", type=int,
+                   help="generation: positions per KV-cache row, prompt + generated (env LORAFLEET_MAX_MODEL_LEN; "
+                        "default: the model's max_position_embeddings capped at 8192)")
     p.add_argument("--served-model-name", help="the base model's id in /v1/models and requests "
                                                 "(env LORAFLEET_SERVED_MODEL_NAME; default: the model folder's name)")
     p.add_argument("--log-level", default="info")
@@ -34,7 +37,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace, **extra) -> RuntimeSettings:
     names = ["model_dir", "task", "dtype", "device", "host", "port", "admin_port", "max_batch_size",
              "max_batch_delay_ms", "max_queue", "per_tenant_max_inflight", "device_slots", "host_adapters",
-             "max_rank", "served_model_name"]
+             "max_rank", "served_model_name", "max_model_len"]
     return RuntimeSettings.from_env(**{n: getattr(args, n, None) for n in names}, **extra)
 
 

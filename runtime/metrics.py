@@ -69,6 +69,12 @@ class _TierCollector:
         ev.add_metric(["host"], rt.manager.host_evictions)
         ev.add_metric(["device"], cap.get("device_evictions", 0))
         yield ev
+        mem = GaugeMetricFamily("lorafleet_runtime_engine_memory_bytes",
+                                "Memory the model engine holds: base weights, KV cache, adapter slots", labels=["part"])
+        for key, n in cap.items():
+            if key.endswith("_bytes"):
+                mem.add_metric([key.removesuffix("_bytes")], n)
+        yield mem
         fz = GaugeMetricFamily("lorafleet_runtime_gc_frozen_objects",
                                "Python objects moved out of the garbage collector's reach after the model loaded")
         fz.add_metric([], gc.get_freeze_count())

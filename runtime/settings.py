@@ -28,6 +28,8 @@ class RuntimeSettings:
     host_adapters: int = 512
     max_rank: int = 64
     max_new_tokens: int = 256  # default when a request gives none
+    # Generation: positions per KV-cache row (prompt + generated); 0: the model's length capped at 8192.
+    max_model_len: int = 0
     served_model_name: str = ""  # the base model's id; empty: the model folder's name
 
     @classmethod
@@ -40,6 +42,7 @@ class RuntimeSettings:
             "max_queue": RuntimeEnv.MAX_QUEUE, "per_tenant_max_inflight": RuntimeEnv.PER_TENANT_MAX_INFLIGHT,
             "device_slots": RuntimeEnv.DEVICE_SLOTS, "host_adapters": RuntimeEnv.HOST_ADAPTERS,
             "max_rank": RuntimeEnv.MAX_RANK, "served_model_name": RuntimeEnv.SERVED_MODEL_NAME,
+            "max_model_len": RuntimeEnv.MAX_MODEL_LEN,
         }
         s = cls()
         types = {f.name: f.type for f in fields(cls)}
@@ -70,6 +73,9 @@ class RuntimeSettings:
                      "max_rank"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.max_model_len < 0:
+            problems.append(f"max_model_len must not be negative (got {self.max_model_len}; 0 = the model's length, "
+                            "capped at 8192)")
         if self.max_batch_delay_ms < 0:
             problems.append("max_batch_delay_ms must not be negative")
         if problems:

@@ -38,7 +38,8 @@ class TorchEngine(ServingEngine):
                                               max_rank=s.max_rank)
         elif task == "text-generation":
             engine = GenerationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device, device_slots=s.device_slots,
-                                               max_rank=s.max_rank, max_seqs=s.max_batch_size)
+                                               max_rank=s.max_rank, max_seqs=s.max_batch_size,
+                                               max_len=s.max_model_len or None)
         else:
             engine = ClassificationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device,
                                                    device_slots=s.device_slots, max_rank=s.max_rank)
@@ -101,6 +102,8 @@ class TorchEngine(ServingEngine):
                "max_batch_size": self.settings.max_batch_size}
         if hasattr(self.model, "free_rows"):
             out["rows_free"] = len(self.model.free_rows)
+        if hasattr(self.model, "memory_bytes"):  # {"weights": n, "kv_cache": n, ...} -> "weights_bytes": n
+            out.update({f"{part}_bytes": n for part, n in self.model.memory_bytes().items()})
         return out
 
     def start(self) -> None:
