@@ -77,6 +77,23 @@ def component_configs(file_metadata: dict | None) -> dict[str, dict]:
     return out
 
 
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: keys match the end of the module path as regexes."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def kohya_alpha_problem(alphas: dict[str, float]) -> str | None:
+    """Why a kohya file's alphas (key -> value) are refused, if they are."""
+    values = sorted(set(alphas.values()))
+    if len(values) > 1:
+        return (f"per-module alphas differ ({', '.join(f'{v:g}' for v in values)}); diffusers' load_lora_weights "
+                "applies them inconsistently, so they are refused: save one alpha")
+    return None
+
+
 def _targets_match(targets, module: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, module) is not None
@@ -211,7 +228,11 @@ def plan(tensors: dict[str, list[int]], file_metadata: dict | None, base: dict[s
         r = cfg.get("r")
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             problems.append(f"{METADATA_KEY}: {comp}.r must be a positive integer, got {r!r}")
+            continue
         for p in modules:
+            want = pattern_value(cfg.get("rank_pattern") or {}, p.module, r) if p.component == comp else p.rank
+            if want != p.rank:
+                problems.append(f"{comp}.{p.module}: rank {p.rank} in the weights but {METADATA_KEY} says r={want}")
             if p.component == comp and "target_modules" in cfg and not _targets_match(cfg["target_modules"], p.module):
                 problems.append(f"{comp}.{p.module}: not in {comp}.target_modules of {METADATA_KEY} "
                                 "(diffusers would ignore its weights)")

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from lorafleet.contracts import diffusion_lora as rules
-from lorafleet.runtime.peft_format import AdapterFormatError, HostAdapter, LoRAWeights, _pattern_value
+from lorafleet.runtime.peft_format import AdapterFormatError, HostAdapter, LoRAWeights
 
 
 def _scale(plan: rules.DiffusionLoRAPlan, p: rules.ModulePlan, alphas: dict[str, float]) -> float:
@@ -20,11 +20,8 @@ def _scale(plan: rules.DiffusionLoRAPlan, p: rules.ModulePlan, alphas: dict[str,
     cfg = plan.config.get(p.component)
     if not cfg:
         return 1.0  # no metadata: diffusers sets alpha = r for every module
-    r = int(_pattern_value(cfg.get("rank_pattern") or {}, p.module, cfg["r"]))
-    if r != p.rank:
-        raise AdapterFormatError(f"{p.component}.{p.module}: rank {p.rank} in the weights but the metadata says "
-                                 f"r={r}")
-    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, p.module, cfg.get("lora_alpha", 8)))
+    r = p.rank  # equal to the metadata's (rank_pattern included): the plan checked it
+    alpha = float(rules.pattern_value(cfg.get("alpha_pattern") or {}, p.module, cfg.get("lora_alpha", 8)))
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
@@ -48,10 +45,9 @@ def load_diffusion_adapter(path: str | Path, base: dict[str, dict[str, list[int]
         if plan is None:
             raise AdapterFormatError(f"{path / name}: " + "; ".join(problems))
         alphas = {p.alpha_key: float(f.get_tensor(p.alpha_key).item()) for p in plan.modules if p.alpha_key}
-        if plan.layout == "kohya" and len(set(alphas.values())) > 1:
-            raise AdapterFormatError(
-                f"{path / name}: per-module alphas differ ({sorted(set(alphas.values()))}); diffusers' "
-                "load_lora_weights applies them inconsistently, so they are refused: save one alpha")
+        why = rules.kohya_alpha_problem(alphas)
+        if why:
+            raise AdapterFormatError(f"{path / name}: {why}")
         modules: dict[str, LoRAWeights] = {}
         nbytes = 0
         for p in plan.modules:

@@ -14,6 +14,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from lorafleet.contracts import diffusion_lora
+
 # Formats that unpickle (run code) when loaded.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 CONFIG_FILE = "adapter_config.json"
@@ -82,6 +84,11 @@ def listing_problems(entries: list[tuple[str, int]], limits: Limits) -> list[str
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, tuple[str, list[int]]]:
     """Tensor name -> (dtype, shape) from a safetensors file's header, checking it is well-formed."""
+    return read_safetensors(path)[0]
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[str, list[int]]], dict]:
+    """The header's tensors (name -> (dtype, shape)) and its ``__metadata__`` (str -> str)."""
     name = Path(path).name
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -99,6 +106,9 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, tuple[str
         raise Refused(f"{name}: safetensors header is not a JSON object")
     out: dict[str, tuple[str, list[int]]] = {}
     data_len = size - 8 - n
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise Refused(f"{name}: safetensors __metadata__ is not a JSON object")
     for key, meta in header.items():
         if key == "__metadata__":
             continue
@@ -111,7 +121,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, tuple[str
         if not ok:
             raise Refused(f"{name}: tensor {key!r} has a malformed entry in the safetensors header")
         out[key] = (dtype, shape)
-    return out
+    return out, metadata
 
 
 # ------------------------------------------------------------------------------ base model
@@ -126,11 +136,15 @@ class BaseModelInfo:
     has_own_name: bool = False
     # module name -> shape of its 2-D ``weight`` tensor ([out, in] for Linear, [num, dim] for Embedding)
     weights: dict[str, list[int]] = field(default_factory=dict)
+    # A diffusers pipeline folder (text-to-image): component -> module -> weight shape; None otherwise.
+    components: dict[str, dict[str, list[int]]] | None = None
     _suffix: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike[str], uri: str = "", sha256: str = "") -> "BaseModelInfo":
         d = Path(model_dir)
+        if (d / "model_index.json").is_file():
+            return cls(names=set(), components=pipeline_components(d))
         own = ""
         cfg = d / "config.json"
         if cfg.is_file():
@@ -192,6 +206,74 @@ class BaseModelInfo:
         return name.rstrip("/").rsplit("/", 1)[-1] in self.names
 
 
+def pipeline_components(model_dir: Path) -> dict[str, dict[str, list[int]]]:
+    """The LoRA-able components of a diffusers pipeline folder: module -> weight shape (2-D Linear,
+    4-D conv), with CLIP's ``text_model.`` prefix dropped as the runtime's (flattened) modules have it."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for comp in diffusion_lora.COMPONENTS:
+        modules: dict[str, list[int]] = {}
+        for st in sorted((model_dir / comp).glob("*.safetensors")):
+            for key, (_, shape) in read_safetensors_header(st).items():
+                if key.endswith(".weight") and len(shape) in (2, 4):
+                    module = key[: -len(".weight")]
+                    modules[module.removeprefix("text_model.") if comp == "text_encoder" else module] = shape
+        out[comp] = modules
+    return out
+
+
+def diffusion_adapter_problems(root: Path, names: set[str], limits: Limits,
+                               components: dict[str, dict[str, list[int]]] | None) -> list[str]:
+    """A text-to-image adapter: one LoRA .safetensors as ``load_lora_weights`` reads it, mapped onto the
+    pipeline's modules by ``contracts.diffusion_lora`` (the runtime applies the same plan)."""
+    name, why = diffusion_lora.pick_weights_file(sorted(names))
+    if name is None:
+        return [why]
+    try:
+        header, metadata = read_safetensors(root / name)
+    except Refused as e:
+        return [e.reason]
+    shapes = {k: shape for k, (_, shape) in header.items()}
+    if components is None:  # no base to map onto (lorafleet push): the limits only
+        return [f"tensor {k}: rank {s[0]} is above maxRank ({limits.max_rank})" for k, s in sorted(shapes.items())
+                if k.endswith(("lora_A.weight", "lora.down.weight", "lora_down.weight", ".down.weight"))
+                and s and s[0] > limits.max_rank]
+    plan, problems = diffusion_lora.plan(shapes, metadata, components, limits.max_rank)
+    if plan is not None and plan.layout == "kohya":
+        try:
+            alphas = read_scalars(root / name, [p.alpha_key for p in plan.modules if p.alpha_key])
+        except Refused as e:
+            return problems + [e.reason]
+        why = diffusion_lora.kohya_alpha_problem(alphas)
+        if why:
+            problems.append(why)
+    return problems
+
+
+_SCALAR = {"F32": ("<f", 4), "F64": ("<d", 8), "F16": ("<e", 2), "BF16": ("<H", 2)}
+
+
+def read_scalars(path: Path, keys: list[str]) -> dict[str, float]:
+    """The values of one-element tensors (kohya's ``.alpha``), read from the file without torch."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        out = {}
+        for key in keys:
+            meta = header[key]
+            fmt, size = _SCALAR.get(meta["dtype"], (None, 0))
+            start, end = meta["data_offsets"]
+            if fmt is None or end - start != size:
+                raise Refused(f"{path.name}: {key} is not a scalar float (dtype {meta['dtype']}, {end - start} bytes)")
+            f.seek(8 + n + start)
+            (v,) = struct.unpack(fmt, f.read(size))
+            out[key] = struct.unpack("<f", struct.pack("<I", v << 16))[0] if meta["dtype"] == "BF16" else float(v)
+    return out
+
+
+def _looks_like_diffusion_lora(names: set[str]) -> bool:
+    return CONFIG_FILE not in names and any(n.endswith(".safetensors") and "/" not in n for n in names)
+
+
 # --------------------------------------------------------------------------------- adapter
 
 
@@ -219,6 +301,8 @@ def adapter_problems(root: str | os.PathLike[str], limits: Limits, base: BaseMod
     problems, files = walk_problems(root)
     problems += listing_problems(files, limits)
     names = {rel for rel, _ in files}
+    if (base is not None and base.components is not None) or (base is None and _looks_like_diffusion_lora(names)):
+        return problems + diffusion_adapter_problems(root, names, limits, base.components if base else None)
 
     config = None
     if CONFIG_FILE not in names:

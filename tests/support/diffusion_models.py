@@ -57,9 +57,11 @@ def make_tiny_pipeline(out_dir: str | Path, *, seed: int = 0, channels: tuple[in
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    import tempfile
+
     out = Path(out_dir)
-    tok_dir = write_clip_tokenizer(out / "_tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp)))
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=channels, layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,

@@ -157,6 +157,8 @@ def _refusals(sd_base, oracle, root: Path) -> dict[str, tuple[Path, str]]:
             **ok, "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 32),
             "text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(32, 4)},
             {"lora_adapter_metadata": '{"unet.r": 4, "unet.lora_alpha": 4}'}), "no config for text_encoder"),
+        "meta-rank": (_write(root / "meta-rank", ok, {"lora_adapter_metadata": '{"unet.r": 8, "unet.lora_alpha": 8}'}),
+                      "says r=8"),
     }
     k, _ = _kohya_dir(sd_base, root, "kohya-mixed", seed=1, r=4, alpha=2, pipe=pipe)
     f = next(k.glob("*.safetensors"))
@@ -273,3 +275,26 @@ def test_twenty_clients_over_eight_adapters_with_three_slots_get_their_own_image
         if diff > TOL:
             wrong.append((name, seed, diff))
     assert wrong == [], f"images that are not their adapter's: {wrong}"
+
+
+def test_the_sidecar_accepts_and_refuses_exactly_what_the_runtime_does(sd_base, oracle, sd_adapters, tmp_path):
+    """One rule in two places would drift: an adapter the sidecar installs and the runtime refuses
+    fails on every replica. Both read contracts.diffusion_lora; this holds them to the same verdicts."""
+    from lorafleet.sidecar.validate import BaseModelInfo, Limits, adapter_problems
+
+    base = BaseModelInfo.from_dir(sd_base)
+    assert base.components is not None and "down_blocks.1.attentions.0.proj_in" in base.components["unet"]
+    limits = Limits(max_rank=64)
+    engine = _engine(sd_base)
+    for name, (d, _) in sd_adapters.items():
+        assert adapter_problems(d, limits, base) == [], name
+        engine.load_adapter(d)
+    for name, (path, needle) in _refusals(sd_base, oracle, tmp_path).items():
+        problems = "; ".join(adapter_problems(path, limits, base))
+        assert needle in problems, f"{name}: the sidecar says {problems!r}"
+        with pytest.raises(AdapterFormatError):
+            engine.load_adapter(path)
+    # Without a base (lorafleet push), a diffusion LoRA folder is checked for what needs none.
+    problems = adapter_problems(sd_adapters["kohya"][0], Limits(max_rank=4))
+    assert problems and all("rank 8 is above maxRank (4)" in p for p in problems)
+    assert adapter_problems(sd_adapters["kohya"][0], Limits(max_rank=8)) == []
