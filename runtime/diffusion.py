@@ -126,6 +126,7 @@ class DiffusionEngine(Engine):
                    if isinstance(m, (nn.Linear, nn.Conv2d))}
             for comp, model in (("unet", unet), ("text_encoder", text_encoder))}
         super().__init__(_Components(unet, text_encoder), tokenizer, device_slots, max_rank, device)
+        self.weights_bytes += sum(p.numel() * p.element_size() for p in vae.parameters())
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.default_side = int(cfg.sample_size) * self.vae_scale_factor
         self.max_tokens = int(tokenizer.model_max_length)

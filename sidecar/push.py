@@ -63,7 +63,8 @@ def _dns_name(text: str) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lorafleet push", description=__doc__.splitlines()[0])
-    p.add_argument("dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("dir", help="adapter directory: PEFT (adapter_config.json + adapter_model.safetensors) or, "
+                   "for a text-to-image pool, one diffusers or kohya LoRA .safetensors")
     p.add_argument("dest", help="s3://bucket/prefix/ to upload to")
     p.add_argument("--pool", required=True)
     p.add_argument("--tenant", required=True)

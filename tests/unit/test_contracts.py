@@ -67,6 +67,8 @@ def test_examples_parse_with_the_models():
     assert pool.spec.cache.disk_bytes_int == 20 * 2**30
     adapter = LoRAAdapter.model_validate(yaml.safe_load((REPO / "examples/adapter.yaml").read_text()))
     assert adapter.served_name == "acme-support"
+    images = BaseModelPool.model_validate(yaml.safe_load((REPO / "examples/text-to-image-pool.yaml").read_text()))
+    assert images.spec.model.task.value == "text-to-image"
 
 
 def adapter_doc(**spec):
