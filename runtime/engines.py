@@ -157,7 +157,7 @@ class GenerationEngine(Engine):
         self.inner = model.model
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.head_dim = self.inner.layers[0].self_attn.head_dim  # what HF's attention uses
         self.model_len = model_len
         self.max_len = int(max_len or min(model_len, DEFAULT_MAX_MODEL_LEN))
         self.max_seqs = max_seqs
