@@ -14,12 +14,18 @@ log = logging.getLogger("lorafleet.runtime")
 
 
 def register_folder(rt, folder: Path) -> list[str]:
-    """Register every adapter subfolder (one with adapter_config.json); returns the failures."""
+    """Register every adapter subfolder (one with adapter_config.json; in a text-to-image pool one with a
+    .safetensors file); returns the failures."""
     from lorafleet.contracts.digest import directory_digest
     from lorafleet.contracts.runtime_api import AdapterLoadRequest
 
     failed = []
-    for sub in sorted(p for p in folder.iterdir() if (p / "adapter_config.json").is_file()):
+    def is_adapter(p: Path) -> bool:
+        if rt.task == "text-to-image":
+            return p.is_dir() and any(p.glob("*.safetensors"))
+        return (p / "adapter_config.json").is_file()
+
+    for sub in sorted(p for p in folder.iterdir() if is_adapter(p)):
         if sub.name == rt.base_name:
             failed.append(f"{sub.name}: the base model's served name; rename the folder or pass --served-model-name")
             log.error("adapter folder %s has the base model's served name; not served", sub)
@@ -37,7 +43,7 @@ def register_folder(rt, folder: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lorafleet serve", description=__doc__.splitlines()[0])
     add_common_flags(p)
-    p.add_argument("--adapters", required=True, help="folder whose subfolders are PEFT adapters")
+    p.add_argument("--adapters", required=True, help="folder whose subfolders are PEFT adapters (text-to-image: LoRA folders)")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     folder = Path(args.adapters)
@@ -50,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorafleet serve: {e}", file=sys.stderr)
         return 2
     if not settings.model_dir:
-        print("lorafleet serve: pass --model DIR (a transformers model directory)", file=sys.stderr)
+        print("lorafleet serve: pass --model DIR (a transformers model directory or a diffusers pipeline folder)",
+              file=sys.stderr)
         return 2
     from lorafleet.runtime.lifecycle import Runtime
     from lorafleet.runtime.server import bind, serve_until_signalled

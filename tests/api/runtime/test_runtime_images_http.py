@@ -134,3 +134,44 @@ def test_errors_unknown_adapter_bad_parameters_and_wrong_format(server):
     assert r.status_code == 400 and "b64_json" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/completions", json={"model": "style0", "prompt": "x"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_task"
+
+
+def test_lorafleet_serve_a_pipeline_folder_and_a_folder_of_loras(sd, tmp_path):
+    """The command as a user runs it: a pipeline folder and a folder of LoRA folders (both layouts)."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from lorafleet.localstack.procs import wait_for
+
+    base, oracle, adapters = sd
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for name in ("style0", "style1"):
+        shutil.copytree(adapters[name][0], folder / name)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    with open(tmp_path / "serve.log", "wb") as log:
+        p = subprocess.Popen([sys.executable, "-m", "lorafleet", "serve", "--model", str(base), "--adapters",
+                              str(folder), "--port", str(ports[0]), "--admin-port", str(ports[1]), "--host",
+                              "127.0.0.1"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log,
+                             stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{ports[0]}"
+    try:
+        wait_for(lambda: httpx.get(url + "/readyz").status_code == 200, timeout=120, what="lorafleet serve ready")
+        ids = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert {"style0", "style1"} <= ids
+        r = httpx.post(url + "/", headers={"lora": "style1"}, timeout=60,
+                       json={"inputs": "a red cat", "parameters": {"num_inference_steps": 2, "seed": 3}})
+        assert r.status_code == 200, r.text
+        want = _expected(oracle, adapters["style1"][1], "a red cat", seed=3, steps=2)
+        assert int(np.abs(_pixels(r.content).astype(int) - want[0]).max()) <= 1
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()[-2000:]
