@@ -39,17 +39,22 @@ _GEMMA2 = dict(post_attn_norm="post_attention_layernorm", pre_mlp_norm="pre_feed
                post_mlp_norm="post_feedforward_layernorm", windows="layer_types", attn_softcap=True,
                final_softcap=True)
 
+_OLMO2 = dict(pre_attn_norm=None, post_attn_norm="post_attention_layernorm", pre_mlp_norm=None,
+              post_mlp_norm="post_feedforward_layernorm", qk_norm="proj")
+
 LAYOUTS: dict[str, Layout] = {
     "LlamaForCausalLM": Layout(),
     "MistralForCausalLM": Layout(windows="all"),
+    "MinistralForCausalLM": Layout(windows="layer_types"),
     "Qwen2ForCausalLM": Layout(windows="layer_types"),
     "Qwen3ForCausalLM": Layout(qk_norm="head", windows="layer_types"),
     "GemmaForCausalLM": Layout(),
     "Gemma2ForCausalLM": Layout(**_GEMMA2),
     "Gemma3ForCausalLM": Layout(**_GEMMA2, qk_norm="head", rope_per_layer_type=True),
-    "Olmo2ForCausalLM": Layout(pre_attn_norm=None, post_attn_norm="post_attention_layernorm", pre_mlp_norm=None,
-                               post_mlp_norm="post_feedforward_layernorm", qk_norm="proj"),
+    "Olmo2ForCausalLM": Layout(**_OLMO2),
+    "Olmo3ForCausalLM": Layout(**_OLMO2, windows="layer_types", rope_per_layer_type=True),
     "Phi3ForCausalLM": Layout(fused_qkv=True, windows="all"),
+    "Starcoder2ForCausalLM": Layout(windows="all"),  # LayerNorm and a plain MLP: HF's own modules
 }
 
 # Known architectures refused with a specific reason (anything else gets the generic one).

@@ -26,8 +26,10 @@ COMMON = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_k
 
 
 def _configs():
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config,
-                              Phi3Config, Qwen2Config, Qwen3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MinistralConfig, MistralConfig,
+                              Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config, Starcoder2Config)
+
+    alternating = ["sliding_attention", "full_attention", "sliding_attention"]
 
     return {
         "llama": (LlamaConfig(**COMMON, num_hidden_layers=2, tie_word_embeddings=False), ATTN + MLP),
@@ -35,6 +37,8 @@ def _configs():
             "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}), ATTN),
         "mistral-window-8": (MistralConfig(**COMMON, num_hidden_layers=2, sliding_window=8), ATTN + MLP),
+        "ministral-window-8": (MinistralConfig(**COMMON, num_hidden_layers=3, sliding_window=8,
+                                               layer_types=alternating), ATTN + MLP),
         "qwen2-window-8": (Qwen2Config(**COMMON, num_hidden_layers=3, use_sliding_window=True, sliding_window=8,
                                        max_window_layers=1), ATTN),
         "qwen3": (Qwen3Config(**COMMON, num_hidden_layers=2), ATTN + MLP),
@@ -49,6 +53,9 @@ def _configs():
                                              layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
                             ATTN + MLP),
         "olmo2": (Olmo2Config(**COMMON, num_hidden_layers=2), ATTN + MLP),
+        "olmo3-window-8": (Olmo3Config(**COMMON, num_hidden_layers=3, sliding_window=8, layer_types=alternating),
+                           ATTN + MLP),
+        "starcoder2-window-8": (Starcoder2Config(**COMMON, num_hidden_layers=2, sliding_window=8), ATTN + ("c_fc", "c_proj")),
         "phi3-window-8": (Phi3Config(**COMMON, num_hidden_layers=2, sliding_window=8,
                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                       "partial_rotary_factor": 0.5}),
