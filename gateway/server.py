@@ -22,8 +22,9 @@ log = logging.getLogger("lorafleet.gateway")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
 # Inference endpoints and where each names its adapter.
-MODEL_IN_BODY = {"/v1/completions", "/v1/chat/completions", "/v1/classify"}
+MODEL_IN_BODY = {"/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/images/generations"}
 TGI_PATHS = {"/generate", "/generate_stream", "/"}
+HOSTED_PREFIX = "/models/"  # text-to-image pools: the hosted API's /models/{name}, adapter also in `lora`
 ANONYMOUS = "_anonymous"
 
 
@@ -41,6 +42,20 @@ def requested_adapter(path: str, body: dict) -> str | None:
     params = body.get("parameters")
     adapter = params.get("adapter_id") if isinstance(params, dict) else None
     return adapter if isinstance(adapter, str) and adapter else None
+
+
+def requested_adapters(path: str, body: dict, headers) -> list[str]:
+    """Every adapter name a request carries. A text-to-image pool answers ``/`` and ``/models/{name}``
+    with the adapter of the ``lora`` header (or of the path), a text pool ``/`` with
+    ``parameters.adapter_id``: the tenant must own each name given, whichever the pool reads."""
+    names = [a] if (a := requested_adapter(path, body)) else []
+    if path == "/" or path.startswith(HOSTED_PREFIX):
+        lora = headers.get("lora")
+        if lora:
+            names.append(lora)
+        if path.startswith(HOSTED_PREFIX) and len(path) > len(HOSTED_PREFIX):
+            names.append(path[len(HOSTED_PREFIX):])
+    return names
 
 
 def bearer(request: web.Request) -> str | None:
@@ -166,6 +181,7 @@ class Gateway:
         app.router.add_get("/v1/models", self.models)
         for path in sorted(MODEL_IN_BODY | TGI_PATHS):
             app.router.add_post(path, self.infer)
+        app.router.add_post(HOSTED_PREFIX + "{name:.+}", self.infer)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
@@ -292,16 +308,19 @@ class Gateway:
                 raise ValueError("the body must be a JSON object")
         except ValueError as e:
             return error(422, f"the request body is not valid JSON: {e}", "invalid_request_error", "invalid_json")
-        adapter = requested_adapter(request.path, body)
-        if adapter is not None and tenant != ANONYMOUS and adapter not in self.base_names():
-            owner = self.directory.owner(adapter)
+        names = requested_adapters(request.path, body, request.headers)
+        bases = self.base_names()
+        adapters = [n for n in names if n not in bases]
+        adapter = adapters[0] if adapters else (names[0] if names else None)
+        for name in adapters if tenant != ANONYMOUS else ():
+            owner = self.directory.owner(name)
             if owner is None:
                 self.metrics.rejected.labels(tenant, "model_not_found").inc()
-                return error(404, f"The model '{adapter}' does not exist in this pool; GET /v1/models lists "
+                return error(404, f"The model '{name}' does not exist in this pool; GET /v1/models lists "
                              "the adapters your key can use", "invalid_request_error", "model_not_found")
             if owner != tenant:
                 self.metrics.rejected.labels(tenant, "adapter_forbidden").inc()
-                return error(403, f"the API key of tenant {tenant} may not use model '{adapter}': it is not one "
+                return error(403, f"the API key of tenant {tenant} may not use model '{name}': it is not one "
                              f"of tenant {tenant}'s adapters", "permission_error", "adapter_forbidden")
         limits = self.directory.limits.get(tenant, TenantLimits())
         refusal = self.admission.admit(tenant, limits, replicas=self.gateways)

@@ -78,6 +78,11 @@ def test_a_key_reaches_only_its_own_tenants_adapters_on_every_endpoint(pool):
             if expected[1]:
                 assert own.json()["error"]["code"] == "wrong_task"
         assert acme.post("/v1/completions", json=bodies["/v1/completions"]("no-such-adapter")).status_code == 404
+        # Text-to-image pools name the adapter in the `lora` header or the path: checked as well.
+        sneaky = acme.post("/", json=bodies["/"]("acme-support"), headers={"lora": "globex-bot"})
+        assert sneaky.status_code == 403 and "globex-bot" in sneaky.json()["error"]["message"]
+        assert acme.post("/models/globex-bot", json={"inputs": "x"}).status_code == 403
+        assert acme.post("/models/x", json={"inputs": "x"}, headers={"lora": "globex-bot"}).status_code == 403
         # Another pool's adapter of the same tenant is not served here.
         assert acme.post("/v1/completions", json=bodies["/v1/completions"]("elsewhere")).status_code == 404
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from lorafleet.gateway.kube import pod_address, pod_ready
 from lorafleet.gateway.routing import AffinityRouter, Replica, RoundRobinRouter, rendezvous_score
-from lorafleet.gateway.server import requested_adapter
+from lorafleet.gateway.server import requested_adapter, requested_adapters
 from lorafleet.gateway.tenants import Admission, Directory, TenantLimits, TokenBucket, key_digest
 
 
@@ -108,6 +108,17 @@ def test_the_adapter_comes_from_model_or_tgi_parameters():
     assert requested_adapter("/generate", {"inputs": "x", "parameters": {"adapter_id": "t"}}) == "t"
     assert requested_adapter("/generate_stream", {"inputs": "x"}) is None
     assert requested_adapter("/", {"parameters": "junk"}) is None
+    assert requested_adapter("/v1/images/generations", {"model": "art@3", "prompt": "x"}) == "art@3"
+
+
+def test_every_name_a_request_carries_is_checked_whichever_the_pool_reads():
+    # A text-to-image pool reads the `lora` header on / and /models/{name}; a text pool reads adapter_id.
+    assert requested_adapters("/", {"inputs": "x"}, {"lora": "art"}) == ["art"]
+    assert requested_adapters("/", {"inputs": "x", "parameters": {"adapter_id": "mine"}}, {"lora": "theirs"}) == [
+        "mine", "theirs"]
+    assert requested_adapters("/models/sd15", {"inputs": "x"}, {"lora": "art"}) == ["art", "sd15"]
+    assert requested_adapters("/models/art@2", {"inputs": "x"}, {}) == ["art@2"]
+    assert requested_adapters("/generate", {"inputs": "x"}, {"lora": "ignored-there"}) == []
 
 
 def _pod(annotations=None, ip="10.1.2.3", ready=True, deleting=False):
