@@ -131,7 +131,11 @@ def crd_manifests() -> dict[str, dict[str, Any]]:
         [
             {"name": "Pool", "type": "string", "jsonPath": ".spec.pool"},
             {"name": "Tenant", "type": "string", "jsonPath": ".spec.tenant"},
-            {"name": "Version", "type": "string", "jsonPath": ".spec.version"},
+            # What the replicas serve (the draining version mid-rollout), then what the spec wants.
+            {"name": "Version", "type": "string", "jsonPath": ".status.servedVersion",
+             "description": "the version ready replicas serve"},
+            {"name": "Wanted", "type": "string", "jsonPath": ".spec.version",
+             "description": "the version the spec asks for"},
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
             age,

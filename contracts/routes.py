@@ -51,15 +51,18 @@ class RoutesTable(_Wire):
     pool: str
     generation: int = 0
     adapters: dict[str, RouteEntry] = Field(default_factory=dict)
-    # Set on shards only: which shard of how many this table is.
+    # Set on shards only: which shard of how many this table is, and the generation every shard of
+    # the table had when this one was written (a shard keeps the generation of its last write), so a
+    # reader can tell a complete, consistent set of shards from one caught mid-write.
     shard: int | None = None
     shards: int | None = None
+    shard_generations: list[int] | None = Field(None, alias="shardGenerations")
 
     # -------------------------------------------------------------------------- serialization
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, compact, so that equal tables give equal ConfigMaps."""
-        return _canonical(self.model_dump(mode="json", exclude_none=True))
+        return _canonical(self.model_dump(mode="json", by_alias=True, exclude_none=True))
 
     @classmethod
     def from_json(cls, text: str) -> "RoutesTable":
@@ -73,10 +76,10 @@ class RoutesTable(_Wire):
                 for name in sorted(self.adapters)]
 
     def _shard_text(self, parts: list[str], shard: int | None, shards: int | None) -> str:
-        """Exactly ``RoutesTable(..., shard=shard, shards=shards).to_json()``, without re-serializing entries."""
-        tail = f',"shard":{shard},"shards":{shards}' if shards else ""
-        return ('{"adapters":{' + ",".join(parts) + '},"generation":' + str(self.generation)
-                + ',"pool":' + json.dumps(self.pool) + tail + "}")
+        """Exactly ``RoutesTable(..., shard=shard, shards=shards, shard_generations=[generation] * shards)
+        .to_json()``, without re-serializing entries."""
+        return shard_text(self.pool, self.generation, parts, shard, shards,
+                          [self.generation] * shards if shards else None)
 
     def shard_count(self, budget: int = SHARD_BUDGET_BYTES) -> int:
         """Smallest power of two such that every shard's JSON fits ``budget`` bytes.
@@ -112,12 +115,45 @@ class RoutesTable(_Wire):
         }
 
     @classmethod
-    def merge(cls, pool: str, shards: Iterable["RoutesTable"]) -> "RoutesTable":
-        """The whole table from its shards (as read from the ConfigMaps).
+    def merge_complete(cls, pool: str, shards: Iterable["RoutesTable"]) -> "RoutesTable | None":
+        """The whole table from a complete, consistent set of shards, or None when there is none.
 
-        While the operator re-shards, ConfigMaps of the old and the new count can both exist for a
-        moment: only shards of the newest count are used.
+        A set is every shard ``0..N-1`` of one count N, each at the generation the newest of them
+        names for it (``shardGenerations``): a reshard half written, or two shards of one
+        generation of which one has arrived, is no set. Of several sets (old and new counts both
+        present while the operator re-shards) the newest wins; its generation is the table's.
         """
+        by_count: dict[int, dict[int | None, RoutesTable]] = {}
+        for s in shards:
+            if s.pool == pool and s.generation >= 0:
+                by_count.setdefault(s.shards or 1, {})[s.shard if s.shards else None] = s
+        best: RoutesTable | None = None
+        for count, group in by_count.items():
+            newest = max(group.values(), key=lambda s: s.generation)
+            if count == 1:
+                complete = None in group
+            else:
+                gens = newest.shard_generations
+                complete = all(i in group for i in range(count)) and (
+                    gens is None  # written before shards named their generations: presence only
+                    or len(gens) == count and all(group[i].generation == g for i, g in enumerate(gens)))
+            if complete and (best is None or newest.generation > best.generation):
+                best = cls(pool=pool, generation=newest.generation)
+                for s in group.values():
+                    best.adapters.update(s.adapters)
+        return best
+
+    @classmethod
+    def merge(cls, pool: str, shards: Iterable["RoutesTable"]) -> "RoutesTable":
+        """Best effort: the whole table from the shards at hand, at the newest generation any of them
+        has; the complete set when there is one (``merge_complete``), else the shards of the newest
+        count as they are. For readers that rewrite the table anyway (the operator after a restart).
+        """
+        shards = list(shards)
+        complete = cls.merge_complete(pool, shards)
+        if complete is not None:
+            complete.generation = max([complete.generation] + [s.generation for s in shards if s.pool == pool])
+            return complete
         shards = [s for s in shards if s.pool == pool]
         if not shards:
             return cls(pool=pool)
@@ -135,6 +171,18 @@ def _canonical(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def shard_text(pool: str, generation: int, parts: list[str], shard: int | None, shards: int | None,
+               shard_generations: list[int] | None) -> str:
+    """A shard's canonical JSON (``RoutesTable.to_json``) from its entries already serialized
+    (``"name":{entry}``, sorted by name)."""
+    tail = ""
+    if shards:
+        tail = (f',"shard":{shard},"shardGenerations":[{",".join(str(g) for g in shard_generations or [])}]'
+                f',"shards":{shards}')
+    return ('{"adapters":{' + ",".join(parts) + '},"generation":' + str(generation)
+            + ',"pool":' + json.dumps(pool) + tail + "}")
+
+
 def shard_of(name: str, shards: int) -> int:
     """Shard of a served name: stable across processes and Python versions (crc32, not hash())."""
     return zlib.crc32(name.encode("utf-8")) % shards
@@ -145,8 +193,10 @@ class SyncReport(_Wire):
 
     ``generation`` is the newest routes generation the sidecar has worked through: every version in
     the routes at that generation is loaded into the runtime, except the ones named in ``failed``
-    (with the reason) or ``pending`` (still downloading). Both maps are capped so the annotation stays
-    small with 10,000 adapters; ``failedTotal``/``pendingTotal`` count what was cut.
+    (with the reason) or ``pending`` (still downloading). The lists are capped so the annotation stays
+    small with 10,000 adapters: then they name the first ``MAX_LISTED`` not-loaded keys in key order,
+    ``coveredThrough`` is the last key they cover completely, and ``failedTotal``/``pendingTotal``
+    count everything. A key after ``coveredThrough`` is unknown: never counted as loaded.
     """
 
     generation: int = 0
@@ -155,9 +205,29 @@ class SyncReport(_Wire):
     pending: list[str] = Field(default_factory=list)
     failed_total: int | None = Field(None, alias="failedTotal")
     pending_total: int | None = Field(None, alias="pendingTotal")
+    covered_through: str | None = Field(None, alias="coveredThrough")
     model_ready: bool | None = Field(None, alias="modelReady")
+    # Set while the sidecar keeps its last complete routes table because the ConfigMaps are gone or
+    # not a complete set of shards: why, and which generation it serves.
+    routes_stale: str | None = Field(None, alias="routesStale")
 
     MAX_LISTED: ClassVar[int] = 200
+
+    @classmethod
+    def build(cls, generation: int, loaded: int, failed: dict[str, str], pending: list[str],
+              model_ready: bool | None = None, cap: int | None = None) -> "SyncReport":
+        """The report of everything not loaded, its lists cut to the first ``cap`` keys in key order."""
+        cap = cls.MAX_LISTED if cap is None else cap
+        keys = sorted(set(failed) | set(pending))
+        listed = set(keys[:cap])
+        cut = len(keys) > cap
+        return cls(generation=generation, loaded=loaded,
+                   failed={k: failed[k] for k in sorted(failed) if k in listed},
+                   pending=[k for k in sorted(pending) if k in listed and k not in failed],
+                   failed_total=len(failed) if cut else None,
+                   pending_total=len(set(pending) - set(failed)) if cut else None,
+                   covered_through=keys[cap - 1] if cut and cap > 0 else ("" if cut else None),
+                   model_ready=model_ready)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True),
@@ -172,9 +242,25 @@ class SyncReport(_Wire):
         except ValueError:
             return None
 
+    @property
+    def truncated(self) -> bool:
+        return (self.covered_through is not None
+                or (self.failed_total or 0) > len(self.failed) or (self.pending_total or 0) > len(self.pending))
+
+    def covers(self, key: str) -> bool:
+        """Whether the lists say positively if ``key`` is loaded (always, unless they were cut)."""
+        if self.covered_through is not None:
+            return key <= self.covered_through
+        # A report without coveredThrough (an older sidecar) cut each sorted list on its own: it
+        # covers the keys up to the last one listed in every list that was cut.
+        bounds = [max(self.failed, default="") for _ in [0] if (self.failed_total or 0) > len(self.failed)]
+        bounds += [max(self.pending, default="") for _ in [0] if (self.pending_total or 0) > len(self.pending)]
+        return not bounds or key <= min(bounds)
+
     def has_loaded(self, name: str, version: str, since: int) -> bool:
         key = names.versioned_name(name, version)
-        return self.generation >= since and key not in self.failed and key not in self.pending
+        return (self.generation >= since and key not in self.failed and key not in self.pending
+                and self.covers(key))
 
     def failure(self, name: str, version: str) -> str | None:
         return self.failed.get(names.versioned_name(name, version))

@@ -21,6 +21,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gateway-cluster-role", default=os.environ.get("LORAFLEET_GATEWAY_CLUSTER_ROLE", ""),
                    help="pools' gateways get a RoleBinding to this ClusterRole (the chart's) instead of a Role "
                         "of their own, so the operator needs no read access to Secrets")
+    p.add_argument("--resync-interval", type=float,
+                   default=float(os.environ.get("LORAFLEET_OPERATOR_RESYNC_S", "300")),
+                   help="seconds between full listings that sweep objects whose deletion a watch missed "
+                        "(0 = never)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every reconcile")
     p.add_argument("--debug", action="store_true", help="also log kopf's internals")
     return p.parse_args(argv)
@@ -45,6 +49,7 @@ def main(argv: list[str]) -> int:
     namespaces = args.namespace
     handlers.FLEET.namespaces = list(namespaces)
     handlers.FLEET.gateway_cluster_role = args.gateway_cluster_role or None
+    handlers.FLEET.resync_interval = args.resync_interval
     logging.getLogger("lorafleet.operator").info(
         "lorafleet operator starting, watching %s", ", ".join(namespaces) or "all namespaces")
     try:

@@ -22,7 +22,7 @@ from lorafleet.contracts.routes import RoutesTable
 
 from . import manifests, routing
 from .kube import Kube
-from .routing import AdapterView, PodView, PoolView
+from .routing import AdapterView, PodView, PoolView, WorkloadView
 
 log = logging.getLogger("lorafleet.operator")
 
@@ -32,6 +32,7 @@ ObjKey = tuple[str, str]  # (namespace, name)
 DEBOUNCE_S = 0.05
 MAX_STATUS_WRITERS = 32
 RETRY_S = 2.0
+RESYNC_S = 300.0
 
 
 class Fleet:
@@ -64,6 +65,18 @@ class Fleet:
         self.pool_written: dict[PoolKey, tuple[str, dict[str, Any]]] = {}  # (pool uid, status)
         self.seen: dict[tuple[str, ObjKey], tuple[Any, ...]] = {}  # kind, object -> what a reconcile depends on
         self.reconciles = 0
+        # Owned Deployments by pool (name -> view), and the generation each had after our last apply:
+        # a higher one is someone else's edit (`kubectl scale`, `kubectl edit`), applied over again.
+        self.workloads: dict[PoolKey, dict[str, WorkloadView]] = {}
+        self.applied_generations: dict[ObjKey, int] = {}
+        self.applying: set[PoolKey] = set()
+        self.own_deletes: set[ObjKey] = set()  # Deployments we delete ourselves (a gateway turned off)
+        # The store's event clock: which objects an event mentioned since a full listing began.
+        self.resync_interval = RESYNC_S
+        self.resync_task: asyncio.Task | None = None
+        self.event_seq = 0
+        self.last_event: dict[tuple[str, str, str], int] = {}
+        self.swept = 0
 
     # ------------------------------------------------------------------------------ events
     # The store of adapters and pods by pool and of pools by name is ours, fed by kopf's event
@@ -98,9 +111,17 @@ class Fleet:
         the view. Statuses are compared with what was written, else with the status primed."""
         return kind_event != "DELETED" and self.seen.get(("a", (namespace, name))) == (generation, pool, uid)
 
+    def _mark(self, kind: str, namespace: str, name: str, deleted: bool = False) -> None:
+        self.event_seq += 1
+        if deleted:
+            self.last_event.pop((kind, namespace, name), None)
+        else:
+            self.last_event[(kind, namespace, name)] = self.event_seq
+
     def adapter_event(self, kind_event: str | None, view: AdapterView) -> None:
         key = (view.namespace, view.name)
         self._flush_pending()
+        self._mark("a", *key, deleted=kind_event == "DELETED")
         old_pool = self.adapter_pool.get(key)
         if old_pool is not None and (kind_event == "DELETED" or old_pool != view.pool):
             self.adapters.get((view.namespace, old_pool), {}).pop(view.name, None)
@@ -123,6 +144,7 @@ class Fleet:
     def pool_event(self, kind_event: str | None, view: PoolView) -> None:
         key = (view.namespace, view.name)
         self._flush_pending()
+        self._mark("p", *key, deleted=kind_event == "DELETED")
         if kind_event == "DELETED":
             self.pools.pop(key, None)
             self.seen.pop(("p", key), None)
@@ -143,6 +165,7 @@ class Fleet:
             return
         key, name = (meta.get("namespace", ""), pool), meta.get("name", "")
         self._flush_pending()
+        self._mark("pod", key[0], name, deleted=kind_event == "DELETED")
         pods = self.pods.setdefault(key, {})
         if kind_event == "DELETED":
             if pods.pop(name, None) is not None:
@@ -162,6 +185,7 @@ class Fleet:
             return
         key, name = (meta.get("namespace", ""), pool), meta.get("name", "")
         self._flush_pending()
+        self._mark("pod", key[0], name, deleted=kind_event == "DELETED")
         pods = self.gateway_pods.setdefault(key, {})
         if kind_event == "DELETED":
             if pods.pop(name, None) is not None:
@@ -172,6 +196,107 @@ class Fleet:
             return
         pods[name] = ready
         self.touch(key)
+
+    def workload_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
+        """An owned Deployment changed: repair an edit that is not ours (its generation passed the
+        one our apply left), or one deleted by hand; carry its failures into the pool's status."""
+        meta = body.get("metadata") or {}
+        owner = next((o for o in meta.get("ownerReferences") or []
+                      if o.get("kind") == names.POOL_KIND and o.get("controller")), None)
+        if owner is None:
+            return
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        key = (namespace, owner.get("name", ""))
+        self._flush_pending()
+        found = self.workloads.setdefault(key, {})
+        if kind_event == "DELETED":
+            found.pop(name, None)
+            self.applied_generations.pop((namespace, name), None)
+            if (namespace, name) in self.own_deletes:
+                self.own_deletes.discard((namespace, name))
+                return
+            pool = self.pools.get(key)
+            if pool is not None and pool.uid == owner.get("uid"):
+                log.info("Deployment %s/%s was deleted outside the operator; applying it again", namespace, name)
+                self.applied.pop(key, None)
+                self.touch(key)
+            return
+        view = routing.workload_view(body)
+        old = found.get(name)
+        found[name] = view
+        known = self.applied_generations.get((namespace, name))
+        if known is not None and view.generation > known and key not in self.applying:
+            log.info("Deployment %s/%s was changed outside the operator (generation %d, ours %d); applying "
+                     "the pool's spec again", namespace, name, view.generation, known)
+            self.applied.pop(key, None)
+            self.touch(key)
+        elif old is None or old.problem != view.problem:
+            pool = self.pools.get(key)
+            if view.problem and pool is not None:
+                kopf.warn(pool.ref(), reason="ReplicaFailure", message=view.problem)
+            self.touch(key)
+
+    # ------------------------------------------------------------------------------ resync
+
+    def start_resync(self) -> None:
+        if self.resync_interval > 0 and self.resync_task is None:
+            self.resync_task = asyncio.get_running_loop().create_task(self._resync_forever())
+
+    async def _resync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_interval)
+            try:
+                await self.resync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("full resync failed; trying again in %.0f s", self.resync_interval)
+
+    async def resync(self) -> int:
+        """List everything once and sweep what the store holds but the API server no longer has.
+
+        kopf re-lists after a watch expires (410 Gone) but reports no deletions from the gap, so a
+        pod deleted meanwhile would stay in the store for ever (counted Ready, holding rollouts
+        back). An object is swept only if no event mentioned it since the listing began: one made
+        or deleted meanwhile is the events' to handle. Returns how many were swept."""
+        if self.kube is None:
+            self.kube = Kube()
+        since = self.event_seq
+        adapters, pools, pods = await self.kube.list_bodies(self.namespaces)
+
+        def ids(kind: str, bodies: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+            return {(kind, (b.get("metadata") or {}).get("namespace", ""), (b.get("metadata") or {}).get("name", ""))
+                    for b in bodies}
+
+        alive = ids("a", adapters) | ids("p", pools) | ids("pod", pods)
+
+        def gone(kind: str, namespace: str, name: str) -> bool:
+            k = (kind, namespace, name)
+            return k not in alive and self.last_event.get(k, 0) <= since
+
+        swept = 0
+        for (namespace, name), pool in list(self.adapter_pool.items()):
+            view = self.adapters.get((namespace, pool), {}).get(name)
+            if view is not None and gone("a", namespace, name):
+                log.info("LoRAAdapter %s/%s is gone (its deletion was missed): removed", namespace, name)
+                self.adapter_event("DELETED", view)
+                swept += 1
+        for (namespace, name), pview in list(self.pools.items()):
+            if gone("p", namespace, name):
+                log.info("BaseModelPool %s/%s is gone (its deletion was missed): removed", namespace, name)
+                self.pool_event("DELETED", pview)
+                swept += 1
+        for label, store in ((names.LABEL_POOL, self.pods), (names.LABEL_GATEWAY_FOR, self.gateway_pods)):
+            for (namespace, pool), members in list(store.items()):
+                for name in list(members):
+                    if gone("pod", namespace, name):
+                        log.info("pod %s/%s of pool %s is gone (its deletion was missed): removed", namespace,
+                                 name, pool)
+                        self.pod_event("DELETED", {"metadata": {"name": name, "namespace": namespace,
+                                                                "labels": {label: pool}}})
+                        swept += 1
+        self.swept += swept
+        return swept
 
     def routes_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
         """A routes ConfigMap changed: our own writes are known and ignored; one deleted or edited
@@ -240,10 +365,12 @@ class Fleet:
             await asyncio.wait_for(self.idle(), grace)
         except asyncio.TimeoutError:
             pass
-        for t in [*self.tasks.values(), *self.status_workers]:
+        resync = [self.resync_task] if self.resync_task is not None else []
+        for t in [*self.tasks.values(), *self.status_workers, *resync]:
             t.cancel()
-        await asyncio.gather(*self.tasks.values(), *self.status_workers, return_exceptions=True)
+        await asyncio.gather(*self.tasks.values(), *self.status_workers, *resync, return_exceptions=True)
         self.status_workers.clear()
+        self.resync_task = None
         if self.kube is not None:
             await self.kube.close()
 
@@ -280,8 +407,10 @@ class Fleet:
         previous_status = {a.name: st for a in adapters
                            if (st := self.desired.get((namespace, a.name), self.written.get((namespace, a.name))))}
         gateway_ready = sum(self.gateway_pods.get(key, {}).values())
+        problems = [w.problem for w in self.workloads.get(key, {}).values() if w.problem]
         plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status,
-                                 self.memo.setdefault(key, {}), gateway_ready=gateway_ready)
+                                 self.memo.setdefault(key, {}), gateway_ready=gateway_ready,
+                                 workload_problems=problems)
 
         if pool_ok:
             assert pool is not None
@@ -341,11 +470,24 @@ class Fleet:
         if self.applied.get(key) == canonical:
             return
         # Unchanged fields make server-side apply a no-op: a restart rewrites nothing.
-        for m in children:
-            await self.kube.apply(m)
+        self.applying.add(key)
+        try:
+            for m in children:
+                generation = await self.kube.apply(m)
+                if m["kind"] == "Deployment" and generation is not None:
+                    self.applied_generations[(pool.namespace, m["metadata"]["name"])] = generation
+        finally:
+            self.applying.discard(key)
+        seen = self.workloads.get(key, {})
+        if any(w.generation > self.applied_generations.get((pool.namespace, n), w.generation) for n, w in seen.items()):
+            self.dirty.add(key)  # edited by someone else while we applied: apply once more
+            return
         # After the applies: the Ingress points back at the pool's Service before the gateway goes.
         for kind, name in manifests.stale_children(pool.name, pool.spec, self.gateway_cluster_role):
-            await self.kube.delete(kind, name, pool.namespace)
+            if kind == "Deployment":
+                self.own_deletes.add((pool.namespace, name))
+            if not await self.kube.delete(kind, name, pool.namespace):
+                self.own_deletes.discard((pool.namespace, name))
         if key in self.applied or pool.status.get("observedGeneration") != pool.generation:
             gateway = (f"; gateway {names.gateway_name(pool.name)} ({pool.spec.gateway.replicas} replicas)"
                        if pool.spec.gateway is not None and pool.spec.gateway.enabled else "")

@@ -48,23 +48,28 @@ class Kube:
         self.status_inflight = asyncio.Semaphore(MAX_STATUS_INFLIGHT)
         self.writes = 0  # counted, so tests and the bench can see that an idle restart writes nothing
 
-    async def apply(self, manifest: dict[str, Any]) -> None:
-        """Server-side apply; we own every field we set, so conflicts are forced."""
+    async def apply(self, manifest: dict[str, Any]) -> int | None:
+        """Server-side apply; we own every field we set, so conflicts are forced (an edit of one of
+        them by someone else is put back). Returns the object's generation after the apply."""
         res = KINDS[manifest["kind"]]
         meta = manifest["metadata"]
         async with self.inflight:
-            await self.client.patch(res, meta["name"], manifest, namespace=meta["namespace"],
-                                    patch_type=PatchType.APPLY, field_manager=names.FIELD_MANAGER, force=True)
+            obj = await self.client.patch(res, meta["name"], manifest, namespace=meta["namespace"],
+                                          patch_type=PatchType.APPLY, field_manager=names.FIELD_MANAGER, force=True)
         self.writes += 1
+        return getattr(getattr(obj, "metadata", None), "generation", None)
 
-    async def delete(self, kind: str, name: str, namespace: str) -> None:
+    async def delete(self, kind: str, name: str, namespace: str) -> bool:
+        """Delete; False when it was not there."""
         try:
             async with self.inflight:
                 await self.client.delete(KINDS[kind], name, namespace=namespace)
             self.writes += 1
+            return True
         except ApiError as e:
             if e.status.code != 404:
                 raise
+            return False
 
     async def patch_status(self, kind: str, name: str, namespace: str, patch: dict[str, Any]) -> bool:
         """Merge-patch ``status``; False when the object is gone (deleted meanwhile)."""

@@ -37,6 +37,7 @@ async def start(settings: kopf.OperatorSettings, logger: logging.Logger, **_: An
     FLEET.kube = Kube()
     adapters, pools, pods = await FLEET.kube.list_bodies_when_ready(FLEET.namespaces, logger)
     FLEET.prime(adapters, pools, pods)
+    FLEET.start_resync()
     # The store lives as long as the operator: keep the collector from walking it again and again.
     gc.collect()
     gc.freeze()
@@ -61,6 +62,11 @@ async def pool_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
 @kopf.on.event("pods", labels=GATEWAY_PODS, id="gateway_pod_changed")
 async def pod_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     FLEET.pod_event(type, dict(body))
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: "lorafleet"})
+async def deployment_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.workload_event(type, dict(body))
 
 
 @kopf.on.event("configmaps", labels={names.LABEL_ROUTES_FOR: kopf.PRESENT})

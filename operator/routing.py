@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from lorafleet.contracts import names
 from lorafleet.contracts.resources import (AdapterPhase, BaseModelPoolSpec, BaseModelPoolStatus, Condition,
                                            LoRAAdapterSpec, PoolPhase, condition)
-from lorafleet.contracts.routes import MAX_SHARDS, SHARD_BUDGET_BYTES, RouteEntry, RoutesTable, RouteVersion, SyncReport
+from lorafleet.contracts.routes import (MAX_SHARDS, SHARD_BUDGET_BYTES, RouteEntry, RoutesTable, RouteVersion, SyncReport,
+                                       shard_text)
 
 NEW = -1  # `since` of a version not yet in the table: filled with the generation that adds it
 
@@ -68,6 +69,30 @@ class PodView:
     name: str
     ready: bool
     report: SyncReport | None
+
+
+@dataclass(frozen=True)
+class WorkloadView:
+    """An owned Deployment as far as the pool's status and drift repair need it."""
+
+    name: str
+    generation: int
+    problem: str | None  # why its pods are not being created or rolled out, from its conditions
+
+
+def workload_view(body: dict[str, Any]) -> WorkloadView:
+    """The Deployment's ``ReplicaFailure`` (the ReplicaSet could not create pods: a quota, an
+    admission refusal; the ReplicaSet's message names it) or a ``Progressing=False`` rollout."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    name = meta.get("name", "")
+    problem = None
+    conds = [c for c in status.get("conditions") or [] if isinstance(c, dict)]
+    for type_, bad in (("ReplicaFailure", "True"), ("Progressing", "False")):
+        c = next((c for c in conds if c.get("type") == type_ and c.get("status") == bad), None)
+        if c is not None:
+            problem = f"Deployment {name}: {c.get('reason') or type_}: {c.get('message') or ''}".rstrip(": ")
+            break
+    return WorkloadView(name=name, generation=int(meta.get("generation") or 0), problem=problem)
 
 
 def _spec_error(e: ValidationError, prefix: str) -> str:
@@ -170,7 +195,9 @@ def desired_versions(spec: LoRAAdapterSpec) -> list[RouteVersion]:
 def merge_entry(served: str, spec: LoRAAdapterSpec, previous: RouteEntry | None,
                 ready_pods: list[PodView]) -> RouteEntry:
     """The rollout rule: a version that leaves the spec stays, draining (weight 0), until every
-    ready replica has loaded every version the spec wants; then it is dropped."""
+    ready replica has loaded every version the spec wants, and there is at least one; then it is
+    dropped. With no ready replica nobody has shown the new version: the old one stays, so replicas
+    that come back (all unready at once, a restart of the pool) still have something to serve."""
     want = desired_versions(spec)
     old = {v.version: v for v in (previous.versions if previous else [])}
     for v in want:
@@ -180,7 +207,7 @@ def merge_entry(served: str, spec: LoRAAdapterSpec, previous: RouteEntry | None,
     wanted = {v.version for v in want}
     leaving = [p for p in old.values() if p.version not in wanted]
     if leaving:
-        everyone_has_new = all(
+        everyone_has_new = bool(ready_pods) and all(
             v.since != NEW and pod.report is not None and pod.report.has_loaded(served, v.version, v.since)
             for pod in ready_pods for v in want
         )
@@ -247,11 +274,13 @@ def _part(served: str, entry: RouteEntry) -> str:
     return text
 
 
-def _shard_text(table: RoutesTable, parts: list[str], shard: int | None, shards: int | None) -> str:
-    """``RoutesTable(..., shard=shard, shards=shards).to_json()`` from entries already serialized."""
-    tail = f',"shard":{shard},"shards":{shards}' if shards else ""
-    return ('{"adapters":{' + ",".join(parts) + '},"generation":' + str(table.generation)
-            + ',"pool":' + json.dumps(table.pool) + tail + "}")
+def _shard_text(table: RoutesTable, parts: list[str], shard: int | None, shards: int | None,
+                generations: list[int] | None = None) -> str:
+    """``RoutesTable(..., shard=shard, shards=shards, shard_generations=...).to_json()`` from entries
+    already serialized; every shard at the table's generation unless ``generations`` says otherwise."""
+    if shards and generations is None:
+        generations = [table.generation] * shards
+    return shard_text(table.pool, table.generation, parts, shard, shards, generations if shards else None)
 
 
 def shard_layout(table: RoutesTable, budget: int = SHARD_BUDGET_BYTES) -> tuple[int, list[list[tuple[str, str]]]]:
@@ -281,10 +310,13 @@ def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable], budget: in
     """ConfigMap name -> routes.json to write (shards whose content changed, at the table's
     generation), the names of ConfigMaps to delete (shards no longer used), and the shard count.
     A shard whose adapters did not change is not rewritten: it keeps the generation of its last
-    write. The texts are what ``RoutesTable.to_configmap_data`` gives (a unit test holds them equal)."""
+    write. Every shard written names the generation each shard of the table has after this write
+    (``shardGenerations``), so a reader merges only a consistent set. The texts are what
+    ``RoutesTable.to_configmap_data`` gives when every shard is written (a unit test holds them equal)."""
     parsed = {} if parsed is None else parsed  # filled with the tables of the shards to write
     n, buckets = shard_layout(table, budget)
-    write: dict[str, str] = {}
+    changed: list[tuple[int, str, dict[str, RouteEntry]]] = []
+    generations: list[int] = []
     wanted = []
     for i, bucket in enumerate(buckets):
         index, count = (i, n) if n > 1 else (None, None)
@@ -292,11 +324,19 @@ def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable], budget: in
         wanted.append(name)
         adapters = {served: table.adapters[served] for served, _ in bucket}
         old = existing.get(name)
-        if old is not None and old.pool == table.pool and old.shards == count and old.adapters == adapters:
+        if (old is not None and old.pool == table.pool and old.shards == count and old.adapters == adapters
+                and old.generation >= 0):
+            generations.append(old.generation)
             continue
-        write[name] = _shard_text(table, [text for _, text in bucket], index, count)
+        generations.append(table.generation)
+        changed.append((i, name, adapters))
+    write: dict[str, str] = {}
+    for i, name, adapters in changed:
+        index, count = (i, n) if n > 1 else (None, None)
+        write[name] = _shard_text(table, [text for _, text in buckets[i]], index, count, generations)
         parsed[name] = RoutesTable.model_construct(pool=table.pool, generation=table.generation, adapters=adapters,
-                                                   shard=index, shards=count)
+                                                   shard=index, shards=count,
+                                                   shard_generations=list(generations) if count else None)
     delete = sorted(set(existing) - set(wanted))
     return write, delete, n
 
@@ -404,7 +444,8 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
 
 
 def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
-                table: RoutesTable, pods: list[PodView], gateway_ready: int = 0) -> dict[str, Any]:
+                table: RoutesTable, pods: list[PodView], gateway_ready: int = 0,
+                workload_problems: list[str] | None = None) -> dict[str, Any]:
     prev = _conditions(pool.status)
     if pool.spec is None:
         st = BaseModelPoolStatus(phase=PoolPhase.failed, observed_generation=pool.generation,
@@ -420,15 +461,24 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
         phase = PoolPhase.pending
     else:
         phase = PoolPhase.progressing
+    problems = sorted(workload_problems or [])
+    if problems and phase == PoolPhase.ready:
+        phase = PoolPhase.degraded
     msg = f"{ready}/{replicas} replicas ready"
     if bad:
         msg += f"; {bad} adapters failed or degraded"
+    if problems:
+        msg += "; " + "; ".join(problems)
     st = BaseModelPoolStatus(
         phase=phase, observed_generation=pool.generation, replicas=replicas, ready_replicas=ready,
         ready=f"{ready}/{replicas}", adapters=len(adapters),
         adapters_ready=sum(1 for p in phases if p == AdapterPhase.ready.value),
         routes_generation=table.generation, message=msg,
-        conditions=[condition("Ready", phase == PoolPhase.ready, phase.value, msg, pool.generation, prev)],
+        conditions=[condition("Ready", phase == PoolPhase.ready, phase.value, msg, pool.generation, prev),
+                    # What the owned Deployments say when pods cannot be made (a quota, an admission
+                    # policy): the ReplicaSet's own message, which `kubectl get lfpool` never shows.
+                    condition("ReplicaFailure", bool(problems), "DeploymentFailing" if problems else "NoFailure",
+                              "; ".join(problems), pool.generation, prev)],
     )
     gw = pool.spec.gateway
     if gw is not None and gw.enabled:
@@ -444,7 +494,8 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
 
 def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView], pods: list[PodView],
               previous: RoutesTable, previous_status: dict[str, dict[str, Any]],
-              memo: dict[str, tuple[tuple, dict[str, Any]]] | None = None, gateway_ready: int = 0) -> PoolPlan:
+              memo: dict[str, tuple[tuple, dict[str, Any]]] | None = None, gateway_ready: int = 0,
+              workload_problems: list[str] | None = None) -> PoolPlan:
     """Everything one reconcile of a pool decides. ``previous_status`` maps adapter name -> the
     status last written (or read), so conditions keep their transition times. ``memo`` (kept by the
     caller between reconciles of this pool) skips recomputing the status of adapters whose inputs
@@ -474,7 +525,8 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
         statuses_memo[a.name] = (inputs, statuses[a.name])
     for gone in set(statuses_memo) - set(statuses):
         del statuses_memo[gone]
-    pstatus = pool_status(pool, adapters, statuses, table, pods, gateway_ready) if pool is not None else None
+    pstatus = (pool_status(pool, adapters, statuses, table, pods, gateway_ready, workload_problems)
+               if pool is not None else None)
     return PoolPlan(table=table, changed=changed, adapter_status=statuses, pool_status=pstatus)
 
 

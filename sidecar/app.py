@@ -48,7 +48,8 @@ class Sidecar:
                         concurrency=a.concurrency, collect_after=a.collect_after, poll_interval=a.poll_interval,
                         retry=RetryPolicy(a.retry_base, a.retry_max))
         # The watch gets its own client: stopping it closes that client's connection.
-        watcher = RoutesWatcher(lambda: make_client(a.kubeconfig), a.namespace, a.pool, syncer.set_routes)
+        watcher = RoutesWatcher(lambda: make_client(a.kubeconfig), a.namespace, a.pool, syncer.set_routes,
+                                on_stale=syncer.set_routes_stale)
         return cls(syncer, watcher, metrics, a.metrics_port)
 
     def start(self, stop: threading.Event | None = None) -> "Sidecar":

@@ -51,12 +51,17 @@ class RoutesWatcher:
     name: the unsharded ``lorafleet-routes-<pool>`` and shards ``-0 .. -(2N-1)`` for the largest shard
     count N seen (the operator's Role covers the next doubling too). Each watch lists, then watches from
     the list's resourceVersion, and lists again after any error (410 Gone, dropped connection, API
-    server restart). The label ``lorafleet.io/routes-for=<pool>`` is required as well. The table is
-    published only once every watch has listed, so a partial view never unloads anything.
+    server restart). The label ``lorafleet.io/routes-for=<pool>`` is required as well.
+
+    Only a complete, consistent set of shards is published (``RoutesTable.merge_complete``), once
+    every watch has listed, and only when it is newer than the one published before: a reshard or a
+    generation caught half written, or ConfigMaps deleted, never unloads anything. Meanwhile the last
+    complete table stays in force (fail static) and ``on_stale`` is told why (None once it is over).
     """
 
     def __init__(self, new_client: Callable[[], Client], namespace: str, pool: str,
-                 on_change: Callable[[RoutesTable], None], server_timeout: int = 60):
+                 on_change: Callable[[RoutesTable], None], server_timeout: int = 60,
+                 on_stale: Callable[[str | None], None] | None = None):
         # Each watch holds a streaming response open for minutes: every watch thread gets a client
         # (and connection pool) of its own, so no two threads ever share a TLS connection.
         self.new_client, self.namespace, self.pool = new_client, namespace, pool
@@ -67,6 +72,9 @@ class RoutesWatcher:
         self._shards: dict[str, RoutesTable] = {}
         self._listed: set[str] = set()
         self._threads: dict[str, threading.Thread] = {}
+        self.on_stale = on_stale
+        self.published: RoutesTable | None = None
+        self.stale: str | None = None
 
     def start(self) -> "RoutesWatcher":
         warm_up_decoders()
@@ -114,8 +122,42 @@ class RoutesWatcher:
         with self._lock:
             if not set(self._threads) <= self._listed:
                 return  # some watch has not listed yet: its shard may be missing from the view
-            merged = RoutesTable.merge(self.pool, self._shards.values())
-        self.on_change(merged)
+            merged = RoutesTable.merge_complete(self.pool, self._shards.values())
+            published = self.published
+            if merged is not None and (published is None or merged.generation >= published.generation):
+                self.published = merged
+            elif published is None:
+                return  # nothing complete seen yet: wait (the sync loop does nothing without routes)
+            else:
+                merged = None
+            in_force = self.published
+            newest = max((t.generation for t in self._shards.values() if t.pool == self.pool), default=None)
+            gone = newest is None
+            stale = self._why_stale(in_force) if gone or newest > in_force.generation else None
+        self._set_stale(stale, gone)
+        if merged is not None and merged != published:
+            self.on_change(merged)
+
+    def _why_stale(self, published: RoutesTable) -> str:
+        have = ", ".join(f"{n}@{t.generation}" for n, t in sorted(self._shards.items()))
+        if not self._shards:
+            return (f"routes ConfigMaps of pool {self.pool!r} are gone; serving the last complete table "
+                    f"(generation {published.generation}) until they are back")
+        return (f"routes of pool {self.pool!r} are not a complete set of shards ({have}); serving the last "
+                f"complete table (generation {published.generation})")
+
+    def _set_stale(self, stale: str | None, gone: bool) -> None:
+        if stale == self.stale:
+            return
+        if stale is None:
+            log.info("routes of pool %r complete again", self.pool)
+        elif gone:
+            log.warning("%s", stale)
+        else:
+            log.info("%s", stale)  # a reshard or a write in progress: usually over in milliseconds
+        self.stale = stale
+        if self.on_stale is not None:
+            self.on_stale(stale)
 
     def _run(self, name: str) -> None:
         client = self.new_client()

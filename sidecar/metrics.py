@@ -29,6 +29,9 @@ class Metrics:
                               ["state"], registry=r)
         self.generation = Gauge("lorafleet_sidecar_routes_generation", "Routes generation worked through",
                                 registry=r)
+        self.routes_stale = Gauge("lorafleet_sidecar_routes_stale",
+                                  "1 while the routes ConfigMaps are missing or not a complete set and the "
+                                  "last complete table is kept", registry=r)
         self.runtime_restarts = Counter("lorafleet_sidecar_runtime_restarts",
                                         "Runtime restarts noticed (everything desired loaded again)", registry=r)
 

@@ -63,6 +63,7 @@ class Syncer:
         self.wake = threading.Event()
         self._lock = threading.Lock()
         self.routes: RoutesTable | None = None
+        self.routes_stale: str | None = None  # why the routes in force are not what the ConfigMaps hold
         self.base: BaseModelInfo | None = None
         self.model_ready = not model_sha256
         self.model_failure: Failure | None = None
@@ -85,6 +86,12 @@ class Syncer:
     def set_routes(self, table: RoutesTable) -> None:
         with self._lock:
             self.routes = table
+        self.wake.set()
+
+    def set_routes_stale(self, reason: str | None) -> None:
+        with self._lock:
+            self.routes_stale = reason
+        self.metrics.routes_stale.set(1 if reason else 0)
         self.wake.set()
 
     def run(self, stop: threading.Event) -> None:
@@ -338,14 +345,11 @@ class Syncer:
                     if d.key in pending:
                         failed[d.key] = self.model_failure.reason
                 pending = [k for k in pending if k not in failed]
-        cap = SyncReport.MAX_LISTED
-        report = SyncReport(
-            generation=table.generation, loaded=n_loaded,
-            failed=dict(sorted(failed.items())[:cap]), pending=sorted(pending)[:cap],
-            failed_total=len(failed) if len(failed) > cap else None,
-            pending_total=len(pending) if len(pending) > cap else None,
-            model_ready=self.model_ready if self.model_sha256 else None,
-        )
+        # Capped lists name the first not-loaded keys in key order and say how far they reach
+        # (coveredThrough): the operator counts nothing after that as loaded.
+        report = SyncReport.build(table.generation, n_loaded, failed, pending,
+                                  model_ready=self.model_ready if self.model_sha256 else None)
+        report.routes_stale = self.routes_stale
         self.last_report = report
         m = self.metrics
         m.adapters.labels("loaded").set(n_loaded)

@@ -91,12 +91,13 @@ def test_invalid_pool_is_refused(control_plane, namespace):
 
 def test_kubectl_get_lora_prints_the_printer_columns(control_plane, namespace):
     apply(control_plane, namespace, ADAPTER)
-    # Status is the operator's to write; here the test plays it to see the column.
+    # Status is the operator's to write; here the test plays it to see the column: mid-rollout, the
+    # replicas still serve version 2 while the spec wants 3. VERSION is what answers, WANTED the spec.
     control_plane.kubectl("patch", "lora", "acme-support", "-n", namespace, "--subresource=status", "--type=merge",
-                          "-p", json.dumps({"status": {"phase": "Ready", "ready": "2/2"}}))
+                          "-p", json.dumps({"status": {"phase": "Syncing", "ready": "0/2", "servedVersion": "2"}}))
     out = control_plane.kubectl("get", "lora", "-n", namespace).stdout.splitlines()
-    assert out[0].split() == ["NAME", "POOL", "TENANT", "VERSION", "PHASE", "READY", "AGE"]
-    assert out[1].split()[:6] == ["acme-support", "minilm", "acme", "3", "Ready", "2/2"]
+    assert out[0].split() == ["NAME", "POOL", "TENANT", "VERSION", "WANTED", "PHASE", "READY", "AGE"]
+    assert out[1].split()[:7] == ["acme-support", "minilm", "acme", "2", "3", "Syncing", "0/2"]
 
 
 def test_garbage_collector_removes_owned_objects(control_plane, namespace, kube):

@@ -43,7 +43,7 @@ def test_crds_are_structural_with_columns_and_short_names():
     version = lora["versions"][0]
     assert version["subresources"] == {"status": {}}
     cols = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert cols == ["Pool", "Tenant", "Version", "Phase", "Ready", "Age"]
+    assert cols == ["Pool", "Tenant", "Version", "Wanted", "Phase", "Ready", "Age"]
 
     def walk(schema, path="$"):
         # structural: every node has a type (or is int-or-string / preserve-unknown), no $ref/anyOf
@@ -141,7 +141,7 @@ def test_shard_text_is_the_canonical_json_of_that_shard():
     n = len(data)
     for name, text in data.items():
         shard = int(name.rsplit("-", 1)[1])
-        same = RoutesTable(pool="p", generation=t.generation, shard=shard, shards=n,
+        same = RoutesTable(pool="p", generation=t.generation, shard=shard, shards=n, shard_generations=[7] * n,
                            adapters={a: e for a, e in t.adapters.items() if shard_of(a, n) == shard})
         assert text == same.to_json()
         assert len(text.encode()) <= 200_000
@@ -156,6 +156,33 @@ def test_merge_ignores_shards_of_an_old_count_during_resharding():
     assert len(merged.adapters) == 10_000
 
 
+def test_only_a_complete_consistent_set_of_shards_merges():
+    t = table(40)
+    t.generation = 5
+    four = {n: RoutesTable.from_json(v) for n, v in t.to_configmap_data(budget=7000).items()}
+    assert len(four) == 4
+    single = RoutesTable.from_json(table(40).to_configmap_data()["lorafleet-routes-p"])  # generation 7
+    single.generation = 4
+    assert RoutesTable.merge_complete("p", four.values()).adapters == t.adapters
+    # A reshard half written: the old single table (generation 4) is the newest complete set.
+    part = [four["lorafleet-routes-p-0"], four["lorafleet-routes-p-1"], single]
+    got = RoutesTable.merge_complete("p", part)
+    assert got.generation == 4 and got.adapters == single.adapters
+    assert RoutesTable.merge_complete("p", part[:2]) is None and RoutesTable.merge_complete("p", []) is None
+    # Two shards written at generation 6, one of them not seen yet: no set until it is.
+    six = t.model_copy(deep=True)
+    six.generation = 6
+    six_shards = {n: RoutesTable.from_json(v) for n, v in six.to_configmap_data(budget=7000).items()}
+    mixed = dict(four, **{"lorafleet-routes-p-2": six_shards["lorafleet-routes-p-2"]})
+    assert RoutesTable.merge_complete("p", mixed.values()) is None
+    # The operator rewrites only changed shards: they name the others' older generations.
+    six_shards["lorafleet-routes-p-2"].shard_generations = [5, 5, 6, 5]
+    mixed = dict(four, **{"lorafleet-routes-p-2": six_shards["lorafleet-routes-p-2"]})
+    assert RoutesTable.merge_complete("p", mixed.values()).generation == 6
+    # Best effort (the operator after a restart): the newest complete set, at the newest generation.
+    assert RoutesTable.merge("p", part).generation == 5 and RoutesTable.merge("p", part).adapters == single.adapters
+
+
 def test_sync_report_semantics():
     r = SyncReport(generation=9, loaded=2, failed={"a@2": "digest mismatch"}, pending=["b@5"])
     again = SyncReport.from_annotation(r.to_json())
@@ -165,3 +192,20 @@ def test_sync_report_semantics():
     assert not again.has_loaded("a", "2", since=1) and again.failure("a", "2") == "digest mismatch"
     assert not again.has_loaded("b", "5", since=1)
     assert SyncReport.from_annotation("{not json") is None
+
+
+def test_a_cut_sync_report_covers_only_what_it_lists():
+    failed = {f"f{i:03d}@1": "refused" for i in range(150)}
+    pending = [f"p{i:03d}@1" for i in range(150)]
+    r = SyncReport.from_annotation(SyncReport.build(4, 10, failed, pending).to_json())
+    assert len(r.failed) + len(r.pending) == SyncReport.MAX_LISTED and r.truncated
+    assert r.failed_total == 150 and r.pending_total == 150 and r.covered_through == "p049@1"
+    assert not r.has_loaded("p049", "1", since=1) and not r.has_loaded("p050", "1", since=1)  # listed / unknown
+    assert not r.has_loaded("z", "1", since=1)  # after the last key covered: unknown, never loaded
+    assert r.has_loaded("a", "1", since=1) and r.has_loaded("f150", "1", since=1)  # covered, not listed
+    untouched = SyncReport.build(4, 10, {"a@1": "x"}, ["b@1"])
+    assert not untouched.truncated and untouched.covered_through is None and untouched.has_loaded("z", "1", 1)
+    # An older sidecar cut each list on its own and sent only the totals: covered up to the last
+    # key of every cut list.
+    old = SyncReport(generation=4, pending=[f"p{i:03d}@1" for i in range(200)], pending_total=300)
+    assert old.truncated and old.has_loaded("a", "1", 1) and not old.has_loaded("q", "1", 1)

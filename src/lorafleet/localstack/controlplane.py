@@ -57,6 +57,7 @@ class ControlPlane:
     etcd_port: int = 0
     api_port: int = 0
     procs: list[ManagedProcess] = field(default_factory=list)
+    apiserver_args: list[str] = field(default_factory=list)  # extra kube-apiserver flags (tests)
 
     @property
     def url(self) -> str:
@@ -117,6 +118,7 @@ class ControlPlane:
             f"--service-account-signing-key-file={self.pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
             "--endpoint-reconciler-type=none", "--enable-priority-and-fairness=false", "--v=1",
+            *self.apiserver_args,
         ], self.workdir / "kube-apiserver.log")
         self.procs.append(api)
         ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))

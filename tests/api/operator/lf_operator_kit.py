@@ -22,8 +22,8 @@ SHA = {c: c * 64 for c in "abcdef"}
 class Operator:
     """A ``lorafleet operator`` process; restartable."""
 
-    def __init__(self, kubeconfig: Path, log: Path):
-        self.kubeconfig, self.log = kubeconfig, log
+    def __init__(self, kubeconfig: Path, log: Path, args: tuple[str, ...] = ()):
+        self.kubeconfig, self.log, self.args = kubeconfig, log, args
         self.proc: ManagedProcess | None = None
 
     def start(self) -> "Operator":
@@ -31,6 +31,7 @@ class Operator:
         url = f"http://127.0.0.1:{port}/healthz"
         self.proc = ManagedProcess("lorafleet-operator", [
             sys.executable, "-m", "lorafleet", "operator", "--all-namespaces", "--verbose", "--liveness", url,
+            *self.args,
         ], self.log, env={"KUBECONFIG": str(self.kubeconfig)})
         self.proc.wait_until(lambda: urllib.request.urlopen(url, timeout=2).status == 200, 60, "live")
         return self
@@ -129,3 +130,93 @@ def set_pod(kube, namespace: str, name: str, ready: bool | None = None, sync: di
         kube.patch(Pod.Status, name, {"status": {"phase": "Running", "conditions": [
             {"type": "Ready", "status": "True" if ready else "False"}]}},
             namespace=namespace, patch_type=PatchType.MERGE)
+
+
+class CuttableProxy:
+    """A TCP relay in front of the API server (TLS passes through untouched) whose connections can be
+    cut and refused for a while: how a watch stream breaks in a real network."""
+
+    def __init__(self, upstream_port: int):
+        import socket
+        import threading
+
+        self.upstream_port = upstream_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.cut_off = False
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._open: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def kubeconfig(self, admin_kubeconfig: Path, path: Path) -> Path:
+        import yaml
+
+        cfg = yaml.safe_load(admin_kubeconfig.read_text())
+        cfg["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{self.port}"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def cut(self) -> None:
+        """Close every relayed connection and refuse new ones until ``restore``."""
+        with self._lock:
+            self.cut_off = True
+            conns, self._open = self._open, []
+        for c in conns:
+            self._close(c)
+
+    def restore(self) -> None:
+        with self._lock:
+            self.cut_off = False
+
+    @staticmethod
+    def _close(sock) -> None:
+        import socket
+
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                refused = self.cut_off
+            if refused:
+                self._close(client)
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                self._close(client)
+                continue
+            with self._lock:
+                self._open += [client, upstream]
+                self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close(src)
+            self._close(dst)
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()

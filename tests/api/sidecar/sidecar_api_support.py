@@ -35,6 +35,7 @@ class Routes:
     pool: str = POOL
     table: RoutesTable = field(default=None)
     budget: int | None = None  # bytes per shard: small values force several ConfigMaps
+    unwritten: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self.table = RoutesTable(pool=self.pool)
@@ -49,20 +50,40 @@ class Routes:
     def drop(self, name: str) -> None:
         self.table.adapters.pop(name, None)
 
-    def write(self) -> int:
+    def write(self, only: set[str] | None = None) -> int:
+        """Write the table at the next generation: every shard, or only the ConfigMaps named in
+        ``only`` (the rest wait in ``unwritten`` for ``write_rest``, as if caught mid-write)."""
         self.table.generation += 1
         data = self.table.to_configmap_data(self.budget) if self.budget else self.table.to_configmap_data()
+        self.unwritten = {n: t for n, t in data.items() if only is not None and n not in only}
         for cm_name, text in data.items():
-            cm = ConfigMap(metadata=ObjectMeta(name=cm_name, namespace=self.namespace,
-                                               labels={names.LABEL_ROUTES_FOR: self.pool}),
-                           data={names.ROUTES_KEY: text})
-            try:
-                self.kube.create(cm)
-            except ApiError as e:
-                if e.status.code != 409:
-                    raise
-                self.kube.replace(cm)
+            if cm_name not in self.unwritten:
+                self._put(cm_name, text)
         return self.table.generation
+
+    def write_rest(self) -> None:
+        for cm_name, text in self.unwritten.items():
+            self._put(cm_name, text)
+        self.unwritten = {}
+
+    def shard_names(self) -> list[str]:
+        data = self.table.to_configmap_data(self.budget) if self.budget else self.table.to_configmap_data()
+        return sorted(data)
+
+    def _put(self, cm_name: str, text: str) -> None:
+        cm = ConfigMap(metadata=ObjectMeta(name=cm_name, namespace=self.namespace,
+                                           labels={names.LABEL_ROUTES_FOR: self.pool}),
+                       data={names.ROUTES_KEY: text})
+        try:
+            self.kube.create(cm)
+        except ApiError as e:
+            if e.status.code != 409:
+                raise
+            self.kube.replace(cm)
+
+    def delete_all(self) -> None:
+        for cm in self.kube.list(ConfigMap, namespace=self.namespace, labels={names.LABEL_ROUTES_FOR: self.pool}):
+            self.kube.delete(ConfigMap, cm.metadata.name, namespace=self.namespace)
 
 
 def sync_report(kube, namespace: str, pod: str) -> SyncReport | None:

@@ -57,6 +57,9 @@ def test_version_change_drains_until_every_ready_pod_has_the_new_one():
     assert not t3.changed
     t4 = plan([adapter("a", "2", "c")], [pod("x", 2), pod("y", 2), pod("z", 0, ready=False)], previous=t2)
     assert t4.changed and [v.version for v in t4.table.adapters["a"].versions] == ["2"]
+    # No ready replica at all: nobody has shown the new version, the old one stays.
+    t5 = plan([adapter("a", "2", "c")], [pod("x", 2, ready=False), pod("y", 2, ready=False)], previous=t2)
+    assert not t5.changed and [v.version for v in t5.table.adapters["a"].versions] == ["2", "1"]
     # A replica that failed to load the new version holds the old one in the routes.
     t5 = plan([adapter("a", "2", "c")], [pod("x", 2), pod("y", 2, failed={"a@2": "bad"})], previous=t2)
     assert not t5.changed
@@ -127,6 +130,17 @@ def test_shards_are_written_only_when_their_content_changes():
     assert write == table.to_configmap_data(budget=2000) and count == table.shard_count(2000)
     merged = RoutesTable.merge("p", [RoutesTable.from_json(t) for t in write.values()])
     assert merged.adapters == table.adapters
+    # One adapter changes: only its shard is written, naming the generation every shard has now.
+    shards = {n: RoutesTable.from_json(t) for n, t in write.items()}
+    changed = plan([adapter(f"t{i}") for i in range(49)] + [adapter("t49", "2", "c")], previous=table).table
+    write2, delete2, _ = routing.plan_shards(changed, shards, budget=2000)
+    assert len(write2) == 1 and delete2 == []
+    [(name, text)] = write2.items()
+    written = RoutesTable.from_json(text)
+    assert written.shard_generations == [changed.generation if i == written.shard else table.generation
+                                         for i in range(count)]
+    shards[name] = written
+    assert RoutesTable.merge_complete("p", shards.values()).adapters == changed.adapters
 
 
 def test_status_patch_nulls_what_went_away():

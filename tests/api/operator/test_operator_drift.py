@@ -1,0 +1,58 @@
+"""What the operator owns stays as the pool says: `kubectl scale` or a deleted Deployment is put
+back, and a ReplicaSet that cannot create pods (here a ResourceQuota) shows on the pool's status with
+the ReplicaSet's own message. The controller manager runs, so Deployments, ReplicaSets and quota
+admission are the real ones."""
+
+from __future__ import annotations
+
+import json
+
+from lf_operator_kit import apply, cond, get_json, pool_doc, wait_status
+
+from lorafleet.localstack.procs import wait_for
+
+
+def _replicas(control_plane, namespace, name="lorafleet-p"):
+    d = get_json(control_plane, namespace, "deployment", name)
+    return (d or {}).get("spec", {}).get("replicas")
+
+
+def test_scaled_or_deleted_deployments_are_put_back(control_plane, operator, namespace):
+    apply(control_plane, namespace, pool_doc("p", replicas=2))
+    wait_for(lambda: _replicas(control_plane, namespace) == 2, timeout=30, what="the pool's Deployment")
+
+    control_plane.kubectl("scale", "deployment", "lorafleet-p", "-n", namespace, "--replicas=5")
+    assert _replicas(control_plane, namespace) in (5, 2)
+    wait_for(lambda: _replicas(control_plane, namespace) == 2, timeout=30, what="replicas put back to 2")
+
+    control_plane.kubectl("patch", "deployment", "lorafleet-p", "-n", namespace, "--type=json", "-p",
+                          json.dumps([{"op": "replace", "path": "/spec/template/spec/containers/0/image",
+                                       "value": "example.invalid/other:1"}]))
+    wait_for(lambda: get_json(control_plane, namespace, "deployment", "lorafleet-p")["spec"]["template"]["spec"]
+             ["containers"][0]["image"] != "example.invalid/other:1", timeout=30, what="the image put back")
+
+    control_plane.kubectl("delete", "deployment", "lorafleet-p", "-n", namespace)
+    wait_for(lambda: _replicas(control_plane, namespace) == 2, timeout=30, what="the Deployment made again")
+
+
+def test_a_replicaset_that_cannot_create_pods_shows_on_the_pool(control_plane, operator, namespace):
+    # Room for one pod. (The quota controller does not run here: its usage is set by hand, then
+    # quota admission counts each pod it lets in.)
+    control_plane.kubectl("create", "quota", "pods", "-n", namespace, "--hard=pods=1")
+    control_plane.kubectl("patch", "resourcequota", "pods", "-n", namespace, "--subresource=status", "--type=merge",
+                          "-p", json.dumps({"status": {"hard": {"pods": "1"}, "used": {"pods": "0"}}}))
+    apply(control_plane, namespace, pool_doc("p", replicas=2))
+    st = wait_status(control_plane, namespace, "lfpool", "p",
+                     lambda s: cond(s, "ReplicaFailure").get("status") == "True", timeout=60,
+                     what="the ReplicaSet's failure on the pool")
+    c = cond(st, "ReplicaFailure")
+    assert "exceeded quota" in c["message"] and "lorafleet-p" in c["message"], c
+    assert "exceeded quota" in st["message"]
+
+    # Room made: the failure clears.
+    control_plane.kubectl("patch", "resourcequota", "pods", "-n", namespace, "--type=merge",
+                          "-p", json.dumps({"spec": {"hard": {"pods": "5"}}}))
+    control_plane.kubectl("patch", "resourcequota", "pods", "-n", namespace, "--subresource=status", "--type=merge",
+                          "-p", json.dumps({"status": {"hard": {"pods": "5"}, "used": {"pods": "1"}}}))
+    wait_status(control_plane, namespace, "lfpool", "p", lambda s: cond(s, "ReplicaFailure").get("status") == "False",
+                timeout=90, what="the failure cleared once the ReplicaSet made its pods")
