@@ -11,6 +11,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -35,41 +36,60 @@ RETRY_S = 2.0
 RESYNC_S = 300.0
 
 
+@dataclass
+class PoolState:
+    """Everything the operator holds about one pool, by (namespace, name): what the watches told it
+    (the pool, its adapters, pods, gateway pods and Deployments) and what it last wrote or checked.
+    A pool's state exists while any of that does; a pool that is gone starts afresh when it is back."""
+
+    view: PoolView | None = None  # the BaseModelPool (None: not there)
+    adapters: dict[str, AdapterView] = field(default_factory=dict)  # by name
+    pods: dict[str, PodView] = field(default_factory=dict)
+    gateway_pods: dict[str, bool] = field(default_factory=dict)  # name -> Ready
+    workloads: dict[str, WorkloadView] = field(default_factory=dict)  # owned Deployments by name
+    # Routes: what the ConfigMaps hold (None: unknown, list them), the whole table last written, its
+    # shard count once checked, and the routes.json last written per ConfigMap.
+    shards: dict[str, RoutesTable] | None = None
+    table: RoutesTable | None = None
+    shard_count: int | None = None
+    texts: dict[str, str] = field(default_factory=dict)
+    applied: str | None = None  # children manifests last applied (canonical JSON)
+    applying: bool = False  # an apply of the children is in flight
+    status_written: tuple[str, dict[str, Any]] | None = None  # (pool uid, status) last written
+    memo: dict = field(default_factory=dict)  # routing.plan_pool's memo: entries and statuses of the last plan
+    dirty: bool = False  # to reconcile
+    task: asyncio.Task | None = None  # the reconcile loop running for it
+
+    def forget_routes(self) -> None:
+        """What the ConfigMaps hold is unknown now: the next reconcile lists them."""
+        self.shards = self.table = self.shard_count = None
+
+    def unused(self) -> bool:
+        return (self.view is None and not self.adapters and not self.pods and not self.gateway_pods
+                and not self.workloads and self.task is None and not self.dirty)
+
+
 class Fleet:
     def __init__(self, debounce: float = DEBOUNCE_S):
         self.debounce = debounce
         self.kube: Kube | None = None
-        self.adapters: dict[PoolKey, dict[str, AdapterView]] = {}  # by pool, then name
-        self.adapter_pool: dict[ObjKey, str] = {}
-        self.pods: dict[PoolKey, dict[str, PodView]] = {}
-        self.gateway_pods: dict[PoolKey, dict[str, bool]] = {}  # the pool's gateway pods: name -> Ready
-        self.pools: dict[PoolKey, PoolView] = {}
+        self.state: dict[PoolKey, PoolState] = {}
+        self.adapter_pool: dict[ObjKey, str] = {}  # adapter -> the pool it is filed under
         self.pending: set[PoolKey] = set()  # primed before the event loop could run reconciles
         self.priming = False
         self.namespaces: list[str] = []  # watched namespaces or glob patterns (all when empty)
         self.gateway_cluster_role: str | None = None  # pools' gateways bind this ClusterRole, else a Role each
-        self.tasks: dict[PoolKey, asyncio.Task] = {}
-        self.dirty: set[PoolKey] = set()
-        self.shards: dict[PoolKey, dict[str, RoutesTable]] = {}  # what the ConfigMaps hold
-        self.tables: dict[PoolKey, RoutesTable] = {}  # the whole table last written
-        self.shard_count: dict[PoolKey, int] = {}  # shards of that table, once checked
-        self.texts: dict[tuple[PoolKey, str], str] = {}  # routes.json last written per ConfigMap
-        self.applied: dict[PoolKey, str] = {}  # children manifests last applied (canonical JSON)
         self.written: dict[ObjKey, dict[str, Any]] = {}  # adapter status last written
         self.desired: dict[ObjKey, dict[str, Any]] = {}  # adapter status last planned
-        self.memo: dict[PoolKey, dict] = {}  # per pool: adapter -> (inputs, status) of the last plan
         self.status_queue: OrderedDict[ObjKey, AdapterView] = OrderedDict()
         self.status_inflight: set[ObjKey] = set()
         self.status_ready = asyncio.Event()
         self.status_workers: list[asyncio.Task] = []
-        self.pool_written: dict[PoolKey, tuple[str, dict[str, Any]]] = {}  # (pool uid, status)
         self.seen: dict[tuple[str, ObjKey], tuple[Any, ...]] = {}  # kind, object -> what a reconcile depends on
         self.reconciles = 0
-        # Owned Deployments by pool (name -> view), and the generation each had after our last apply:
-        # a higher one is someone else's edit (`kubectl scale`, `kubectl edit`), applied over again.
-        self.workloads: dict[PoolKey, dict[str, WorkloadView]] = {}
+        # The generation each owned Deployment had after our last apply: a higher one is someone
+        # else's edit (`kubectl scale`, `kubectl edit`), applied over again.
         self.applied_generations: dict[ObjKey, int] = {}
-        self.applying: set[PoolKey] = set()
         self.own_deletes: set[ObjKey] = set()  # Deployments we delete ourselves (a gateway turned off)
         # The store's event clock: which objects an event mentioned since a full listing began.
         self.resync_interval = RESYNC_S
@@ -77,6 +97,17 @@ class Fleet:
         self.event_seq = 0
         self.last_event: dict[tuple[str, str, str], int] = {}
         self.swept = 0
+
+    def pool(self, key: PoolKey) -> PoolState:
+        found = self.state.get(key)
+        if found is None:
+            found = self.state[key] = PoolState()
+        return found
+
+    def _release(self, key: PoolKey) -> None:
+        found = self.state.get(key)
+        if found is not None and found.unused():
+            del self.state[key]
 
     # ------------------------------------------------------------------------------ events
     # The store of adapters and pods by pool and of pools by name is ours, fed by kopf's event
@@ -94,8 +125,10 @@ class Fleet:
             self.adapter_event(None, routing.adapter_view(body))
         for body in pods:
             self.pod_event(None, body)
-        self.pending |= self.dirty
-        self.dirty.clear()
+        for key, st in self.state.items():
+            if st.dirty:
+                self.pending.add(key)
+                st.dirty = False
         self.priming = False
 
     def _flush_pending(self) -> None:
@@ -124,7 +157,7 @@ class Fleet:
         self._mark("a", *key, deleted=kind_event == "DELETED")
         old_pool = self.adapter_pool.get(key)
         if old_pool is not None and (kind_event == "DELETED" or old_pool != view.pool):
-            self.adapters.get((view.namespace, old_pool), {}).pop(view.name, None)
+            self.pool((view.namespace, old_pool)).adapters.pop(view.name, None)
             self.adapter_pool.pop(key, None)
             self.touch((view.namespace, old_pool))
         if kind_event == "DELETED":
@@ -133,7 +166,7 @@ class Fleet:
             self.desired.pop(key, None)
             self.status_queue.pop(key, None)
             return
-        self.adapters.setdefault((view.namespace, view.pool), {})[view.name] = view
+        self.pool((view.namespace, view.pool)).adapters[view.name] = view
         self.adapter_pool[key] = view.pool
         now = (view.generation, view.pool, view.uid)
         if self.seen.get(("a", key)) == now:
@@ -146,11 +179,11 @@ class Fleet:
         self._flush_pending()
         self._mark("p", *key, deleted=kind_event == "DELETED")
         if kind_event == "DELETED":
-            self.pools.pop(key, None)
+            self.pool(key).view = None
             self.seen.pop(("p", key), None)
             self.touch(key)
             return
-        self.pools[key] = view
+        self.pool(key).view = view
         now = (view.generation, view.uid)
         if self.seen.get(("p", key)) == now:
             return
@@ -166,7 +199,7 @@ class Fleet:
         key, name = (meta.get("namespace", ""), pool), meta.get("name", "")
         self._flush_pending()
         self._mark("pod", key[0], name, deleted=kind_event == "DELETED")
-        pods = self.pods.setdefault(key, {})
+        pods = self.pool(key).pods
         if kind_event == "DELETED":
             if pods.pop(name, None) is not None:
                 self.touch(key)
@@ -186,7 +219,7 @@ class Fleet:
         key, name = (meta.get("namespace", ""), pool), meta.get("name", "")
         self._flush_pending()
         self._mark("pod", key[0], name, deleted=kind_event == "DELETED")
-        pods = self.gateway_pods.setdefault(key, {})
+        pods = self.pool(key).gateway_pods
         if kind_event == "DELETED":
             if pods.pop(name, None) is not None:
                 self.touch(key)
@@ -208,30 +241,31 @@ class Fleet:
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
         key = (namespace, owner.get("name", ""))
         self._flush_pending()
-        found = self.workloads.setdefault(key, {})
+        st = self.pool(key)
         if kind_event == "DELETED":
-            found.pop(name, None)
+            st.workloads.pop(name, None)
             self.applied_generations.pop((namespace, name), None)
             if (namespace, name) in self.own_deletes:
                 self.own_deletes.discard((namespace, name))
+                self._release(key)
                 return
-            pool = self.pools.get(key)
-            if pool is not None and pool.uid == owner.get("uid"):
+            if st.view is not None and st.view.uid == owner.get("uid"):
                 log.info("Deployment %s/%s was deleted outside the operator; applying it again", namespace, name)
-                self.applied.pop(key, None)
+                st.applied = None
                 self.touch(key)
+            self._release(key)
             return
         view = routing.workload_view(body)
-        old = found.get(name)
-        found[name] = view
+        old = st.workloads.get(name)
+        st.workloads[name] = view
         known = self.applied_generations.get((namespace, name))
-        if known is not None and view.generation > known and key not in self.applying:
+        if known is not None and view.generation > known and not st.applying:
             log.info("Deployment %s/%s was changed outside the operator (generation %d, ours %d); applying "
                      "the pool's spec again", namespace, name, view.generation, known)
-            self.applied.pop(key, None)
+            st.applied = None
             self.touch(key)
         elif old is None or old.problem != view.problem:
-            pool = self.pools.get(key)
+            pool = st.view
             if view.problem and pool is not None:
                 kopf.warn(pool.ref(), reason="ReplicaFailure", message=view.problem)
             self.touch(key)
@@ -275,19 +309,17 @@ class Fleet:
             return k not in alive and self.last_event.get(k, 0) <= since
 
         swept = 0
-        for (namespace, name), pool in list(self.adapter_pool.items()):
-            view = self.adapters.get((namespace, pool), {}).get(name)
-            if view is not None and gone("a", namespace, name):
-                log.info("LoRAAdapter %s/%s is gone (its deletion was missed): removed", namespace, name)
-                self.adapter_event("DELETED", view)
+        for (namespace, pool), st in list(self.state.items()):
+            for view in list(st.adapters.values()):
+                if gone("a", namespace, view.name):
+                    log.info("LoRAAdapter %s/%s is gone (its deletion was missed): removed", namespace, view.name)
+                    self.adapter_event("DELETED", view)
+                    swept += 1
+            if st.view is not None and gone("p", namespace, pool):
+                log.info("BaseModelPool %s/%s is gone (its deletion was missed): removed", namespace, pool)
+                self.pool_event("DELETED", st.view)
                 swept += 1
-        for (namespace, name), pview in list(self.pools.items()):
-            if gone("p", namespace, name):
-                log.info("BaseModelPool %s/%s is gone (its deletion was missed): removed", namespace, name)
-                self.pool_event("DELETED", pview)
-                swept += 1
-        for label, store in ((names.LABEL_POOL, self.pods), (names.LABEL_GATEWAY_FOR, self.gateway_pods)):
-            for (namespace, pool), members in list(store.items()):
+            for label, members in ((names.LABEL_POOL, st.pods), (names.LABEL_GATEWAY_FOR, st.gateway_pods)):
                 for name in list(members):
                     if gone("pod", namespace, name):
                         log.info("pod %s/%s of pool %s is gone (its deletion was missed): removed", namespace,
@@ -304,14 +336,14 @@ class Fleet:
         meta = body.get("metadata") or {}
         pool = (meta.get("labels") or {}).get(names.LABEL_ROUTES_FOR)
         key, name = (meta.get("namespace", ""), pool or ""), meta.get("name", "")
-        shards = self.shards.get(key)
-        if not pool or shards is None or self.priming:
+        st = self.state.get(key)
+        if not pool or st is None or st.shards is None or self.priming:
             return
-        known = shards.get(name)
+        known = st.shards.get(name)
         if kind_event == "DELETED":
             if known is None:
                 return
-        elif self.texts.get((key, name)) == (body.get("data") or {}).get(names.ROUTES_KEY):
+        elif st.texts.get(name) == (body.get("data") or {}).get(names.ROUTES_KEY):
             return  # our own write (a string comparison, not a parse of up to 512 KB)
         else:
             try:
@@ -322,24 +354,28 @@ class Fleet:
                 return
         log.info("routes ConfigMap %s/%s was %s outside the operator; writing it again", key[0], name,
                  "deleted" if kind_event == "DELETED" else "changed")
-        for d in (self.shards, self.tables, self.shard_count):
-            d.pop(key, None)
+        st.forget_routes()
         self.touch(key)
 
     def touch(self, key: PoolKey) -> None:
         """Reconcile this pool soon; events arriving meanwhile join the same reconcile."""
-        self.dirty.add(key)
+        st = self.pool(key)
+        st.dirty = True
         if self.priming:
             return
-        if key not in self.tasks:
+        if st.task is None:
             # Created from a handler, so the task inherits kopf's context (kopf.info/warn work).
-            self.tasks[key] = asyncio.get_running_loop().create_task(self._run(key))
+            st.task = asyncio.get_running_loop().create_task(self._run(key, st))
 
-    async def _run(self, key: PoolKey) -> None:
+    @property
+    def tasks(self) -> list[asyncio.Task]:
+        return [st.task for st in self.state.values() if st.task is not None]
+
+    async def _run(self, key: PoolKey, st: PoolState) -> None:
         try:
-            while key in self.dirty:
+            while st.dirty:
                 await asyncio.sleep(self.debounce)
-                self.dirty.discard(key)
+                st.dirty = False
                 try:
                     await self.reconcile(key)
                 except asyncio.CancelledError:
@@ -349,14 +385,15 @@ class Fleet:
                     # one line with its reason, and try again.
                     log.warning("pool %s/%s: reconcile failed: %s; retrying in %.0f s", *key, e.status.message,
                                 RETRY_S)
-                    self.dirty.add(key)
+                    st.dirty = True
                     await asyncio.sleep(RETRY_S)
                 except Exception:
                     log.exception("pool %s/%s: reconcile failed; retrying in %.0f s", *key, RETRY_S)
-                    self.dirty.add(key)
+                    st.dirty = True
                     await asyncio.sleep(RETRY_S)
         finally:
-            self.tasks.pop(key, None)
+            st.task = None
+            self._release(key)
 
     async def stop(self, grace: float = 2.0) -> None:
         """On shutdown: let running work finish for ``grace`` seconds, then cancel the rest (what is
@@ -366,9 +403,10 @@ class Fleet:
         except asyncio.TimeoutError:
             pass
         resync = [self.resync_task] if self.resync_task is not None else []
-        for t in [*self.tasks.values(), *self.status_workers, *resync]:
+        tasks = self.tasks
+        for t in [*tasks, *self.status_workers, *resync]:
             t.cancel()
-        await asyncio.gather(*self.tasks.values(), *self.status_workers, *resync, return_exceptions=True)
+        await asyncio.gather(*tasks, *self.status_workers, *resync, return_exceptions=True)
         self.status_workers.clear()
         self.resync_task = None
         if self.kube is not None:
@@ -378,7 +416,7 @@ class Fleet:
         """Wait until no reconcile runs and no status waits to be written."""
         while self.tasks or self.status_queue or self.status_inflight:
             if self.tasks:
-                await asyncio.gather(*list(self.tasks.values()), return_exceptions=True)
+                await asyncio.gather(*self.tasks, return_exceptions=True)
             else:
                 await asyncio.sleep(0.05)
 
@@ -391,59 +429,60 @@ class Fleet:
             self.kube = Kube()
         kube = self.kube
         self.reconciles += 1
-        pool = self.pools.get(key)
-        adapters = sorted(self.adapters.get(key, {}).values(), key=lambda a: a.name)
-        pods = sorted(self.pods.get(key, {}).values(), key=lambda p: p.name)
+        st = self.pool(key)
+        pool = st.view
+        adapters = sorted(st.adapters.values(), key=lambda a: a.name)
+        pods = sorted(st.pods.values(), key=lambda p: p.name)
         pool_ok = pool is not None and pool.spec is not None
         if not pool_ok:
             # The pool is gone (its ConfigMaps go with it) or unusable: start afresh when it is back.
-            for d in (self.shards, self.tables, self.applied, self.shard_count):
-                d.pop(key, None)
-        elif key not in self.shards:
+            st.forget_routes()
+            st.applied = None
+        elif st.shards is None:
             assert pool is not None
-            self.shards[key] = await kube.routes_shards(namespace, pool_name, pool.uid)
-            self.tables[key] = RoutesTable.merge(pool_name, self.shards[key].values())
-        previous = self.tables.get(key) or RoutesTable(pool=pool_name)
-        previous_status = {a.name: st for a in adapters
-                           if (st := self.desired.get((namespace, a.name), self.written.get((namespace, a.name))))}
-        gateway_ready = sum(self.gateway_pods.get(key, {}).values())
-        problems = [w.problem for w in self.workloads.get(key, {}).values() if w.problem]
-        plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status,
-                                 self.memo.setdefault(key, {}), gateway_ready=gateway_ready,
-                                 workload_problems=problems)
+            st.shards = await kube.routes_shards(namespace, pool_name, pool.uid)
+            st.table = RoutesTable.merge(pool_name, st.shards.values())
+        previous = st.table or RoutesTable(pool=pool_name)
+        previous_status = {a.name: s for a in adapters
+                           if (s := self.desired.get((namespace, a.name), self.written.get((namespace, a.name))))}
+        gateway_ready = sum(st.gateway_pods.values())
+        problems = [w.problem for w in st.workloads.values() if w.problem]
+        plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status, st.memo,
+                                 gateway_ready=gateway_ready, workload_problems=problems)
 
         if pool_ok:
             assert pool is not None
-            current = self.shards[key]
-            if plan.changed or key not in self.shard_count:
+            current = st.shards
+            assert current is not None
+            if plan.changed or st.shard_count is None:
                 parsed: dict[str, RoutesTable] = {}
                 write, delete, count = routing.plan_shards(plan.table, current, parsed=parsed)
             else:  # the ConfigMaps were checked against this same table already
-                write, delete, count, parsed = {}, [], self.shard_count[key], {}
-            self.shard_count[key] = count
-            await self._apply_children(pool, count)
-            if self.shards.get(key) is not current:
+                write, delete, count, parsed = {}, [], st.shard_count, {}
+            st.shard_count = count
+            await self._apply_children(st, pool, count)
+            if st.shards is not current:
                 # A routes ConfigMap was deleted or edited while the children were applied (a
                 # namespace being deleted does that): routes_event forgot what the ConfigMaps hold and
                 # marked the pool dirty; the next pass lists them again and plans from there.
-                self.dirty.add(key)
+                st.dirty = True
                 return
             # Recorded before writing, so the watch events of our own writes are recognised.
             shards = {n: t for n, t in current.items() if n not in delete}
             shards.update({n: parsed[n] for n in write})
-            self.texts.update({(key, n): t for n, t in write.items()})
-            self.shards[key] = shards
+            st.texts.update(write)
+            st.shards = shards
             try:
                 await asyncio.gather(*(kube.apply(manifests.routes_configmap(pool_name, namespace, pool.uid, n,
                                                                              text))
                                        for n, text in write.items()))
                 for n in delete:
                     await kube.delete("ConfigMap", n, namespace)
+                    st.texts.pop(n, None)
             except BaseException:
-                for d in (self.shards, self.tables, self.shard_count):  # unknown now: list again
-                    d.pop(key, None)
+                st.forget_routes()  # unknown now: list again
                 raise
-            self.tables[key] = plan.table
+            st.table = plan.table
             if write or delete:
                 log.info("pool %s/%s: routes generation %d, %d adapters, wrote %d and deleted %d ConfigMaps",
                          namespace, pool_name, plan.table.generation, len(plan.table.adapters), len(write),
@@ -451,36 +490,35 @@ class Fleet:
 
         self._queue_statuses(namespace, adapters, plan.adapter_status)
         if pool is not None and plan.pool_status is not None:
-            uid, old = self.pool_written.get(key, ("", {}))
+            uid, old = st.status_written or ("", {})
             if uid != pool.uid:  # a pool of the same name as a deleted one starts from its own status
                 old = pool.status
             patch = routing.status_patch(old, plan.pool_status)
             if patch and await kube.patch_status(names.POOL_KIND, pool_name, namespace, patch):
-                self.pool_written[key] = (pool.uid, plan.pool_status)
+                st.status_written = (pool.uid, plan.pool_status)
         log.debug("pool %s/%s reconciled: %d adapters, %d pods, generation %d, %.0f ms", namespace, pool_name,
                   len(adapters), len(pods), plan.table.generation,
                   1000 * (asyncio.get_running_loop().time() - started))
 
-    async def _apply_children(self, pool: PoolView, shards: int) -> None:
+    async def _apply_children(self, st: PoolState, pool: PoolView, shards: int) -> None:
         assert self.kube is not None and pool.spec is not None
-        key = (pool.namespace, pool.name)
         children = manifests.pool_children(pool.name, pool.namespace, pool.uid, pool.spec, shards,
                                            self.gateway_cluster_role)
         canonical = json.dumps(children, sort_keys=True)
-        if self.applied.get(key) == canonical:
+        if st.applied == canonical:
             return
         # Unchanged fields make server-side apply a no-op: a restart rewrites nothing.
-        self.applying.add(key)
+        st.applying = True
         try:
             for m in children:
                 generation = await self.kube.apply(m)
                 if m["kind"] == "Deployment" and generation is not None:
                     self.applied_generations[(pool.namespace, m["metadata"]["name"])] = generation
         finally:
-            self.applying.discard(key)
-        seen = self.workloads.get(key, {})
-        if any(w.generation > self.applied_generations.get((pool.namespace, n), w.generation) for n, w in seen.items()):
-            self.dirty.add(key)  # edited by someone else while we applied: apply once more
+            st.applying = False
+        if any(w.generation > self.applied_generations.get((pool.namespace, n), w.generation)
+               for n, w in st.workloads.items()):
+            st.dirty = True  # edited by someone else while we applied: apply once more
             return
         # After the applies: the Ingress points back at the pool's Service before the gateway goes.
         for kind, name in manifests.stale_children(pool.name, pool.spec, self.gateway_cluster_role):
@@ -488,13 +526,13 @@ class Fleet:
                 self.own_deletes.add((pool.namespace, name))
             if not await self.kube.delete(kind, name, pool.namespace):
                 self.own_deletes.discard((pool.namespace, name))
-        if key in self.applied or pool.status.get("observedGeneration") != pool.generation:
+        if st.applied is not None or pool.status.get("observedGeneration") != pool.generation:
             gateway = (f"; gateway {names.gateway_name(pool.name)} ({pool.spec.gateway.replicas} replicas)"
                        if pool.spec.gateway is not None and pool.spec.gateway.enabled else "")
             kopf.info(pool.ref(), reason="Applied",
                       message=f"Deployment {names.deployment_name(pool.name)} and its Service, ServiceAccount, "
                               f"Role and RoleBinding applied ({pool.spec.replicas} replicas){gateway}")
-        self.applied[key] = canonical
+        st.applied = canonical
 
     def _queue_statuses(self, namespace: str, adapters: list[AdapterView],
                         statuses: dict[str, dict[str, Any]]) -> None:
