@@ -47,10 +47,10 @@ def test_a_half_written_reshard_or_generation_unloads_nothing(kube, namespace, p
     full = len(routes.table.to_configmap_data()["lorafleet-routes-tiny"].encode())
     routes.budget = next(b for b in range(full - 1, 0, -50) if routes.table.shard_count(b) == 2)
     g2 = routes.write(only={"lorafleet-routes-tiny-0"})
+    time.sleep(1.5)  # several sync passes (--poll-interval 0.3; a routes change wakes one at once)
+    assert runtime.unloads == [] and set(runtime.loaded()) == {f"{n}@1" for n in first}
     r = stale_report(kube, namespace, pod)
     assert r.generation == g1 and "not a complete set" in r.routes_stale
-    time.sleep(1)  # a few sync passes
-    assert runtime.unloads == [] and set(runtime.loaded()) == {f"{n}@1" for n in first}
     routes.write_rest()
     r = wait_for(report_at(kube, namespace, pod, g2, loaded=4, routes_stale=None), 30, what="generation 2 in force")
     assert runtime.unloads == []
@@ -60,9 +60,11 @@ def test_a_half_written_reshard_or_generation_unloads_nothing(kube, namespace, p
     for name in later:
         routes.set(name, [("1", *ads[name], 100)])
     g3 = routes.write(only={"lorafleet-routes-tiny-0"})
-    r = stale_report(kube, namespace, pod)
+    time.sleep(1.5)
+    r = sync_report(kube, namespace, pod)
     assert r.generation == g2 and not r.has_loaded(later[1], "1", since=g3)
     assert runtime.unloads == []
+    assert "not a complete set" in stale_report(kube, namespace, pod).routes_stale
     routes.write_rest()
     r = wait_for(report_at(kube, namespace, pod, g3, loaded=6, routes_stale=None), 60, what="6 adapters loaded")
     assert r.has_loaded(later[1], "1", since=g3) and runtime.unloads == []
@@ -81,12 +83,12 @@ def test_deleted_routes_configmaps_keep_the_last_complete_table(kube, namespace,
     wait_for(report_at(kube, namespace, pod, g, loaded=2), 60, what="2 adapters loaded")
 
     routes.delete_all()
+    time.sleep(1.5)  # several sync passes: still serving everything
+    assert runtime.unloads == [] and set(runtime.loaded()) == {"support@1", "billing@1"}
     r = stale_report(kube, namespace, pod)
     assert "gone" in r.routes_stale and f"generation {g}" in r.routes_stale and r.generation == g and r.loaded == 2
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "lorafleet_sidecar_routes_stale 1.0" in metrics
-    time.sleep(1)  # a few sync passes: still serving everything
-    assert runtime.unloads == [] and set(runtime.loaded()) == {"support@1", "billing@1"}
 
     # The operator writes them again (here: the test, one adapter fewer): back in step.
     routes.drop("billing")
