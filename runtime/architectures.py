@@ -33,6 +33,7 @@ class Layout:
     attn_softcap: bool = False  # config.attn_logit_softcapping (tanh on attention scores)
     final_softcap: bool = False  # config.final_logit_softcapping (tanh on the logits)
     rope_per_layer_type: bool = False  # Gemma 3: one rotary base for sliding layers, another for full
+    multipliers: bool = False  # Granite: embedding_multiplier, residual_multiplier, logits_scaling
 
 
 _GEMMA2 = dict(post_attn_norm="post_attention_layernorm", pre_mlp_norm="pre_feedforward_layernorm",
@@ -49,6 +50,7 @@ LAYOUTS: dict[str, Layout] = {
     "Qwen2ForCausalLM": Layout(windows="layer_types"),
     "Qwen3ForCausalLM": Layout(qk_norm="head", windows="layer_types"),
     "GemmaForCausalLM": Layout(),
+    "GraniteForCausalLM": Layout(multipliers=True),  # attention_multiplier is HF's attn.scaling
     "Gemma2ForCausalLM": Layout(**_GEMMA2),
     "Gemma3ForCausalLM": Layout(**_GEMMA2, qk_norm="head", rope_per_layer_type=True),
     "Olmo2ForCausalLM": Layout(**_OLMO2),
@@ -84,6 +86,9 @@ class ModelPlan:
     layout: Layout
     layers: tuple[LayerPlan, ...]
     final_softcap: float | None
+    embedding_multiplier: float | None = None
+    residual_multiplier: float | None = None
+    logits_divisor: float | None = None
 
 
 def supported() -> str:
@@ -148,4 +153,7 @@ def plan_model(model) -> ModelPlan:
         raise UnsupportedModel(f"{arch} cannot be served exactly by the text-generation engine: "
                                + "; ".join(dict.fromkeys(problems)))
     final = getattr(cfg, "final_logit_softcapping", None) if layout.final_softcap else None
+    if layout.multipliers:
+        return ModelPlan(arch, layout, tuple(layers), final, float(cfg.embedding_multiplier),
+                         float(cfg.residual_multiplier), float(cfg.logits_scaling))
     return ModelPlan(arch, layout, tuple(layers), final)

@@ -216,6 +216,10 @@ class GenerationEngine(Engine):
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, decode: bool) -> torch.Tensor:
         n, t = ids.shape
         h = self.inner.embed_tokens(ids)
+        plan = self.plan
+        if plan.embedding_multiplier is not None:
+            h = h * plan.embedding_multiplier
+        rm = plan.residual_multiplier
         if self.plan.layout.rope_per_layer_type:
             ropes = {lt: self.inner.rotary_emb(h, pos, lt) for lt in {lp.layer_type for lp in self.plan.layers}}
         else:
@@ -267,9 +271,13 @@ class GenerationEngine(Engine):
             else:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=self._gqa)
             o = attn.o_proj(o.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim))
-            h = h + (o if post_attn_norm is None else post_attn_norm(o))
+            if post_attn_norm is not None:
+                o = post_attn_norm(o)
+            h = h + (o if rm is None else o * rm)
             m = mlp(h if pre_mlp_norm is None else pre_mlp_norm(h))
-            h = h + (m if post_mlp_norm is None else post_mlp_norm(m))
+            if post_mlp_norm is not None:
+                m = post_mlp_norm(m)
+            h = h + (m if rm is None else m * rm)
         return self.inner.norm(h)
 
     def _window_mask(self, pos: torch.Tensor, window: int | None, decode: bool) -> torch.Tensor:
@@ -291,6 +299,8 @@ class GenerationEngine(Engine):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.model.lm_head(h)
+        if self.plan.logits_divisor is not None:  # Granite
+            logits = logits / self.plan.logits_divisor
         cap = self.plan.final_softcap
         if cap is not None:  # as HF's Gemma 2: divide, tanh, multiply
             logits = torch.tanh(logits / cap) * cap

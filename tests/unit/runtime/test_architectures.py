@@ -26,7 +26,7 @@ COMMON = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_k
 
 
 def _configs():
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MinistralConfig, MistralConfig,
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig, LlamaConfig, MinistralConfig, MistralConfig,
                               Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config, Starcoder2Config)
 
     alternating = ["sliding_attention", "full_attention", "sliding_attention"]
@@ -52,6 +52,8 @@ def _configs():
                                              final_logit_softcapping=2.0,
                                              layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
                             ATTN + MLP),
+        "granite": (GraniteConfig(**COMMON, num_hidden_layers=2, embedding_multiplier=6.0, residual_multiplier=0.5,
+                                  attention_multiplier=0.2, logits_scaling=4.0), ATTN + MLP),
         "olmo2": (Olmo2Config(**COMMON, num_hidden_layers=2), ATTN + MLP),
         "olmo3-window-8": (Olmo3Config(**COMMON, num_hidden_layers=3, sliding_window=8, layer_types=alternating),
                            ATTN + MLP),
