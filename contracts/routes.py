@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from typing import ClassVar, Iterable
+from typing import ClassVar, Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -195,8 +195,11 @@ class SyncReport(_Wire):
     the routes at that generation is loaded into the runtime, except the ones named in ``failed``
     (with the reason) or ``pending`` (still downloading). The lists are capped so the annotation stays
     small with 10,000 adapters: then they name the first ``MAX_LISTED`` not-loaded keys in key order,
-    ``coveredThrough`` is the last key they cover completely, and ``failedTotal``/``pendingTotal``
-    count everything. A key after ``coveredThrough`` is unknown: never counted as loaded.
+    ``coveredThrough`` is the last key they cover completely, ``cutSince`` the lowest ``since`` of
+    the not-loaded versions they leave out, and ``failedTotal``/``pendingTotal`` count everything. A
+    key after ``coveredThrough`` is loaded only if its version entered the routes before
+    ``cutSince`` (the versions a bulk rollout adds are cut, the ones it leaves alone are not);
+    otherwise it is unknown, never counted as loaded.
     """
 
     generation: int = 0
@@ -206,6 +209,7 @@ class SyncReport(_Wire):
     failed_total: int | None = Field(None, alias="failedTotal")
     pending_total: int | None = Field(None, alias="pendingTotal")
     covered_through: str | None = Field(None, alias="coveredThrough")
+    cut_since: int | None = Field(None, alias="cutSince")
     model_ready: bool | None = Field(None, alias="modelReady")
     # Set while the sidecar keeps its last complete routes table because the ConfigMaps are gone or
     # not a complete set of shards: why, and which generation it serves.
@@ -215,19 +219,24 @@ class SyncReport(_Wire):
 
     @classmethod
     def build(cls, generation: int, loaded: int, failed: dict[str, str], pending: list[str],
-              model_ready: bool | None = None, cap: int | None = None) -> "SyncReport":
-        """The report of everything not loaded, its lists cut to the first ``cap`` keys in key order."""
+              model_ready: bool | None = None, cap: int | None = None,
+              since: Mapping[str, int] | None = None) -> "SyncReport":
+        """The report of everything not loaded, its lists cut to the first ``cap`` keys in key order.
+        ``since``: key -> the routes generation its version entered at (for ``cutSince``)."""
         cap = cls.MAX_LISTED if cap is None else cap
         keys = sorted(set(failed) | set(pending))
         listed = set(keys[:cap])
         cut = len(keys) > cap
+        cut_since = None
+        if cut and since is not None and all(k in since for k in keys[cap:]):
+            cut_since = min(since[k] for k in keys[cap:])
         return cls(generation=generation, loaded=loaded,
                    failed={k: failed[k] for k in sorted(failed) if k in listed},
                    pending=[k for k in sorted(pending) if k in listed and k not in failed],
                    failed_total=len(failed) if cut else None,
                    pending_total=len(set(pending) - set(failed)) if cut else None,
                    covered_through=keys[cap - 1] if cut and cap > 0 else ("" if cut else None),
-                   model_ready=model_ready)
+                   cut_since=cut_since, model_ready=model_ready)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True),
@@ -247,10 +256,12 @@ class SyncReport(_Wire):
         return (self.covered_through is not None
                 or (self.failed_total or 0) > len(self.failed) or (self.pending_total or 0) > len(self.pending))
 
-    def covers(self, key: str) -> bool:
-        """Whether the lists say positively if ``key`` is loaded (always, unless they were cut)."""
+    def covers(self, key: str, since: int | None = None) -> bool:
+        """Whether the report says positively if ``key`` (whose version entered the routes at
+        ``since``) is loaded: always, unless the lists were cut."""
         if self.covered_through is not None:
-            return key <= self.covered_through
+            return key <= self.covered_through or (
+                since is not None and self.cut_since is not None and since < self.cut_since)
         # A report without coveredThrough (an older sidecar) cut each sorted list on its own: it
         # covers the keys up to the last one listed in every list that was cut.
         bounds = [max(self.failed, default="") for _ in [0] if (self.failed_total or 0) > len(self.failed)]
@@ -260,7 +271,7 @@ class SyncReport(_Wire):
     def has_loaded(self, name: str, version: str, since: int) -> bool:
         key = names.versioned_name(name, version)
         return (self.generation >= since and key not in self.failed and key not in self.pending
-                and self.covers(key))
+                and self.covers(key, since))
 
     def failure(self, name: str, version: str) -> str | None:
         return self.failed.get(names.versioned_name(name, version))

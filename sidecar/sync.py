@@ -348,7 +348,8 @@ class Syncer:
         # Capped lists name the first not-loaded keys in key order and say how far they reach
         # (coveredThrough): the operator counts nothing after that as loaded.
         report = SyncReport.build(table.generation, n_loaded, failed, pending,
-                                  model_ready=self.model_ready if self.model_sha256 else None)
+                                  model_ready=self.model_ready if self.model_sha256 else None,
+                                  since={d.key: d.since for d in desired})
         report.routes_stale = self.routes_stale
         self.last_report = report
         m = self.metrics

@@ -203,6 +203,13 @@ def test_a_cut_sync_report_covers_only_what_it_lists():
     assert not r.has_loaded("p049", "1", since=1) and not r.has_loaded("p050", "1", since=1)  # listed / unknown
     assert not r.has_loaded("z", "1", since=1)  # after the last key covered: unknown, never loaded
     assert r.has_loaded("a", "1", since=1) and r.has_loaded("f150", "1", since=1)  # covered, not listed
+    # A bulk rollout: the versions it adds (since 4) are cut; a version that was there before (since
+    # 3) and sorts after the lists is loaded, one added with the rollout is unknown.
+    since = {**{k: 4 for k in failed}, **{k: 4 for k in pending}}
+    bulk = SyncReport.from_annotation(SyncReport.build(4, 10, failed, pending, since=since).to_json())
+    assert bulk.cut_since == 4
+    assert bulk.has_loaded("z", "1", since=3) and not bulk.has_loaded("z", "2", since=4)
+    assert not bulk.has_loaded("p149", "1", since=4)
     untouched = SyncReport.build(4, 10, {"a@1": "x"}, ["b@1"])
     assert not untouched.truncated and untouched.covered_through is None and untouched.has_loaded("z", "1", 1)
     # An older sidecar cut each list on its own and sent only the totals: covered up to the last

@@ -24,11 +24,12 @@ def test_a_truncated_report_never_counts_what_it_does_not_list_as_loaded(control
     t2 = wait_routes(kube, namespace, "p", lambda t: t.adapters["zz"].versions[0].version == "2", "zz@2")
     g2 = t2.generation
     # A bulk rollout: 251 versions not loaded yet on each replica, zz@2 among them. The sidecar lists
-    # the first 200 keys (ab@1 failed, m-000..m-198 pending) and says where its lists stop.
+    # the first 200 keys (ab@1 failed, m-000..m-198 pending), says where its lists stop, and that
+    # every version it left out entered the routes at g2 or later.
     pending = [f"m-{i:03d}@1" for i in range(250)] + ["zz@2"]
     report = {"generation": g2, "loaded": 1, "modelReady": True, "failed": {"ab@1": "digest mismatch"},
               "pending": pending[:199], "failedTotal": 1, "pendingTotal": len(pending),
-              "coveredThrough": pending[198]}
+              "coveredThrough": pending[198], "cutSince": g2}
     for pod in ("p-0", "p-1"):
         set_pod(kube, namespace, pod, sync=report)
     # The operator has read the reports once ab shows their failure ...
@@ -38,8 +39,8 @@ def test_a_truncated_report_never_counts_what_it_does_not_list_as_loaded(control
     assert _versions(routes(kube, namespace, "p"), "zz") == [("2", 100, False), ("1", 0, True)]
     st = wait_status(control_plane, namespace, "lora", "zz", lambda s: s.get("observedGeneration") == 2,
                      what="zz's status for generation 2")
-    # (zz@1 sorts after the covered part too: nothing claims which version answers.)
-    assert st["phase"] == "Syncing" and st["ready"] == "0/2" and "servedVersion" not in st, st
+    # zz@1 entered before g2, so the cut part does not hold it: the replicas still serve it.
+    assert st["phase"] == "Syncing" and st["ready"] == "0/2" and st["servedVersion"] == "1", st
 
     # Once the lists fit, zz@2 (not in them) is loaded: Ready, and version 1 is dropped.
     for pod in ("p-0", "p-1"):
