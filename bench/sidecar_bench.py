@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests" / "unit" / "sidecar"), str(REPO / "tests" / "api" / "sidecar")]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "api" / "sidecar")]
 
 from lorafleet.contracts.cache import CacheLayout  # noqa: E402
 from lorafleet.contracts.digest import directory_digest, regular_files  # noqa: E402
@@ -37,8 +37,8 @@ from lorafleet.sidecar.runtime_client import RuntimeAdmin  # noqa: E402
 from lorafleet.sidecar.storage import S3Storage, Storages, remove_tree  # noqa: E402
 from lorafleet.sidecar.store import ContentStore  # noqa: E402
 from lorafleet.sidecar.sync import Syncer  # noqa: E402
-from lorafleet.sidecar.validate import Limits  # noqa: E402
-from sidecar_peft_dirs import write_adapter  # noqa: E402
+from lorafleet.contracts.adapter_rules import Limits  # noqa: E402
+from support.peft_dirs import write_adapter  # noqa: E402
 
 
 def throughput(server: MinioServer, work: Path, mib: int, rounds: int) -> dict:

@@ -33,6 +33,9 @@ class AdapterState(_Wire):
     pinned: bool = False
     state: Literal["registered", "host", "device", "failed"]
     error: str | None = None
+    # With ``error``: "permanent" (the content is refused, loading it again cannot help; the sidecar
+    # waits for another digest) or "transient" (e.g. the files could not be read; retried).
+    error_kind: Literal["permanent", "transient"] | None = Field(None, alias="errorKind")
 
 
 class AdapterList(_Wire):

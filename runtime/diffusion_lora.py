@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from lorafleet.contracts import diffusion_lora as rules
+from lorafleet.contracts.adapter_rules import TRANSIENT, BaseModelInfo, Limits, adapter_problems
 from lorafleet.runtime.peft_format import AdapterFormatError, HostAdapter, LoRAWeights
 
 
@@ -30,24 +31,21 @@ def load_diffusion_adapter(path: str | Path, base: dict[str, dict[str, list[int]
     """``base``: component -> module path -> weight shape (``DiffusionEngine.base_shapes``)."""
     path = Path(path)
     if not path.is_dir():
-        raise AdapterFormatError(f"adapter directory {path} does not exist")
-    names = [p.name for p in path.iterdir() if p.is_file()]
-    pickles = [n for n in names if n.lower().endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
-    if pickles:
-        raise AdapterFormatError(f"{path}: pickle weights are refused ({', '.join(sorted(pickles))}); "
-                                 "save with safe_serialization=True")
-    name, why = rules.pick_weights_file(names)
-    if name is None:
-        raise AdapterFormatError(f"{path}: {why}")
+        raise AdapterFormatError(f"adapter directory {path} does not exist", "path", TRANSIENT)
+    # The shared rules decide (contracts.adapter_rules, as the sidecar applies them: symlinks, pickles,
+    # a header the safetensors library would choke on, the diffusion_lora plan against this pipeline,
+    # kohya alphas); what follows only reads a file they passed.
+    found = adapter_problems(path, Limits(max_rank=max_rank, max_adapter_bytes=None),
+                             BaseModelInfo.build("", "", "", {}, task="text-to-image", components=base))
+    if found:
+        raise AdapterFormatError(f"{path}: " + "; ".join(p.message for p in found), found[0].category)
+    name, _ = rules.pick_weights_file([p.name for p in path.iterdir() if p.is_file()])
     with safe_open(str(path / name), framework="pt") as f:
         shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
         plan, problems = rules.plan(shapes, f.metadata(), base, max_rank)
-        if plan is None:
+        if plan is None:  # the rules above ran the same plan: only a file changed meanwhile gets here
             raise AdapterFormatError(f"{path / name}: " + "; ".join(problems))
         alphas = {p.alpha_key: float(f.get_tensor(p.alpha_key).item()) for p in plan.modules if p.alpha_key}
-        why = rules.kohya_alpha_problem(alphas)
-        if why:
-            raise AdapterFormatError(f"{path / name}: {why}")
         modules: dict[str, LoRAWeights] = {}
         nbytes = 0
         for p in plan.modules:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafleet.contracts.adapter_rules import BaseModelInfo, Limits, fit_problems
 from lorafleet.runtime.peft_format import AdapterFormatError, HostAdapter
 
 
@@ -163,6 +164,7 @@ class LoRAModelPatch:
         self.model = model
         self.slots = slots
         self.max_rank = max_rank
+        self._base: BaseModelInfo | None = None
         self.ctx = LoRAContext()
         self.layers: dict[str, MultiLoRALinear] = {}
         self.heads: dict[str, MultiHead] = {}
@@ -182,22 +184,31 @@ class LoRAModelPatch:
         setattr(parent, attr, wrapped)
         return wrapped
 
+    def base_info(self) -> BaseModelInfo:
+        """The loaded model as the adapter rules see it: every module's class and 2-D weight shape, by
+        exact path (taken before any layer is wrapped, so it is the model's own layout)."""
+        if self._base is None:
+            weights, kinds = {}, {}
+            for name, module in self.model.named_modules():
+                if not name:
+                    continue
+                base = module.base if isinstance(module, (MultiLoRALinear, MultiHead)) else module
+                kinds[name] = "Linear" if isinstance(base, nn.Linear) else type(base).__name__
+                w = getattr(base, "weight", None)
+                if isinstance(w, torch.Tensor) and w.dim() == 2:
+                    weights[name] = list(w.shape)
+            self._base = BaseModelInfo.build("", "", "", weights, kinds, exact_paths=True)
+        return self._base
+
     def check(self, adapter: HostAdapter) -> None:
-        """Refuse, before it takes a slot, an adapter that cannot fit this model."""
-        if adapter.max_rank > self.max_rank:
-            raise AdapterFormatError(f"rank {adapter.max_rank} is above the pool's maxRank {self.max_rank}")
-        for path, w in adapter.modules.items():
-            try:
-                module = self.model.get_submodule(path)
-            except AttributeError:
-                raise AdapterFormatError(f"target module {path!r} does not exist in the base model") from None
-            base = module.base if isinstance(module, MultiLoRALinear) else module
-            if not isinstance(base, nn.Linear):
-                raise AdapterFormatError(f"target module {path!r} is not an nn.Linear")
-            if w.a.shape[0] != base.in_features or w.b.shape[1] != base.out_features:
-                raise AdapterFormatError(
-                    f"{path}: LoRA shapes {tuple(w.a.shape)}x{tuple(w.b.shape)} do not fit the base layer "
-                    f"({base.in_features}->{base.out_features}); was it trained on another base model?")
+        """Refuse, before it takes a slot, an adapter that cannot fit this model (the adapter rules'
+        shape checks against the loaded modules, with the pool's maxRank)."""
+        problems = fit_problems(
+            {p: ((w.rank, w.a.shape[0]), (w.b.shape[1], w.rank)) for p, w in adapter.modules.items()},
+            {p: {k: tuple(t.shape) for k, t in h.items()} for p, h in adapter.heads.items()},
+            adapter.settings, Limits(max_rank=self.max_rank, max_adapter_bytes=None), self.base_info())
+        if problems:
+            raise AdapterFormatError("; ".join(p.message for p in problems), problems[0].category)
 
     def install(self, slot: int, adapter: HostAdapter) -> None:
         self.check(adapter)

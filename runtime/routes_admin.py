@@ -8,7 +8,7 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from lorafleet.contracts.runtime_api import AdapterLoadRequest, AdapterState, SyncState
+from lorafleet.contracts.runtime_api import AdapterLoadRequest, SyncState
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.protocol import ApiError
 from lorafleet.runtime.tiers import AdapterEntry, AdapterManager
@@ -24,9 +24,7 @@ def router(rt: Runtime) -> APIRouter:
         return rt.manager
 
     def state(e: AdapterEntry) -> dict:
-        m = manager()
-        return AdapterState(name=e.name, version=e.version, sha256=e.sha256, tenant=e.tenant, weight=e.weight,
-                            pinned=e.pinned, state=m.state(e), error=e.error).model_dump(by_alias=True)
+        return manager().state_of(e).model_dump(by_alias=True)
 
     @r.put("/admin/adapters/{name}/{version}")
     async def put_adapter(name: str, version: str, body: AdapterLoadRequest):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.contracts.adapter_rules import PERMANENT, TRANSIENT, Refused, task_problems
 from lorafleet.contracts.names import split_versioned, versioned_name
 from lorafleet.contracts.runtime_api import AdapterList, AdapterLoadRequest, AdapterState
 from lorafleet.runtime.peft_format import AdapterFormatError, HostAdapter, load_adapter_dir
@@ -40,6 +41,7 @@ class AdapterEntry:
     path: Path
     key: int  # unique per registration: a re-registered version never reuses a stale slot
     error: str | None = None
+    error_kind: str | None = None  # with error: permanent (the content is refused) or transient
     labels: list[str] | None = None
     task: str | None = None
     loaded_at: float = field(default_factory=time.time)
@@ -95,9 +97,10 @@ class AdapterManager:
                              self.resolve_path(req.path), next(self._keys))
         try:
             host = self._parse(entry)
-        except (AdapterFormatError, OSError, ValueError, RuntimeError) as e:
-            entry.error = str(e)
-            host = None
+        except Refused as e:
+            entry.error, entry.error_kind, host = e.reason, e.kind, None
+        except Exception as e:  # noqa: BLE001 - unreadable files, memory: this adapter only, retried
+            entry.error, entry.error_kind, host = f"{type(e).__name__}: {e}", TRANSIENT, None
         with self._lock:
             if old is not None:
                 self._forget(old)
@@ -106,6 +109,19 @@ class AdapterManager:
                 self._put_host(entry.key, host)
         self.on_event("failed" if entry.error else "loaded", entry)
         return entry, True
+
+    def refuse(self, name: str, version: str, reason: str, tenant: str = "", kind: str = PERMANENT) -> AdapterEntry:
+        """Record an adapter that could not even be registered (``lorafleet serve``: a hub id, files the
+        digest could not read) as failed with its reason, so the listing shows it."""
+        entry = AdapterEntry(name, version, "", tenant or name, 0, False, False, Path(), next(self._keys),
+                             error=reason, error_kind=kind)
+        with self._lock:
+            old = self.entries.get(name, {}).get(version)
+            if old is not None:
+                self._forget(old)
+            self.entries.setdefault(name, {})[version] = entry
+        self.on_event("failed", entry)
+        return entry
 
     def unregister(self, name: str, version: str) -> AdapterEntry | None:
         with self._lock:
@@ -122,15 +138,10 @@ class AdapterManager:
         self.host.pop(entry.key, None)
 
     def _parse(self, entry: AdapterEntry) -> HostAdapter:
-        if not entry.path.is_dir():
-            raise AdapterFormatError(f"adapter directory {entry.path} does not exist")
         host = self.read_adapter(entry.path, self.dtype)
-        if host.task is not None and host.task != self.task:
-            raise AdapterFormatError(f"adapter {entry.served} was trained for {host.task} but this pool "
-                                     f"serves {self.task}")
-        if self.task == "sequence-classification" and not host.heads:
-            raise AdapterFormatError(f"adapter {entry.served} has no classifier head (modules_to_save); "
-                                     "train it with task_type SEQ_CLS")
+        problems = task_problems(host.task, bool(host.heads), self.task)
+        if problems:
+            raise AdapterFormatError(f"adapter {entry.served}: {problems[0].message}", "task", PERMANENT)
         if self.check is not None:
             self.check(host)
         entry.labels, entry.task = host.labels, host.task or self.task
@@ -198,10 +209,12 @@ class AdapterManager:
         with self._lock:
             return [e for versions in self.entries.values() for e in versions.values()]
 
+    def state_of(self, e: AdapterEntry) -> AdapterState:
+        return AdapterState(name=e.name, version=e.version, sha256=e.sha256, tenant=e.tenant, weight=e.weight,
+                            pinned=e.pinned, state=self.state(e), error=e.error, error_kind=e.error_kind)
+
     def listing(self, instance: str) -> AdapterList:
-        return AdapterList(instance=instance, adapters=[
-            AdapterState(name=e.name, version=e.version, sha256=e.sha256, tenant=e.tenant, weight=e.weight,
-                         pinned=e.pinned, state=self.state(e), error=e.error) for e in self.all()])
+        return AdapterList(instance=instance, adapters=[self.state_of(e) for e in self.all()])
 
     def counts(self) -> dict[str, int]:
         out = {"registered": 0, "host": 0, "device": 0, "failed": 0}

@@ -16,7 +16,7 @@ from .runtime_client import RuntimeAdmin
 from .storage import S3Storage, Storages
 from .store import ContentStore
 from .sync import RetryPolicy, Syncer
-from .validate import Limits
+from lorafleet.contracts.adapter_rules import Limits
 
 log = logging.getLogger("lorafleet.sidecar")
 

@@ -1,6 +1,7 @@
-"""``lorafleet push DIR s3://bucket/prefix/``: validate an adapter like the sidecar would (the checks
-that need no base model), upload it with a progress bar on stderr, print only its LoRAAdapter YAML
-on stdout, so ``lorafleet push ... | kubectl apply -f -`` works."""
+"""``lorafleet push DIR s3://bucket/prefix/``: validate an adapter with the rules the sidecar and the
+runtime apply (contracts/adapter_rules.py; against the base model too with ``--base-model DIR``),
+upload it with a progress bar on stderr, print only its LoRAAdapter YAML on stdout, so
+``lorafleet push ... | kubectl apply -f -`` works."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from lorafleet.contracts.quantity import parse_quantity
 from lorafleet.contracts.resources import LoRAAdapter
 
 from .storage import split_s3
-from .validate import Limits, Refused, adapter_problems
+from lorafleet.contracts.adapter_rules import BaseModelInfo, Limits, Refused, adapter_problems
 
 
 class _Progress:
@@ -75,6 +76,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--region", default=os.environ.get("S3_REGION"))
     p.add_argument("--max-rank", type=int, default=64)
     p.add_argument("--max-adapter-bytes", default="512Mi")
+    p.add_argument("--base-model", help="the pool's base model directory: check shapes and target modules "
+                                        "against it too")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -93,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     if not a.endpoint:
         print("lorafleet push: no S3 endpoint: pass --endpoint or set S3_ENDPOINT", file=sys.stderr)
         return 2
-    problems = adapter_problems(src, Limits(a.max_rank, parse_quantity(a.max_adapter_bytes)))
+    try:
+        base = BaseModelInfo.from_dir(a.base_model) if a.base_model else None
+    except Refused as e:
+        print(f"lorafleet push: --base-model {a.base_model}: {e.reason}", file=sys.stderr)
+        return 2
+    problems = adapter_problems(src, Limits(a.max_rank, parse_quantity(a.max_adapter_bytes)), base)
     if problems:
         print(f"lorafleet push: {src} is refused:", file=sys.stderr)
         for pr in problems:

@@ -14,7 +14,12 @@ class RuntimeUnavailable(Exception):
 
 
 class RuntimeRefused(Exception):
-    """The runtime answered a load with an error for this adapter (reason in the message)."""
+    """The runtime answered a load with an error for this adapter (reason in the message). ``permanent``:
+    the runtime says the content itself is refused (``errorKind``), so loading it again cannot help."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class RuntimeAdmin:
@@ -39,8 +44,9 @@ class RuntimeAdmin:
     def load(self, name: str, version: str, req: AdapterLoadRequest) -> None:
         r = self._call("PUT", f"/admin/adapters/{quote(name, safe='')}/{quote(version, safe='')}",
                        content=req.model_dump_json(by_alias=True), headers={"content-type": "application/json"})
-        if r.status_code >= 300:  # retried with backoff for this adapter only
-            raise RuntimeRefused(f"runtime refused the load (HTTP {r.status_code}): {_message(r)}")
+        if r.status_code >= 300:  # retried with backoff for this adapter only, unless permanent
+            raise RuntimeRefused(f"runtime refused the load (HTTP {r.status_code}): {_message(r)}",
+                                 permanent=_error_kind(r) == "permanent")
 
     def unload(self, name: str, version: str) -> None:
         r = self._call("DELETE", f"/admin/adapters/{quote(name, safe='')}/{quote(version, safe='')}")
@@ -52,6 +58,15 @@ class RuntimeAdmin:
                        headers={"content-type": "application/json"})
         if r.status_code >= 300:
             raise RuntimeUnavailable(f"PUT /admin/sync: HTTP {r.status_code}: {_message(r)}")
+
+
+def _error_kind(r: httpx.Response) -> str | None:
+    try:
+        body = r.json()
+    except ValueError:
+        return None
+    adapter = body.get("adapter") if isinstance(body, dict) else None
+    return adapter.get("errorKind") if isinstance(adapter, dict) else None
 
 
 def _message(r: httpx.Response) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 from urllib.parse import urlparse
 
-from .validate import Refused, path_problem
+from lorafleet.contracts.adapter_rules import Refused, path_problem
 
 CHUNK = 1 << 20
 Progress = Callable[[int], None]
@@ -50,16 +50,23 @@ def split_s3(uri: str) -> tuple[str, str]:
     return u.netloc, prefix
 
 
-def _write_hashed(dest: Path, rel: str, chunks, progress: Progress | None) -> tuple[str, int]:
+def _write_hashed(dest: Path, rel: str, chunks, progress: Progress | None,
+                  max_size: int | None = None) -> tuple[str, int]:
     """Write ``chunks`` to ``dest/rel``; return its sha256, computed on the way (no second read of the
-    file to verify it), and its size. No fsync here: the disk works after the entry is servable (see store.py);
-    starting writeback while downloading measured 22% slower than leaving it to the background fsync."""
+    file to verify it), and its size. A body longer than ``max_size`` (what the listing said) is refused
+    as soon as it passes it: nothing more is written, so the size limits checked on the listing hold.
+    No fsync here: the disk works after the entry is servable (see store.py); starting writeback
+    while downloading measured 22% slower than leaving it to the background fsync."""
     target = dest / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
     size = 0
     with open(target, "xb") as f:
         for chunk in chunks:
+            if max_size is not None and size + len(chunk) > max_size:
+                raise Refused(f"{rel}: the object is longer than the {max_size} bytes its listing says "
+                              f"(storage does not serve what it lists; push the adapter again as a new "
+                              f"version)", "storage")
             h.update(chunk)
             f.write(chunk)
             size += len(chunk)
@@ -134,7 +141,7 @@ class S3Storage:
             try:
                 resp = self.client.get_object(bucket, prefix + e.rel)
                 try:
-                    hashes[e.rel], got = _write_hashed(dest, e.rel, _body_chunks(resp, buf), progress)
+                    hashes[e.rel], got = _write_hashed(dest, e.rel, _body_chunks(resp, buf), progress, e.size)
                     if got != e.size:
                         raise StorageError(f"{uri}: {e.rel}: got {got} bytes, the listing said {e.size} "
                                            f"(the object changed while it was read?)")
@@ -205,7 +212,8 @@ class FileStorage:
             if src.is_symlink():
                 raise Refused(f"{e.rel}: symlinks are refused", "path")
             with open(src, "rb") as f:
-                hashes[e.rel], _ = _write_hashed(dest, e.rel, iter(lambda: f.read(CHUNK), b""), progress)
+                hashes[e.rel], _ = _write_hashed(dest, e.rel, iter(lambda: f.read(CHUNK), b""), progress,
+                                                 e.size)
         return hashes
 
 

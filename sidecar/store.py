@@ -26,7 +26,8 @@ from lorafleet.contracts.digest import directory_digest, regular_files
 from .metrics import Metrics
 from .plan import CachedContent
 from .storage import Storages, fsync_path, fsync_tree, remove_tree
-from .validate import BaseModelInfo, Limits, Refused, adapter_problems, listing_problems
+from lorafleet.contracts.adapter_rules import (TRANSIENT, BaseModelInfo, Limits, Refused, adapter_problems,
+                                               listing_problems)
 
 log = logging.getLogger("lorafleet.sidecar")
 
@@ -220,7 +221,7 @@ class ContentStore:
         if final.is_dir():
             return final
         # A model is not an adapter: only the path and pickle checks apply, no size limit.
-        path = self._install(digest, uri, final, None, Limits(max_rank=1 << 30, max_adapter_bytes=1 << 62))
+        path = self._install(digest, uri, final, None, Limits(max_rank=1 << 30, max_adapter_bytes=None))
         self.model_bytes += tree_size(path)
         self._gauge()
         return path
@@ -230,7 +231,7 @@ class ContentStore:
         entries = storage.listing(uri)
         problems = listing_problems([(e.rel, e.size) for e in entries], limits)
         if problems:
-            raise Refused("; ".join(problems), _category(problems))
+            raise Refused.of(problems)
         size = sum(e.size for e in entries)
         self._reserve(size)
         tmp = self.layout.new_tmp_dir(digest[:12])
@@ -247,11 +248,11 @@ class ContentStore:
             if got != digest:
                 raise Refused(f"digest mismatch: {uri} has {got}, the route says {digest} (content under "
                               f"a known version changed in storage; push a new version instead)",
-                              "digest_mismatch")
+                              "digest_mismatch", TRANSIENT)
             if validate is not None:
                 problems = validate(tmp)
                 if problems:
-                    raise Refused("; ".join(problems), _category(problems))
+                    raise Refused.of(problems)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -269,15 +270,4 @@ class ContentStore:
             if tmp.exists():
                 remove_tree(tmp)
             self._gauge()
-
-
-def _category(problems: list[str]) -> str:
-    text = " ".join(problems)
-    for needle, cat in (("pickle", "pickle"), ("symlink", "path"), ("leaves the adapter", "path"),
-                        ("maxAdapterBytes", "size"), ("maxRank", "rank"), ("base_model_name_or_path", "base_model"),
-                        ("target_modules", "target_modules"), ("do not fit", "shape"),
-                        ("adapter_config.json", "config")):
-        if needle in text:
-            return cat
-    return "validation"
 

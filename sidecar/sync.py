@@ -19,7 +19,7 @@ from .metrics import Metrics
 from .plan import DesiredVersion, Download, LoadedAdapter, desired_versions, plan_sync
 from .runtime_client import RuntimeAdmin, RuntimeRefused, RuntimeUnavailable
 from .store import ContentStore, DiskFull
-from .validate import BaseModelInfo, Refused
+from lorafleet.contracts.adapter_rules import BaseModelInfo, Refused
 
 log = logging.getLogger("lorafleet.sidecar")
 LOAD_CONCURRENCY = 4
@@ -31,6 +31,7 @@ class Failure:
     category: str
     attempts: int = 1
     next_try: float = float("inf")  # monotonic; inf = not retried (the content itself is refused)
+    spec: tuple[str, str] = ("", "")  # (sha256, uri) it is about: another spec is tried afresh
 
     @property
     def permanent(self) -> bool:
@@ -126,13 +127,20 @@ class Syncer:
 
         # Downloads first: they need nothing from the runtime, which may be slow or away.
         self._start_downloads(plan_sync(desired, self.store.entries(), None, busy=self._busy(desired)).downloads)
-        loaded = self._runtime_state()
+        loaded = self._runtime_state(desired)
         with self._lock:
             # Forget failures of versions the routes no longer name (bounded memory with churn).
             wanted_digests, wanted_keys = {d.sha256 for d in desired}, {d.key for d in desired}
             for k in [k for k in self.digest_failures if k not in wanted_digests]:
                 del self.digest_failures[k]
             for k in [k for k in self.load_failures if k not in wanted_keys]:
+                del self.load_failures[k]
+            # A permanent refusal holds until the spec names other content or another place.
+            uris = {d.sha256: d.uri for d in desired}
+            specs = {d.key: (d.sha256, d.uri) for d in desired}
+            for k in [k for k, f in self.digest_failures.items() if f.spec[1] and f.spec[1] != uris[k]]:
+                del self.digest_failures[k]
+            for k in [k for k, f in self.load_failures.items() if f.spec[0] and f.spec != specs[k]]:
                 del self.load_failures[k]
             hold = {k for k, f in self.load_failures.items() if f.next_try > mono}
 
@@ -170,7 +178,7 @@ class Syncer:
                 self.in_flight.add(dl.digest)
             self.pool.submit(self._download, dl)
 
-    def _runtime_state(self) -> dict[str, LoadedAdapter] | None:
+    def _runtime_state(self, desired: list[DesiredVersion]) -> dict[str, LoadedAdapter] | None:
         try:
             listing = self.runtime.adapters()
         except RuntimeUnavailable as e:
@@ -193,15 +201,18 @@ class Syncer:
         self._runtime_digests = {a.sha256 for a in listing.adapters}
         out = {}
         mono = time.monotonic()
+        failed = any(a.state == "failed" for a in listing.adapters)
+        specs = {d.key: (d.sha256, d.uri) for d in desired} if failed else {}
         for a in listing.adapters:
             la = LoadedAdapter(a.name, a.version, a.sha256, a.weight, a.pinned, a.state == "failed")
             out[la.key] = la
             if la.failed:
+                permanent = a.error_kind == "permanent"
                 with self._lock:
                     f = self.load_failures.get(la.key)
-                    if f is None or f.next_try <= mono:
-                        self._fail(self.load_failures, la.key, f"runtime failed to load it: {a.error}",
-                                   "runtime", transient=True)
+                    if f is None or (f.next_try <= mono or permanent) and not f.permanent:
+                        self._fail(self.load_failures, la.key, f"runtime refused it: {a.error}", "runtime",
+                                   transient=not permanent, spec=specs.get(la.key, (a.sha256, "")))
         return out
 
     def _apply_runtime(self, unloads, loads: list[DesiredVersion],
@@ -228,7 +239,8 @@ class Syncer:
             self.runtime.load(d.name, d.version, req)
         except RuntimeRefused as e:
             with self._lock:
-                self._fail(self.load_failures, d.key, str(e), "runtime", transient=True)
+                self._fail(self.load_failures, d.key, str(e), "runtime", transient=not e.permanent,
+                           spec=(d.sha256, d.uri))
             return False
         with self._lock:
             self.load_failures.pop(d.key, None)
@@ -236,11 +248,12 @@ class Syncer:
 
     # ---------------------------------------------------------------------------- downloads
 
-    def _fail(self, table: dict[str, Failure], key: str, reason: str, category: str, transient: bool) -> None:
+    def _fail(self, table: dict[str, Failure], key: str, reason: str, category: str, transient: bool,
+              spec: tuple[str, str] = ("", "")) -> None:
         prev = table.get(key)
         attempts = prev.attempts + 1 if prev else 1
         next_try = time.monotonic() + self.retry.delay(attempts) if transient else float("inf")
-        table[key] = Failure(reason, category, attempts, next_try)
+        table[key] = Failure(reason, category, attempts, next_try, spec)
         self.metrics.failures.labels(category).inc()
 
     def _download(self, dl: Download) -> None:
@@ -257,14 +270,15 @@ class Syncer:
 
     def _record_failure(self, dl: Download, e: Exception) -> None:
         if isinstance(e, Refused):
-            # A changed object may be fixed in storage: retried. Refused content never changes.
-            transient, category, reason = e.category == "digest_mismatch", e.category, e.reason
+            # Refused content never changes (permanent); a changed object may be fixed in storage
+            # (digest mismatch: transient, retried with backoff).
+            transient, category, reason = not e.permanent, e.category, e.reason
         elif isinstance(e, DiskFull):
             transient, category, reason = True, "disk_full", str(e)
         else:
             transient, category, reason = True, "storage", f"download failed, retrying: {e}"
         with self._lock:
-            self._fail(self.digest_failures, dl.digest, reason, category, transient)
+            self._fail(self.digest_failures, dl.digest, reason, category, transient, spec=(dl.digest, dl.uri))
         log.warning("%s (%s): %s", ",".join(dl.keys), dl.uri, reason)
 
     def _ensure_model(self) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "unit" / "sidecar"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lightkube.models.core_v1 import Container, PodSpec  # noqa: E402

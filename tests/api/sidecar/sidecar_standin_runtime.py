@@ -30,6 +30,8 @@ class StandinRuntime:
         self.loads: list[str] = []  # name@version of every successful PUT, in order
         self.unloads: list[str] = []
         self.refuse: dict[str, str] = {}  # name@version -> error to answer
+        self.refuse_kind: dict[str, str] = {}  # name@version -> errorKind of that refusal (permanent, transient)
+        self.puts: list[str] = []  # name@version of every PUT, answered or refused
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -44,8 +46,10 @@ class StandinRuntime:
         def load(name: str, version: str, req: AdapterLoadRequest):
             key = f"{name}@{version}"
             path = Path(req.path)
+            self.puts.append(key)
             if key in self.refuse:
-                return JSONResponse({"error": {"message": self.refuse[key], "type": "invalid_adapter"}}, 422)
+                return JSONResponse({"error": {"message": self.refuse[key], "type": "invalid_adapter"},
+                                     "adapter": {"errorKind": self.refuse_kind.get(key)}}, 422)
             if path.parent != self.cache_dir / "adapters" or not path.is_dir():
                 return JSONResponse({"error": {"message": f"{path} is not under the cache's adapters/"}}, 422)
             if self.verify_digest and directory_digest(path) != req.sha256:

@@ -15,7 +15,7 @@ from lorafleet.contracts.digest import directory_digest
 from lorafleet.localstack.procs import free_port, wait_for
 
 from sidecar_api_support import POOL, digest, sync_report, upload_dir
-from sidecar_peft_dirs import write_adapter
+from support.peft_dirs import write_adapter
 
 
 def report_at(kube, namespace, pod, g, **want):

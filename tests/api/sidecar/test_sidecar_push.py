@@ -15,7 +15,7 @@ from lorafleet.contracts.resources import LoRAAdapter
 from lorafleet.localstack.procs import wait_for
 
 from sidecar_api_support import sync_report
-from sidecar_peft_dirs import write_adapter
+from support.peft_dirs import write_adapter, write_base
 
 
 def push(args, minio_server, **env):
@@ -56,3 +56,11 @@ def test_push_refuses_an_invalid_adapter_and_prints_no_yaml(minio_server, tmp_pa
     r = push([str(d), "s3://never-created/x/", "--pool", "tiny", "--tenant", "acme", "--version", "1"], minio_server)
     assert r.returncode == 1 and r.stdout == ""
     assert "pickle weights are refused" in r.stderr and "above maxRank (64)" in r.stderr
+    # The same rules as the sidecar and the runtime: DoRA is refused; with --base-model, shapes too.
+    d = write_adapter(tmp_path / "dora", config={"use_dora": True})
+    r = push([str(d), "s3://never-created/x/", "--pool", "tiny", "--tenant", "acme", "--version", "1"], minio_server)
+    assert r.returncode == 1 and "DoRA is not supported" in r.stderr
+    d = write_adapter(tmp_path / "shapes", in_features=32)
+    args = [str(d), "s3://never-created/x/", "--pool", "tiny", "--tenant", "acme", "--version", "1"]
+    r = push(args + ["--base-model", str(write_base(tmp_path / "base"))], minio_server)
+    assert r.returncode == 1 and "do not fit the base weight [16, 16]" in r.stderr

@@ -10,7 +10,7 @@ import os
 from lorafleet.localstack.procs import wait_for
 
 from sidecar_api_support import digest, sync_report, upload_dir
-from sidecar_peft_dirs import write_adapter, write_base
+from support.peft_dirs import write_adapter, write_base
 
 
 def test_each_hostile_or_invalid_adapter_is_refused_with_its_reason(kube, namespace, pod, s3, bucket, tmp_path,

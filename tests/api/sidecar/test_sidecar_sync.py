@@ -6,7 +6,7 @@ from __future__ import annotations
 from lorafleet.localstack.procs import wait_for
 
 from sidecar_api_support import digest, sync_report, upload_dir
-from sidecar_peft_dirs import write_adapter
+from support.peft_dirs import write_adapter
 
 
 def synced(kube, namespace, pod, generation, **want):

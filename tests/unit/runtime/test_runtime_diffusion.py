@@ -280,7 +280,7 @@ def test_twenty_clients_over_eight_adapters_with_three_slots_get_their_own_image
 def test_the_sidecar_accepts_and_refuses_exactly_what_the_runtime_does(sd_base, oracle, sd_adapters, tmp_path):
     """One rule in two places would drift: an adapter the sidecar installs and the runtime refuses
     fails on every replica. Both read contracts.diffusion_lora; this holds them to the same verdicts."""
-    from lorafleet.sidecar.validate import BaseModelInfo, Limits, adapter_problems
+    from lorafleet.contracts.adapter_rules import BaseModelInfo, Limits, adapter_problems
 
     base = BaseModelInfo.from_dir(sd_base)
     assert base.components is not None and "down_blocks.1.attentions.0.proj_in" in base.components["unet"]

@@ -45,15 +45,15 @@ def test_classifier_heads_and_label_names(cls_adapters):
 
 
 def test_bad_adapters_are_refused_with_the_reason(tmp_path, gen_adapters):
-    with pytest.raises(AdapterFormatError, match="no adapter_config.json"):
+    with pytest.raises(AdapterFormatError, match="adapter_config.json is missing"):
         load_adapter_dir(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
-    with pytest.raises(AdapterFormatError, match="not LORA"):
+    with pytest.raises(AdapterFormatError, match="is not supported \\(only LORA\\)"):
         load_adapter_dir(tmp_path)
     cfg = json.loads((gen_adapters["gen0"] / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg | {"r": 4}))
     (tmp_path / "adapter_model.safetensors").write_bytes((gen_adapters["gen0"] / "adapter_model.safetensors").read_bytes())
-    with pytest.raises(AdapterFormatError, match="config says r=4"):
+    with pytest.raises(AdapterFormatError, match="rank 8 differs from the r=4"):
         load_adapter_dir(tmp_path)
 
 
@@ -92,8 +92,10 @@ def test_versions_by_weight_pinned_versions_and_failed_loads(gen_adapters, tmp_p
     assert bad.error and m.state(bad) == "failed"
     with pytest.raises(AdapterUnavailable, match="broken@1 failed to load"):
         m.resolve("broken")
+    assert bad.error_kind == "permanent", "the content is refused: loading it again cannot help"
     cls, _ = m.register("wrongtask", "1", _req(tmp_path / "nope"))
-    assert "does not exist" in cls.error
+    assert "does not exist" in cls.error and cls.error_kind == "transient"
+    assert m.listing("i").adapters[-1].error_kind == "transient"
     m.unregister("acme", "2")
     assert m.resolve("acme").version == "1", "the remaining version serves, even at weight 0"
 

@@ -10,9 +10,9 @@ from lorafleet.contracts.digest import directory_digest
 from lorafleet.sidecar.metrics import Metrics
 from lorafleet.sidecar.storage import Storages
 from lorafleet.sidecar.store import ContentStore
-from lorafleet.sidecar.validate import Limits
+from lorafleet.contracts.adapter_rules import Limits
 
-from sidecar_peft_dirs import write_adapter
+from support.peft_dirs import write_adapter
 
 
 def _store(root) -> ContentStore:

@@ -1,4 +1,5 @@
-"""Small PEFT-format adapter directories and a tiny BERT-shaped base "model dir" for sidecar tests:
+"""Small PEFT-format adapter directories and a tiny BERT-shaped base "model dir" for the adapter rules
+and the sidecar's tests:
 real safetensors files with the module names and shapes PEFT writes, no training needed."""
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ def write_adapter(d: Path, *, r: int = 4, targets=("query", "value"), base_name:
             tensors[f"{pre}.lora_A.weight"] = rng.standard_normal((r, in_features or hidden), dtype=np.float32)
             tensors[f"{pre}.lora_B.weight"] = rng.standard_normal((hidden, r), dtype=np.float32)
     if pad_bytes:
-        tensors["base_model.model.classifier.weight"] = rng.standard_normal(pad_bytes // 4, dtype=np.float32)
+        rows = max(1, pad_bytes // (4 * hidden))
+        tensors["base_model.model.classifier.weight"] = rng.standard_normal((rows, hidden), dtype=np.float32)
+        tensors["base_model.model.classifier.bias"] = np.zeros(rows, dtype=np.float32)
     save_file(tensors, str(d / "adapter_model.safetensors"))
     cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets),
-           "base_model_name_or_path": base_name, "task_type": "SEQ_CLS"}
+           "base_model_name_or_path": base_name, "task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}
     cfg.update(config or {})
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     return d
