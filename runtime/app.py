@@ -25,8 +25,19 @@ def install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, e: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors())
-        return error_response(422, f"invalid request body: {problems}", "invalid_request_error", "invalid_body")
+        # 400, as the OpenAI API and vLLM answer a body they cannot take; every problem named.
+        problems, unknown = [], []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            if err.get("type") == "extra_forbidden":
+                unknown.append(loc)
+            else:
+                problems.append(f"{loc or 'body'}: {err.get('msg')}")
+        if unknown:
+            problems.insert(0, "unknown field" + ("s " if len(unknown) > 1 else " ")
+                            + ", ".join(f"`{u}`" for u in unknown) + " (not part of the API this route implements)")
+        code = "unknown_field" if unknown and len(problems) == 1 else "invalid_body"
+        return error_response(400, f"invalid request body: {'; '.join(problems)}", "invalid_request_error", code)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):

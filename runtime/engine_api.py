@@ -52,13 +52,29 @@ class Work:
 
 @dataclass
 class SamplingParams:
-    """What a generation request asks for, as the HTTP layer validated it (engine-neutral)."""
+    """What a generation request asks for, as the HTTP layer validated it (engine-neutral; the
+    semantics of each field: sampling.py)."""
 
     max_new_tokens: int
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: set[int] = field(default_factory=set)
+    sample: bool | None = None  # None: sample iff temperature > 0
+    top_k: int = 0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_style: str = "openai"  # "openai" (vLLM's) or "tgi"
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    banned_until_min: set[int] = field(default_factory=set)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; n: the chosen token's and n alternatives
+    logprob_mode: str = "raw"  # "raw" (vLLM) or "processed" (TGI)
+    prompt_logprobs: int | None = None
 
 
 @dataclass

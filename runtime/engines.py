@@ -120,7 +120,8 @@ class ClassificationEngine(Engine):
 
 @dataclass(eq=False)
 class Sequence:
-    """One generation request being decoded: its KV-cache row, adapter slot and sampling settings."""
+    """One generation request being decoded: its KV-cache row, adapter slot and sampling settings
+    (their semantics: sampling.py)."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -129,10 +130,32 @@ class Sequence:
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: set[int] = field(default_factory=set)
+    sample: bool | None = None  # None: sample iff temperature > 0 (OpenAI); TGI decides itself
+    top_k: int = 0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_style: str = "openai"  # or "tgi"
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    banned_until_min: set[int] = field(default_factory=set)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # record logprobs (and this many top alternatives); None: none
+    logprob_mode: str = "raw"  # or "processed" (TGI)
+    prompt_logprobs: int | None = None  # TGI decoder_input_details: logprobs of the prompt's tokens
     row: int = -1
     pos: int = 0  # tokens in the cache
     generated: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_token_logprobs: list[tuple[float, list]] = field(default_factory=list)
     generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample is None:
+            self.sample = self.temperature > 0
 
 
 DEFAULT_MAX_MODEL_LEN = 8192  # when maxModelLen is not set: the model's length, capped here
@@ -323,6 +346,12 @@ class GenerationEngine(Engine):
             h = self._forward(ids, pos, rows, decode=False)
             last = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
             logits = self._logits(h[torch.arange(len(seqs)), last])
+            for i, s in enumerate(seqs):
+                if s.prompt_logprobs is not None and len(s.prompt) > 1:
+                    from lorafleet.runtime.sampling import prompt_logprobs
+
+                    s.prompt_token_logprobs = prompt_logprobs(self._logits(h[i, : len(s.prompt) - 1]),
+                                                              s.prompt, s.prompt_logprobs)
         finally:
             self.patch.ctx.set(None)
         for s in seqs:
@@ -353,25 +382,14 @@ class GenerationEngine(Engine):
             seq.row = -1
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        logits = logits.float()
-        greedy = logits.argmax(-1).tolist()
-        out = []
-        for i, s in enumerate(seqs):
-            tok = greedy[i]
-            if s.temperature > 0:
-                probs = torch.softmax(logits[i] / s.temperature, -1)
-                if s.top_p < 1.0:
-                    sp, si = probs.sort(descending=True)
-                    keep = sp.cumsum(-1) - sp < s.top_p
-                    probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-                tok = int(torch.multinomial(probs, 1, generator=s.generator))
-            s.generated.append(tok)
-            out.append(tok)
-        return out
+        from lorafleet.runtime.sampling import choose
+
+        return choose(logits, seqs)
 
     def is_done(self, seq: Sequence) -> bool:
-        return (len(seq.generated) >= seq.max_new_tokens or seq.generated[-1] in self.eos_ids
-                or seq.generated[-1] in seq.stop_ids or seq.pos >= self.max_len)
+        last = seq.generated[-1]
+        return (len(seq.generated) >= seq.max_new_tokens or (last in self.eos_ids and not seq.ignore_eos)
+                or last in seq.stop_ids or seq.pos >= self.max_len)
 
 
 def _tensor_bytes(model) -> int:

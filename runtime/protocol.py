@@ -1,7 +1,15 @@
 """The runtime's HTTP protocol: request bodies of the OpenAI, TGI and classification APIs, and the
-OpenAI-shaped error every route answers with (``{"error": {"message", "type", "code"}}``)."""
+OpenAI-shaped error every route answers with (``{"error": {"message", "type", "code"}}``).
+
+Every field a body may carry is declared here. Each is either implemented with the reference
+server's semantics (OpenAI/vLLM for ``/v1/*``, TGI for ``/generate*`` and ``/``) or, when set to
+anything but its neutral value, refused with 400 naming the field and why (``unsupported()``). A field
+no reference API has is refused by the models themselves (``extra="forbid"``) and answered 400 with
+its name."""
 
 from __future__ import annotations
+
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,58 +25,182 @@ def error_response(status: int, message: str, type_: str, code: str, headers: di
     return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status, headers=headers)
 
 
-def bad_request(message: str, code: str) -> ApiError:
+def bad_request(message: str, code: str = "invalid_request_error") -> ApiError:
     return ApiError(400, message, "invalid_request_error", code)
 
 
+def refuse(field: str, why: str) -> ApiError:
+    return ApiError(400, f"`{field}` is not supported: {why}", "invalid_request_error", "unsupported_field")
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
+
+    def unsupported(self) -> None:
+        """Raise ``refuse(...)`` for the first field set to something this server cannot do exactly."""
 
 
-class _Sampling(_Body):
-    """The OpenAI sampling fields both completion endpoints take, with the same bounds."""
+class StreamOptions(_Body):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM
+
+
+class _OpenAISampling(_Body):
+    """The fields both OpenAI completion endpoints take (and vLLM's extensions), with their bounds."""
+    model: str
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
-    stream: bool = False
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=1)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # an end-user id for the caller's own records; no effect on the answer
+    # vLLM's extensions
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = False
+    min_tokens: int | None = Field(0, ge=0)
+    skip_special_tokens: bool | None = True
+    include_stop_str_in_output: bool | None = False
+
+    def unsupported(self) -> None:
+        if self.n not in (None, 1):
+            raise refuse("n", "one choice per request; send n requests (with different seeds) instead")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise refuse("stream_options.continuous_usage_stats", "usage is sent once, in the last chunk "
+                         "(stream_options.include_usage)")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("`stream_options` is only allowed with `stream: true`", "invalid_stream_options")
+        for k, v in (self.logit_bias or {}).items():
+            if not k.lstrip("-").isdigit():
+                raise bad_request(f"logit_bias key {k!r} is not a token id", "invalid_logit_bias")
+            if not -100 <= v <= 100:
+                raise bad_request(f"logit_bias[{k}] = {v} is outside [-100, 100]", "invalid_logit_bias")
 
 
-class CompletionRequest(_Sampling):
-    model: str
+class CompletionRequest(_OpenAISampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.best_of not in (None, 1):
+            raise refuse("best_of", "one candidate per request")
+        if self.suffix:
+            raise refuse("suffix", "insertion (fill-in-the-middle) is not implemented")
+        if self.echo and self.logprobs is not None:
+            raise refuse("echo", "echo with logprobs needs the prompt's logprobs, which /v1/completions does "
+                         "not compute; drop one of them")
 
 
 class ChatMessage(_Body):
-    role: str
-    content: str | list[dict] | None = ""
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = ""
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.tool_calls or self.tool_call_id or self.role == "tool":
+            raise refuse("messages[].tool_calls", "this server does not implement tool calling")
+        content = self.content
+        if isinstance(content, list):  # OpenAI content parts: text only
+            parts = []
+            for part in content:
+                if part.get("type") != "text":
+                    raise refuse(f"messages[].content[].type={part.get('type')!r}",
+                                 "this pool serves a text-only model; send text parts")
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        return content or ""
 
 
-class ChatRequest(_Sampling):
-    model: str
+class ChatRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    store: bool | None = False
+    metadata: dict[str, str] | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise refuse("response_format", f"type {self.response_format.get('type')!r} (structured output) is "
+                         "not implemented by the torch engine; ask for plain text")
+        if self.tools or self.functions:
+            raise refuse("tools", "this server does not implement tool calling")
+        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
+            raise refuse("tool_choice", "this server does not implement tool calling")
+        if self.store:
+            raise refuse("store", "this server keeps no completions")
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("`top_logprobs` needs `logprobs: true`", "invalid_logprobs")
+        for m in self.messages:
+            m.text()
 
 
 class TGIParameters(_Body):
+    """TGI's GenerateParameters, with TGI's validation."""
     adapter_id: str | None = None
-    max_new_tokens: int | None = Field(None, ge=1)
-    do_sample: bool | None = False
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    stop: list[str] | None = None
+    best_of: int | None = None
+    decoder_input_details: bool | None = False
     details: bool | None = False
+    do_sample: bool | None = False
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    grammar: dict[str, Any] | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
+    repetition_penalty: float | None = Field(None, gt=0)
     return_full_text: bool | None = False
+    seed: int | None = Field(None, ge=0)
+    stop: list[str] | None = None
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, gt=0)
+    top_n_tokens: int | None = Field(None, ge=0, le=5)
+    top_p: float | None = Field(None, gt=0, lt=1)
+    truncate: int | None = Field(None, ge=1)
+    typical_p: float | None = Field(None, gt=0, lt=1)
+    watermark: bool | None = False
+
+    def unsupported(self) -> None:
+        if self.best_of not in (None, 1):
+            raise refuse("best_of", "one candidate per request")
+        if self.grammar:
+            raise refuse("grammar", "grammar-constrained decoding is not implemented by the torch engine")
+        if self.watermark:
+            raise refuse("watermark", "watermarking is not implemented")
+
+    def sampling(self) -> bool:
+        """TGI samples when asked to or when any warper is set (temperature != 1, top_k, top_p, typical_p)."""
+        return bool(self.do_sample or (self.temperature is not None and self.temperature != 1.0)
+                    or self.top_k or (self.top_p is not None and self.top_p < 1.0)
+                    or (self.typical_p is not None and self.typical_p < 1.0))
 
 
 class TGIRequest(_Body):
     inputs: str
     parameters: TGIParameters = Field(default_factory=TGIParameters)
     stream: bool = False
+
+    def unsupported(self) -> None:
+        self.parameters.unsupported()
 
 
 class ClassifyRequest(_Body):

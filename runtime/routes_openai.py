@@ -9,8 +9,9 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from lorafleet.runtime.engine_api import SamplingParams
 from lorafleet.runtime.generation import (TextStream, build_sequence, chat_prompt_ids, completion_prompt_ids,
-                                          stop_strings)
+                                          openai_params, stop_strings)
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.protocol import ApiError, ChatRequest, CompletionRequest
 from lorafleet.runtime.routes_common import tag, unless_disconnected
@@ -21,25 +22,30 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def usage(seq) -> dict:
-    return {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.generated),
-            "total_tokens": len(seq.prompt) + len(seq.generated)}
+def usage(seq, generated: int) -> dict:
+    """Token counts; ``generated`` is the tokens the answer was made of (the engine may have run one
+    step further after a stop string, which nobody receives)."""
+    return {"prompt_tokens": len(seq.prompt), "completion_tokens": generated,
+            "total_tokens": len(seq.prompt) + generated}
 
 
-async def start_generation(rt: Runtime, request: Request, model: str, prompt_ids_of, max_new, temperature, top_p,
-                           seed, stop):
-    """Resolve the adapter, shape the sequence and submit it: (entry, sequence, text stream)."""
+async def start_generation(rt: Runtime, request: Request, model: str, prompt_ids_of, params_of, stop,
+                           include_stop: bool = False, skip_special_tokens: bool = True, tgi_stops: bool = False):
+    """Resolve the adapter, shape the sequence and submit it: (entry, sequence, text stream).
+    ``params_of(tokenizer)`` gives the request's ``SamplingParams``."""
     rt.need_task("text-generation")
     entry = rt.resolve(model)
     tag(request, entry)
-    seq = build_sequence(rt.engine, prompt_ids_of(rt.engine.tokenizer), max_new, rt.settings.max_new_tokens,
-                         temperature, top_p, seed)
+    tok = rt.engine.tokenizer
+    params: SamplingParams = params_of(tok)
+    seq = build_sequence(rt.engine, prompt_ids_of(tok), params, rt.settings.max_new_tokens)
     (work,) = rt.submit(entry, [seq])
 
     def count(stream: TextStream) -> None:
         rt.metrics.tokens.labels(work.tenant).inc(len(seq.generated))
 
-    return entry, seq, TextStream(rt.engine, work, stop_strings(stop), on_done=count)
+    return entry, seq, TextStream(rt.engine, work, stop_strings(stop), on_done=count, include_stop=include_stop,
+                                  skip_special_tokens=skip_special_tokens, tgi_stops=tgi_stops)
 
 
 async def drain(request: Request, rt: Runtime, gen: TextStream) -> None:
@@ -48,6 +54,44 @@ async def drain(request: Request, rt: Runtime, gen: TextStream) -> None:
             pass
 
     await unless_disconnected(request, consume(), lambda: rt.engine.cancel(gen.work))
+
+
+class _Logprobs:
+    """OpenAI's logprobs objects from the engine's per-token records, one slice of tokens at a time."""
+
+    def __init__(self, tokenizer, seq):
+        self.tok, self.seq = tokenizer, seq
+        self.done = 0  # tokens already reported
+        self.offset = 0
+
+    def _text(self, i: int) -> str:
+        return self.tok.decode([i])
+
+    def _take(self, upto: int) -> range:
+        upto = min(len(self.seq.token_logprobs), upto)
+        r = range(self.done, upto)
+        self.done = max(self.done, upto)
+        return r
+
+    def completion(self, upto: int) -> dict:
+        s, out = self.seq, {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for j in self._take(upto):
+            t = self._text(s.generated[j])
+            out["tokens"].append(t)
+            out["token_logprobs"].append(s.token_logprobs[j])
+            out["top_logprobs"].append({self._text(i): lp for i, lp in s.top_logprobs[j]})
+            out["text_offset"].append(self.offset)
+            self.offset += len(t)
+        return out
+
+    def chat(self, upto: int) -> dict:
+        s, content = self.seq, []
+        for j in self._take(upto):
+            t = self._text(s.generated[j])
+            content.append({"token": t, "logprob": s.token_logprobs[j], "bytes": list(t.encode()),
+                            "top_logprobs": [{"token": self._text(i), "logprob": lp,
+                                              "bytes": list(self._text(i).encode())} for i, lp in s.top_logprobs[j]]})
+        return {"content": content}
 
 
 def router(rt: Runtime) -> APIRouter:
@@ -71,6 +115,7 @@ def router(rt: Runtime) -> APIRouter:
 
     @r.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
+        body.unsupported()
         if isinstance(body.prompt, list):
             if len(body.prompt) != 1:
                 raise ApiError(400, "send one prompt per request (prompt lists of length 1 are accepted)",
@@ -78,51 +123,72 @@ def router(rt: Runtime) -> APIRouter:
             prompt = body.prompt[0]
         else:
             prompt = body.prompt
-        entry, seq, gen = await start_generation(rt, request, body.model,
-                                                 lambda tok: completion_prompt_ids(tok, prompt), body.max_tokens,
-                                                 body.temperature, body.top_p, body.seed, body.stop)
+        entry, seq, gen = await start_generation(
+            rt, request, body.model, lambda tok: completion_prompt_ids(tok, prompt),
+            lambda tok: openai_params(body, body.max_tokens, body.logprobs, tok), body.stop,
+            bool(body.include_stop_str_in_output), body.skip_special_tokens is not False)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         served = entry.served if entry else rt.base_name
+        lps = _Logprobs(rt.engine.tokenizer, seq) if body.logprobs is not None else None
+        head = prompt if body.echo else ""
         if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
             async def stream():
+                base = {"id": rid, "object": "text_completion", "created": created, "model": served}
+                if head:
+                    yield sse({**base, "choices": [{"index": 0, "text": head, "logprobs": None,
+                                                    "finish_reason": None}]})
                 async for _, delta in gen.deltas():
                     if delta:
-                        yield sse({"id": rid, "object": "text_completion", "created": created, "model": served,
-                                   "choices": [{"index": 0, "text": delta, "logprobs": None,
-                                                "finish_reason": None}]})
-                yield sse({"id": rid, "object": "text_completion", "created": created, "model": served,
-                           "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": gen.finish}]})
+                        yield sse({**base, "choices": [{"index": 0, "text": delta, "finish_reason": None,
+                                                        "logprobs": lps.completion(gen.received) if lps else None}]})
+                yield sse({**base, "choices": [{"index": 0, "text": "", "finish_reason": gen.openai_finish,
+                                                "logprobs": lps.completion(gen.received) if lps else None}]})
+                if include_usage:
+                    yield sse({**base, "choices": [], "usage": usage(seq, gen.received)})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(stream(), media_type="text/event-stream")
         await drain(request, rt, gen)
         return {"id": rid, "object": "text_completion", "created": created, "model": served,
-                "choices": [{"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish}],
-                "usage": usage(seq)}
+                "choices": [{"index": 0, "text": head + gen.text, "finish_reason": gen.openai_finish,
+                             "logprobs": lps.completion(gen.received) if lps else None}],
+                "usage": usage(seq, gen.received)}
 
     @r.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatRequest):
         rt.need_task("text-generation")
-        entry, seq, gen = await start_generation(rt, request, body.model,
-                                                 lambda tok: chat_prompt_ids(tok, body.messages),
-                                                 body.max_completion_tokens or body.max_tokens,
-                                                 body.temperature, body.top_p, body.seed, body.stop)
+        body.unsupported()
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        entry, seq, gen = await start_generation(
+            rt, request, body.model, lambda tok: chat_prompt_ids(tok, body.messages),
+            lambda tok: openai_params(body, body.max_completion_tokens or body.max_tokens, logprobs, tok), body.stop,
+            bool(body.include_stop_str_in_output), body.skip_special_tokens is not False)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         served = entry.served if entry else rt.base_name
+        lps = _Logprobs(rt.engine.tokenizer, seq) if logprobs is not None else None
         if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
             async def stream():
                 base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served}
                 yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                "finish_reason": None}]})
+                                                "logprobs": None, "finish_reason": None}]})
                 async for _, delta in gen.deltas():
                     if delta:
                         yield sse({**base, "choices": [{"index": 0, "delta": {"content": delta},
+                                                        "logprobs": lps.chat(gen.received) if lps else None,
                                                         "finish_reason": None}]})
-                yield sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": gen.finish}]})
+                yield sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": gen.openai_finish,
+                                                "logprobs": lps.chat(gen.received) if lps else None}]})
+                if include_usage:
+                    yield sse({**base, "choices": [], "usage": usage(seq, gen.received)})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(stream(), media_type="text/event-stream")
         await drain(request, rt, gen)
         return {"id": rid, "object": "chat.completion", "created": created, "model": served,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
-                             "finish_reason": gen.finish}], "usage": usage(seq)}
+                             "logprobs": lps.chat(gen.received) if lps else None, "finish_reason": gen.openai_finish}],
+                "usage": usage(seq, gen.received)}
 
     return r

@@ -1,5 +1,7 @@
 """TGI-compatible routes: ``/generate``, ``/generate_stream`` and ``/`` (what huggingface_hub's
-InferenceClient posts to), with the adapter in ``parameters.adapter_id``. In a text-to-image pool
+InferenceClient posts to), with the adapter in ``parameters.adapter_id`` and TGI's semantics for
+sampling (``do_sample`` or any warper), logprobs (after processors and warpers), ``details``,
+``top_n_tokens`` and ``decoder_input_details`` (the prompt's raw logprobs). In a text-to-image pool
 ``/`` is the hosted image API (routes_images.py)."""
 
 from __future__ import annotations
@@ -7,51 +9,84 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import StreamingResponse
 
 from lorafleet.runtime import routes_images
-from lorafleet.runtime.generation import completion_prompt_ids
+from lorafleet.runtime.generation import completion_prompt_ids, tgi_params
 from lorafleet.runtime.lifecycle import Runtime
-from lorafleet.runtime.protocol import TGIRequest
+from lorafleet.runtime.protocol import TGIRequest, bad_request
 from lorafleet.runtime.routes_openai import drain, sse, start_generation
 
 
 def finish_reason(reason: str | None) -> str:
-    return {"length": "length", "stop": "eos_token"}.get(reason or "", "stop_sequence")
+    return {"length": "length", "stop": "eos_token"}.get(reason or "", "stop_sequence")  # TGI's names
 
 
 def router(rt: Runtime) -> APIRouter:
     r = APIRouter()
 
+    def token(tok, i: int, logprob) -> dict:
+        special = i in set(getattr(tok, "all_special_ids", []) or [])
+        return {"id": i, "text": tok.decode([i]), "logprob": logprob, "special": special}
+
     async def tgi(request: Request, body: TGIRequest, stream: bool):
+        body.unsupported()
         p = body.parameters
-        temperature = (p.temperature if p.temperature is not None else 1.0) if p.do_sample else 0.0
-        entry, seq, gen = await start_generation(rt, request, p.adapter_id or rt.base_name,
-                                                 lambda tok: completion_prompt_ids(tok, body.inputs),
-                                                 p.max_new_tokens or 20, temperature, p.top_p, p.seed, p.stop)
+        if stream and p.decoder_input_details:
+            raise bad_request("`decoder_input_details` == true is not supported when streaming tokens",
+                              "invalid_parameters")
+        want_logprobs = bool(stream or p.details)
+
+        def prompt_ids(tok):
+            ids = completion_prompt_ids(tok, body.inputs)
+            return ids[-p.truncate:] if p.truncate else ids  # TGI keeps the input's last `truncate` tokens
+
+        entry, seq, gen = await start_generation(rt, request, p.adapter_id or rt.base_name, prompt_ids,
+                                                 lambda tok: tgi_params(p, p.max_new_tokens or 20, want_logprobs),
+                                                 p.stop, tgi_stops=True)
+        tok = rt.engine.tokenizer
+        seed = seq.seed if seq.sample else None
+
+        def top_tokens(j: int) -> list[dict]:
+            return [token(tok, i, lp) for i, lp in seq.top_logprobs[j]] if p.top_n_tokens else []
+
         if stream:
             async def events():
-                tokens = 0
+                sent = 0
                 async for tok_id, delta in gen.deltas():
                     if tok_id is None and not delta:
                         continue
-                    tokens += 1
-                    yield sse({"index": tokens, "token": {"id": tok_id if tok_id is not None else -1,
-                                                          "text": delta, "logprob": 0.0, "special": False},
-                               "generated_text": None, "details": None, "top_tokens": None})
+                    j = gen.received - 1
+                    if tok_id is None:  # the decoder's last held-back bytes: no token of their own
+                        continue
+                    sent += 1
+                    yield sse({"index": sent, "token": token(tok, tok_id, seq.token_logprobs[j]) | {"text": delta},
+                               "generated_text": None, "details": None,
+                               "top_tokens": top_tokens(j) if p.top_n_tokens else None})
                 text = (body.inputs + gen.text) if p.return_full_text else gen.text
-                yield sse({"index": tokens + 1, "token": {"id": -1, "text": "", "logprob": 0.0, "special": True},
+                yield sse({"index": sent + 1, "token": {"id": -1, "text": "", "logprob": 0.0, "special": True},
                            "generated_text": text, "top_tokens": None,
-                           "details": {"finish_reason": finish_reason(gen.finish),
-                                       "generated_tokens": len(seq.generated), "seed": p.seed}})
+                           "details": {"finish_reason": finish_reason(gen.finish), "generated_tokens": gen.received,
+                                       "seed": seed}})
             return StreamingResponse(events(), media_type="text/event-stream")
         await drain(request, rt, gen)
         out: dict[str, Any] = {"generated_text": (body.inputs + gen.text) if p.return_full_text else gen.text}
         if p.details:
-            out["details"] = {"finish_reason": finish_reason(gen.finish), "generated_tokens": len(seq.generated),
-                              "seed": p.seed, "prefill": [], "tokens": [
-                                  {"id": t, "text": rt.engine.tokenizer.decode([t]), "logprob": 0.0, "special": False}
-                                  for t in seq.generated]}
+            n = gen.received
+            details: dict[str, Any] = {
+                "finish_reason": finish_reason(gen.finish), "generated_tokens": n, "seed": seed,
+                "prefill": [], "tokens": [token(tok, seq.generated[j], seq.token_logprobs[j]) for j in range(n)]}
+            if p.decoder_input_details:
+                pre = [{"id": seq.prompt[0], "text": tok.decode([seq.prompt[0]]), "logprob": None}]
+                for k, (lp, _) in enumerate(seq.prompt_token_logprobs):
+                    i = seq.prompt[k + 1]
+                    pre.append({"id": i, "text": tok.decode([i]), "logprob": lp})
+                details["prefill"] = pre
+            if p.top_n_tokens:
+                details["top_tokens"] = [top_tokens(j) for j in range(n)]
+            out["details"] = details
         return out
 
     @r.post("/generate")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -55,8 +56,7 @@ class TorchEngine(ServingEngine):
     def new_sequence(self, prompt: list[int], params: SamplingParams):
         from lorafleet.runtime.engines import Sequence
 
-        return Sequence(prompt=prompt, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                        top_p=params.top_p, seed=params.seed, stop_ids=set(params.stop_ids))
+        return Sequence(prompt=prompt, **dataclasses.asdict(params))
 
     def new_image(self, params: ImageParams):
         from lorafleet.runtime.diffusion import ImageJob

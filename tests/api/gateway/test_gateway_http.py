@@ -110,7 +110,7 @@ def test_sse_streams_through_and_errors_keep_the_runtimes_shape(pool):
             lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
         assert lines[-1] == "data: [DONE]" and len(lines) >= 3
         bad = c.post("/v1/completions", json={"model": "acme-chat", "prompt": PROMPT, "max_tokens": 0})
-        assert bad.status_code == 422  # the runtime's validation error, passed through
+        assert bad.status_code == 400  # the runtime's validation error, passed through
         assert c.post("/v1/completions", content=b"{not json").json()["error"]["code"] == "invalid_json"
 
 

@@ -93,9 +93,9 @@ def test_classification_errors(server):
     r = c.post("/v1/classify", json={"model": "nobody", "input": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = c.post("/v1/classify", json={"model": "cls0", "input": []})
-    assert r.status_code == 422
+    assert r.status_code == 400
     r = c.post("/v1/classify", content=b"not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 400
     assert c.post("/v1/classify", json={"model": "cls1", "input": "hello"}).status_code == 200
 
 

@@ -169,9 +169,9 @@ def test_bad_requests_get_documented_codes_and_the_server_keeps_serving(server, 
     r = c.post("/v1/completions", json={"model": "nobody", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = c.post("/v1/completions", content=b'{"model": "gen0", "prompt": ', headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = c.post("/v1/completions", json={"model": "gen0"})
-    assert r.status_code == 422 and "prompt" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
     r = c.post("/v1/classify", json={"model": "gen0", "input": "x"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_task"
     r = c.post("/v1/completions", json={"model": "gen0", "prompt": "word " * 300, "max_tokens": 4})
