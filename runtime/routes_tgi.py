@@ -54,22 +54,27 @@ def router(rt: Runtime) -> APIRouter:
 
         if stream:
             async def events():
-                sent = 0
+                # As TGI: one event per token; the last token's event also carries generated_text and
+                # details (and the decoder's held-back bytes, which belong to no token of their own).
+                pending = None
                 async for tok_id, delta in gen.deltas():
-                    if tok_id is None and not delta:
+                    if tok_id is None:
+                        if pending is not None:
+                            pending["token"]["text"] += delta
                         continue
+                    if pending is not None:
+                        yield sse(pending)
                     j = gen.received - 1
-                    if tok_id is None:  # the decoder's last held-back bytes: no token of their own
-                        continue
-                    sent += 1
-                    yield sse({"index": sent, "token": token(tok, tok_id, seq.token_logprobs[j]) | {"text": delta},
+                    pending = {"index": gen.received, "token": token(tok, tok_id, seq.token_logprobs[j]) | {"text": delta},
                                "generated_text": None, "details": None,
-                               "top_tokens": top_tokens(j) if p.top_n_tokens else None})
+                               "top_tokens": top_tokens(j) if p.top_n_tokens else None}
                 text = (body.inputs + gen.text) if p.return_full_text else gen.text
-                yield sse({"index": sent + 1, "token": {"id": -1, "text": "", "logprob": 0.0, "special": True},
-                           "generated_text": text, "top_tokens": None,
-                           "details": {"finish_reason": finish_reason(gen.finish), "generated_tokens": gen.received,
-                                       "seed": seed}})
+                pending = pending or {"index": 0, "token": {"id": -1, "text": "", "logprob": 0.0, "special": True},
+                                      "top_tokens": None}
+                pending["generated_text"] = text
+                pending["details"] = {"finish_reason": finish_reason(gen.finish), "generated_tokens": gen.received,
+                                      "seed": seed}
+                yield sse(pending)
             return StreamingResponse(events(), media_type="text/event-stream")
         await drain(request, rt, gen)
         out: dict[str, Any] = {"generated_text": (body.inputs + gen.text) if p.return_full_text else gen.text}
@@ -98,10 +103,22 @@ def router(rt: Runtime) -> APIRouter:
         return await tgi(request, body, stream=True)
 
     @r.post("/")
-    async def tgi_root(request: Request, body: TGIRequest):
-        if rt.task == "text-to-image":  # the hosted image API's shape: same body, the adapter in `lora`
-            return await routes_images.hosted(rt, request, body.inputs, body.parameters.model_dump(exclude_unset=True),
-                                              None)
+    async def tgi_root(request: Request):
+        # One path, two APIs: TGI's body (validated as strictly as /generate) or, in a text-to-image pool,
+        # the hosted image API's {"inputs", "parameters"} with the adapter in the `lora` header.
+        try:
+            raw = await request.json()
+        except ValueError as e:
+            raise bad_request(f"the request body is not valid JSON: {e}", "invalid_json") from None
+        if rt.task == "text-to-image":
+            if not isinstance(raw, dict):
+                raise bad_request('the body must be an object: {"inputs": ..., "parameters": {...}}', "invalid_body")
+            return await routes_images.hosted(rt, request, raw.get("inputs"), raw.get("parameters"), None)
+        try:
+            body = TGIRequest.model_validate(raw)
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) \
+                from None
         return await tgi(request, body, stream=body.stream)
 
     return r
