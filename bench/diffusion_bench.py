@@ -7,7 +7,7 @@ request at a time (goal: ≥5× its images per second).
 The pipeline is a seeded Stable-Diffusion-layout model built from configs (no download), larger than
 the tests' one; ``--device cuda --dtype float16`` runs the same on a GPU.
 
-    python bench/diffusion_bench.py [--adapters 8] [--steps 20] [--size 64] [--rank 16] [--rounds 3]
+    python bench/diffusion_bench.py [--adapters 8] [--steps 20] [--size 64] [--rank 16] [--rounds 3] [--seed-rounds 1]
 
 prints one JSON line."""
 
@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--channels", default="32,64,64", help="UNet block channels")
     ap.add_argument("--cross-dim", type=int, default=64, help="text encoder width (the UNet's cross-attention)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="batches timed with and without adapters (interleaved)")
+    ap.add_argument("--seed-rounds", type=int, default=1, help="passes of the seed system over the adapters")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -114,7 +115,7 @@ def main() -> None:
     seed_system_request(0)
     seed_s = []
     adapter_work_s = []
-    for _ in range(args.rounds):
+    for _ in range(args.seed_rounds):
         sync()
         t0 = time.perf_counter()
         for i in range(args.adapters):

@@ -133,7 +133,6 @@ class DiffusionEngine(Engine):
         self.use_attention_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
         params = set(inspect.signature(scheduler.step).parameters)
         self._step_takes = {"eta": "eta" in params, "generator": "generator" in params}
-        self.steps_done = 0  # UNet row-steps, for /metrics
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu", device_slots: int = 32,
@@ -152,8 +151,8 @@ class DiffusionEngine(Engine):
         vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), torch_dtype=torch_dtype).to(device)
         te = CLIPTextModel.from_pretrained(str(model_dir / "text_encoder"), dtype=torch_dtype).to(device)
         tok = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
-        sched_cls = getattr(diffusers, index["scheduler"][1])
-        if not issubclass(sched_cls, SchedulerMixin):
+        sched_cls = getattr(diffusers, str((index.get("scheduler") or [None, None])[1]), None)
+        if not (isinstance(sched_cls, type) and issubclass(sched_cls, SchedulerMixin)):
             raise ValueError(f"{model_dir}: scheduler {index['scheduler'][1]!r} is not a diffusers scheduler")
         sched = sched_cls.from_pretrained(str(model_dir / "scheduler"))
         return cls(unet, te, tok, vae, sched, device_slots, max_rank, device)
@@ -277,7 +276,6 @@ class DiffusionEngine(Engine):
             j.latents = j.scheduler.step(pred, j.timesteps[j.index], j.latents, **j.step_kwargs,
                                          return_dict=False)[0]
             j.index += 1
-        self.steps_done += len(jobs)
 
     @torch.inference_mode()
     def decode(self, jobs: list[ImageJob]) -> list[torch.Tensor]:

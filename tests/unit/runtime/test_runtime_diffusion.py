@@ -200,7 +200,7 @@ def test_bad_generation_parameters_are_refused_together(sd_base):
     assert "height 30" in msg and "num_inference_steps 0" in msg and "n 20" in msg
 
 
-def test_twenty_clients_over_eight_adapters_with_three_slots_get_their_own_images(sd_base, oracle, tmp_path):
+def test_twenty_clients_over_eight_adapters_with_three_slots_get_their_own_images(sd_base, oracle, tmp_path, caplog):
     """Concurrency: fewer device slots than adapters, so slots are evicted and rewritten while other
     tenants' images denoise; every image must still be its own adapter's (checked against diffusers)."""
     import asyncio
@@ -229,6 +229,8 @@ def test_twenty_clients_over_eight_adapters_with_three_slots_get_their_own_image
         entries[name] = entry
     sched = Scheduler(max_queue=64, per_tenant_max_inflight=8)
     batcher = engine.batcher(sched, max_jobs=6)
+    batcher.progress_log_s = 0.0  # log every step (a pool logs a long generation every 10 s)
+    caplog.set_level("INFO", logger="lorafleet.runtime")
     stop = threading.Event()
     rounds = []
 
@@ -275,6 +277,8 @@ def test_twenty_clients_over_eight_adapters_with_three_slots_get_their_own_image
         if diff > TOL:
             wrong.append((name, seed, diff))
     assert wrong == [], f"images that are not their adapter's: {wrong}"
+    progress = [r.getMessage() for r in caplog.records if "denoising steps" in r.getMessage()]
+    assert any(m.startswith("image for t3 (t3@1): 1/") for m in progress), progress[:5]
 
 
 def test_the_sidecar_accepts_and_refuses_exactly_what_the_runtime_does(sd_base, oracle, sd_adapters, tmp_path):
