@@ -139,3 +139,4 @@ class SidecarEnv:
     MAX_ADAPTER_BYTES = "LORAFLEET_MAX_ADAPTER_BYTES"
     DISK_BYTES = "LORAFLEET_DISK_BYTES"
     METRICS_PORT = "LORAFLEET_METRICS_PORT"
+    TASK = "LORAFLEET_TASK"  # the pool's task: the adapter rules' task check runs in the sidecar too

@@ -78,6 +78,7 @@ def sidecar_env(pool: str, spec: BaseModelPoolSpec) -> list[dict[str, Any]]:
         SidecarEnv.MAX_ADAPTER_BYTES: spec.cache.max_adapter_bytes_int,
         SidecarEnv.DISK_BYTES: spec.cache.disk_bytes_int,
         SidecarEnv.METRICS_PORT: names.SIDECAR_METRICS_PORT,
+        SidecarEnv.TASK: spec.model.task.value,
     })
     return env
 

@@ -44,7 +44,7 @@ class Sidecar:
         client = client or make_client(a.kubeconfig)
         syncer = Syncer(store, RuntimeAdmin(a.runtime_admin_url), metrics,
                         reporter=PodReporter(client, a.namespace, a.pod),
-                        model_uri=a.model_uri or "", model_sha256=a.model_sha256 or "",
+                        model_uri=a.model_uri or "", model_sha256=a.model_sha256 or "", task=a.task or "",
                         concurrency=a.concurrency, collect_after=a.collect_after, poll_interval=a.poll_interval,
                         retry=RetryPolicy(a.retry_base, a.retry_max))
         # The watch gets its own client: stopping it closes that client's connection.

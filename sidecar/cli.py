@@ -36,6 +36,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--s3-region", default=_env(E.S3_REGION), help=f"env {E.S3_REGION}")
     p.add_argument("--max-rank", type=int, default=int(_env(E.MAX_RANK, "64")), help=f"env {E.MAX_RANK}")
     p.add_argument("--max-adapter-bytes", default=_env(E.MAX_ADAPTER_BYTES, "512Mi"), help=f"env {E.MAX_ADAPTER_BYTES}")
+    p.add_argument("--task", default=_env(E.TASK, ""), choices=["", "sequence-classification", "text-generation",
+                                                                 "text-to-image"],
+                   help=f"the pool's task, so adapters for another task are refused here (env {E.TASK})")
     p.add_argument("--disk-bytes", default=_env(E.DISK_BYTES), help=f"cache budget (env {E.DISK_BYTES}); none = unbounded")
     p.add_argument("--metrics-port", type=int, default=int(_env(E.METRICS_PORT, str(names.SIDECAR_METRICS_PORT))),
                    help=f"env {E.METRICS_PORT}; 0 = no metrics endpoint")

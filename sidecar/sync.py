@@ -51,11 +51,12 @@ class RetryPolicy:
 
 class Syncer:
     def __init__(self, store: ContentStore, runtime: RuntimeAdmin, metrics: Metrics, *,
-                 reporter: PodReporter | None = None, model_uri: str = "", model_sha256: str = "",
+                 reporter: PodReporter | None = None, model_uri: str = "", model_sha256: str = "", task: str = "",
                  concurrency: int = 4, collect_after: float | None = 600.0, poll_interval: float = 2.0,
                  retry: RetryPolicy | None = None):
         self.store, self.runtime, self.metrics, self.reporter = store, runtime, metrics, reporter
         self.model_uri, self.model_sha256 = model_uri, model_sha256
+        self.task = task  # the pool's: the rules refuse adapters trained for another one
         self.collect_after = collect_after
         self.poll_interval = poll_interval
         self.retry = retry or RetryPolicy()
@@ -258,7 +259,8 @@ class Syncer:
 
     def _download(self, dl: Download) -> None:
         try:
-            self.store.install_adapter(dl.digest, dl.uri, self.base)
+            base = self.base if self.base is not None else BaseModelInfo(task=self.task) if self.task else None
+            self.store.install_adapter(dl.digest, dl.uri, base)
             with self._lock:
                 self.digest_failures.pop(dl.digest, None)
         except Exception as e:  # noqa: BLE001 - every failure is recorded for this digest only
@@ -288,6 +290,7 @@ class Syncer:
         if d.is_dir():
             try:
                 self.base = BaseModelInfo.from_dir(d, self.model_uri, self.model_sha256)
+                self.base.task = self.task or self.base.task
             except Refused as e:  # unreadable headers: validate what can be without the base
                 log.error("base model %s: %s; adapters are checked without it", d, e.reason)
                 self.base = None

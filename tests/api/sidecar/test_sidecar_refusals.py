@@ -119,3 +119,22 @@ def test_report_lists_are_capped_with_totals(kube, namespace, pod, runtime, rout
     assert not r.has_loaded("t249", "1", since=g) and not r.has_loaded("t199", "1", since=g)
     assert r.covered_through == "t199@1"
     assert "hf:// sources are not supported" in r.failure("t000", "1")
+
+
+def test_adapters_for_another_task_are_refused_by_the_sidecar(kube, namespace, pod, s3, bucket, tmp_path,
+                                                             runtime, routes, start_sidecar):
+    """The pool's task (LORAFLEET_TASK, set by the operator) reaches the sidecar: the rules' task check
+    refuses there, before the runtime ever sees the adapter."""
+    cases = {"cls": (write_adapter(tmp_path / "cls", seed=1, pad_bytes=3 * 4 * 16), None),
+             "gen": (write_adapter(tmp_path / "gen", seed=2, pad_bytes=3 * 4 * 16, config={"task_type": "CAUSAL_LM"}),
+                     "trained for text-generation but this pool serves sequence-classification"),
+             "headless": (write_adapter(tmp_path / "headless", seed=3), "no classifier head")}
+    for name, (d, _) in cases.items():
+        routes.set(name, [("1", upload_dir(s3, bucket, d, f"t/{name}/"), digest(d), 100)])
+    g = routes.write()
+    start_sidecar("--task", "sequence-classification")
+    r = wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.generation >= g and r.loaded == 1
+                 and len(r.failed) == 2 and r, 60, what="cls loaded, the other two refused")
+    for name, (_, reason) in cases.items():
+        assert reason is None or reason in r.failure(name, "1"), (name, r.failure(name, "1"))
+    assert set(runtime.loaded()) == {"cls@1"}

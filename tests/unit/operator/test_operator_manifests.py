@@ -37,6 +37,7 @@ def test_deployment_has_runtime_and_native_sidecar_sharing_the_cache():
     assert env["LORAFLEET_SERVED_MODEL_NAME"] == "gen"  # the base model's id in /v1/models, not a digest
     assert senv["LORAFLEET_MAX_ADAPTER_BYTES"] == str(64 * 2**20) and senv["S3_REGION"] == "eu-1"
     assert senv["MODEL_URI"] == "s3://models/minilm/" and senv["MODEL_SHA256"] == "a" * 64
+    assert senv["LORAFLEET_TASK"] == env["LORAFLEET_TASK"]  # the sidecar refuses adapters of another task
     assert not {k for k in env if k.startswith("AWS_")}
     assert senv["AWS_ACCESS_KEY_ID"]["secretKeyRef"] == {"name": "creds", "key": "AWS_ACCESS_KEY_ID"}
     assert pod["volumes"] == [{"name": "cache", "emptyDir": {"sizeLimit": "1Gi"}}]
