@@ -53,6 +53,7 @@ def test_max_model_len_sizes_the_cache_and_above_the_models_length_is_refused(lo
 
 
 def test_a_request_over_max_model_len_is_a_400_naming_both_lengths(tiny_llama):
+    from lorafleet.runtime.engine_api import SamplingParams
     from lorafleet.runtime.generation import build_sequence
     from lorafleet.runtime.protocol import ApiError
     from lorafleet.runtime.torch_engine import TorchEngine
@@ -60,9 +61,9 @@ def test_a_request_over_max_model_len_is_a_400_naming_both_lengths(tiny_llama):
     settings = RuntimeSettings.from_env({RuntimeEnv.MAX_MODEL_LEN: "32"}, model_dir=str(tiny_llama))
     engine = TorchEngine.from_dir(tiny_llama, "text-generation", settings)
     assert engine.max_input_tokens() == 32
-    build_sequence(engine, list(range(3, 23)), 12, 16, None, None, None)  # 20 + 12 fits
+    build_sequence(engine, list(range(3, 23)), SamplingParams(max_new_tokens=12), 16)  # 20 + 12 fits
     with pytest.raises(ApiError) as e:
-        build_sequence(engine, list(range(3, 23)), 13, 16, None, None, None)
+        build_sequence(engine, list(range(3, 23)), SamplingParams(max_new_tokens=13), 16)
     assert e.value.status == 400 and e.value.code == "context_length_exceeded"
     assert "maximum context length is 32 tokens; the prompt has 20 tokens and max_tokens is 13" in e.value.message
 
