@@ -23,7 +23,7 @@ from torch import nn
 
 from lorafleet.runtime.engines import DTYPES, Engine
 from lorafleet.runtime.peft_format import HostAdapter
-from lorafleet.runtime.worker import ModelWorker
+from lorafleet.runtime.worker import ModelWorker, slot_acceptor
 
 log = logging.getLogger("lorafleet.runtime")
 
@@ -346,26 +346,13 @@ class DiffusionBatcher:
         self.active: list = []
         self._logged: dict[int, float] = {}
 
-    def _accept(self, held: set):
-        chosen = set(held)
-
-        def accept(w) -> bool:
-            if w.key is None or w.key in chosen:
-                return True
-            if self.engine.slots.can_acquire(chosen | {w.key}):
-                chosen.add(w.key)
-                return True
-            return False
-
-        return accept
-
     def _admit(self) -> None:
         room = self.max_jobs - len(self.active)
         if room <= 0 or not self.sched.queued:
             return
         held = {w.key for w in self.active if w.key is not None}
         new = []
-        for w in self.sched.take(room, self._accept(held)):
+        for w in self.sched.take(room, slot_acceptor(self.engine.slots, held)):
             try:
                 w.payload.slot = self.engine.acquire(w.entry)
                 new.append(w)

@@ -16,6 +16,22 @@ from lorafleet.runtime.engines import ClassificationEngine, Engine, GenerationEn
 log = logging.getLogger("lorafleet.runtime")
 
 
+def slot_acceptor(slots, held: set) -> Callable[[Work], bool]:
+    """A ``Scheduler.take`` filter: admits work whose adapter can hold a device slot together with
+    ``held`` and everything admitted before it (base-model work always)."""
+    chosen = set(held)
+
+    def accept(w: Work) -> bool:
+        if w.key is None or w.key in chosen:
+            return True
+        if slots.can_acquire(chosen | {w.key}):
+            chosen.add(w.key)
+            return True
+        return False
+
+    return accept
+
+
 class Scheduler:
     def __init__(self, max_queue: int, per_tenant_max_inflight: int):
         self.max_queue = max_queue
@@ -153,17 +169,7 @@ class ModelWorker(threading.Thread):
                 self.sched.cv.wait(timeout=left)
 
     def _acceptor(self, held: set) -> Callable[[Work], bool]:
-        chosen = set(held)
-
-        def accept(w: Work) -> bool:
-            if w.key is None or w.key in chosen:
-                return True
-            if self.engine.slots.can_acquire(chosen | {w.key}):
-                chosen.add(w.key)
-                return True
-            return False
-
-        return accept
+        return slot_acceptor(self.engine.slots, held)
 
     def _acquire(self, works: list[Work]) -> list[Work]:
         ok = []
