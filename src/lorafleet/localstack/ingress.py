@@ -107,6 +107,14 @@ class LocalIngress:
                                                 "type": "not_found", "code": "no_route"}}, status=404)
         ports = self.endpoints.get(backend) or []
         if not ports:
+            # The table is polled every `refresh` s, where a real controller watches endpoints and
+            # sees a pod turn Ready within milliseconds: look again before answering 503.
+            try:
+                self.rules, self.endpoints = await asyncio.to_thread(self._snapshot)
+            except Exception:
+                log.exception("ingress refresh failed")
+            ports = self.endpoints.get(backend) or []
+        if not ports:
             return web.json_response({"error": {"message": f"service {backend[0]}/{backend[1]} has no ready pods",
                                                 "type": "unavailable", "code": "no_ready_endpoints"}}, status=503,
                                      headers={"Retry-After": "1"})
