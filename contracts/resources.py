@@ -114,6 +114,11 @@ class RuntimeSpec(_Model):
     max_batch_size: int = Field(32, ge=1, le=4096, description="Rows in one forward pass")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="Queued requests before 429")
+    max_queue_delay_ms: float = Field(
+        2000.0, ge=0, le=600_000,
+        description="Queue-delay bound: a request still queued after this long is answered 429 with Retry-After, "
+                    "and one that would wait longer at the measured rate is refused at once (a tenant with more "
+                    "queued than its share first); 0: no bound")
     per_tenant_max_inflight: int = Field(64, ge=1, description="Queued + running requests of one tenant before 429")
     max_model_len: int | None = Field(
         None, ge=1, le=10_000_000,

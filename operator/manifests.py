@@ -45,6 +45,7 @@ def runtime_env(pool: str, spec: BaseModelPoolSpec) -> list[dict[str, Any]]:
         RuntimeEnv.MAX_BATCH_SIZE: spec.runtime.max_batch_size,
         RuntimeEnv.MAX_BATCH_DELAY_MS: spec.runtime.max_batch_delay_ms,
         RuntimeEnv.MAX_QUEUE: spec.runtime.max_queue,
+        RuntimeEnv.MAX_QUEUE_DELAY_MS: spec.runtime.max_queue_delay_ms,
         RuntimeEnv.PER_TENANT_MAX_INFLIGHT: spec.runtime.per_tenant_max_inflight,
         RuntimeEnv.DEVICE_SLOTS: spec.cache.device_slots,
         RuntimeEnv.HOST_ADAPTERS: spec.cache.host_adapters,

@@ -22,6 +22,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, help="env LORAFLEET_MAX_BATCH_SIZE")
     p.add_argument("--max-batch-delay-ms", type=float, help="env LORAFLEET_MAX_BATCH_DELAY_MS")
     p.add_argument("--max-queue", type=int, help="env LORAFLEET_MAX_QUEUE")
+    p.add_argument("--max-queue-delay-ms", type=float,
+                   help="queued work older than this is answered 429 with Retry-After, and work that would wait "
+                        "longer is refused at once (env LORAFLEET_MAX_QUEUE_DELAY_MS; default 2000; 0: no bound)")
     p.add_argument("--per-tenant-max-inflight", type=int, help="env LORAFLEET_PER_TENANT_MAX_INFLIGHT")
     p.add_argument("--device-slots", type=int, help="env LORAFLEET_DEVICE_SLOTS")
     p.add_argument("--host-adapters", type=int, help="env LORAFLEET_HOST_ADAPTERS")
@@ -36,7 +39,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace, **extra) -> RuntimeSettings:
     names = ["model_dir", "task", "dtype", "device", "host", "port", "admin_port", "max_batch_size",
-             "max_batch_delay_ms", "max_queue", "per_tenant_max_inflight", "device_slots", "host_adapters",
+             "max_batch_delay_ms", "max_queue", "max_queue_delay_ms", "per_tenant_max_inflight", "device_slots", "host_adapters",
              "max_rank", "served_model_name", "max_model_len"]
     return RuntimeSettings.from_env(**{n: getattr(args, n, None) for n in names}, **extra)
 

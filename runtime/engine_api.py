@@ -17,12 +17,16 @@ from typing import Any
 
 
 class Overloaded(Exception):
-    """429: the queue is full or the tenant is over its share."""
+    """429: the queue is full, the tenant is over its share, or the request would wait (or has waited)
+    longer than the queue-delay bound. ``code`` is the reason (the ``reason`` label of the shed counter)."""
 
     def __init__(self, message: str, code: str, retry_after: int = 1):
         super().__init__(message)
         self.code = code
         self.retry_after = retry_after
+
+
+QUEUED, TAKEN, WITHDRAWN = 0, 1, 2
 
 
 @dataclass(eq=False)
@@ -38,6 +42,9 @@ class Work:
     events: asyncio.Queue
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    # The scheduler's view: QUEUED until the worker takes it (TAKEN) or it leaves the queue unserved
+    # (WITHDRAWN: cancelled while queued, or shed at the queue-delay bound). Written under its lock.
+    state: int = 0
 
     def send(self, kind: str, value: Any = None) -> None:
         try:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import secrets
 
 from lorafleet.runtime.detokenizer import IncrementalDetokenizer
-from lorafleet.runtime.engine_api import SamplingParams, ServingEngine, Work
-from lorafleet.runtime.protocol import ApiError, ChatMessage, bad_request
+from lorafleet.runtime.engine_api import Overloaded, SamplingParams, ServingEngine, Work
+from lorafleet.runtime.protocol import ApiError, ChatMessage, bad_request, too_busy
 
 # Used when the tokenizer has no chat template of its own (documented in docs/runtime.md).
 FALLBACK_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
@@ -34,6 +34,16 @@ class TextStream:
         self.sent = 0
         self.finish: str | None = None
         self._on_done = on_done
+        self._first = None  # the first event, once ``started`` has read it
+
+    async def started(self) -> None:
+        """Wait until the engine has taken the request (its first event): a stream's headers go out
+        only then, so a request shed from the queue is still a 429 and not a broken stream."""
+        if self._first is None:
+            self._first = await self.work.events.get()
+            kind, value = self._first
+            if kind == "error" and isinstance(value, Overloaded):
+                raise too_busy(value)
 
     def _stop_at(self, pending_from: int) -> int:
         """Where the answer ends at the earliest stop string in text not yet final (searching only where
@@ -55,8 +65,13 @@ class TextStream:
         tokenizer_text = self.detok
         try:
             while True:
-                kind, value = await self.work.events.get()
+                if self._first:  # read by started()
+                    (kind, value), self._first = self._first, False
+                else:
+                    kind, value = await self.work.events.get()
                 if kind == "error":
+                    if isinstance(value, Overloaded):  # shed at the queue-delay bound
+                        raise too_busy(value)
                     raise ApiError(500, f"generation failed: {value}", "server_error", "internal_error")
                 if kind == "done":
                     before = len(tokenizer_text.text)

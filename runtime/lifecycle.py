@@ -17,7 +17,7 @@ from typing import Any
 from lorafleet.contracts.runtime_api import SyncState
 from lorafleet.runtime.engine_api import Overloaded, ServingEngine, Work
 from lorafleet.runtime.metrics import RuntimeMetrics
-from lorafleet.runtime.protocol import ApiError
+from lorafleet.runtime.protocol import ApiError, too_busy
 from lorafleet.runtime.settings import RuntimeSettings
 from lorafleet.runtime.tiers import AdapterEntry, AdapterManager, AdapterUnavailable, ModelNotFound
 
@@ -155,5 +155,5 @@ class Runtime:
         try:
             self.engine.submit(works)
         except Overloaded as e:
-            raise ApiError(429, str(e), "rate_limit_exceeded", e.code, {"Retry-After": str(e.retry_after)}) from None
+            raise too_busy(e) from None
         return works

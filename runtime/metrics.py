@@ -31,6 +31,11 @@ class RuntimeMetrics:
                                       "Adapter admin events (loaded, failed, unloaded)", ["event"], registry=r)
         self._runtime = None
         GCCollector(registry=r)  # python_gc_collections_total by generation: full collections show here
+        # Overload: work refused or dropped from the queue unserved, answered 429 with Retry-After.
+        self.shed_work = Counter("lorafleet_runtime_shed",
+                                 "Work items answered 429 by reason: queue_full, tenant_over_share, queue_delay "
+                                 "(would wait over maxQueueDelayMs), queue_timeout (waited maxQueueDelayMs), "
+                                 "shutting_down", ["tenant", "reason"], registry=r)
 
     def bind(self, runtime) -> None:
         """Gauges read at scrape time from the runtime's tiers and queue."""
@@ -43,6 +48,10 @@ class RuntimeMetrics:
 
     def denoise_step(self, tenant: str) -> None:
         self.denoising_steps.labels(tenant).inc()
+
+    def shed(self, tenant: str, reason: str, n: int = 1) -> None:
+        """``n`` work items of ``tenant`` answered 429 for ``reason`` (called from any thread)."""
+        self.shed_work.labels(tenant, reason).inc(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

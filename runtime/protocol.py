@@ -25,6 +25,11 @@ def error_response(status: int, message: str, type_: str, code: str, headers: di
     return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status, headers=headers)
 
 
+def too_busy(e) -> ApiError:
+    """429 with ``Retry-After`` for an ``engine_api.Overloaded`` (refused at submission or shed from the queue)."""
+    return ApiError(429, str(e), "rate_limit_exceeded", e.code, {"Retry-After": str(e.retry_after)})
+
+
 def bad_request(message: str, code: str = "invalid_request_error") -> ApiError:
     return ApiError(400, message, "invalid_request_error", code)
 

@@ -7,7 +7,8 @@ import asyncio
 from fastapi import APIRouter, Request
 
 from lorafleet.runtime.lifecycle import Runtime
-from lorafleet.runtime.protocol import ApiError, ClassifyRequest
+from lorafleet.runtime.engine_api import Overloaded
+from lorafleet.runtime.protocol import ApiError, ClassifyRequest, too_busy
 from lorafleet.runtime.routes_common import tag, unless_disconnected
 
 
@@ -39,10 +40,14 @@ def router(rt: Runtime) -> APIRouter:
             out = []
             for w in works:
                 try:
-                    out.append(await w.events.get())
+                    kind, value = await w.events.get()
                 except asyncio.CancelledError:
                     cancel_all()
                     raise
+                if kind == "error" and isinstance(value, Overloaded):  # shed at the queue-delay bound
+                    cancel_all()
+                    raise too_busy(value)
+                out.append((kind, value))
             return out
 
         results = await unless_disconnected(request, answers(), cancel_all)

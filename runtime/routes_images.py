@@ -11,9 +11,9 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from lorafleet.runtime.engine_api import ImageParams
+from lorafleet.runtime.engine_api import ImageParams, Overloaded
 from lorafleet.runtime.lifecycle import Runtime
-from lorafleet.runtime.protocol import ApiError, ImagesRequest, bad_request
+from lorafleet.runtime.protocol import ApiError, ImagesRequest, bad_request, too_busy
 from lorafleet.runtime.routes_common import tag, unless_disconnected
 
 TASK = "text-to-image"
@@ -55,6 +55,8 @@ async def generate(rt: Runtime, request: Request, model: str, params: ImageParam
             if kind == "result":
                 return value
             if kind == "error":
+                if isinstance(value, Overloaded):  # shed at the queue-delay bound
+                    raise too_busy(value)
                 raise ApiError(500, f"image generation failed: {value}", "server_error", "internal_error")
 
     images = await unless_disconnected(request, result(), lambda: rt.engine.cancel(work))

@@ -48,6 +48,11 @@ async def start_generation(rt: Runtime, request: Request, model: str, prompt_ids
                                   skip_special_tokens=skip_special_tokens, tgi_stops=tgi_stops)
 
 
+async def wait_started(request: Request, rt: Runtime, gen: TextStream) -> None:
+    """Before a stream's headers: wait for the engine to take the request (429 if it is shed instead)."""
+    await unless_disconnected(request, gen.started(), lambda: rt.engine.cancel(gen.work))
+
+
 async def drain(request: Request, rt: Runtime, gen: TextStream) -> None:
     async def consume():
         async for _ in gen.deltas():
@@ -148,6 +153,7 @@ def router(rt: Runtime) -> APIRouter:
                 if include_usage:
                     yield sse({**base, "choices": [], "usage": usage(seq, gen.received)})
                 yield "data: [DONE]\n\n"
+            await wait_started(request, rt, gen)
             return StreamingResponse(stream(), media_type="text/event-stream")
         await drain(request, rt, gen)
         return {"id": rid, "object": "text_completion", "created": created, "model": served,
@@ -184,6 +190,7 @@ def router(rt: Runtime) -> APIRouter:
                 if include_usage:
                     yield sse({**base, "choices": [], "usage": usage(seq, gen.received)})
                 yield "data: [DONE]\n\n"
+            await wait_started(request, rt, gen)
             return StreamingResponse(stream(), media_type="text/event-stream")
         await drain(request, rt, gen)
         return {"id": rid, "object": "chat.completion", "created": created, "model": served,

@@ -17,7 +17,7 @@ from lorafleet.runtime import routes_images
 from lorafleet.runtime.generation import completion_prompt_ids, tgi_params
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.protocol import TGIRequest, bad_request
-from lorafleet.runtime.routes_openai import drain, sse, start_generation
+from lorafleet.runtime.routes_openai import drain, sse, start_generation, wait_started
 
 
 def finish_reason(reason: str | None) -> str:
@@ -75,6 +75,7 @@ def router(rt: Runtime) -> APIRouter:
                 pending["details"] = {"finish_reason": finish_reason(gen.finish), "generated_tokens": gen.received,
                                       "seed": seed}
                 yield sse(pending)
+            await wait_started(request, rt, gen)
             return StreamingResponse(events(), media_type="text/event-stream")
         await drain(request, rt, gen)
         out: dict[str, Any] = {"generated_text": (body.inputs + gen.text) if p.return_full_text else gen.text}

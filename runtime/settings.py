@@ -23,6 +23,8 @@ class RuntimeSettings:
     max_batch_size: int = 32
     max_batch_delay_ms: float = 5.0
     max_queue: int = 1024
+    # Queued work older than this is answered 429 (and work that would wait longer is refused at once); 0: no bound.
+    max_queue_delay_ms: float = 2000.0
     per_tenant_max_inflight: int = 64
     device_slots: int = 32
     host_adapters: int = 512
@@ -39,7 +41,7 @@ class RuntimeSettings:
             "model_dir": RuntimeEnv.MODEL_DIR, "cache_dir": RuntimeEnv.CACHE_DIR, "task": RuntimeEnv.TASK,
             "dtype": RuntimeEnv.DTYPE, "port": RuntimeEnv.PORT, "admin_port": RuntimeEnv.ADMIN_PORT,
             "max_batch_size": RuntimeEnv.MAX_BATCH_SIZE, "max_batch_delay_ms": RuntimeEnv.MAX_BATCH_DELAY_MS,
-            "max_queue": RuntimeEnv.MAX_QUEUE, "per_tenant_max_inflight": RuntimeEnv.PER_TENANT_MAX_INFLIGHT,
+            "max_queue": RuntimeEnv.MAX_QUEUE, "max_queue_delay_ms": RuntimeEnv.MAX_QUEUE_DELAY_MS, "per_tenant_max_inflight": RuntimeEnv.PER_TENANT_MAX_INFLIGHT,
             "device_slots": RuntimeEnv.DEVICE_SLOTS, "host_adapters": RuntimeEnv.HOST_ADAPTERS,
             "max_rank": RuntimeEnv.MAX_RANK, "served_model_name": RuntimeEnv.SERVED_MODEL_NAME,
             "max_model_len": RuntimeEnv.MAX_MODEL_LEN,
@@ -78,5 +80,7 @@ class RuntimeSettings:
                             "capped at 8192)")
         if self.max_batch_delay_ms < 0:
             problems.append("max_batch_delay_ms must not be negative")
+        if self.max_queue_delay_ms < 0:
+            problems.append(f"max_queue_delay_ms must not be negative (got {self.max_queue_delay_ms}; 0 = no bound)")
         if problems:
             raise ValueError("invalid runtime settings: " + "; ".join(problems))

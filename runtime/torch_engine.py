@@ -21,7 +21,8 @@ class TorchEngine(ServingEngine):
         self.tokenizer = model_engine.tokenizer
         self.dtype = model_engine.dtype
         self.settings = settings
-        self.scheduler = Scheduler(settings.max_queue, settings.per_tenant_max_inflight)
+        self.scheduler = Scheduler(settings.max_queue, settings.per_tenant_max_inflight, settings.max_queue_delay_ms,
+                                   on_shed=metrics.shed if metrics is not None else None)
         # An engine with a stepping loop of its own (text-to-image) brings its worker.
         worker_class = getattr(model_engine, "worker_class", ModelWorker)
         self.worker = worker_class(model_engine, self.scheduler, settings.max_batch_size,
@@ -73,8 +74,8 @@ class TorchEngine(ServingEngine):
         self.scheduler.submit(works)
 
     def cancel(self, work: Work) -> None:
-        # The worker skips cancelled queued work and retires cancelled rows at its next step.
-        work.cancelled = True
+        # Queued work leaves the queue (and its counts) now; the worker retires cancelled rows at its next step.
+        self.scheduler.cancel(work)
 
     # --- adapters -------------------------------------------------------------------------------------
     def bind(self, manager) -> None:
@@ -107,6 +108,7 @@ class TorchEngine(ServingEngine):
         return out
 
     def start(self) -> None:
+        self.scheduler.start()
         self.worker.start()
 
     def close(self) -> None:

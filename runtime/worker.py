@@ -5,12 +5,13 @@ batching for generation. The asyncio loop only submits work and receives events.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
 from typing import Callable
 
-from lorafleet.runtime.engine_api import Overloaded, Work
+from lorafleet.runtime.engine_api import QUEUED, TAKEN, WITHDRAWN, Overloaded, Work
 from lorafleet.runtime.engines import ClassificationEngine, Engine, GenerationEngine, Sequence
 
 log = logging.getLogger("lorafleet.runtime")
@@ -32,41 +33,186 @@ def slot_acceptor(slots, held: set) -> Callable[[Work], bool]:
     return accept
 
 
+class ServiceRate:
+    """Work items the worker starts per second while work is waiting (an exponentially weighted mean
+    over about ``tau`` seconds). Only intervals that began with work left in the queue count: the rate
+    of an idle worker says how fast work arrives, not how fast it can be served."""
+
+    def __init__(self, tau: float = 2.0):
+        self.tau = tau
+        self.items = 0.0
+        self.seconds = 0.0
+        self.last: float | None = None
+        self.backlogged = False
+
+    def took(self, n: int, left: int, now: float) -> None:
+        if self.last is not None and self.backlogged and n:
+            dt = now - self.last
+            if dt > 0:
+                decay = math.exp(-dt / self.tau)
+                self.items = self.items * decay + n
+                self.seconds = self.seconds * decay + dt
+        self.last, self.backlogged = now, left > 0
+
+    def per_second(self) -> float | None:
+        return self.items / self.seconds if self.seconds > 0.05 else None
+
+
 class Scheduler:
-    def __init__(self, max_queue: int, per_tenant_max_inflight: int):
+    """Per-tenant FIFO queues served round-robin. Refuses (``Overloaded``) work over ``max_queue`` or a
+    tenant's ``per_tenant_max_inflight``; with ``max_queue_delay_ms`` it also refuses at once work that
+    would wait longer than that (round-robin order at the measured service rate: a tenant with more
+    queued than others is refused first), and answers 429 for work still queued when the bound passes.
+    ``on_shed(tenant, reason, n)`` counts what it refused."""
+
+    def __init__(self, max_queue: int, per_tenant_max_inflight: int, max_queue_delay_ms: float = 0.0,
+                 on_shed: Callable[[str, str, int], None] | None = None):
         self.max_queue = max_queue
         self.per_tenant = per_tenant_max_inflight
-        self.cv = threading.Condition()
-        self.queues: dict[str, deque[Work]] = {}
+        self.max_delay = max_queue_delay_ms / 1000.0
+        self.on_shed = on_shed
+        lock = threading.RLock()
+        self.cv = threading.Condition(lock)
+        self.queues: dict[str, deque[Work]] = {}  # may still hold withdrawn work (skipped by take)
         self.order: deque[str] = deque()  # tenants with queued work, in round-robin order
         self.load: dict[str, int] = {}  # queued + in flight, per tenant
+        self.waiting: dict[str, int] = {}  # queued (not withdrawn), per tenant
+        self.depth = [0]  # depth[k]: tenants with at least k items waiting (k >= 1)
         self.queued = 0
         self.control: deque[Callable[[], None]] = deque()
         self.closed = False
+        self.rate = ServiceRate()
+        self.deadlines: deque[Work] = deque()  # queued work in submission order (so, by deadline)
+        self._reaper_cv = threading.Condition(lock)  # the same lock, woken apart from the worker
+        self._reaper: threading.Thread | None = None
 
+    # --- admission ----------------------------------------------------------------------------------
     def submit(self, works: list[Work]) -> None:
         """Queue all of ``works`` (one request) or none of them."""
         if not works:
             return
         tenant = works[0].tenant
-        with self.cv:
-            if self.closed:
-                raise Overloaded("the runtime is shutting down", "shutting_down", 5)
-            if self.queued + len(works) > self.max_queue:
-                raise Overloaded(f"the runtime's queue is full ({self.queued} waiting, maxQueue {self.max_queue}); "
-                                 "retry later", "queue_full")
-            if self.load.get(tenant, 0) + len(works) > self.per_tenant:
-                raise Overloaded(f"tenant {tenant!r} already has {self.load.get(tenant, 0)} requests queued or "
-                                 f"running (perTenantMaxInflight {self.per_tenant}); retry later", "tenant_over_share")
-            q = self.queues.get(tenant)
-            if q is None:
-                q = self.queues[tenant] = deque()
-                self.order.append(tenant)
-            q.extend(works)
-            self.queued += len(works)
-            self.load[tenant] = self.load.get(tenant, 0) + len(works)
-            self.cv.notify_all()
+        try:
+            with self.cv:
+                self._admit(tenant, len(works))
+                q = self.queues.get(tenant)
+                if q is None:
+                    q = self.queues[tenant] = deque()
+                    self.order.append(tenant)
+                q.extend(works)
+                self.queued += len(works)
+                self.load[tenant] = self.load.get(tenant, 0) + len(works)
+                self._waiting_add(tenant, len(works))
+                if self.max_delay > 0:
+                    if not self.deadlines:
+                        self._reaper_cv.notify()
+                    self.deadlines.extend(works)
+                self.cv.notify_all()
+        except Overloaded as e:
+            self._count(tenant, e.code, len(works))
+            raise
 
+    def _admit(self, tenant: str, n: int) -> None:
+        if self.closed:
+            raise Overloaded("the runtime is shutting down", "shutting_down", 5)
+        if self.queued + n > self.max_queue:
+            raise Overloaded(f"the runtime's queue is full ({self.queued} waiting, maxQueue {self.max_queue}); "
+                             "retry later", "queue_full")
+        if self.load.get(tenant, 0) + n > self.per_tenant:
+            raise Overloaded(f"tenant {tenant!r} already has {self.load.get(tenant, 0)} requests queued or "
+                             f"running (perTenantMaxInflight {self.per_tenant}); retry later", "tenant_over_share")
+        if self.max_delay <= 0:
+            return
+        rate = self.rate.per_second()
+        if rate is None:
+            return
+        # Round-robin: before the last of these n is taken, every tenant gives up to as many as this
+        # tenant will have waiting (sum over tenants of min(waiting, mine + n)).
+        mine = self.waiting.get(tenant, 0) + n
+        ahead = sum(self.depth[1: mine + 1]) + n
+        delay = ahead / rate
+        if delay > self.max_delay:
+            retry = min(60, max(1, math.ceil(delay - self.max_delay)))
+            raise Overloaded(f"tenant {tenant!r} has {mine - n} requests waiting; at this runtime's rate "
+                             f"({rate:.0f} items/s) this request would wait about {delay * 1000:.0f} ms, over "
+                             f"maxQueueDelayMs {self.max_delay * 1000:.0f}; retry later", "queue_delay", retry)
+
+    def _waiting_add(self, tenant: str, n: int) -> None:
+        """``n`` more (or fewer, negative) of ``tenant``'s items wait; keeps ``depth`` in step."""
+        before = self.waiting.get(tenant, 0)
+        after = before + n
+        depth = self.depth
+        if n > 0:
+            while len(depth) <= after:
+                depth.append(0)
+            for k in range(before + 1, after + 1):
+                depth[k] += 1
+        else:
+            for k in range(after + 1, before + 1):
+                depth[k] -= 1
+        if after:
+            self.waiting[tenant] = after
+        else:
+            self.waiting.pop(tenant, None)
+
+    def _withdraw(self, w: Work) -> bool:
+        """Take queued ``w`` out of every count (its deque entry is skipped later); False if not queued."""
+        if w.state != QUEUED:
+            return False
+        w.state = WITHDRAWN
+        self.queued -= 1
+        self._waiting_add(w.tenant, -1)
+        self._finished(w)
+        return True
+
+    def cancel(self, w: Work) -> None:
+        """Nobody waits for ``w``: queued, it leaves the queue now; running, the worker frees it."""
+        with self.cv:
+            w.cancelled = True
+            self._withdraw(w)
+
+    def _count(self, tenant: str, reason: str, n: int) -> None:
+        if self.on_shed is not None:
+            try:
+                self.on_shed(tenant, reason, n)
+            except Exception:
+                log.exception("counting shed work failed")
+
+    # --- the queue-delay bound --------------------------------------------------------------------
+    def start(self) -> None:
+        if self.max_delay > 0 and self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap, name="lorafleet-queue-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        """Answer 429 for work still queued when its bound passes (its own thread: the worker may be in
+        the middle of a forward pass, and the answer must not wait for it)."""
+        while True:
+            expired: list[Work] = []
+            with self.cv:
+                if self.closed:
+                    return
+                now = time.monotonic()
+                while self.deadlines and self.deadlines[0].enqueued + self.max_delay <= now:
+                    w = self.deadlines.popleft()
+                    if self._withdraw(w):
+                        expired.append(w)
+                if not expired:
+                    wait = self.deadlines[0].enqueued + self.max_delay - now if self.deadlines else None
+                    self._reaper_cv.wait(timeout=wait)
+                    continue
+            ms = self.max_delay * 1000
+            for w in expired:
+                w.send("error", Overloaded(f"the request waited maxQueueDelayMs ({ms:.0f} ms) in the queue of "
+                                           f"tenant {w.tenant!r} without reaching the model: the runtime is "
+                                           "overloaded; retry later", "queue_timeout"))
+            by_tenant: dict[str, int] = {}
+            for w in expired:
+                by_tenant[w.tenant] = by_tenant.get(w.tenant, 0) + 1
+            for tenant, n in by_tenant.items():
+                self._count(tenant, "queue_timeout", n)
+
+    # --- the worker's side ------------------------------------------------------------------------
     def post(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the model-worker thread between batches."""
         with self.cv:
@@ -84,21 +230,29 @@ class Scheduler:
             while len(out) < n and self.order:
                 tenant = self.order.popleft()
                 q = self.queues[tenant]
-                if q[0].cancelled or accept(q[0]):
+                self._skip_withdrawn(q)
+                took = bool(q) and accept(q[0])
+                if took:
                     w = q.popleft()
+                    w.state = TAKEN
                     self.queued -= 1
-                    if w.cancelled:
-                        self._finished(w)
-                    else:
-                        out.append(w)
-                    if q:
-                        self.order.append(tenant)
-                    else:
-                        del self.queues[tenant]
+                    self._waiting_add(tenant, -1)
+                    out.append(w)
+                    self._skip_withdrawn(q)
+                if not q:
+                    del self.queues[tenant]
+                elif took:
+                    self.order.append(tenant)
                 else:
                     skipped.append(tenant)
             self.order.extendleft(reversed(skipped))
+            self.rate.took(len(out), self.queued, time.monotonic())
         return out
+
+    def _skip_withdrawn(self, q: deque[Work]) -> None:
+        """Drop the heads that left the queue unserved (cancelled without ``cancel``: withdrawn here)."""
+        while q and (q[0].state != QUEUED or q[0].cancelled):
+            self._withdraw(q.popleft())
 
     def finished(self, work: Work) -> None:
         with self.cv:
@@ -115,6 +269,7 @@ class Scheduler:
         with self.cv:
             self.closed = True
             self.cv.notify_all()
+            self._reaper_cv.notify_all()
 
 
 class ModelWorker(threading.Thread):

@@ -131,3 +131,8 @@ def test_settings_from_env_and_flags():
         RuntimeSettings.from_env({"LORAFLEET_MAX_QUEUE": "lots"})
     with pytest.raises(ValueError, match="task 'chat'.*device_slots must be at least 1"):
         RuntimeSettings.from_env({"LORAFLEET_TASK": "chat", "LORAFLEET_DEVICE_SLOTS": "0"})
+    assert RuntimeSettings.from_env({}).max_queue_delay_ms == 2000.0  # the documented default
+    assert RuntimeSettings.from_env({"LORAFLEET_MAX_QUEUE_DELAY_MS": "250"}).max_queue_delay_ms == 250.0
+    assert RuntimeSettings.from_env({"LORAFLEET_MAX_QUEUE_DELAY_MS": "250"}, max_queue_delay_ms=0).max_queue_delay_ms == 0
+    with pytest.raises(ValueError, match="max_queue_delay_ms must not be negative"):
+        RuntimeSettings.from_env({"LORAFLEET_MAX_QUEUE_DELAY_MS": "-1"})

@@ -1,0 +1,146 @@
+"""The scheduler's overload rules without a model: the queue-delay estimate refuses the tenant over its
+share first, the reaper answers 429 for work still queued at the bound without the worker, cancelled
+work leaves the counts at once, and the service rate is measured only while work waits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from lorafleet.runtime.engine_api import Overloaded, Work
+from lorafleet.runtime.worker import Scheduler, ServiceRate
+
+
+class Shed:
+    def __init__(self):
+        self.counts: dict[tuple[str, str], int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, tenant: str, reason: str, n: int) -> None:
+        with self.lock:
+            self.counts[(tenant, reason)] = self.counts.get((tenant, reason), 0) + n
+
+
+def work(loop, tenant: str, payload=None) -> Work:
+    return Work(tenant, None, payload, loop, asyncio.Queue())
+
+
+def measured(sched: Scheduler, per_second: float) -> None:
+    """Give ``sched`` a measured rate: two backlogged takes 1/per_second apart, one item each."""
+    sched.rate.took(1, 5, 100.0)
+    sched.rate.took(1, 5, 100.0 + 1.0 / per_second)
+    assert sched.rate.per_second() == pytest.approx(per_second)
+
+
+def test_the_tenant_over_its_share_is_refused_first():
+    loop = asyncio.new_event_loop()
+    shed = Shed()
+    # 10 items/s and a 1 s bound: about 10 items can be waiting.
+    sched = Scheduler(max_queue=1000, per_tenant_max_inflight=1000, max_queue_delay_ms=1000, on_shed=shed)
+    measured(sched, 10.0)
+    admitted = {"heavy": 0, "light": 0}
+    for _ in range(15):
+        try:
+            sched.submit([work(loop, "heavy")])
+            admitted["heavy"] += 1
+        except Overloaded as e:
+            assert e.code == "queue_delay" and e.retry_after >= 1
+            assert "'heavy'" in str(e) and "maxQueueDelayMs 1000" in str(e)
+    assert admitted["heavy"] == 10 and shed.counts == {("heavy", "queue_delay"): 5}
+    # The queue is full for the heavy tenant, but a light one is taken in turn with it: its first
+    # five items are served within ten, so they are admitted (the heavy tenant's later items wait).
+    for _ in range(8):
+        try:
+            sched.submit([work(loop, "light")])
+            admitted["light"] += 1
+        except Overloaded as e:
+            assert e.code == "queue_delay"
+    assert admitted["light"] == 5
+    assert shed.counts == {("heavy", "queue_delay"): 5, ("light", "queue_delay"): 3}
+    # Round-robin order: the light tenant's five are among the first ten taken.
+    taken = sched.take(10, lambda w: True)
+    assert [w.tenant for w in taken].count("light") == 5
+    loop.close()
+
+
+def test_without_a_measured_rate_or_a_bound_nothing_is_refused_by_delay():
+    loop = asyncio.new_event_loop()
+    for delay in (1000, 0):
+        sched = Scheduler(max_queue=100, per_tenant_max_inflight=100, max_queue_delay_ms=delay)
+        if delay == 0:
+            measured(sched, 1.0)
+        for _ in range(50):
+            sched.submit([work(loop, "t")])
+        assert sched.queued == 50
+    loop.close()
+
+
+def test_work_still_queued_at_the_bound_is_answered_429_without_the_worker():
+    shed = Shed()
+    sched = Scheduler(max_queue=100, per_tenant_max_inflight=100, max_queue_delay_ms=50, on_shed=shed)
+    sched.start()  # the reaper; no model worker runs at all
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        works = [work(loop, "a") for _ in range(3)] + [work(loop, "b")]
+        for w in works[:3]:
+            sched.submit([w])
+        sched.submit([works[3]])
+        got = [await asyncio.wait_for(w.events.get(), 10) for w in works]
+        return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        sched.close()
+    for kind, value in got:
+        assert kind == "error" and isinstance(value, Overloaded) and value.code == "queue_timeout"
+        assert "maxQueueDelayMs (50 ms)" in str(value)
+    assert shed.counts == {("a", "queue_timeout"): 3, ("b", "queue_timeout"): 1}
+    assert sched.queued == 0 and sched.load == {} and sched.waiting == {} and sched.depth[1:] == [0] * 3
+    assert sched.take(10, lambda w: True) == []
+
+
+def test_taken_work_is_never_shed_and_cancelled_work_leaves_the_counts_at_once():
+    loop = asyncio.new_event_loop()
+    sched = Scheduler(max_queue=3, per_tenant_max_inflight=3, max_queue_delay_ms=0)
+    ws = [work(loop, "t") for _ in range(3)]
+    for w in ws:
+        sched.submit([w])
+    with pytest.raises(Overloaded) as e:
+        sched.submit([work(loop, "t")])
+    assert e.value.code == "queue_full"
+    sched.cancel(ws[1])
+    assert sched.queued == 2 and sched.load == {"t": 2}
+    sched.submit([work(loop, "u")])  # room again, before any worker looked at the queue
+    taken = sched.take(10, lambda w: True)
+    assert ws[1] not in taken and [w.tenant for w in taken] == ["t", "u", "t"]
+    assert sched.queued == 0 and sched.load == {"t": 2, "u": 1}
+    sched.cancel(taken[0])  # running: the worker frees it; the scheduler's counts wait for finished()
+    assert taken[0].cancelled and sched.load["t"] == 2
+    loop.close()
+
+
+def test_refused_requests_are_all_or_nothing_and_counted_per_item():
+    loop = asyncio.new_event_loop()
+    shed = Shed()
+    sched = Scheduler(max_queue=10, per_tenant_max_inflight=4, on_shed=shed)
+    sched.submit([work(loop, "t") for _ in range(3)])
+    with pytest.raises(Overloaded) as e:
+        sched.submit([work(loop, "t") for _ in range(2)])
+    assert e.value.code == "tenant_over_share" and "perTenantMaxInflight 4" in str(e.value)
+    assert sched.queued == 3 and shed.counts == {("t", "tenant_over_share"): 2}
+    loop.close()
+
+
+def test_the_service_rate_counts_only_backlogged_intervals():
+    r = ServiceRate(tau=2.0)
+    r.took(4, 0, 10.0)  # the queue ran empty: the next interval is arrival-bound, not counted
+    r.took(4, 3, 20.0)
+    assert r.per_second() is None
+    r.took(8, 3, 20.5)  # backlogged: 8 items in 0.5 s
+    assert r.per_second() == pytest.approx(16.0)
+    r.took(2, 0, 21.0)  # 2 more in 0.5 s, weighted with the earlier interval
+    assert 4.0 < r.per_second() < 16.0
