@@ -21,6 +21,9 @@ class GatewayMetrics:
                               "(device, host, hash, spill, round-robin)", ["replica", "reason"], registry=r)
         self.retries = Counter("lorafleet_gateway_retries", "Requests sent again to another replica after this one "
                                "failed before answering", ["replica"], registry=r)
+        self.overloaded = Counter("lorafleet_gateway_overloaded", "429 answers of a replica (its queue or the "
+                                  "tenant's share there full); the request spills to another replica with room, "
+                                  "else the 429 goes to the client", ["replica"], registry=r)
         self.inflight = Gauge("lorafleet_gateway_inflight", "Requests open on a replica", ["replica"], registry=r)
         self.replicas = Gauge("lorafleet_gateway_replicas", "Replicas by health", ["healthy"], registry=r)
         self.gateways = Gauge("lorafleet_gateway_ready_gateways",

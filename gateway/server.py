@@ -26,6 +26,38 @@ MODEL_IN_BODY = {"/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1
 TGI_PATHS = {"/generate", "/generate_stream", "/"}
 HOSTED_PREFIX = "/models/"  # text-to-image pools: the hosted API's /models/{name}, adapter also in `lora`
 ANONYMOUS = "_anonymous"
+REFUSAL_MEMORY_S = 5.0  # the longest a pod's 429 steers a tenant's requests to other pods first
+
+
+class Refusals:
+    """Which pods answered a tenant 429 (overloaded, or the tenant over its share there) and until when
+    (their ``Retry-After``, at most ``REFUSAL_MEMORY_S``): such a pod is tried after the others."""
+
+    def __init__(self):
+        self.until: dict[tuple[str, str], float] = {}
+
+    def refused(self, replica: str, tenant: str, retry_after: str | None, now: float) -> None:
+        try:
+            seconds = float(retry_after) if retry_after is not None else 1.0
+        except ValueError:
+            seconds = 1.0
+        self.until[(replica, tenant)] = now + min(max(seconds, 0.0), REFUSAL_MEMORY_S)
+        if len(self.until) > 10_000:  # forget what has passed
+            self.until = {k: t for k, t in self.until.items() if t > now}
+
+    def refusing(self, replica: str, tenant: str, now: float) -> bool:
+        t = self.until.get((replica, tenant))
+        if t is None:
+            return False
+        if t <= now:
+            del self.until[(replica, tenant)]
+            return False
+        return True
+
+    def order(self, replicas: list, tenant: str, now: float) -> list:
+        """``replicas`` with those refusing ``tenant`` moved to the end (each group in its order)."""
+        refusing = [r for r in replicas if self.refusing(r.name, tenant, now)]
+        return [r for r in replicas if r not in refusing] + refusing if refusing else replicas
 
 
 def error(status: int, message: str, type_: str, code: str, headers: dict | None = None) -> web.Response:
@@ -83,6 +115,7 @@ class Gateway:
         self.directory = Directory()
         self.directory_loaded = directory is None
         self.admission = Admission()
+        self.refusals = Refusals()
         self.gateways = 1  # Ready gateway replicas of the pool, at least 1: limits are divided by it
         self.gateways_loaded = gateways is None
         self.session: aiohttp.ClientSession | None = None
@@ -347,10 +380,23 @@ class Gateway:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"accept-encoding"}}
         headers["X-Lorafleet-Tenant"] = tenant
         last = "no replica tried"
-        for attempt, r in enumerate(choice.order[: 1 + self.retries]):
+        # A pod that answered this tenant 429 moments ago goes last; a 429 spills the request to the next
+        # pod with room, and only when none has room does the client get the 429 (with its Retry-After).
+        order = self.refusals.order(choice.order, tenant, time.monotonic())
+        overloaded: tuple[Replica, bytes, dict] | None = None
+        attempt, prev = -1, None
+        for r in order:
+            if attempt >= self.retries:
+                break
+            if overloaded is not None and not self.has_room(r, tenant):
+                continue
+            attempt += 1
             if attempt:
-                self.metrics.retries.labels(choice.order[attempt - 1].name).inc()
-            self.metrics.routed.labels(r.name, choice.reason if attempt == 0 else "retry").inc()
+                if overloaded is None:
+                    self.metrics.retries.labels(prev.name).inc()
+            reason = choice.reason if attempt == 0 else ("overloaded" if overloaded is not None else "retry")
+            self.metrics.routed.labels(r.name, reason).inc()
+            prev = r
             r.inflight += 1
             self.metrics.inflight.labels(r.name).set(r.inflight)
             try:
@@ -362,8 +408,14 @@ class Gateway:
                     if not stream or upstream.status != 200:
                         # Read it all before answering: a replica dying mid-body is retried elsewhere.
                         data = await upstream.read()
-                        if upstream.status in (502, 503, 504) and attempt < min(self.retries, len(choice.order) - 1):
+                        if upstream.status in (502, 503, 504) and attempt < min(self.retries, len(order) - 1):
                             last = f"{r.name} answered {upstream.status}"
+                            continue
+                        if upstream.status == 429:
+                            self.refusals.refused(r.name, tenant, upstream.headers.get("Retry-After"),
+                                                  time.monotonic())
+                            self.metrics.overloaded.labels(r.name).inc()
+                            overloaded = (r, data, out_headers)
                             continue
                         self.metrics.requests.labels(tenant, r.name, str(upstream.status)).inc()
                         self.metrics.latency.labels(tenant).observe(time.perf_counter() - t0)
@@ -403,6 +455,18 @@ class Gateway:
             finally:
                 r.inflight -= 1
                 self.metrics.inflight.labels(r.name).set(r.inflight)
+        if overloaded is not None:  # every pod with room was tried: the last 429 goes to the client as it came
+            r, data, out_headers = overloaded
+            self.metrics.requests.labels(tenant, r.name, "429").inc()
+            self.metrics.latency.labels(tenant).observe(time.perf_counter() - t0)
+            return web.Response(body=data, status=429, headers=out_headers)
         self.metrics.requests.labels(tenant, "", "502").inc()
         return error(502, f"no replica of the pool answered ({last}); retry shortly", "service_unavailable",
                      "upstream_unreachable", {"Retry-After": "1"})
+
+    def has_room(self, r: Replica, tenant: str) -> bool:
+        """Whether ``r`` may take a request another pod refused with 429: healthy, below the spill
+        threshold, and not itself refusing this tenant."""
+        limit = getattr(self.router, "spill_inflight", None)
+        return r.healthy and (limit is None or r.inflight < limit) and \
+            not self.refusals.refusing(r.name, tenant, time.monotonic())

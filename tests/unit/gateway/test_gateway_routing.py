@@ -188,3 +188,19 @@ def test_with_n_gateway_replicas_each_enforces_a_share_so_the_pool_holds_the_ten
     code, message, _ = c.admit("umbrella", TenantLimits(max_concurrency=3), replicas=2)
     assert code == "concurrency_limit_exceeded" and "maxConcurrency 3 across 2 gateway replicas" in message
     assert c.admit("umbrella", TenantLimits(max_concurrency=3), replicas=1) is None  # back to 3
+
+
+def test_a_pod_that_refused_a_tenant_is_tried_last_until_its_retry_after():
+    from lorafleet.gateway.server import REFUSAL_MEMORY_S, Refusals
+
+    reps = fleet(3)
+    memo = Refusals()
+    memo.refused("pod-0", "acme", "2", now=100.0)
+    assert [r.name for r in memo.order(reps, "acme", 101.0)] == ["pod-1", "pod-2", "pod-0"]
+    assert [r.name for r in memo.order(reps, "globex", 101.0)] == ["pod-0", "pod-1", "pod-2"]  # per tenant
+    assert [r.name for r in memo.order(reps, "acme", 102.0)] == ["pod-0", "pod-1", "pod-2"]  # Retry-After passed
+    memo.refused("pod-1", "acme", "3600", now=200.0)  # capped: a pod's long Retry-After is not a ban
+    assert memo.refusing("pod-1", "acme", 200.0 + REFUSAL_MEMORY_S - 0.1)
+    assert not memo.refusing("pod-1", "acme", 200.0 + REFUSAL_MEMORY_S)
+    memo.refused("pod-2", "acme", "soon", now=300.0)  # unreadable: one second
+    assert memo.refusing("pod-2", "acme", 300.5) and not memo.refusing("pod-2", "acme", 301.0)
