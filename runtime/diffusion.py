@@ -353,6 +353,11 @@ class DiffusionBatcher:
         held = {w.key for w in self.active if w.key is not None}
         new = []
         for w in self.sched.take(room, slot_acceptor(self.engine.slots, held)):
+            if w.cancelled:  # between the queue and the model: it never runs
+                self.sched.finished(w)
+                if self.metrics:
+                    self.metrics.cancelled_work("queued", w)
+                continue
             try:
                 w.payload.slot = self.engine.acquire(w.entry)
                 new.append(w)
@@ -391,11 +396,15 @@ class DiffusionBatcher:
         for w in [w for w in self.active if w.cancelled]:
             self.active.remove(w)
             self._finish(w)
+            if self.metrics:
+                self.metrics.cancelled_work("running", w)
         by_size: dict[tuple[int, int], list] = {}
         for w in self.active:
             by_size.setdefault(w.payload.size, []).append(w)
         for group in by_size.values():
             t0 = time.perf_counter()
+            for w in group:
+                w.steps += 1
             try:
                 self.engine.step([w.payload for w in group])
             except Exception as e:

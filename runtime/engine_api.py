@@ -42,9 +42,18 @@ class Work:
     events: asyncio.Queue
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    cancel_reason: str = ""  # "client_left" or "stop_sequence" (the answer ended at a stop string)
+    steps: int = 0  # model steps that included this work (written by the engine's thread)
+    steps_at_cancel: int = 0  # ``steps`` when it was cancelled: what ran later ran for nobody
     # The scheduler's view: QUEUED until the worker takes it (TAKEN) or it leaves the queue unserved
     # (WITHDRAWN: cancelled while queued, or shed at the queue-delay bound). Written under its lock.
     state: int = 0
+
+    def cancel(self, reason: str) -> None:
+        if not self.cancelled:
+            self.steps_at_cancel = self.steps
+            self.cancel_reason = reason
+            self.cancelled = True
 
     def send(self, kind: str, value: Any = None) -> None:
         try:
@@ -130,9 +139,10 @@ class ServingEngine(ABC):
     def submit(self, works: list[Work]) -> None:
         """Queue all of ``works`` (one request) or none: raises ``Overloaded``."""
 
-    def cancel(self, work: Work) -> None:
-        """Nobody waits for ``work`` any more: drop it from the queue or free its row within a step."""
-        work.cancelled = True
+    def cancel(self, work: Work, reason: str = "client_left") -> None:
+        """Nobody waits for ``work`` any more (``reason``: "client_left" or "stop_sequence"): drop it
+        from the queue, or free its row before the next step."""
+        work.cancel(reason)
 
     # --- adapters -------------------------------------------------------------------------------
     @abstractmethod

@@ -20,7 +20,7 @@ class TextStream:
     ends and sets ``finish``: "length", "stop" (an end-of-sequence or stop token) or "stop_sequence" (a
     stop string; OpenAI calls all three kinds of stop "stop"); ``text`` is the answer so far."""
 
-    def __init__(self, engine: ServingEngine, work: Work, stops: list[str], on_done=None,
+    def __init__(self, engine: ServingEngine, work: Work, stops: list[str],
                  include_stop: bool = False, skip_special_tokens: bool = True, tgi_stops: bool = False):
         self.engine, self.work = engine, work
         self.stops = [s for s in stops if s]
@@ -33,7 +33,6 @@ class TextStream:
         self.text = ""  # what is final: sent, or about to be
         self.sent = 0
         self.finish: str | None = None
-        self._on_done = on_done
         self._first = None  # the first event, once ``started`` has read it
 
     async def started(self) -> None:
@@ -56,6 +55,11 @@ class TextStream:
             if at >= 0 and (best < 0 or at < best):
                 best, end = at, at + len(s)
         return end if (best >= 0 and self.include_stop) else best
+
+    def abandon(self) -> None:
+        """The answer's reader is gone: cancel the work unless the sequence already ended."""
+        if self.finish is None:
+            self.engine.cancel(self.work)
 
     @property
     def openai_finish(self) -> str | None:
@@ -99,14 +103,14 @@ class TextStream:
                         yield value, ""
                     if any(text.endswith(x) for x in self.stops):
                         self.finish = "stop_sequence"
-                        self.engine.cancel(self.work)
+                        self.engine.cancel(self.work, "stop_sequence")
                         return
                     continue
                 if self.stops:
                     at = self._stop_at(before)
                     if at >= 0:
                         self.text, self.finish = text[:at], "stop_sequence"
-                        self.engine.cancel(self.work)
+                        self.engine.cancel(self.work, "stop_sequence")
                         if self.sent < at:
                             yield value, text[self.sent:at]
                         self.sent = at
@@ -121,10 +125,7 @@ class TextStream:
                 elif not self.stops:
                     yield value, ""
         finally:
-            if self.finish is None:
-                self.engine.cancel(self.work)  # the client went away: free the row and slot
-            elif self._on_done is not None:
-                self._on_done(self)
+            self.abandon()  # when the client went away: free the row and slot
 
 
 def build_sequence(engine: ServingEngine, prompt_ids: list[int], params: SamplingParams, default_max_new: int):

@@ -18,8 +18,16 @@ class RuntimeMetrics:
         self.latency = Histogram("lorafleet_runtime_request_seconds", "Request latency by tenant",
                                  ["tenant", "endpoint"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.tokens = Counter("lorafleet_runtime_generated_tokens", "Generated tokens by tenant", ["tenant"],
-                              registry=r)
+        self.tokens = Counter("lorafleet_runtime_generated_tokens",
+                              "Tokens the model generated, by tenant (counted when the sequence leaves its row; "
+                              "with a request's client gone, what it generated until then)", ["tenant"], registry=r)
+        self.cancelled = Counter("lorafleet_runtime_cancelled",
+                                 "Work nobody waited for any more, dropped: stage queued (it never reached the model) "
+                                 "or running (its row freed); reason client_left or stop_sequence",
+                                 ["stage", "reason"], registry=r)
+        self.cancelled_steps = Counter("lorafleet_runtime_cancelled_row_steps",
+                                       "Model steps begun for work already cancelled (the step under way when the "
+                                       "cancel came is not counted): 0 or 1 per running cancellation", registry=r)
         self.denoising_steps = Counter("lorafleet_runtime_denoising_steps",
                                        "Denoising steps done by tenant (text-to-image; one per image job per step)",
                                        ["tenant"], registry=r)
@@ -45,6 +53,13 @@ class RuntimeMetrics:
     def batch(self, task: str, size: int, seconds: float) -> None:
         self.batch_size.labels(task).observe(size)
         self.batch_seconds.labels(task).observe(seconds)
+
+    def cancelled_work(self, stage: str, work) -> None:
+        """``work`` (an engine_api.Work) was dropped because it was cancelled: from the queue (stage
+        "queued") or from a row it ran in ("running")."""
+        self.cancelled.labels(stage, work.cancel_reason or "client_left").inc()
+        if stage == "running":
+            self.cancelled_steps.inc(max(0, work.steps - work.steps_at_cancel))
 
     def denoise_step(self, tenant: str) -> None:
         self.denoising_steps.labels(tenant).inc()

@@ -1,5 +1,6 @@
-"""What the public routers share: tagging a request with its tenant (for metrics) and finishing a
-non-streaming answer unless the client has gone away (then its work is cancelled)."""
+"""What the public routers share: tagging a request with its tenant (for metrics), finishing a
+non-streaming answer unless the client has gone away, and a streaming answer that cancels its work
+when it ends early (in both cases the engine drops the work: from its queue, or from its row)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 from typing import Awaitable, Callable
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 
 def tag(request: Request, entry) -> None:
@@ -34,3 +36,20 @@ async def unless_disconnected(request: Request, work: Awaitable, on_disconnect: 
     on_disconnect()
     task.cancel()
     raise asyncio.CancelledError("the client disconnected")
+
+
+class CancelOnClose(StreamingResponse):
+    """A streamed answer that calls ``on_close`` whenever the response ends, however far its body got.
+    A client that leaves before the first chunk cancels the stream before its generator starts (no
+    ``finally`` of the generator runs then), so the cancel cannot live in the generator alone.
+    ``on_close`` must be a no-op for an answer that was complete."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kw):
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()

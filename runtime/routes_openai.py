@@ -7,14 +7,13 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from lorafleet.runtime.engine_api import SamplingParams
 from lorafleet.runtime.generation import (TextStream, build_sequence, chat_prompt_ids, completion_prompt_ids,
                                           openai_params, stop_strings)
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.protocol import ApiError, ChatRequest, CompletionRequest
-from lorafleet.runtime.routes_common import tag, unless_disconnected
+from lorafleet.runtime.routes_common import CancelOnClose, tag, unless_disconnected
 from lorafleet.runtime.tiers import AdapterEntry
 
 
@@ -40,11 +39,7 @@ async def start_generation(rt: Runtime, request: Request, model: str, prompt_ids
     params: SamplingParams = params_of(tok)
     seq = build_sequence(rt.engine, prompt_ids_of(tok), params, rt.settings.max_new_tokens)
     (work,) = rt.submit(entry, [seq])
-
-    def count(stream: TextStream) -> None:
-        rt.metrics.tokens.labels(work.tenant).inc(len(seq.generated))
-
-    return entry, seq, TextStream(rt.engine, work, stop_strings(stop), on_done=count, include_stop=include_stop,
+    return entry, seq, TextStream(rt.engine, work, stop_strings(stop), include_stop=include_stop,
                                   skip_special_tokens=skip_special_tokens, tgi_stops=tgi_stops)
 
 
@@ -154,7 +149,7 @@ def router(rt: Runtime) -> APIRouter:
                     yield sse({**base, "choices": [], "usage": usage(seq, gen.received)})
                 yield "data: [DONE]\n\n"
             await wait_started(request, rt, gen)
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            return CancelOnClose(stream(), gen.abandon, media_type="text/event-stream")
         await drain(request, rt, gen)
         return {"id": rid, "object": "text_completion", "created": created, "model": served,
                 "choices": [{"index": 0, "text": head + gen.text, "finish_reason": gen.openai_finish,
@@ -191,7 +186,7 @@ def router(rt: Runtime) -> APIRouter:
                     yield sse({**base, "choices": [], "usage": usage(seq, gen.received)})
                 yield "data: [DONE]\n\n"
             await wait_started(request, rt, gen)
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            return CancelOnClose(stream(), gen.abandon, media_type="text/event-stream")
         await drain(request, rt, gen)
         return {"id": rid, "object": "chat.completion", "created": created, "model": served,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},

@@ -11,12 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from fastapi.responses import StreamingResponse
 
 from lorafleet.runtime import routes_images
 from lorafleet.runtime.generation import completion_prompt_ids, tgi_params
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.protocol import TGIRequest, bad_request
+from lorafleet.runtime.routes_common import CancelOnClose
 from lorafleet.runtime.routes_openai import drain, sse, start_generation, wait_started
 
 
@@ -76,7 +76,7 @@ def router(rt: Runtime) -> APIRouter:
                                       "seed": seed}
                 yield sse(pending)
             await wait_started(request, rt, gen)
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return CancelOnClose(events(), gen.abandon, media_type="text/event-stream")
         await drain(request, rt, gen)
         out: dict[str, Any] = {"generated_text": (body.inputs + gen.text) if p.return_full_text else gen.text}
         if p.details:

@@ -22,7 +22,8 @@ class TorchEngine(ServingEngine):
         self.dtype = model_engine.dtype
         self.settings = settings
         self.scheduler = Scheduler(settings.max_queue, settings.per_tenant_max_inflight, settings.max_queue_delay_ms,
-                                   on_shed=metrics.shed if metrics is not None else None)
+                                   on_shed=metrics.shed if metrics is not None else None,
+                                   on_cancelled=metrics.cancelled_work if metrics is not None else None)
         # An engine with a stepping loop of its own (text-to-image) brings its worker.
         worker_class = getattr(model_engine, "worker_class", ModelWorker)
         self.worker = worker_class(model_engine, self.scheduler, settings.max_batch_size,
@@ -73,9 +74,9 @@ class TorchEngine(ServingEngine):
     def submit(self, works: list[Work]) -> None:
         self.scheduler.submit(works)
 
-    def cancel(self, work: Work) -> None:
-        # Queued work leaves the queue (and its counts) now; the worker retires cancelled rows at its next step.
-        self.scheduler.cancel(work)
+    def cancel(self, work: Work, reason: str = "client_left") -> None:
+        # Queued work leaves the queue (and its counts) now; the worker frees cancelled rows before its next step.
+        self.scheduler.cancel(work, reason)
 
     # --- adapters -------------------------------------------------------------------------------------
     def bind(self, manager) -> None:

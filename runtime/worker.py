@@ -63,14 +63,17 @@ class Scheduler:
     tenant's ``per_tenant_max_inflight``; with ``max_queue_delay_ms`` it also refuses at once work that
     would wait longer than that (round-robin order at the measured service rate: a tenant with more
     queued than others is refused first), and answers 429 for work still queued when the bound passes.
-    ``on_shed(tenant, reason, n)`` counts what it refused."""
+    ``on_shed(tenant, reason, n)`` counts what it refused; ``on_cancelled("queued", work)`` what left
+    the queue cancelled."""
 
     def __init__(self, max_queue: int, per_tenant_max_inflight: int, max_queue_delay_ms: float = 0.0,
-                 on_shed: Callable[[str, str, int], None] | None = None):
+                 on_shed: Callable[[str, str, int], None] | None = None,
+                 on_cancelled: Callable[[str, Work], None] | None = None):
         self.max_queue = max_queue
         self.per_tenant = per_tenant_max_inflight
         self.max_delay = max_queue_delay_ms / 1000.0
         self.on_shed = on_shed
+        self.on_cancelled = on_cancelled
         lock = threading.RLock()
         self.cv = threading.Condition(lock)
         self.queues: dict[str, deque[Work]] = {}  # may still hold withdrawn work (skipped by take)
@@ -165,11 +168,19 @@ class Scheduler:
         self._finished(w)
         return True
 
-    def cancel(self, w: Work) -> None:
+    def cancel(self, w: Work, reason: str = "client_left") -> None:
         """Nobody waits for ``w``: queued, it leaves the queue now; running, the worker frees it."""
         with self.cv:
-            w.cancelled = True
-            self._withdraw(w)
+            w.cancel(reason)
+            if self._withdraw(w):
+                self._cancelled(w)
+
+    def _cancelled(self, w: Work) -> None:
+        if self.on_cancelled is not None:
+            try:
+                self.on_cancelled("queued", w)
+            except Exception:
+                log.exception("counting cancelled work failed")
 
     def _count(self, tenant: str, reason: str, n: int) -> None:
         if self.on_shed is not None:
@@ -252,7 +263,9 @@ class Scheduler:
     def _skip_withdrawn(self, q: deque[Work]) -> None:
         """Drop the heads that left the queue unserved (cancelled without ``cancel``: withdrawn here)."""
         while q and (q[0].state != QUEUED or q[0].cancelled):
-            self._withdraw(q.popleft())
+            w = q.popleft()
+            if self._withdraw(w):  # cancelled without ``cancel``
+                self._cancelled(w)
 
     def finished(self, work: Work) -> None:
         with self.cv:
@@ -329,6 +342,11 @@ class ModelWorker(threading.Thread):
     def _acquire(self, works: list[Work]) -> list[Work]:
         ok = []
         for w in works:
+            if w.cancelled:  # between the queue and the model: it never runs
+                self.sched.finished(w)
+                if self.metrics:
+                    self.metrics.cancelled_work("queued", w)
+                continue
             try:
                 w.payload_slot = self.engine.acquire(w.entry)
                 ok.append(w)
@@ -340,6 +358,8 @@ class ModelWorker(threading.Thread):
     def _release(self, w: Work) -> None:
         self.engine.release(w.entry)
         self.sched.finished(w)
+        if w.cancelled and self.metrics:
+            self.metrics.cancelled_work("running", w)
 
     def _classification_step(self) -> None:
         engine: ClassificationEngine = self.engine  # type: ignore[assignment]
@@ -351,6 +371,8 @@ class ModelWorker(threading.Thread):
         if not batch:
             return
         t0 = time.perf_counter()
+        for w in batch:
+            w.steps += 1
         try:
             probs = engine.classify([w.payload for w in batch], [w.payload_slot for w in batch],
                                     [len(w.entry.labels or []) for w in batch])
@@ -370,6 +392,8 @@ class ModelWorker(threading.Thread):
         engine: GenerationEngine = self.engine  # type: ignore[assignment]
         if not self.active:
             self._wait_for_batch(idle=True)
+        elif any(w.cancelled for w in self.active):
+            self._retire(cancelled_only=True)  # rows nobody reads any more are freed before this step
         room = min(self.max_batch - len(self.active), len(engine.free_rows))
         new: list[Work] = []
         if room > 0 and self.sched.queued:
@@ -380,14 +404,13 @@ class ModelWorker(threading.Thread):
             seqs = [w.payload for w in new]
             for w in new:
                 w.payload.slot = w.payload_slot
+                w.steps += 1
             try:
                 toks = engine.prefill(seqs)
             except Exception as e:
                 log.exception("prefill failed")
                 for w in new:
-                    engine.finish(w.payload)
-                    w.send("error", e)
-                    self._release(w)
+                    self._fail(w, e)
                 new = []
                 toks = []
             for w, tok in zip(new, toks):
@@ -398,14 +421,16 @@ class ModelWorker(threading.Thread):
         if self.active:
             step = [w for w in self.active if w not in new] if new else list(self.active)
             if step:
+                for w in step:
+                    w.steps += 1
                 try:
                     toks = engine.decode([w.payload for w in step])
                 except Exception as e:
                     log.exception("decode step failed")
                     for w in step:
-                        w.cancelled = True
-                        w.send("error", e)
-                    self._retire()
+                        self._fail(w, e)
+                    failed = set(map(id, step))
+                    self.active = [w for w in self.active if id(w) not in failed]
                     return
                 for w, tok in zip(step, toks):
                     w.send("token", tok)
@@ -413,17 +438,29 @@ class ModelWorker(threading.Thread):
             if self.metrics:
                 self.metrics.batch(engine.task, len(self.active) + len(new), time.perf_counter() - t0)
 
-    def _retire(self) -> None:
+    def _fail(self, w: Work, error: Exception) -> None:
+        self.engine.finish(w.payload)
+        w.send("error", error)
+        self._count_tokens(w)
+        self.engine.release(w.entry)
+        self.sched.finished(w)
+
+    def _count_tokens(self, w: Work) -> None:
+        if self.metrics and w.payload.generated:
+            self.metrics.tokens.labels(w.tenant).inc(len(w.payload.generated))
+
+    def _retire(self, cancelled_only: bool = False) -> None:
         engine: GenerationEngine = self.engine  # type: ignore[assignment]
         keep = []
         for w in self.active:
             seq: Sequence = w.payload
-            if w.cancelled or engine.is_done(seq):
+            if w.cancelled or (not cancelled_only and engine.is_done(seq)):
                 engine.finish(seq)
                 if not w.cancelled:
                     reason = "length" if len(seq.generated) >= seq.max_new_tokens or seq.pos >= engine.max_len \
                         else "stop"
                     w.send("done", reason)
+                self._count_tokens(w)
                 self._release(w)
             else:
                 keep.append(w)
