@@ -7,6 +7,7 @@ One reconcile per pool at a time; 10,000 adapter creates become a handful of Con
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 from collections import OrderedDict
@@ -97,6 +98,18 @@ class Fleet:
         self.event_seq = 0
         self.last_event: dict[tuple[str, str, str], int] = {}
         self.swept = 0
+        # The context of a kopf event handler: tasks that may post Kubernetes Events (kopf.info/warn
+        # read kopf's event queue from it) start in it, also when the full listing starts them.
+        self.kopf_context: contextvars.Context | None = None
+
+    def in_handler(self) -> None:
+        """Called by every kopf event handler: the first one's context is kept for ``_spawn``."""
+        if self.kopf_context is None:
+            self.kopf_context = contextvars.copy_context()
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        context = self.kopf_context.copy() if self.kopf_context is not None else None
+        return asyncio.get_running_loop().create_task(coro, context=context)
 
     def pool(self, key: PoolKey) -> PoolState:
         found = self.state.get(key)
@@ -241,6 +254,7 @@ class Fleet:
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
         key = (namespace, owner.get("name", ""))
         self._flush_pending()
+        self._mark("d", namespace, name, deleted=kind_event == "DELETED")
         st = self.pool(key)
         if kind_event == "DELETED":
             st.workloads.pop(name, None)
@@ -291,18 +305,21 @@ class Fleet:
 
         kopf re-lists after a watch expires (410 Gone) but reports no deletions from the gap, so a
         pod deleted meanwhile would stay in the store for ever (counted Ready, holding rollouts
-        back). An object is swept only if no event mentioned it since the listing began: one made
+        back), an owned Deployment or a routes ConfigMap deleted meanwhile would never be made
+        again. An object is swept only if no event mentioned it since the listing began: one made
         or deleted meanwhile is the events' to handle. Returns how many were swept."""
         if self.kube is None:
             self.kube = Kube()
         since = self.event_seq
-        adapters, pools, pods = await self.kube.list_bodies(self.namespaces)
+        (adapters, pools, pods), (deployments, configmaps) = await asyncio.gather(
+            self.kube.list_bodies(self.namespaces), self.kube.list_owned(self.namespaces))
 
         def ids(kind: str, bodies: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
             return {(kind, (b.get("metadata") or {}).get("namespace", ""), (b.get("metadata") or {}).get("name", ""))
                     for b in bodies}
 
-        alive = ids("a", adapters) | ids("p", pools) | ids("pod", pods)
+        alive = (ids("a", adapters) | ids("p", pools) | ids("pod", pods) | ids("d", deployments)
+                 | ids("cm", configmaps))
 
         def gone(kind: str, namespace: str, name: str) -> bool:
             k = (kind, namespace, name)
@@ -327,6 +344,22 @@ class Fleet:
                         self.pod_event("DELETED", {"metadata": {"name": name, "namespace": namespace,
                                                                 "labels": {label: pool}}})
                         swept += 1
+            for name in list(st.workloads):
+                if gone("d", namespace, name):
+                    log.info("Deployment %s/%s of pool %s is gone (its deletion was missed): removed", namespace,
+                             name, pool)
+                    owner = {"kind": names.POOL_KIND, "controller": True, "name": pool,
+                             "uid": st.view.uid if st.view is not None else ""}
+                    self.workload_event("DELETED", {"metadata": {"name": name, "namespace": namespace,
+                                                                 "ownerReferences": [owner]}})
+                    swept += 1
+            missing = [name for name in st.shards or {} if gone("cm", namespace, name)]
+            if missing:
+                log.info("routes ConfigMaps %s of pool %s/%s are gone (their deletion was missed): writing them "
+                         "again", ", ".join(sorted(missing)), namespace, pool)
+                st.forget_routes()
+                self.touch((namespace, pool))
+                swept += len(missing)
         self.swept += swept
         return swept
 
@@ -336,6 +369,7 @@ class Fleet:
         meta = body.get("metadata") or {}
         pool = (meta.get("labels") or {}).get(names.LABEL_ROUTES_FOR)
         key, name = (meta.get("namespace", ""), pool or ""), meta.get("name", "")
+        self._mark("cm", key[0], name, deleted=kind_event == "DELETED")
         st = self.state.get(key)
         if not pool or st is None or st.shards is None or self.priming:
             return
@@ -364,8 +398,8 @@ class Fleet:
         if self.priming:
             return
         if st.task is None:
-            # Created from a handler, so the task inherits kopf's context (kopf.info/warn work).
-            st.task = asyncio.get_running_loop().create_task(self._run(key, st))
+            # In a handler's context (kopf.info/warn work), also when the full listing touched it.
+            st.task = self._spawn(self._run(key, st))
 
     @property
     def tasks(self) -> list[asyncio.Task]:
@@ -446,7 +480,7 @@ class Fleet:
         previous_status = {a.name: s for a in adapters
                            if (s := self.desired.get((namespace, a.name), self.written.get((namespace, a.name))))}
         gateway_ready = sum(st.gateway_pods.values())
-        problems = [w.problem for w in st.workloads.values() if w.problem]
+        problems = [(w.reason or "ReplicaFailure", w.problem) for w in st.workloads.values() if w.problem]
         plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status, st.memo,
                                  gateway_ready=gateway_ready, workload_problems=problems)
 
@@ -476,6 +510,8 @@ class Fleet:
                 await asyncio.gather(*(kube.apply(manifests.routes_configmap(pool_name, namespace, pool.uid, n,
                                                                              text))
                                        for n, text in write.items()))
+                for n in write:  # written: a full listing that began before this does not sweep them
+                    self._mark("cm", namespace, n)
                 for n in delete:
                     await kube.delete("ConfigMap", n, namespace)
                     st.texts.pop(n, None)
@@ -549,7 +585,7 @@ class Fleet:
         if self.status_queue:
             self.status_ready.set()
             while len(self.status_workers) < MAX_STATUS_WRITERS:
-                self.status_workers.append(asyncio.get_running_loop().create_task(self._status_writer()))
+                self.status_workers.append(self._spawn(self._status_writer()))
 
     async def _status_writer(self) -> None:
         assert self.kube is not None

@@ -102,32 +102,44 @@ class Kube:
                 out[cm.metadata.name] = RoutesTable(pool=pool, generation=-1)
         return out
 
-    async def list_bodies(self, namespaces: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
-        """Adapters, pools and pool pods (runtime and gateway) as raw bodies, in the given namespaces (all
-        when empty)."""
-        from lightkube.resources.core_v1 import Pod
-
+    async def _bodies(self, namespaces: list[str], res: Any, labels: dict | None = None) -> list[dict]:
+        """Every object of ``res`` (with these labels) in the given namespaces (all when empty; glob
+        patterns list everything once and keep the matching namespaces), as raw bodies."""
         patterns = any(set(ns) & set("*?[!") for ns in namespaces)
         scopes = ["*"] if patterns or not namespaces else namespaces
 
         def watched(ns: str) -> bool:
             return not patterns or any(fnmatch.fnmatchcase(ns, p) for p in namespaces)
 
-        async def bodies(res: Any, labels: dict | None = None) -> list[dict]:
-            out: list[dict] = []
-            for scope in scopes:
-                async for obj in self.client.list(res, namespace=scope, labels=labels):
-                    body = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
-                    if watched(body.get("metadata", {}).get("namespace", "")):
-                        out.append(body)
-            return out
+        out: list[dict] = []
+        for scope in scopes:
+            async for obj in self.client.list(res, namespace=scope, labels=labels):
+                body = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+                if watched(body.get("metadata", {}).get("namespace", "")):
+                    out.append(body)
+        return out
 
+    async def list_bodies(self, namespaces: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+        """Adapters, pools and pool pods (runtime and gateway) as raw bodies, in the given namespaces (all
+        when empty)."""
         from lightkube.operators import exists
+        from lightkube.resources.core_v1 import Pod
 
         adapters, pools, pods, gateways = await asyncio.gather(
-            bodies(LoRAAdapterResource), bodies(BaseModelPoolResource),
-            bodies(Pod, {names.LABEL_POOL: exists()}), bodies(Pod, {names.LABEL_GATEWAY_FOR: exists()}))
+            self._bodies(namespaces, LoRAAdapterResource), self._bodies(namespaces, BaseModelPoolResource),
+            self._bodies(namespaces, Pod, {names.LABEL_POOL: exists()}),
+            self._bodies(namespaces, Pod, {names.LABEL_GATEWAY_FOR: exists()}))
         return adapters, pools, pods + gateways
+
+    async def list_owned(self, namespaces: list[str]) -> tuple[list[dict], list[dict]]:
+        """What the operator writes and watches besides the pools' own objects: the Deployments it
+        manages and the routes ConfigMaps, as raw bodies."""
+        from lightkube.operators import exists
+
+        deployments, configmaps = await asyncio.gather(
+            self._bodies(namespaces, Deployment, {names.LABEL_MANAGED_BY: "lorafleet"}),
+            self._bodies(namespaces, ConfigMap, {names.LABEL_ROUTES_FOR: exists()}))
+        return deployments, configmaps
 
     async def list_bodies_when_ready(self, namespaces: list[str], logger: logging.Logger,
                                      timeout: float = 300) -> tuple[list[dict], list[dict], list[dict]]:

@@ -46,6 +46,7 @@ async def start(settings: kopf.OperatorSettings, logger: logging.Logger, **_: An
 
 @kopf.on.event(ADAPTERS)
 async def adapter_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.in_handler()
     meta = body.metadata
     if FLEET.adapter_unchanged(type, meta.namespace or "", meta.name or "", meta.uid or "",
                                int(meta.get("generation") or 0), str(body.spec.get("pool", ""))):
@@ -55,22 +56,26 @@ async def adapter_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.event(POOLS)
 async def pool_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.in_handler()
     FLEET.pool_event(type, pool_view(dict(body)))
 
 
 @kopf.on.event("pods", labels=POOL_PODS)
 @kopf.on.event("pods", labels=GATEWAY_PODS, id="gateway_pod_changed")
 async def pod_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.in_handler()
     FLEET.pod_event(type, dict(body))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: "lorafleet"})
 async def deployment_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.in_handler()
     FLEET.workload_event(type, dict(body))
 
 
 @kopf.on.event("configmaps", labels={names.LABEL_ROUTES_FOR: kopf.PRESENT})
 async def routes_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.in_handler()
     FLEET.routes_event(type, dict(body))
 
 

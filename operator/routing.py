@@ -78,6 +78,7 @@ class WorkloadView:
     name: str
     generation: int
     problem: str | None  # why its pods are not being created or rolled out, from its conditions
+    reason: str | None = None  # that condition's reason (FailedCreate, ProgressDeadlineExceeded)
 
 
 def workload_view(body: dict[str, Any]) -> WorkloadView:
@@ -85,14 +86,15 @@ def workload_view(body: dict[str, Any]) -> WorkloadView:
     admission refusal; the ReplicaSet's message names it) or a ``Progressing=False`` rollout."""
     meta, status = body.get("metadata") or {}, body.get("status") or {}
     name = meta.get("name", "")
-    problem = None
+    problem = reason = None
     conds = [c for c in status.get("conditions") or [] if isinstance(c, dict)]
     for type_, bad in (("ReplicaFailure", "True"), ("Progressing", "False")):
         c = next((c for c in conds if c.get("type") == type_ and c.get("status") == bad), None)
         if c is not None:
-            problem = f"Deployment {name}: {c.get('reason') or type_}: {c.get('message') or ''}".rstrip(": ")
+            reason = str(c.get("reason") or type_)
+            problem = f"Deployment {name}: {reason}: {c.get('message') or ''}".rstrip(": ")
             break
-    return WorkloadView(name=name, generation=int(meta.get("generation") or 0), problem=problem)
+    return WorkloadView(name=name, generation=int(meta.get("generation") or 0), problem=problem, reason=reason)
 
 
 def _spec_error(e: ValidationError, prefix: str) -> str:
@@ -445,7 +447,9 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
 
 def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
                 table: RoutesTable, pods: list[PodView], gateway_ready: int = 0,
-                workload_problems: list[str] | None = None) -> dict[str, Any]:
+                workload_problems: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """``workload_problems``: (reason, message) of each owned Deployment that cannot make or roll out
+    its pods."""
     prev = _conditions(pool.status)
     if pool.spec is None:
         st = BaseModelPoolStatus(phase=PoolPhase.failed, observed_generation=pool.generation,
@@ -461,7 +465,8 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
         phase = PoolPhase.pending
     else:
         phase = PoolPhase.progressing
-    problems = sorted(workload_problems or [])
+    failing = sorted(workload_problems or [], key=lambda p: p[1])
+    problems = [m for _, m in failing]
     if problems and phase == PoolPhase.ready:
         phase = PoolPhase.degraded
     msg = f"{ready}/{replicas} replicas ready"
@@ -477,7 +482,7 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
         conditions=[condition("Ready", phase == PoolPhase.ready, phase.value, msg, pool.generation, prev),
                     # What the owned Deployments say when pods cannot be made (a quota, an admission
                     # policy): the ReplicaSet's own message, which `kubectl get lfpool` never shows.
-                    condition("ReplicaFailure", bool(problems), "DeploymentFailing" if problems else "NoFailure",
+                    condition("ReplicaFailure", bool(problems), failing[0][0] if failing else "NoFailure",
                               "; ".join(problems), pool.generation, prev)],
     )
     gw = pool.spec.gateway
@@ -495,7 +500,7 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
 def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView], pods: list[PodView],
               previous: RoutesTable, previous_status: dict[str, dict[str, Any]],
               memo: dict[str, tuple[tuple, dict[str, Any]]] | None = None, gateway_ready: int = 0,
-              workload_problems: list[str] | None = None) -> PoolPlan:
+              workload_problems: list[tuple[str, str]] | None = None) -> PoolPlan:
     """Everything one reconcile of a pool decides. ``previous_status`` maps adapter name -> the
     status last written (or read), so conditions keep their transition times. ``memo`` (kept by the
     caller between reconciles of this pool) skips recomputing the status of adapters whose inputs

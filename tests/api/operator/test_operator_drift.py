@@ -9,7 +9,15 @@ import json
 
 from lf_operator_kit import apply, cond, get_json, pool_doc, wait_status
 
+from lorafleet.contracts import names
+from lorafleet.contracts.names import RuntimeEnv
 from lorafleet.localstack.procs import wait_for
+
+
+def _env(control_plane, namespace, var, name="lorafleet-p"):
+    d = get_json(control_plane, namespace, "deployment", name) or {}
+    c = next(c for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == names.RUNTIME_CONTAINER)
+    return next((e.get("value") for e in c.get("env") or [] if e["name"] == var), None)
 
 
 def _replicas(control_plane, namespace, name="lorafleet-p"):
@@ -25,11 +33,26 @@ def test_scaled_or_deleted_deployments_are_put_back(control_plane, operator, nam
     assert _replicas(control_plane, namespace) in (5, 2)
     wait_for(lambda: _replicas(control_plane, namespace) == 2, timeout=30, what="replicas put back to 2")
 
+    def image():
+        return get_json(control_plane, namespace, "deployment", "lorafleet-p")["spec"]["template"]["spec"][
+            "containers"][0]["image"]
+
+    image_before = image()
     control_plane.kubectl("patch", "deployment", "lorafleet-p", "-n", namespace, "--type=json", "-p",
                           json.dumps([{"op": "replace", "path": "/spec/template/spec/containers/0/image",
                                        "value": "example.invalid/other:1"}]))
-    wait_for(lambda: get_json(control_plane, namespace, "deployment", "lorafleet-p")["spec"]["template"]["spec"]
-             ["containers"][0]["image"] != "example.invalid/other:1", timeout=30, what="the image put back")
+    wait_for(lambda: image() == image_before, timeout=30, what="the image put back")
+
+    # An owned env value changed by hand (another field manager takes the field): put back.
+    before = _env(control_plane, namespace, RuntimeEnv.MAX_BATCH_SIZE)
+    assert before not in (None, "999")
+    control_plane.kubectl("patch", "deployment", "lorafleet-p", "-n", namespace, "--type=strategic", "-p",
+                          json.dumps({"spec": {"template": {"spec": {"containers": [
+                              {"name": names.RUNTIME_CONTAINER,
+                               "env": [{"name": RuntimeEnv.MAX_BATCH_SIZE, "value": "999"}]}]}}}}))
+    wait_for(lambda: _env(control_plane, namespace, RuntimeEnv.MAX_BATCH_SIZE) == before, timeout=30,
+             what="the env value put back")
+    assert _replicas(control_plane, namespace) == 2
 
     control_plane.kubectl("delete", "deployment", "lorafleet-p", "-n", namespace)
     wait_for(lambda: _replicas(control_plane, namespace) == 2, timeout=30, what="the Deployment made again")
@@ -47,6 +70,7 @@ def test_a_replicaset_that_cannot_create_pods_shows_on_the_pool(control_plane, o
                      what="the ReplicaSet's failure on the pool")
     c = cond(st, "ReplicaFailure")
     assert "exceeded quota" in c["message"] and "lorafleet-p" in c["message"], c
+    assert c["reason"] == "FailedCreate", c  # the ReplicaSet's own reason
     assert "exceeded quota" in st["message"]
 
     # Room made: the failure clears.

@@ -178,3 +178,29 @@ def test_an_adapter_served_under_the_pools_name_is_refused():
     assert "spec.servedName" in valid["message"] and "base model" in valid["message"]
     renamed = plan([adapter("p", servedName="p-support")])
     assert "p-support" in renamed.table.adapters
+
+
+def test_a_failing_deployment_shows_on_the_pool_with_its_reason():
+    body = {"metadata": {"name": "lorafleet-p", "generation": 3}, "status": {"conditions": [
+        {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+         "message": 'pods "lorafleet-p-x" is forbidden: exceeded quota: pods'}]}}
+    w = routing.workload_view(body)
+    assert (w.generation, w.reason) == (3, "FailedCreate")
+    assert w.problem == 'Deployment lorafleet-p: FailedCreate: pods "lorafleet-p-x" is forbidden: exceeded quota: pods'
+    stalled = routing.workload_view({"metadata": {"name": "g"}, "status": {"conditions": [
+        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "too slow"}]}})
+    assert (stalled.reason, stalled.problem) == ("ProgressDeadlineExceeded", "Deployment g: ProgressDeadlineExceeded: too slow")
+    healthy = routing.workload_view({"metadata": {"name": "h"}, "status": {"conditions": [
+        {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]}})
+    assert (healthy.reason, healthy.problem) == (None, None)
+
+    p = routing.plan_pool("p", POOL, [], [pod("x", 0), pod("y", 0)], RoutesTable(pool="p"), {},
+                          workload_problems=[(w.reason, w.problem)])
+    st = BaseModelPoolStatus.model_validate(p.pool_status)
+    failure = next(c for c in st.conditions if c.type == "ReplicaFailure")
+    assert (failure.status, failure.reason, failure.message) == ("True", "FailedCreate", w.problem)
+    assert st.phase == "Degraded" and w.problem in st.message  # 2/2 ready, yet pods cannot be made
+    ok = routing.plan_pool("p", POOL, [], [pod("x", 0), pod("y", 0)], RoutesTable(pool="p"), {}).pool_status
+    failure = next(c for c in BaseModelPoolStatus.model_validate(ok).conditions if c.type == "ReplicaFailure")
+    assert (failure.status, failure.reason) == ("False", "NoFailure")
