@@ -150,7 +150,11 @@ def crd_manifests() -> dict[str, dict[str, Any]]:
             {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
             {"name": "Adapters", "type": "integer", "jsonPath": ".status.adapters"},
             {"name": "Adapters-Ready", "type": "integer", "jsonPath": ".status.adaptersReady"},
+            # ModelLoaded, ModelLoading, or ModelRefused / ModelLoadFailed (the reason is in -o wide).
+            {"name": "Model", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"ModelReady\")].reason",
+             "description": "the ModelReady condition's reason"},
             age,
+            {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
         ],
         "A base model and the pods that serve its tenants' adapters.",
     )

@@ -211,6 +211,10 @@ class SyncReport(_Wire):
     covered_through: str | None = Field(None, alias="coveredThrough")
     cut_since: int | None = Field(None, alias="cutSince")
     model_ready: bool | None = Field(None, alias="modelReady")
+    # What the runtime says of its base model (``GET /admin/model``): loading, loaded, refused or
+    # failed, with ``modelError`` its reason for the last two; unset while the runtime is unreachable.
+    runtime_model: str | None = Field(None, alias="runtimeModel")
+    model_error: str | None = Field(None, alias="modelError")
     # Set while the sidecar keeps its last complete routes table because the ConfigMaps are gone or
     # not a complete set of shards: why, and which generation it serves.
     routes_stale: str | None = Field(None, alias="routesStale")

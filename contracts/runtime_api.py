@@ -44,6 +44,21 @@ class AdapterList(_Wire):
     instance: str
 
 
+class ModelStatus(_Wire):
+    """``GET /admin/model``: where the runtime is with its base model.
+
+    ``refused``: the engine cannot serve this model exactly (an architecture or option it does not
+    implement); ``message`` names it and what to use instead. ``failed``: loading it raised
+    (``message``). Both last as long as the process: the runtime keeps answering its admin API and
+    ``/readyz`` (503, with the message) rather than exiting, so the sidecar can report the reason.
+    """
+
+    state: Literal["loading", "loaded", "refused", "failed"]
+    message: str = ""
+    task: str | None = None
+    instance: str
+
+
 class SyncState(_Wire):
     """``PUT /admin/sync``: the sidecar tells the runtime how far it has got.
 

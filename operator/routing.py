@@ -445,6 +445,31 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
     return st
 
 
+def model_readiness(pods: list[PodView]) -> tuple[bool | None, str, str]:
+    """The pool's ModelReady condition from its pods' sync reports (what each runtime says of its base
+    model): False ``ModelRefused`` / ``ModelLoadFailed`` with the runtime's own message when a pod's
+    runtime cannot serve it, True ``ModelLoaded`` once one has it (a Ready pod has), else Unknown."""
+    refusals: dict[tuple[str, str], list[str]] = {}
+    loaded = 0
+    for p in pods:
+        r = p.report
+        if r is not None and r.runtime_model in ("refused", "failed"):
+            refusals.setdefault((r.runtime_model, r.model_error or "no reason given"), []).append(p.name)
+        elif p.ready or (r is not None and r.runtime_model == "loaded"):
+            loaded += 1
+    if refusals:
+        reason = "ModelRefused" if any(state == "refused" for state, _ in refusals) else "ModelLoadFailed"
+        parts = []
+        for (state, why), who in sorted(refusals.items()):
+            verb = "refused" if state == "refused" else "failed to load"
+            named = ", ".join(sorted(who)[:3]) + (", ..." if len(who) > 3 else "")
+            parts.append(f"the runtime {verb} the base model on {len(who)}/{len(pods)} pods ({named}): {why}")
+        return False, reason, "; ".join(parts)
+    if loaded:
+        return True, "ModelLoaded", f"the base model is loaded on {loaded}/{len(pods)} pods"
+    return None, "ModelLoading", "no pod's runtime has loaded the base model yet"
+
+
 def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
                 table: RoutesTable, pods: list[PodView], gateway_ready: int = 0,
                 workload_problems: list[tuple[str, str]] | None = None) -> dict[str, Any]:
@@ -469,7 +494,13 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
     problems = [m for _, m in failing]
     if problems and phase == PoolPhase.ready:
         phase = PoolPhase.degraded
+    model_ok, model_reason, model_msg = model_readiness(pods)
+    if model_ok is False:
+        # The runtime refused the base model (or failed to load it): no pod of this spec turns Ready.
+        phase = PoolPhase.failed if ready == 0 else PoolPhase.degraded
     msg = f"{ready}/{replicas} replicas ready"
+    if model_ok is False:
+        msg += f"; {model_msg}"
     if bad:
         msg += f"; {bad} adapters failed or degraded"
     if problems:
@@ -483,7 +514,8 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
                     # What the owned Deployments say when pods cannot be made (a quota, an admission
                     # policy): the ReplicaSet's own message, which `kubectl get lfpool` never shows.
                     condition("ReplicaFailure", bool(problems), failing[0][0] if failing else "NoFailure",
-                              "; ".join(problems), pool.generation, prev)],
+                              "; ".join(problems), pool.generation, prev),
+                    condition("ModelReady", model_ok, model_reason, model_msg, pool.generation, prev)],
     )
     gw = pool.spec.gateway
     if gw is not None and gw.enabled:

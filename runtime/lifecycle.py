@@ -14,7 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lorafleet.contracts.runtime_api import SyncState
+from lorafleet.contracts.runtime_api import ModelStatus, SyncState
+from lorafleet.runtime.architectures import UnsupportedModel
 from lorafleet.runtime.engine_api import Overloaded, ServingEngine, Work
 from lorafleet.runtime.metrics import RuntimeMetrics
 from lorafleet.runtime.protocol import ApiError, too_busy
@@ -51,6 +52,9 @@ class Runtime:
         self.task = settings.task
         self.base_name = settings.served_model_name or Path(settings.model_dir).name or "base"
         self.model_error: str | None = None
+        # loading -> loaded, or refused (the engine cannot serve it exactly) / failed (loading raised):
+        # both for good, the model is not loaded again; the admin API and /readyz keep saying why.
+        self.model_state = "loading"
         self.sync: SyncState | None = None
         self.require_sync = True  # lorafleet serve has no sidecar: it marks itself synced
         # Readiness waits for the first complete preload only: an adapter added later must not take a
@@ -91,6 +95,7 @@ class Runtime:
             gc.freeze()
         engine.start()
         self.metrics.bind(self)
+        self.model_state = "loaded"
         self.loaded.set()
         log.info("base model %s loaded (%s, %s) in %.1fs", model_dir, self.task, s.dtype, time.monotonic() - t0)
 
@@ -98,13 +103,20 @@ class Runtime:
         def run():
             try:
                 self.load(wait_s)
+            except UnsupportedModel as e:
+                self.model_error, self.model_state = str(e), "refused"
+                log.error("base model refused: %s", e)
             except Exception as e:
-                self.model_error = str(e)
+                self.model_error, self.model_state = str(e), "failed"
                 log.exception("loading the base model failed")
 
         t = threading.Thread(target=run, name="lorafleet-model-loader", daemon=True)
         t.start()
         return t
+
+    def model_status(self) -> ModelStatus:
+        return ModelStatus(state=self.model_state, message=self.model_error or "", task=self.task,
+                           instance=self.instance)
 
     def close(self) -> None:
         if self.engine is not None:

@@ -1,5 +1,5 @@
-"""The admin API (127.0.0.1 only): what the sidecar calls to register and drop adapter versions and
-to report its sync state."""
+"""The admin API (127.0.0.1 only): what the sidecar calls to register and drop adapter versions, to
+report its sync state and to learn where the base model stands (loaded, or refused and why)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ def router(rt: Runtime) -> APIRouter:
 
     def manager() -> AdapterManager:
         if rt.manager is None:
-            raise ApiError(503, rt.model_error or "the base model is still loading; retry shortly",
-                           "service_unavailable", "model_loading", {"Retry-After": "5"})
+            if rt.model_state in ("refused", "failed"):  # for good: GET /admin/model says so too
+                raise ApiError(503, f"the base model cannot be served: {rt.model_error}", "service_unavailable",
+                               f"model_{rt.model_state}")
+            raise ApiError(503, "the base model is still loading; retry shortly", "service_unavailable",
+                           "model_loading", {"Retry-After": "5"})
         return rt.manager
 
     def state(e: AdapterEntry) -> dict:
@@ -53,6 +56,10 @@ def router(rt: Runtime) -> APIRouter:
         if rt.manager is None:
             return {"adapters": [], "instance": rt.instance}
         return rt.manager.listing(rt.instance).model_dump(by_alias=True)
+
+    @r.get("/admin/model")
+    async def model():
+        return rt.model_status().model_dump(by_alias=True)
 
     @r.put("/admin/sync")
     async def put_sync(body: SyncState):

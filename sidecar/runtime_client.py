@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 import httpx
 
-from lorafleet.contracts.runtime_api import AdapterList, AdapterLoadRequest, SyncState
+from lorafleet.contracts.runtime_api import AdapterList, AdapterLoadRequest, ModelStatus, SyncState
 
 
 class RuntimeUnavailable(Exception):
@@ -40,6 +40,15 @@ class RuntimeAdmin:
         if r.status_code != 200:
             raise RuntimeUnavailable(f"GET /admin/adapters: HTTP {r.status_code}: {r.text[:200]}")
         return AdapterList.model_validate_json(r.content)
+
+    def model(self) -> ModelStatus | None:
+        """Where the runtime is with its base model; None from a runtime without ``GET /admin/model``."""
+        r = self._call("GET", "/admin/model", timeout=10.0)
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise RuntimeUnavailable(f"GET /admin/model: HTTP {r.status_code}: {r.text[:200]}")
+        return ModelStatus.model_validate_json(r.content)
 
     def load(self, name: str, version: str, req: AdapterLoadRequest) -> None:
         r = self._call("PUT", f"/admin/adapters/{quote(name, safe='')}/{quote(version, safe='')}",

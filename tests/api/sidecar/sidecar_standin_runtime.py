@@ -15,7 +15,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 
 from lorafleet.contracts.digest import directory_digest
-from lorafleet.contracts.runtime_api import AdapterList, AdapterLoadRequest, AdapterState, SyncState
+from lorafleet.contracts.runtime_api import AdapterList, AdapterLoadRequest, AdapterState, ModelStatus, SyncState
 from lorafleet.localstack.procs import free_port, wait_for
 
 
@@ -70,6 +70,10 @@ class StandinRuntime:
         @app.get("/admin/adapters")
         def listing() -> AdapterList:
             return AdapterList(adapters=list(self.adapters.values()), instance=self.instance)
+
+        @app.get("/admin/model")
+        def model() -> ModelStatus:
+            return ModelStatus(state="loaded", instance=self.instance)
 
         @app.put("/admin/sync")
         def sync(state: SyncState):

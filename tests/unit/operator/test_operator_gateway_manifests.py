@@ -140,7 +140,7 @@ def test_pool_status_counts_ready_gateway_pods_only_when_the_gateway_is_on():
         return plan.pool_status
 
     off = status(None, 0)
-    assert "gatewayReadyReplicas" not in off and [c["type"] for c in off["conditions"]] == ["Ready", "ReplicaFailure"]
+    assert "gatewayReadyReplicas" not in off and [c["type"] for c in off["conditions"]] == ["Ready", "ReplicaFailure", "ModelReady"]
     assert "gatewayReadyReplicas" not in status({"enabled": False}, 0)
     none = status({"enabled": True, "replicas": 2}, 0)
     gw = next(c for c in none["conditions"] if c["type"] == "GatewayReady")
