@@ -204,3 +204,28 @@ def test_a_failing_deployment_shows_on_the_pool_with_its_reason():
     ok = routing.plan_pool("p", POOL, [], [pod("x", 0), pod("y", 0)], RoutesTable(pool="p"), {}).pool_status
     failure = next(c for c in BaseModelPoolStatus.model_validate(ok).conditions if c.type == "ReplicaFailure")
     assert (failure.status, failure.reason) == ("False", "NoFailure")
+
+
+def test_model_readiness_from_what_each_pods_runtime_says():
+    def reported(name, state, error=None, ready=False):
+        return PodView(name=name, ready=ready, report=SyncReport(runtime_model=state, model_error=error))
+
+    def model_ready(pods):
+        st = BaseModelPoolStatus.model_validate(routing.plan_pool("p", POOL, [], pods, RoutesTable(pool="p"),
+                                                                  {}).pool_status)
+        return st, next(c for c in st.conditions if c.type == "ModelReady")
+
+    st, c = model_ready([reported("x", "loading"), PodView(name="y", ready=False, report=None)])
+    assert (c.status, c.reason) == ("Unknown", "ModelLoading") and st.phase == "Pending"
+    # A Ready pod has its model loaded, whatever an older sidecar reports.
+    st, c = model_ready([PodView(name="x", ready=True, report=None), reported("y", "loaded")])
+    assert (c.status, c.reason, c.message) == ("True", "ModelLoaded", "the base model is loaded on 2/2 pods")
+
+    why = "architecture MixtralForCausalLM cannot be served by the text-generation engine: ..."
+    st, c = model_ready([reported("x", "refused", why), reported("y", "refused", why)])
+    assert (c.status, c.reason) == ("False", "ModelRefused")
+    assert c.message == f"the runtime refused the base model on 2/2 pods (x, y): {why}"
+    assert st.phase == "Failed" and c.message in st.message
+    st, c = model_ready([reported("x", "failed", "out of memory"), reported("y", "loaded", ready=True)])
+    assert (c.status, c.reason) == ("False", "ModelLoadFailed") and st.phase == "Degraded"
+    assert c.message == "the runtime failed to load the base model on 1/2 pods (x): out of memory"
