@@ -23,7 +23,7 @@ from lorafleet.contracts.resources import AdapterPhase
 from lorafleet.contracts.routes import RoutesTable
 
 from . import manifests, routing
-from .kube import Kube
+from .kube import DRIFT_CHECKED, Kube, TransportError
 from .routing import AdapterView, PodView, PoolView, WorkloadView
 
 log = logging.getLogger("lorafleet.operator")
@@ -56,10 +56,20 @@ class PoolState:
     texts: dict[str, str] = field(default_factory=dict)
     applied: str | None = None  # children manifests last applied (canonical JSON)
     applying: bool = False  # an apply of the children is in flight
+    # The children last applied whose drift the events check (Services, ServiceAccounts, Ingresses:
+    # no generation to compare), by (kind, name); and whether one of them moved while applying.
+    children: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    moved_while_applying: bool = False
     status_written: tuple[str, dict[str, Any]] | None = None  # (pool uid, status) last written
     memo: dict = field(default_factory=dict)  # routing.plan_pool's memo: entries and statuses of the last plan
     dirty: bool = False  # to reconcile
     task: asyncio.Task | None = None  # the reconcile loop running for it
+
+    def reapply(self) -> None:
+        """Someone else changed or deleted a child: the next reconcile applies them all, and one in
+        the middle of applying them does not take what it applied for what is there."""
+        self.applied = None
+        self.moved_while_applying = True
 
     def forget_routes(self) -> None:
         """What the ConfigMaps hold is unknown now: the next reconcile lists them."""
@@ -265,7 +275,7 @@ class Fleet:
                 return
             if st.view is not None and st.view.uid == owner.get("uid"):
                 log.info("Deployment %s/%s was deleted outside the operator; applying it again", namespace, name)
-                st.applied = None
+                st.reapply()
                 self.touch(key)
             self._release(key)
             return
@@ -276,13 +286,45 @@ class Fleet:
         if known is not None and view.generation > known and not st.applying:
             log.info("Deployment %s/%s was changed outside the operator (generation %d, ours %d); applying "
                      "the pool's spec again", namespace, name, view.generation, known)
-            st.applied = None
+            st.reapply()
             self.touch(key)
         elif old is None or old.problem != view.problem:
             pool = st.view
             if view.problem and pool is not None:
                 kopf.warn(pool.ref(), reason="ReplicaFailure", message=view.problem)
             self.touch(key)
+
+    def owned_event(self, kind: str, kind_event: str | None, body: dict[str, Any]) -> None:
+        """An owned Service, ServiceAccount or Ingress changed: one that lost a field the operator
+        applied (``kubectl edit``, another controller) or was deleted by someone else is applied again.
+        Fields others added are theirs."""
+        meta = body.get("metadata") or {}
+        owner = next((o for o in meta.get("ownerReferences") or []
+                      if o.get("kind") == names.POOL_KIND and o.get("controller")), None)
+        if owner is None:
+            return
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        key = (namespace, owner.get("name", ""))
+        self._mark(kind, namespace, name, deleted=kind_event == "DELETED")
+        st = self.state.get(key)
+        if st is None or st.view is None or st.view.uid != owner.get("uid"):
+            return
+        applied = st.children.get((kind, name))
+        if applied is None:
+            return  # not one of the pool's children now (one the operator deletes)
+        if kind_event == "DELETED":
+            how = "deleted"
+        elif not routing.holds(body, applied):
+            how = "changed"
+        else:
+            return  # what was applied (our own writes' events among them)
+        if st.applying:
+            st.moved_while_applying = True  # perhaps a write of ours not yet made: checked once it is
+            return
+        log.info("%s %s/%s was %s outside the operator; applying the pool's spec again", kind, namespace, name,
+                 how)
+        st.reapply()
+        self.touch(key)
 
     # ------------------------------------------------------------------------------ resync
 
@@ -311,7 +353,7 @@ class Fleet:
         if self.kube is None:
             self.kube = Kube()
         since = self.event_seq
-        (adapters, pools, pods), (deployments, configmaps) = await asyncio.gather(
+        (adapters, pools, pods), (deployments, configmaps, others) = await asyncio.gather(
             self.kube.list_bodies(self.namespaces), self.kube.list_owned(self.namespaces))
 
         def ids(kind: str, bodies: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
@@ -319,7 +361,7 @@ class Fleet:
                     for b in bodies}
 
         alive = (ids("a", adapters) | ids("p", pools) | ids("pod", pods) | ids("d", deployments)
-                 | ids("cm", configmaps))
+                 | ids("cm", configmaps) | {k for kind, bodies in others.items() for k in ids(kind, bodies)})
 
         def gone(kind: str, namespace: str, name: str) -> bool:
             k = (kind, namespace, name)
@@ -353,6 +395,13 @@ class Fleet:
                     self.workload_event("DELETED", {"metadata": {"name": name, "namespace": namespace,
                                                                  "ownerReferences": [owner]}})
                     swept += 1
+            lost = sorted(f"{kind} {name}" for kind, name in st.children if gone(kind, namespace, name))
+            if lost:
+                log.info("%s of pool %s/%s: gone (their deletion was missed): applying the pool's spec again",
+                         ", ".join(lost), namespace, pool)
+                st.reapply()
+                self.touch((namespace, pool))
+                swept += len(lost)
             missing = [name for name in st.shards or {} if gone("cm", namespace, name)]
             if missing:
                 log.info("routes ConfigMaps %s of pool %s/%s are gone (their deletion was missed): writing them "
@@ -419,6 +468,12 @@ class Fleet:
                     # one line with its reason, and try again.
                     log.warning("pool %s/%s: reconcile failed: %s; retrying in %.0f s", *key, e.status.message,
                                 RETRY_S)
+                    st.dirty = True
+                    await asyncio.sleep(RETRY_S)
+                except TransportError as e:
+                    # The API server unreachable or the connection cut: no bug of ours, one line.
+                    log.warning("pool %s/%s: reconcile failed: the API server did not answer (%s: %s); retrying "
+                                "in %.0f s", *key, type(e).__name__, e, RETRY_S)
                     st.dirty = True
                     await asyncio.sleep(RETRY_S)
                 except Exception:
@@ -545,6 +600,9 @@ class Fleet:
             return
         # Unchanged fields make server-side apply a no-op: a restart rewrites nothing.
         st.applying = True
+        st.moved_while_applying = False
+        # Known before the writes, so their own events are recognised as what was applied.
+        st.children = {(m["kind"], m["metadata"]["name"]): m for m in children if m["kind"] in DRIFT_CHECKED}
         try:
             for m in children:
                 generation = await self.kube.apply(m)
@@ -552,9 +610,15 @@ class Fleet:
                     self.applied_generations[(pool.namespace, m["metadata"]["name"])] = generation
         finally:
             st.applying = False
-        if any(w.generation > self.applied_generations.get((pool.namespace, n), w.generation)
-               for n, w in st.workloads.items()):
-            st.dirty = True  # edited by someone else while we applied: apply once more
+        for kind, name in st.children:  # applied: a full listing that began before this does not sweep them
+            self._mark(kind, pool.namespace, name)
+        if st.moved_while_applying or any(w.generation > self.applied_generations.get((pool.namespace, n),
+                                                                                      w.generation)
+                                          for n, w in st.workloads.items()):
+            # Edited by someone else while we applied (or our own writes' events, which cannot be
+            # told apart then): apply once more; unchanged fields make it a no-op.
+            st.moved_while_applying = False
+            st.dirty = True
             return
         # After the applies: the Ingress points back at the pool's Service before the gateway goes.
         for kind, name in manifests.stale_children(pool.name, pool.spec, self.gateway_cluster_role):
@@ -562,6 +626,10 @@ class Fleet:
                 self.own_deletes.add((pool.namespace, name))
             if not await self.kube.delete(kind, name, pool.namespace):
                 self.own_deletes.discard((pool.namespace, name))
+        if st.moved_while_applying:  # a child changed or went meanwhile: apply once more
+            st.moved_while_applying = False
+            st.dirty = True
+            return
         if st.applied is not None or pool.status.get("observedGeneration") != pool.generation:
             gateway = (f"; gateway {names.gateway_name(pool.name)} ({pool.spec.gateway.replicas} replicas)"
                        if pool.spec.gateway is not None and pool.spec.gateway.enabled else "")

@@ -33,6 +33,9 @@ BaseModelPoolResource = create_namespaced_resource(names.GROUP, names.VERSION, n
 
 KINDS = {"Deployment": Deployment, "ConfigMap": ConfigMap, "Service": Service, "ServiceAccount": ServiceAccount,
          "Ingress": Ingress, "Role": Role, "RoleBinding": RoleBinding}
+# Owned kinds without a generation to compare, watched for drift field by field (Deployments go by
+# generation, routes ConfigMaps by their text).
+DRIFT_CHECKED = frozenset({"Service", "ServiceAccount", "Ingress"})
 
 # Status writes in flight at once: enough to keep the API server busy at startup with 10,000
 # adapters, few enough not to starve its other clients. Routes and pool objects have their own
@@ -53,9 +56,29 @@ class Kube:
         them by someone else is put back). Returns the object's generation after the apply."""
         res = KINDS[manifest["kind"]]
         meta = manifest["metadata"]
-        async with self.inflight:
-            obj = await self.client.patch(res, meta["name"], manifest, namespace=meta["namespace"],
-                                          patch_type=PatchType.APPLY, field_manager=names.FIELD_MANAGER, force=True)
+
+        async def apply() -> Any:
+            async with self.inflight:
+                return await self.client.patch(res, meta["name"], manifest, namespace=meta["namespace"],
+                                               patch_type=PatchType.APPLY, field_manager=names.FIELD_MANAGER,
+                                               force=True)
+
+        try:
+            obj = await apply()
+        except ApiError as e:
+            if e.status.code != 422 or "spec" not in manifest:
+                raise
+            # Refused as invalid: someone else's item in a keyed list collides with ours (a Service
+            # port renumbered by hand keeps its name, so ours comes back as a duplicate). Lists are
+            # written whole by a merge patch, then applied again; an invalid spec of our own fails
+            # the same way twice and is reported as before.
+            log.warning("%s %s/%s: apply refused (%s); writing its spec whole, then applying again",
+                        manifest["kind"], meta["namespace"], meta["name"], e.status.message)
+            async with self.inflight:
+                await self.client.patch(res, meta["name"], {"spec": manifest["spec"]}, namespace=meta["namespace"],
+                                        patch_type=PatchType.MERGE, field_manager=names.FIELD_MANAGER)
+            self.writes += 1
+            obj = await apply()
         self.writes += 1
         return getattr(getattr(obj, "metadata", None), "generation", None)
 
@@ -131,15 +154,19 @@ class Kube:
             self._bodies(namespaces, Pod, {names.LABEL_GATEWAY_FOR: exists()}))
         return adapters, pools, pods + gateways
 
-    async def list_owned(self, namespaces: list[str]) -> tuple[list[dict], list[dict]]:
+    async def list_owned(self, namespaces: list[str]) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
         """What the operator writes and watches besides the pools' own objects: the Deployments it
-        manages and the routes ConfigMaps, as raw bodies."""
+        manages, the routes ConfigMaps, and its Services, ServiceAccounts and Ingresses by kind, as
+        raw bodies."""
         from lightkube.operators import exists
 
-        deployments, configmaps = await asyncio.gather(
-            self._bodies(namespaces, Deployment, {names.LABEL_MANAGED_BY: "lorafleet"}),
-            self._bodies(namespaces, ConfigMap, {names.LABEL_ROUTES_FOR: exists()}))
-        return deployments, configmaps
+        managed = {names.LABEL_MANAGED_BY: "lorafleet"}
+        kinds = sorted(DRIFT_CHECKED)
+        deployments, configmaps, *others = await asyncio.gather(
+            self._bodies(namespaces, Deployment, managed),
+            self._bodies(namespaces, ConfigMap, {names.LABEL_ROUTES_FOR: exists()}),
+            *(self._bodies(namespaces, KINDS[k], managed) for k in kinds))
+        return deployments, configmaps, dict(zip(kinds, others))
 
     async def list_bodies_when_ready(self, namespaces: list[str], logger: logging.Logger,
                                      timeout: float = 300) -> tuple[list[dict], list[dict], list[dict]]:

@@ -25,6 +25,7 @@ ADAPTERS = f"{names.ADAPTER_PLURAL}.{names.GROUP}"
 POOLS = f"{names.POOL_PLURAL}.{names.GROUP}"
 POOL_PODS = {names.LABEL_POOL: kopf.PRESENT}
 GATEWAY_PODS = {names.LABEL_GATEWAY_FOR: kopf.PRESENT}
+MANAGED = {names.LABEL_MANAGED_BY: "lorafleet"}
 
 log = logging.getLogger("lorafleet.operator")
 
@@ -67,10 +68,28 @@ async def pod_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     FLEET.pod_event(type, dict(body))
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: "lorafleet"})
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 async def deployment_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     FLEET.in_handler()
     FLEET.workload_event(type, dict(body))
+
+
+@kopf.on.event("services", labels=MANAGED)
+async def service_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.in_handler()
+    FLEET.owned_event("Service", type, dict(body))
+
+
+@kopf.on.event("serviceaccounts", labels=MANAGED)
+async def service_account_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.in_handler()
+    FLEET.owned_event("ServiceAccount", type, dict(body))
+
+
+@kopf.on.event("networking.k8s.io", "v1", "ingresses", labels=MANAGED)
+async def ingress_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.in_handler()
+    FLEET.owned_event("Ingress", type, dict(body))
 
 
 @kopf.on.event("configmaps", labels={names.LABEL_ROUTES_FOR: kopf.PRESENT})

@@ -97,6 +97,17 @@ def workload_view(body: dict[str, Any]) -> WorkloadView:
     return WorkloadView(name=name, generation=int(meta.get("generation") or 0), problem=problem, reason=reason)
 
 
+def holds(obj: Any, applied: Any) -> bool:
+    """Whether an object as the API server has it still carries every field the operator applied,
+    with its value: dicts by key, lists item by item in any order (what others add to a list, or to
+    an object, is theirs, not drift), scalars equal or equal as text (``80`` and ``"80"``)."""
+    if isinstance(applied, dict):
+        return isinstance(obj, dict) and all(k in obj and holds(obj[k], v) for k, v in applied.items())
+    if isinstance(applied, list):
+        return isinstance(obj, list) and all(any(holds(o, a) for o in obj) for a in applied)
+    return obj == applied or (not isinstance(obj, (dict, list)) and str(obj) == str(applied))
+
+
 def _spec_error(e: ValidationError, prefix: str) -> str:
     return "; ".join(f"{prefix}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
 

@@ -58,6 +58,36 @@ def test_scaled_or_deleted_deployments_are_put_back(control_plane, operator, nam
     wait_for(lambda: _replicas(control_plane, namespace) == 2, timeout=30, what="the Deployment made again")
 
 
+def test_edited_or_deleted_services_and_service_accounts_are_put_back(control_plane, operator, namespace):
+    """Kinds without a generation: drift is a field the operator applied that no longer holds."""
+    apply(control_plane, namespace, pool_doc("p", replicas=1))
+    svc, sa = names.service_name("p"), names.sidecar_service_account("p")
+
+    def service():
+        return get_json(control_plane, namespace, "service", svc)
+
+    wait_for(lambda: service() and get_json(control_plane, namespace, "serviceaccount", sa), timeout=30,
+             what="the pool's Service and ServiceAccount")
+    want = service()["spec"]
+    # Someone points the Service elsewhere (and adds a label of their own, which is theirs to keep).
+    control_plane.kubectl("patch", "service", svc, "-n", namespace, "--type=merge", "-p", json.dumps({
+        "metadata": {"labels": {"team": "ops"}},
+        "spec": {"selector": {names.LABEL_POOL: "elsewhere"}}}))
+    wait_for(lambda: service()["spec"]["selector"] == want["selector"], timeout=30, what="the selector put back")
+    assert service()["metadata"]["labels"]["team"] == "ops"
+    control_plane.kubectl("patch", "service", svc, "-n", namespace, "--type=json", "-p", json.dumps([
+        {"op": "replace", "path": "/spec/ports/0/port", "value": 8080}]))
+    wait_for(lambda: [p["port"] for p in service()["spec"]["ports"]] == [p["port"] for p in want["ports"]],
+             timeout=30, what="the port put back")
+
+    control_plane.kubectl("delete", "service", svc, "-n", namespace)
+    wait_for(lambda: (s := service()) and s["spec"]["selector"] == want["selector"], timeout=30,
+             what="the Service made again")
+    control_plane.kubectl("delete", "serviceaccount", sa, "-n", namespace)
+    wait_for(lambda: get_json(control_plane, namespace, "serviceaccount", sa), timeout=30,
+             what="the ServiceAccount made again")
+
+
 def test_a_replicaset_that_cannot_create_pods_shows_on_the_pool(control_plane, operator, namespace):
     # Room for one pod. (The quota controller does not run here: its usage is set by hand, then
     # quota admission counts each pod it lets in.)

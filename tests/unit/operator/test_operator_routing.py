@@ -4,6 +4,7 @@ collisions, shards written only when they change, and status from the pods' sync
 from __future__ import annotations
 
 import itertools
+import json
 
 from lorafleet.contracts.resources import BaseModelPoolStatus, LoRAAdapterStatus
 from lorafleet.contracts.routes import RoutesTable, SyncReport
@@ -229,3 +230,19 @@ def test_model_readiness_from_what_each_pods_runtime_says():
     st, c = model_ready([reported("x", "failed", "out of memory"), reported("y", "loaded", ready=True)])
     assert (c.status, c.reason) == ("False", "ModelLoadFailed") and st.phase == "Degraded"
     assert c.message == "the runtime failed to load the base model on 1/2 pods (x): out of memory"
+
+
+def test_what_was_applied_holds_unless_a_field_of_ours_moved():
+    applied = {"metadata": {"name": "s", "labels": {"a": "1"}},
+               "spec": {"selector": {"pool": "p"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
+    live = {"metadata": {"name": "s", "labels": {"a": "1", "theirs": "x"}, "uid": "u"},
+            "spec": {"clusterIP": "10.0.0.1", "selector": {"pool": "p"},
+                     "ports": [{"name": "metrics", "port": 9090}, {"name": "http", "port": "80", "targetPort": "http",
+                                                                   "protocol": "TCP"}]}}
+    assert routing.holds(live, applied)  # defaults and what others added are not drift
+    for path, value in ((("spec", "selector"), {"pool": "q"}), (("metadata", "labels"), {"theirs": "x"}),
+                        (("spec", "ports"), [{"name": "http", "port": 8080, "targetPort": "http"}])):
+        moved = json.loads(json.dumps(live))
+        moved[path[0]][path[1]] = value
+        assert not routing.holds(moved, applied), path
+    assert not routing.holds({"metadata": {"name": "s"}}, applied)
