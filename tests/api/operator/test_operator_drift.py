@@ -88,6 +88,28 @@ def test_edited_or_deleted_services_and_service_accounts_are_put_back(control_pl
              what="the ServiceAccount made again")
 
 
+def test_what_the_api_server_stores_holds_what_was_applied(control_plane, operator, namespace):
+    """Defaults the API server fills in (clusterIP, a port's protocol, ...) are no drift: else every
+    event of an owned object (an Ingress's status written by its controller) would apply it again."""
+    from lorafleet.operator import manifests, routing
+    from lorafleet.operator.kube import DRIFT_CHECKED
+
+    mark = len(operator.text())
+    apply(control_plane, namespace, pool_doc("p", replicas=1, ingress={"host": "p.example", "tls": [
+        {"hosts": ["p.example"], "secretName": "p-tls"}]}, gateway={"enabled": True, "replicas": 1}))
+    wait_for(lambda: get_json(control_plane, namespace, "ingress", names.ingress_name("p")), timeout=30,
+             what="the pool's Ingress")
+    pool = routing.pool_view(get_json(control_plane, namespace, "lfpool", "p"))
+    checked = [m for m in manifests.pool_children("p", namespace, pool.uid, pool.spec) if m["kind"] in DRIFT_CHECKED]
+    assert {m["kind"] for m in checked} == DRIFT_CHECKED
+    for m in checked:
+        live = wait_for(lambda: get_json(control_plane, namespace, m["kind"].lower(), m["metadata"]["name"]),
+                        timeout=30, what=f"{m['kind']} {m['metadata']['name']}")
+        assert routing.holds(live, m), (m, live)
+    drift = [line for line in operator.text()[mark:].splitlines() if f" {namespace}/" in line and "outside" in line]
+    assert not drift, drift
+
+
 def test_a_replicaset_that_cannot_create_pods_shows_on_the_pool(control_plane, operator, namespace):
     # Room for one pod. (The quota controller does not run here: its usage is set by hand, then
     # quota admission counts each pod it lets in.)
