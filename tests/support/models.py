@@ -161,6 +161,59 @@ def make_classification_adapter(base_dir: str | Path, out_dir: str | Path, *, la
     return out
 
 
+def train_chat_adapter(base_dir: str | Path, out_dir: str | Path, *, prompt: str, reply: str, seed: int,
+                       steps: int = 100, lr: float = 2e-2, r: int = 8, base_model=None) -> Path:
+    """A tenant's chat adapter that answers the user message ``prompt`` with ``reply`` under greedy
+    decoding: LoRA on every projection of the tiny Llama, trained on that one exchange with the prompt
+    built as the runtime builds chat prompts (``chat_prompt_ids``) and the reply ended by EOS. About a
+    second on one CPU thread."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafleet.runtime.generation import chat_prompt_ids
+    from lorafleet.runtime.protocol import ChatMessage
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    prompt_ids = chat_prompt_ids(tok, [ChatMessage(role="user", content=prompt)])
+    reply_ids = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([prompt_ids + reply_ids])
+    labels = ids.clone()
+    labels[0, :len(prompt_ids)] = -100  # learn the reply only
+    torch.manual_seed(seed)
+    base = base_model if base_model is not None else AutoModelForCausalLM.from_pretrained(str(base_dir))
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pm = get_peft_model(base, cfg)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    pm.train()
+    for _ in range(steps):
+        loss = pm(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.eval()
+    pm.save_pretrained(str(out_dir))
+    if base_model is not None:
+        pm.unload()
+    return Path(out_dir)
+
+
+def make_chat_demo(out_root: str | Path, replies: dict[str, str], *, prompt: str, seed: int = 7) -> Path:
+    """The local stack's text-generation demo: a seeded tiny Llama in ``out_root/model`` and, for each
+    ``name -> reply``, an adapter in ``out_root/adapters/name`` answering ``prompt`` with that reply.
+    One CPU thread: on a tiny model, more threads only contend."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    out = Path(out_root)
+    model = make_tiny_llama(out / "model", seed=seed)
+    base = AutoModelForCausalLM.from_pretrained(str(model))
+    for i, (name, reply) in enumerate(replies.items()):
+        train_chat_adapter(model, out / "adapters" / name, prompt=prompt, reply=reply, seed=seed + 1 + i,
+                           base_model=base)
+    return out
+
+
 # Mixed shapes for suites of tenants: (r, alpha, rank_pattern, alpha_pattern, use_rslora, targets)
 GENERATION_MIX = [
     (8, 16, None, None, False, ("q_proj", "k_proj", "v_proj", "o_proj")),

