@@ -379,17 +379,20 @@ class Stack:
                                                max_tokens=32, temperature=0)
             return r.choices[0].message.content or ""
 
-        def routed() -> bool:
+        tenant, name, _ = CHAT_TENANTS[0]
+
+        def routed() -> bool:  # by the gateway: its answers name the pool pod that served them
+            client = openai.OpenAI(base_url=base_url, api_key=keys[tenant], max_retries=0, timeout=30)
             try:
-                ask(CHAT_TENANTS[0][1], keys[CHAT_TENANTS[0][0]])
-                return True
+                r = client.chat.completions.with_raw_response.create(
+                    model=name, messages=[{"role": "user", "content": CHAT_PROMPT}], max_tokens=1)
             except (openai.APIStatusError, openai.APIConnectionError):
                 return False
+            return "x-lorafleet-replica" in r.headers
 
         # The gateway pod turns Ready once it has read the tenants and a pool pod answered.
         wait_for(routed, timeout=120, interval=0.5,
-                 what=f"the ingress ({base_url}, host {CHAT_HOST}) and the pool's gateway to route {CHAT_TENANTS[0][1]}")
-        tenant, name, _ = CHAT_TENANTS[0]
+                 what=f"the ingress ({base_url}, host {CHAT_HOST}) and the pool's gateway to route {name}")
         snippet = _chat_snippet(base_url, keys[tenant], name)
         self.chat_script.write_text(_chat_script(base_url, {n: keys[t] for t, n, _ in CHAT_TENANTS}, CHAT_POOL))
         print(f"\nThe text-generation pool {CHAT_POOL} (a tiny Llama with seeded weights), asked {CHAT_PROMPT!r} "
