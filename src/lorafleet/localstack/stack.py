@@ -96,6 +96,9 @@ class Stack:
 
     def up(self) -> None:
         t0 = time.monotonic()
+        if self.running() and "chat_port" not in self.state():
+            say("the running stack has no ingress port for the chat demo; stopping it and starting again")
+            self.down(quiet=True)
         if self.running():
             say("stack already running; making sure the demo is in place")
             st = self.state()
