@@ -395,7 +395,8 @@ class Fleet:
                     self.workload_event("DELETED", {"metadata": {"name": name, "namespace": namespace,
                                                                  "ownerReferences": [owner]}})
                     swept += 1
-            lost = sorted(f"{kind} {name}" for kind, name in st.children if gone(kind, namespace, name))
+            lost = sorted(f"{kind} {name}" for kind, name in st.children
+                          if st.view is not None and gone(kind, namespace, name))
             if lost:
                 log.info("%s of pool %s/%s: gone (their deletion was missed): applying the pool's spec again",
                          ", ".join(lost), namespace, pool)
@@ -615,8 +616,8 @@ class Fleet:
         if st.moved_while_applying or any(w.generation > self.applied_generations.get((pool.namespace, n),
                                                                                       w.generation)
                                           for n, w in st.workloads.items()):
-            # Edited by someone else while we applied (or our own writes' events, which cannot be
-            # told apart then): apply once more; unchanged fields make it a no-op.
+            # Edited by someone else while we applied (or an event of a write of ours caught before
+            # it was made): apply once more; unchanged fields make it a no-op.
             st.moved_while_applying = False
             st.dirty = True
             return

@@ -1,7 +1,7 @@
 """A pod deleted while the operator's watches were away (the stream broke, and by the time it came
 back the API server had compacted past it: 410 Gone, kopf lists again and reports no deletion) is
 swept by the operator's periodic full listing instead of counting as a Ready replica for ever; an owned
-Deployment or routes ConfigMap deleted in the same gap is made again.
+Deployment, Service or routes ConfigMap deleted in the same gap is made again.
 
 The shared control plane serves watches from its watch cache, whose window is minutes long; this
 module runs its own API server with the cache off, so compacting etcd expires a watch at once."""
@@ -88,7 +88,7 @@ def _routes(kube, namespace: str, pool: str = "p") -> list[str]:
 def test_a_pod_deleted_while_the_watch_was_away_is_swept(uncached_control_plane, uncached_kube, tmp_path):
     from lightkube.models.meta_v1 import ObjectMeta
     from lightkube.resources.apps_v1 import Deployment
-    from lightkube.resources.core_v1 import ConfigMap, Namespace, Pod, ServiceAccount
+    from lightkube.resources.core_v1 import ConfigMap, Namespace, Pod, Service, ServiceAccount
 
     cp, kube = uncached_control_plane, uncached_kube
     namespace = "ghosts"
@@ -112,6 +112,7 @@ def test_a_pod_deleted_while_the_watch_was_away_is_swept(uncached_control_plane,
         proxy.cut()  # the operator's watches break ...
         kube.delete(Pod, "p-1", namespace=namespace, grace_period=0)
         kube.delete(Deployment, deployment, namespace=namespace)
+        kube.delete(Service, names.service_name("p"), namespace=namespace)
         for cm in routes:
             kube.delete(ConfigMap, cm, namespace=namespace)
         _compact_etcd(cp)  # ... and when they come back, the API server has forgotten the deletions
@@ -124,10 +125,13 @@ def test_a_pod_deleted_while_the_watch_was_away_is_swept(uncached_control_plane,
         wait_for(lambda: _exists(kube, Deployment, deployment, namespace), timeout=30,
                  what="the Deployment made again")
         wait_for(lambda: _routes(kube, namespace) == routes, timeout=30, what="the routes ConfigMaps written again")
+        wait_for(lambda: _exists(kube, Service, names.service_name("p"), namespace), timeout=30,
+                 what="the Service made again")
         log = op.text()
         assert f"pod {namespace}/p-1 of pool p is gone (its deletion was missed)" in log
         assert f"Deployment {namespace}/{deployment} of pool p is gone (its deletion was missed)" in log
         assert "(their deletion was missed): writing them again" in log
+        assert f"Service {names.service_name('p')} of pool {namespace}/p: gone (their deletion was missed)" in log
     finally:
         op.stop()
         proxy.close()
