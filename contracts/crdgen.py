@@ -161,12 +161,12 @@ def crd_manifests() -> dict[str, dict[str, Any]]:
     tenant = _crd(
         names.TENANT_KIND, names.TENANT_PLURAL, names.TENANT_SHORT, LoRATenantSpec, LoRATenantStatus,
         [
-            {"name": "Secret", "type": "string", "jsonPath": ".spec.apiKeySecretRef.name"},
+            {"name": "Sources", "type": "string", "jsonPath": ".spec.sources"},
             {"name": "RPS", "type": "number", "jsonPath": ".spec.rateLimit.requestsPerSecond"},
             {"name": "Concurrency", "type": "integer", "jsonPath": ".spec.maxConcurrency"},
             age,
         ],
-        "A tenant of the gateway: the Secret with its API keys, its rate limit and concurrency.",
+        "A tenant: where its adapters may come from, its API keys' digests, its rate limit and concurrency.",
     )
     return {
         f"{names.GROUP}_{names.ADAPTER_PLURAL}.yaml": adapter,

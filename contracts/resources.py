@@ -391,12 +391,24 @@ class LoRAAdapter(_Model):
 # -------------------------------------------------------------------------------------- tenant
 
 
-class SecretKeyRef(_Model):
-    name: str = Field(pattern=DNS_LABEL_PATTERN.replace("{0,61}", "{0,251}"),
-                      description="Secret in the tenant's namespace")
-    key: str | None = Field(None, max_length=253,
-                            description="Data key holding the API key; unset: every key of the Secret is a valid "
-                                        "API key (rotation: add the new key, then remove the old one)")
+class ApiKeyDigest(_Model):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid",
+        json_schema_extra=_cel_extra(
+            cel("self.sha256.matches('^[0-9a-f]{64}$')",
+                "apiKeys[].sha256 must be the sha256 of the key, 64 lowercase hex characters "
+                "(lorafleet api-key prints a new key and its digest)", ".sha256", "FieldValueInvalid"),
+        ),
+    )
+    name: str = Field(max_length=63, pattern=TENANT_PATTERN,
+                      description="What the key is for (rotation: add the new key, then remove the old one)")
+    sha256: str = Field(max_length=64, description="sha256 hex of the API key the tenant sends as "
+                                                  "`Authorization: Bearer <key>`; never the key itself")
+
+    @field_validator("sha256")
+    @classmethod
+    def check_sha(cls, v: str) -> str:
+        return _match(DIGEST_PATTERN, v, "apiKeys[].sha256")
 
 
 class RateLimitSpec(_Model):
@@ -404,12 +416,42 @@ class RateLimitSpec(_Model):
     burst: int = Field(1, ge=1, le=1_000_000, description="Requests allowed at once above the sustained rate")
 
 
+SOURCE_PREFIX_CEL = "self.matches('^(s3://[^/]+|file://|hf://[^/]+)/(.*/)?$')"
+
+
 class LoRATenantSpec(_Model):
-    api_key_secret_ref: SecretKeyRef = Field(description="Secret holding the tenant's API key(s), sent as "
-                                                         "`Authorization: Bearer <key>` to the gateway")
+    api_keys: list[ApiKeyDigest] = Field(
+        default_factory=list, max_length=64,
+        description="Digests of the tenant's API keys, written by whoever makes the keys (the keys themselves "
+                    "stay with the tenant: nothing in lorafleet reads them)")
+    sources: list[Annotated[str, Field(max_length=2048, json_schema_extra=_cel_extra(
+        cel(SOURCE_PREFIX_CEL, "sources[] must be a folder: s3://bucket/prefix/, file:///path/ or hf://org/ "
+                               "(ending in '/')", None, "FieldValueInvalid")))]] = Field(
+        default_factory=list, max_length=64,
+        description="Storage prefixes the tenant's adapters may come from (s3://bucket/tenant/); a LoRAAdapter "
+                    "whose source or canary lies outside them is invalid and never downloaded")
     rate_limit: RateLimitSpec | None = Field(None, description="Per-tenant token bucket; unset: unlimited")
     max_concurrency: int | None = Field(None, ge=1, le=1_000_000,
                                         description="Requests of this tenant in flight at once; unset: unlimited")
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v: list[str]) -> list[str]:
+        from .tenancy import prefix_problem
+
+        found = [p for p in (prefix_problem(s) for s in v) if p]
+        if found:
+            raise ValueError("; ".join(found))
+        return v
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> "LoRATenantSpec":
+        seen: set[str] = set()
+        for k in self.api_keys:
+            if k.name in seen:
+                raise ValueError(f"apiKeys: two keys are named {k.name!r}; give each its own name")
+            seen.add(k.name)
+        return self
 
 
 class LoRATenantStatus(_Status):

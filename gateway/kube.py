@@ -1,21 +1,21 @@
 """The only module that reads the Kubernetes API: the pool's ready pods (where each listens) and the
-tenant directory (LoRATenants, their key Secrets, the pool's LoRAAdapters), polled so edits to a Secret
-take effect within a poll interval, without a restart."""
+tenant directory (LoRATenants with their API keys' digests, the pool's LoRAAdapters), polled so a new
+or removed key takes effect within a poll interval, without a restart. The gateway reads no Secrets:
+a LoRATenant holds only the sha256 of each key (docs/gateway.md, "API keys")."""
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 
 from lightkube import Client
 from lightkube.generic_resource import create_namespaced_resource
-from lightkube.resources.core_v1 import Pod, Secret
+from lightkube.resources.core_v1 import Pod
 
 from lorafleet.contracts import names
 from lorafleet.contracts.resources import LoRAAdapter, LoRATenant
 
-from .tenants import Directory, TenantLimits, adapter_owners, key_digest
+from .tenants import Directory, TenantLimits, adapter_owners
 
 log = logging.getLogger("lorafleet.gateway")
 
@@ -32,7 +32,7 @@ def warm_decoders() -> None:
     the process (docs/architecture.md, hazards). Build them once, here, before any other thread runs."""
     from lightkube.core.decoders import decode_list
 
-    for res in (Pod, Secret, LoRAAdapterResource, LoRATenantResource):
+    for res in (Pod, LoRAAdapterResource, LoRATenantResource):
         decode_list(b'{"items": []}', res)
 
 
@@ -84,7 +84,6 @@ class KubeView:
                 log.warning("LoRAAdapter %s/%s skipped: %s", self.namespace, obj.metadata.name, e)
         d.adapters, d.problems = adapter_owners(adapters, self.pool)
         shared: set[str] = set()
-        secrets = {s.metadata.name: s for s in self.client.list(Secret, namespace=self.namespace)}
         for obj in self.client.list(LoRATenantResource, namespace=self.namespace):
             name = obj.metadata.name
             try:
@@ -95,29 +94,17 @@ class KubeView:
             rl = t.spec.rate_limit
             d.limits[name] = TenantLimits(rl.requests_per_second if rl else None, rl.burst if rl else 1,
                                           t.spec.max_concurrency)
-            ref = t.spec.api_key_secret_ref
-            secret = secrets.get(ref.name)
-            if secret is None:
-                d.problems.append(f"LoRATenant {self.namespace}/{name}: spec.apiKeySecretRef.name: Secret "
-                                  f"{ref.name!r} does not exist; create it with the tenant's API key")
-                continue
-            data = secret.data or {}
-            picked = {ref.key: data[ref.key]} if ref.key and ref.key in data else ({} if ref.key else data)
-            if not picked:
-                d.problems.append(f"LoRATenant {self.namespace}/{name}: spec.apiKeySecretRef.key: Secret "
-                                  f"{ref.name!r} has no key {ref.key!r}")
-            for value in picked.values():
-                key = base64.b64decode(value).decode(errors="replace").strip()
-                if not key:
-                    continue
-                digest = key_digest(key)
-                other = d.keys.get(digest)
+            if not t.spec.api_keys:
+                d.problems.append(f"LoRATenant {self.namespace}/{name}: spec.apiKeys is empty; add the sha256 of "
+                                  f"an API key (lorafleet api-key prints a new key and its digest)")
+            for k in t.spec.api_keys:
+                other = d.keys.get(k.sha256)
                 if other is not None and other != name:
                     # One key for two tenants would let one reach the other's adapters: refuse it for both.
-                    shared.add(digest)
-                    d.problems.append(f"LoRATenant {self.namespace}/{name}: its API key is also tenant "
-                                      f"{other}'s; the key is refused until each tenant has its own")
-                d.keys[digest] = name
+                    shared.add(k.sha256)
+                    d.problems.append(f"LoRATenant {self.namespace}/{name}: spec.apiKeys[{k.name}] is also a key "
+                                      f"of tenant {other}; the key is refused until each tenant has its own")
+                d.keys[k.sha256] = name
         for digest in shared:
             d.keys.pop(digest, None)
         return d

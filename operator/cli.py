@@ -18,9 +18,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                        help="watch every namespace (the default when no --namespace is given)")
     p.add_argument("--liveness", default=os.environ.get("LORAFLEET_OPERATOR_LIVENESS", ""),
                    help="serve liveness on this URL, e.g. http://0.0.0.0:8080/healthz")
-    p.add_argument("--gateway-cluster-role", default=os.environ.get("LORAFLEET_GATEWAY_CLUSTER_ROLE", ""),
-                   help="pools' gateways get a RoleBinding to this ClusterRole (the chart's) instead of a Role "
-                        "of their own, so the operator needs no read access to Secrets")
+    p.add_argument("--sidecar-cluster-role", default=os.environ.get("LORAFLEET_SIDECAR_CLUSTER_ROLE", ""),
+                   help="pools' sidecars get their pod rights (get, patch) from a RoleBinding to this ClusterRole "
+                        "(the chart's), so the operator itself need not hold patch on pods")
     p.add_argument("--resync-interval", type=float,
                    default=float(os.environ.get("LORAFLEET_OPERATOR_RESYNC_S", "300")),
                    help="seconds between full listings that sweep objects whose deletion a watch missed "
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
 
     namespaces = args.namespace
     handlers.FLEET.namespaces = list(namespaces)
-    handlers.FLEET.gateway_cluster_role = args.gateway_cluster_role or None
+    handlers.FLEET.sidecar_cluster_role = args.sidecar_cluster_role or None
     handlers.FLEET.resync_interval = args.resync_interval
     logging.getLogger("lorafleet.operator").info(
         "lorafleet operator starting, watching %s", ", ".join(namespaces) or "all namespaces")

@@ -89,7 +89,7 @@ class Fleet:
         self.pending: set[PoolKey] = set()  # primed before the event loop could run reconciles
         self.priming = False
         self.namespaces: list[str] = []  # watched namespaces or glob patterns (all when empty)
-        self.gateway_cluster_role: str | None = None  # pools' gateways bind this ClusterRole, else a Role each
+        self.sidecar_cluster_role: str | None = None  # sidecars' pod rights come from this ClusterRole, else their Role
         self.written: dict[ObjKey, dict[str, Any]] = {}  # adapter status last written
         self.desired: dict[ObjKey, dict[str, Any]] = {}  # adapter status last planned
         self.status_queue: OrderedDict[ObjKey, AdapterView] = OrderedDict()
@@ -120,6 +120,9 @@ class Fleet:
     def _spawn(self, coro: Any) -> asyncio.Task:
         context = self.kopf_context.copy() if self.kopf_context is not None else None
         return asyncio.get_running_loop().create_task(coro, context=context)
+        # LoRATenants' spec.sources by namespace, then tenant: an adapter is routed only from its
+        # tenant's storage prefixes. A tenant that does not parse allows nothing.
+        self.tenants: dict[str, routing.Tenants] = {}
 
     def pool(self, key: PoolKey) -> PoolState:
         found = self.state.get(key)
@@ -252,6 +255,29 @@ class Fleet:
             return
         pods[name] = ready
         self.touch(key)
+
+    def tenant_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
+        """A LoRATenant changed: the pools of its namespace whose adapters name it plan again (their
+        adapters may have become valid, or invalid, and unrouted)."""
+        meta = body.get("metadata") or {}
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        known = self.tenants.setdefault(namespace, {})
+        if kind_event == "DELETED":
+            now = None
+        else:
+            now = routing.tenant_sources(body)
+        if known.get(name) == now and (now is not None or name not in known):
+            return
+        if now is None:
+            known.pop(name, None)
+        else:
+            known[name] = now
+        if not known:
+            self.tenants.pop(namespace, None)
+        self._flush_pending()
+        for (ns, pool), st in list(self.state.items()):
+            if ns == namespace and any(a.spec is not None and a.spec.tenant == name for a in st.adapters.values()):
+                self.touch((ns, pool))
 
     def workload_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
         """An owned Deployment changed: repair an edit that is not ours (its generation passed the
@@ -538,7 +564,8 @@ class Fleet:
         gateway_ready = sum(st.gateway_pods.values())
         problems = [(w.reason or "ReplicaFailure", w.problem) for w in st.workloads.values() if w.problem]
         plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status, st.memo,
-                                 gateway_ready=gateway_ready, workload_problems=problems)
+                                 gateway_ready=gateway_ready, workload_problems=problems,
+                                 tenants=self.tenants.get(namespace, {}))
 
         if pool_ok:
             assert pool is not None
@@ -595,7 +622,7 @@ class Fleet:
     async def _apply_children(self, st: PoolState, pool: PoolView, shards: int) -> None:
         assert self.kube is not None and pool.spec is not None
         children = manifests.pool_children(pool.name, pool.namespace, pool.uid, pool.spec, shards,
-                                           self.gateway_cluster_role)
+                                           self.sidecar_cluster_role)
         canonical = json.dumps(children, sort_keys=True)
         if st.applied == canonical:
             return
@@ -622,7 +649,7 @@ class Fleet:
             st.dirty = True
             return
         # After the applies: the Ingress points back at the pool's Service before the gateway goes.
-        for kind, name in manifests.stale_children(pool.name, pool.spec, self.gateway_cluster_role):
+        for kind, name in manifests.stale_children(pool.name, pool.spec, self.sidecar_cluster_role):
             if kind == "Deployment":
                 self.own_deletes.add((pool.namespace, name))
             if not await self.kube.delete(kind, name, pool.namespace):

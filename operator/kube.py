@@ -30,6 +30,8 @@ log = logging.getLogger("lorafleet.operator.kube")
 LoRAAdapterResource = create_namespaced_resource(names.GROUP, names.VERSION, names.ADAPTER_KIND,
                                                  names.ADAPTER_PLURAL)
 BaseModelPoolResource = create_namespaced_resource(names.GROUP, names.VERSION, names.POOL_KIND, names.POOL_PLURAL)
+LoRATenantResource = create_namespaced_resource(names.GROUP, names.VERSION, names.TENANT_KIND,
+                                                names.TENANT_PLURAL)
 
 KINDS = {"Deployment": Deployment, "ConfigMap": ConfigMap, "Service": Service, "ServiceAccount": ServiceAccount,
          "Ingress": Ingress, "Role": Role, "RoleBinding": RoleBinding}
@@ -66,21 +68,34 @@ class Kube:
         try:
             obj = await apply()
         except ApiError as e:
-            if e.status.code != 422 or "spec" not in manifest:
+            if manifest["kind"] == "RoleBinding" and e.status.code == 422 and "roleRef" in str(e.status.message):
+                # A RoleBinding's roleRef cannot change (one made by an earlier version, bound to a
+                # ClusterRole that is gone now): replace the binding.
+                log.info("RoleBinding %s/%s: roleRef changed; replacing it", meta["namespace"], meta["name"])
+                async with self.inflight:
+                    await self.client.delete(RoleBinding, meta["name"], namespace=meta["namespace"])
+                self.writes += 1
+                obj = await apply()
+            elif e.status.code != 422 or "spec" not in manifest:
                 raise
-            # Refused as invalid: someone else's item in a keyed list collides with ours (a Service
-            # port renumbered by hand keeps its name, so ours comes back as a duplicate). Lists are
-            # written whole by a merge patch, then applied again; an invalid spec of our own fails
-            # the same way twice and is reported as before.
-            log.warning("%s %s/%s: apply refused (%s); writing its spec whole, then applying again",
-                        manifest["kind"], meta["namespace"], meta["name"], e.status.message)
-            async with self.inflight:
-                await self.client.patch(res, meta["name"], {"spec": manifest["spec"]}, namespace=meta["namespace"],
-                                        patch_type=PatchType.MERGE, field_manager=names.FIELD_MANAGER)
-            self.writes += 1
-            obj = await apply()
+            else:
+                obj = await self._apply_spec_whole(res, manifest, e, apply)
         self.writes += 1
         return getattr(getattr(obj, "metadata", None), "generation", None)
+
+    async def _apply_spec_whole(self, res: Any, manifest: dict[str, Any], e: ApiError, apply: Any) -> Any:
+        meta = manifest["metadata"]
+        # Refused as invalid: someone else's item in a keyed list collides with ours (a Service
+        # port renumbered by hand keeps its name, so ours comes back as a duplicate). Lists are
+        # written whole by a merge patch, then applied again; an invalid spec of our own fails
+        # the same way twice and is reported as before.
+        log.warning("%s %s/%s: apply refused (%s); writing its spec whole, then applying again",
+                    manifest["kind"], meta["namespace"], meta["name"], e.status.message)
+        async with self.inflight:
+            await self.client.patch(res, meta["name"], {"spec": manifest["spec"]}, namespace=meta["namespace"],
+                                    patch_type=PatchType.MERGE, field_manager=names.FIELD_MANAGER)
+        self.writes += 1
+        return await apply()
 
     async def delete(self, kind: str, name: str, namespace: str) -> bool:
         """Delete; False when it was not there."""
@@ -167,6 +182,10 @@ class Kube:
             self._bodies(namespaces, ConfigMap, {names.LABEL_ROUTES_FOR: exists()}),
             *(self._bodies(namespaces, KINDS[k], managed) for k in kinds))
         return deployments, configmaps, dict(zip(kinds, others))
+
+    async def list_tenants(self, namespaces: list[str]) -> list[dict]:
+        """LoRATenants as raw bodies, in the given namespaces (all when empty)."""
+        return await self._bodies(namespaces, LoRATenantResource)
 
     async def list_bodies_when_ready(self, namespaces: list[str], logger: logging.Logger,
                                      timeout: float = 300) -> tuple[list[dict], list[dict], list[dict]]:

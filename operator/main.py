@@ -23,6 +23,7 @@ from .routing import adapter_view, pool_view
 
 ADAPTERS = f"{names.ADAPTER_PLURAL}.{names.GROUP}"
 POOLS = f"{names.POOL_PLURAL}.{names.GROUP}"
+TENANTS = f"{names.TENANT_PLURAL}.{names.GROUP}"
 POOL_PODS = {names.LABEL_POOL: kopf.PRESENT}
 GATEWAY_PODS = {names.LABEL_GATEWAY_FOR: kopf.PRESENT}
 MANAGED = {names.LABEL_MANAGED_BY: "lorafleet"}
@@ -37,6 +38,9 @@ async def start(settings: kopf.OperatorSettings, logger: logging.Logger, **_: An
     settings.batching.idle_timeout = 30
     FLEET.kube = Kube()
     adapters, pools, pods = await FLEET.kube.list_bodies_when_ready(FLEET.namespaces, logger)
+    # Tenants first: the first plan of a pool must not route an adapter its tenant does not allow.
+    for body in await FLEET.kube.list_tenants(FLEET.namespaces):
+        FLEET.tenant_event(None, body)
     FLEET.prime(adapters, pools, pods)
     FLEET.start_resync()
     # The store lives as long as the operator: keep the collector from walking it again and again.
@@ -53,6 +57,11 @@ async def adapter_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
                                int(meta.get("generation") or 0), str(body.spec.get("pool", ""))):
         return
     FLEET.adapter_event(type, adapter_view(dict(body)))
+
+
+@kopf.on.event(TENANTS)
+async def tenant_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.tenant_event(type, dict(body))
 
 
 @kopf.on.event(POOLS)

@@ -147,28 +147,53 @@ def routes_reader_names(pool: str, shards: int) -> list[str]:
     return out
 
 
-def role(pool: str, namespace: str, uid: str, shards: int = 1) -> Manifest:
+# What each sidecar does with its own pod: read it and patch its ``lorafleet.io/sync`` annotation. RBAC
+# cannot name a pod that does not exist yet; the chart's ValidatingAdmissionPolicy narrows it to the
+# sidecar's own pod and that annotation (docs/operations.md, "Permissions").
+SIDECAR_POD_RULE: dict[str, Any] = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}
+
+
+def role(pool: str, namespace: str, uid: str, shards: int = 1, sidecar_cluster_role: str | None = None) -> Manifest:
+    """The sidecar's Role: this pool's routes ConfigMaps, by name, and, without ``sidecar_cluster_role``,
+    its pod. With it (the chart's), the pod rule comes from a RoleBinding to that ClusterRole instead, so
+    the operator never holds ``patch`` on pods itself (RBAC lets it grant only what it holds, or what it
+    may ``bind``)."""
+    rules = [
+        # Only this pool's routes, by name (a watch uses fieldSelector metadata.name=<shard>).
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"],
+         "resourceNames": routes_reader_names(pool, shards)},
+    ]
+    if not sidecar_cluster_role:
+        rules.append(SIDECAR_POD_RULE)
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": _meta(names.sidecar_service_account(pool), namespace, pool, uid, "sidecar"),
-        "rules": [
-            # Only this pool's routes, by name (a watch uses fieldSelector metadata.name=<shard>).
-            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"],
-             "resourceNames": routes_reader_names(pool, shards)},
-            # The sidecar reports on its own pod; RBAC cannot name a pod that does not exist yet.
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
-        ],
+        "rules": rules,
     }
 
 
-def role_binding(pool: str, namespace: str, uid: str) -> Manifest:
+def sidecar_pods_binding_name(pool: str) -> str:
+    return f"{names.sidecar_service_account(pool)}-pods"
+
+
+def role_binding(pool: str, namespace: str, uid: str, sidecar_cluster_role: str | None = None) -> list[Manifest]:
+    """The sidecar's RoleBinding to its Role, and with ``sidecar_cluster_role`` a second one to it."""
     sa = names.sidecar_service_account(pool)
-    return {
+    subjects = [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}]
+    out = [{
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": _meta(sa, namespace, pool, uid, "sidecar"),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}],
-    }
+        "subjects": subjects,
+    }]
+    if sidecar_cluster_role:
+        out.append({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": _meta(sidecar_pods_binding_name(pool), namespace, pool, uid, "sidecar"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": sidecar_cluster_role},
+            "subjects": subjects,
+        })
+    return out
 
 
 def service(pool: str, namespace: str, uid: str) -> Manifest:
@@ -208,11 +233,12 @@ def ingress(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> Man
 # ------------------------------------------------------------------------------------ gateway
 
 # What `lorafleet gateway` reads, in the pool's namespace only: the pool's pods (where to send
-# requests), LoRAAdapters (which tenant owns which adapter), LoRATenants and their key Secrets. The same
-# rules as the chart's gateway Role.
+# requests), LoRAAdapters (which tenant owns which adapter) and LoRATenants (limits, key digests). No
+# Secrets: a LoRATenant holds only its keys' sha256. The same rules as the chart's gateway Role; the
+# operator holds all of them, so it may make this Role without `bind` or `escalate`.
 GATEWAY_RULES: list[dict[str, Any]] = [
-    {"apiGroups": [""], "resources": ["pods", "secrets", "configmaps"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [names.GROUP], "resources": [names.ADAPTER_PLURAL, names.TENANT_PLURAL, names.POOL_PLURAL],
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [names.GROUP], "resources": [names.ADAPTER_PLURAL, names.TENANT_PLURAL],
      "verbs": ["get", "list", "watch"]},
 ]
 
@@ -278,34 +304,28 @@ def gateway_service(pool: str, namespace: str, uid: str) -> Manifest:
     }
 
 
-def gateway_rbac(pool: str, namespace: str, uid: str, cluster_role: str | None = None) -> list[Manifest]:
-    """The gateway's ServiceAccount and its read-only rights in this namespace: a Role of its own, or,
-    with ``cluster_role``, a RoleBinding to that ClusterRole (the chart's: then the operator needs only
-    ``bind`` on it, not read access to Secrets, which RBAC requires of whoever creates such a Role)."""
+def gateway_rbac(pool: str, namespace: str, uid: str) -> list[Manifest]:
+    """The gateway's ServiceAccount and its read-only Role in this namespace."""
     name = names.gateway_name(pool)
     sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(name, namespace, pool, uid, "gateway")}
-    role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole" if cluster_role else "Role",
-                "name": cluster_role or name}
-    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": _meta(name, namespace, pool, uid, "gateway"), "roleRef": role_ref,
-               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]}
-    if cluster_role:
-        return [sa, binding]
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": _meta(name, namespace, pool, uid, "gateway"), "rules": GATEWAY_RULES}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": _meta(name, namespace, pool, uid, "gateway"),
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]}
     return [sa, role, binding]
 
 
-def gateway_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
-                     cluster_role: str | None = None) -> list[Manifest]:
+def gateway_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> list[Manifest]:
     """The gateway's objects when ``spec.gateway.enabled``, else none."""
     if not gateway_enabled(spec):
         return []
-    return [*gateway_rbac(pool, namespace, uid, cluster_role), gateway_service(pool, namespace, uid),
+    return [*gateway_rbac(pool, namespace, uid), gateway_service(pool, namespace, uid),
             gateway_deployment(pool, namespace, uid, spec)]
 
 
-def stale_children(pool: str, spec: BaseModelPoolSpec, cluster_role: str | None = None) -> list[tuple[str, str]]:
+def stale_children(pool: str, spec: BaseModelPoolSpec, sidecar_cluster_role: str | None = None) -> list[tuple[str, str]]:
     """(kind, name) of objects this pool may have owned that ``pool_children`` no longer renders: they
     are deleted (a 404 is fine). Turning the gateway off removes all of it."""
     out: list[tuple[str, str]] = []
@@ -314,8 +334,8 @@ def stale_children(pool: str, spec: BaseModelPoolSpec, cluster_role: str | None 
     gw = names.gateway_name(pool)
     if not gateway_enabled(spec):
         out += [("Deployment", gw), ("Service", gw), ("RoleBinding", gw), ("Role", gw), ("ServiceAccount", gw)]
-    elif cluster_role:
-        out.append(("Role", gw))  # bound to the ClusterRole now
+    if not sidecar_cluster_role:
+        out.append(("RoleBinding", sidecar_pods_binding_name(pool)))
     return out
 
 
@@ -326,13 +346,13 @@ def routes_configmap(pool: str, namespace: str, uid: str, name: str, routes_json
 
 
 def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, shards: int = 1,
-                  gateway_cluster_role: str | None = None) -> list[Manifest]:
+                  sidecar_cluster_role: str | None = None) -> list[Manifest]:
     """Everything a pool owns except its routes, in the order to apply them (the pod's service
     account and its permissions before the Deployment that uses them; the gateway's Service before
     the Ingress that points at it)."""
-    out = [service_account(pool, namespace, uid), role(pool, namespace, uid, shards),
-           role_binding(pool, namespace, uid), service(pool, namespace, uid)]
-    out += gateway_children(pool, namespace, uid, spec, gateway_cluster_role)
+    out = [service_account(pool, namespace, uid), role(pool, namespace, uid, shards, sidecar_cluster_role),
+           *role_binding(pool, namespace, uid, sidecar_cluster_role), service(pool, namespace, uid)]
+    out += gateway_children(pool, namespace, uid, spec)
     ing = ingress(pool, namespace, uid, spec)
     if ing is not None:
         out.append(ing)

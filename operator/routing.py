@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from lorafleet.contracts import names
 from lorafleet.contracts.resources import (AdapterPhase, BaseModelPoolSpec, BaseModelPoolStatus, Condition,
                                            LoRAAdapterSpec, PoolPhase, condition)
+from lorafleet.contracts.tenancy import source_problem, uri_within
 from lorafleet.contracts.routes import (MAX_SHARDS, SHARD_BUDGET_BYTES, RouteEntry, RoutesTable, RouteVersion, SyncReport,
                                        shard_text)
 
@@ -152,6 +153,16 @@ def pool_view(body: dict[str, Any]) -> PoolView:
                     status=dict(body.get("status") or {}))
 
 
+def tenant_sources(body: dict[str, Any]) -> list[str]:
+    """A LoRATenant's spec.sources; one that does not parse allows no source (its adapters say why)."""
+    from lorafleet.contracts.resources import LoRATenantSpec
+
+    try:
+        return list(LoRATenantSpec.model_validate(body.get("spec") or {}).sources)
+    except ValidationError:
+        return []
+
+
 def pod_view(body: dict[str, Any]) -> PodView:
     meta, status = body.get("metadata", {}), body.get("status") or {}
     ready = not meta.get("deletionTimestamp") and any(
@@ -171,16 +182,43 @@ class PoolPlan:
     pool_status: dict[str, Any] | None
 
 
-def validity(adapters: list[AdapterView], pool: str) -> dict[str, list[str]]:
+Tenants = dict[str, list[str]]  # tenant (LoRATenant name) -> its spec.sources, in one namespace
+
+
+def source_problems(spec: LoRAAdapterSpec, tenants: Tenants) -> list[str]:
+    """The adapter's source and canary URIs outside its tenant's storage prefixes, each naming its field."""
+    prefixes = tenants.get(spec.tenant)
+    uris = [("spec.source.uri", spec.source.uri)]
+    if spec.canary is not None:
+        uris.append(("spec.canary.source.uri", spec.canary.source.uri))
+    if prefixes is None:  # one problem, not one per URI: the tenant is what is missing
+        return [p for p in [source_problem("spec.tenant", spec.tenant, spec.tenant, None)] if p]
+    return [p for field_, uri in uris if (p := source_problem(field_, uri, spec.tenant, prefixes))]
+
+
+def within_tenant(entry: RouteEntry, tenants: Tenants) -> RouteEntry | None:
+    """``entry`` without the versions that lie outside its tenant's prefixes (a tenant whose
+    spec.sources shrank, or that is gone: what it no longer allows is not served, draining or not);
+    None when nothing is left."""
+    prefixes = tenants.get(entry.tenant) or []
+    kept = [v for v in entry.versions if any(uri_within(v.uri, p) for p in prefixes)]
+    if len(kept) == len(entry.versions):
+        return entry
+    return entry.model_copy(update={"versions": kept}) if kept else None
+
+
+def validity(adapters: list[AdapterView], pool: str, tenants: Tenants | None = None) -> dict[str, list[str]]:
     """Adapter name -> problems (empty when valid). Of two adapters claiming one servedName, the
-    older keeps it."""
+    older keeps it. ``tenants``: the namespace's LoRATenants' sources; an adapter whose tenant is
+    missing, or whose source lies outside its tenant's, is invalid (None: not checked, for planner
+    tests that are about something else; the operator always passes them)."""
     problems: dict[str, list[str]] = {}
     claims: dict[str, AdapterView] = {}
     for a in sorted(adapters, key=lambda a: (a.created, a.name)):
         if a.spec is None:
             problems[a.name] = [a.spec_error or "spec: does not parse"]
             continue
-        found = a.spec.problems()
+        found = a.spec.problems() + (source_problems(a.spec, tenants) if tenants is not None else [])
         holder = claims.get(a.served_name)
         if a.served_name == pool:
             found.append(f"spec.servedName: {pool!r} is the pool's base model id (requests naming it reach the "
@@ -237,8 +275,8 @@ def _fill_since(entries: dict[str, RouteEntry], generation: int) -> None:
 
 
 def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list[str]], previous: RoutesTable,
-                pods: list[PodView], entry_memo: dict[str, tuple[tuple[str, int], RouteEntry]] | None = None
-                ) -> tuple[RoutesTable, bool]:
+                pods: list[PodView], entry_memo: dict[str, tuple[tuple[str, int], RouteEntry]] | None = None,
+                tenants: Tenants | None = None) -> tuple[RoutesTable, bool]:
     ready = [p for p in pods if p.ready]
     entries: dict[str, RouteEntry] = {}
     for a in adapters:
@@ -260,6 +298,12 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
             entries[a.served_name] = prev
             continue
         entries[a.served_name] = merge_entry(a.served_name, a.spec, prev, ready)
+    for served, entry in list(entries.items()) if tenants is not None else ():
+        kept = within_tenant(entry, tenants)
+        if kept is None:
+            del entries[served]
+        elif kept is not entry:
+            entries[served] = kept
     changed = entries != previous.adapters
     generation = previous.generation + 1 if changed else previous.generation
     _fill_since(entries, generation)
@@ -543,16 +587,17 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
 def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView], pods: list[PodView],
               previous: RoutesTable, previous_status: dict[str, dict[str, Any]],
               memo: dict[str, tuple[tuple, dict[str, Any]]] | None = None, gateway_ready: int = 0,
-              workload_problems: list[tuple[str, str]] | None = None) -> PoolPlan:
+              workload_problems: list[tuple[str, str]] | None = None, tenants: Tenants | None = None) -> PoolPlan:
     """Everything one reconcile of a pool decides. ``previous_status`` maps adapter name -> the
     status last written (or read), so conditions keep their transition times. ``memo`` (kept by the
     caller between reconciles of this pool) skips recomputing the status of adapters whose inputs
-    did not move: one change in a pool of 1,000 adapters recomputes one status."""
-    problems = validity(adapters, pool_name)
+    did not move: one change in a pool of 1,000 adapters recomputes one status. ``tenants``: the
+    namespace's LoRATenants and their sources (``Tenants``)."""
+    problems = validity(adapters, pool_name, tenants)
     pool_ok = pool is not None and pool.spec is not None
     if pool_ok:
         table, changed = plan_routes(pool_name, adapters, problems, previous, pods,
-                                     memo.setdefault("\0entries", {}) if memo is not None else None)
+                                     memo.setdefault("\0entries", {}) if memo is not None else None, tenants)
     else:
         table, changed = RoutesTable(pool=pool_name, generation=previous.generation), False
     memo = {} if memo is None else memo

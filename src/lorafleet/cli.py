@@ -30,6 +30,20 @@ def _digest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_key(args: argparse.Namespace) -> int:
+    """A new random API key on stdout's first line, the LoRATenant entry with its digest after it: the
+    key goes to the tenant, only the digest into the cluster."""
+    import hashlib
+    import json
+    import secrets
+
+    key = f"lf-{secrets.token_urlsafe(32)}"  # 256 random bits: a digest of it cannot be searched back
+    entry = {"name": args.name, "sha256": hashlib.sha256(key.encode()).hexdigest()}
+    print(key)
+    print(json.dumps(entry))
+    return 0
+
+
 def _gen_crds(args: argparse.Namespace) -> int:
     from lorafleet.contracts.crdgen import crd_manifests, render
 
@@ -64,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("digest", help="print the content digest of an adapter or model directory")
     d.add_argument("dir")
     d.set_defaults(func=_digest)
+    k = sub.add_parser("api-key", help="make a tenant API key: prints the key, then its LoRATenant "
+                                       "spec.apiKeys entry (the digest)")
+    k.add_argument("--name", default="key-1", help="the entry's name (default: key-1)")
+    k.set_defaults(func=_api_key)
     g = sub.add_parser("gen-crds", help="write the CRD YAML generated from the contracts")
     g.add_argument("--out", default="crds", help="folder to write into (default: crds)")
     g.add_argument("--check", action="store_true", help="fail if the files differ instead of writing")

@@ -84,20 +84,29 @@ def test_gateway_deployment_runs_the_control_image_with_the_pools_settings():
         "spec"]["template"]["spec"]["containers"][0]["image"] == "gw:1"
 
 
-def test_gateway_rbac_is_read_only_in_its_namespace():
+def test_gateway_rbac_is_read_only_in_its_namespace_and_reads_no_secrets():
     sa, role, rb = manifests.gateway_rbac("p", "ns", "u")
     assert (sa["kind"], role["kind"], rb["kind"]) == ("ServiceAccount", "Role", "RoleBinding")
     for rule in role["rules"]:
         assert rule["verbs"] == ["get", "list", "watch"]
     granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    assert granted == {("", "pods"), ("", "secrets"), ("", "configmaps"), ("lorafleet.io", "loraadapters"),
-                       ("lorafleet.io", "loratenants"), ("lorafleet.io", "basemodelpools")}
+    assert granted == {("", "pods"), ("lorafleet.io", "loraadapters"), ("lorafleet.io", "loratenants")}
     assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "lorafleet-p-gateway"}
     assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "lorafleet-p-gateway", "namespace": "ns"}]
-    # With the chart's ClusterRole: a RoleBinding to it, no Role.
-    sa, rb = manifests.gateway_rbac("p", "ns", "u", cluster_role="rel-lorafleet-pool-gateway")
-    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                             "name": "rel-lorafleet-pool-gateway"}
+
+
+def test_sidecar_pod_rights_come_from_the_chart_cluster_role_when_one_is_named():
+    own = manifests.pool_children("p", "ns", "u", spec())
+    role = next(m for m in own if m["kind"] == "Role")
+    assert manifests.SIDECAR_POD_RULE in role["rules"]
+    assert [m["metadata"]["name"] for m in own if m["kind"] == "RoleBinding"] == ["lorafleet-p-sidecar"]
+    bound = manifests.pool_children("p", "ns", "u", spec(), sidecar_cluster_role="rel-lorafleet-pool-sidecar")
+    role = next(m for m in bound if m["kind"] == "Role")
+    assert [r["resources"] for r in role["rules"]] == [["configmaps"]]
+    pods = next(m for m in bound if m["kind"] == "RoleBinding" and m["metadata"]["name"] == "lorafleet-p-sidecar-pods")
+    assert pods["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                               "name": "rel-lorafleet-pool-sidecar"}
+    assert pods["subjects"] == [{"kind": "ServiceAccount", "name": "lorafleet-p-sidecar", "namespace": "ns"}]
 
 
 def test_chart_gateway_role_and_the_operators_grant_the_same_rules():
@@ -108,16 +117,17 @@ def test_chart_gateway_role_and_the_operators_grant_the_same_rules():
 
 def test_turning_the_gateway_off_deletes_all_of_it():
     gw = "lorafleet-p-gateway"
-    off = manifests.stale_children("p", spec(enabled=False))
+    pods_binding = ("RoleBinding", "lorafleet-p-sidecar-pods")
+    off = manifests.stale_children("p", spec(enabled=False), "cr")
     assert set(off) == {("Deployment", gw), ("Service", gw), ("RoleBinding", gw), ("Role", gw),
                         ("ServiceAccount", gw)}
-    assert manifests.stale_children("p", spec(enabled=True)) == []
-    assert manifests.stale_children("p", spec(enabled=True), cluster_role="cr") == [("Role", gw)]
+    assert manifests.stale_children("p", spec(enabled=True), "cr") == []
+    assert manifests.stale_children("p", spec(enabled=True)) == [pods_binding]
     no_ing = BaseModelPoolSpec.model_validate({**BASE, "ingress": None, "gateway": {"enabled": True}})
-    assert manifests.stale_children("p", no_ing) == [("Ingress", "lorafleet-p")]
+    assert manifests.stale_children("p", no_ing, "cr") == [("Ingress", "lorafleet-p")]
     # Nothing rendered is ever deleted.
     for s, cr in ((spec(), None), (spec(enabled=True), None), (spec(enabled=True), "cr"), (no_ing, None)):
-        rendered = set(kinds(manifests.pool_children("p", "ns", "u", s, gateway_cluster_role=cr)))
+        rendered = set(kinds(manifests.pool_children("p", "ns", "u", s, sidecar_cluster_role=cr)))
         assert not rendered & set(manifests.stale_children("p", s, cr))
 
 
