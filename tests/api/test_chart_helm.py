@@ -156,7 +156,7 @@ def test_operator_service_account_can_apply_everything_a_pool_owns(control_plane
     pool = get(control_plane, "-n", ns, "basemodelpool", "probe")
     spec = BaseModelPoolSpec.model_validate(pool["spec"])
     uid = pool["metadata"]["uid"]
-    manifests = pool_children("probe", ns, uid, spec) + [
+    manifests = pool_children("probe", ns, uid, spec, sidecar_cluster_role=f"{full}-pool-sidecar") + [
         routes_configmap("probe", ns, uid, "lorafleet-routes-probe", '{"pool": "probe", "generation": 1, "adapters": {}}')]
     as_operator("apply", "--server-side", "--field-manager=lorafleet", "-f", "-",
                 input=yaml.safe_dump_all(manifests))
@@ -270,6 +270,13 @@ def test_the_real_operator_with_only_the_charts_permissions_serves_the_example_p
         wait_for(lambda: (get(control_plane, "-n", ns, "basemodelpool", "minilm").get("status") or {}).get("phase"),
                  timeout=30, interval=0.5, what="the pool's status")
 
+        # The sidecar's pod rights come from the chart's ClusterRole (the operator holds no pod patch).
+        rb = get(control_plane, "-n", ns, "rolebinding", "lorafleet-minilm-sidecar-pods")
+        assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                 "name": f"{full}-pool-sidecar"}
+        tenant = {"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRATenant",
+                  "metadata": {"name": "acme", "namespace": ns}, "spec": {"sources": ["s3://adapters/acme/"]}}
+        control_plane.kubectl("apply", "-f", "-", input=json.dumps(tenant))
         adapter = {"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRAAdapter",
                    "metadata": {"name": "acme-support", "namespace": ns},
                    "spec": {"pool": "minilm", "tenant": "acme", "version": "1",

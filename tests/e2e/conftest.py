@@ -48,7 +48,16 @@ class E2E:
                             "--namespace", ns, "--no-progress"], capture_output=True, text=True,
                            env={**__import__("os").environ, **self.s3env})
         assert r.returncode == 0, r.stderr
+        self.allow_sources(tenant, ns)
         return r.stdout
+
+    def allow_sources(self, tenant: str, ns: str, **spec) -> None:
+        """The tenant's LoRATenant, allowing s3://adapters/<tenant>/ (what the tests push below): an
+        adapter is routed only from its tenant's spec.sources."""
+        self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=e2e-tenants", "-f", "-",
+                     input=json.dumps({"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRATenant",
+                                       "metadata": {"name": tenant, "namespace": ns},
+                                       "spec": {"sources": [f"s3://adapters/{tenant}/"], **spec}}))
 
     def s3(self):
         from minio import Minio

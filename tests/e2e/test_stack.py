@@ -5,6 +5,7 @@ wrong tenant or a wrong version cannot pass unnoticed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import threading
@@ -220,14 +221,8 @@ def test_tenant_keys_through_the_ingress_and_the_operators_gateway(e2e, pool, ad
     apply_adapter(e2e, adapters, "acme-v1", "acme-gw", "acme", "1")
     apply_adapter(e2e, adapters, "globex-v1", "globex-gw", "globex", "1")
     keys = {"acme": "lf-e2e-acme-3c9f0e1d5b7a", "globex": "lf-e2e-globex-8d2b6a4f1e0c"}
-    docs = []
-    for tenant, key in keys.items():
-        docs += [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{tenant}-keys", "namespace": NS},
-                  "stringData": {"api-key": key}},
-                 {"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRATenant",
-                  "metadata": {"name": tenant, "namespace": NS},
-                  "spec": {"apiKeySecretRef": {"name": f"{tenant}-keys", "key": "api-key"}}}]
-    e2e.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+    for tenant, key in keys.items():  # the cluster holds only each key's sha256
+        e2e.allow_sources(tenant, NS, apiKeys=[{"name": "e2e", "sha256": hashlib.sha256(key.encode()).hexdigest()}])
     e2e.kubectl("patch", "lfpool", POOL, "-n", NS, "--type=merge", "-p",
                 '{"spec": {"gateway": {"enabled": true, "spillInflight": 3}}}')
     e2e.wait_adapter("acme-gw", NS, "Ready", timeout=240)

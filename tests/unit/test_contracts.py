@@ -69,6 +69,13 @@ def test_examples_parse_with_the_models():
     assert adapter.served_name == "acme-support"
     images = BaseModelPool.model_validate(yaml.safe_load((REPO / "examples/text-to-image-pool.yaml").read_text()))
     assert images.spec.model.task.value == "text-to-image"
+    from lorafleet.contracts.resources import LoRATenant
+    from lorafleet.contracts.tenancy import uri_within
+
+    tenant = LoRATenant.model_validate(yaml.safe_load((REPO / "examples/tenant.yaml").read_text()))
+    # The example adapter is one the example tenant may serve.
+    assert adapter.spec.tenant == tenant.metadata["name"]
+    assert any(uri_within(adapter.spec.source.uri, p) for p in tenant.spec.sources)
 
 
 def adapter_doc(**spec):

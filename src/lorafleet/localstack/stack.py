@@ -209,9 +209,10 @@ class Stack:
     def _demo(self, st: dict) -> None:
         """Both demo pools: everything applied first (their pods start side by side), then answers."""
         self._namespace(st)
+        # Tenants before their adapters: an adapter is routed only from its LoRATenant's spec.sources.
+        self._tenants(st)
         self._classification_apply(st)
         self._chat_apply(st)
-        self._tenants(st)
         names = [name for _, name, _ in TENANTS + CHAT_TENANTS]
         say(f"waiting for the pools' pods and the {len(names)} adapters to be Ready")
         self._wait_ready(st, names)
@@ -223,8 +224,8 @@ class Stack:
     def chat_demo(self, st: dict) -> dict[str, str]:
         """The text-generation demo alone (what `make up` does for it): adapter name -> its answer."""
         self._namespace(st)
-        self._chat_apply(st)
         self._tenants(st)
+        self._chat_apply(st)
         self._wait_ready(st, [name for _, name, _ in CHAT_TENANTS])
         return self._chat_answers(st)
 
@@ -435,24 +436,26 @@ class Stack:
               f"model=globex-triage -> {other[0]} {other[1].get('error', {}).get('code')}", flush=True)
 
     def _tenants(self, st: dict) -> None:
-        """A LoRATenant and an API key Secret per demo tenant, for the gateway (kept across `make up`s)."""
+        """A LoRATenant per demo tenant: where its adapters may come from (s3://adapters/<tenant>/) and
+        the sha256 of its API key for the gateway. The key itself stays here (kept across `make up`s,
+        written to the env file); the cluster holds only its digest."""
+        import hashlib
         import secrets as _secrets
 
         keys = st.setdefault("api_keys", {})
         docs = []
         for tenant, _, _ in TENANTS:
-            key = keys.setdefault(tenant, f"lf-{tenant}-{_secrets.token_urlsafe(18)}")
-            docs.append({"apiVersion": "v1", "kind": "Secret",
-                         "metadata": {"name": f"{tenant}-api-keys", "namespace": NAMESPACE},
-                         "stringData": {"api-key": key}})
+            key = keys.setdefault(tenant, f"lf-{tenant}-{_secrets.token_urlsafe(32)}")
             docs.append({"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRATenant",
                          "metadata": {"name": tenant, "namespace": NAMESPACE},
-                         "spec": {"apiKeySecretRef": {"name": f"{tenant}-api-keys", "key": "api-key"},
+                         "spec": {"sources": [f"s3://adapters/{tenant}/"],
+                                  "apiKeys": [{"name": "demo", "sha256": hashlib.sha256(key.encode()).hexdigest()}],
                                   "rateLimit": {"requestsPerSecond": 50, "burst": 100}, "maxConcurrency": 32}})
         self.kubectl(st, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
         self.save(st)
         self._write_env(st)
-        say(f"tenants {', '.join(keys)} have API keys for the gateway (in {self.env_file})")
+        say(f"tenants {', '.join(keys)} may serve adapters from s3://adapters/<tenant>/ and have API keys for the "
+            f"gateway (in {self.env_file}; the cluster holds only their sha256)")
 
     # ----------------------------------------------------------------------------------- down
 

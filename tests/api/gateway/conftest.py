@@ -1,9 +1,8 @@
 """A pool of three real runtime replicas (``lorafleet serve`` processes) played as Ready pods of a
-namespace of the real API server, tenants with key Secrets, and a ``lorafleet gateway`` process in front."""
+namespace of the real API server, tenants with their keys' digests, and a ``lorafleet gateway`` process in front."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.tenants import key_entry
 
 from lorafleet.contracts import names
 from lorafleet.localstack.procs import ManagedProcess, free_port, wait_for
@@ -61,14 +61,6 @@ def gw_adapters(tmp_path_factory):
     return model, root / "adapters"
 
 
-def _secret(kube, ns: str, name: str, data: dict[str, str]) -> None:
-    from lightkube.models.meta_v1 import ObjectMeta
-    from lightkube.resources.core_v1 import Secret
-
-    kube.create(Secret(metadata=ObjectMeta(name=name, namespace=ns),
-                       data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()}))
-
-
 @pytest.fixture(scope="module")
 def pool(control_plane, kube, gw_adapters, tmp_path_factory):
     from lightkube.models.core_v1 import Container, PodSpec
@@ -115,9 +107,8 @@ def pool(control_plane, kube, gw_adapters, tmp_path_factory):
             "pool": "other", "tenant": "acme", "version": "1",
             "source": {"uri": "s3://adapters/elsewhere/1/", "sha256": DIGEST}}))
         for tenant, key in KEYS.items():
-            _secret(kube, ns, f"{tenant}-keys", {"api-key": key})
             kube.create(LoRATenantResource(metadata=ObjectMeta(name=tenant, namespace=ns), spec={
-                "apiKeySecretRef": {"name": f"{tenant}-keys", "key": "api-key"}, **LIMITS.get(tenant, {})}))
+                "apiKeys": [key_entry(key)], **LIMITS.get(tenant, {})}))
 
         gw_port, ops_port = free_port(), free_port()
         gw = ManagedProcess("gateway", [sys.executable, "-m", "lorafleet", "gateway", "--namespace", ns, "--pool", POOL,

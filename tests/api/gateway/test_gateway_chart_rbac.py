@@ -1,6 +1,6 @@
 """The chart's gateway RBAC is enough for the gateway's reads, and no more: the real KubeView,
-authenticated as the chart's gateway ServiceAccount, finds the pool's pods, tenants, keys and adapters,
-and cannot read Secrets outside its namespace."""
+authenticated as the chart's gateway ServiceAccount, finds the pool's pods, tenants, key digests and
+adapters, and cannot read Secrets at all (a tenant's key Secret beside it stays unread)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from lorafleet.localstack.tools import require_tool
+from support.tenants import key_entry
 
 REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "charts" / "lorafleet"
@@ -39,10 +40,11 @@ def test_the_gateway_service_account_reads_what_the_gateway_needs(control_plane,
     control_plane.kubectl("apply", "--server-side", "-f", "-", input=rendered.stdout)
 
     control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all([
+        # The tenant keeps its key (here in a Secret of its own); the LoRATenant holds only the digest.
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "acme-keys"},
          "data": {"api-key": base64.b64encode(b"k-acme").decode()}},
         {"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRATenant", "metadata": {"name": "acme"},
-         "spec": {"apiKeySecretRef": {"name": "acme-keys", "key": "api-key"}, "maxConcurrency": 4}},
+         "spec": {"apiKeys": [key_entry("k-acme")], "maxConcurrency": 4}},
         {"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRAAdapter", "metadata": {"name": "support"},
          "spec": {"pool": "tiny", "tenant": "acme", "version": "1",
                   "source": {"uri": "s3://a/support/1/", "sha256": "1" * 64}}},
@@ -59,9 +61,11 @@ def test_the_gateway_service_account_reads_what_the_gateway_needs(control_plane,
     assert d.limits["acme"].max_concurrency == 4
     assert view.ready_pods() == {}  # the pod exists but is not Ready
     assert view.ready_gateways() == 0  # it may list the gateway pods too (none Ready here)
-    can = subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={kubeconfig}", "auth", "can-i", "list",
-                          "secrets", "-n", "default"], capture_output=True, text=True, timeout=30)
-    assert can.stdout.strip() == "no"
+    for verb in ("get", "list", "watch"):
+        for where in (namespace, "default"):
+            can = subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={kubeconfig}", "auth", "can-i", verb,
+                                  "secrets", "-n", where], capture_output=True, text=True, timeout=30)
+            assert can.stdout.strip() == "no", f"the gateway may {verb} secrets in {where}"
     can = subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={kubeconfig}", "auth", "can-i", "patch",
                           "pods", "-n", namespace], capture_output=True, text=True, timeout=30)
     assert can.stdout.strip() == "no"

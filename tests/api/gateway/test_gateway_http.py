@@ -4,7 +4,6 @@ every endpoint, key rotation, rate and concurrency limits, SSE, metrics, and a r
 
 from __future__ import annotations
 
-import base64
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,7 @@ import httpx
 
 from lorafleet.gateway.routing import rendezvous_score
 from lorafleet.localstack.procs import wait_for
+from support.tenants import key_entry
 
 PROMPT = "hello world , how are"
 
@@ -114,19 +114,25 @@ def test_sse_streams_through_and_errors_keep_the_runtimes_shape(pool):
         assert c.post("/v1/completions", content=b"{not json").json()["error"]["code"] == "invalid_json"
 
 
-def test_rotating_a_key_in_its_secret_takes_effect_without_a_restart(pool, kube):
-    from lightkube.resources.core_v1 import Secret
+def test_rotating_a_key_digest_takes_effect_without_a_restart(pool, kube):
     from lightkube.types import PatchType
+
+    from lorafleet.gateway.kube import LoRATenantResource
+
+    def keys(*entries):
+        kube.patch(LoRATenantResource, "acme", {"spec": {"apiKeys": list(entries)}}, namespace=pool.namespace,
+                   patch_type=PatchType.MERGE)
 
     with pool.client("acme") as old, pool.client(key="acme-key-2") as new:
         assert complete(old, "acme-support").status_code == 200
         assert complete(new, "acme-support").status_code == 401
-        kube.patch(Secret, "acme-keys", {"data": {"api-key": base64.b64encode(b"acme-key-2").decode()}},
-                   namespace=pool.namespace, patch_type=PatchType.MERGE)
+        keys(key_entry("acme-key-1"), key_entry("acme-key-2", "k2"))  # rotation: both for a while
+        wait_for(lambda: complete(new, "acme-support").status_code == 200, 5, what="the new key to be accepted")
+        assert complete(old, "acme-support").status_code == 200
+        keys(key_entry("acme-key-2", "k2"))
         wait_for(lambda: complete(old, "acme-support").status_code == 401, 5, what="the old key to be refused")
         assert complete(new, "acme-support").status_code == 200
-        kube.patch(Secret, "acme-keys", {"data": {"api-key": base64.b64encode(b"acme-key-1").decode()}},
-                   namespace=pool.namespace, patch_type=PatchType.MERGE)
+        keys(key_entry("acme-key-1"))
         wait_for(lambda: complete(old, "acme-support").status_code == 200, 5, what="the key to be restored")
 
 
@@ -167,7 +173,7 @@ def test_tenant_limits_are_divided_among_the_pools_ready_gateway_replicas(pool, 
     from lightkube import ApiError
     from lightkube.models.core_v1 import Container, PodSpec
     from lightkube.models.meta_v1 import ObjectMeta
-    from lightkube.resources.core_v1 import Pod, Secret
+    from lightkube.resources.core_v1 import Pod
     from lightkube.types import PatchType
 
     from lorafleet.contracts import names
@@ -189,10 +195,8 @@ def test_tenant_limits_are_divided_among_the_pools_ready_gateway_replicas(pool, 
     # 200s in a burst are exact even on a loaded machine.
     tenants = readyz()["tenants"]
     for tenant in ("hooli", "piper"):
-        kube.create(Secret(metadata=ObjectMeta(name=f"{tenant}-keys", namespace=ns),
-                           data={"api-key": base64.b64encode(f"{tenant}-key-1".encode()).decode()}))
         kube.create(LoRATenantResource(metadata=ObjectMeta(name=tenant, namespace=ns), spec={
-            "apiKeySecretRef": {"name": f"{tenant}-keys", "key": "api-key"},
+            "apiKeys": [key_entry(f"{tenant}-key-1")],
             "rateLimit": {"requestsPerSecond": 0.05, "burst": 4}}))
     wait_for(lambda: readyz()["tenants"] == tenants + 2, 10, what="the gateway to read tenants hooli and piper")
     assert readyz()["gatewayReplicas"] == 1  # run by hand: no gateway pod of its own, counts itself

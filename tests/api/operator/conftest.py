@@ -15,3 +15,19 @@ def operator(control_plane, tmp_path_factory):
     op.stop()
     # A crash or a traceback in the operator fails the module even when every wait passed.
     assert "Traceback" not in op.text(), op.text()[-5000:]
+
+
+@pytest.fixture(autouse=True)
+def acme_tenant(request):
+    """Tenant ``acme`` (whose adapters ``lf_operator_kit.adapter_doc`` makes) in the test's namespace,
+    allowed every ``s3://adapters/`` source: the operator routes an adapter only from its tenant's
+    spec.sources. Tests about tenants use other tenant names."""
+    if "namespace" not in request.fixturenames:
+        return
+    from lf_operator_kit import apply
+
+    from lorafleet.contracts import names
+
+    apply(request.getfixturevalue("control_plane"), request.getfixturevalue("namespace"),
+          {"apiVersion": names.API_VERSION, "kind": names.TENANT_KIND, "metadata": {"name": "acme"},
+           "spec": {"sources": ["s3://adapters/"]}})

@@ -63,9 +63,10 @@ def test_enabling_the_gateway_deploys_it_behind_the_ingress_and_disabling_remove
     assert "--spill-inflight=3" in c["args"]
     svc = get_json(control_plane, namespace, "service", GW)
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-    # The gateway's rights, as the API server decides them: read its namespace's tenants, adapters,
-    # pods and key Secrets; write nothing; nothing in another namespace.
-    assert _can(control_plane, namespace, "list", "secrets", namespace)
+    # The gateway's rights, as the API server decides them: read its namespace's tenants (their keys'
+    # digests), adapters and pods; no Secrets; write nothing; nothing in another namespace.
+    assert not _can(control_plane, namespace, "list", "secrets", namespace)
+    assert not _can(control_plane, namespace, "get", "secrets", namespace)
     assert _can(control_plane, namespace, "watch", "loratenants.lorafleet.io", namespace)
     assert _can(control_plane, namespace, "list", "pods", namespace)
     assert not _can(control_plane, namespace, "update", "secrets", namespace)

@@ -1,0 +1,152 @@
+"""Least privilege against the real API server's RBAC: the chart installed with everything on, a pool
+with a gateway applied *as the chart's operator ServiceAccount* (its own builders, the sidecar's pod
+rights through the chart's pool-sidecar ClusterRole), then ``kubectl auth can-i --as`` for every
+ServiceAccount the chart and the operator create. None may read Secrets; the operator has no path to
+them through RBAC (no `bind` on a role that reads them, no `escalate`, no pod `patch`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafleet.localstack.tools import require_tool
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "lorafleet"
+
+pytestmark = pytest.mark.api
+
+
+def helm(env: dict, *args: str, kubeconfig: Path, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(require_tool("helm")), *args, f"--kubeconfig={kubeconfig}"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert not check or r.returncode == 0, f"helm {' '.join(args)}: {r.stdout}\n{r.stderr}"
+    return r
+
+SECRET_VERBS = ("get", "list", "watch", "create", "update", "patch", "delete")
+
+
+@pytest.fixture(scope="module")
+def helm_env(tmp_path_factory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("helm")
+    return {**os.environ, "HELM_CONFIG_HOME": str(home / "config"), "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_DATA_HOME": str(home / "data")}
+
+
+@pytest.fixture(scope="module")
+def fleet(control_plane, helm_env, tmp_path_factory):
+    """The chart (all-on values: MinIO, the example pool, the chart's gateway) in a fresh namespace, and a
+    pool ``probe`` with its gateway whose children the operator's ServiceAccount applied."""
+    from lorafleet.contracts.resources import BaseModelPoolSpec
+    from lorafleet.operator.manifests import pool_children
+
+    ns = f"lp-{uuid.uuid4().hex[:8]}"
+    control_plane.kubectl("create", "namespace", ns)
+    release = ns
+    full = f"{release}-lorafleet"
+    helm(helm_env, "install", release, str(CHART), "--namespace", ns, "-f", str(CHART / "ci" / "all-on-values.yaml"),
+         kubeconfig=control_plane.kubeconfig)
+    try:
+        token = control_plane.kubectl("create", "token", full, "-n", ns, "--duration=10m").stdout.strip()
+        kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path_factory.mktemp("op") / "kubeconfig", ns)
+
+        def as_operator(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+            return subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={kubeconfig}", *args], input=input,
+                                  capture_output=True, text=True, timeout=60)
+
+        spec = {"model": {"uri": "s3://models/m/", "sha256": "a" * 64, "task": "sequence-classification"},
+                "ingress": {"host": "probe.example"}, "gateway": {"enabled": True}}
+        control_plane.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
+            "apiVersion": "lorafleet.io/v1alpha1", "kind": "BaseModelPool", "metadata": {"name": "probe"},
+            "spec": spec}))
+        pool = yaml.safe_load(control_plane.kubectl("get", "lfpool", "probe", "-n", ns, "-o", "yaml").stdout)
+        dep = yaml.safe_load(control_plane.kubectl("get", "deployment", f"{full}-operator", "-n", ns,
+                                                   "-o", "yaml").stdout)
+        from lorafleet.operator.cli import parse
+
+        args = parse(dep["spec"]["template"]["spec"]["containers"][0]["args"][1:])
+        assert args.sidecar_cluster_role == f"{full}-pool-sidecar"
+        children = pool_children("probe", ns, pool["metadata"]["uid"], BaseModelPoolSpec.model_validate(pool["spec"]),
+                                 sidecar_cluster_role=args.sidecar_cluster_role)
+        r = as_operator("apply", "--server-side", "--field-manager=lorafleet", "-f", "-",
+                        input=yaml.safe_dump_all(children))
+        assert r.returncode == 0, r.stderr
+        yield ns, full, as_operator, children
+    finally:
+        helm(helm_env, "uninstall", release, "--namespace", ns, kubeconfig=control_plane.kubeconfig, check=False)
+        control_plane.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def service_accounts(control_plane, ns: str, release: str, children: list[dict]) -> list[str]:
+    """Every ServiceAccount the chart made (its instance label) and every one the operator made."""
+    listed = json.loads(control_plane.kubectl("get", "serviceaccounts", "-n", ns, "-o", "json").stdout)["items"]
+    chart = [sa["metadata"]["name"] for sa in listed
+             if (sa["metadata"].get("labels") or {}).get("app.kubernetes.io/instance") == release]
+    operator = [m["metadata"]["name"] for m in children if m["kind"] == "ServiceAccount"]
+    # The pods that name no ServiceAccount (MinIO) run as `default`.
+    return sorted(set(chart) | set(operator) | {"default"})
+
+
+def can(control_plane, ns: str, sa: str, verb: str, what: str, where: str | None = None, *extra: str) -> bool:
+    where_args = ["--all-namespaces"] if where is None else ["-n", where]
+    r = control_plane.kubectl("auth", "can-i", verb, what, *where_args, *extra,
+                              f"--as=system:serviceaccount:{ns}:{sa}", check=False)
+    answer = r.stdout.strip()
+    assert answer in ("yes", "no"), f"can-i {verb} {what} as {sa}: {r.stdout} {r.stderr}"
+    return answer == "yes"
+
+
+def test_no_service_account_of_the_chart_or_the_operator_can_touch_secrets(control_plane, fleet):
+    ns, full, _, children = fleet
+    release = full.removesuffix("-lorafleet")
+    accounts = service_accounts(control_plane, ns, release, children)
+    # The operator, the chart's gateway, and the pool's sidecar and gateway.
+    assert {full, f"{full}-gateway", "lorafleet-probe-sidecar", "lorafleet-probe-gateway"} <= set(accounts)
+    granted = []
+    for sa in accounts:
+        for verb in SECRET_VERBS:
+            for where in (ns, "default", None):
+                if can(control_plane, ns, sa, verb, "secrets", where):
+                    granted.append(f"{sa}: {verb} secrets in {where or 'all namespaces'}")
+    assert granted == []
+
+
+def test_what_each_component_may_read_is_what_it_reads(control_plane, fleet):
+    ns, full, _, _ = fleet
+    for gw in (f"{full}-gateway", "lorafleet-probe-gateway"):
+        assert can(control_plane, ns, gw, "watch", "loratenants.lorafleet.io", ns)
+        assert can(control_plane, ns, gw, "list", "pods", ns)
+        assert not can(control_plane, ns, gw, "list", "configmaps", ns)
+        assert not can(control_plane, ns, gw, "patch", "pods", ns)
+        assert not can(control_plane, ns, gw, "list", "pods", "default")
+    sidecar = "lorafleet-probe-sidecar"
+    assert can(control_plane, ns, sidecar, "patch", "pods", ns)  # its own (narrowed by admission, see docs)
+    assert can(control_plane, ns, sidecar, "get", "configmaps/lorafleet-routes-probe", ns)
+    assert not can(control_plane, ns, sidecar, "get", "configmaps/other", ns)
+    assert not can(control_plane, ns, sidecar, "patch", "pods", "default")
+    assert can(control_plane, ns, full, "list", "loratenants.lorafleet.io")  # tenants' spec.sources
+
+
+def test_the_operator_has_no_path_to_secrets_through_rbac(control_plane, fleet):
+    ns, full, as_operator, _ = fleet
+    # Not directly, and not by changing what a pod runs (patch pods), making pods, impersonating,
+    # minting tokens, or granting what it does not hold.
+    for verb, what in (("patch", "pods"), ("update", "pods"), ("create", "pods"), ("create", "pods/exec"),
+                       ("create", "serviceaccounts/token"), ("impersonate", "serviceaccounts"),
+                       ("escalate", "roles"), ("escalate", "clusterroles"), ("bind", "clusterroles"),
+                       ("bind", "roles"), ("create", "clusterrolebindings")):
+        assert not can(control_plane, ns, full, verb, what), f"the operator may {verb} {what}"
+    # `bind` on the one ClusterRole it needs (pods get/patch for sidecars), which reads no Secrets.
+    assert can(control_plane, ns, full, "bind", f"clusterroles/{full}-pool-sidecar")
+    rules = json.loads(control_plane.kubectl("get", "clusterrole", f"{full}-pool-sidecar", "-o", "json").stdout)["rules"]
+    assert rules == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
+    # A RoleBinding to a role that reads Secrets is refused by the API server.
+    for role in ("edit", "admin"):
+        r = as_operator("create", "rolebinding", f"steal-{role}", f"--clusterrole={role}", "-n", ns,
+                        f"--serviceaccount={ns}:lorafleet-probe-sidecar")
+        assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
