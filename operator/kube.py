@@ -13,7 +13,7 @@ from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import ConfigMap, Service, ServiceAccount
-from lightkube.resources.networking_v1 import Ingress
+from lightkube.resources.networking_v1 import Ingress, NetworkPolicy
 from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
 from lightkube.types import PatchType
 
@@ -34,7 +34,7 @@ LoRATenantResource = create_namespaced_resource(names.GROUP, names.VERSION, name
                                                 names.TENANT_PLURAL)
 
 KINDS = {"Deployment": Deployment, "ConfigMap": ConfigMap, "Service": Service, "ServiceAccount": ServiceAccount,
-         "Ingress": Ingress, "Role": Role, "RoleBinding": RoleBinding}
+         "Ingress": Ingress, "NetworkPolicy": NetworkPolicy, "Role": Role, "RoleBinding": RoleBinding}
 # Owned kinds without a generation to compare, watched for drift field by field (Deployments go by
 # generation, routes ConfigMaps by their text).
 DRIFT_CHECKED = frozenset({"Service", "ServiceAccount", "Ingress"})

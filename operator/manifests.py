@@ -317,12 +317,31 @@ def gateway_rbac(pool: str, namespace: str, uid: str) -> list[Manifest]:
     return [sa, role, binding]
 
 
+def runtime_network_policy(pool: str, namespace: str, uid: str) -> Manifest:
+    """With a gateway, the pool's runtime port answers the pool's gateway pods only: tenants' keys are
+    checked there, and the pool's Service would otherwise let any pod of the cluster around them. The
+    sidecar's metrics port stays open to scrapers; the runtime's admin port listens on 127.0.0.1."""
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _meta(names.gateway_name(pool), namespace, pool, uid, "gateway"),
+        "spec": {
+            "podSelector": {"matchLabels": names.pod_selector(pool)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {names.LABEL_GATEWAY_FOR: pool}}}],
+                 "ports": [{"protocol": "TCP", "port": names.RUNTIME_PORT}]},
+                {"ports": [{"protocol": "TCP", "port": names.SIDECAR_METRICS_PORT}]},
+            ],
+        },
+    }
+
+
 def gateway_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> list[Manifest]:
     """The gateway's objects when ``spec.gateway.enabled``, else none."""
     if not gateway_enabled(spec):
         return []
     return [*gateway_rbac(pool, namespace, uid), gateway_service(pool, namespace, uid),
-            gateway_deployment(pool, namespace, uid, spec)]
+            gateway_deployment(pool, namespace, uid, spec), runtime_network_policy(pool, namespace, uid)]
 
 
 def stale_children(pool: str, spec: BaseModelPoolSpec, sidecar_cluster_role: str | None = None) -> list[tuple[str, str]]:
@@ -333,7 +352,8 @@ def stale_children(pool: str, spec: BaseModelPoolSpec, sidecar_cluster_role: str
         out.append(("Ingress", names.ingress_name(pool)))
     gw = names.gateway_name(pool)
     if not gateway_enabled(spec):
-        out += [("Deployment", gw), ("Service", gw), ("RoleBinding", gw), ("Role", gw), ("ServiceAccount", gw)]
+        out += [("NetworkPolicy", gw), ("Deployment", gw), ("Service", gw), ("RoleBinding", gw), ("Role", gw),
+                ("ServiceAccount", gw)]
     if not sidecar_cluster_role:
         out.append(("RoleBinding", sidecar_pods_binding_name(pool)))
     return out

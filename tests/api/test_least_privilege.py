@@ -150,3 +150,45 @@ def test_the_operator_has_no_path_to_secrets_through_rbac(control_plane, fleet):
         r = as_operator("create", "rolebinding", f"steal-{role}", f"--clusterrole={role}", "-n", ns,
                         f"--serviceaccount={ns}:lorafleet-probe-sidecar")
         assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
+
+
+def test_a_sidecar_may_patch_only_its_own_pods_sync_annotation(control_plane, fleet, tmp_path):
+    """The chart's ValidatingAdmissionPolicy: RBAC lets a pool's sidecar patch any pod of its namespace;
+    admission holds it to the pod its token is bound to, and to the sync annotation."""
+    ns, _, _, _ = fleet
+    sa = "lorafleet-probe-sidecar"
+    for name in ("probe-0", "probe-1"):
+        control_plane.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"lorafleet.io/pool": "probe"}},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "runtime", "image": "lorafleet/runtime:0.1.0"}]}}))
+
+    def as_sidecar(bound_to: str | None):
+        args = ["create", "token", sa, "-n", ns, "--duration=10m"]
+        if bound_to:
+            args += ["--bound-object-kind=Pod", f"--bound-object-name={bound_to}"]
+        token = control_plane.kubectl(*args).stdout.strip()
+        kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / f"sidecar-{bound_to}.kubeconfig", ns)
+
+        def patch(pod: str, body: dict) -> subprocess.CompletedProcess:
+            return subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={kubeconfig}", "patch", "pod", pod,
+                                   "--type=merge", "-p", json.dumps(body)], capture_output=True, text=True,
+                                  timeout=60)
+        return patch
+
+    sync = {"metadata": {"annotations": {"lorafleet.io/sync": '{"generation": 1}'}}}
+    patch = as_sidecar("probe-0")
+    r = patch("probe-0", sync)
+    assert r.returncode == 0, r.stderr  # what the sidecar does: its own pod's report
+    r = patch("probe-1", sync)
+    assert r.returncode != 0 and "may patch only its own pod" in r.stderr and "probe-1" in r.stderr, r.stderr
+    for body in ({"metadata": {"labels": {"lorafleet.io/pool": "other"}}},
+                 {"metadata": {"annotations": {"prometheus.io/scrape": "true"}}},
+                 {"spec": {"containers": [{"name": "runtime", "image": "attacker/image:1"}]}}):
+        r = patch("probe-0", body)
+        assert r.returncode != 0 and "only its pod's lorafleet.io/sync annotation" in r.stderr, (body, r.stderr)
+    # A token bound to no pod says nothing about which pod is its own: refused.
+    r = as_sidecar(None)("probe-0", sync)
+    assert r.returncode != 0 and "may patch only its own pod" in r.stderr, r.stderr
+    # Anyone else is not a sidecar: the policy does not apply.
+    control_plane.kubectl("patch", "pod", "probe-1", "-n", ns, "--type=merge", "-p",
+                          json.dumps({"metadata": {"labels": {"checked": "yes"}}}))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 from lightkube import ApiError, Client, KubeConfig
-from lightkube.models.authentication_v1 import TokenRequestSpec
+from lightkube.models.authentication_v1 import BoundObjectReference, TokenRequestSpec
 from lightkube.models.core_v1 import Binding, ObjectReference
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, ServiceAccount
@@ -188,8 +188,12 @@ class PodRunner:
         sa = pod.spec.serviceAccountName
         if not sa or sa == "default":
             return None
+        # Bound to the pod, as the kubelet's projected tokens are: the API server then knows which pod
+        # calls (the chart's pool-sidecar policy lets a sidecar patch only its own pod).
+        bound = BoundObjectReference(apiVersion="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid)
         tr = self.client.create(ServiceAccount.Token(metadata=ObjectMeta(name=sa, namespace=pod.metadata.namespace),
-                                                     spec=TokenRequestSpec(audiences=[], expirationSeconds=24 * 3600)),
+                                                     spec=TokenRequestSpec(audiences=[], expirationSeconds=24 * 3600,
+                                                                           boundObjectRef=bound)),
                                 sa, namespace=pod.metadata.namespace)
         cfg = yaml.safe_load(self.kubeconfig.read_text())
         cfg["users"] = [{"name": sa, "user": {"token": tr.status.token}}]

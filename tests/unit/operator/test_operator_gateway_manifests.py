@@ -43,7 +43,7 @@ def test_enabled_gateway_children_in_apply_order_and_the_ingress_points_at_it():
     assert got == [("ServiceAccount", "lorafleet-p-sidecar"), ("Role", "lorafleet-p-sidecar"),
                    ("RoleBinding", "lorafleet-p-sidecar"), ("Service", "lorafleet-p"),
                    ("ServiceAccount", gw), ("Role", gw), ("RoleBinding", gw), ("Service", gw), ("Deployment", gw),
-                   ("Ingress", "lorafleet-p"), ("Deployment", "lorafleet-p")]
+                   ("NetworkPolicy", gw), ("Ingress", "lorafleet-p"), ("Deployment", "lorafleet-p")]
     for m in manifests.gateway_children("p", "ns", "u", s):
         assert m["metadata"]["ownerReferences"] == [manifests.owner_reference("p", "u")]
         assert m["metadata"]["namespace"] == "ns"
@@ -120,7 +120,7 @@ def test_turning_the_gateway_off_deletes_all_of_it():
     pods_binding = ("RoleBinding", "lorafleet-p-sidecar-pods")
     off = manifests.stale_children("p", spec(enabled=False), "cr")
     assert set(off) == {("Deployment", gw), ("Service", gw), ("RoleBinding", gw), ("Role", gw),
-                        ("ServiceAccount", gw)}
+                        ("ServiceAccount", gw), ("NetworkPolicy", gw)}
     assert manifests.stale_children("p", spec(enabled=True), "cr") == []
     assert manifests.stale_children("p", spec(enabled=True)) == [pods_binding]
     no_ing = BaseModelPoolSpec.model_validate({**BASE, "ingress": None, "gateway": {"enabled": True}})
@@ -160,3 +160,18 @@ def test_pool_status_counts_ready_gateway_pods_only_when_the_gateway_is_on():
     gw = next(c for c in one["conditions"] if c["type"] == "GatewayReady")
     assert one["gatewayReadyReplicas"] == 1 and gw["status"] == "True" and gw["observedGeneration"] == 3
     assert one["phase"] == none["phase"]  # the pool's own phase is about its runtime pods
+
+
+def test_with_a_gateway_only_its_pods_reach_the_runtime_port():
+    children = manifests.pool_children("p", "ns", "u", spec(enabled=True))
+    [np] = [m for m in children if m["kind"] == "NetworkPolicy"]
+    assert np["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "lorafleet", "lorafleet.io/pool": "p",
+                                                         "app.kubernetes.io/component": "runtime"}}
+    runtime, metrics = np["spec"]["ingress"]
+    assert runtime == {"from": [{"podSelector": {"matchLabels": {"lorafleet.io/gateway-for": "p"}}}],
+                       "ports": [{"protocol": "TCP", "port": 8000}]}
+    assert metrics == {"ports": [{"protocol": "TCP", "port": 9090}]}
+    # The gateway's pods are not selected (they carry no lorafleet.io/pool label).
+    dep = next(m for m in children if m["kind"] == "Deployment" and m["metadata"]["name"] == "lorafleet-p-gateway")
+    assert "lorafleet.io/pool" not in dep["spec"]["template"]["metadata"]["labels"]
+    assert not [m for m in manifests.pool_children("p", "ns", "u", spec()) if m["kind"] == "NetworkPolicy"]
