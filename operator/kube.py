@@ -191,17 +191,27 @@ class Kube:
                                      timeout: float = 300) -> tuple[list[dict], list[dict], list[dict]]:
         """``list_bodies``, retried while the API server is starting (CRD storage initializing,
         connection refused): kopf would otherwise wait a minute before its next attempt."""
+        return await self._while_starting(lambda: self.list_bodies(namespaces), "adapters, pools and pods",
+                                          logger, timeout)
+
+    async def list_tenants_when_ready(self, namespaces: list[str], logger: logging.Logger,
+                                      timeout: float = 300) -> list[dict]:
+        """``list_tenants``, retried like ``list_bodies_when_ready``."""
+        return await self._while_starting(lambda: self.list_tenants(namespaces), "tenants", logger, timeout)
+
+    @staticmethod
+    async def _while_starting(call: Any, what: str, logger: logging.Logger, timeout: float) -> Any:
         deadline = asyncio.get_running_loop().time() + timeout
         delay = 0.2
         while True:
             try:
-                return await self.list_bodies(namespaces)
+                return await call()
             except (ApiError, TransportError) as e:
                 if isinstance(e, ApiError) and e.status.code not in (429, 500, 503, 504):
                     raise
                 if asyncio.get_running_loop().time() > deadline:
                     raise
-                logger.warning("listing adapters, pools and pods failed (%s); retrying in %.1f s", e, delay)
+                logger.warning("listing %s failed (%s); retrying in %.1f s", what, e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

@@ -39,7 +39,7 @@ async def start(settings: kopf.OperatorSettings, logger: logging.Logger, **_: An
     FLEET.kube = Kube()
     adapters, pools, pods = await FLEET.kube.list_bodies_when_ready(FLEET.namespaces, logger)
     # Tenants first: the first plan of a pool must not route an adapter its tenant does not allow.
-    for body in await FLEET.kube.list_tenants(FLEET.namespaces):
+    for body in await FLEET.kube.list_tenants_when_ready(FLEET.namespaces, logger):
         FLEET.tenant_event(None, body)
     FLEET.prime(adapters, pools, pods)
     FLEET.start_resync()
