@@ -253,8 +253,10 @@ def test_the_real_operator_with_only_the_charts_permissions_serves_the_example_p
     kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "operator.kubeconfig", namespace=ns)
     port = free_port()
     # Only this test's namespace: other tests share the API server.
+    # The chart's own flag too: the sidecars' pod rights through its pool-sidecar ClusterRole.
     op = ManagedProcess("operator", [sys.executable, "-m", "lorafleet", "operator", f"--namespace={ns}",
-                                     f"--liveness=http://127.0.0.1:{port}/healthz"],
+                                     f"--liveness=http://127.0.0.1:{port}/healthz",
+                                     f"--sidecar-cluster-role={full}-pool-sidecar"],
                         tmp_path / "operator.log", env={"KUBECONFIG": str(kubeconfig)})
     try:
         def healthy() -> bool:

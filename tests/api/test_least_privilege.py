@@ -136,20 +136,32 @@ def test_the_operator_has_no_path_to_secrets_through_rbac(control_plane, fleet):
     ns, full, as_operator, _ = fleet
     # Not directly, and not by changing what a pod runs (patch pods), making pods, impersonating,
     # minting tokens, or granting what it does not hold.
-    for verb, what in (("patch", "pods"), ("update", "pods"), ("create", "pods"), ("create", "pods/exec"),
-                       ("create", "serviceaccounts/token"), ("impersonate", "serviceaccounts"),
-                       ("escalate", "roles"), ("escalate", "clusterroles"), ("bind", "clusterroles"),
-                       ("bind", "roles"), ("create", "clusterrolebindings")):
-        assert not can(control_plane, ns, full, verb, what), f"the operator may {verb} {what}"
+    for verb, what, sub in (("patch", "pods", None), ("update", "pods", None), ("create", "pods", None),
+                            ("create", "pods", "exec"), ("create", "pods", "ephemeralcontainers"),
+                            ("create", "serviceaccounts", "token"), ("impersonate", "serviceaccounts", None),
+                            ("escalate", "roles", None), ("escalate", "clusterroles", None),
+                            ("bind", "clusterroles", None), ("bind", "roles", None),
+                            ("create", "clusterrolebindings", None)):
+        extra = (f"--subresource={sub}",) if sub else ()
+        assert not can(control_plane, ns, full, verb, what, None, *extra), f"the operator may {verb} {what} {sub or ''}"
     # `bind` on the one ClusterRole it needs (pods get/patch for sidecars), which reads no Secrets.
     assert can(control_plane, ns, full, "bind", f"clusterroles/{full}-pool-sidecar")
     rules = json.loads(control_plane.kubectl("get", "clusterrole", f"{full}-pool-sidecar", "-o", "json").stdout)["rules"]
     assert rules == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
-    # A RoleBinding to a role that reads Secrets is refused by the API server.
-    for role in ("edit", "admin"):
-        r = as_operator("create", "rolebinding", f"steal-{role}", f"--clusterrole={role}", "-n", ns,
-                        f"--serviceaccount={ns}:lorafleet-probe-sidecar")
+    # A RoleBinding to a role that reads Secrets is refused by the API server. (The test API server
+    # runs no aggregation controller, so `edit` and `admin` have no rules here: a role of our own.)
+    control_plane.kubectl("create", "clusterrole", f"{ns}-secret-reader", "--verb=get,list", "--resource=secrets")
+    control_plane.kubectl("create", "role", "secret-reader", "-n", ns, "--verb=get", "--resource=secrets")
+    try:
+        for ref in (f"--clusterrole={ns}-secret-reader", "--role=secret-reader"):
+            r = as_operator("create", "rolebinding", "steal", ref, "-n", ns,
+                            f"--serviceaccount={ns}:lorafleet-probe-sidecar")
+            assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
+        # Nor can it make such a Role itself.
+        r = as_operator("create", "role", "steal", "-n", ns, "--verb=get", "--resource=secrets")
         assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
+    finally:
+        control_plane.kubectl("delete", "clusterrole", f"{ns}-secret-reader", check=False)
 
 
 def test_a_sidecar_may_patch_only_its_own_pods_sync_annotation(control_plane, fleet, tmp_path):
@@ -169,9 +181,9 @@ def test_a_sidecar_may_patch_only_its_own_pods_sync_annotation(control_plane, fl
         token = control_plane.kubectl(*args).stdout.strip()
         kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / f"sidecar-{bound_to}.kubeconfig", ns)
 
-        def patch(pod: str, body: dict) -> subprocess.CompletedProcess:
+        def patch(pod: str, body: dict, kind: str = "merge") -> subprocess.CompletedProcess:
             return subprocess.run([str(require_tool("kubectl")), f"--kubeconfig={kubeconfig}", "patch", "pod", pod,
-                                   "--type=merge", "-p", json.dumps(body)], capture_output=True, text=True,
+                                   f"--type={kind}", "-p", json.dumps(body)], capture_output=True, text=True,
                                   timeout=60)
         return patch
 
@@ -181,10 +193,10 @@ def test_a_sidecar_may_patch_only_its_own_pods_sync_annotation(control_plane, fl
     assert r.returncode == 0, r.stderr  # what the sidecar does: its own pod's report
     r = patch("probe-1", sync)
     assert r.returncode != 0 and "may patch only its own pod" in r.stderr and "probe-1" in r.stderr, r.stderr
-    for body in ({"metadata": {"labels": {"lorafleet.io/pool": "other"}}},
-                 {"metadata": {"annotations": {"prometheus.io/scrape": "true"}}},
-                 {"spec": {"containers": [{"name": "runtime", "image": "attacker/image:1"}]}}):
-        r = patch("probe-0", body)
+    for body, kind in (({"metadata": {"labels": {"lorafleet.io/pool": "other"}}}, "merge"),
+                       ({"metadata": {"annotations": {"prometheus.io/scrape": "true"}}}, "merge"),
+                       ({"spec": {"containers": [{"name": "runtime", "image": "attacker/image:1"}]}}, "strategic")):
+        r = patch("probe-0", body, kind)
         assert r.returncode != 0 and "only its pod's lorafleet.io/sync annotation" in r.stderr, (body, r.stderr)
     # A token bound to no pod says nothing about which pod is its own: refused.
     r = as_sidecar(None)("probe-0", sync)
