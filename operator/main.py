@@ -61,6 +61,7 @@ async def adapter_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.event(TENANTS)
 async def tenant_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.in_handler()
     FLEET.tenant_event(type, dict(body))
 
 
