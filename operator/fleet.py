@@ -111,6 +111,9 @@ class Fleet:
         # The context of a kopf event handler: tasks that may post Kubernetes Events (kopf.info/warn
         # read kopf's event queue from it) start in it, also when the full listing starts them.
         self.kopf_context: contextvars.Context | None = None
+        # LoRATenants' spec.sources by namespace, then tenant: an adapter is routed only from its
+        # tenant's storage prefixes. A tenant that does not parse allows nothing.
+        self.tenants: dict[str, routing.Tenants] = {}
 
     def in_handler(self) -> None:
         """Called by every kopf event handler: the first one's context is kept for ``_spawn``."""
@@ -120,9 +123,6 @@ class Fleet:
     def _spawn(self, coro: Any) -> asyncio.Task:
         context = self.kopf_context.copy() if self.kopf_context is not None else None
         return asyncio.get_running_loop().create_task(coro, context=context)
-        # LoRATenants' spec.sources by namespace, then tenant: an adapter is routed only from its
-        # tenant's storage prefixes. A tenant that does not parse allows nothing.
-        self.tenants: dict[str, routing.Tenants] = {}
 
     def pool(self, key: PoolKey) -> PoolState:
         found = self.state.get(key)
