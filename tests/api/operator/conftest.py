@@ -24,10 +24,6 @@ def acme_tenant(request):
     spec.sources. Tests about tenants use other tenant names."""
     if "namespace" not in request.fixturenames:
         return
-    from lf_operator_kit import apply
+    from lf_operator_kit import apply, tenant_doc
 
-    from lorafleet.contracts import names
-
-    apply(request.getfixturevalue("control_plane"), request.getfixturevalue("namespace"),
-          {"apiVersion": names.API_VERSION, "kind": names.TENANT_KIND, "metadata": {"name": "acme"},
-           "spec": {"sources": ["s3://adapters/"]}})
+    apply(request.getfixturevalue("control_plane"), request.getfixturevalue("namespace"), tenant_doc())

@@ -62,6 +62,13 @@ def adapter_doc(name: str, pool: str, version: str = "1", sha: str = SHA["b"], *
     return {"apiVersion": names.API_VERSION, "kind": names.ADAPTER_KIND, "metadata": {"name": name}, "spec": body}
 
 
+def tenant_doc(name: str = "acme", *sources: str) -> dict[str, Any]:
+    """A LoRATenant; by default acme, allowed every ``s3://adapters/`` source (what ``adapter_doc``
+    makes): the operator routes an adapter only from its tenant's spec.sources."""
+    return {"apiVersion": names.API_VERSION, "kind": names.TENANT_KIND, "metadata": {"name": name},
+            "spec": {"sources": list(sources or ("s3://adapters/",))}}
+
+
 def apply(control_plane, namespace: str, doc: dict[str, Any]) -> None:
     control_plane.kubectl("apply", "--server-side", "--field-manager=tests", "--force-conflicts", "-n", namespace,
                           "-f", "-", input=json.dumps(doc))

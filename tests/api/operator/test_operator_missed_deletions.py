@@ -144,7 +144,7 @@ def test_events_posted_after_a_sweep(uncached_control_plane, uncached_kube, tmp_
     from lightkube.models.meta_v1 import ObjectMeta
     from lightkube.resources.core_v1 import Event, Namespace, Pod, ServiceAccount
 
-    from lf_operator_kit import adapter_doc, wait_routes
+    from lf_operator_kit import adapter_doc, tenant_doc, wait_routes
 
     cp, kube = uncached_control_plane, uncached_kube
     namespace = "ghost-events"
@@ -160,6 +160,7 @@ def test_events_posted_after_a_sweep(uncached_control_plane, uncached_kube, tmp_
 
     try:
         apply(cp, namespace, pool_doc("q", replicas=1))
+        apply(cp, namespace, tenant_doc())
         apply(cp, namespace, adapter_doc("a", "q"))
         gen = wait_routes(kube, namespace, "q", lambda t: "a" in t.adapters, "a in the routes").generation
         make_pod(kube, namespace, "q", "q-0", sync={"generation": gen, "loaded": 1})

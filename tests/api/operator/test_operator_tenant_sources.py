@@ -5,14 +5,7 @@ edits take effect without touching the adapters."""
 
 from __future__ import annotations
 
-from lf_operator_kit import SHA, adapter_doc, apply, cond, pool_doc, wait_routes, wait_status
-
-from lorafleet.contracts import names
-
-
-def tenant_doc(name: str, *sources: str) -> dict:
-    return {"apiVersion": names.API_VERSION, "kind": names.TENANT_KIND, "metadata": {"name": name},
-            "spec": {"sources": list(sources)}}
+from lf_operator_kit import SHA, adapter_doc, apply, cond, pool_doc, tenant_doc, wait_routes, wait_status
 
 
 def invalid_because(control_plane, namespace: str, name: str, field: str) -> dict:
