@@ -437,6 +437,7 @@ class Fleet:
                 self.touch((namespace, pool))
                 swept += len(missing)
         self.swept += swept
+        log.debug("full listing done: %d objects, %d swept", len(alive), swept)
         return swept
 
     def routes_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
