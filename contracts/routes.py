@@ -41,6 +41,9 @@ class RouteEntry(_Wire):
     pinned: bool = False
     preload: bool = True
     versions: list[RouteVersion]
+    # "base": requests a replica cannot serve with this adapter are answered by the base model
+    # (LoRAAdapter spec.fallback); unset: 503/404 as for any adapter.
+    fallback: str | None = None
 
     def serving(self) -> list[RouteVersion]:
         """Versions that take traffic (weight > 0), heaviest first."""

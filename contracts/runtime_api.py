@@ -68,3 +68,7 @@ class SyncState(_Wire):
 
     routes_generation: int = Field(0, alias="routesGeneration")
     preload_pending: int = Field(0, alias="preloadPending")
+    # Served name -> tenant of every adapter in the routes that opted into the base-model fallback
+    # (LoRAAdapter spec.fallback: base): a request for one the runtime cannot serve (failed to load,
+    # not loaded here) is answered by the base model, saying so, instead of 503/404.
+    fallback: dict[str, str] = Field(default_factory=dict)

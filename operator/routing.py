@@ -264,7 +264,8 @@ def merge_entry(served: str, spec: LoRAAdapterSpec, previous: RouteEntry | None,
         )
         if not everyone_has_new:
             want += [p.model_copy(update={"weight": 0, "draining": True}) for p in leaving]
-    return RouteEntry(tenant=spec.tenant, pinned=spec.pinned, preload=spec.preload, versions=want)
+    return RouteEntry(tenant=spec.tenant, pinned=spec.pinned, preload=spec.preload, versions=want,
+                      fallback="base" if spec.fallback == "base" else None)
 
 
 def _fill_since(entries: dict[str, RouteEntry], generation: int) -> None:

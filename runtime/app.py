@@ -62,6 +62,9 @@ class RequestMetrics:
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if scope.get("lorafleet_fallback"):  # the base model answered for an adapter
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"x-lorafleet-fallback", b"base")]}
             await send(message)
 
         try:

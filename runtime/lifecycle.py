@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from lorafleet.contracts.names import split_versioned
 from lorafleet.contracts.runtime_api import ModelStatus, SyncState
 from lorafleet.runtime.architectures import UnsupportedModel
 from lorafleet.runtime.engine_api import Overloaded, ServingEngine, Work
@@ -23,6 +24,14 @@ from lorafleet.runtime.settings import RuntimeSettings
 from lorafleet.runtime.tiers import AdapterEntry, AdapterManager, AdapterUnavailable, ModelNotFound
 
 log = logging.getLogger("lorafleet.runtime")
+
+# The resolve errors a base-model fallback answers instead, and the reason it is counted under.
+FALLBACK_REASONS = {"adapter_unavailable": "load_failed", "model_not_found": "not_loaded"}
+
+
+def fallback_of(request) -> dict | None:
+    """The ``fallback`` field of an answer the base model gave instead of an adapter, else None."""
+    return request.scope.get("lorafleet_fallback")
 
 
 def detect_task(model_dir: Path) -> str:
@@ -160,9 +169,33 @@ class Runtime:
         except AdapterUnavailable as e:
             raise ApiError(503, str(e), "service_unavailable", "adapter_unavailable", {"Retry-After": "30"}) from None
 
-    def submit(self, entry: AdapterEntry | None, payloads: list[Any]) -> list[Work]:
+    def resolve_request(self, request, model: str | None, fallback: bool = True) -> AdapterEntry | None:
+        """``resolve`` for one HTTP request, tagging it with its tenant (metrics). With ``fallback``, an
+        adapter that opted into the base-model fallback (the sidecar's ``SyncState.fallback``) and
+        that this replica cannot serve (failed to load: ``load_failed``; not loaded here:
+        ``not_loaded``) resolves to the base model; the request is marked (``fallback_of``), counted
+        by tenant and reason, and its answer says so. Without the opt-in: 404/503 as always."""
+        try:
+            entry = self.resolve(model)
+        except ApiError as e:
+            name = split_versioned(model or "")[0]
+            tenant = (self.sync.fallback.get(name) if fallback and self.sync is not None else None)
+            if tenant is None or e.code not in FALLBACK_REASONS:
+                raise
+            reason = FALLBACK_REASONS[e.code]
+            log.info("adapter %s of tenant %s cannot be served here (%s): answering with the base model",
+                     model, tenant, reason)
+            self.metrics.fallback.labels(tenant, reason).inc()
+            request.scope["lorafleet_tenant"] = tenant
+            request.scope["lorafleet_fallback"] = {"to": "base", "model": self.base_name, "requested": model,
+                                                   "reason": reason}
+            return None
+        request.scope["lorafleet_tenant"] = entry.tenant if entry else "_base"
+        return entry
+
+    def submit(self, entry: AdapterEntry | None, payloads: list[Any], tenant: str | None = None) -> list[Work]:
         loop = asyncio.get_running_loop()
-        tenant = entry.tenant if entry is not None else "_base"
+        tenant = tenant or (entry.tenant if entry is not None else "_base")
         works = [Work(tenant, entry, p, loop, asyncio.Queue()) for p in payloads]
         try:
             self.engine.submit(works)

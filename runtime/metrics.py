@@ -45,6 +45,11 @@ class RuntimeMetrics:
                                  "(would wait over maxQueueDelayMs), queue_timeout (waited maxQueueDelayMs), "
                                  "shutting_down", ["tenant", "reason"], registry=r)
 
+        self.fallback = Counter("lorafleet_runtime_fallback",
+                                "Requests for an adapter that opted into spec.fallback: base, answered by the base "
+                                "model because this replica could not serve the adapter: reason load_failed or "
+                                "not_loaded", ["tenant", "reason"], registry=r)
+
     def bind(self, runtime) -> None:
         """Gauges read at scrape time from the runtime's tiers and queue."""
         self._runtime = runtime

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.engine_api import Overloaded
 from lorafleet.runtime.protocol import ApiError, ClassifyRequest, too_busy
-from lorafleet.runtime.routes_common import tag, unless_disconnected
+from lorafleet.runtime.routes_common import unless_disconnected
 
 
 def router(rt: Runtime) -> APIRouter:
@@ -18,8 +18,8 @@ def router(rt: Runtime) -> APIRouter:
     @r.post("/v1/classify")
     async def classify(request: Request, body: ClassifyRequest):
         rt.need_task("sequence-classification")
-        entry = rt.resolve(body.model)
-        tag(request, entry)
+        # No fallback here: the base model has no classifier head to answer with.
+        entry = rt.resolve_request(request, body.model, fallback=False)
         if entry is None:
             raise ApiError(400, f"the base model {rt.base_name} has no classifier head; name a tenant's adapter",
                            "invalid_request_error", "no_classifier_head")

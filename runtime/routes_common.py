@@ -1,4 +1,4 @@
-"""What the public routers share: tagging a request with its tenant (for metrics), finishing a
+"""What the public routers share: finishing a
 non-streaming answer unless the client has gone away, and a streaming answer that cancels its work
 when it ends early (in both cases the engine drops the work: from its queue, or from its row)."""
 
@@ -9,10 +9,6 @@ from typing import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-
-
-def tag(request: Request, entry) -> None:
-    request.scope["lorafleet_tenant"] = entry.tenant if entry else "_base"
 
 
 async def _disconnected(request: Request) -> None:

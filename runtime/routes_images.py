@@ -12,9 +12,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from lorafleet.runtime.engine_api import ImageParams, Overloaded
-from lorafleet.runtime.lifecycle import Runtime
+from lorafleet.runtime.lifecycle import Runtime, fallback_of
 from lorafleet.runtime.protocol import ApiError, ImagesRequest, bad_request, too_busy
-from lorafleet.runtime.routes_common import tag, unless_disconnected
+from lorafleet.runtime.routes_common import unless_disconnected
 
 TASK = "text-to-image"
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg"}
@@ -41,13 +41,12 @@ def _encode(images, fmt: str) -> list[bytes]:
 async def generate(rt: Runtime, request: Request, model: str, params: ImageParams, fmt: str) -> list[bytes]:
     """Resolve the adapter, submit one job, wait for its images (cancelled if the client leaves)."""
     rt.need_task(TASK)
-    entry = rt.resolve(model)
-    tag(request, entry)
+    entry = rt.resolve_request(request, model)
     try:
         job = rt.engine.new_image(params)
     except ValueError as e:
         raise bad_request(str(e), "invalid_parameter") from None
-    (work,) = rt.submit(entry, [job])
+    (work,) = rt.submit(entry, [job], tenant=request.scope["lorafleet_tenant"])
 
     async def result():
         while True:
@@ -111,8 +110,10 @@ def router(rt: Runtime) -> APIRouter:
         params = ImageParams(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.num_inference_steps,
                              guidance=body.guidance_scale, height=height, width=width, n=body.n, seed=body.seed)
         images = await generate(rt, request, body.model, params, fmt)
-        return {"created": int(time.time()), "output_format": "jpeg" if fmt == "jpg" else fmt,
-                "data": [{"b64_json": base64.b64encode(img).decode()} for img in images]}
+        out = {"created": int(time.time()), "output_format": "jpeg" if fmt == "jpg" else fmt,
+               "data": [{"b64_json": base64.b64encode(img).decode()} for img in images]}
+        fb = fallback_of(request)
+        return {**out, "fallback": fb} if fb else out
 
     @r.post("/models/{name:path}")
     async def hosted_model(request: Request, name: str):

@@ -11,14 +11,20 @@ from fastapi import APIRouter, Request
 from lorafleet.runtime.engine_api import SamplingParams
 from lorafleet.runtime.generation import (TextStream, build_sequence, chat_prompt_ids, completion_prompt_ids,
                                           openai_params, stop_strings)
-from lorafleet.runtime.lifecycle import Runtime
+from lorafleet.runtime.lifecycle import Runtime, fallback_of
 from lorafleet.runtime.protocol import ApiError, ChatRequest, CompletionRequest
-from lorafleet.runtime.routes_common import CancelOnClose, tag, unless_disconnected
+from lorafleet.runtime.routes_common import CancelOnClose, unless_disconnected
 from lorafleet.runtime.tiers import AdapterEntry
 
 
 def sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+def with_fallback(request: Request, body: dict) -> dict:
+    """``body`` with the ``fallback`` field when the base model answered for an adapter."""
+    fb = fallback_of(request)
+    return {**body, "fallback": fb} if fb else body
 
 
 def usage(seq, generated: int) -> dict:
@@ -33,12 +39,11 @@ async def start_generation(rt: Runtime, request: Request, model: str, prompt_ids
     """Resolve the adapter, shape the sequence and submit it: (entry, sequence, text stream).
     ``params_of(tokenizer)`` gives the request's ``SamplingParams``."""
     rt.need_task("text-generation")
-    entry = rt.resolve(model)
-    tag(request, entry)
+    entry = rt.resolve_request(request, model)
     tok = rt.engine.tokenizer
     params: SamplingParams = params_of(tok)
     seq = build_sequence(rt.engine, prompt_ids_of(tok), params, rt.settings.max_new_tokens)
-    (work,) = rt.submit(entry, [seq])
+    (work,) = rt.submit(entry, [seq], tenant=request.scope["lorafleet_tenant"])
     return entry, seq, TextStream(rt.engine, work, stop_strings(stop), include_stop=include_stop,
                                   skip_special_tokens=skip_special_tokens, tgi_stops=tgi_stops)
 
@@ -135,7 +140,8 @@ def router(rt: Runtime) -> APIRouter:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             async def stream():
-                base = {"id": rid, "object": "text_completion", "created": created, "model": served}
+                base = with_fallback(request, {"id": rid, "object": "text_completion", "created": created,
+                                               "model": served})
                 if head:
                     yield sse({**base, "choices": [{"index": 0, "text": head, "logprobs": None,
                                                     "finish_reason": None}]})
@@ -151,10 +157,11 @@ def router(rt: Runtime) -> APIRouter:
             await wait_started(request, rt, gen)
             return CancelOnClose(stream(), gen.abandon, media_type="text/event-stream")
         await drain(request, rt, gen)
-        return {"id": rid, "object": "text_completion", "created": created, "model": served,
-                "choices": [{"index": 0, "text": head + gen.text, "finish_reason": gen.openai_finish,
-                             "logprobs": lps.completion(gen.received) if lps else None}],
-                "usage": usage(seq, gen.received)}
+        return with_fallback(request, {
+            "id": rid, "object": "text_completion", "created": created, "model": served,
+            "choices": [{"index": 0, "text": head + gen.text, "finish_reason": gen.openai_finish,
+                         "logprobs": lps.completion(gen.received) if lps else None}],
+            "usage": usage(seq, gen.received)})
 
     @r.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatRequest):
@@ -172,7 +179,8 @@ def router(rt: Runtime) -> APIRouter:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             async def stream():
-                base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served}
+                base = with_fallback(request, {"id": rid, "object": "chat.completion.chunk", "created": created,
+                                               "model": served})
                 yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]})
                 async for _, delta in gen.deltas():
@@ -188,9 +196,10 @@ def router(rt: Runtime) -> APIRouter:
             await wait_started(request, rt, gen)
             return CancelOnClose(stream(), gen.abandon, media_type="text/event-stream")
         await drain(request, rt, gen)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": served,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
-                             "logprobs": lps.chat(gen.received) if lps else None, "finish_reason": gen.openai_finish}],
-                "usage": usage(seq, gen.received)}
+        return with_fallback(request, {
+            "id": rid, "object": "chat.completion", "created": created, "model": served,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
+                         "logprobs": lps.chat(gen.received) if lps else None, "finish_reason": gen.openai_finish}],
+            "usage": usage(seq, gen.received)})
 
     return r

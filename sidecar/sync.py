@@ -412,7 +412,9 @@ class Syncer:
         m.generation.set(table.generation)
 
         if loaded is not None and self.model_ready:
-            state = SyncState(routes_generation=table.generation, preload_pending=preload_pending)
+            state = SyncState(routes_generation=table.generation, preload_pending=preload_pending,
+                              fallback={name: e.tenant for name, e in sorted(table.adapters.items())
+                                        if e.fallback == "base"})
             if state != self._sent_state:
                 try:
                     self.runtime.sync(state)

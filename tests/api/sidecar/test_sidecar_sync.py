@@ -33,6 +33,13 @@ def test_routes_drive_downloads_loads_unloads_and_collection(kube, namespace, po
     assert runtime.loaded() == {f"{n}@1": ads[n][1] for n in ["support", "billing", "legal"]}
     assert {p.name for p in (cache_dir / "adapters").iterdir()} == {ads[n][1] for n in ["support", "billing", "legal"]}
     assert runtime.sync.routes_generation == g and runtime.sync.preload_pending == 0
+    assert runtime.sync.fallback == {}
+
+    # An adapter that opts into the base-model fallback: the runtime is told its name and tenant.
+    routes.table.adapters["billing"].fallback = "base"
+    g = routes.write()
+    wait_for(lambda: runtime.sync is not None and runtime.sync.fallback == {"billing": "acme"}, 30,
+             what="the fallback opt-in sent to the runtime")
 
     # Rollout: version 2 takes the weight, version 1 stays loaded (draining) until the routes drop it.
     routes.set("support", [("2", *ads["support-v2"], 100), ("1", *ads["support"], 0)])

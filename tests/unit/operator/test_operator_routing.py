@@ -246,3 +246,12 @@ def test_what_was_applied_holds_unless_a_field_of_ours_moved():
         moved[path[0]][path[1]] = value
         assert not routing.holds(moved, applied), path
     assert not routing.holds({"metadata": {"name": "s"}}, applied)
+
+
+def test_fallback_opt_in_reaches_the_routes_and_the_default_leaves_them_as_they_were():
+    t = plan([adapter("a", fallback="base"), adapter("b"), adapter("c", fallback="none")]).table
+    assert t.adapters["a"].fallback == "base"
+    assert t.adapters["b"].fallback is None and t.adapters["c"].fallback is None
+    # Without the opt-in the routes JSON has no fallback key at all (older sidecars read it unchanged).
+    data = json.loads(t.to_json())
+    assert data["adapters"]["a"]["fallback"] == "base" and "fallback" not in data["adapters"]["b"]
