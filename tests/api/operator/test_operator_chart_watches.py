@@ -36,7 +36,8 @@ def test_the_chart_rbac_lets_the_operator_watch_list_and_repair(control_plane, n
         token = control_plane.kubectl("create", "token", full, "-n", namespace, "--duration=10m").stdout.strip()
         kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "operator.kubeconfig", namespace=namespace)
         op = Operator(kubeconfig, tmp_path / "operator.log",
-                      args=(*[a for a in args if a.startswith("--gateway-cluster-role=")], "--resync-interval", "1"))
+                      args=(*[a for a in args if a.startswith("--") and not a.startswith(("--liveness", "--namespace"))],
+                            "--resync-interval", "1"))
         op.start()
         apply(control_plane, namespace, pool_doc("p", replicas=2))
         wait_for(lambda: (get_json(control_plane, namespace, "deployment", "lorafleet-p") or {}).get("spec", {})
