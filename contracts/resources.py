@@ -74,6 +74,12 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Quantization(str, Enum):
+    none = "none"
+    int8 = "int8"
+    nf4 = "nf4"
+
+
 class ModelSpec(_Model):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid",
@@ -89,6 +95,13 @@ class ModelSpec(_Model):
     task: Task = Field(description="sequence-classification, text-generation or text-to-image (a diffusers "
                                    "pipeline folder)")
     dtype: DType = Field(DType.float32, description="Weights' dtype on the device")
+    quantization: Quantization = Field(
+        Quantization.none,
+        description="The base model's linear layers quantized at load (the adapters stay in dtype). torch engine: "
+                    "int8 = bitsandbytes LLM.int8, nf4 = bitsandbytes 4-bit NormalFloat (QLoRA's, double-quantized "
+                    "scales, computing in dtype); text-generation and sequence-classification pools on cpu or cuda; "
+                    "other tasks and devices, and shapes the device's kernel cannot take, are refused at startup. "
+                    "Output heads stay unquantized. See docs/runtime.md")
 
     @field_validator("uri")
     @classmethod

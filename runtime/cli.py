@@ -15,6 +15,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=list(TASKS),
                    help="default: from the model's config (env LORAFLEET_TASK)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="env LORAFLEET_DTYPE")
+    p.add_argument("--quantization", choices=["none", "int8", "nf4"],
+                   help="quantize the base model's linear layers at load: int8 (bitsandbytes LLM.int8) or nf4 "
+                        "(bitsandbytes 4-bit NormalFloat); env LORAFLEET_QUANTIZATION, default none")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--host", help="public API bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="public API port (env LORAFLEET_PORT, default 8000)")
@@ -38,7 +41,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace, **extra) -> RuntimeSettings:
-    names = ["model_dir", "task", "dtype", "device", "host", "port", "admin_port", "max_batch_size",
+    names = ["model_dir", "task", "dtype", "quantization", "device", "host", "port", "admin_port", "max_batch_size",
              "max_batch_delay_ms", "max_queue", "max_queue_delay_ms", "per_tenant_max_inflight", "device_slots", "host_adapters",
              "max_rank", "served_model_name", "max_model_len"]
     return RuntimeSettings.from_env(**{n: getattr(args, n, None) for n in names}, **extra)

@@ -158,6 +158,11 @@ class ServingEngine(ABC):
     def capacity(self) -> dict[str, int]:
         """Current figures: device slots (total/used), rows, queued work."""
 
+    def base_weights(self) -> tuple[str, int, int] | None:
+        """``(quantization, loaded bytes, unquantized bytes)`` of the base model's weights: what they
+        hold on the device, and what they would in the pool's dtype unquantized. None if unknown."""
+        return None
+
     @abstractmethod
     def start(self) -> None: ...
 

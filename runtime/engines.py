@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lorafleet.runtime.architectures import UnsupportedModel, causal_lm_class, check_architecture, plan_model
 from lorafleet.runtime.multilora import LoRAModelPatch, SlotAllocator
+from lorafleet.runtime import quantization as quant
 from lorafleet.runtime.tiers import AdapterEntry, AdapterManager
 
 log = logging.getLogger("lorafleet.runtime")
@@ -29,14 +30,22 @@ class SlotsBusy(RuntimeError):
 class Engine:
     task = ""
 
-    def __init__(self, model, tokenizer, device_slots: int, max_rank: int, device: str = "cpu"):
+    def __init__(self, model, tokenizer, device_slots: int, max_rank: int, device: str = "cpu",
+                 quantization: str = "none"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.patch = LoRAModelPatch(self.model, device_slots, max_rank)
+        self.quantization = quantization
+        quant.prepare(self.model, quantization, device)
+        self.patch = LoRAModelPatch(self.model, device_slots, max_rank, self.dtype)
         self.slots = SlotAllocator(device_slots)
         self.manager: AdapterManager | None = None
-        self.weights_bytes = _tensor_bytes(self.model)
+        # Unquantized: what the same weights take in the pool's dtype (equal when quantization is none).
+        self.weights_bytes, self.unquantized_weights_bytes = quant.weight_bytes(self.model, self.dtype)
+        if quantization != "none":
+            log.info("base model quantized %s: weights %.1f MiB (%.1f MiB unquantized in %s), %d linear layers",
+                     quantization, self.weights_bytes / 2**20, self.unquantized_weights_bytes / 2**20,
+                     str(self.dtype).removeprefix("torch."), len(quant.quantized_layers(self.model)))
 
     def memory_bytes(self) -> dict[str, int]:
         """What the engine holds on its device: the base weights and the adapter slots' stacked factors."""
@@ -48,7 +57,8 @@ class Engine:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        # A quantized model's int8/uint8 weights are not the dtype it computes (and adapters live) in.
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     def bind(self, manager: AdapterManager) -> None:
         self.manager = manager
@@ -86,13 +96,14 @@ class ClassificationEngine(Engine):
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
-                 device_slots: int = 32, max_rank: int = 64) -> "ClassificationEngine":
+                 device_slots: int = 32, max_rank: int = 64, quantization: str = "none") -> "ClassificationEngine":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        quant.check_supported(quantization, cls.task, device)
         torch.manual_seed(0)  # the base head is never used for answers, but keep loading deterministic
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).to(device)
+        model = _load(AutoModelForSequenceClassification, model_dir, dtype, device, quantization)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
-        return cls(model, tok, device_slots, max_rank, device)
+        return cls(model, tok, device_slots, max_rank, device, quantization)
 
     _counter = None
 
@@ -169,14 +180,14 @@ class GenerationEngine(Engine):
     task = "text-generation"
 
     def __init__(self, model, tokenizer, device_slots: int, max_rank: int, device: str = "cpu",
-                 max_seqs: int = 32, max_len: int | None = None):
+                 max_seqs: int = 32, max_len: int | None = None, quantization: str = "none"):
         cfg = model.config
         self.plan = plan_model(model)  # before anything is allocated: a refusal costs nothing
         model_len = int(cfg.max_position_embeddings)
         if max_len and max_len > model_len:
             raise UnsupportedModel(f"maxModelLen {max_len} is above the model's max_position_embeddings "
                                    f"{model_len}; set maxModelLen to {model_len} or less")
-        super().__init__(model, tokenizer, device_slots, max_rank, device)
+        super().__init__(model, tokenizer, device_slots, max_rank, device, quantization)
         self.inner = model.model
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -213,9 +224,10 @@ class GenerationEngine(Engine):
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
                  device_slots: int = 32, max_rank: int = 64, max_seqs: int = 32,
-                 max_len: int | None = None) -> "GenerationEngine":
+                 max_len: int | None = None, quantization: str = "none") -> "GenerationEngine":
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        quant.check_supported(quantization, cls.task, device)
         config = AutoConfig.from_pretrained(str(model_dir))
         check_architecture(causal_lm_class(config))  # refuse before reading the weights
         if max_len:
@@ -223,9 +235,9 @@ class GenerationEngine(Engine):
             if max_len > model_len:
                 raise UnsupportedModel(f"maxModelLen {max_len} is above the model's max_position_embeddings "
                                        f"{model_len}; set maxModelLen to {model_len} or less")
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).to(device)
+        model = _load(AutoModelForCausalLM, model_dir, dtype, device, quantization)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
-        return cls(model, tok, device_slots, max_rank, device, max_seqs, max_len)
+        return cls(model, tok, device_slots, max_rank, device, max_seqs, max_len, quantization)
 
     def max_input_tokens(self) -> int:
         return self.max_len
@@ -392,13 +404,11 @@ class GenerationEngine(Engine):
                 or last in seq.stop_ids or seq.pos >= self.max_len)
 
 
-def _tensor_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:  # tied embeddings count once
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+def _load(auto_class, model_dir, dtype: str, device: str, quantization: str):
+    """The base model on its device; quantized by transformers' bitsandbytes quantizer when asked."""
+    kwargs = quant.load_kwargs(quantization, DTYPES[dtype], device)
+    model = auto_class.from_pretrained(str(model_dir), dtype=DTYPES[dtype], **kwargs)
+    return model if kwargs else model.to(device)
 
 
 def _opt(module, name: str | None):

@@ -106,7 +106,12 @@ class Runtime:
         self.metrics.bind(self)
         self.model_state = "loaded"
         self.loaded.set()
-        log.info("base model %s loaded (%s, %s) in %.1fs", model_dir, self.task, s.dtype, time.monotonic() - t0)
+        base = engine.base_weights()
+        weights = "" if base is None else (f", weights {base[1] / 2**20:.1f} MiB" if base[0] == "none" else
+                                           f", {base[0]} weights {base[1] / 2**20:.1f} MiB "
+                                           f"({base[2] / 2**20:.1f} MiB unquantized)")
+        log.info("base model %s loaded (%s, %s%s) in %.1fs", model_dir, self.task, s.dtype, weights,
+                 time.monotonic() - t0)
 
     def load_in_background(self, wait_s: float = 0.0) -> threading.Thread:
         def run():

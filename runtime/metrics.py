@@ -104,6 +104,15 @@ class _TierCollector:
             if key.endswith("_bytes"):
                 mem.add_metric([key.removesuffix("_bytes")], n)
         yield mem
+        base = rt.engine.base_weights()
+        if base is not None:
+            quantization, loaded, unquantized = base
+            bw = GaugeMetricFamily("lorafleet_runtime_base_weights_bytes",
+                                   "The base model's weights: as loaded (quantized or not) and unquantized in the "
+                                   "pool's dtype", labels=["quantization", "form"])
+            bw.add_metric([quantization, "loaded"], loaded)
+            bw.add_metric([quantization, "unquantized"], unquantized)
+            yield bw
         fz = GaugeMetricFamily("lorafleet_runtime_gc_frozen_objects",
                                "Python objects moved out of the garbage collector's reach after the model loaded")
         fz.add_metric([], gc.get_freeze_count())

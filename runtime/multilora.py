@@ -39,10 +39,25 @@ class LoRAContext:
         return t
 
 
-class MultiLoRALinear(nn.Module):
-    """An ``nn.Linear`` plus stacked per-slot LoRA factors; rank grows to the largest adapter seen."""
+def _factor_dtype(base: nn.Linear, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the LoRA factors and the layer's activations are in: the weight's own, or for a
+    quantized layer (int8/uint8 weights) the model's compute dtype."""
+    w = base.weight
+    if w.is_floating_point():
+        return w.dtype
+    if dtype is None:
+        raise AdapterFormatError(f"a quantized {type(base).__name__} needs the model's compute dtype")
+    return dtype
 
-    def __init__(self, base: nn.Linear, ctx: LoRAContext, slots: int):
+
+class MultiLoRALinear(nn.Module):
+    """An ``nn.Linear`` plus stacked per-slot LoRA factors; rank grows to the largest adapter seen.
+
+    The base may be a quantized linear (bitsandbytes ``Linear8bitLt``/``Linear4bit``): its output is
+    the base term and the slot's LoRA delta is added in the compute dtype, as PEFT's LoRA layers over
+    bitsandbytes do."""
+
+    def __init__(self, base: nn.Linear, ctx: LoRAContext, slots: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.base = base
         self.ctx = ctx
@@ -50,10 +65,10 @@ class MultiLoRALinear(nn.Module):
         self.out_features = base.out_features
         self.slots = slots
         self.rank = 0
-        w = base.weight
-        self.register_buffer("A", torch.zeros(slots + 1, self.in_features, 0, dtype=w.dtype, device=w.device),
+        dt, dev = _factor_dtype(base, dtype), base.weight.device
+        self.register_buffer("A", torch.zeros(slots + 1, self.in_features, 0, dtype=dt, device=dev),
                              persistent=False)
-        self.register_buffer("B", torch.zeros(slots + 1, 0, self.out_features, dtype=w.dtype, device=w.device),
+        self.register_buffer("B", torch.zeros(slots + 1, 0, self.out_features, dtype=dt, device=dev),
                              persistent=False)
 
     @property
@@ -111,17 +126,17 @@ class MultiHead(nn.Module):
     """A per-slot classification head (PEFT ``modules_to_save``); label counts differ per slot, logits
     are padded to the widest head and each row is sliced to its own count by the caller."""
 
-    def __init__(self, base: nn.Linear, ctx: LoRAContext, slots: int):
+    def __init__(self, base: nn.Linear, ctx: LoRAContext, slots: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.base = base
         self.ctx = ctx
         self.slots = slots
         self.in_features = base.in_features
         self.width = 0
-        w = base.weight
-        self.register_buffer("W", torch.zeros(slots + 1, 0, self.in_features, dtype=w.dtype, device=w.device),
+        dt, dev = _factor_dtype(base, dtype), base.weight.device
+        self.register_buffer("W", torch.zeros(slots + 1, 0, self.in_features, dtype=dt, device=dev),
                              persistent=False)
-        self.register_buffer("b", torch.zeros(slots + 1, 0, dtype=w.dtype, device=w.device), persistent=False)
+        self.register_buffer("b", torch.zeros(slots + 1, 0, dtype=dt, device=dev), persistent=False)
 
     def write(self, slot: int, head: dict[str, torch.Tensor] | None) -> None:
         if head is None:
@@ -160,10 +175,11 @@ class LoRAModelPatch:
     Layers are wrapped lazily, the first time an adapter targets them, so modules no adapter uses
     cost nothing."""
 
-    def __init__(self, model: nn.Module, slots: int, max_rank: int = 64):
+    def __init__(self, model: nn.Module, slots: int, max_rank: int = 64, dtype: torch.dtype | None = None):
         self.model = model
         self.slots = slots
         self.max_rank = max_rank
+        self.dtype = dtype  # the compute dtype, for layers whose weights are quantized
         self._base: BaseModelInfo | None = None
         self.ctx = LoRAContext()
         self.layers: dict[str, MultiLoRALinear] = {}
@@ -176,10 +192,11 @@ class LoRAModelPatch:
             raise AdapterFormatError(f"target module {path!r} does not exist in the base model") from None
         if isinstance(module, kind):
             return module
+        # bitsandbytes' quantized layers are nn.Linear subclasses whose forward gives the base term.
         if not isinstance(module, nn.Linear):
             raise AdapterFormatError(f"target module {path!r} is a {type(module).__name__}, "
                                      "only nn.Linear layers can carry LoRA or a per-tenant head")
-        wrapped = kind(module, self.ctx, self.slots)
+        wrapped = kind(module, self.ctx, self.slots, self.dtype)
         parent, attr = _parent(self.model, path)
         setattr(parent, attr, wrapped)
         return wrapped
@@ -195,7 +212,9 @@ class LoRAModelPatch:
                 base = module.base if isinstance(module, (MultiLoRALinear, MultiHead)) else module
                 kinds[name] = "Linear" if isinstance(base, nn.Linear) else type(base).__name__
                 w = getattr(base, "weight", None)
-                if isinstance(w, torch.Tensor) and w.dim() == 2:
+                if isinstance(base, nn.Linear):  # a quantized layer's weight is packed: its features say
+                    weights[name] = [base.out_features, base.in_features]
+                elif isinstance(w, torch.Tensor) and w.dim() == 2:
                     weights[name] = list(w.shape)
             self._base = BaseModelInfo.build("", "", "", weights, kinds, exact_paths=True)
         return self._base

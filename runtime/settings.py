@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 from lorafleet.contracts.names import ADMIN_PORT, RUNTIME_PORT, RuntimeEnv
 
+QUANTIZATIONS = ("none", "int8", "nf4")  # what each means: runtime/quantization.py
 TASKS = ("sequence-classification", "text-generation", "text-to-image")
 
 
@@ -16,6 +17,7 @@ class RuntimeSettings:
     cache_dir: str = ""
     task: str = ""  # empty: read from the model's config (architectures)
     dtype: str = "float32"
+    quantization: str = "none"  # the base's linear layers: none | int8 | nf4 (runtime/quantization.py)
     device: str = "cpu"
     host: str = "0.0.0.0"
     port: int = RUNTIME_PORT
@@ -39,7 +41,8 @@ class RuntimeSettings:
         env = os.environ if env is None else env
         names = {
             "model_dir": RuntimeEnv.MODEL_DIR, "cache_dir": RuntimeEnv.CACHE_DIR, "task": RuntimeEnv.TASK,
-            "dtype": RuntimeEnv.DTYPE, "port": RuntimeEnv.PORT, "admin_port": RuntimeEnv.ADMIN_PORT,
+            "dtype": RuntimeEnv.DTYPE, "quantization": RuntimeEnv.QUANTIZATION,
+            "port": RuntimeEnv.PORT, "admin_port": RuntimeEnv.ADMIN_PORT,
             "max_batch_size": RuntimeEnv.MAX_BATCH_SIZE, "max_batch_delay_ms": RuntimeEnv.MAX_BATCH_DELAY_MS,
             "max_queue": RuntimeEnv.MAX_QUEUE, "max_queue_delay_ms": RuntimeEnv.MAX_QUEUE_DELAY_MS, "per_tenant_max_inflight": RuntimeEnv.PER_TENANT_MAX_INFLIGHT,
             "device_slots": RuntimeEnv.DEVICE_SLOTS, "host_adapters": RuntimeEnv.HOST_ADAPTERS,
@@ -71,6 +74,8 @@ class RuntimeSettings:
             problems.append(f"task {self.task!r}: expected one of {', '.join(TASKS)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype {self.dtype!r}: expected float32, bfloat16 or float16")
+        if self.quantization not in QUANTIZATIONS:
+            problems.append(f"quantization {self.quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
         for name in ("max_batch_size", "max_queue", "per_tenant_max_inflight", "device_slots", "host_adapters",
                      "max_rank"):
             if getattr(self, name) < 1:

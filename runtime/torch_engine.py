@@ -37,15 +37,19 @@ class TorchEngine(ServingEngine):
         if task == "text-to-image":
             from lorafleet.runtime.diffusion import DiffusionEngine
 
+            from lorafleet.runtime.quantization import check_supported
+
+            check_supported(s.quantization, task, s.device)
             engine = DiffusionEngine.from_dir(model_dir, dtype=s.dtype, device=s.device, device_slots=s.device_slots,
                                               max_rank=s.max_rank)
         elif task == "text-generation":
             engine = GenerationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device, device_slots=s.device_slots,
                                                max_rank=s.max_rank, max_seqs=s.max_batch_size,
-                                               max_len=s.max_model_len or None)
+                                               max_len=s.max_model_len or None, quantization=s.quantization)
         else:
             engine = ClassificationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device,
-                                                   device_slots=s.device_slots, max_rank=s.max_rank)
+                                                   device_slots=s.device_slots, max_rank=s.max_rank,
+                                                   quantization=s.quantization)
         return cls(engine, settings, metrics)
 
     # --- requests -------------------------------------------------------------------------------------
@@ -107,6 +111,12 @@ class TorchEngine(ServingEngine):
         if hasattr(self.model, "memory_bytes"):  # {"weights": n, "kv_cache": n, ...} -> "weights_bytes": n
             out.update({f"{part}_bytes": n for part, n in self.model.memory_bytes().items()})
         return out
+
+    def base_weights(self) -> tuple[str, int, int] | None:
+        m = self.model
+        if not hasattr(m, "unquantized_weights_bytes"):
+            return None
+        return m.quantization, m.weights_bytes, m.unquantized_weights_bytes
 
     def start(self) -> None:
         self.scheduler.start()
