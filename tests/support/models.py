@@ -260,21 +260,34 @@ def make_classification_suite(base_dir: str | Path, out_root: str | Path, n: int
 class PeftOracle:
     """What PEFT itself answers for one adapter alone (the correctness oracle of the tests)."""
 
-    def __init__(self, base_dir: str | Path, task: str):
+    def __init__(self, base_dir: str | Path, task: str, quantization: str = "none"):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-        self.base_dir, self.task = str(base_dir), task
+        self.base_dir, self.task, self.quantization = str(base_dir), task, quantization
         self.tok = AutoTokenizer.from_pretrained(self.base_dir)
         self._base_cls = AutoModelForCausalLM if task == "text-generation" else AutoModelForSequenceClassification
+
+    def _quantized(self) -> dict:
+        """How a PEFT user loads a bitsandbytes-quantized base (QLoRA's NF4; LLM.int8), written out here
+        rather than taken from the runtime, so the oracle does not share the runtime's code."""
+        from transformers import BitsAndBytesConfig
+
+        if self.quantization == "none":
+            return {}
+        cfg = (BitsAndBytesConfig(load_in_8bit=True) if self.quantization == "int8" else
+               BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32))
+        return {"quantization_config": cfg, "device_map": {"": "cpu"}}
 
     def _model(self, adapter_dir):
         from peft import PeftModel
 
         if adapter_dir is None:
-            return self._base_cls.from_pretrained(self.base_dir).eval()
+            return self._base_cls.from_pretrained(self.base_dir, **self._quantized()).eval()
         labels = json.loads((Path(adapter_dir) / "labels.json").read_text()) if self.task != "text-generation" else None
         kw = {"num_labels": len(labels)} if labels else {}
-        return PeftModel.from_pretrained(self._base_cls.from_pretrained(self.base_dir, **kw), str(adapter_dir)).eval()
+        base = self._base_cls.from_pretrained(self.base_dir, **kw, **self._quantized())
+        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
     @torch.inference_mode()
     def greedy(self, adapter_dir, prompt: str, max_new_tokens: int) -> list[int]:
