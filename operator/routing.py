@@ -185,40 +185,70 @@ class PoolPlan:
 Tenants = dict[str, list[str]]  # tenant (LoRATenant name) -> its spec.sources, in one namespace
 
 
-def source_problems(spec: LoRAAdapterSpec, tenants: Tenants) -> list[str]:
-    """The adapter's source and canary URIs outside its tenant's storage prefixes, each naming its field."""
-    prefixes = tenants.get(spec.tenant)
-    uris = [("spec.source.uri", spec.source.uri)]
-    if spec.canary is not None:
-        uris.append(("spec.canary.source.uri", spec.canary.source.uri))
-    if prefixes is None:  # one problem, not one per URI: the tenant is what is missing
-        return [p for p in [source_problem("spec.tenant", spec.tenant, spec.tenant, None)] if p]
-    return [p for field_, uri in uris if (p := source_problem(field_, uri, spec.tenant, prefixes))]
+class SourceCheck:
+    """Which (tenant, URI) pairs the tenants' sources allow, remembered: a pool of 10,000 adapters
+    asks for every version on every plan, and the answer only moves when a tenant does. ``tenants``
+    is a snapshot, so a caller's dict edited in place later reads as a change (``matches``)."""
+
+    def __init__(self, tenants: Tenants):
+        self.tenants: Tenants = {t: list(p) for t, p in tenants.items()}
+        self.seen: dict[tuple[str, str], bool] = {}
+
+    def matches(self, tenants: Tenants) -> bool:
+        return self.tenants == tenants
+
+    def allows(self, tenant: str, uri: str) -> bool:
+        key = (tenant, uri)
+        hit = self.seen.get(key)
+        if hit is None:
+            prefixes = self.tenants.get(tenant)
+            hit = prefixes is not None and any(uri_within(uri, p) for p in prefixes)
+            if len(self.seen) > 200_000:
+                self.seen.clear()
+            self.seen[key] = hit
+        return hit
+
+    def problems(self, spec: LoRAAdapterSpec) -> list[str]:
+        """The adapter's source and canary URIs outside its tenant's storage prefixes, each naming its
+        field (one problem naming spec.tenant when the tenant has no LoRATenant)."""
+        uris = [("spec.source.uri", spec.source.uri)]
+        if spec.canary is not None:
+            uris.append(("spec.canary.source.uri", spec.canary.source.uri))
+        if all(self.allows(spec.tenant, uri) for _, uri in uris):
+            return []
+        prefixes = self.tenants.get(spec.tenant)
+        if prefixes is None:
+            return [p for p in [source_problem("spec.tenant", spec.tenant, spec.tenant, None)] if p]
+        return [p for field_, uri in uris if (p := source_problem(field_, uri, spec.tenant, prefixes))]
+
+    def within(self, entry: RouteEntry) -> RouteEntry | None:
+        """``entry`` without the versions that lie outside its tenant's prefixes (a tenant whose
+        spec.sources shrank, or that is gone: what it no longer allows is not served, draining or
+        not); None when nothing is left."""
+        kept = [v for v in entry.versions if self.allows(entry.tenant, v.uri)]
+        if len(kept) == len(entry.versions):
+            return entry
+        return entry.model_copy(update={"versions": kept}) if kept else None
 
 
-def within_tenant(entry: RouteEntry, tenants: Tenants) -> RouteEntry | None:
-    """``entry`` without the versions that lie outside its tenant's prefixes (a tenant whose
-    spec.sources shrank, or that is gone: what it no longer allows is not served, draining or not);
-    None when nothing is left."""
-    prefixes = tenants.get(entry.tenant) or []
-    kept = [v for v in entry.versions if any(uri_within(v.uri, p) for p in prefixes)]
-    if len(kept) == len(entry.versions):
-        return entry
-    return entry.model_copy(update={"versions": kept}) if kept else None
+def source_check(tenants: Tenants | SourceCheck | None) -> SourceCheck | None:
+    return tenants if tenants is None or isinstance(tenants, SourceCheck) else SourceCheck(tenants)
 
 
-def validity(adapters: list[AdapterView], pool: str, tenants: Tenants | None = None) -> dict[str, list[str]]:
+def validity(adapters: list[AdapterView], pool: str, tenants: Tenants | SourceCheck | None = None
+             ) -> dict[str, list[str]]:
     """Adapter name -> problems (empty when valid). Of two adapters claiming one servedName, the
     older keeps it. ``tenants``: the namespace's LoRATenants' sources; an adapter whose tenant is
     missing, or whose source lies outside its tenant's, is invalid (None: not checked, for planner
     tests that are about something else; the operator always passes them)."""
     problems: dict[str, list[str]] = {}
     claims: dict[str, AdapterView] = {}
+    check = source_check(tenants)
     for a in sorted(adapters, key=lambda a: (a.created, a.name)):
         if a.spec is None:
             problems[a.name] = [a.spec_error or "spec: does not parse"]
             continue
-        found = a.spec.problems() + (source_problems(a.spec, tenants) if tenants is not None else [])
+        found = a.spec.problems() + (check.problems(a.spec) if check is not None else [])
         holder = claims.get(a.served_name)
         if a.served_name == pool:
             found.append(f"spec.servedName: {pool!r} is the pool's base model id (requests naming it reach the "
@@ -277,7 +307,7 @@ def _fill_since(entries: dict[str, RouteEntry], generation: int) -> None:
 
 def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list[str]], previous: RoutesTable,
                 pods: list[PodView], entry_memo: dict[str, tuple[tuple[str, int], RouteEntry]] | None = None,
-                tenants: Tenants | None = None) -> tuple[RoutesTable, bool]:
+                tenants: Tenants | SourceCheck | None = None) -> tuple[RoutesTable, bool]:
     ready = [p for p in pods if p.ready]
     entries: dict[str, RouteEntry] = {}
     for a in adapters:
@@ -299,8 +329,9 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
             entries[a.served_name] = prev
             continue
         entries[a.served_name] = merge_entry(a.served_name, a.spec, prev, ready)
-    for served, entry in list(entries.items()) if tenants is not None else ():
-        kept = within_tenant(entry, tenants)
+    check = source_check(tenants)
+    for served, entry in list(entries.items()) if check is not None else ():
+        kept = check.within(entry)
         if kept is None:
             del entries[served]
         elif kept is not entry:
@@ -594,11 +625,17 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
     caller between reconciles of this pool) skips recomputing the status of adapters whose inputs
     did not move: one change in a pool of 1,000 adapters recomputes one status. ``tenants``: the
     namespace's LoRATenants and their sources (``Tenants``)."""
-    problems = validity(adapters, pool_name, tenants)
+    check = None
+    if tenants is not None:
+        held = memo.get("\0sources") if memo is not None else None
+        check = held if held is not None and held.matches(tenants) else SourceCheck(tenants)
+        if memo is not None:
+            memo["\0sources"] = check
+    problems = validity(adapters, pool_name, check)
     pool_ok = pool is not None and pool.spec is not None
     if pool_ok:
         table, changed = plan_routes(pool_name, adapters, problems, previous, pods,
-                                     memo.setdefault("\0entries", {}) if memo is not None else None, tenants)
+                                     memo.setdefault("\0entries", {}) if memo is not None else None, check)
     else:
         table, changed = RoutesTable(pool=pool_name, generation=previous.generation), False
     memo = {} if memo is None else memo
