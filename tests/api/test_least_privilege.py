@@ -204,3 +204,52 @@ def test_a_sidecar_may_patch_only_its_own_pods_sync_annotation(control_plane, fl
     # Anyone else is not a sidecar: the policy does not apply.
     control_plane.kubectl("patch", "pod", "probe-1", "-n", ns, "--type=merge", "-p",
                           json.dumps({"metadata": {"labels": {"checked": "yes"}}}))
+
+
+def test_the_operators_deployments_cannot_reach_secrets_through_their_pods(control_plane, fleet):
+    """Creating Deployments is creating pods, which may mount any Secret of their namespace; the chart's
+    policy holds the operator's Deployments to what its builders make. (The fixture applied the
+    pool's real Deployments as the operator: they pass.)"""
+    ns, _, as_operator, _ = fleet
+
+    def deployment(name: str, pod: dict) -> dict:
+        labels = {"app": name}
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
+                "spec": {"replicas": 0, "selector": {"matchLabels": labels},
+                         "template": {"metadata": {"labels": labels}, "spec": {
+                             "serviceAccountName": "lorafleet-probe-sidecar",
+                             "containers": [{"name": "c", "image": "attacker/image:1"}], **pod}}}}
+
+    refused = {
+        "secret-volume": ({"volumes": [{"name": "s", "secret": {"secretName": "anything"}}]}, "emptyDir volumes only"),
+        "projected": ({"volumes": [{"name": "s", "projected": {"sources": [{"secret": {"name": "anything"}}]}}]},
+                      "emptyDir volumes only"),
+        "env-from": ({"containers": [{"name": "c", "image": "x", "envFrom": [{"secretRef": {"name": "anything"}}]}]},
+                     "read no Secret"),
+        "other-key": ({"containers": [{"name": "c", "image": "x", "env": [{"name": "K", "valueFrom": {
+            "secretKeyRef": {"name": "anything", "key": "password"}}}]}]}, "read no Secret"),
+        "other-sa": ({"serviceAccountName": "default"}, "pool's own ServiceAccount"),
+        "host": ({"hostPID": True}, "host's namespaces"),
+        "privileged": ({"containers": [{"name": "c", "image": "x", "securityContext": {"privileged": True}}]},
+                       "not privileged"),
+    }
+    for name, (pod, why) in refused.items():
+        r = as_operator("apply", "--server-side", "--field-manager=lorafleet", "-f", "-",
+                        input=json.dumps(deployment(f"steal-{name}", pod)))
+        assert r.returncode != 0 and why in r.stderr, (name, r.stderr)
+    # The storage keys of a Secret, as a pool's sidecar gets them, pass.
+    ok = {"containers": [{"name": "c", "image": "x", "env": [{"name": "AWS_ACCESS_KEY_ID", "valueFrom": {
+        "secretKeyRef": {"name": "storage", "key": "AWS_ACCESS_KEY_ID"}}}]}],
+          "volumes": [{"name": "cache", "emptyDir": {}}]}
+    r = as_operator("apply", "--server-side", "--field-manager=lorafleet", "-f", "-",
+                    input=json.dumps(deployment("storage-keys", ok)))
+    assert r.returncode == 0, r.stderr
+    # The example pool's Deployment, with its storage Secret, as the operator writes it.
+    from lorafleet.contracts.resources import BaseModelPoolSpec
+    from lorafleet.operator.manifests import deployment as pool_deployment
+
+    example = json.loads(control_plane.kubectl("get", "lfpool", "minilm", "-n", ns, "-o", "json").stdout)
+    made = pool_deployment("minilm", ns, example["metadata"]["uid"], BaseModelPoolSpec.model_validate(example["spec"]))
+    assert any("secretKeyRef" in e.get("valueFrom", {}) for e in made["spec"]["template"]["spec"]["initContainers"][0]["env"])
+    r = as_operator("apply", "--server-side", "--field-manager=lorafleet", "-f", "-", input=json.dumps(made))
+    assert r.returncode == 0, r.stderr
