@@ -146,6 +146,8 @@ def crd_manifests() -> dict[str, dict[str, Any]]:
         names.POOL_KIND, names.POOL_PLURAL, names.POOL_SHORT, BaseModelPoolSpec, BaseModelPoolStatus,
         [
             {"name": "Task", "type": "string", "jsonPath": ".spec.model.task"},
+            {"name": "Engine", "type": "string", "jsonPath": ".spec.runtime.engine",
+             "description": "what runs the model: auto, torch or vllm"},
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
             {"name": "Adapters", "type": "integer", "jsonPath": ".status.adapters"},

@@ -110,6 +110,7 @@ class RuntimeEnv:
     TASK = "LORAFLEET_TASK"
     DTYPE = "LORAFLEET_DTYPE"
     QUANTIZATION = "LORAFLEET_QUANTIZATION"  # none | int8 | nf4 (spec.model.quantization)
+    ENGINE = "LORAFLEET_ENGINE"  # auto, torch or vllm
     PORT = "LORAFLEET_PORT"
     ADMIN_PORT = "LORAFLEET_ADMIN_PORT"
     MAX_BATCH_SIZE = "LORAFLEET_MAX_BATCH_SIZE"

@@ -68,6 +68,13 @@ class Task(str, Enum):
     text_to_image = "text-to-image"
 
 
+class Engine(str, Enum):
+    """What runs the model in a pool's runtime (docs/runtime.md, "Engines")."""
+    auto = "auto"  # vllm for text generation on a GPU when the image has vLLM; torch otherwise
+    torch = "torch"  # lorafleet's own engine (every task)
+    vllm = "vllm"  # vLLM's async engine (text generation; the lorafleet/runtime-vllm image)
+
+
 class DType(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -123,6 +130,12 @@ class ResourceRequirements(_Model):
 
 class RuntimeSpec(_Model):
     image: str = Field("lorafleet/runtime:0.1.0", description="Runtime container image")
+    engine: Engine = Field(
+        Engine.auto,
+        description="What runs the model: torch (lorafleet's engine, every task), vllm (vLLM's engine, text "
+                    "generation only; needs an image with vLLM, e.g. lorafleet/runtime-vllm) or auto (vllm for "
+                    "text generation on a GPU when the image has vLLM, torch otherwise). A runtime that cannot "
+                    "run the chosen engine refuses the model: the pool's ModelReady condition says why")
     resources: ResourceRequirements | None = None
     max_batch_size: int = Field(32, ge=1, le=4096, description="Rows in one forward pass")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill")

@@ -41,6 +41,7 @@ def runtime_env(pool: str, spec: BaseModelPoolSpec) -> list[dict[str, Any]]:
         RuntimeEnv.TASK: spec.model.task.value,
         RuntimeEnv.DTYPE: spec.model.dtype.value,
         RuntimeEnv.QUANTIZATION: spec.model.quantization.value,
+        RuntimeEnv.ENGINE: spec.runtime.engine.value,
         RuntimeEnv.PORT: names.RUNTIME_PORT,
         RuntimeEnv.ADMIN_PORT: names.ADMIN_PORT,
         RuntimeEnv.MAX_BATCH_SIZE: spec.runtime.max_batch_size,

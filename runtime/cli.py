@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from lorafleet.runtime.settings import TASKS, RuntimeSettings
+from lorafleet.runtime.settings import ENGINES, TASKS, RuntimeSettings
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
@@ -19,6 +19,10 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
                    help="quantize the base model's linear layers at load: int8 (bitsandbytes LLM.int8) or nf4 "
                         "(bitsandbytes 4-bit NormalFloat); env LORAFLEET_QUANTIZATION, default none")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--engine", choices=list(ENGINES),
+                   help="what runs the model: torch, vllm (text generation; needs vLLM installed) or auto "
+                        "(vllm for text generation on a GPU when vLLM is installed, torch otherwise; "
+                        "env LORAFLEET_ENGINE, default auto)")
     p.add_argument("--host", help="public API bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="public API port (env LORAFLEET_PORT, default 8000)")
     p.add_argument("--admin-port", type=int, help="admin API port on 127.0.0.1 (env LORAFLEET_ADMIN_PORT, 8001)")
@@ -41,7 +45,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace, **extra) -> RuntimeSettings:
-    names = ["model_dir", "task", "dtype", "quantization", "device", "host", "port", "admin_port", "max_batch_size",
+    names = ["model_dir", "task", "dtype", "quantization", "device", "engine", "host", "port", "admin_port", "max_batch_size",
              "max_batch_delay_ms", "max_queue", "max_queue_delay_ms", "per_tenant_max_inflight", "device_slots", "host_adapters",
              "max_rank", "served_model_name", "max_model_len"]
     return RuntimeSettings.from_env(**{n: getattr(args, n, None) for n in names}, **extra)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import json
 import logging
 import threading
@@ -42,8 +43,44 @@ def detect_task(model_dir: Path) -> str:
     return "text-generation" if any(a.endswith("ForCausalLM") for a in archs) else "sequence-classification"
 
 
+def vllm_installed() -> bool:
+    """Whether this runtime's environment has vLLM (found, not imported: importing it takes seconds)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_engine(task: str, settings: RuntimeSettings, *, has_vllm=vllm_installed, has_gpu=gpu_available) -> str:
+    """``torch`` or ``vllm`` for a pool of ``task`` (settings.engine: auto, torch or vllm). ``auto`` is vLLM
+    for text generation on a GPU when vLLM is installed, lorafleet's torch engine otherwise; ``vllm``
+    that cannot be honoured is refused (``UnsupportedModel``: the pool's ModelReady condition says why)."""
+    wanted = settings.engine
+    if wanted == "torch":
+        return "torch"
+    if wanted == "auto":
+        return "vllm" if task == "text-generation" and has_vllm() and has_gpu() else "torch"
+    if task != "text-generation":
+        raise UnsupportedModel(f"engine vllm serves text-generation pools only; this pool's task is {task} "
+                               "(set spec.runtime.engine to torch or auto)")
+    if not has_vllm():
+        raise UnsupportedModel("engine vllm: vLLM is not installed in this runtime image; use an image with vLLM "
+                               "(docker/runtime-vllm.Dockerfile, lorafleet/runtime-vllm) or set "
+                               "spec.runtime.engine to torch or auto (--engine / LORAFLEET_ENGINE)")
+    return "vllm"
+
+
 def build_engine(model_dir: Path, task: str, settings: RuntimeSettings, metrics) -> ServingEngine:
-    """The engine for ``task``: lorafleet's torch engine (the one engine today)."""
+    """The engine for ``task`` as ``choose_engine`` picks it: lorafleet's torch engine or vLLM's."""
+    kind = choose_engine(task, settings)
+    log.info("engine: %s (spec.runtime.engine %s, task %s)", kind, settings.engine, task)
+    if kind == "vllm":
+        from lorafleet.runtime.vllm_engine import VLLMEngine
+
+        return VLLMEngine.from_dir(model_dir, settings, metrics)
     from lorafleet.runtime.torch_engine import TorchEngine
 
     return TorchEngine.from_dir(model_dir, task, settings, metrics)

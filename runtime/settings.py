@@ -9,6 +9,7 @@ from lorafleet.contracts.names import ADMIN_PORT, RUNTIME_PORT, RuntimeEnv
 
 QUANTIZATIONS = ("none", "int8", "nf4")  # what each means: runtime/quantization.py
 TASKS = ("sequence-classification", "text-generation", "text-to-image")
+ENGINES = ("auto", "torch", "vllm")  # what runs the model (lifecycle.choose_engine)
 
 
 @dataclass
@@ -19,6 +20,7 @@ class RuntimeSettings:
     dtype: str = "float32"
     quantization: str = "none"  # the base's linear layers: none | int8 | nf4 (runtime/quantization.py)
     device: str = "cpu"
+    engine: str = "auto"
     host: str = "0.0.0.0"
     port: int = RUNTIME_PORT
     admin_port: int = ADMIN_PORT
@@ -41,7 +43,7 @@ class RuntimeSettings:
         env = os.environ if env is None else env
         names = {
             "model_dir": RuntimeEnv.MODEL_DIR, "cache_dir": RuntimeEnv.CACHE_DIR, "task": RuntimeEnv.TASK,
-            "dtype": RuntimeEnv.DTYPE, "quantization": RuntimeEnv.QUANTIZATION,
+            "dtype": RuntimeEnv.DTYPE, "quantization": RuntimeEnv.QUANTIZATION, "engine": RuntimeEnv.ENGINE,
             "port": RuntimeEnv.PORT, "admin_port": RuntimeEnv.ADMIN_PORT,
             "max_batch_size": RuntimeEnv.MAX_BATCH_SIZE, "max_batch_delay_ms": RuntimeEnv.MAX_BATCH_DELAY_MS,
             "max_queue": RuntimeEnv.MAX_QUEUE, "max_queue_delay_ms": RuntimeEnv.MAX_QUEUE_DELAY_MS, "per_tenant_max_inflight": RuntimeEnv.PER_TENANT_MAX_INFLIGHT,
@@ -72,6 +74,8 @@ class RuntimeSettings:
         problems = []
         if self.task and self.task not in TASKS:
             problems.append(f"task {self.task!r}: expected one of {', '.join(TASKS)}")
+        if self.engine not in ENGINES:
+            problems.append(f"engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype {self.dtype!r}: expected float32, bfloat16 or float16")
         if self.quantization not in QUANTIZATIONS:

@@ -10,7 +10,7 @@ SPEC = BaseModelPoolSpec.model_validate({
     "model": {"uri": "s3://models/minilm/", "sha256": "a" * 64, "task": "text-generation", "dtype": "bfloat16"},
     "replicas": 3,
     "runtime": {"image": "rt:1", "resources": {"limits": {"nvidia.com/gpu": 1}}, "maxBatchSize": 8,
-                "maxQueueDelayMs": 750},
+                "maxQueueDelayMs": 750, "engine": "vllm"},
     "sidecar": {"image": "sc:1"},
     "cache": {"diskBytes": "1Gi", "maxAdapterBytes": "64Mi", "deviceSlots": 4},
     "storage": {"endpoint": "http://minio:9000", "secretRef": {"name": "creds"}, "region": "eu-1"},
@@ -35,6 +35,7 @@ def test_deployment_has_runtime_and_native_sidecar_sharing_the_cache():
     env, senv = _env(rt), _env(sc)
     assert env["LORAFLEET_DTYPE"] == "bfloat16" and env["LORAFLEET_MAX_BATCH_SIZE"] == "8"
     assert env["LORAFLEET_MAX_QUEUE_DELAY_MS"] == "750.0"
+    assert env["LORAFLEET_ENGINE"] == "vllm"  # spec.runtime.engine: the runtime picks its engine by it
     assert env["LORAFLEET_DEVICE_SLOTS"] == "4" and env["LORAFLEET_CACHE_DIR"] == "/var/lib/lorafleet"
     assert env["LORAFLEET_SERVED_MODEL_NAME"] == "gen"  # the base model's id in /v1/models, not a digest
     assert senv["LORAFLEET_MAX_ADAPTER_BYTES"] == str(64 * 2**20) and senv["S3_REGION"] == "eu-1"

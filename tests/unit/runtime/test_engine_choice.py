@@ -1,0 +1,51 @@
+"""Which engine runs a pool's model (``spec.runtime.engine``: auto, torch or vllm), and the refusal of an
+engine the runtime cannot run: the runtime's readiness and ``GET /admin/model`` say why, and the pool's
+ModelReady condition shows it."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet.runtime.architectures import UnsupportedModel
+from lorafleet.runtime.lifecycle import Runtime, choose_engine
+from lorafleet.runtime.settings import RuntimeSettings
+
+
+def _choose(engine: str, task: str, *, vllm: bool, gpu: bool) -> str:
+    return choose_engine(task, RuntimeSettings(engine=engine), has_vllm=lambda: vllm, has_gpu=lambda: gpu)
+
+
+def test_auto_is_vllm_only_for_text_generation_on_a_gpu_with_vllm_installed():
+    assert _choose("auto", "text-generation", vllm=True, gpu=True) == "vllm"
+    assert _choose("auto", "text-generation", vllm=True, gpu=False) == "torch"
+    assert _choose("auto", "text-generation", vllm=False, gpu=True) == "torch"
+    for task in ("sequence-classification", "text-to-image"):
+        assert _choose("auto", task, vllm=True, gpu=True) == "torch"
+
+
+def test_an_explicit_engine_is_honoured_or_refused():
+    assert _choose("torch", "text-generation", vllm=True, gpu=True) == "torch"
+    assert _choose("vllm", "text-generation", vllm=True, gpu=False) == "vllm"  # vLLM's CPU build
+    with pytest.raises(UnsupportedModel, match="vLLM is not installed in this runtime image"):
+        _choose("vllm", "text-generation", vllm=False, gpu=True)
+    with pytest.raises(UnsupportedModel, match="text-generation pools only; this pool's task is sequence-class"):
+        _choose("vllm", "sequence-classification", vllm=True, gpu=True)
+
+
+def test_the_engine_setting_comes_from_the_pod_environment_and_is_checked():
+    assert RuntimeSettings.from_env({"LORAFLEET_ENGINE": "vllm"}).engine == "vllm"
+    assert RuntimeSettings.from_env({}).engine == "auto"
+    with pytest.raises(ValueError, match="engine 'tgi': expected one of auto, torch, vllm"):
+        RuntimeSettings.from_env({"LORAFLEET_ENGINE": "tgi"})
+
+
+def test_vllm_where_it_is_not_installed_is_the_runtimes_refusal(tiny_llama):
+    from lorafleet.runtime.lifecycle import vllm_installed
+
+    assert not vllm_installed(), "the main virtualenv has no vLLM (it has its own: tools/venv-vllm)"
+    rt = Runtime(RuntimeSettings.from_env({}, model_dir=str(tiny_llama), engine="vllm"))
+    rt.load_in_background().join(timeout=60)
+    ok, why = rt.ready()
+    assert not ok and "engine vllm: vLLM is not installed" in why
+    status = rt.model_status()
+    assert status.state == "refused" and "spec.runtime.engine to torch or auto" in status.message
