@@ -261,6 +261,7 @@ class Fleet:
         adapters may have become valid, or invalid, and unrouted)."""
         meta = body.get("metadata") or {}
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        self._mark("t", namespace, name, deleted=kind_event == "DELETED")
         known = self.tenants.setdefault(namespace, {})
         if kind_event == "DELETED":
             now = None
@@ -436,6 +437,15 @@ class Fleet:
                 st.forget_routes()
                 self.touch((namespace, pool))
                 swept += len(missing)
+        # A LoRATenant deleted in the gap would go on allowing its sources.
+        alive_tenants = ids("t", await self.kube.list_tenants(self.namespaces))
+        for namespace, known in list(self.tenants.items()):
+            for name in list(known):
+                k = ("t", namespace, name)
+                if k not in alive_tenants and self.last_event.get(k, 0) <= since:
+                    log.info("LoRATenant %s/%s is gone (its deletion was missed): removed", namespace, name)
+                    self.tenant_event("DELETED", {"metadata": {"namespace": namespace, "name": name}})
+                    swept += 1
         self.swept += swept
         log.debug("full listing done: %d objects, %d swept", len(alive), swept)
         return swept

@@ -183,3 +183,40 @@ def test_events_posted_after_a_sweep(uncached_control_plane, uncached_kube, tmp_
         op.stop()
         proxy.close()
     assert "Traceback" not in op.text(), op.text()[-5000:]
+
+
+def test_a_tenant_deleted_while_the_watch_was_away_allows_nothing(uncached_control_plane, uncached_kube, tmp_path):
+    """A LoRATenant deleted in the gap would go on allowing its storage prefixes: the full listing
+    sweeps it, and its adapters leave the routes."""
+    from lightkube.models.meta_v1 import ObjectMeta
+    from lightkube.resources.core_v1 import Namespace
+
+    from lf_operator_kit import adapter_doc, cond, tenant_doc, wait_routes
+
+    from lorafleet.gateway.kube import LoRATenantResource
+
+    cp, kube = uncached_control_plane, uncached_kube
+    namespace = "ghost-tenant"
+    kube.create(Namespace(metadata=ObjectMeta(name=namespace)))
+    proxy = CuttableProxy(cp.api_port)
+    op = Operator(proxy.kubeconfig(cp.kubeconfig, tmp_path / "proxied.kubeconfig"), tmp_path / "operator.log",
+                  args=("--resync-interval", "2")).start()
+    try:
+        apply(cp, namespace, pool_doc("t", replicas=1))
+        apply(cp, namespace, tenant_doc("acme"))
+        apply(cp, namespace, adapter_doc("a", "t"))
+        wait_routes(kube, namespace, "t", lambda t: "a" in t.adapters, "a in the routes")
+
+        proxy.cut()
+        kube.delete(LoRATenantResource, "acme", namespace=namespace)
+        _compact_etcd(cp)
+        proxy.restore()
+
+        wait_routes(kube, namespace, "t", lambda t: "a" not in t.adapters, "a out of the routes", timeout=60)
+        st = wait_status(cp, namespace, "lora", "a", lambda s: cond(s, "Valid").get("status") == "False",
+                         what="a Valid=False")
+        assert cond(st, "Valid")["message"].startswith("spec.tenant: ")
+        assert f"LoRATenant {namespace}/acme is gone (its deletion was missed): removed" in op.text()
+    finally:
+        op.stop()
+        proxy.close()
