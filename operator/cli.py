@@ -25,6 +25,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    default=float(os.environ.get("LORAFLEET_OPERATOR_RESYNC_S", "300")),
                    help="seconds between full listings that sweep objects whose deletion a watch missed "
                         "(0 = never)")
+    p.add_argument("--lease-namespace", default=os.environ.get("LORAFLEET_OPERATOR_LEASE_NAMESPACE", ""),
+                   help="elect a leader among the operator's replicas on a coordination.k8s.io Lease in this "
+                        "namespace; only the holder acts (default: the pod's own namespace when run in a cluster)")
+    p.add_argument("--lease-name", default=os.environ.get("LORAFLEET_OPERATOR_LEASE_NAME", "lorafleet-operator"),
+                   help="the Lease's name (default lorafleet-operator)")
+    p.add_argument("--lease-duration", type=float,
+                   default=float(os.environ.get("LORAFLEET_OPERATOR_LEASE_DURATION_S", "10")),
+                   help="seconds a replica waits after the Lease last changed before taking it over; the leader "
+                        "renews every 1/5 of it and stops acting when it could not renew within 2/3 of it")
+    p.add_argument("--no-leader-election", action="store_true",
+                   help="act at once, without a Lease (run exactly one replica then)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every reconcile")
     p.add_argument("--debug", action="store_true", help="also log kopf's internals")
     return p.parse_args(argv)
@@ -45,6 +56,7 @@ def main(argv: list[str]) -> int:
         logging.getLogger("lorafleet.operator").setLevel(logging.DEBUG)
 
     from lorafleet.operator import main as handlers  # importing registers the handlers
+    from lorafleet.operator.leader import in_cluster_namespace
 
     namespaces = args.namespace
     handlers.FLEET.namespaces = list(namespaces)
@@ -52,15 +64,74 @@ def main(argv: list[str]) -> int:
     handlers.FLEET.resync_interval = args.resync_interval
     logging.getLogger("lorafleet.operator").info(
         "lorafleet operator starting, watching %s", ", ".join(namespaces) or "all namespaces")
+    kopf_args = dict(standalone=True, clusterwide=not namespaces, namespaces=namespaces,
+                     liveness_endpoint=args.liveness or None)
+    lease_namespace = "" if args.no_leader_election else args.lease_namespace or in_cluster_namespace() or ""
     try:
-        kopf.run(
-            standalone=True,
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            liveness_endpoint=args.liveness or None,
-        )
+        if not lease_namespace:
+            if not args.no_leader_election:
+                logging.getLogger("lorafleet.operator").warning(
+                    "leader election off (no --lease-namespace, not in a cluster): run only one operator")
+            kopf.run(**kopf_args)
+        else:
+            asyncio.run(run_elected(args, lease_namespace, kopf_args))
     except KeyboardInterrupt:
         pass
     except asyncio.CancelledError:
         pass
     return 0
+
+
+async def run_elected(args: argparse.Namespace, lease_namespace: str, kopf_args: dict) -> None:
+    """Wait for the Lease, then run the operator while renewing it. A leader that cannot renew in time
+    exits at once (its pod restarts as a candidate): two replicas must never act together."""
+    import kopf
+    from lightkube import AsyncClient
+
+    from lorafleet.contracts import names
+    from lorafleet.operator.leader import LeaderElector, LeadershipLost
+
+    log = logging.getLogger("lorafleet.operator")
+    elector = LeaderElector(AsyncClient(field_manager=names.FIELD_MANAGER), lease_namespace, args.lease_name,
+                            duration=args.lease_duration)
+    liveness = await serve_liveness(args.liveness) if args.liveness else None
+    try:
+        await elector.acquire()
+    finally:
+        if liveness is not None:
+            await liveness.cleanup()  # kopf serves it from now on
+    operator = asyncio.create_task(kopf.operator(**kopf_args))
+    holding = asyncio.create_task(elector.hold())
+    await asyncio.wait({operator, holding}, return_when=asyncio.FIRST_COMPLETED)
+    if holding.done():
+        try:
+            holding.result()
+        except LeadershipLost as e:
+            log.error("leadership lost, exiting at once: %s", e)
+        except Exception:
+            log.exception("leader election failed, exiting at once")
+        logging.shutdown()
+        os._exit(1)
+    holding.cancel()
+    await asyncio.gather(holding, return_exceptions=True)
+    await elector.release()
+    operator.result()
+
+
+async def serve_liveness(url: str):
+    """Answer liveness probes while waiting for the Lease: a waiting replica is healthy."""
+    from urllib.parse import urlparse
+
+    from aiohttp import web
+
+    parsed = urlparse(url)
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.json_response({"leading": False})
+
+    app = web.Application()
+    app.router.add_get(parsed.path or "/", ok)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, parsed.hostname or "0.0.0.0", parsed.port or 80, reuse_address=True).start()
+    return runner
