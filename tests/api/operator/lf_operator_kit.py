@@ -22,8 +22,8 @@ SHA = {c: c * 64 for c in "abcdef"}
 class Operator:
     """A ``lorafleet operator`` process; restartable."""
 
-    def __init__(self, kubeconfig: Path, log: Path, args: tuple[str, ...] = ()):
-        self.kubeconfig, self.log, self.args = kubeconfig, log, args
+    def __init__(self, kubeconfig: Path, log: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+        self.kubeconfig, self.log, self.args, self.env = kubeconfig, log, args, env or {}
         self.proc: ManagedProcess | None = None
 
     def start(self) -> "Operator":
@@ -32,7 +32,7 @@ class Operator:
         self.proc = ManagedProcess("lorafleet-operator", [
             sys.executable, "-m", "lorafleet", "operator", "--all-namespaces", "--verbose", "--liveness", url,
             *self.args,
-        ], self.log, env={"KUBECONFIG": str(self.kubeconfig)})
+        ], self.log, env={"KUBECONFIG": str(self.kubeconfig), **self.env})
         self.proc.wait_until(lambda: urllib.request.urlopen(url, timeout=2).status == 200, 60, "live")
         return self
 

@@ -1,0 +1,210 @@
+"""Two operator replicas elect a leader on a coordination.k8s.io Lease: only the holder acts, and when
+it dies (SIGKILL, mid-rollout) the other takes the Lease within 15 s and completes the rollout, with
+no moment at which a request would have failed.
+
+The API server's audit log is the witness of who acted: each replica runs as its own ServiceAccount,
+and every write either made is in the log with its user and time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from lf_operator_kit import SHA, Operator, adapter_doc, apply, make_pod, pool_doc, routes, set_pod, tenant_doc
+
+from lorafleet.localstack.procs import wait_for
+
+SYSTEM = "lorafleet-system"  # the operators' ServiceAccounts and the Lease
+NS = "tenants"  # the pool and its adapter
+TAKEOVER_S = 15.0
+AUDIT_POLICY = f"""
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups: ["system:serviceaccounts:{SYSTEM}"]
+  verbs: [create, update, patch, delete]
+- level: None
+"""
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory, repo):
+    """A control plane of its own whose API server audits every write the operators' accounts make."""
+    from lorafleet.localstack.controlplane import ControlPlane
+    from lorafleet.localstack.tools import ToolMissing, require_tool
+
+    for tool in ("etcd", "kube-apiserver", "kubectl"):
+        try:
+            require_tool(tool)
+        except ToolMissing as e:
+            pytest.fail(str(e), pytrace=False)
+    d = tmp_path_factory.mktemp("audited")
+    (d / "audit-policy.yaml").write_text(AUDIT_POLICY)
+    cp = ControlPlane(d / "cp", apiserver_args=[f"--audit-policy-file={d / 'audit-policy.yaml'}",
+                                                f"--audit-log-path={d / 'audit.log'}"])
+    try:
+        cp.start(controller_manager=False)  # the test plays the pods: no controllers needed
+        cp.kubectl("apply", "--server-side", "-f", str(repo / "crds"))
+        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+        cp.audit_log = d / "audit.log"
+        yield cp
+    finally:
+        cp.stop()
+
+
+def _writes(audit_log: Path) -> list[dict]:
+    """Every audited write: who (the ServiceAccount's name), when (epoch seconds), what, its status."""
+    out = []
+    for line in audit_log.read_text().splitlines():
+        e = json.loads(line)
+        ref = e.get("objectRef") or {}
+        out.append({"who": e["user"]["username"].rsplit(":", 1)[-1],
+                    "at": datetime.fromisoformat(e["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp(),
+                    "what": f"{e['verb']} {ref.get('resource')}{'/' + ref['subresource'] if ref.get('subresource') else ''}"
+                            f" {ref.get('name', '')}",
+                    "code": (e.get("responseStatus") or {}).get("code", 0)})
+    return out
+
+
+def _holder(kube) -> str | None:
+    from lightkube.core.exceptions import ApiError
+    from lightkube.resources.coordination_v1 import Lease
+
+    try:
+        return kube.get(Lease, "lorafleet-operator", namespace=SYSTEM).spec.holderIdentity
+    except ApiError as e:
+        if e.status.code == 404:
+            return None
+        raise
+
+
+def test_the_other_replica_takes_over_a_rollout_when_the_leader_dies(audited, tmp_path):
+    from lightkube import Client, KubeConfig
+
+    cp = audited
+    kube = Client(config=KubeConfig.from_file(str(cp.kubeconfig)), field_manager="lorafleet-tests")
+    for ns in (SYSTEM, NS):
+        cp.kubectl("create", "namespace", ns)
+    cp.kubectl("create", "serviceaccount", "default", "-n", NS)  # no controller manager makes it here
+    ops: dict[str, Operator] = {}
+    for who in ("op-a", "op-b"):
+        cp.kubectl("create", "serviceaccount", who, "-n", SYSTEM)
+        cp.kubectl("create", "clusterrolebinding", who, "--clusterrole=cluster-admin",
+                   f"--serviceaccount={SYSTEM}:{who}")
+        token = cp.kubectl("create", "token", who, "-n", SYSTEM, "--duration=1h").stdout.strip()
+        ops[who] = Operator(cp.kubeconfig_for_token(token, tmp_path / f"{who}.kubeconfig"), tmp_path / f"{who}.log",
+                            args=("--lease-namespace", SYSTEM, "--lease-duration", "10"), env={"POD_NAME": who})
+    try:
+        for op in ops.values():
+            op.start()
+        holder = wait_for(lambda: _holder(kube), timeout=30, what="a replica to hold the Lease")
+        leader = holder.split("_")[0]
+        follower = next(w for w in ops if w != leader)
+        assert f"held by {holder}" in wait_for(lambda: "waits to take over" in ops[follower].text()
+                                               and ops[follower].text(), timeout=30, what="the follower to wait")
+
+        apply(cp, NS, tenant_doc())
+        apply(cp, NS, pool_doc("p", replicas=2))
+        apply(cp, NS, adapter_doc("a", "p", version="1", sha=SHA["b"]))
+        g1 = wait_for(lambda: "a" in (t := routes(kube, NS, "p")).adapters and t, timeout=30,
+                      what="a@1 in the routes").generation
+        # The test plays both replicas' sidecars: what each has loaded, and its sync report.
+        loaded = {pod: {"1"} for pod in ("p-0", "p-1")}
+        for pod in loaded:
+            make_pod(kube, NS, "p", pod, sync={"generation": g1, "loaded": 1, "modelReady": True})
+        wait_for(lambda: _status(cp, "a").get("phase") == "Ready", timeout=30, interval=0.2, what="a@1 Ready")
+
+        # A client resolving "a" as a replica does: a request fails when the routes name no version
+        # of it that every replica has loaded (the runtime serves a draining version until then).
+        answers: list[tuple[float, bool, str]] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    entry = routes(kube, NS, "p").adapters.get("a")
+                    versions = [v.version for v in entry.versions] if entry else []
+                    ok = any(all(v in loaded[pod] for pod in loaded) for v in versions)
+                    answers.append((time.time(), ok, f"routes {versions}, loaded {loaded}"))
+                except Exception as e:  # noqa: BLE001 - a failed read is a failed request
+                    answers.append((time.time(), False, repr(e)))
+                time.sleep(0.02)
+
+        reader = threading.Thread(target=client, daemon=True)
+        reader.start()
+        time.sleep(0.5)
+        apply(cp, NS, adapter_doc("a", "p", version="2", sha=SHA["c"]))
+        t2 = wait_for(lambda: (t := routes(kube, NS, "p")).adapters["a"].versions[0].version == "2" and t,
+                      timeout=30, what="a@2 in the routes")
+        g2 = t2.generation
+        assert [(v.version, v.draining) for v in t2.adapters["a"].versions] == [("2", False), ("1", True)]
+        for pod in loaded:  # the replicas start loading version 2
+            set_pod(kube, NS, pod, sync={"generation": g2, "loaded": 1, "modelReady": True, "pending": ["a@2"],
+                                         "pendingTotal": 1})
+
+        # Mid-rollout (version 2 routed, nobody has it yet), the leader dies.
+        killed = time.time()
+        os.kill(ops[leader].proc.pid, signal.SIGKILL)
+        ops[leader].proc.proc.wait(10)
+        for pod in loaded:  # ... and the replicas finish loading version 2
+            loaded[pod].add("2")
+            set_pod(kube, NS, pod, sync={"generation": g2, "loaded": 2, "modelReady": True})
+        new = wait_for(lambda: (h := _holder(kube)) and h.startswith(follower) and h, timeout=TAKEOVER_S + 5,
+                       interval=0.05, what=f"{follower} to take the Lease")
+        took = time.time() - killed
+        assert took <= TAKEOVER_S, f"{follower} took the Lease {took:.1f} s after the leader died"
+
+        # The new leader completes the rollout: version 1 dropped, a Ready at version 2.
+        def committed():
+            t = routes(kube, NS, "p")
+            return [v.version for v in t.adapters["a"].versions] == ["2"] and t
+
+        t3 = wait_for(committed, timeout=30, what="a@1 dropped by the new leader")
+        for pod in loaded:  # the sidecars unload version 1 once it left the routes
+            set_pod(kube, NS, pod, sync={"generation": t3.generation, "loaded": 1, "modelReady": True})
+            loaded[pod].discard("1")
+        st = wait_for(lambda: (s := _status(cp, "a")).get("phase") == "Ready" and s.get("servedVersion") == "2"
+                      and s.get("observedGeneration") == 2 and s, timeout=30, interval=0.2, what="a Ready at version 2")
+        assert st["ready"] == "2/2", st
+        time.sleep(0.5)
+        stop.set()
+        reader.join(10)
+    finally:
+        stop_all = [op for op in ops.values() if op.proc is not None]
+        for op in stop_all:
+            op.stop()
+
+    failed = [a for a in answers if not a[1]]
+    assert answers and not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:3]}"
+    assert any(at > killed for at, _, _ in answers)
+
+    writes = _writes(cp.audit_log)
+    acted = {who: [w for w in writes if w["who"] == who and "leases" not in w["what"]] for who in ops}
+    lease_taken = min(w["at"] for w in writes if w["who"] == follower and "leases" in w["what"]
+                      and w["code"] < 300)
+    assert lease_taken > killed
+    # Never both acting: the follower wrote nothing before it held the Lease, the leader nothing after
+    # it died; each of them did act while it led.
+    early = [w for w in acted[follower] if w["at"] < lease_taken]
+    assert not early, f"{follower} acted before it held the Lease: {early[:5]}"
+    assert acted[leader] and all(w["at"] < killed for w in acted[leader])
+    assert any("loraadapters/status a" in w["what"] for w in acted[follower]), acted[follower]
+    assert f"taken over from {holder}" in ops[follower].text()
+    for op in ops.values():
+        assert "Traceback" not in op.text(), op.text()[-3000:]
+    print(f"leader failover: Lease taken {took:.1f} s after SIGKILL; first write by the new leader "
+          f"{min(w['at'] for w in acted[follower]) - killed:.1f} s after it; {len(answers)} requests, none failed")
+
+
+def _status(cp, name: str) -> dict:
+    r = cp.kubectl("get", "lora", name, "-n", NS, "-o", "json", check=False)
+    return (json.loads(r.stdout).get("status") or {}) if r.returncode == 0 else {}
