@@ -253,10 +253,12 @@ def test_the_real_operator_with_only_the_charts_permissions_serves_the_example_p
     kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "operator.kubeconfig", namespace=ns)
     port = free_port()
     # Only this test's namespace: other tests share the API server.
-    # The chart's own flag too: the sidecars' pod rights through its pool-sidecar ClusterRole.
+    # The chart's own flags too: the sidecars' pod rights through its pool-sidecar ClusterRole, and
+    # leader election on the Lease the chart's Role allows.
     op = ManagedProcess("operator", [sys.executable, "-m", "lorafleet", "operator", f"--namespace={ns}",
                                      f"--liveness=http://127.0.0.1:{port}/healthz",
-                                     f"--sidecar-cluster-role={full}-pool-sidecar"],
+                                     f"--sidecar-cluster-role={full}-pool-sidecar",
+                                     f"--lease-namespace={ns}", f"--lease-name={full}-operator"],
                         tmp_path / "operator.log", env={"KUBECONFIG": str(kubeconfig)})
     try:
         def healthy() -> bool:
@@ -264,6 +266,9 @@ def test_the_real_operator_with_only_the_charts_permissions_serves_the_example_p
                 return r.status == 200
 
         op.wait_until(healthy, 60, "answering the chart's liveness probe path /healthz")
+        lease = wait_for(lambda: get(control_plane, "-n", ns, "lease", f"{full}-operator"), timeout=30,
+                         interval=0.5, what="the operator's Lease")
+        assert lease["spec"]["holderIdentity"], lease
         dep = wait_for(lambda: get(control_plane, "-n", ns, "deployment", "lorafleet-minilm"), timeout=60,
                        interval=0.5, what="the example pool's Deployment")
         pod = dep["spec"]["template"]["spec"]
