@@ -169,6 +169,7 @@ def test_the_other_replica_takes_over_a_rollout_when_the_leader_dies(audited, tm
             return [v.version for v in t.adapters["a"].versions] == ["2"] and t
 
         t3 = wait_for(committed, timeout=30, what="a@1 dropped by the new leader")
+        commit_s = time.time() - killed
         for pod in loaded:  # the sidecars unload version 1 once it left the routes
             set_pod(kube, NS, pod, sync={"generation": t3.generation, "loaded": 1, "modelReady": True})
             loaded[pod].discard("1")
@@ -202,7 +203,8 @@ def test_the_other_replica_takes_over_a_rollout_when_the_leader_dies(audited, tm
     for op in ops.values():
         assert "Traceback" not in op.text(), op.text()[-3000:]
     print(f"leader failover: Lease taken {took:.1f} s after SIGKILL; first write by the new leader "
-          f"{min(w['at'] for w in acted[follower]) - killed:.1f} s after it; {len(answers)} requests, none failed")
+          f"{min(w['at'] for w in acted[follower]) - killed:.1f} s, rollout committed {commit_s:.1f} s after it; "
+          f"{len(answers)} requests, none failed")
 
 
 def _status(cp, name: str) -> dict:
