@@ -130,6 +130,13 @@ def test_what_each_component_may_read_is_what_it_reads(control_plane, fleet):
     assert not can(control_plane, ns, sidecar, "get", "configmaps/other", ns)
     assert not can(control_plane, ns, sidecar, "patch", "pods", "default")
     assert can(control_plane, ns, full, "list", "loratenants.lorafleet.io")  # tenants' spec.sources
+    # Leader election: its own Lease in its namespace, no other Lease anywhere.
+    for verb in ("get", "update"):
+        assert can(control_plane, ns, full, verb, f"leases.coordination.k8s.io/{full}-operator", ns)
+        assert not can(control_plane, ns, full, verb, "leases.coordination.k8s.io/other", ns)
+        assert not can(control_plane, ns, full, verb, f"leases.coordination.k8s.io/{full}-operator", "default")
+    assert can(control_plane, ns, full, "create", "leases.coordination.k8s.io", ns)
+    assert not can(control_plane, ns, full, "create", "leases.coordination.k8s.io", "kube-system")
 
 
 def test_the_operator_has_no_path_to_secrets_through_rbac(control_plane, fleet):
