@@ -210,3 +210,50 @@ def test_the_other_replica_takes_over_a_rollout_when_the_leader_dies(audited, tm
 def _status(cp, name: str) -> dict:
     r = cp.kubectl("get", "lora", name, "-n", NS, "-o", "json", check=False)
     return (json.loads(r.stdout).get("status") or {}) if r.returncode == 0 else {}
+
+
+def test_a_leader_cut_off_from_the_api_server_stops_before_another_takes_over(control_plane, namespace, kube,
+                                                                               tmp_path):
+    """A leader that cannot renew (the network to the API server gone) exits within its renew deadline,
+    before the standby may take the Lease: never two leaders, also when the old one is alive."""
+    from lf_operator_kit import CuttableProxy
+    from lightkube.resources.coordination_v1 import Lease
+
+    proxy = CuttableProxy(control_plane.api_port)
+    lease_args = ("--lease-namespace", namespace, "--lease-duration", "6")
+    cut_off = Operator(proxy.kubeconfig(control_plane.kubeconfig, tmp_path / "proxied.kubeconfig"),
+                       tmp_path / "op-a.log", args=lease_args, env={"POD_NAME": "op-a"})
+    standby = Operator(control_plane.kubeconfig, tmp_path / "op-b.log", args=lease_args, env={"POD_NAME": "op-b"})
+
+    def holder() -> str | None:
+        try:
+            return kube.get(Lease, "lorafleet-operator", namespace=namespace).spec.holderIdentity
+        except Exception:  # noqa: BLE001 - not made yet
+            return None
+
+    try:
+        cut_off.start()
+        first = wait_for(holder, timeout=30, what="op-a to hold the Lease")
+        assert first.startswith("op-a_")
+        standby.start()
+        wait_for(lambda: "waits to take over" in standby.text(), timeout=30, what="op-b to wait")
+        proxy.cut()
+        cut = time.monotonic()
+        cut_off.proc.proc.wait(15)
+        exited = time.monotonic() - cut
+        assert cut_off.proc.proc.returncode == 1
+        assert "leadership lost, exiting at once" in cut_off.text()
+        # Its last renewal was at most one retry period (1.2 s) before the cut, its renew deadline is
+        # 4 s after that, and the standby may take over 6 s after it: it must be gone by then.
+        assert exited < 6 - 1.2, exited
+        assert holder() == first, "op-b took the Lease while op-a could still have been acting"
+        took = wait_for(lambda: (h := holder()) and h.startswith("op-b_") and time.monotonic() - cut, timeout=15,
+                        interval=0.05, what="op-b to take the Lease")
+        assert took > exited, (took, exited)
+        assert 6 - 1.2 <= took <= 6 + 2 * 1.2 + 1.5, took
+        print(f"leader cut off: exited {exited:.1f} s after the cut, the standby took the Lease {took:.1f} s after it")
+    finally:
+        standby.stop()
+        cut_off.stop()
+        proxy.close()
+    assert "Traceback" not in standby.text() + cut_off.text()
