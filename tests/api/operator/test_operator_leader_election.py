@@ -257,3 +257,43 @@ def test_a_leader_cut_off_from_the_api_server_stops_before_another_takes_over(co
         cut_off.stop()
         proxy.close()
     assert "Traceback" not in standby.text() + cut_off.text()
+
+
+def test_a_leader_stopped_cleanly_hands_the_lease_over_at_once(control_plane, namespace, kube, tmp_path):
+    """SIGTERM (an upgrade, a drain): the leader finishes, gives the Lease up, and the standby takes it
+    without waiting out the lease duration."""
+    from lightkube.resources.coordination_v1 import Lease
+
+    lease_args = ("--lease-namespace", namespace, "--lease-duration", "10")
+    ops = {who: Operator(control_plane.kubeconfig, tmp_path / f"{who}.log", args=lease_args, env={"POD_NAME": who})
+           for who in ("op-a", "op-b")}
+
+    def lease():
+        try:
+            return kube.get(Lease, "lorafleet-operator", namespace=namespace).spec
+        except Exception:  # noqa: BLE001 - not made yet
+            return None
+
+    try:
+        ops["op-a"].start()
+        wait_for(lambda: (s := lease()) and s.holderIdentity, timeout=30, what="op-a to hold the Lease")
+        ops["op-b"].start()
+        wait_for(lambda: "waits to take over" in ops["op-b"].text(), timeout=30, what="op-b to wait")
+        before = lease()
+        assert before.holderIdentity.startswith("op-a_")
+        stopped = time.monotonic()
+        ops["op-a"].stop()  # SIGTERM, then waits for the exit
+        assert ops["op-a"].log.read_text().count("released by op-a_") == 1
+        spec = wait_for(lambda: (s := lease()) and (s.holderIdentity or "").startswith("op-b_") and s, timeout=15,
+                        interval=0.05, what="op-b to take the Lease")
+        took = time.monotonic() - stopped
+        # Released: taken within one retry period (2 s) of the leader's exit, not 10 s after.
+        assert took < 6, took
+        assert spec.leaseTransitions == (before.leaseTransitions or 0) + 1
+        wait_for(lambda: "store primed" in ops["op-b"].text(), timeout=30, what="op-b to start the operator")
+        print(f"clean hand-over: the standby held the Lease {took:.1f} s after SIGTERM to the leader")
+    finally:
+        for op in ops.values():
+            op.stop()
+    for op in ops.values():
+        assert "Traceback" not in op.text(), op.text()[-3000:]
