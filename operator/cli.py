@@ -38,7 +38,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="act at once, without a Lease (run exactly one replica then)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every reconcile")
     p.add_argument("--debug", action="store_true", help="also log kopf's internals")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 3 <= args.lease_duration <= 300:
+        p.error(f"--lease-duration {args.lease_duration:g}: give 3 to 300 seconds")
+    return args
 
 
 def main(argv: list[str]) -> int:

@@ -149,7 +149,8 @@ class Stack:
 
             env = {"KUBECONFIG": str(cp.kubeconfig), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
             say("starting the operator")
-            op = ManagedProcess("operator", [_bin("lorafleet"), "operator", "--all-namespaces"],
+            op = ManagedProcess("operator", [_bin("lorafleet"), "operator", "--all-namespaces",
+                                             "--no-leader-election"],  # the stack runs one
                                 self.logs / "operator.log", env=env)
             pids["operator"] = op.pid
             ingress_port = int(os.environ.get("LORAFLEET_INGRESS_PORT") or free_port())
