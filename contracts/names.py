@@ -124,6 +124,13 @@ class RuntimeEnv:
     MAX_MODEL_LEN = "LORAFLEET_MAX_MODEL_LEN"  # generation: KV-cache positions per row (0/unset: model's, capped)
     # The base model's id in /v1/models and in requests (the operator sets the pool's name).
     SERVED_MODEL_NAME = "LORAFLEET_SERVED_MODEL_NAME"
+    # A merged pool (spec.model.mergedAdapter): the adapter directory the sidecar verified into the
+    # cache (<cache>/adapters/<digest>; the runtime waits for it as for the model), merged into the
+    # base at load, and the served name, version and tenant it answers as.
+    MERGED_ADAPTER_DIR = "LORAFLEET_MERGED_ADAPTER_DIR"
+    MERGED_ADAPTER_NAME = "LORAFLEET_MERGED_ADAPTER_NAME"
+    MERGED_ADAPTER_VERSION = "LORAFLEET_MERGED_ADAPTER_VERSION"
+    MERGED_ADAPTER_TENANT = "LORAFLEET_MERGED_ADAPTER_TENANT"
 
 
 class SidecarEnv:
@@ -134,6 +141,8 @@ class SidecarEnv:
     RUNTIME_ADMIN_URL = "RUNTIME_ADMIN_URL"
     MODEL_URI = "MODEL_URI"
     MODEL_SHA256 = "MODEL_SHA256"
+    MERGED_ADAPTER_URI = "MERGED_ADAPTER_URI"  # a merged pool: fetched and verified before the model is ready
+    MERGED_ADAPTER_SHA256 = "MERGED_ADAPTER_SHA256"
     S3_ENDPOINT = "S3_ENDPOINT"
     S3_REGION = "S3_REGION"
     ACCESS_KEY = "AWS_ACCESS_KEY_ID"  # from the pool's storage Secret, in this container only

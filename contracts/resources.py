@@ -87,6 +87,17 @@ class Quantization(str, Enum):
     nf4 = "nf4"
 
 
+class MergedAdapterSpec(_Model):
+    """A dedicated pool for one hot adapter: its pods merge that adapter into the base weights at load."""
+    name: str = Field(max_length=253, pattern=DNS_LABEL_PATTERN.replace("{0,61}", "{0,251}"),
+                      description="The LoRAAdapter (same namespace) whose version this pool's pods merge into the "
+                                  "base model; its requests go to this pool while it has Ready replicas, else to "
+                                  "the adapter's spec.pool")
+    version: str | None = Field(None, max_length=63, pattern=VERSION_PATTERN,
+                                description="The version to merge: the adapter's spec.version or canary.version; "
+                                            "default: its spec.version (a new version rolls this pool's pods)")
+
+
 class ModelSpec(_Model):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid",
@@ -109,6 +120,10 @@ class ModelSpec(_Model):
                     "scales, computing in dtype); text-generation and sequence-classification pools on cpu or cuda; "
                     "other tasks and devices, and shapes the device's kernel cannot take, are refused at startup. "
                     "Output heads stay unquantized. See docs/runtime.md")
+    merged_adapter: MergedAdapterSpec | None = Field(
+        None, description="Text generation: merge this LoRAAdapter's version into the base at load (W + scale·B·A, "
+                          "as PEFT's merge_and_unload) and serve only it, under its served name, at the base's speed. "
+                          "The pool then serves no other adapter and not the plain base model")
 
     @field_validator("uri")
     @classmethod
@@ -252,6 +267,8 @@ class BaseModelPoolStatus(_Status):
     adapters: int | None = None
     adapters_ready: int | None = None
     routes_generation: int | None = None
+    merged_adapter: str | None = Field(None, description="spec.model.mergedAdapter: the served name@version its "
+                                                         "pods merge into the base")
     gateway_ready_replicas: int | None = Field(None, description="Ready gateway pods (spec.gateway.enabled)")
     message: str | None = None
     conditions: list[Condition] | None = None
@@ -404,6 +421,18 @@ class LoRAAdapterStatus(_Status):
     observed_generation: int | None = None
     message: str | None = None
     conditions: list[Condition] | None = None
+    pools: list["AdapterPoolStatus"] | None = Field(
+        None, description="Where the adapter is served: its spec.pool (role shared) and, when a BaseModelPool "
+                          "merges it (spec.model.mergedAdapter), that pool (role merged), which takes its requests "
+                          "while it has Ready replicas")
+
+
+class AdapterPoolStatus(_Status):
+    pool: str
+    role: Literal["shared", "merged"]
+    version: str | None = Field(None, description="merged: the version its pods merge")
+    ready_replicas: int | None = None
+    replicas: int | None = None
 
 
 class LoRAAdapter(_Model):

@@ -44,10 +44,22 @@ class RouteEntry(_Wire):
     # "base": requests a replica cannot serve with this adapter are answered by the base model
     # (LoRAAdapter spec.fallback); unset: 503/404 as for any adapter.
     fallback: str | None = None
+    # Set when a BaseModelPool merges this adapter (spec.model.mergedAdapter): that pool and the version
+    # its pods merge. Requests for the name (or name@that version) go there while it has Ready
+    # replicas; this pool serves them otherwise.
+    merged: "MergedRoute | None" = None
+
+
+class MergedRoute(_Wire):
+    pool: str
+    version: str
 
     def serving(self) -> list[RouteVersion]:
         """Versions that take traffic (weight > 0), heaviest first."""
         return sorted((v for v in self.versions if v.weight > 0), key=lambda v: -v.weight)
+
+
+RouteEntry.model_rebuild()
 
 
 class RoutesTable(_Wire):

@@ -224,7 +224,8 @@ class GenerationEngine(Engine):
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
                  device_slots: int = 32, max_rank: int = 64, max_seqs: int = 32,
-                 max_len: int | None = None, quantization: str = "none") -> "GenerationEngine":
+                 max_len: int | None = None, quantization: str = "none",
+                 merged_adapter: str | Path | None = None) -> "GenerationEngine":
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         quant.check_supported(quantization, cls.task, device)
@@ -236,6 +237,10 @@ class GenerationEngine(Engine):
                 raise UnsupportedModel(f"maxModelLen {max_len} is above the model's max_position_embeddings "
                                        f"{model_len}; set maxModelLen to {model_len} or less")
         model = _load(AutoModelForCausalLM, model_dir, dtype, device, quantization)
+        if merged_adapter:
+            from lorafleet.runtime.merge import merge_adapter
+
+            merge_adapter(model, merged_adapter)  # before the multi-LoRA layers wrap the Linear ones
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         return cls(model, tok, device_slots, max_rank, device, max_seqs, max_len, quantization)
 

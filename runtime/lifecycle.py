@@ -15,7 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lorafleet.contracts.names import split_versioned
+from lorafleet.contracts.adapter_rules import PERMANENT, Refused
+from lorafleet.contracts.names import split_versioned, versioned_name
 from lorafleet.contracts.runtime_api import ModelStatus, SyncState
 from lorafleet.runtime.architectures import UnsupportedModel
 from lorafleet.runtime.engine_api import Overloaded, ServingEngine, Work
@@ -97,6 +98,9 @@ class Runtime:
         self.manager: AdapterManager | None = None
         self.task = settings.task
         self.base_name = settings.served_model_name or Path(settings.model_dir).name or "base"
+        # A merged pool answers as its merged adapter (name and name@version) and as nothing else.
+        self.merged = (versioned_name(settings.merged_adapter_name, settings.merged_adapter_version)
+                       if settings.merged_adapter_dir else None)
         self.model_error: str | None = None
         # loading -> loaded, or refused (the engine cannot serve it exactly) / failed (loading raised):
         # both for good, the model is not loaded again; the admin API and /readyz keep saying why.
@@ -117,13 +121,19 @@ class Runtime:
         model_dir = Path(s.model_dir)
         deadline = time.monotonic() + wait_s
         next_log = 0.0
-        while not ((model_dir / "config.json").is_file() or (model_dir / "model_index.json").is_file()):
+        merged = Path(s.merged_adapter_dir) if s.merged_adapter_dir else None
+        while not (((model_dir / "config.json").is_file() or (model_dir / "model_index.json").is_file())
+                   and (merged is None or merged.is_dir())):
             if time.monotonic() >= deadline:
+                if merged is not None and not merged.is_dir():
+                    raise FileNotFoundError(f"merged adapter directory {merged} does not exist; set "
+                                            "LORAFLEET_MERGED_ADAPTER_DIR to a verified adapter directory")
                 raise FileNotFoundError(f"model directory {model_dir} has no config.json (a transformers model) "
                                         "or model_index.json (a diffusers pipeline); set --model / "
                                         "LORAFLEET_MODEL_DIR to one")
             if time.monotonic() >= next_log:
-                log.info("waiting for the base model at %s (the sidecar downloads it)", model_dir)
+                log.info("waiting for the base model at %s%s (the sidecar downloads it)", model_dir,
+                         f" and the merged adapter at {merged}" if merged is not None else "")
                 next_log = time.monotonic() + 10
             time.sleep(0.5)
         self.task = s.task or detect_task(model_dir)
@@ -147,14 +157,18 @@ class Runtime:
         weights = "" if base is None else (f", weights {base[1] / 2**20:.1f} MiB" if base[0] == "none" else
                                            f", {base[0]} weights {base[1] / 2**20:.1f} MiB "
                                            f"({base[2] / 2**20:.1f} MiB unquantized)")
-        log.info("base model %s loaded (%s, %s%s) in %.1fs", model_dir, self.task, s.dtype, weights,
-                 time.monotonic() - t0)
+        log.info("base model %s loaded (%s, %s%s)%s in %.1fs", model_dir, self.task, s.dtype, weights,
+                 f" with adapter {self.merged} merged in" if self.merged else "", time.monotonic() - t0)
 
     def load_in_background(self, wait_s: float = 0.0) -> threading.Thread:
         def run():
             try:
                 self.load(wait_s)
-            except UnsupportedModel as e:
+            except (UnsupportedModel, Refused) as e:
+                if isinstance(e, Refused) and e.kind != PERMANENT:
+                    self.model_error, self.model_state = str(e), "failed"
+                    log.exception("loading the base model failed")
+                    return
                 self.model_error, self.model_state = str(e), "refused"
                 log.error("base model refused: %s", e)
             except Exception as e:
@@ -202,6 +216,8 @@ class Runtime:
         if not model:
             raise ApiError(400, "`model` is required: the served name of an adapter (or name@version)",
                            "invalid_request_error", "missing_model")
+        if self.merged is not None:
+            return self._resolve_merged(model)
         if model == self.base_name:
             return None
         try:
@@ -210,6 +226,25 @@ class Runtime:
             raise ApiError(404, str(e), "invalid_request_error", "model_not_found") from None
         except AdapterUnavailable as e:
             raise ApiError(503, str(e), "service_unavailable", "adapter_unavailable", {"Retry-After": "30"}) from None
+
+    def _resolve_merged(self, model: str) -> None:
+        """In a merged pool the base weights are the adapter's: its name and name@version resolve to
+        them (no slot, the base's speed); the plain base model and every other adapter are not here."""
+        name, version = split_versioned(self.merged)
+        if model in (name, self.merged):
+            return None
+        if split_versioned(model)[0] == name:
+            raise ApiError(404, f"this pool serves {self.merged} merged into its base; version "
+                           f"{split_versioned(model)[1]!r} is not here (send {name!r} or {self.merged!r})",
+                           "invalid_request_error", "model_not_found")
+        raise ApiError(404, f"The model '{model}' does not exist here: this pool serves only {self.merged}, merged "
+                       "into its base model (spec.model.mergedAdapter)", "invalid_request_error", "model_not_found")
+
+    def answered_as(self, entry: AdapterEntry | None) -> str:
+        """The ``model`` an answer names: the version that served it, or the base model's id."""
+        if entry is not None:
+            return entry.served
+        return self.merged or self.base_name
 
     def resolve_request(self, request, model: str | None, fallback: bool = True) -> AdapterEntry | None:
         """``resolve`` for one HTTP request, tagging it with its tenant (metrics). With ``fallback``, an
@@ -232,7 +267,10 @@ class Runtime:
             request.scope["lorafleet_fallback"] = {"to": "base", "model": self.base_name, "requested": model,
                                                    "reason": reason}
             return None
-        request.scope["lorafleet_tenant"] = entry.tenant if entry else "_base"
+        if entry is None and self.merged is not None:
+            request.scope["lorafleet_tenant"] = self.settings.merged_adapter_tenant or split_versioned(self.merged)[0]
+        else:
+            request.scope["lorafleet_tenant"] = entry.tenant if entry else "_base"
         return entry
 
     def submit(self, entry: AdapterEntry | None, payloads: list[Any], tenant: str | None = None) -> list[Work]:

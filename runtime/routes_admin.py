@@ -35,6 +35,11 @@ def router(rt: Runtime) -> APIRouter:
             # Requests naming it would reach the base model: the adapter could never be used.
             raise ApiError(409, f"adapter name {name!r} is the base model's served name; give the adapter "
                                 f"another name", "invalid_request_error", "name_conflict")
+        if rt.merged is not None:
+            # A LoRA over the merged weights would compute merged + it, which is not what that adapter
+            # was trained over: a merged pool serves its merged adapter only.
+            raise ApiError(409, f"this pool serves only {rt.merged}, merged into its base model; load {name}@{version} "
+                                "on a shared pool", "invalid_request_error", "merged_pool")
         m = manager()
         entry, changed = await asyncio.to_thread(m.register, name, version, body)
         if entry.error:

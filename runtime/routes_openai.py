@@ -107,6 +107,13 @@ def router(rt: Runtime) -> APIRouter:
         created = int(time.time())
         data = [{"id": rt.base_name, "object": "model", "created": created, "owned_by": "lorafleet",
                  "task": rt.task}]
+        if rt.merged is not None:
+            # The base weights are the adapter's: the adapter is listed (and held, "merged"), the plain
+            # base model is not served.
+            name, version = rt.merged.split("@", 1)
+            data = [{"id": name, "object": "model", "created": created, "task": rt.task, "merged": True,
+                     "owned_by": rt.settings.merged_adapter_tenant or name, "parent": rt.base_name,
+                     "versions": [{"version": version, "weight": 100, "state": "merged"}]}]
         if rt.manager is not None:
             by_name: dict[str, list[AdapterEntry]] = {}
             for e in rt.manager.all():
@@ -133,7 +140,7 @@ def router(rt: Runtime) -> APIRouter:
             lambda tok: openai_params(body, body.max_tokens, body.logprobs, tok), body.stop,
             bool(body.include_stop_str_in_output), body.skip_special_tokens is not False)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        served = entry.served if entry else rt.base_name
+        served = rt.answered_as(entry)
         lps = _Logprobs(rt.engine.tokenizer, seq) if body.logprobs is not None else None
         head = prompt if body.echo else ""
         if body.stream:
@@ -173,7 +180,7 @@ def router(rt: Runtime) -> APIRouter:
             lambda tok: openai_params(body, body.max_completion_tokens or body.max_tokens, logprobs, tok), body.stop,
             bool(body.include_stop_str_in_output), body.skip_special_tokens is not False)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        served = entry.served if entry else rt.base_name
+        served = rt.answered_as(entry)
         lps = _Logprobs(rt.engine.tokenizer, seq) if logprobs is not None else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -37,6 +37,11 @@ class RuntimeSettings:
     # Generation: positions per KV-cache row (prompt + generated); 0: the model's length capped at 8192.
     max_model_len: int = 0
     served_model_name: str = ""  # the base model's id; empty: the model folder's name
+    # A merged pool: the adapter directory merged into the base at load, and what it answers as.
+    merged_adapter_dir: str = ""
+    merged_adapter_name: str = ""
+    merged_adapter_version: str = ""
+    merged_adapter_tenant: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "RuntimeSettings":
@@ -50,6 +55,9 @@ class RuntimeSettings:
             "device_slots": RuntimeEnv.DEVICE_SLOTS, "host_adapters": RuntimeEnv.HOST_ADAPTERS,
             "max_rank": RuntimeEnv.MAX_RANK, "served_model_name": RuntimeEnv.SERVED_MODEL_NAME,
             "max_model_len": RuntimeEnv.MAX_MODEL_LEN,
+            "merged_adapter_dir": RuntimeEnv.MERGED_ADAPTER_DIR, "merged_adapter_name": RuntimeEnv.MERGED_ADAPTER_NAME,
+            "merged_adapter_version": RuntimeEnv.MERGED_ADAPTER_VERSION,
+            "merged_adapter_tenant": RuntimeEnv.MERGED_ADAPTER_TENANT,
         }
         s = cls()
         types = {f.name: f.type for f in fields(cls)}
@@ -91,5 +99,8 @@ class RuntimeSettings:
             problems.append("max_batch_delay_ms must not be negative")
         if self.max_queue_delay_ms < 0:
             problems.append(f"max_queue_delay_ms must not be negative (got {self.max_queue_delay_ms}; 0 = no bound)")
+        if self.merged_adapter_dir and not (self.merged_adapter_name and self.merged_adapter_version):
+            problems.append(f"merged_adapter_dir is set: {RuntimeEnv.MERGED_ADAPTER_NAME} and "
+                            f"{RuntimeEnv.MERGED_ADAPTER_VERSION} must name what it answers as")
         if problems:
             raise ValueError("invalid runtime settings: " + "; ".join(problems))

@@ -34,6 +34,17 @@ class TorchEngine(ServingEngine):
         from lorafleet.runtime.engines import ClassificationEngine, GenerationEngine
 
         s = settings
+        if s.merged_adapter_dir and task != "text-generation":
+            from lorafleet.runtime.architectures import UnsupportedModel
+
+            raise UnsupportedModel(f"spec.model.mergedAdapter: merged pools are text-generation only (this pool is "
+                                   f"{task}); serve the adapter on a shared pool")
+        if s.merged_adapter_dir and getattr(s, "quantization", "none") != "none":
+            from lorafleet.runtime.architectures import UnsupportedModel
+
+            # Merging into quantized weights is not PEFT's merge_and_unload over the float base.
+            raise UnsupportedModel(f"spec.model.mergedAdapter with quantization {s.quantization}: a merged pool merges "
+                                   "into unquantized weights only; set spec.model.quantization: none")
         if task == "text-to-image":
             from lorafleet.runtime.diffusion import DiffusionEngine
 
@@ -45,7 +56,8 @@ class TorchEngine(ServingEngine):
         elif task == "text-generation":
             engine = GenerationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device, device_slots=s.device_slots,
                                                max_rank=s.max_rank, max_seqs=s.max_batch_size,
-                                               max_len=s.max_model_len or None, quantization=s.quantization)
+                                               max_len=s.max_model_len or None, quantization=s.quantization,
+                                               merged_adapter=s.merged_adapter_dir or None)
         else:
             engine = ClassificationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device,
                                                    device_slots=s.device_slots, max_rank=s.max_rank,
