@@ -45,6 +45,7 @@ class Sidecar:
         syncer = Syncer(store, RuntimeAdmin(a.runtime_admin_url), metrics,
                         reporter=PodReporter(client, a.namespace, a.pod),
                         model_uri=a.model_uri or "", model_sha256=a.model_sha256 or "", task=a.task or "",
+                        merged_uri=a.merged_adapter_uri or "", merged_sha256=a.merged_adapter_sha256 or "",
                         concurrency=a.concurrency, collect_after=a.collect_after, poll_interval=a.poll_interval,
                         retry=RetryPolicy(a.retry_base, a.retry_max))
         # The watch gets its own client: stopping it closes that client's connection.

@@ -32,6 +32,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"env {E.RUNTIME_ADMIN_URL}")
     p.add_argument("--model-uri", default=_env(E.MODEL_URI, ""), help=f"env {E.MODEL_URI}")
     p.add_argument("--model-sha256", default=_env(E.MODEL_SHA256, ""), help=f"env {E.MODEL_SHA256}")
+    p.add_argument("--merged-adapter-uri", default=_env(E.MERGED_ADAPTER_URI, ""),
+                   help=f"a merged pool's adapter, fetched and verified before the model is ready (env {E.MERGED_ADAPTER_URI})")
+    p.add_argument("--merged-adapter-sha256", default=_env(E.MERGED_ADAPTER_SHA256, ""),
+                   help=f"env {E.MERGED_ADAPTER_SHA256}")
     p.add_argument("--s3-endpoint", default=_env(E.S3_ENDPOINT), help=f"env {E.S3_ENDPOINT}")
     p.add_argument("--s3-region", default=_env(E.S3_REGION), help=f"env {E.S3_REGION}")
     p.add_argument("--max-rank", type=int, default=int(_env(E.MAX_RANK, "64")), help=f"env {E.MAX_RANK}")
@@ -58,6 +62,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("missing settings: " + ", ".join(missing))
     if args.model_uri and not is_digest(args.model_sha256 or ""):
         p.error(f"--model-sha256 ({E.MODEL_SHA256}) must be the base model's digest when --model-uri is set")
+    if args.merged_adapter_uri and not (is_digest(args.merged_adapter_sha256 or "") and args.model_uri):
+        p.error(f"--merged-adapter-uri ({E.MERGED_ADAPTER_URI}) needs --merged-adapter-sha256 "
+                f"({E.MERGED_ADAPTER_SHA256}), the adapter's digest, and --model-uri")
     try:
         args.max_adapter_bytes = parse_quantity(args.max_adapter_bytes)
         args.disk_bytes = parse_quantity(args.disk_bytes) if args.disk_bytes else None

@@ -92,6 +92,7 @@ def plan_sync(
     other_bytes: int = 0,
     now: float = 0.0,
     collect_after: float | None = None,
+    keep: Iterable[str] = (),
 ) -> SyncPlan:
     """The actions that bring the cache and the runtime to ``desired``.
 
@@ -101,7 +102,8 @@ def plan_sync(
 
     Content is collected only when no route wants it and the runtime does not hold it: after
     ``collect_after`` seconds unreferenced, or sooner, least recently used first, while the cache
-    (plus ``other_bytes``, e.g. the base model) is above ``disk_bytes``.
+    (plus ``other_bytes``, e.g. the base model) is above ``disk_bytes``. ``keep``: digests never
+    collected (a merged pool's adapter, which no route names).
     """
     desired = list(desired)
     busy, hold = set(busy), set(hold)
@@ -126,7 +128,7 @@ def plan_sync(
                 plan.loads.append(d)
         plan.unloads = sorted((a.name, a.version) for k, a in loaded.items() if k not in wanted)
 
-    referenced = {d.sha256 for d in desired}
+    referenced = {d.sha256 for d in desired} | set(keep)
     if loaded is None:
         # Without the runtime's word, anything may still be in use.
         return plan

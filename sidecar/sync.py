@@ -52,10 +52,14 @@ class RetryPolicy:
 class Syncer:
     def __init__(self, store: ContentStore, runtime: RuntimeAdmin, metrics: Metrics, *,
                  reporter: PodReporter | None = None, model_uri: str = "", model_sha256: str = "", task: str = "",
+                 merged_uri: str = "", merged_sha256: str = "",
                  concurrency: int = 4, collect_after: float | None = 600.0, poll_interval: float = 2.0,
                  retry: RetryPolicy | None = None):
         self.store, self.runtime, self.metrics, self.reporter = store, runtime, metrics, reporter
         self.model_uri, self.model_sha256 = model_uri, model_sha256
+        # A merged pool: this adapter is verified into the cache before the model counts as ready
+        # (the runtime merges it at load) and is never collected.
+        self.merged_uri, self.merged_sha256 = merged_uri, merged_sha256
         self.task = task  # the pool's: the rules refuse adapters trained for another one
         self.collect_after = collect_after
         self.poll_interval = poll_interval
@@ -146,9 +150,10 @@ class Syncer:
                 del self.load_failures[k]
             hold = {k for k, f in self.load_failures.items() if f.next_try > mono}
 
+        keep = {self.merged_sha256} if self.merged_sha256 else set()
         plan = plan_sync(desired, self.store.entries(), loaded, busy=self._busy(desired), hold=hold,
                          disk_bytes=self.store.disk_bytes, other_bytes=self.store.model_bytes, now=now,
-                         collect_after=self.collect_after)
+                         collect_after=self.collect_after, keep=keep)
         self._start_downloads(plan.downloads)
 
         if loaded is not None:
@@ -156,7 +161,7 @@ class Syncer:
         for digest in plan.collect:
             self.store.remove(digest)
 
-        referenced = {d.sha256 for d in desired}
+        referenced = {d.sha256 for d in desired} | keep
         for gone in self._referenced - referenced:
             self.store.mark_unreferenced(gone)
         self._referenced = referenced
@@ -308,7 +313,8 @@ class Syncer:
         if self.model_ready and (self.base is not None or not self.model_sha256):
             return
         d = self.store.layout.model_dir(self.model_sha256)
-        if d.is_dir():
+        merged_here = not self.merged_sha256 or self.store.layout.adapter_dir(self.merged_sha256).is_dir()
+        if d.is_dir() and merged_here:
             try:
                 self.base = BaseModelInfo.from_dir(d, self.model_uri, self.model_sha256)
                 self.base.task = self.task or self.base.task
@@ -327,7 +333,17 @@ class Syncer:
 
     def _download_model(self) -> None:
         try:
-            self.store.install_model(self.model_sha256, self.model_uri)
+            model_dir = self.store.layout.model_dir(self.model_sha256)
+            if not model_dir.is_dir():
+                self.store.install_model(self.model_sha256, self.model_uri)
+            if self.merged_sha256 and not self.store.layout.adapter_dir(self.merged_sha256).is_dir():
+                # Verified and checked against this base like any adapter, before the runtime merges it.
+                base = BaseModelInfo.from_dir(model_dir, self.model_uri, self.model_sha256)
+                base.task = self.task or base.task
+                try:
+                    self.store.install_adapter(self.merged_sha256, self.merged_uri, base)
+                except Refused as e:
+                    raise Refused(f"merged adapter {self.merged_uri}: {e.reason}", e.category, e.kind) from None
             self.model_failure = None
         except Exception as e:  # noqa: BLE001
             prev = self.model_failure
