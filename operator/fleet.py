@@ -191,6 +191,7 @@ class Fleet:
             self.written.pop(key, None)
             self.desired.pop(key, None)
             self.status_queue.pop(key, None)
+            self._touch_merging(view.namespace, view.name)
             return
         self.pool((view.namespace, view.pool)).adapters[view.name] = view
         self.adapter_pool[key] = view.pool
@@ -199,22 +200,54 @@ class Fleet:
             return  # only its status moved (our own write): nothing to reconcile
         self.seen[("a", key)] = now
         self.touch((view.namespace, view.pool))
+        self._touch_merging(view.namespace, view.name)
+
+    # --- merged pools: a pool whose pods merge one adapter (spec.model.mergedAdapter) depends on that
+    # adapter (its version is the pod template's), and the adapter's shared pool on the merged pool
+    # (the routes name it, the adapter's status counts its Ready pods).
+    def find_adapter(self, namespace: str, name: str) -> AdapterView | None:
+        pool = self.adapter_pool.get((namespace, name))
+        st = self.state.get((namespace, pool)) if pool is not None else None
+        return st.adapters.get(name) if st is not None else None
+
+    def merged_pools(self, namespace: str) -> list[tuple[PoolView, PoolState]]:
+        return [(st.view, st) for (ns, _), st in list(self.state.items())
+                if ns == namespace and st.view is not None and st.view.spec is not None
+                and st.view.spec.model.merged_adapter is not None]
+
+    def _touch_merging(self, namespace: str, adapter: str) -> None:
+        for view, _ in self.merged_pools(namespace):
+            assert view.spec is not None and view.spec.model.merged_adapter is not None
+            if view.spec.model.merged_adapter.name == adapter:
+                self.touch((namespace, view.name))
+
+    def _touch_shared_of(self, view: PoolView | None) -> None:
+        """``view`` is a merged pool: its adapter's shared pool re-plans (routes, the adapter's status)."""
+        if view is None or view.spec is None or view.spec.model.merged_adapter is None:
+            return
+        shared = self.adapter_pool.get((view.namespace, view.spec.model.merged_adapter.name))
+        if shared is not None:
+            self.touch((view.namespace, shared))
 
     def pool_event(self, kind_event: str | None, view: PoolView) -> None:
         key = (view.namespace, view.name)
         self._flush_pending()
         self._mark("p", *key, deleted=kind_event == "DELETED")
         if kind_event == "DELETED":
+            self._touch_shared_of(self.pool(key).view)
             self.pool(key).view = None
             self.seen.pop(("p", key), None)
             self.touch(key)
             return
+        before = self.pool(key).view
         self.pool(key).view = view
         now = (view.generation, view.uid)
         if self.seen.get(("p", key)) == now:
             return
         self.seen[("p", key)] = now
         self.touch(key)
+        self._touch_shared_of(before)
+        self._touch_shared_of(view)
 
     def pod_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -229,12 +262,16 @@ class Fleet:
         if kind_event == "DELETED":
             if pods.pop(name, None) is not None:
                 self.touch(key)
+                self._touch_shared_of(self.pool(key).view)
             return
         view = routing.pod_view(body)
         if pods.get(name) == view:
             return  # neither readiness nor the sync report moved
+        was_ready = name in pods and pods[name].ready
         pods[name] = view
         self.touch(key)
+        if was_ready != view.ready:
+            self._touch_shared_of(self.pool(key).view)
 
     def _gateway_pod_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
         """A pool's gateway pod: only its readiness matters (the pool's status counts ready gateways)."""
@@ -249,6 +286,7 @@ class Fleet:
         if kind_event == "DELETED":
             if pods.pop(name, None) is not None:
                 self.touch(key)
+                self._touch_shared_of(self.pool(key).view)
             return
         ready = routing.pod_view(body).ready
         if pods.get(name) == ready:
@@ -574,9 +612,24 @@ class Fleet:
                            if (s := self.desired.get((namespace, a.name), self.written.get((namespace, a.name))))}
         gateway_ready = sum(st.gateway_pods.values())
         problems = [(w.reason or "ReplicaFailure", w.problem) for w in st.workloads.values() if w.problem]
+        tenants = self.tenants.get(namespace, {})
+        merged_self = None
+        if pool_ok and pool.spec.model.merged_adapter is not None:
+            merged_self = routing.resolve_merged(pool, self.find_adapter(namespace, pool.spec.model.merged_adapter.name),
+                                                 tenants)
+        merged: dict[str, routing.MergedInfo] = {}
+        for mview, mst in self.merged_pools(namespace):
+            assert mview.spec is not None and mview.spec.model.merged_adapter is not None
+            a = st.adapters.get(mview.spec.model.merged_adapter.name)
+            if a is None or mview.name == pool_name:
+                continue
+            ref, _ = routing.resolve_merged(mview, a, tenants)
+            if ref is not None:
+                merged[a.name] = routing.MergedInfo(mview.name, ref.version, sum(p.ready for p in mst.pods.values()),
+                                                    mview.spec.replicas)
         plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status, st.memo,
                                  gateway_ready=gateway_ready, workload_problems=problems,
-                                 tenants=self.tenants.get(namespace, {}))
+                                 tenants=tenants, merged=merged, merged_self=merged_self)
 
         if pool_ok:
             assert pool is not None
@@ -588,7 +641,7 @@ class Fleet:
             else:  # the ConfigMaps were checked against this same table already
                 write, delete, count, parsed = {}, [], st.shard_count, {}
             st.shard_count = count
-            await self._apply_children(st, pool, count)
+            await self._apply_children(st, pool, count, merged_self[0] if merged_self else None)
             if st.shards is not current:
                 # A routes ConfigMap was deleted or edited while the children were applied (a
                 # namespace being deleted does that): routes_event forgot what the ConfigMaps hold and
@@ -630,10 +683,11 @@ class Fleet:
                   len(adapters), len(pods), plan.table.generation,
                   1000 * (asyncio.get_running_loop().time() - started))
 
-    async def _apply_children(self, st: PoolState, pool: PoolView, shards: int) -> None:
+    async def _apply_children(self, st: PoolState, pool: PoolView, shards: int,
+                              merged: routing.MergedRef | None = None) -> None:
         assert self.kube is not None and pool.spec is not None
         children = manifests.pool_children(pool.name, pool.namespace, pool.uid, pool.spec, shards,
-                                           self.sidecar_cluster_role)
+                                           self.sidecar_cluster_role, merged)
         canonical = json.dumps(children, sort_keys=True)
         if st.applied == canonical:
             return

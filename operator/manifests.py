@@ -1,16 +1,20 @@
 """Pure builders: a BaseModelPool's spec -> the manifests of everything the pool owns (no API calls).
 
 Every function returns plain dicts as server-side apply takes them. Nothing here depends on the
-pool's adapters, so changing adapters never changes the pod template (no restarts).
+pool's adapters, so changing adapters never changes the pod template (no restarts), except a merged
+pool's one adapter (``MergedRef``): its version is the pod template's, and a new one rolls the pods.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorafleet.contracts import names
 from lorafleet.contracts.names import RuntimeEnv, SidecarEnv
 from lorafleet.contracts.resources import BaseModelPoolSpec, ResourceRequirements
+
+if TYPE_CHECKING:
+    from .routing import MergedRef
 
 Manifest = dict[str, Any]
 
@@ -34,7 +38,7 @@ def _resources(r: ResourceRequirements | None) -> dict[str, Any]:
     return r.wire() if r is not None else {}
 
 
-def runtime_env(pool: str, spec: BaseModelPoolSpec) -> list[dict[str, Any]]:
+def runtime_env(pool: str, spec: BaseModelPoolSpec, merged: "MergedRef | None" = None) -> list[dict[str, Any]]:
     return _env({
         RuntimeEnv.MODEL_DIR: f"{names.CACHE_MOUNT}/models/{spec.model.sha256}",
         RuntimeEnv.CACHE_DIR: names.CACHE_MOUNT,
@@ -54,10 +58,16 @@ def runtime_env(pool: str, spec: BaseModelPoolSpec) -> list[dict[str, Any]]:
         RuntimeEnv.MAX_RANK: spec.cache.max_rank,
         RuntimeEnv.MAX_MODEL_LEN: spec.runtime.max_model_len,
         RuntimeEnv.SERVED_MODEL_NAME: pool,
+        # A merged pool: what its runtime merges and answers as. In the pod template, so a new version
+        # of the adapter is a Deployment rollout.
+        RuntimeEnv.MERGED_ADAPTER_DIR: f"{names.CACHE_MOUNT}/adapters/{merged.sha256}" if merged else None,
+        RuntimeEnv.MERGED_ADAPTER_NAME: merged.served_name if merged else None,
+        RuntimeEnv.MERGED_ADAPTER_VERSION: merged.version if merged else None,
+        RuntimeEnv.MERGED_ADAPTER_TENANT: merged.tenant if merged else None,
     })
 
 
-def sidecar_env(pool: str, spec: BaseModelPoolSpec) -> list[dict[str, Any]]:
+def sidecar_env(pool: str, spec: BaseModelPoolSpec, merged: "MergedRef | None" = None) -> list[dict[str, Any]]:
     env = [
         {"name": SidecarEnv.POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": SidecarEnv.POD_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -68,6 +78,8 @@ def sidecar_env(pool: str, spec: BaseModelPoolSpec) -> list[dict[str, Any]]:
         SidecarEnv.RUNTIME_ADMIN_URL: f"http://127.0.0.1:{names.ADMIN_PORT}",
         SidecarEnv.MODEL_URI: spec.model.uri,
         SidecarEnv.MODEL_SHA256: spec.model.sha256,
+        SidecarEnv.MERGED_ADAPTER_URI: merged.uri if merged else None,
+        SidecarEnv.MERGED_ADAPTER_SHA256: merged.sha256 if merged else None,
         SidecarEnv.S3_ENDPOINT: spec.storage.endpoint,
         SidecarEnv.S3_REGION: spec.storage.region,
     })
@@ -86,7 +98,8 @@ def sidecar_env(pool: str, spec: BaseModelPoolSpec) -> list[dict[str, Any]]:
     return env
 
 
-def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> Manifest:
+def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
+               merged: "MergedRef | None" = None) -> Manifest:
     labels = names.pool_labels(pool, "runtime")
     mount = [{"name": names.CACHE_VOLUME, "mountPath": names.CACHE_MOUNT}]
     runtime = {
@@ -94,7 +107,7 @@ def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> 
         "image": spec.runtime.image,
         "command": ["lorafleet", "runtime"],
         "ports": [{"name": "http", "containerPort": names.RUNTIME_PORT, "protocol": "TCP"}],
-        "env": runtime_env(pool, spec),
+        "env": runtime_env(pool, spec, merged),
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
                            "failureThreshold": 3},
         # Loading a large base model can take minutes: liveness only starts once the pod was ready.
@@ -112,7 +125,7 @@ def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> 
         # A native sidecar: starts before the runtime and lives as long as the pod.
         "restartPolicy": "Always",
         "ports": [{"name": "metrics", "containerPort": names.SIDECAR_METRICS_PORT, "protocol": "TCP"}],
-        "env": sidecar_env(pool, spec),
+        "env": sidecar_env(pool, spec, merged),
         "resources": _resources(spec.sidecar.resources),
         "volumeMounts": mount,
     }
@@ -368,7 +381,7 @@ def routes_configmap(pool: str, namespace: str, uid: str, name: str, routes_json
 
 
 def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, shards: int = 1,
-                  sidecar_cluster_role: str | None = None) -> list[Manifest]:
+                  sidecar_cluster_role: str | None = None, merged: "MergedRef | None" = None) -> list[Manifest]:
     """Everything a pool owns except its routes, in the order to apply them (the pod's service
     account and its permissions before the Deployment that uses them; the gateway's Service before
     the Ingress that points at it)."""
@@ -378,5 +391,8 @@ def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, 
     ing = ingress(pool, namespace, uid, spec)
     if ing is not None:
         out.append(ing)
-    out.append(deployment(pool, namespace, uid, spec))
+    if spec.model.merged_adapter is None or merged is not None:
+        # A merged pool whose adapter cannot be resolved gets no Deployment (its status says why):
+        # pods of the plain base would answer as the adapter. One already running keeps its version.
+        out.append(deployment(pool, namespace, uid, spec, merged))
     return out

@@ -19,7 +19,7 @@ from lorafleet.contracts import names
 from lorafleet.contracts.resources import (AdapterPhase, BaseModelPoolSpec, BaseModelPoolStatus, Condition,
                                            LoRAAdapterSpec, PoolPhase, condition)
 from lorafleet.contracts.tenancy import source_problem, uri_within
-from lorafleet.contracts.routes import (MAX_SHARDS, SHARD_BUDGET_BYTES, RouteEntry, RoutesTable, RouteVersion, SyncReport,
+from lorafleet.contracts.routes import (MAX_SHARDS, SHARD_BUDGET_BYTES, MergedRoute, RouteEntry, RoutesTable, RouteVersion, SyncReport,
                                        shard_text)
 
 NEW = -1  # `since` of a version not yet in the table: filled with the generation that adds it
@@ -80,6 +80,62 @@ class WorkloadView:
     generation: int
     problem: str | None  # why its pods are not being created or rolled out, from its conditions
     reason: str | None = None  # that condition's reason (FailedCreate, ProgressDeadlineExceeded)
+
+
+@dataclass(frozen=True)
+class MergedRef:
+    """What a merged pool's pods merge (``spec.model.mergedAdapter`` resolved against its LoRAAdapter):
+    the content goes into the pod template, so a new version rolls the pool's pods."""
+
+    adapter: str  # the LoRAAdapter's name
+    served_name: str
+    version: str
+    uri: str
+    sha256: str
+    tenant: str
+    shared_pool: str  # the adapter's spec.pool, which serves it while this pool has no Ready replica
+
+
+@dataclass(frozen=True)
+class MergedInfo:
+    """A merged pool as its adapter's shared pool sees it: for the routes entry and the adapter's status."""
+
+    pool: str
+    version: str
+    ready: int
+    replicas: int
+
+
+def resolve_merged(pool: PoolView, adapter: AdapterView | None,
+                   tenants: "Tenants | SourceCheck | None" = None) -> tuple[MergedRef | None, str | None]:
+    """The merged pool's adapter version, or why it cannot be merged (naming the field to fix)."""
+    assert pool.spec is not None and pool.spec.model.merged_adapter is not None
+    want = pool.spec.model.merged_adapter
+    field_ = "spec.model.mergedAdapter"
+    if pool.spec.model.task.value != "text-generation":
+        return None, f"{field_}: merged pools are text-generation only (spec.model.task is {pool.spec.model.task.value})"
+    if adapter is None or adapter.spec is None:
+        why = "does not exist" if adapter is None else f"has an invalid spec ({adapter.spec_error})"
+        return None, f"{field_}.name: LoRAAdapter {want.name!r} {why} in namespace {pool.namespace!r}"
+    spec = adapter.spec
+    if spec.pool == pool.name:
+        return None, (f"{field_}.name: LoRAAdapter {want.name!r} names this pool as its spec.pool; it must name a "
+                      f"shared pool, which serves it while this one has no Ready replica")
+    check = source_check(tenants)
+    problems = spec.problems() + (check.problems(spec) if check is not None else [])
+    if problems:
+        return None, f"{field_}.name: LoRAAdapter {want.name!r} is invalid: {'; '.join(problems)}"
+    version = want.version or spec.version
+    if version == spec.version:
+        source = spec.source
+    elif spec.canary is not None and version == spec.canary.version:
+        source = spec.canary.source
+    else:
+        have = [spec.version] + ([spec.canary.version] if spec.canary else [])
+        return None, (f"{field_}.version: {version!r} is not a version of LoRAAdapter {want.name!r} (it has "
+                      f"{', '.join(have)}); set it to one, or leave it out to follow spec.version")
+    return MergedRef(adapter=adapter.name, served_name=adapter.served_name, version=version, uri=source.uri,
+                     sha256=source.sha256, tenant=spec.tenant, shared_pool=spec.pool), None
 
 
 def workload_view(body: dict[str, Any]) -> WorkloadView:
@@ -274,7 +330,7 @@ def desired_versions(spec: LoRAAdapterSpec) -> list[RouteVersion]:
 
 
 def merge_entry(served: str, spec: LoRAAdapterSpec, previous: RouteEntry | None,
-                ready_pods: list[PodView]) -> RouteEntry:
+                ready_pods: list[PodView], merged: MergedInfo | None = None) -> RouteEntry:
     """The rollout rule: a version that leaves the spec stays, draining (weight 0), until every
     ready replica has loaded every version the spec wants, and there is at least one; then it is
     dropped. With no ready replica nobody has shown the new version: the old one stays, so replicas
@@ -295,7 +351,13 @@ def merge_entry(served: str, spec: LoRAAdapterSpec, previous: RouteEntry | None,
         if not everyone_has_new:
             want += [p.model_copy(update={"weight": 0, "draining": True}) for p in leaving]
     return RouteEntry(tenant=spec.tenant, pinned=spec.pinned, preload=spec.preload, versions=want,
-                      fallback="base" if spec.fallback == "base" else None)
+                      fallback="base" if spec.fallback == "base" else None,
+                      merged=MergedRoute(pool=merged.pool, version=merged.version) if merged else None)
+
+
+def _route_of(m: MergedInfo | None) -> tuple[str, str] | None:
+    """What of a merged pool the routes hold (readiness is the status's, not the routes')."""
+    return (m.pool, m.version) if m is not None else None
 
 
 def _fill_since(entries: dict[str, RouteEntry], generation: int) -> None:
@@ -307,7 +369,8 @@ def _fill_since(entries: dict[str, RouteEntry], generation: int) -> None:
 
 def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list[str]], previous: RoutesTable,
                 pods: list[PodView], entry_memo: dict[str, tuple[tuple[str, int], RouteEntry]] | None = None,
-                tenants: Tenants | SourceCheck | None = None) -> tuple[RoutesTable, bool]:
+                tenants: Tenants | SourceCheck | None = None,
+                merged: dict[str, MergedInfo] | None = None) -> tuple[RoutesTable, bool]:
     ready = [p for p in pods if p.ready]
     entries: dict[str, RouteEntry] = {}
     for a in adapters:
@@ -322,13 +385,14 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
                 entries[a.served_name] = prev
             continue
         prev = previous.adapters.get(a.served_name)
+        m = (merged or {}).get(a.name)
         made = entry_memo.get(a.name) if entry_memo is not None else None
-        if (made is not None and prev is not None and made[0] == (a.uid, a.generation) and made[1] is prev
+        if (made is not None and prev is not None and made[0] == (a.uid, a.generation, _route_of(m)) and made[1] is prev
                 and not any(v.draining for v in prev.versions)):
             # Same spec, and the entry is the very one built from it: nothing to redo.
             entries[a.served_name] = prev
             continue
-        entries[a.served_name] = merge_entry(a.served_name, a.spec, prev, ready)
+        entries[a.served_name] = merge_entry(a.served_name, a.spec, prev, ready, m)
     check = source_check(tenants)
     for served, entry in list(entries.items()) if check is not None else ():
         kept = check.within(entry)
@@ -341,7 +405,8 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
     _fill_since(entries, generation)
     if entry_memo is not None:
         entry_memo.clear()
-        entry_memo.update({a.name: ((a.uid, a.generation), entries[a.served_name]) for a in adapters
+        entry_memo.update({a.name: ((a.uid, a.generation, _route_of((merged or {}).get(a.name))),
+                                    entries[a.served_name]) for a in adapters
                            if a.spec is not None and not problems.get(a.name) and a.served_name in entries})
     return RoutesTable(pool=pool, generation=generation, adapters=entries), changed
 
@@ -460,7 +525,8 @@ def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
 
 
 def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], table: RoutesTable,
-                   pods: list[PodView], previous: dict[str, Any], now: str | None = None) -> dict[str, Any]:
+                   pods: list[PodView], previous: dict[str, Any], now: str | None = None,
+                   merged: MergedInfo | None = None) -> dict[str, Any]:
     """The adapter's status in wire form (``LoRAAdapterStatus`` fields, camelCase, unset left out)."""
     prev = {c.get("type"): c for c in previous.get("conditions") or [] if isinstance(c, dict)}
     gen = a.generation
@@ -526,6 +592,12 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
     else:
         phase, reason, msg = (AdapterPhase.syncing, "Syncing",
                               f"version {version} loaded on {len(loaded)}/{replicas} replicas")
+    st["pools"] = [{"pool": a.pool, "role": "shared", "readyReplicas": len(loaded), "replicas": replicas}]
+    if merged is not None:
+        st["pools"].append({"pool": merged.pool, "role": "merged", "version": merged.version,
+                            "readyReplicas": merged.ready, "replicas": merged.replicas})
+        msg += (f"; merged into pool {merged.pool!r} (version {merged.version}, {merged.ready}/{merged.replicas} "
+                f"ready), which takes its requests while it has Ready replicas")
     st["phase"] = phase.value
     st["message"] = msg
     st["conditions"] = [cond("Ready", phase == AdapterPhase.ready, reason, msg), synced, valid]
@@ -559,7 +631,8 @@ def model_readiness(pods: list[PodView]) -> tuple[bool | None, str, str]:
 
 def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
                 table: RoutesTable, pods: list[PodView], gateway_ready: int = 0,
-                workload_problems: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+                workload_problems: list[tuple[str, str]] | None = None,
+                merged: tuple[MergedRef | None, str | None] | None = None) -> dict[str, Any]:
     """``workload_problems``: (reason, message) of each owned Deployment that cannot make or roll out
     its pods."""
     prev = _conditions(pool.status)
@@ -578,6 +651,10 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
     else:
         phase = PoolPhase.progressing
     failing = sorted(workload_problems or [], key=lambda p: p[1])
+    if merged is not None and merged[1]:
+        # Nothing to merge: the operator holds the Deployment back rather than serve the plain base.
+        failing.insert(0, ("MergedAdapterInvalid", merged[1]))
+        phase = PoolPhase.failed if ready == 0 else PoolPhase.degraded
     problems = [m for _, m in failing]
     if problems and phase == PoolPhase.ready:
         phase = PoolPhase.degraded
@@ -597,6 +674,8 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
         ready=f"{ready}/{replicas}", adapters=len(adapters),
         adapters_ready=sum(1 for p in phases if p == AdapterPhase.ready.value),
         routes_generation=table.generation, message=msg,
+        merged_adapter=(names.versioned_name(merged[0].served_name, merged[0].version)
+                        if merged is not None and merged[0] is not None else None),
         conditions=[condition("Ready", phase == PoolPhase.ready, phase.value, msg, pool.generation, prev),
                     # What the owned Deployments say when pods cannot be made (a quota, an admission
                     # policy): the ReplicaSet's own message, which `kubectl get lfpool` never shows.
@@ -619,12 +698,16 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
 def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView], pods: list[PodView],
               previous: RoutesTable, previous_status: dict[str, dict[str, Any]],
               memo: dict[str, tuple[tuple, dict[str, Any]]] | None = None, gateway_ready: int = 0,
-              workload_problems: list[tuple[str, str]] | None = None, tenants: Tenants | None = None) -> PoolPlan:
+              workload_problems: list[tuple[str, str]] | None = None, tenants: Tenants | None = None,
+              merged: dict[str, MergedInfo] | None = None,
+              merged_self: tuple[MergedRef | None, str | None] | None = None) -> PoolPlan:
     """Everything one reconcile of a pool decides. ``previous_status`` maps adapter name -> the
     status last written (or read), so conditions keep their transition times. ``memo`` (kept by the
     caller between reconciles of this pool) skips recomputing the status of adapters whose inputs
     did not move: one change in a pool of 1,000 adapters recomputes one status. ``tenants``: the
-    namespace's LoRATenants and their sources (``Tenants``)."""
+    namespace's LoRATenants and their sources (``Tenants``). ``merged``: adapter name -> the merged
+    pool that takes its requests while Ready (this pool is the adapter's shared pool); ``merged_self``:
+    when this pool is a merged pool, what it merges, or why it cannot (``resolve_merged``)."""
     check = None
     if tenants is not None:
         held = memo.get("\0sources") if memo is not None else None
@@ -632,10 +715,18 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
         if memo is not None:
             memo["\0sources"] = check
     problems = validity(adapters, pool_name, check)
+    if pool is not None and pool.spec is not None and pool.spec.model.merged_adapter is not None:
+        merged_name = pool.spec.model.merged_adapter.name
+        for a in adapters:
+            # An unmerged LoRA over merged weights computes merged + it, not what it was trained over.
+            problems.setdefault(a.name, []).append(
+                f"spec.pool: pool {pool_name!r} merges LoRAAdapter {merged_name!r} into its base "
+                f"(spec.model.mergedAdapter) and serves no other adapter; name a shared pool")
     pool_ok = pool is not None and pool.spec is not None
     if pool_ok:
         table, changed = plan_routes(pool_name, adapters, problems, previous, pods,
-                                     memo.setdefault("\0entries", {}) if memo is not None else None, check)
+                                     memo.setdefault("\0entries", {}) if memo is not None else None, check,
+                                     merged)
     else:
         table, changed = RoutesTable(pool=pool_name, generation=previous.generation), False
     memo = {} if memo is None else memo
@@ -647,16 +738,17 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
     for a in adapters:
         found = problems.get(a.name, [])
         prev = previous_status.get(a.name, a.status)
-        inputs = (common, a.uid, a.generation, tuple(found), table.adapters.get(a.served_name))
+        m = (merged or {}).get(a.name)
+        inputs = (common, a.uid, a.generation, tuple(found), table.adapters.get(a.served_name), m)
         hit = statuses_memo.get(a.name)
         if hit is not None and hit[0] == inputs and (prev is hit[1] or prev == hit[1]):
             statuses[a.name] = hit[1]
             continue
-        statuses[a.name] = adapter_status(a, pool, found, table, pods, prev, now)
+        statuses[a.name] = adapter_status(a, pool, found, table, pods, prev, now, m)
         statuses_memo[a.name] = (inputs, statuses[a.name])
     for gone in set(statuses_memo) - set(statuses):
         del statuses_memo[gone]
-    pstatus = (pool_status(pool, adapters, statuses, table, pods, gateway_ready, workload_problems)
+    pstatus = (pool_status(pool, adapters, statuses, table, pods, gateway_ready, workload_problems, merged_self)
                if pool is not None else None)
     return PoolPlan(table=table, changed=changed, adapter_status=statuses, pool_status=pstatus)
 

@@ -79,3 +79,31 @@ def test_routes_configmap_is_labelled_for_its_pool():
     cm = manifests.routes_configmap("gen", "ns", "u", "lorafleet-routes-gen", "{}")
     assert cm["metadata"]["labels"]["lorafleet.io/routes-for"] == "gen"
     assert cm["data"] == {"routes.json": "{}"}
+
+
+def test_a_merged_pools_pod_template_carries_its_adapter_version_and_rolls_with_it():
+    from lorafleet.contracts.resources import BaseModelPoolSpec
+    from lorafleet.operator import manifests
+    from lorafleet.operator.routing import MergedRef
+
+    spec = BaseModelPoolSpec.model_validate({"model": {"uri": "s3://m/", "sha256": "a" * 64, "task": "text-generation",
+                                                       "mergedAdapter": {"name": "chat"}}})
+    v2 = MergedRef("chat", "acme-chat", "2", "s3://a/chat/2/", "c" * 64, "acme", "shared")
+    v3 = MergedRef("chat", "acme-chat", "3", "s3://a/chat/3/", "d" * 64, "acme", "shared")
+    d2 = manifests.deployment("hot", "ns", "u", spec, v2)
+    env = {e["name"]: e.get("value") for e in d2["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LORAFLEET_MERGED_ADAPTER_DIR"] == f"/var/lib/lorafleet/adapters/{'c' * 64}"
+    assert (env["LORAFLEET_MERGED_ADAPTER_NAME"], env["LORAFLEET_MERGED_ADAPTER_VERSION"],
+            env["LORAFLEET_MERGED_ADAPTER_TENANT"]) == ("acme-chat", "2", "acme")
+    side = {e["name"]: e.get("value") for e in d2["spec"]["template"]["spec"]["initContainers"][0]["env"]}
+    assert (side["MERGED_ADAPTER_URI"], side["MERGED_ADAPTER_SHA256"]) == ("s3://a/chat/2/", "c" * 64)
+    # A new version is a new pod template: the Deployment controller rolls the pods.
+    assert manifests.deployment("hot", "ns", "u", spec, v3)["spec"]["template"] != d2["spec"]["template"]
+    # Nothing resolved to merge: no Deployment at all (plain base pods would answer as the adapter).
+    kinds = [m["kind"] for m in manifests.pool_children("hot", "ns", "u", spec, merged=None)]
+    assert "Deployment" not in kinds
+    assert "Deployment" in [m["kind"] for m in manifests.pool_children("hot", "ns", "u", spec, merged=v2)]
+    # A pool without mergedAdapter has none of these variables.
+    plain = BaseModelPoolSpec.model_validate({"model": {"uri": "s3://m/", "sha256": "a" * 64, "task": "text-generation"}})
+    names_ = {e["name"] for e in manifests.deployment("p", "ns", "u", plain)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not any("MERGED" in n for n in names_)

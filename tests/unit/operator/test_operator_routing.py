@@ -255,3 +255,58 @@ def test_fallback_opt_in_reaches_the_routes_and_the_default_leaves_them_as_they_
     # Without the opt-in the routes JSON has no fallback key at all (older sidecars read it unchanged).
     data = json.loads(t.to_json())
     assert data["adapters"]["a"]["fallback"] == "base" and "fallback" not in data["adapters"]["b"]
+
+
+GEN_POOL_SPEC = {"model": {"uri": "s3://m/", "sha256": "a" * 64, "task": "text-generation"}, "replicas": 2}
+
+
+def _merged_pool(version=None, name="hot"):
+    ma = {"name": "chat"} | ({"version": version} if version else {})
+    return routing.pool_view({"metadata": {"name": name, "namespace": "ns", "uid": "hu", "generation": 1},
+                              "spec": {**GEN_POOL_SPEC, "model": {**GEN_POOL_SPEC["model"], "mergedAdapter": ma},
+                                       "replicas": 1}})
+
+
+def test_merged_pool_resolves_its_adapters_version_and_refuses_what_cannot_be_merged():
+    chat = adapter("chat", "2", "c", canary={"version": "3", "weight": 10,
+                                             "source": {"uri": "s3://a/chat/3/", "sha256": "d" * 64}})
+    ref, problem = routing.resolve_merged(_merged_pool(), chat)
+    assert problem is None and (ref.version, ref.sha256, ref.uri, ref.shared_pool) == ("2", "c" * 64, "s3://a/chat/2/", "p")
+    ref, _ = routing.resolve_merged(_merged_pool("3"), chat)
+    assert (ref.version, ref.sha256) == ("3", "d" * 64)
+    _, problem = routing.resolve_merged(_merged_pool("9"), chat)
+    assert problem.startswith("spec.model.mergedAdapter.version: '9' is not a version")
+    _, problem = routing.resolve_merged(_merged_pool(), None)
+    assert "spec.model.mergedAdapter.name: LoRAAdapter 'chat' does not exist" in problem
+    cls = routing.pool_view({"metadata": {"name": "hot", "namespace": "ns"},
+                             "spec": {"model": {"uri": "s3://m/", "sha256": "a" * 64, "task": "sequence-classification",
+                                                "mergedAdapter": {"name": "chat"}}}})
+    assert "text-generation only" in routing.resolve_merged(cls, chat)[1]
+
+
+def test_shared_pool_routes_and_status_name_the_merged_pool():
+    info = routing.MergedInfo(pool="hot", version="2", ready=1, replicas=1)
+    chat = adapter("chat", "2", "c")
+    p = routing.plan_pool("p", POOL, [chat, adapter("other")], [pod("x", 1), pod("y", 1)], RoutesTable(pool="p"), {},
+                          merged={"chat": info})
+    assert p.table.adapters["chat"].merged.model_dump() == {"pool": "hot", "version": "2"}
+    assert p.table.adapters["other"].merged is None
+    st = p.adapter_status["chat"]
+    assert st["pools"] == [{"pool": "p", "role": "shared", "readyReplicas": 2, "replicas": 2},
+                           {"pool": "hot", "role": "merged", "version": "2", "readyReplicas": 1, "replicas": 1}]
+    LoRAAdapterStatus.model_validate(st)
+    # The merged pool scaling to zero changes the status, not the routes (the gateway watches pods).
+    q = routing.plan_pool("p", POOL, [chat, adapter("other")], [pod("x", 1), pod("y", 1)], p.table, {},
+                          merged={"chat": routing.MergedInfo("hot", "2", 0, 0)})
+    assert not q.changed and q.adapter_status["chat"]["pools"][1]["readyReplicas"] == 0
+
+
+def test_a_merged_pool_serves_no_other_adapter_and_says_what_it_merges():
+    hot = _merged_pool()
+    ref = routing.resolve_merged(hot, adapter("chat", "2", "c"))
+    p = routing.plan_pool("hot", hot, [adapter("stray", pool="hot")], [], RoutesTable(pool="hot"), {}, merged_self=ref)
+    assert p.table.adapters == {}
+    assert "serves no other adapter" in p.adapter_status["stray"]["message"]
+    assert p.pool_status["mergedAdapter"] == "chat@2"
+    bad = routing.plan_pool("hot", hot, [], [], RoutesTable(pool="hot"), {}, merged_self=(None, "spec.model.x: why"))
+    assert bad.pool_status["phase"] == "Failed" and "spec.model.x: why" in bad.pool_status["message"]
