@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     view = KubeView(Client(config=config), args.namespace, args.pool)
     gw = Gateway(view.ready_pods, view.directory, policy=args.policy, spill_inflight=args.spill_inflight,
                  retries=args.retries, poll_s=args.poll_s, replica_poll_s=args.replica_poll_s,
-                 gateways=view.ready_gateways)
+                 gateways=view.ready_gateways, pool=args.pool, pool_pods=view.ready_pods)
     asyncio.run(serve(gw, f"{args.namespace}/{args.pool}", args.host, args.port, args.metrics_port))
     return 0
 

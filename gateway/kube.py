@@ -15,7 +15,7 @@ from lightkube.resources.core_v1 import Pod
 from lorafleet.contracts import names
 from lorafleet.contracts.resources import LoRAAdapter, LoRATenant
 
-from .tenants import Directory, TenantLimits, adapter_owners
+from .tenants import Directory, TenantLimits, adapter_owners, merged_pools
 
 log = logging.getLogger("lorafleet.gateway")
 
@@ -59,10 +59,10 @@ class KubeView:
     def __init__(self, client: Client, namespace: str, pool: str):
         self.client, self.namespace, self.pool = client, namespace, pool
 
-    def ready_pods(self) -> dict[str, str]:
-        """Pod name -> address of the pool's Ready pods."""
+    def ready_pods(self, pool: str | None = None) -> dict[str, str]:
+        """Pod name -> address of the pool's Ready pods (of ``pool``: a merged pool of its adapters)."""
         out = {}
-        for pod in self.client.list(Pod, namespace=self.namespace, labels={names.LABEL_POOL: self.pool}):
+        for pod in self.client.list(Pod, namespace=self.namespace, labels={names.LABEL_POOL: pool or self.pool}):
             addr = pod_address(pod)
             if pod_ready(pod) and addr:
                 out[pod.metadata.name] = addr
@@ -83,6 +83,7 @@ class KubeView:
             except ValueError as e:
                 log.warning("LoRAAdapter %s/%s skipped: %s", self.namespace, obj.metadata.name, e)
         d.adapters, d.problems = adapter_owners(adapters, self.pool)
+        d.merged = {n: t for n, t in merged_pools(adapters, self.pool).items() if n in d.adapters}
         shared: set[str] = set()
         for obj in self.client.list(LoRATenantResource, namespace=self.namespace):
             name = obj.metadata.name

@@ -19,6 +19,10 @@ class GatewayMetrics:
                                 ["tenant", "reason"], registry=r)
         self.routed = Counter("lorafleet_gateway_routed", "Routing decisions, by replica and reason "
                               "(device, host, hash, spill, round-robin)", ["replica", "reason"], registry=r)
+        self.pool_choice = Counter("lorafleet_gateway_pool_choice",
+                                   "Requests by the pool first chosen for them: role merged (a pool that merges the "
+                                   "adapter, while it has Ready replicas) or shared", ["tenant", "pool", "role"],
+                                   registry=r)
         self.retries = Counter("lorafleet_gateway_retries", "Requests sent again to another replica after this one "
                                "failed before answering", ["replica"], registry=r)
         self.overloaded = Counter("lorafleet_gateway_overloaded", "429 answers of a replica (its queue or the "

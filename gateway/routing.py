@@ -20,6 +20,7 @@ class Replica:
     healthy: bool = True           # last poll answered; a connection failure clears it until the next one
     base: str | None = None        # the base model's id
     task: str | None = None
+    pool: str = ""                 # the pool it belongs to (the gateway's own, or a merged pool)
 
     def tier(self, adapter: str) -> int:
         return TIER_RANK.get(self.adapters.get(adapter, ""), 3)
@@ -28,7 +29,7 @@ class Replica:
 @dataclass(frozen=True)
 class Choice:
     order: list[Replica]   # first is the pick; the rest are fallbacks for retries on connection failure
-    reason: str            # device | host | hash | spill | round-robin | none
+    reason: str            # device | host | hash | spill | round-robin | merged | none
 
 
 def rendezvous_score(adapter: str, replica: str) -> int:

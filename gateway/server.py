@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from .metrics import GatewayMetrics
-from .routing import AffinityRouter, Replica, RoundRobinRouter
+from .routing import Choice, AffinityRouter, Replica, RoundRobinRouter
 from .tenants import Admission, Directory, TenantLimits
 
 log = logging.getLogger("lorafleet.gateway")
@@ -106,12 +106,17 @@ class Gateway:
     def __init__(self, pods: Callable[[], dict[str, str]], directory: Callable[[], Directory] | None,
                  policy: str = "affinity", spill_inflight: int = 8, retries: int = 2, poll_s: float = 1.0,
                  replica_poll_s: float = 0.5, metrics: GatewayMetrics | None = None,
-                 gateways: Callable[[], int] | None = None):
+                 gateways: Callable[[], int] | None = None, pool: str = "",
+                 pool_pods: Callable[[str], dict[str, str]] | None = None):
         self.pods_source, self.directory_source, self.gateways_source = pods, directory, gateways
         self.router = AffinityRouter(spill_inflight) if policy == "affinity" else RoundRobinRouter()
         self.retries, self.poll_s, self.replica_poll_s = retries, poll_s, replica_poll_s
         self.metrics = metrics or GatewayMetrics()
         self.replicas: dict[str, Replica] = {}
+        # Merged pools of this pool's adapters (``Directory.merged``): pool -> its Ready replicas,
+        # listed with ``pool_pods(pool)``; an adapter's requests go there while one is healthy.
+        self.pool, self.pool_pods_source = pool, pool_pods
+        self.merged_replicas: dict[str, dict[str, Replica]] = {}
         self.directory = Directory()
         self.directory_loaded = directory is None
         self.admission = Admission()
@@ -127,13 +132,24 @@ class Gateway:
     async def refresh_pods(self) -> None:
         async with self._kube_lock:  # one API thread at a time (lightkube decoders, see kube.py)
             pods = await asyncio.to_thread(self.pods_source)
-        for name in list(self.replicas):
+        self._update(self.replicas, pods, self.pool)
+        wanted = {p for p, _ in self.directory.merged.values()} if self.pool_pods_source else set()
+        for gone in set(self.merged_replicas) - wanted:
+            del self.merged_replicas[gone]
+        for pool in sorted(wanted):
+            async with self._kube_lock:
+                found = await asyncio.to_thread(self.pool_pods_source, pool)
+            self._update(self.merged_replicas.setdefault(pool, {}), found, pool)
+
+    @staticmethod
+    def _update(replicas: dict[str, Replica], pods: dict[str, str], pool: str) -> None:
+        for name in list(replicas):
             if name not in pods:  # requests still open on it finish on their own Replica object
-                del self.replicas[name]
+                del replicas[name]
         for name, url in pods.items():
-            r = self.replicas.get(name)
+            r = replicas.get(name)
             if r is None:
-                self.replicas[name] = Replica(name, url)
+                replicas[name] = Replica(name, url, pool=pool)
             elif r.url != url:  # same pod, new address (the local stack restarted it): forget what it held
                 r.url, r.adapters = url, {}
 
@@ -193,7 +209,8 @@ class Gateway:
                 if time.monotonic() - last_pods >= self.poll_s:
                     await self.refresh_pods()
                     last_pods = time.monotonic()
-                await asyncio.gather(*(self.poll_replica(r) for r in list(self.replicas.values())))
+                merged = [r for reps in self.merged_replicas.values() for r in reps.values()]
+                await asyncio.gather(*(self.poll_replica(r) for r in list(self.replicas.values()) + merged))
                 healthy = sum(r.healthy for r in self.replicas.values())
                 self.metrics.replicas.labels("true").set(healthy)
                 self.metrics.replicas.labels("false").set(len(self.replicas) - healthy)
@@ -372,6 +389,16 @@ class Gateway:
         from lorafleet.contracts.names import split_versioned
 
         choice = self.router.choose(split_versioned(adapter)[0] if adapter else None, list(self.replicas.values()))
+        target = self.directory.merged_target(adapter) if adapter else None
+        merged = [r for r in self.merged_replicas.get(target[0], {}).values() if r.healthy] if target else []
+        if merged:
+            # The merged pool answers at the base's speed; the shared pool's replicas stay behind it as
+            # the retries (a merged pod failing or rolling costs the request nothing).
+            choice = Choice(sorted(merged, key=lambda r: (r.inflight, r.name)) + choice.order, "merged")
+        if choice.order:
+            first = choice.order[0]
+            self.metrics.pool_choice.labels(tenant, first.pool or self.pool,
+                                            "merged" if first.pool in self.merged_replicas else "shared").inc()
         if not choice.order:
             self.metrics.requests.labels(tenant, "", "503").inc()
             return error(503, "the pool has no ready replica; retry shortly", "service_unavailable",
@@ -405,10 +432,14 @@ class Gateway:
                 try:
                     out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
                     out_headers["X-Lorafleet-Replica"] = r.name
+                    out_headers["X-Lorafleet-Pool"] = r.pool or self.pool
                     if not stream or upstream.status != 200:
                         # Read it all before answering: a replica dying mid-body is retried elsewhere.
                         data = await upstream.read()
-                        if upstream.status in (502, 503, 504) and attempt < min(self.retries, len(order) - 1):
+                        retry_here = upstream.status in (502, 503, 504) or (
+                            # A merged pod of another version (rolling) does not hold a pinned one.
+                            upstream.status == 404 and r.pool in self.merged_replicas)
+                        if retry_here and attempt < min(self.retries, len(order) - 1):
                             last = f"{r.name} answered {upstream.status}"
                             continue
                         if upstream.status == 429:

@@ -41,6 +41,15 @@ class Directory:
     adapters: dict[str, str] = field(default_factory=dict)      # served name -> tenant
     limits: dict[str, TenantLimits] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)           # tenants whose keys could not be read, why
+    # served name -> (merged pool, version): a BaseModelPool merges the adapter (the operator names it in
+    # the LoRAAdapter's status.pools); its requests go there while that pool has Ready replicas.
+    merged: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def merged_target(self, model: str) -> tuple[str, str] | None:
+        """(pool, version) of the merged pool for ``model`` (``name``, or ``name@`` that version)."""
+        name, version = split_versioned(model)
+        found = self.merged.get(name)
+        return found if found is not None and version in (None, found[1]) else None
 
     def tenant_of_key(self, key: str | None) -> str | None:
         if not key:
@@ -55,6 +64,18 @@ class Directory:
 
     def adapters_of(self, tenant: str) -> set[str]:
         return {a for a, t in self.adapters.items() if t == tenant}
+
+
+def merged_pools(adapters: list, pool: str) -> dict[str, tuple[str, str]]:
+    """Served name -> (merged pool, version) for this pool's adapters that a merged pool serves."""
+    out = {}
+    for a in adapters:
+        if a.spec.pool != pool or a.status is None:
+            continue
+        for p in a.status.pools or []:
+            if p.role == "merged" and p.version:
+                out[a.served_name] = (p.pool, p.version)
+    return out
 
 
 def adapter_owners(adapters: list, pool: str) -> tuple[dict[str, str], list[str]]:
