@@ -1,7 +1,6 @@
 """Merged-pool benchmark: one tenant's requests on a merged pool (its adapter merged into the base at
 load) against the base model alone and against the same adapter unmerged on a shared pool, over real
-HTTP (three runtimes on loopback in this process, measured one at a time, rounds interleaved), one
-JSON line.
+HTTP (two runtimes on loopback in this process; one request of each contender in turn), one JSON line.
 
 Usage: python bench/merged_bench.py [--quick] [--rounds 5] [--requests 20] [--threads 2]
 """
@@ -43,17 +42,14 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def latency(url: str, model: str, new: int, n: int) -> float:
-    """Median seconds of ``n`` sequential greedy completions of ``new`` tokens."""
-    times = []
-    with httpx.Client(base_url=url, timeout=120) as c:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            r = c.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": new,
-                                                "temperature": 0, "ignore_eos": True})
-            times.append(time.perf_counter() - t0)
-            r.raise_for_status()
-    return statistics.median(times)
+def one(c: httpx.Client, model: str, new: int) -> float:
+    """Seconds of one greedy completion of ``new`` tokens."""
+    t0 = time.perf_counter()
+    r = c.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": new, "temperature": 0,
+                                        "ignore_eos": True})
+    took = time.perf_counter() - t0
+    r.raise_for_status()
+    return took
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,18 +80,26 @@ def main(argv: list[str] | None = None) -> int:
             httpx.put(f"{srv.admin_url}/admin/sync", json={"routesGeneration": 1, "preloadPending": 0})
         contenders = {"base": (shared.url, "shared"), "merged": (merged.url, "acme-chat"),
                       "shared_adapter": (shared.url, "acme-chat")}
-        for url, m in contenders.values():  # warm up (first slot write, allocator)
-            latency(url, m, a.new_tokens, 2)
-        runs: dict[str, list[float]] = {k: [] for k in contenders}
-        for _ in range(rounds):
-            for k, (url, m) in contenders.items():
-                runs[k].append(latency(url, m, a.new_tokens, n))
-        best = {k: min(v) for k, v in runs.items()}
+        clients = {k: httpx.Client(base_url=url, timeout=120) for k, (url, _) in contenders.items()}
+        for k, (_, m) in contenders.items():  # warm up (first slot write, allocator)
+            for _ in range(2):
+                one(clients[k], m, a.new_tokens)
+        # One request of each contender in turn, so load from elsewhere on the machine falls on all
+        # three alike; each figure is the median over every request, its spread the quartiles.
+        times: dict[str, list[float]] = {k: [] for k in contenders}
+        for i in range(rounds * n):
+            order = list(contenders) if i % 2 == 0 else list(reversed(contenders))
+            for k in order:
+                times[k].append(one(clients[k], contenders[k][1], a.new_tokens))
+        for c in clients.values():
+            c.close()
+        best = {k: statistics.median(v) for k, v in times.items()}
+        quartiles = {k: [round(q, 5) for q in statistics.quantiles(v, n=4)] if len(v) > 1 else [] for k, v in times.items()}
         out = {
             "bench": "merged_pool", "model": {"hidden": hidden, "layers": layers, "lora_rank": r,
                                               "targets": "q,k,v,o"},
-            "new_tokens": a.new_tokens, "rounds": rounds, "requests_per_round": n, "threads": a.threads,
-            "latency_s": {k: round(v, 5) for k, v in best.items()},
+            "new_tokens": a.new_tokens, "requests": rounds * n, "threads": a.threads,
+            "latency_s": {k: round(v, 5) for k, v in best.items()}, "quartiles_s": quartiles,
             "merged_over_base": round(best["merged"] / best["base"], 4),
             "shared_adapter_over_base": round(best["shared_adapter"] / best["base"], 4),
             "merged_over_shared_adapter": round(best["merged"] / best["shared_adapter"], 4),

@@ -39,7 +39,7 @@ class TorchEngine(ServingEngine):
 
             raise UnsupportedModel(f"spec.model.mergedAdapter: merged pools are text-generation only (this pool is "
                                    f"{task}); serve the adapter on a shared pool")
-        if s.merged_adapter_dir and getattr(s, "quantization", "none") != "none":
+        if s.merged_adapter_dir and s.quantization != "none":
             from lorafleet.runtime.architectures import UnsupportedModel
 
             # Merging into quantized weights is not PEFT's merge_and_unload over the float base.
