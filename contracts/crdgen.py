@@ -35,7 +35,7 @@ def structural(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> di
         options = [o for o in s.pop("anyOf") if o.get("type") != "null"]
         if s.get("x-kubernetes-int-or-string"):
             s.pop("type", None)
-            return {k: v for k, v in s.items() if k in _KEEP}
+            return {k: v for k, v in s.items() if k in _KEEP and not (k == "default" and v is None)}
         if len(options) == 1:
             return structural({**options[0], **s}, defs)
         raise ValueError(f"cannot express anyOf {options} in a structural schema")
@@ -138,7 +138,11 @@ def crd_manifests() -> dict[str, dict[str, Any]]:
              "description": "the version the spec asks for"},
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+            {"name": "Placed", "type": "integer", "jsonPath": ".status.placed",
+             "description": "replicas the adapter is placed on"},
             age,
+            {"name": "Pods", "type": "string", "jsonPath": ".status.placement", "priority": 1,
+             "description": "the pods it is placed on (when placed on some replicas, not all)"},
         ],
         "One tenant's LoRA adapter, at an exact version and digest, served by a BaseModelPool.",
     )

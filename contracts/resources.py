@@ -230,6 +230,46 @@ class GatewaySpec(_Model):
         None, max_length=64, description="Extra arguments after `lorafleet gateway` (see its --help)")
 
 
+def _replicas_value(v: int | str | None, what: str) -> int | str | None:
+    if v is None or v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError(f"{what} must be a number of replicas (1 or more) or \"all\", got {v!r}")
+
+
+_REPLICAS_CEL_RULE = "type({f}) == int ? {f} >= 1 : {f} == 'all'"
+
+
+class PlacementSpec(_Model):
+    """Which replicas hold each adapter (docs/operator.md, "Placement")."""
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid",
+        json_schema_extra=_cel_extra(
+            cel(_REPLICAS_CEL_RULE.format(f="self.replicasPerAdapter"),
+                "placement.replicasPerAdapter must be a number of replicas (1 or more) or \"all\"",
+                ".replicasPerAdapter", "FieldValueInvalid"),
+        ),
+    )
+    replicas_per_adapter: IntOrString = Field(
+        "all", description="Replicas that hold each adapter unless its spec.replicas says otherwise: a number "
+                           "(placed by rendezvous hashing over the pool's pods, within adapterBytes), or \"all\" "
+                           "(every replica syncs every adapter)")
+    adapter_bytes: IntOrString | None = Field(
+        None, description="Bytes of adapters placed on one replica at most (default spec.cache.diskBytes); "
+                          "an adapter counts spec.source.sizeBytes per version, else spec.cache.maxAdapterBytes")
+
+    @field_validator("replicas_per_adapter")
+    @classmethod
+    def _per_adapter(cls, v: int | str) -> int | str:
+        return _replicas_value(v, "placement.replicasPerAdapter")
+
+    @field_validator("adapter_bytes")
+    @classmethod
+    def _bytes(cls, v: int | str | None) -> int | str | None:
+        if v is not None:
+            parse_quantity(v)
+        return v
+
+
 class BaseModelPoolSpec(_Model):
     model: ModelSpec
     replicas: int = Field(1, ge=0, le=1000)
@@ -239,6 +279,12 @@ class BaseModelPoolSpec(_Model):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     ingress: IngressSpec | None = None
     gateway: GatewaySpec | None = None
+    placement: PlacementSpec = Field(default_factory=PlacementSpec)
+
+    def placement_budget(self) -> int:
+        """Bytes of adapters one replica may be given (``placement.adapterBytes``, else the cache's)."""
+        b = self.placement.adapter_bytes
+        return parse_quantity(b) if b is not None else self.cache.disk_bytes_int
 
 
 class Condition(_Status):
@@ -270,8 +316,21 @@ class BaseModelPoolStatus(_Status):
     merged_adapter: str | None = Field(None, description="spec.model.mergedAdapter: the served name@version its "
                                                          "pods merge into the base")
     gateway_ready_replicas: int | None = Field(None, description="Ready gateway pods (spec.gateway.enabled)")
+    placement: list["ReplicaPlacement"] | None = Field(
+        None, description="Per replica: adapters placed on it and their bytes against the budget "
+                          "(set when spec.placement places adapters on some replicas)")
     message: str | None = None
     conditions: list[Condition] | None = None
+
+
+class ReplicaPlacement(_Status):
+    pod: str
+    adapters: int = 0
+    bytes: int = 0
+    budget_bytes: int = 0
+
+
+BaseModelPoolStatus.model_rebuild()
 
 
 class BaseModelPool(_Model):
@@ -299,6 +358,16 @@ class AdapterSource(_Model):
     )
     uri: str = Field(max_length=2048, description="Where the adapter directory is: s3://bucket/prefix/ or file:///path")
     sha256: str = Field(max_length=64, description="Digest of the adapter directory (lorafleet digest DIR)")
+    size_bytes: IntOrString | None = Field(
+        None, description="Size of the adapter directory (`lorafleet push` prints it): what placement counts "
+                          "against a replica's budget (default the pool's spec.cache.maxAdapterBytes)")
+
+    @field_validator("size_bytes")
+    @classmethod
+    def _size(cls, v: int | str | None) -> int | str | None:
+        if v is not None:
+            parse_quantity(v)
+        return v
 
     @field_validator("uri")
     @classmethod
@@ -358,6 +427,8 @@ class LoRAAdapterSpec(_Model):
             cel("!has(self.servedName) || self.servedName.matches('^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$')",
                 "servedName must be letters, digits, '.', '_' or '-' (no '@', which pins a version)",
                 ".servedName", "FieldValueInvalid"),
+            cel("!has(self.replicas) || (" + _REPLICAS_CEL_RULE.format(f="self.replicas") + ")",
+                "replicas must be a number of replicas (1 or more) or \"all\"", ".replicas", "FieldValueInvalid"),
         ),
     )
     pool: str = Field(max_length=63, description="BaseModelPool in the same namespace")
@@ -373,6 +444,20 @@ class LoRAAdapterSpec(_Model):
                             "loaded there yet): none answers 503/404 as for any adapter; base answers with the "
                             "pool's base model instead, saying so (header x-lorafleet-fallback: base and the "
                             "response's `fallback` field). Text-generation and text-to-image pools only")
+    replicas: IntOrString | None = Field(
+        None, description="Replicas of the pool that hold this adapter: a number, or \"all\"; default the pool's "
+                          "spec.placement.replicasPerAdapter")
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, v: int | str | None) -> int | str | None:
+        return _replicas_value(v, "replicas")
+
+    def bytes_per_replica(self, default: int) -> int:
+        """What the adapter's versions take on a replica that holds it (``default`` per version whose
+        source does not say)."""
+        sources = [self.source] + ([self.canary.source] if self.canary is not None else [])
+        return sum(parse_quantity(s.size_bytes) if s.size_bytes is not None else default for s in sources)
 
     @field_validator("version")
     @classmethod
@@ -418,6 +503,9 @@ class LoRAAdapterStatus(_Status):
     ready_replicas: int | None = None
     replicas: int | None = None
     ready: str | None = Field(None, description="readyReplicas/replicas, for kubectl get")
+    placed: int | None = Field(None, description="Replicas the adapter is placed on")
+    placement: list[str] | None = Field(None, description="Pods the adapter is placed on (set when it is placed "
+                                                          "on some replicas, not all)")
     observed_generation: int | None = None
     message: str | None = None
     conditions: list[Condition] | None = None

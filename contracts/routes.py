@@ -48,15 +48,33 @@ class RouteEntry(_Wire):
     # its pods merge. Requests for the name (or name@that version) go there while it has Ready
     # replicas; this pool serves them otherwise.
     merged: "MergedRoute | None" = None
+    # Placement (contracts/placement.py): pod name -> the routes generation at which the adapter was
+    # placed on it. Unset: every replica holds it. ``leaving``: pods it was placed on before, kept
+    # holding it until every pod in ``holders`` has every version loaded (make before break).
+    holders: dict[str, int] | None = None
+    leaving: dict[str, int] | None = None
+
+    def serving(self) -> list[RouteVersion]:
+        """Versions that take traffic (weight > 0), heaviest first."""
+        return sorted((v for v in self.versions if v.weight > 0), key=lambda v: -v.weight)
+
+    def placed_since(self, pod: str) -> int | None:
+        """The generation from which ``pod`` is to hold this adapter (0: always, no placement), or
+        None when it is not to hold it."""
+        if self.holders is None:
+            return 0
+        got = self.holders.get(pod)
+        if got is None and self.leaving:
+            got = self.leaving.get(pod)
+        return got
+
+    def held_by(self, pod: str) -> bool:
+        return self.placed_since(pod) is not None
 
 
 class MergedRoute(_Wire):
     pool: str
     version: str
-
-    def serving(self) -> list[RouteVersion]:
-        """Versions that take traffic (weight > 0), heaviest first."""
-        return sorted((v for v in self.versions if v.weight > 0), key=lambda v: -v.weight)
 
 
 RouteEntry.model_rebuild()
@@ -72,6 +90,20 @@ class RoutesTable(_Wire):
     shard: int | None = None
     shards: int | None = None
     shard_generations: list[int] | None = Field(None, alias="shardGenerations")
+    # The pods placement considered when the table was written (unset: no adapter is placed on
+    # some replicas only). A pod not named has not been given its placements yet: it stays unready.
+    placed_on: list[str] | None = Field(None, alias="placedOn")
+
+    def for_pod(self, pod: str) -> "RoutesTable":
+        """The table as one replica must sync it: only the adapters placed on ``pod``."""
+        kept = {n: e for n, e in self.adapters.items() if e.held_by(pod)}
+        if len(kept) == len(self.adapters):
+            return self
+        return self.model_copy(update={"adapters": kept})
+
+    def awaits_placement(self, pod: str) -> bool:
+        """Whether ``pod`` is new to the placement (its share of the adapters is not in this table)."""
+        return self.placed_on is not None and pod not in self.placed_on
 
     # -------------------------------------------------------------------------- serialization
 
@@ -94,7 +126,7 @@ class RoutesTable(_Wire):
         """Exactly ``RoutesTable(..., shard=shard, shards=shards, shard_generations=[generation] * shards)
         .to_json()``, without re-serializing entries."""
         return shard_text(self.pool, self.generation, parts, shard, shards,
-                          [self.generation] * shards if shards else None)
+                          [self.generation] * shards if shards else None, self.placed_on)
 
     def shard_count(self, budget: int = SHARD_BUDGET_BYTES) -> int:
         """Smallest power of two such that every shard's JSON fits ``budget`` bytes.
@@ -153,7 +185,7 @@ class RoutesTable(_Wire):
                     gens is None  # written before shards named their generations: presence only
                     or len(gens) == count and all(group[i].generation == g for i, g in enumerate(gens)))
             if complete and (best is None or newest.generation > best.generation):
-                best = cls(pool=pool, generation=newest.generation)
+                best = cls(pool=pool, generation=newest.generation, placed_on=newest.placed_on)
                 for s in group.values():
                     best.adapters.update(s.adapters)
         return best
@@ -174,7 +206,7 @@ class RoutesTable(_Wire):
             return cls(pool=pool)
         newest = max(shards, key=lambda s: s.generation)
         count = newest.shards
-        out = cls(pool=pool, generation=max(s.generation for s in shards))
+        out = cls(pool=pool, generation=max(s.generation for s in shards), placed_on=newest.placed_on)
         for s in shards:
             if s.shards != count:
                 continue
@@ -187,14 +219,15 @@ def _canonical(value) -> str:
 
 
 def shard_text(pool: str, generation: int, parts: list[str], shard: int | None, shards: int | None,
-               shard_generations: list[int] | None) -> str:
+               shard_generations: list[int] | None, placed_on: list[str] | None = None) -> str:
     """A shard's canonical JSON (``RoutesTable.to_json``) from its entries already serialized
     (``"name":{entry}``, sorted by name)."""
+    placed = "" if placed_on is None else ',"placedOn":' + json.dumps(placed_on, separators=(",", ":"))
     tail = ""
     if shards:
         tail = (f',"shard":{shard},"shardGenerations":[{",".join(str(g) for g in shard_generations or [])}]'
                 f',"shards":{shards}')
-    return ('{"adapters":{' + ",".join(parts) + '},"generation":' + str(generation)
+    return ('{"adapters":{' + ",".join(parts) + '},"generation":' + str(generation) + placed
             + ',"pool":' + json.dumps(pool) + tail + "}")
 
 

@@ -72,3 +72,8 @@ class SyncState(_Wire):
     # (LoRAAdapter spec.fallback: base): a request for one the runtime cannot serve (failed to load,
     # not loaded here) is answered by the base model, saying so, instead of 503/404.
     fallback: dict[str, str] = Field(default_factory=dict)
+    # With placement: every served name in the pool's routes. A request for one this replica does
+    # not hold now (placed on other replicas, still loading here, or just moved away) is answered
+    # 503 ``adapter_elsewhere`` (retry another replica), never 404 and never the base model. The
+    # list moves with the routes only, not with each load, so no unload races it.
+    pool_adapters: list[str] = Field(default_factory=list, alias="poolAdapters")

@@ -52,6 +52,13 @@ class AffinityRouter:
         if not adapter:
             order = sorted(live, key=lambda r: (r.inflight, r.name))
             return Choice(order, "least-loaded")
+        # With placement (docs/operator.md) most replicas do not hold a given adapter, and one that
+        # does not answers 503: while any replica holds it, only holders are chosen (and spilled
+        # to); the others follow them in the order, as retries only.
+        holding = [r for r in live if r.tier(adapter) < 3]
+        others = [r for r in live if r.tier(adapter) == 3] if holding else []
+        others.sort(key=lambda r: rendezvous_score(adapter, r.name), reverse=True)
+        live = holding or live
         hashed = sorted(live, key=lambda r: rendezvous_score(adapter, r.name), reverse=True)
         rank = {r.name: i for i, r in enumerate(hashed)}
         on_device = sorted((r for r in live if r.tier(adapter) == 0), key=lambda r: (r.inflight, rank[r.name]))
@@ -66,10 +73,11 @@ class AffinityRouter:
                     reason = "device" if on_device else ("host" if r.tier(adapter) == 1 else "hash")
                 else:
                     reason = "spill"
-                return Choice([r] + [x for x in preferred if x is not r], reason)
-        # Every replica is busy: the least loaded one, affinity breaking ties.
+                return Choice([r] + [x for x in preferred if x is not r] + others, reason)
+        # Every holder is busy: the least loaded one, affinity breaking ties. Non-holders come only
+        # after every holder, for retries (this gateway's view of who holds what may be a poll old).
         order = sorted(preferred, key=lambda r: (r.inflight, preferred.index(r)))
-        return Choice(order, "spill")
+        return Choice(order + others, "spill")
 
 
 class RoundRobinRouter:

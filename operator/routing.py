@@ -15,9 +15,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lorafleet.contracts import names
+from lorafleet.contracts import names, placement
 from lorafleet.contracts.resources import (AdapterPhase, BaseModelPoolSpec, BaseModelPoolStatus, Condition,
-                                           LoRAAdapterSpec, PoolPhase, condition)
+                                           LoRAAdapterSpec, PoolPhase, ReplicaPlacement, condition)
 from lorafleet.contracts.tenancy import source_problem, uri_within
 from lorafleet.contracts.routes import (MAX_SHARDS, SHARD_BUDGET_BYTES, MergedRoute, RouteEntry, RoutesTable, RouteVersion, SyncReport,
                                        shard_text)
@@ -70,6 +70,7 @@ class PodView:
     name: str
     ready: bool
     report: SyncReport | None
+    terminating: bool = False  # deletionTimestamp set: placement no longer counts on it
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,8 @@ def pod_view(body: dict[str, Any]) -> PodView:
     ready = not meta.get("deletionTimestamp") and any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     report = SyncReport.from_annotation((meta.get("annotations") or {}).get(names.SYNC_ANNOTATION))
-    return PodView(name=meta.get("name", ""), ready=bool(ready), report=report)
+    return PodView(name=meta.get("name", ""), ready=bool(ready), report=report,
+                   terminating=bool(meta.get("deletionTimestamp")))
 
 
 # ------------------------------------------------------------------------------------- plan
@@ -329,12 +331,23 @@ def desired_versions(spec: LoRAAdapterSpec) -> list[RouteVersion]:
                          sha256=spec.canary.source.sha256, weight=w, since=NEW)]
 
 
+def holds_all(pod: PodView, served: str, versions: list[RouteVersion], placed_since: int) -> bool:
+    """Whether the pod's report shows every one of ``versions`` loaded, the adapter placed on it
+    since generation ``placed_since`` (a report older than its placement says nothing of it)."""
+    return pod.report is not None and placed_since != NEW and all(
+        v.since != NEW and pod.report.has_loaded(served, v.version, max(v.since, placed_since)) for v in versions)
+
+
 def merge_entry(served: str, spec: LoRAAdapterSpec, previous: RouteEntry | None,
-                ready_pods: list[PodView], merged: MergedInfo | None = None) -> RouteEntry:
+                ready_pods: list[PodView], merged: MergedInfo | None = None,
+                holders: dict[str, int] | None = None) -> RouteEntry:
     """The rollout rule: a version that leaves the spec stays, draining (weight 0), until every
-    ready replica has loaded every version the spec wants, and there is at least one; then it is
-    dropped. With no ready replica nobody has shown the new version: the old one stays, so replicas
+    ready replica that holds the adapter (``holders``: pod -> generation placed; None: every
+    replica) has loaded every version the spec wants, and there is at least one; then it is
+    dropped. With no ready holder nobody has shown the new version: the old one stays, so replicas
     that come back (all unready at once, a restart of the pool) still have something to serve."""
+    if holders is not None:
+        ready_pods = [p for p in ready_pods if p.name in holders]
     want = desired_versions(spec)
     old = {v.version: v for v in (previous.versions if previous else [])}
     for v in want:
@@ -345,14 +358,13 @@ def merge_entry(served: str, spec: LoRAAdapterSpec, previous: RouteEntry | None,
     leaving = [p for p in old.values() if p.version not in wanted]
     if leaving:
         everyone_has_new = bool(ready_pods) and all(
-            v.since != NEW and pod.report is not None and pod.report.has_loaded(served, v.version, v.since)
-            for pod in ready_pods for v in want
-        )
+            holds_all(pod, served, want, holders[pod.name] if holders is not None else 0) for pod in ready_pods)
         if not everyone_has_new:
             want += [p.model_copy(update={"weight": 0, "draining": True}) for p in leaving]
     return RouteEntry(tenant=spec.tenant, pinned=spec.pinned, preload=spec.preload, versions=want,
                       fallback="base" if spec.fallback == "base" else None,
-                      merged=MergedRoute(pool=merged.pool, version=merged.version) if merged else None)
+                      merged=MergedRoute(pool=merged.pool, version=merged.version) if merged else None,
+                      holders=dict(holders) if holders is not None else None)
 
 
 def _route_of(m: MergedInfo | None) -> tuple[str, str] | None:
@@ -360,18 +372,69 @@ def _route_of(m: MergedInfo | None) -> tuple[str, str] | None:
     return (m.pool, m.version) if m is not None else None
 
 
+def place_adapters(adapters: list[AdapterView], problems: dict[str, list[str]], pool_spec: BaseModelPoolSpec | None,
+                   pods: list[PodView]) -> tuple[dict[str, list[str]], dict[str, int], list[str]]:
+    """Served name -> the pods that should hold it, for every valid adapter placed on some replicas
+    (not "all"); served name -> holders it lacks for want of room; the pods placed over."""
+    if pool_spec is None:
+        return {}, {}, []
+    default_size = pool_spec.cache.max_adapter_bytes_int
+    demands = []
+    for a in adapters:
+        if a.spec is None or problems.get(a.name):
+            continue
+        k = placement.replicas_wanted(a.spec.replicas, pool_spec.placement.replicas_per_adapter, pool_spec.replicas)
+        if k is not None:
+            demands.append(placement.Demand(a.served_name, k, a.spec.bytes_per_replica(default_size)))
+    if not demands:
+        return {}, {}, []
+    # A pod is placed over once its sidecar reports (it runs: scheduled, started), Ready or not, so
+    # it has its share before it turns Ready; a pod that never started (unschedulable) gets none.
+    live = sorted(p.name for p in pods if not p.terminating and (p.ready or p.report is not None))
+    got = placement.place(demands, live, pool_spec.placement_budget())
+    return got.holders, got.short, live
+
+
+def with_leaving(served: str, entry: RouteEntry, previous: RouteEntry | None, pods: list[PodView]) -> RouteEntry:
+    """Make before break: pods that held the adapter and are no longer placed to keep holding it
+    while they are alive and some pod it is placed on now lacks a version it routes."""
+    if entry.holders is None or previous is None:
+        return entry
+    alive = {p.name: p for p in pods if not p.terminating}
+    if previous.holders is None:  # it was on every replica
+        before = {pod: 0 for pod in alive}
+    else:
+        before = dict(previous.leaving or {})
+        before.update(previous.holders)
+    gone = {pod: since for pod, since in before.items() if pod not in entry.holders and pod in alive}
+    if not gone:
+        return entry
+    serving = [v for v in entry.versions if not v.draining]
+    if entry.holders and all(pod in alive and alive[pod].ready and holds_all(alive[pod], served, serving, since)
+                             for pod, since in entry.holders.items()):
+        return entry
+    return entry.model_copy(update={"leaving": gone})
+
+
 def _fill_since(entries: dict[str, RouteEntry], generation: int) -> None:
     for e in entries.values():
         for v in e.versions:
             if v.since == NEW:
                 v.since = generation
+        for placed in (e.holders, e.leaving):
+            for pod, since in (placed or {}).items():
+                if since == NEW:
+                    placed[pod] = generation
 
 
 def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list[str]], previous: RoutesTable,
                 pods: list[PodView], entry_memo: dict[str, tuple[tuple[str, int], RouteEntry]] | None = None,
                 tenants: Tenants | SourceCheck | None = None,
-                merged: dict[str, MergedInfo] | None = None) -> tuple[RoutesTable, bool]:
+                merged: dict[str, MergedInfo] | None = None,
+                pool_spec: BaseModelPoolSpec | None = None) -> tuple[RoutesTable, bool]:
+    """``pool_spec``: the pool's spec, for placement (None: every replica holds every adapter)."""
     ready = [p for p in pods if p.ready]
+    targets, _, placed_on = place_adapters(adapters, problems, pool_spec, pods)
     entries: dict[str, RouteEntry] = {}
     for a in adapters:
         if a.spec is None:
@@ -386,13 +449,20 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
             continue
         prev = previous.adapters.get(a.served_name)
         m = (merged or {}).get(a.name)
+        target = targets.get(a.served_name)
+        holders: dict[str, int] | None = None
+        if target is not None:
+            before = dict((prev.leaving or {}) if prev is not None else {})
+            before.update((prev.holders or {}) if prev is not None else {})
+            holders = {pod: before.get(pod, NEW) for pod in target}
         made = entry_memo.get(a.name) if entry_memo is not None else None
         if (made is not None and prev is not None and made[0] == (a.uid, a.generation, _route_of(m)) and made[1] is prev
-                and not any(v.draining for v in prev.versions)):
-            # Same spec, and the entry is the very one built from it: nothing to redo.
+                and not any(v.draining for v in prev.versions) and prev.holders == holders and not prev.leaving):
+            # Same spec and placement, and the entry is the very one built from it: nothing to redo.
             entries[a.served_name] = prev
             continue
-        entries[a.served_name] = merge_entry(a.served_name, a.spec, prev, ready, m)
+        entry = merge_entry(a.served_name, a.spec, prev, ready, m, holders)
+        entries[a.served_name] = with_leaving(a.served_name, entry, prev, pods)
     check = source_check(tenants)
     for served, entry in list(entries.items()) if check is not None else ():
         kept = check.within(entry)
@@ -400,7 +470,8 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
             del entries[served]
         elif kept is not entry:
             entries[served] = kept
-    changed = entries != previous.adapters
+    placed = placed_on if targets else None
+    changed = entries != previous.adapters or placed != previous.placed_on
     generation = previous.generation + 1 if changed else previous.generation
     _fill_since(entries, generation)
     if entry_memo is not None:
@@ -408,7 +479,7 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
         entry_memo.update({a.name: ((a.uid, a.generation, _route_of((merged or {}).get(a.name))),
                                     entries[a.served_name]) for a in adapters
                            if a.spec is not None and not problems.get(a.name) and a.served_name in entries})
-    return RoutesTable(pool=pool, generation=generation, adapters=entries), changed
+    return RoutesTable(pool=pool, generation=generation, adapters=entries, placed_on=placed), changed
 
 
 # (id(entry), served name) -> (entry, '"name":{entry}'): entries are immutable once planned and the
@@ -434,7 +505,8 @@ def _shard_text(table: RoutesTable, parts: list[str], shard: int | None, shards:
     already serialized; every shard at the table's generation unless ``generations`` says otherwise."""
     if shards and generations is None:
         generations = [table.generation] * shards
-    return shard_text(table.pool, table.generation, parts, shard, shards, generations if shards else None)
+    return shard_text(table.pool, table.generation, parts, shard, shards, generations if shards else None,
+                      table.placed_on)
 
 
 def shard_layout(table: RoutesTable, budget: int = SHARD_BUDGET_BYTES) -> tuple[int, list[list[tuple[str, str]]]]:
@@ -479,7 +551,7 @@ def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable], budget: in
         adapters = {served: table.adapters[served] for served, _ in bucket}
         old = existing.get(name)
         if (old is not None and old.pool == table.pool and old.shards == count and old.adapters == adapters
-                and old.generation >= 0):
+                and old.generation >= 0 and old.placed_on == table.placed_on):
             generations.append(old.generation)
             continue
         generations.append(table.generation)
@@ -490,7 +562,8 @@ def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable], budget: in
         write[name] = _shard_text(table, [text for _, text in buckets[i]], index, count, generations)
         parsed[name] = RoutesTable.model_construct(pool=table.pool, generation=table.generation, adapters=adapters,
                                                    shard=index, shards=count,
-                                                   shard_generations=list(generations) if count else None)
+                                                   shard_generations=list(generations) if count else None,
+                                                   placed_on=table.placed_on)
     delete = sorted(set(existing) - set(wanted))
     return write, delete, n
 
@@ -556,9 +629,21 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
     assert a.spec is not None and pool is not None and pool.spec is not None
     entry = table.adapters.get(a.served_name)
     since = {v.version: v.since for v in entry.versions} if entry else {}
+    holders = entry.holders if entry is not None else None
     ready = [p for p in pods if p.ready]
+    if holders is not None:
+        # Placed on some replicas: only those count (an adapter on 2 of 6 is Ready 2/2).
+        ready = [p for p in ready if p.name in holders]
+
+    def placed(p: PodView) -> int:
+        return holders.get(p.name, 0) if holders is not None else 0
+
+    def has(p: PodView, version: str, at: int) -> bool:
+        return (p.report is not None and placed(p) != NEW
+                and p.report.has_loaded(a.served_name, version, max(at, placed(p))))
+
     version = a.spec.version
-    loaded = [p for p in ready if p.report and p.report.has_loaded(a.served_name, version, since.get(version, 0))]
+    loaded = [p for p in ready if has(p, version, since.get(version, 0))]
     failures = []
     for p in ready:
         if p.report is None or not p.report.failed:
@@ -568,6 +653,17 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
             if reason:
                 failures.append(f"{p.name}: {names.versioned_name(a.served_name, v)}: {reason}")
     replicas = pool.spec.replicas
+    wanted = placement.replicas_wanted(a.spec.replicas, pool.spec.placement.replicas_per_adapter, replicas)
+    short = ""
+    if wanted is not None and replicas > 0:
+        replicas = wanted
+        st["placed"] = len(holders or {})
+        st["placement"] = sorted(holders or {})
+        if entry is not None and len(holders or {}) < wanted:
+            short = (f"; placed on {len(holders or {})} of the {wanted} replicas wanted: no other replica has room "
+                     f"for it within spec.placement.adapterBytes of pool {a.pool!r}")
+    else:
+        st["placed"] = replicas
     st["replicas"] = replicas
     st["readyReplicas"] = len(loaded)
     st["ready"] = f"{len(loaded)}/{replicas}"
@@ -575,7 +671,7 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
         st["servedVersion"], st["digest"] = version, a.spec.source.sha256
     elif entry is not None:
         for v in entry.versions:
-            if v.draining and any(p.report and p.report.has_loaded(a.served_name, v.version, v.since) for p in ready):
+            if v.draining and any(has(p, v.version, v.since) for p in ready):
                 st["servedVersion"], st["digest"] = v.version, v.sha256
                 break
     synced = cond("Synced", True, "Routed", f"in the routes of pool {a.pool!r}")
@@ -587,11 +683,18 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
         phase, reason, msg = AdapterPhase.degraded, "LoadFailed", "; ".join(failures[:5])
     elif replicas > 0 and len(loaded) >= replicas:
         phase, reason, msg = AdapterPhase.ready, "Loaded", f"version {version} loaded on {len(loaded)}/{replicas} replicas"
+    elif wanted is not None and entry is not None and not holders:
+        phase, reason, msg = (AdapterPhase.pending, "Unplaced",
+                              f"no replica of pool {a.pool!r} has room for it within spec.placement.adapterBytes"
+                              if pods else f"pool {a.pool!r} has no replicas to place it on")
     elif not ready:
-        phase, reason, msg = AdapterPhase.pending, "NoReadyReplicas", f"pool {a.pool!r} has no ready replicas"
+        phase, reason, msg = AdapterPhase.pending, "NoReadyReplicas", (
+            f"pool {a.pool!r} has no ready replicas" if holders is None else
+            f"none of the replicas it is placed on ({', '.join(sorted(holders))}) is ready")
     else:
         phase, reason, msg = (AdapterPhase.syncing, "Syncing",
                               f"version {version} loaded on {len(loaded)}/{replicas} replicas")
+    msg += short
     st["pools"] = [{"pool": a.pool, "role": "shared", "readyReplicas": len(loaded), "replicas": replicas}]
     if merged is not None:
         st["pools"].append({"pool": merged.pool, "role": "merged", "version": merged.version,
@@ -627,6 +730,23 @@ def model_readiness(pods: list[PodView]) -> tuple[bool | None, str, str]:
     if loaded:
         return True, "ModelLoaded", f"the base model is loaded on {loaded}/{len(pods)} pods"
     return None, "ModelLoading", "no pod's runtime has loaded the base model yet"
+
+
+def placement_use(spec: BaseModelPoolSpec, adapters: list[AdapterView], table: RoutesTable) -> list[ReplicaPlacement]:
+    """Per pod placed over: the adapters placed on it (leaving ones included: they are still there)
+    and their bytes, against the budget."""
+    size = {a.served_name: a.spec.bytes_per_replica(spec.cache.max_adapter_bytes_int)
+            for a in adapters if a.spec is not None}
+    use = {pod: [0, 0] for pod in table.placed_on or []}
+    for served, e in table.adapters.items():
+        if e.holders is None:
+            continue
+        for pod in set(e.holders) | set(e.leaving or {}):
+            u = use.setdefault(pod, [0, 0])
+            u[0] += 1
+            u[1] += size.get(served, spec.cache.max_adapter_bytes_int)
+    budget = spec.placement_budget()
+    return [ReplicaPlacement(pod=pod, adapters=n, bytes=b, budget_bytes=budget) for pod, (n, b) in sorted(use.items())]
 
 
 def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
@@ -683,6 +803,8 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
                               "; ".join(problems), pool.generation, prev),
                     condition("ModelReady", model_ok, model_reason, model_msg, pool.generation, prev)],
     )
+    if table.placed_on is not None:
+        st.placement = placement_use(pool.spec, adapters, table)
     gw = pool.spec.gateway
     if gw is not None and gw.enabled:
         # The Ingress answers while one gateway pod is Ready; the pool's own readiness is separate.
@@ -724,9 +846,10 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
                 f"(spec.model.mergedAdapter) and serves no other adapter; name a shared pool")
     pool_ok = pool is not None and pool.spec is not None
     if pool_ok:
+        assert pool is not None
         table, changed = plan_routes(pool_name, adapters, problems, previous, pods,
                                      memo.setdefault("\0entries", {}) if memo is not None else None, check,
-                                     merged)
+                                     merged, pool.spec)
     else:
         table, changed = RoutesTable(pool=pool_name, generation=previous.generation), False
     memo = {} if memo is None else memo

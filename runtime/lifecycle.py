@@ -106,6 +106,7 @@ class Runtime:
         # both for good, the model is not loaded again; the admin API and /readyz keep saying why.
         self.model_state = "loading"
         self.sync: SyncState | None = None
+        self.pool_adapters: frozenset[str] = frozenset()  # the last SyncState's, for lookups
         self.require_sync = True  # lorafleet serve has no sidecar: it marks itself synced
         # Readiness waits for the first complete preload only: an adapter added later must not take a
         # serving pod out of its Service (during a rollout the old version keeps answering).
@@ -223,6 +224,11 @@ class Runtime:
         try:
             return self.manager.resolve(model)
         except ModelNotFound as e:
+            if split_versioned(model)[0] in self.pool_adapters:
+                raise ApiError(503, f"adapter {model!r} is not served by this replica (placed on other replicas of "
+                               "the pool, or still loading here); "
+                               "retry (the gateway sends it to a replica that holds it)", "service_unavailable",
+                               "adapter_elsewhere", {"Retry-After": "1"}) from None
             raise ApiError(404, str(e), "invalid_request_error", "model_not_found") from None
         except AdapterUnavailable as e:
             raise ApiError(503, str(e), "service_unavailable", "adapter_unavailable", {"Retry-After": "30"}) from None

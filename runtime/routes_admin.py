@@ -69,6 +69,7 @@ def router(rt: Runtime) -> APIRouter:
     @r.put("/admin/sync")
     async def put_sync(body: SyncState):
         rt.sync = body
+        rt.pool_adapters = frozenset(body.pool_adapters)
         ok, why = rt.ready()
         return {"ready": ok, "reason": why, "instance": rt.instance}
 

@@ -30,12 +30,28 @@ class DesiredVersion:
         return names.versioned_name(self.name, self.version)
 
 
-def desired_versions(table: RoutesTable) -> list[DesiredVersion]:
-    return [
-        DesiredVersion(name=name, version=v.version, tenant=e.tenant, uri=v.uri, sha256=v.sha256,
-                       weight=v.weight, pinned=e.pinned, preload=e.preload, since=v.since)
-        for name, e in sorted(table.adapters.items()) for v in e.versions
-    ]
+def desired_versions(table: RoutesTable, pod: str | None = None) -> list[DesiredVersion]:
+    """Every version the routes want on this replica: with ``pod``, only the adapters placed on it
+    (``RouteEntry.holders``), each from the later of its version's and its placement's generation
+    (what the sync report's ``since`` means to the operator)."""
+    out = []
+    for name, e in sorted(table.adapters.items()):
+        placed = e.placed_since(pod) if pod is not None else 0
+        if placed is None:
+            continue
+        out += [DesiredVersion(name=name, version=v.version, tenant=e.tenant, uri=v.uri, sha256=v.sha256,
+                               weight=v.weight, pinned=e.pinned, preload=e.preload, since=max(v.since, placed))
+                for v in e.versions]
+    return out
+
+
+def pool_adapters(table: RoutesTable, pod: str | None) -> list[str]:
+    """With placement, every served name of the pool's routes: the runtime answers one it does not
+    hold 503 (the gateway retries a holder), not 404. Without placement (every replica holds
+    everything) none: an adapter a replica lacks is one the pool lacks."""
+    if pod is None or table.placed_on is None:
+        return []
+    return sorted(table.adapters)
 
 
 @dataclass(frozen=True)

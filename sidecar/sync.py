@@ -16,7 +16,7 @@ from lorafleet.contracts.runtime_api import AdapterLoadRequest, ModelStatus, Syn
 
 from .kube import PodReporter
 from .metrics import Metrics
-from .plan import DesiredVersion, Download, LoadedAdapter, desired_versions, plan_sync
+from .plan import DesiredVersion, Download, LoadedAdapter, desired_versions, plan_sync, pool_adapters
 from .runtime_client import RuntimeAdmin, RuntimeRefused, RuntimeUnavailable
 from .store import ContentStore, DiskFull
 from lorafleet.contracts.adapter_rules import BaseModelInfo, Refused
@@ -54,8 +54,10 @@ class Syncer:
                  reporter: PodReporter | None = None, model_uri: str = "", model_sha256: str = "", task: str = "",
                  merged_uri: str = "", merged_sha256: str = "",
                  concurrency: int = 4, collect_after: float | None = 600.0, poll_interval: float = 2.0,
-                 retry: RetryPolicy | None = None):
+                 retry: RetryPolicy | None = None, pod: str | None = None):
         self.store, self.runtime, self.metrics, self.reporter = store, runtime, metrics, reporter
+        # This replica's pod: it syncs only the adapters the routes place on it (None: every adapter).
+        self.pod = pod if pod is not None else (reporter.pod if reporter is not None else None)
         self.model_uri, self.model_sha256 = model_uri, model_sha256
         # A merged pool: this adapter is verified into the cache before the model counts as ready
         # (the runtime merges it at load) and is never collected.
@@ -124,7 +126,7 @@ class Syncer:
             table = self.routes
         if table is None:  # the first list of the routes has not come back yet
             return None
-        desired = desired_versions(table)
+        desired = desired_versions(table, self.pod)
         now, mono = time.time(), time.monotonic()
         if table.generation != self._seen_generation:
             log.info("routes generation %d: %d versions of %d adapters", table.generation, len(desired),
@@ -362,7 +364,7 @@ class Syncer:
         """Evict unreferenced content, least recently used first, to fit a download."""
         with self._lock:
             table = self.routes
-        keep = ({d.sha256 for d in desired_versions(table)} if table else set()) | self._runtime_digests
+        keep = ({d.sha256 for d in desired_versions(table, self.pod)} if table else set()) | self._runtime_digests
         freed = 0
         for c in sorted(self.store.entries().values(), key=lambda c: c.last_used):
             if freed >= needed:
@@ -428,9 +430,12 @@ class Syncer:
         m.generation.set(table.generation)
 
         if loaded is not None and self.model_ready:
-            state = SyncState(routes_generation=table.generation, preload_pending=preload_pending,
+            # A pod the placement has not counted yet is not ready: its share is not in the routes.
+            waiting = 1 if self.pod is not None and table.awaits_placement(self.pod) else 0
+            state = SyncState(routes_generation=table.generation, preload_pending=preload_pending + waiting,
                               fallback={name: e.tenant for name, e in sorted(table.adapters.items())
-                                        if e.fallback == "base"})
+                                        if e.fallback == "base"},
+                              pool_adapters=pool_adapters(table, self.pod))
             if state != self._sent_state:
                 try:
                     self.runtime.sync(state)

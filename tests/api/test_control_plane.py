@@ -94,10 +94,14 @@ def test_kubectl_get_lora_prints_the_printer_columns(control_plane, namespace):
     # Status is the operator's to write; here the test plays it to see the column: mid-rollout, the
     # replicas still serve version 2 while the spec wants 3. VERSION is what answers, WANTED the spec.
     control_plane.kubectl("patch", "lora", "acme-support", "-n", namespace, "--subresource=status", "--type=merge",
-                          "-p", json.dumps({"status": {"phase": "Syncing", "ready": "0/2", "servedVersion": "2"}}))
+                          "-p", json.dumps({"status": {"phase": "Syncing", "ready": "0/2", "servedVersion": "2",
+                                                       "placed": 2, "placement": ["pod-a", "pod-b"]}}))
     out = control_plane.kubectl("get", "lora", "-n", namespace).stdout.splitlines()
-    assert out[0].split() == ["NAME", "POOL", "TENANT", "VERSION", "WANTED", "PHASE", "READY", "AGE"]
-    assert out[1].split()[:7] == ["acme-support", "minilm", "acme", "2", "3", "Syncing", "0/2"]
+    assert out[0].split() == ["NAME", "POOL", "TENANT", "VERSION", "WANTED", "PHASE", "READY", "PLACED", "AGE"]
+    assert out[1].split()[:8] == ["acme-support", "minilm", "acme", "2", "3", "Syncing", "0/2", "2"]
+    # -o wide adds the pods it is placed on.
+    wide = control_plane.kubectl("get", "lora", "-n", namespace, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[-1] == "PODS" and '["pod-a","pod-b"]' in wide[1]
 
 
 def test_garbage_collector_removes_owned_objects(control_plane, namespace, kube):

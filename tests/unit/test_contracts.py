@@ -43,7 +43,7 @@ def test_crds_are_structural_with_columns_and_short_names():
     version = lora["versions"][0]
     assert version["subresources"] == {"status": {}}
     cols = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert cols == ["Pool", "Tenant", "Version", "Wanted", "Phase", "Ready", "Age"]
+    assert cols == ["Pool", "Tenant", "Version", "Wanted", "Phase", "Ready", "Placed", "Age", "Pods"]
 
     def walk(schema, path="$"):
         # structural: every node has a type (or is int-or-string / preserve-unknown), no $ref/anyOf

@@ -3,7 +3,9 @@ Ingress objects (host, path prefix) to the Service's ready pods, which the pod r
 processes (their ports are in the pods' ``lorafleet.io/local-ports`` annotation). A request without a
 matching host goes to the default backend (the demo pool), so ``curl $LORAFLEET_URL/...`` works.
 A virtual-host port treats every request as sent to one host (``--vhost-port 8081=pool.example``), so a
-client reaches that host's Ingress rules without setting a Host header. Responses stream through (SSE)."""
+client reaches that host's Ingress rules without setting a Host header. Responses stream through (SSE).
+A request for an adapter that the pool's routes place on some replicas only goes to those replicas
+(those whose sync report shows it loaded first), as the gateway's choice does."""
 
 from __future__ import annotations
 
@@ -16,14 +18,24 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from lightkube import Client
-from lightkube.resources.core_v1 import Pod, Service
+from lightkube.resources.core_v1 import ConfigMap, Pod, Service
 from lightkube.resources.networking_v1 import Ingress
+
+from lorafleet.contracts import names
+from lorafleet.contracts.routes import RoutesTable, SyncReport
 
 from .podrunner import LOCAL_PORTS_ANNOTATION, warm_decoders
 
 log = logging.getLogger("lorafleet.ingress")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    pod: str
+    port: int
+    report: SyncReport | None
 
 
 @dataclass(frozen=True)
@@ -41,13 +53,14 @@ class LocalIngress:
         self.default_backend = default_backend
         self.refresh = refresh
         self.rules: list[Rule] = []
-        self.endpoints: dict[tuple[str, str], list[int]] = {}  # (ns, service) -> local ports of ready pods
+        self.endpoints: dict[tuple[str, str], list[Endpoint]] = {}  # (ns, service) -> its ready pods
+        self.routes: dict[tuple[str, str], RoutesTable] = {}  # (ns, service) -> its pool's routes
         self._rr = itertools.count()
-        warm_decoders(Ingress, Service, Pod)
+        warm_decoders(Ingress, Service, Pod, ConfigMap)
 
     # --------------------------------------------------------------------------- routing table
 
-    def _snapshot(self) -> tuple[list[Rule], dict[tuple[str, str], list[int]]]:
+    def _snapshot(self) -> tuple[list[Rule], dict[tuple[str, str], list[Endpoint]]]:
         rules: list[Rule] = []
         for ing in self.client.list(Ingress, namespace="*"):
             for r in ing.spec.rules or []:
@@ -61,7 +74,8 @@ class LocalIngress:
         wanted = {(r.namespace, r.service) for r in rules}
         if self.default_backend:
             wanted.add(self.default_backend)
-        endpoints: dict[tuple[str, str], list[int]] = {}
+        endpoints: dict[tuple[str, str], list[Endpoint]] = {}
+        routes: dict[tuple[str, str], RoutesTable] = {}
         for ns, name in wanted:
             try:
                 svc = self.client.get(Service, name, namespace=ns)
@@ -76,9 +90,43 @@ class LocalIngress:
                 local = json.loads((pod.metadata.annotations or {}).get(LOCAL_PORTS_ANNOTATION, "{}"))
                 number = target_port if target_port.isdigit() else _named_port(pod, target_port)
                 if ready and not pod.metadata.deletionTimestamp and number in local:
-                    ports.append(local[number])
-            endpoints[(ns, name)] = sorted(ports)
+                    report = SyncReport.from_annotation((pod.metadata.annotations or {}).get(names.SYNC_ANNOTATION))
+                    ports.append(Endpoint(pod.metadata.name, int(local[number]), report))
+            endpoints[(ns, name)] = sorted(ports, key=lambda e: e.port)
+            pool = (svc.spec.selector or {}).get(names.LABEL_POOL)
+            if pool:  # a pool's own Service: where its routes place each adapter
+                cms = self.client.list(ConfigMap, namespace=ns, labels={names.LABEL_ROUTES_FOR: pool})
+                table = RoutesTable.merge_complete(pool, [RoutesTable.from_json(cm.data["routes.json"])
+                                                          for cm in cms if (cm.data or {}).get("routes.json")])
+                if table is not None and table.placed_on is not None:
+                    routes[(ns, name)] = table
+        self.routes = routes
         return rules, endpoints
+
+    def holders_first(self, backend: tuple[str, str], endpoints: list[Endpoint], body: bytes,
+                      path: str, headers) -> list[Endpoint]:
+        """The pods to try for this request, in order: for an adapter placed on some replicas, those
+        replicas (the ones that report it loaded first), then the others, which answer 503 unless this
+        table is a refresh behind a move; otherwise every ready pod."""
+        table = self.routes.get(backend)
+        if table is None or not body:
+            return endpoints
+        from lorafleet.gateway.server import requested_adapters
+
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return endpoints
+        wanted = requested_adapters(path, doc if isinstance(doc, dict) else {}, headers)
+        served = names.split_versioned(wanted[0])[0] if wanted else ""
+        entry = table.adapters.get(served)
+        if entry is None or entry.holders is None:
+            return endpoints
+        held = [e for e in endpoints if entry.held_by(e.pod)]
+        loaded = [e for e in held if e.report is not None and any(
+            e.report.has_loaded(served, v.version, max(v.since, entry.placed_since(e.pod) or 0))
+            for v in entry.serving())]
+        return loaded + [e for e in held if e not in loaded] + [e for e in endpoints if e not in held]
 
     async def refresh_forever(self) -> None:
         while True:
@@ -120,16 +168,22 @@ class LocalIngress:
                                      headers={"Retry-After": "1"})
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        start = next(self._rr)
+        start = next(self._rr) % len(ports)
+        ports = ports[start:] + ports[:start]
+        ports = self.holders_first(backend, ports, body, request.path, request.headers)
         last_error: Exception | None = None
-        for i in range(len(ports)):  # a connection refused (pod just went away) tries the next pod
-            port = ports[(start + i) % len(ports)]
-            url = f"http://127.0.0.1:{port}{request.rel_url}"
+        for i, endpoint in enumerate(ports):  # a connection refused (pod just went away) tries the next pod
+            url = f"http://127.0.0.1:{endpoint.port}{request.rel_url}"
             try:
                 upstream = await self.session.request(request.method, url, data=body, headers=headers,
                                                       allow_redirects=False)
             except aiohttp.ClientConnectionError as e:
                 last_error = e
+                continue
+            if upstream.status == 503 and i + 1 < len(ports):
+                # Not served there (a stale placement: 503 adapter_elsewhere) or not able now: the next pod.
+                upstream.release()
+                last_error = Exception(f"pod {endpoint.pod} answered 503")
                 continue
             headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
             if not upstream.headers.get("content-type", "").startswith("text/event-stream"):

@@ -1,7 +1,10 @@
 """A minimal stand-in for the runtime's admin API (docs/architecture.md, contracts/runtime_api.py), so
 sidecar tests run without a model. It checks what the real runtime relies on: the path is a complete
 directory under the cache's ``adapters/`` and its digest is the one claimed. ``restart()`` comes back
-empty with a new ``instance``, as a restarted runtime does. The real runtime is tested on its own."""
+empty with a new ``instance``, as a restarted runtime does. The real runtime is tested on its own.
+``POST /v1/classify`` answers as the runtime resolves a request's adapter (``Runtime.resolve``): 200
+naming this stand-in for an adapter it holds, 503 ``adapter_elsewhere`` for another one of the
+pool's routes (``SyncState.pool_adapters``), 404 otherwise, so tests can see where requests go."""
 
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ from lorafleet.localstack.procs import free_port, wait_for
 
 
 class StandinRuntime:
-    def __init__(self, cache_dir: Path, verify_digest: bool = True):
+    def __init__(self, cache_dir: Path, verify_digest: bool = True, name: str = ""):
         self.cache_dir = Path(cache_dir)
+        self.name = name  # the pod it stands in for, in its answers
+        self.served: dict[str, int] = {}  # served name -> requests answered 200
         self.verify_digest = verify_digest
         self.port = free_port()
         self.instance = ""
@@ -74,6 +79,20 @@ class StandinRuntime:
         @app.get("/admin/model")
         def model() -> ModelStatus:
             return ModelStatus(state="loaded", instance=self.instance)
+
+        @app.post("/v1/classify")
+        def classify(body: dict):
+            model = str(body.get("model") or "")
+            name = model.partition("@")[0]
+            if any(k.partition("@")[0] == name for k in list(self.adapters)):
+                self.served[name] = self.served.get(name, 0) + 1
+                return {"model": model, "replica": self.name}
+            if self.sync is not None and name in self.sync.pool_adapters:
+                return JSONResponse({"error": {"message": f"adapter {model!r} is not served by this replica",
+                                               "type": "service_unavailable", "code": "adapter_elsewhere"}},
+                                    503, headers={"Retry-After": "1"})
+            return JSONResponse({"error": {"message": f"model {model!r} not found", "type": "invalid_request_error",
+                                           "code": "model_not_found"}}, 404)
 
         @app.put("/admin/sync")
         def sync(state: SyncState):

@@ -23,7 +23,9 @@ def test_an_adapter_on_a_device_wins_over_one_in_host_memory_and_over_the_hash()
     reps = fleet(a=["host", "device", "host", None])
     c = AffinityRouter(4).choose("a", reps)
     assert c.order[0].name == "pod-1" and c.reason == "device"
-    assert {r.name for r in c.order} == {r.name for r in reps}  # the rest are fallbacks
+    # The other holders are the fallbacks; pod-3 does not hold it (placed elsewhere: it would answer 503),
+    # so it comes last, for a retry only.
+    assert {r.name for r in c.order[1:3]} == {"pod-0", "pod-2"} and c.order[3].name == "pod-3"
 
 
 def test_among_device_holders_the_least_loaded_serves():
@@ -33,10 +35,10 @@ def test_among_device_holders_the_least_loaded_serves():
 
 
 def test_a_busy_holder_spills_and_everything_busy_goes_to_the_least_loaded():
-    reps = fleet(a=["device", None, None, None])
+    reps = fleet(a=["device", "host", "registered", "registered"])
     reps[0].inflight = 4
     c = AffinityRouter(4).choose("a", reps)
-    assert c.reason == "spill" and c.order[0].name != "pod-0"
+    assert c.reason == "spill" and c.order[0].name == "pod-1"
     for r in reps:
         r.inflight = 5
     reps[2].inflight = 4
@@ -204,3 +206,19 @@ def test_a_pod_that_refused_a_tenant_is_tried_last_until_its_retry_after():
     assert not memo.refusing("pod-1", "acme", 200.0 + REFUSAL_MEMORY_S)
     memo.refused("pod-2", "acme", "soon", now=300.0)  # unreadable: one second
     assert memo.refusing("pod-2", "acme", 300.5) and not memo.refusing("pod-2", "acme", 301.0)
+
+
+def test_with_placement_only_replicas_holding_the_adapter_are_chosen_even_when_busy():
+    # "a" is placed on pod-1 and pod-3; the others do not hold it and would answer 503 adapter_elsewhere.
+    reps = fleet(a=[None, "host", None, "registered"], b=["device", None, None, None])
+    router = AffinityRouter(2)
+    c = router.choose("a", reps)
+    assert [r.name for r in c.order[:2]] == ["pod-1", "pod-3"] and c.reason == "host"
+    assert {r.name for r in c.order[2:]} == {"pod-0", "pod-2"}  # retries only, after every holder
+    reps[1].inflight = reps[3].inflight = 5  # both holders busy: still one of them, never a non-holder
+    assert {r.name for r in router.choose("a", reps).order[:2]} == {"pod-1", "pod-3"}
+    # A holder that stopped answering is passed over while another holder is healthy.
+    reps[1].healthy = False
+    assert [r.name for r in router.choose("a", reps).order][0] == "pod-3"
+    # Held nowhere yet (a new adapter before the next poll): every live replica, by the hash.
+    assert len(router.choose("c", reps).order) == 3

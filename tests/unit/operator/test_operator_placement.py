@@ -1,0 +1,154 @@
+"""Placement in the operator's plan, without a cluster: routes name each adapter's holders, Ready
+N/M counts only them, a new version drains when every holder has it, a pod that joins gets its share
+while the pods that gave it up keep serving until it has loaded (make before break), and a sidecar
+syncs only its own share."""
+
+from __future__ import annotations
+
+import itertools
+
+from lorafleet.contracts.routes import RoutesTable, SyncReport
+from lorafleet.operator import routing
+from lorafleet.operator.routing import PodView
+from lorafleet.sidecar.plan import desired_versions, pool_adapters
+
+_uids = itertools.count()
+
+
+def adapter(name, version="1", sha="b", **spec):
+    body = {"metadata": {"name": name, "namespace": "ns", "uid": f"placement-uid-{next(_uids)}", "generation": 1,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"pool": "p", "tenant": "acme", "version": version,
+                     "source": {"uri": f"s3://a/{name}/{version}/", "sha256": sha * 64, "sizeBytes": 100}, **spec}}
+    return routing.adapter_view(body)
+
+
+def pool(replicas=3, per_adapter=1, adapter_bytes=None):
+    placement = {"replicasPerAdapter": per_adapter}
+    if adapter_bytes is not None:
+        placement["adapterBytes"] = adapter_bytes
+    return routing.pool_view({"metadata": {"name": "p", "namespace": "ns", "uid": "pu", "generation": 1},
+                              "spec": {"model": {"uri": "s3://m/", "sha256": "a" * 64,
+                                                 "task": "sequence-classification"},
+                                       "replicas": replicas, "placement": placement}})
+
+
+def pod(name, generation=0, ready=True, pending=(), terminating=False):
+    return PodView(name=name, ready=ready, terminating=terminating,
+                   report=SyncReport(generation=generation, pending=list(pending)))
+
+
+def plan(adapters, pods, previous=None, p=None):
+    return routing.plan_pool("p", p or pool(), list(adapters), list(pods), previous or RoutesTable(pool="p"), {})
+
+
+ADAPTERS = [adapter(f"a{i}") for i in range(12)]
+
+
+def test_routes_place_each_adapter_on_its_share_within_the_budget():
+    pods = [pod("x"), pod("y"), pod("z")]
+    t = plan(ADAPTERS, pods, p=pool(adapter_bytes=400)).table
+    assert t.placed_on == ["x", "y", "z"]
+    holders = {n: sorted(e.holders) for n, e in t.adapters.items()}
+    assert all(len(h) == 1 for h in holders.values())
+    per_pod = {p: sum(1 for h in holders.values() if p in h) for p in "xyz"}
+    assert per_pod == {"x": 4, "y": 4, "z": 4}  # 400 bytes each: four adapters of 100
+    # The ConfigMaps carry the placement, and a complete set reads back as the same table.
+    shards = [RoutesTable.from_json(text) for text in t.to_configmap_data().values()]
+    back = RoutesTable.merge_complete("p", shards)
+    assert back is not None and back.placed_on == t.placed_on and back.adapters == t.adapters
+    # A sidecar syncs only its own share, from the generation it was placed at.
+    mine = desired_versions(t, "x")
+    assert sorted(d.name for d in mine) == sorted(n for n, h in holders.items() if h == ["x"])
+    assert all(d.since == t.generation for d in mine)
+    assert len(desired_versions(t)) == 12  # no pod given: the whole table
+    assert pool_adapters(t, "x") == sorted(t.adapters)  # the runtime answers the others' 503, not 404
+    assert not t.awaits_placement("x") and t.awaits_placement("new-pod")
+
+
+def test_ready_counts_holders_only_and_a_shortfall_says_why():
+    pods = [pod("x"), pod("y"), pod("z")]
+    p2 = pool(per_adapter=2)
+    t = plan(ADAPTERS[:3], pods, p=p2).table
+    reported = [pod(n, t.generation) for n in "xyz"]
+    st = plan(ADAPTERS[:3], reported, previous=t, p=p2).adapter_status
+    for a in ADAPTERS[:3]:
+        s = st[a.name]
+        assert (s["ready"], s["phase"], s["placed"]) == ("2/2", "Ready", 2), s
+        assert s["placement"] == sorted(t.adapters[a.name].holders)
+    # A holder still loading it: 1/2 Syncing. A non-holder's report never counts.
+    a0 = ADAPTERS[0]
+    h1, h2 = sorted(t.adapters[a0.name].holders)
+    other = ({"x", "y", "z"} - {h1, h2}).pop()
+    reported = [pod(h1, t.generation), pod(h2, t.generation, pending=["a0@1"]), pod(other, t.generation)]
+    s = plan([a0], reported, previous=t, p=p2).adapter_status[a0.name]
+    assert (s["ready"], s["phase"]) == ("1/2", "Syncing")
+    # A budget of one adapter per pod: the second copy of each finds no room, and the status says so.
+    short = plan(ADAPTERS[:3], pods, p=pool(per_adapter=2, adapter_bytes=100))
+    placed = {a.name: short.adapter_status[a.name]["placed"] for a in ADAPTERS[:3]}
+    assert placed == {"a0": 2, "a1": 1, "a2": 0}  # placed in name order while room lasts
+    assert "no other replica has room" in short.adapter_status["a1"]["message"]
+    assert short.adapter_status["a2"]["conditions"][0]["reason"] == "Unplaced"
+    use = short.pool_status["placement"]
+    assert [(u["pod"], u["adapters"], u["bytes"], u["budgetBytes"]) for u in use] == [
+        ("x", 1, 100, 100), ("y", 1, 100, 100), ("z", 1, 100, 100)]
+
+
+def test_a_new_version_drains_when_every_holder_has_it():
+    pods = [pod("x"), pod("y"), pod("z")]
+    t1 = plan([ADAPTERS[0]], pods).table
+    [holder] = t1.adapters["a0"].holders
+    others = [n for n in "xyz" if n != holder]
+    v2 = adapter("a0", "2", "c")
+    t2 = plan([v2], [pod(n, t1.generation) for n in "xyz"], previous=t1).table
+    assert [v.version for v in t2.adapters["a0"].versions] == ["2", "1"]
+    # The non-holders are at the newest generation and list nothing: they do not count. The holder
+    # is still loading version 2: version 1 keeps draining.
+    pods3 = [pod(holder, t2.generation, pending=["a0@2"])] + [pod(n, t2.generation) for n in others]
+    assert not plan([v2], pods3, previous=t2).changed
+    pods4 = [pod(holder, t2.generation)] + [pod(n, 0) for n in others]
+    t4 = plan([v2], pods4, previous=t2).table
+    assert [v.version for v in t4.adapters["a0"].versions] == ["2"]
+
+
+def test_a_pod_that_joins_gets_its_share_and_the_previous_holders_serve_until_it_has_loaded():
+    three = [pod("x"), pod("y"), pod("z")]
+    t1 = plan(ADAPTERS, three).table
+    loaded1 = [pod(n, t1.generation) for n in "xyz"]
+    # A pod that never started (no sync report: unschedulable, say) is not placed over.
+    assert plan(ADAPTERS, loaded1 + [PodView("never", False, None)], previous=t1).table.placed_on == ["x", "y", "z"]
+    # A fourth pod, not ready yet but reporting: it is placed over at once (its sidecar keeps it unready until then).
+    four = loaded1 + [pod("w", 0, ready=False)]
+    t2 = plan(ADAPTERS, four, previous=t1).table
+    assert t2.placed_on == ["w", "x", "y", "z"]
+    moved = {n for n, e in t2.adapters.items() if "w" in e.holders}
+    assert 1 <= len(moved) <= 6  # about a quarter of 12
+    for n in moved:
+        e = t2.adapters[n]
+        assert set(e.leaving) == set(t1.adapters[n].holders)  # the old holder keeps it meanwhile
+        assert e.held_by("w") and e.held_by(next(iter(t1.adapters[n].holders)))
+    assert all(not e.leaving for n, e in t2.adapters.items() if n not in moved)
+    # A report of w from before its placement says nothing of it: still leaving.
+    t3 = plan(ADAPTERS, loaded1 + [pod("w", t2.generation - 1)], previous=t2).table
+    assert all(t3.adapters[n].leaving for n in moved)
+    # w loaded its share but is not Ready: still leaving. Ready and loaded: the old holders let go.
+    t4 = plan(ADAPTERS, loaded1 + [pod("w", t2.generation, ready=False)], previous=t3).table
+    assert all(t4.adapters[n].leaving for n in moved)
+    t5 = plan(ADAPTERS, loaded1 + [pod("w", t2.generation)], previous=t4).table
+    assert all(not e.leaving for e in t5.adapters.values())
+    assert {n for n, e in t5.adapters.items() if "w" in e.holders} == moved
+    # A pod going away (terminating) loses its placements at once: they go to the others.
+    t6 = plan(ADAPTERS, [pod(n, t5.generation) for n in "xyz"] + [pod("w", t5.generation, terminating=True)],
+              previous=t5).table
+    assert t6.placed_on == ["x", "y", "z"] and all("w" not in e.holders for e in t6.adapters.values())
+
+
+def test_all_keeps_todays_behaviour_and_an_adapter_may_ask_for_its_own_count():
+    pods = [pod("x"), pod("y"), pod("z")]
+    t = plan([ADAPTERS[0], adapter("hot", replicas=3), adapter("one", replicas=1)], pods,
+             p=pool(per_adapter="all")).table
+    assert t.adapters["a0"].holders is None and t.placed_on == ["x", "y", "z"]
+    assert sorted(t.adapters["hot"].holders) == ["x", "y", "z"] and len(t.adapters["one"].holders) == 1
+    plain = plan([ADAPTERS[0]], pods, p=pool(per_adapter="all")).table
+    assert plain.placed_on is None and plain.adapters["a0"].holders is None
+    assert len(desired_versions(plain, "x")) == 1 and pool_adapters(plain, "x") == []
