@@ -38,7 +38,7 @@ def expected(oracle, gen_adapters20):
 def server(tiny_llama, gen_adapters20):
     # Fewer device slots than adapters in use: slots are evicted and rewritten under traffic.
     srv = start_runtime(tiny_llama, device_slots=6, max_batch_size=16, max_batch_delay_ms=2, max_queue=512,
-                        per_tenant_max_inflight=64)
+                        per_tenant_max_inflight=64, max_queue_delay_ms=0)  # answers under contention, not shedding
     with httpx.Client(base_url=srv.admin_url) as admin:
         for name, path in gen_adapters20.items():
             if "@" not in name:

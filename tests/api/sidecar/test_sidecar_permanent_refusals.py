@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
-from lf_operator_kit import Operator, adapter_doc, apply, cond, make_pod, pool_doc, wait_status  # noqa: E402
+from lf_operator_kit import Operator, adapter_doc, apply, cond, make_pod, pool_doc, tenant_doc, wait_status  # noqa: E402
 from lorafleet.localstack.procs import wait_for  # noqa: E402
 from sidecar_api_support import POOL, digest, sync_report, upload_dir  # noqa: E402
 from support.peft_dirs import write_adapter  # noqa: E402
@@ -36,6 +36,7 @@ def pod(kube, namespace):
 
 def test_a_permanent_refusal_shows_on_the_adapter_and_is_not_retried(control_plane, operator, kube, namespace, pod,
                                                                      s3, bucket, tmp_path, runtime, start_sidecar):
+    apply(control_plane, namespace, tenant_doc("acme", f"s3://{bucket}/acme/"))
     apply(control_plane, namespace, pool_doc(POOL, replicas=1))
     good = write_adapter(tmp_path / "good", seed=1)
     # DoRA: the runtime cannot compute it; the sidecar once let it through and the runtime's refusal
