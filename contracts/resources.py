@@ -440,8 +440,8 @@ class LoRAAdapterSpec(_Model):
     pinned: bool = Field(False, description="Keep resident in a device slot")
     preload: bool = Field(True, description="Load on every replica before first use")
     fallback: Literal["none", "base"] = Field(
-        "none", description="When a replica cannot serve this adapter (it failed to load there, or is not "
-                            "loaded there yet): none answers 503/404 as for any adapter; base answers with the "
+        "none", description="When a replica cannot serve this adapter (it failed to load there, is not "
+                            "loaded there yet, or got no device slot within half of maxQueueDelayMs): none answers 503/404 as for any adapter; base answers with the "
                             "pool's base model instead, saying so (header x-lorafleet-fallback: base and the "
                             "response's `fallback` field). Text-generation and text-to-image pools only")
     replicas: IntOrString | None = Field(

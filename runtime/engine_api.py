@@ -48,6 +48,10 @@ class Work:
     # The scheduler's view: QUEUED until the worker takes it (TAKEN) or it leaves the queue unserved
     # (WITHDRAWN: cancelled while queued, or shed at the queue-delay bound). Written under its lock.
     state: int = 0
+    # The adapter opted into the base-model fallback: still waiting for a device slot at the
+    # scheduler's fallback deadline, it runs on the base model instead (``fell_back`` says why).
+    fallback: bool = False
+    fell_back: str | None = None
 
     def cancel(self, reason: str) -> None:
         if not self.cancelled:

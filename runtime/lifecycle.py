@@ -273,16 +273,33 @@ class Runtime:
             request.scope["lorafleet_fallback"] = {"to": "base", "model": self.base_name, "requested": model,
                                                    "reason": reason}
             return None
+        request.scope["lorafleet_requested"] = model
         if entry is None and self.merged is not None:
             request.scope["lorafleet_tenant"] = self.settings.merged_adapter_tenant or split_versioned(self.merged)[0]
         else:
             request.scope["lorafleet_tenant"] = entry.tenant if entry else "_base"
         return entry
 
-    def submit(self, entry: AdapterEntry | None, payloads: list[Any], tenant: str | None = None) -> list[Work]:
+    def settle(self, request, work: Work) -> None:
+        """After the engine took ``work``: if it fell back to the base model (no slot within the
+        deadline), mark the answer and count it, as ``resolve_request`` does for the other reasons."""
+        if work.fell_back and not request.scope.get("lorafleet_fallback"):
+            model = request.scope.get("lorafleet_requested") or ""
+            self.metrics.fallback.labels(work.tenant, work.fell_back).inc()
+            log.info("a request of tenant %s for %s got no device slot in time: answering with the base model",
+                     work.tenant, model)
+            request.scope["lorafleet_fallback"] = {"to": "base", "model": self.base_name, "requested": model,
+                                                   "reason": work.fell_back}
+
+    def submit(self, entry: AdapterEntry | None, payloads: list[Any], tenant: str | None = None,
+               fallback: bool = False) -> list[Work]:
+        """Queue ``payloads`` for ``entry``. With ``fallback`` (a route that can answer with the base), an
+        adapter that opted into the base-model fallback runs on the base if no device slot takes it
+        within the scheduler's deadline (``settle`` then marks the answer)."""
         loop = asyncio.get_running_loop()
         tenant = tenant or (entry.tenant if entry is not None else "_base")
-        works = [Work(tenant, entry, p, loop, asyncio.Queue()) for p in payloads]
+        may = bool(fallback and entry is not None and self.sync is not None and entry.name in self.sync.fallback)
+        works = [Work(tenant, entry, p, loop, asyncio.Queue(), fallback=may) for p in payloads]
         try:
             self.engine.submit(works)
         except Overloaded as e:

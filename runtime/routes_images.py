@@ -46,7 +46,7 @@ async def generate(rt: Runtime, request: Request, model: str, params: ImageParam
         job = rt.engine.new_image(params)
     except ValueError as e:
         raise bad_request(str(e), "invalid_parameter") from None
-    (work,) = rt.submit(entry, [job], tenant=request.scope["lorafleet_tenant"])
+    (work,) = rt.submit(entry, [job], tenant=request.scope["lorafleet_tenant"], fallback=True)
 
     async def result():
         while True:
@@ -59,6 +59,7 @@ async def generate(rt: Runtime, request: Request, model: str, params: ImageParam
                 raise ApiError(500, f"image generation failed: {value}", "server_error", "internal_error")
 
     images = await unless_disconnected(request, result(), lambda: rt.engine.cancel(work))
+    rt.settle(request, work)
     return await asyncio.to_thread(_encode, images, fmt)
 
 

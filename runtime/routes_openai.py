@@ -24,7 +24,7 @@ def sse(obj) -> str:
 def with_fallback(request: Request, body: dict) -> dict:
     """``body`` with the ``fallback`` field when the base model answered for an adapter."""
     fb = fallback_of(request)
-    return {**body, "fallback": fb} if fb else body
+    return {**body, "model": fb["model"], "fallback": fb} if fb else body
 
 
 def usage(seq, generated: int) -> dict:
@@ -43,7 +43,7 @@ async def start_generation(rt: Runtime, request: Request, model: str, prompt_ids
     tok = rt.engine.tokenizer
     params: SamplingParams = params_of(tok)
     seq = build_sequence(rt.engine, prompt_ids_of(tok), params, rt.settings.max_new_tokens)
-    (work,) = rt.submit(entry, [seq], tenant=request.scope["lorafleet_tenant"])
+    (work,) = rt.submit(entry, [seq], tenant=request.scope["lorafleet_tenant"], fallback=True)
     return entry, seq, TextStream(rt.engine, work, stop_strings(stop), include_stop=include_stop,
                                   skip_special_tokens=skip_special_tokens, tgi_stops=tgi_stops)
 
@@ -51,6 +51,7 @@ async def start_generation(rt: Runtime, request: Request, model: str, prompt_ids
 async def wait_started(request: Request, rt: Runtime, gen: TextStream) -> None:
     """Before a stream's headers: wait for the engine to take the request (429 if it is shed instead)."""
     await unless_disconnected(request, gen.started(), lambda: rt.engine.cancel(gen.work))
+    rt.settle(request, gen.work)
 
 
 async def drain(request: Request, rt: Runtime, gen: TextStream) -> None:
@@ -59,6 +60,7 @@ async def drain(request: Request, rt: Runtime, gen: TextStream) -> None:
             pass
 
     await unless_disconnected(request, consume(), lambda: rt.engine.cancel(gen.work))
+    rt.settle(request, gen.work)
 
 
 class _Logprobs:

@@ -72,6 +72,9 @@ class Scheduler:
         self.max_queue = max_queue
         self.per_tenant = per_tenant_max_inflight
         self.max_delay = max_queue_delay_ms / 1000.0
+        # Work of an adapter with the base-model fallback that no device slot has taken after this
+        # long runs on the base model (half the queue-delay bound, so it falls back before a 429).
+        self.fallback_after = self.max_delay / 2 if self.max_delay > 0 else 1.0
         self.on_shed = on_shed
         self.on_cancelled = on_cancelled
         lock = threading.RLock()
@@ -236,6 +239,7 @@ class Scheduler:
     def take(self, n: int, accept: Callable[[Work], bool]) -> list[Work]:
         """Up to ``n`` works, one tenant at a time in rotation, skipping heads ``accept`` refuses."""
         out: list[Work] = []
+        now = time.monotonic()
         with self.cv:
             skipped: list[str] = []
             while len(out) < n and self.order:
@@ -243,6 +247,11 @@ class Scheduler:
                 q = self.queues[tenant]
                 self._skip_withdrawn(q)
                 took = bool(q) and accept(q[0])
+                if not took and q and q[0].fallback and q[0].entry is not None \
+                        and now - q[0].enqueued >= self.fallback_after:
+                    # No slot for this adapter within the deadline, and it opted in: the base answers.
+                    q[0].entry, q[0].fell_back = None, "slot_timeout"
+                    took = accept(q[0])
                 if took:
                     w = q.popleft()
                     w.state = TAKEN

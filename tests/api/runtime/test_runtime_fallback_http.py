@@ -92,3 +92,40 @@ def test_without_the_opt_in_the_answers_stay_503_and_404(server):
         r = c.post("/v1/completions", json={"model": "gen0", "prompt": PROMPT, "max_tokens": 2})
         assert r.status_code == 200 and "fallback" not in r.json() and "x-lorafleet-fallback" not in r.headers
     assert _fallback_count(server, "acme", "not_loaded") == 0
+
+
+def test_no_slot_within_the_deadline_falls_back_only_for_the_opted_in_adapter(tiny_llama, gen_adapters, base_text):
+    # One device slot, held by a long generation of gen0: gen1 (opted in) gets no slot within half of
+    # maxQueueDelayMs and is answered by the base; gen2 (not opted in) never is.
+    srv = start_runtime(tiny_llama, device_slots=1, max_batch_size=4, max_queue_delay_ms=80)
+    try:
+        with httpx.Client(base_url=srv.admin_url) as admin:
+            for name in ("gen0", "gen1", "gen2"):
+                assert put_adapter(admin, name, "1", gen_adapters[name]).status_code == 200
+            admin.put("/admin/sync", json={"routesGeneration": 1, "preloadPending": 0, "fallback": {"gen1": "gen1"}})
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            long = {"model": "gen0", "prompt": "hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+                    "stream": True}
+            with c.stream("POST", "/v1/completions", json=long) as held:
+                assert held.status_code == 200
+                lines = held.iter_lines()  # kept: a dropped iterator closes the stream (the server cancels)
+                assert next(lines).startswith("data: {")  # gen0 runs: its slot is taken until it ends
+                r = c.post("/v1/completions", json={"model": "gen1", "prompt": PROMPT, "max_tokens": NEW,
+                                                    "temperature": 0})
+                cap = srv.rt.engine.capacity()
+                still_running = cap["rows_free"] < cap["max_batch_size"]  # gen0's row is still taken
+            assert still_running, "gen0 ended before gen1's deadline: the test shows nothing"
+            assert r.status_code == 200, r.text
+            assert r.headers["x-lorafleet-fallback"] == "base"
+            assert r.json()["fallback"]["reason"] == "slot_timeout" and r.json()["fallback"]["requested"] == "gen1"
+            assert r.json()["choices"][0]["text"] == base_text and r.json()["model"] == srv.rt.base_name
+            assert _fallback_count(srv, "gen1", "slot_timeout") == 1
+            with c.stream("POST", "/v1/completions", json=long) as held:
+                lines = held.iter_lines()
+                next(lines)
+                r = c.post("/v1/completions", json={"model": "gen2", "prompt": PROMPT, "max_tokens": NEW,
+                                                    "temperature": 0})
+            assert "x-lorafleet-fallback" not in r.headers and r.status_code in (200, 429), r.text
+            assert "fallback" not in r.json()
+    finally:
+        srv.stop()
