@@ -410,8 +410,9 @@ def with_leaving(served: str, entry: RouteEntry, previous: RouteEntry | None, po
     if not gone:
         return entry
     serving = [v for v in entry.versions if not v.draining]
-    if entry.holders and all(pod in alive and alive[pod].ready and holds_all(alive[pod], served, serving, since)
-                             for pod, since in entry.holders.items()):
+    # Placed nowhere now (no pod has room within the budget): the budget wins, the old copies go.
+    if all(pod in alive and alive[pod].ready and holds_all(alive[pod], served, serving, since)
+           for pod, since in entry.holders.items()):
         return entry
     return entry.model_copy(update={"leaving": gone})
 

@@ -104,6 +104,7 @@ def plan_sync(
     *,
     busy: Iterable[str] = (),
     hold: Iterable[str] = (),
+    linger: Iterable[str] = (),
     disk_bytes: int | None = None,
     other_bytes: int = 0,
     now: float = 0.0,
@@ -115,6 +116,8 @@ def plan_sync(
     ``loaded`` is keyed by ``name@version``; ``None`` means the runtime is unreachable (nothing is
     loaded or unloaded, downloads go on). ``busy``: digests not to download now (in flight, backing
     off, refused). ``hold``: ``name@version`` not to load now (the runtime refused it recently).
+    ``linger``: ``name@version`` not to unload now although not desired (moved to other replicas
+    moments ago).
 
     Content is collected only when no route wants it and the runtime does not hold it: after
     ``collect_after`` seconds unreferenced, or sooner, least recently used first, while the cache
@@ -142,7 +145,9 @@ def plan_sync(
             if (have is None or have.failed or have.sha256 != d.sha256 or have.weight != d.weight
                     or have.pinned != d.pinned):
                 plan.loads.append(d)
-        plan.unloads = sorted((a.name, a.version) for k, a in loaded.items() if k not in wanted)
+        lingering = set(linger)
+        plan.unloads = sorted((a.name, a.version) for k, a in loaded.items()
+                              if k not in wanted and k not in lingering)
 
     referenced = {d.sha256 for d in desired} | set(keep)
     if loaded is None:

@@ -23,6 +23,9 @@ from lorafleet.contracts.adapter_rules import BaseModelInfo, Refused
 
 log = logging.getLogger("lorafleet.sidecar")
 LOAD_CONCURRENCY = 4
+# An adapter the placement moved to other replicas stays loaded here this long after the routes
+# take it away: the gateway (0.5 s polls) and ingresses need a moment to see its new holder.
+UNLOAD_GRACE_S = 5.0
 
 
 @dataclass
@@ -58,6 +61,8 @@ class Syncer:
         self.store, self.runtime, self.metrics, self.reporter = store, runtime, metrics, reporter
         # This replica's pod: it syncs only the adapters the routes place on it (None: every adapter).
         self.pod = pod if pod is not None else (reporter.pod if reporter is not None else None)
+        self.unload_grace = UNLOAD_GRACE_S
+        self._releasing: dict[str, float] = {}  # name@version moved away -> when to unload it (monotonic)
         self.model_uri, self.model_sha256 = model_uri, model_sha256
         # A merged pool: this adapter is verified into the cache before the model counts as ready
         # (the runtime merges it at load) and is never collected.
@@ -154,6 +159,7 @@ class Syncer:
 
         keep = {self.merged_sha256} if self.merged_sha256 else set()
         plan = plan_sync(desired, self.store.entries(), loaded, busy=self._busy(desired), hold=hold,
+                         linger=self._moved_away(table, desired, loaded, mono),
                          disk_bytes=self.store.disk_bytes, other_bytes=self.store.model_bytes, now=now,
                          collect_after=self.collect_after, keep=keep)
         self._start_downloads(plan.downloads)
@@ -169,6 +175,28 @@ class Syncer:
         self._referenced = referenced
         self.store.touch(referenced, now)
         return self._report(table, desired, loaded)
+
+    def _moved_away(self, table: RoutesTable, desired: list[DesiredVersion],
+                    loaded: dict[str, LoadedAdapter] | None, mono: float) -> set[str]:
+        """Loaded versions of adapters the routes now place on other replicas only, kept loaded for
+        ``unload_grace`` seconds from when this sidecar first saw them go (make before break, to the
+        end: whoever routes requests has seen the new holder by then). An adapter gone from the
+        routes, or a version gone from its entry, is unloaded at once as always."""
+        if loaded is None or self.pod is None:
+            self._releasing.clear()
+            return set()
+        wanted = {d.key for d in desired}
+        keep = set()
+        for key, a in loaded.items():
+            entry = table.adapters.get(a.name)
+            if key in wanted or entry is None or entry.held_by(self.pod) or \
+                    not any(v.version == a.version for v in entry.versions):
+                continue
+            if mono < self._releasing.setdefault(key, mono + self.unload_grace):
+                keep.add(key)
+        for key in [k for k in self._releasing if k not in loaded or k in wanted]:
+            del self._releasing[key]
+        return keep
 
     def _busy(self, desired: list[DesiredVersion]) -> set[str]:
         """Digests not to download now: in flight, backing off, refused, or waiting for the model

@@ -89,3 +89,18 @@ def test_failed_in_runtime_is_loaded_again():
     desired = desired_versions(table(x=[("1", A, 100)]))
     rt = {"x@1": LoadedAdapter("x", "1", A, 100, failed=True)}
     assert [d.key for d in plan_sync(desired, cached(A), rt).loads] == ["x@1"]
+
+
+def test_an_adapter_moved_to_another_replica_lingers_then_goes_and_only_its_share_is_desired():
+    t = table(x=[("1", A, 100)], y=[("1", B, 100)])
+    t.adapters["x"].holders = {"pod-a": 2}
+    t.adapters["y"].holders = {"pod-b": 3}
+    t.placed_on = ["pod-a", "pod-b"]
+    mine = desired_versions(t, "pod-a")
+    assert [(d.key, d.since) for d in mine] == [("x@1", 3)]  # the later of its version's and its placement's
+    rt = loaded(("x", "1", A, 100), ("y", "1", B, 100))  # y was here before it moved to pod-b
+    assert plan_sync(mine, cached(A, B), rt, linger=["y@1"]).unloads == []
+    assert plan_sync(mine, cached(A, B), rt).unloads == [("y", "1")]
+    # A pod that leaves the placement but keeps it until its new holder has it: still desired.
+    t.adapters["y"].leaving = {"pod-a": 1}
+    assert sorted(d.key for d in desired_versions(t, "pod-a")) == ["x@1", "y@1"]
