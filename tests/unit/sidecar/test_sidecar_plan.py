@@ -96,8 +96,9 @@ def test_an_adapter_moved_to_another_replica_lingers_then_goes_and_only_its_shar
     t.adapters["x"].holders = {"pod-a": 2}
     t.adapters["y"].holders = {"pod-b": 3}
     t.placed_on = ["pod-a", "pod-b"]
+    t.adapters["x"].versions[0].since = 1
     mine = desired_versions(t, "pod-a")
-    assert [(d.key, d.since) for d in mine] == [("x@1", 3)]  # the later of its version's and its placement's
+    assert [(d.key, d.since) for d in mine] == [("x@1", 2)]  # the later of its version's and its placement's
     rt = loaded(("x", "1", A, 100), ("y", "1", B, 100))  # y was here before it moved to pod-b
     assert plan_sync(mine, cached(A, B), rt, linger=["y@1"]).unloads == []
     assert plan_sync(mine, cached(A, B), rt).unloads == [("y", "1")]
