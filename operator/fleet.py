@@ -315,8 +315,12 @@ class Fleet:
             self.tenants.pop(namespace, None)
         self._flush_pending()
         for (ns, pool), st in list(self.state.items()):
-            if ns == namespace and any(a.spec is not None and a.spec.tenant == name for a in st.adapters.values()):
+            mine = [a for a in st.adapters.values() if a.spec is not None and a.spec.tenant == name] \
+                if ns == namespace else []
+            if mine:
                 self.touch((ns, pool))
+            for a in mine:  # a merged pool's adapter may have become valid or invalid with its tenant
+                self._touch_merging(ns, a.name)
 
     def workload_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
         """An owned Deployment changed: repair an edit that is not ours (its generation passed the
