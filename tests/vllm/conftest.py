@@ -1,0 +1,20 @@
+"""The vLLM engine's tier: it runs in its own virtualenv (tools/venv-vllm: vLLM's pins conflict with
+requirements.lock), on vLLM's CPU build here and vLLM itself on a GPU. Without vLLM it fails, never skips."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+# vLLM's CPU build sizes its KV cache by this (GiB); the GPU share is for a GPU run on a shared card.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION", "0.3")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _needs_vllm():
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail("vLLM is not installed in this virtualenv: run tests/vllm with $(tools/venv-vllm)/bin/python "
+                    "(make test does)", pytrace=False)

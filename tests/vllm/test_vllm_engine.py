@@ -1,0 +1,168 @@
+"""The vLLM engine behind the runtime's real HTTP server: greedy answers equal PEFT's for adapters of
+mixed ranks decoding in one batch (more adapters than device slots) through the unmodified openai and
+huggingface_hub clients; an unknown or unloaded adapter is a 404, never the base model; a re-registered
+version gets a new LoRA id; what vLLM cannot compute exactly is a 400; settings it cannot take are refused."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from lorafleet.localstack.procs import wait_for
+from lorafleet.runtime.generation import FALLBACK_CHAT_PROMPT, FALLBACK_CHAT_TEMPLATE
+from support.models import PeftOracle, make_generation_suite, make_tiny_llama, put_adapter, start_runtime
+
+PROMPTS = ["hello world , how are", "please refund me , the invoice"]
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+CHAT_PROMPT = "".join(FALLBACK_CHAT_TEMPLATE.format(**m) for m in MESSAGES) + FALLBACK_CHAT_PROMPT
+NEW = 8
+N_ADAPTERS = 5  # ranks 8, 4, 16 (rank_pattern, rsLoRA), 2 (alpha_pattern), 8/16 (rank_pattern)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # head_dim 64: a head size vLLM's CPU attention kernels take.
+    return make_tiny_llama(tmp_path_factory.mktemp("vllm-llama"), hidden=256, layers=2, heads=4, kv_heads=2,
+                           seed=3)
+
+
+@pytest.fixture(scope="module")
+def adapters(model, tmp_path_factory):
+    return make_generation_suite(model, tmp_path_factory.mktemp("vllm-adapters"), N_ADAPTERS)
+
+
+@pytest.fixture(scope="module")
+def expected(model, adapters):
+    """PEFT's greedy text and token count for every (adapter or None, prompt)."""
+    oracle = PeftOracle(model, "text-generation")
+    out = {}
+    for name, path in [(None, None), *adapters.items()]:
+        for p in (*PROMPTS, CHAT_PROMPT):
+            ids = oracle.greedy(path, p, NEW)
+            out[name, p] = oracle.tok.decode(ids, skip_special_tokens=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(model, adapters):
+    # Two device slots for five adapters: vLLM swaps adapters in and out of its slots between steps.
+    srv = start_runtime(model, engine="vllm", device_slots=2, host_adapters=8, max_rank=16, max_batch_size=8,
+                        max_queue_delay_ms=0)
+    with httpx.Client(base_url=srv.admin_url) as admin:
+        for name, path in adapters.items():
+            assert put_adapter(admin, name, "1", path).status_code == 200
+        assert admin.put("/admin/sync", json={"routesGeneration": 1, "preloadPending": 0}).json()["ready"]
+    yield srv
+    srv.stop()
+
+
+def _client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_mixed_batch_of_adapters_answers_as_peft(server, adapters, expected):
+    """Every adapter and the base model at once (one batch), completions, chat and streaming alike."""
+    client = _client(server)
+    names = [None, *adapters]
+
+    def completion(job):
+        name, prompt = job
+        r = client.completions.create(model=name or server.rt.base_name, prompt=prompt, max_tokens=NEW,
+                                      temperature=0)
+        return r.choices[0].text, r.usage.completion_tokens, r.model
+
+    def chat(name):
+        r = client.chat.completions.create(model=name or server.rt.base_name, messages=MESSAGES, max_tokens=NEW,
+                                           temperature=0)
+        return r.choices[0].message.content
+
+    def streamed(name):
+        chunks = client.completions.create(model=name or server.rt.base_name, prompt=PROMPTS[0], max_tokens=NEW,
+                                           temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks)
+
+    def streamed_chat(name):
+        chunks = client.chat.completions.create(model=name or server.rt.base_name, messages=MESSAGES,
+                                                max_tokens=NEW, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+    jobs = [(n, p) for n in names for p in PROMPTS]
+    with ThreadPoolExecutor(len(jobs) + 3 * len(names)) as pool:
+        completions = pool.map(completion, jobs)
+        chats, streams, chat_streams = pool.map(chat, names), pool.map(streamed, names), pool.map(streamed_chat, names)
+        completions, chats, streams, chat_streams = list(completions), list(chats), list(streams), list(chat_streams)
+    for (name, prompt), (text, n_tokens, served) in zip(jobs, completions):
+        assert text == expected[name, prompt], (name, prompt)
+        assert served == (f"{name}@1" if name else server.rt.base_name)
+        assert n_tokens <= NEW
+    for name, text, stream, chat_stream in zip(names, chats, streams, chat_streams):
+        assert text == expected[name, CHAT_PROMPT], name
+        assert chat_stream == text
+        assert stream == expected[name, PROMPTS[0]], name
+    # The adapters differ from each other and from the base model: a wrong adapter could not pass.
+    assert len({expected[n, PROMPTS[1]] for n in names}) == len(names)
+
+
+def test_huggingface_inference_client_with_adapter_id(server, expected, monkeypatch):
+    from huggingface_hub import InferenceClient, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # it would block requests to our loopback server
+    client = InferenceClient(model=server.url)
+    assert client.text_generation(PROMPTS[0], adapter_id="gen1", max_new_tokens=NEW) == expected["gen1", PROMPTS[0]]
+    streamed = "".join(client.text_generation(PROMPTS[1], adapter_id="gen2", max_new_tokens=NEW, stream=True))
+    assert streamed == expected["gen2", PROMPTS[1]]
+
+
+def test_unknown_adapter_is_404_never_the_base(server):
+    import openai
+
+    client = _client(server)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nobody", prompt=PROMPTS[0], max_tokens=2, temperature=0)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gen0@7", messages=MESSAGES, max_tokens=2, temperature=0)
+
+
+def test_what_vllm_cannot_compute_exactly_is_400(server):
+    r = httpx.post(server.url + "/generate", timeout=60,
+                   json={"inputs": PROMPTS[0], "parameters": {"adapter_id": "gen0", "max_new_tokens": 2,
+                                                              "typical_p": 0.5, "do_sample": True}})
+    assert r.status_code == 400 and "typical_p" in r.json()["error"]["message"], r.text
+
+
+def test_unloaded_adapter_is_404_and_leaves_vllm_and_a_new_registration_gets_a_new_id(server, adapters, expected):
+    import openai
+
+    client = _client(server)
+    engine, manager = server.rt.engine, server.rt.manager
+    old_key = manager.resolve("gen3@1").key
+    wait_for(lambda: old_key in engine.loras(), timeout=60, what="gen3 in vLLM")
+    with httpx.Client(base_url=server.admin_url, timeout=60) as admin:
+        assert admin.delete("/admin/adapters/gen3/1").status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="gen3", prompt=PROMPTS[0], max_tokens=NEW, temperature=0)
+        wait_for(lambda: old_key not in engine.loras(), timeout=60, what="gen3 removed from vLLM")
+        # Registered again: a new LoRA id (vLLM's slots and prefix cache are keyed by it), same answers.
+        assert put_adapter(admin, "gen3", "1", adapters["gen3"]).status_code == 200
+    new_key = manager.resolve("gen3@1").key
+    assert new_key != old_key
+    r = client.completions.create(model="gen3", prompt=PROMPTS[1], max_tokens=NEW, temperature=0)
+    assert r.choices[0].text == expected["gen3", PROMPTS[1]]
+
+
+def test_settings_vllm_cannot_take_are_refused_at_startup(model):
+    from lorafleet.runtime.lifecycle import Runtime
+    from lorafleet.runtime.settings import RuntimeSettings
+
+    rt = Runtime(RuntimeSettings.from_env({}, model_dir=str(model), engine="vllm", max_rank=1024,
+                                          max_model_len=100_000))
+    rt.load_in_background().join(timeout=120)
+    status = rt.model_status()
+    assert status.state == "refused", status
+    assert "cache.maxRank 1024 is above the largest LoRA rank vLLM serves (512)" in status.message
+    assert "maxModelLen 100000 is above the model's max_position_embeddings 256" in status.message
