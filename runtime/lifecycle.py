@@ -46,7 +46,9 @@ def detect_task(model_dir: Path) -> str:
 
 def vllm_installed() -> bool:
     """Whether this runtime's environment has vLLM (found, not imported: importing it takes seconds)."""
-    return importlib.util.find_spec("vllm") is not None
+    spec = importlib.util.find_spec("vllm")
+    # A folder named vllm on sys.path without vLLM in it (tests/vllm, under pytest) is a namespace package.
+    return spec is not None and spec.origin is not None
 
 
 def gpu_available() -> bool:

@@ -15,6 +15,7 @@ os.environ.setdefault("LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION", "0.3")
 
 @pytest.fixture(autouse=True, scope="session")
 def _needs_vllm():
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:  # None: this folder itself, as a namespace package
         pytest.fail("vLLM is not installed in this virtualenv: run tests/vllm with $(tools/venv-vllm)/bin/python "
                     "(make test does)", pytrace=False)
