@@ -4,13 +4,13 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PYTEST_ARGS ?=
 
-.PHONY: help tools venv up down status test test-unit test-api test-e2e crds bench
+.PHONY: help tools venv venv-vllm up down status test test-unit test-api test-e2e test-vllm crds bench
 
 help:
 	@echo "make up        install everything, start the local stack, run a demo request"
 	@echo "make down      stop everything 'make up' started"
 	@echo "make test      build tools if needed, run every test tier (what CI runs)"
-	@echo "make test-unit / test-api / test-e2e   one tier"
+	@echo "make test-unit / test-api / test-e2e / test-vllm   one tier (test-vllm: the vLLM engine, its own venv)"
 	@echo "make crds      regenerate crds/ (and the chart's copy) from contracts/"
 	@echo "make bench     run the benchmarks (writes nothing; copy figures into docs/benchmarks.md)"
 
@@ -19,6 +19,10 @@ tools:
 
 venv:
 	@tools/venv >/dev/null
+
+# The vLLM engine's virtualenv (docker/vllm/requirements.lock: its pins conflict with requirements.lock).
+venv-vllm:
+	@tools/venv-vllm >/dev/null
 
 up: tools venv
 	@"$$(tools/venv)/bin/python" -m lorafleet.localstack.stack up
@@ -30,10 +34,12 @@ status:
 	@"$$(tools/venv)/bin/python" -m lorafleet.localstack.stack status
 
 # The e2e tier runs in a pytest process of its own: threads that api-tier tests leave behind (in-process
-# sidecars' API clients) once wrote into sockets the e2e clients had reused.
-test: tools venv
+# sidecars' API clients) once wrote into sockets the e2e clients had reused. The vLLM tier runs in its own
+# virtualenv (tools/venv-vllm).
+test: tools venv venv-vllm
 	@"$$(tools/venv)/bin/python" -m pytest --durations=20 tests/unit tests/api $(PYTEST_ARGS) && \
-	  "$$(tools/venv)/bin/python" -m pytest --durations=10 tests/e2e $(PYTEST_ARGS)
+	  "$$(tools/venv)/bin/python" -m pytest --durations=10 tests/e2e $(PYTEST_ARGS) && \
+	  "$$(tools/venv-vllm)/bin/python" -m pytest --durations=10 tests/vllm $(PYTEST_ARGS)
 
 test-unit: venv
 	@"$$(tools/venv)/bin/python" -m pytest tests/unit $(PYTEST_ARGS)
@@ -43,6 +49,9 @@ test-api: tools venv
 
 test-e2e: tools venv
 	@"$$(tools/venv)/bin/python" -m pytest tests/e2e $(PYTEST_ARGS)
+
+test-vllm: venv-vllm
+	@"$$(tools/venv-vllm)/bin/python" -m pytest tests/vllm $(PYTEST_ARGS)
 
 crds: venv
 	@"$$(tools/venv)/bin/lorafleet" gen-crds --out crds
