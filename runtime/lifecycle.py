@@ -59,13 +59,16 @@ def gpu_available() -> bool:
 
 def choose_engine(task: str, settings: RuntimeSettings, *, has_vllm=vllm_installed, has_gpu=gpu_available) -> str:
     """``torch`` or ``vllm`` for a pool of ``task`` (settings.engine: auto, torch or vllm). ``auto`` is vLLM
-    for text generation on a GPU when vLLM is installed, lorafleet's torch engine otherwise; ``vllm``
+    for text generation on a GPU when vLLM is installed (unless the base is quantized or merged),
+    lorafleet's torch engine otherwise; ``vllm``
     that cannot be honoured is refused (``UnsupportedModel``: the pool's ModelReady condition says why)."""
     wanted = settings.engine
     if wanted == "torch":
         return "torch"
     if wanted == "auto":
-        return "vllm" if task == "text-generation" and has_vllm() and has_gpu() else "torch"
+        # A quantized or merged base is the torch engine's alone (the vLLM engine refuses both).
+        torch_only = settings.quantization != "none" or bool(settings.merged_adapter_dir)
+        return "vllm" if task == "text-generation" and not torch_only and has_vllm() and has_gpu() else "torch"
     if task != "text-generation":
         raise UnsupportedModel(f"engine vllm serves text-generation pools only; this pool's task is {task} "
                                "(set spec.runtime.engine to torch or auto)")

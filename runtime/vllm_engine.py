@@ -83,6 +83,9 @@ def _settings_problems(settings: RuntimeSettings) -> list[str]:
     if settings.quantization != "none":
         problems.append(f"model.quantization {settings.quantization} is the torch engine's (bitsandbytes); the vllm "
                         "engine serves unquantized weights: set model.quantization none or engine torch")
+    if settings.merged_adapter_dir:
+        problems.append("a merged pool (spec.model.mergedAdapter) merges its adapter into the base weights in the "
+                        "torch engine; the vllm engine would serve the unmerged base: use engine torch for it")
     return problems
 
 

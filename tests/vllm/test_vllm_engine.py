@@ -155,14 +155,16 @@ def test_unloaded_adapter_is_404_and_leaves_vllm_and_a_new_registration_gets_a_n
     assert r.choices[0].text == expected["gen3", PROMPTS[1]]
 
 
-def test_settings_vllm_cannot_take_are_refused_at_startup(model):
+def test_settings_vllm_cannot_take_are_refused_at_startup(model, adapters):
     from lorafleet.runtime.lifecycle import Runtime
     from lorafleet.runtime.settings import RuntimeSettings
 
     rt = Runtime(RuntimeSettings.from_env({}, model_dir=str(model), engine="vllm", max_rank=1024,
-                                          max_model_len=100_000))
+                                          max_model_len=100_000, merged_adapter_dir=str(adapters["gen0"]),
+                                          merged_adapter_name="gen0", merged_adapter_version="1"))
     rt.load_in_background().join(timeout=120)
     status = rt.model_status()
     assert status.state == "refused", status
     assert "cache.maxRank 1024 is above the largest LoRA rank vLLM serves (512)" in status.message
     assert "maxModelLen 100000 is above the model's max_position_embeddings 256" in status.message
+    assert "a merged pool (spec.model.mergedAdapter)" in status.message

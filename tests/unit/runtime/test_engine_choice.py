@@ -11,8 +11,9 @@ from lorafleet.runtime.lifecycle import Runtime, choose_engine
 from lorafleet.runtime.settings import RuntimeSettings
 
 
-def _choose(engine: str, task: str, *, vllm: bool, gpu: bool) -> str:
-    return choose_engine(task, RuntimeSettings(engine=engine), has_vllm=lambda: vllm, has_gpu=lambda: gpu)
+def _choose(engine: str, task: str, *, vllm: bool, gpu: bool, **settings) -> str:
+    return choose_engine(task, RuntimeSettings(engine=engine, **settings), has_vllm=lambda: vllm,
+                         has_gpu=lambda: gpu)
 
 
 def test_auto_is_vllm_only_for_text_generation_on_a_gpu_with_vllm_installed():
@@ -21,6 +22,9 @@ def test_auto_is_vllm_only_for_text_generation_on_a_gpu_with_vllm_installed():
     assert _choose("auto", "text-generation", vllm=False, gpu=True) == "torch"
     for task in ("sequence-classification", "text-to-image"):
         assert _choose("auto", task, vllm=True, gpu=True) == "torch"
+    # A quantized or merged base is the torch engine's (the vllm engine refuses both).
+    assert _choose("auto", "text-generation", vllm=True, gpu=True, quantization="nf4") == "torch"
+    assert _choose("auto", "text-generation", vllm=True, gpu=True, merged_adapter_dir="/m") == "torch"
 
 
 def test_an_explicit_engine_is_honoured_or_refused():
