@@ -72,6 +72,8 @@ CANARY = {"version": "4", "weight": 150, "source": {"uri": "s3://adapters/acme/s
     ("spec.source.uri", "ftp://adapters/acme/", "spec.source.uri", "s3://, file:// or hf://"),
     ("spec.pool", None, "spec.pool", "Required value"),
     ("spec.version", "3@beta", "spec.version", "letters, digits"),
+    ("spec.replicas", 0, "spec.replicas", "1 or more) or \"all\""),
+    ("spec.replicas", "most", "spec.replicas", "1 or more) or \"all\""),
 ])
 def test_invalid_adapters_are_refused_naming_the_field(control_plane, namespace, path, value, field, words):
     r = apply(control_plane, namespace, _with(ADAPTER, path, value), check=False)
@@ -80,6 +82,14 @@ def test_invalid_adapters_are_refused_naming_the_field(control_plane, namespace,
     # Nothing was created.
     got = control_plane.kubectl("get", "lora", "-n", namespace, "-o", "name").stdout
     assert got.strip() == ""
+
+
+def test_placement_fields_are_accepted_and_checked(control_plane, namespace):
+    apply(control_plane, namespace, _with(POOL, "spec.placement", {"replicasPerAdapter": 2, "adapterBytes": "40Gi"}))
+    apply(control_plane, namespace, _with(_with(ADAPTER, "spec.replicas", "all"), "spec.source.sizeBytes", "34Mi"))
+    apply(control_plane, namespace, _with(ADAPTER, "spec.replicas", 3))
+    r = apply(control_plane, namespace, _with(POOL, "spec.placement", {"replicasPerAdapter": "half"}), check=False)
+    assert r.returncode != 0 and "spec.placement.replicasPerAdapter" in r.stderr, r.stderr
 
 
 def test_invalid_pool_is_refused(control_plane, namespace):
