@@ -117,6 +117,26 @@ def test_huggingface_inference_client_with_adapter_id(server, expected, monkeypa
     assert streamed == expected["gen2", PROMPTS[1]]
 
 
+def test_logprobs_are_the_models_raw_logprobs(server, model, adapters):
+    """OpenAI logprobs from the vLLM engine: the log-softmax of PEFT's own logits for each chosen token."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    r = _client(server).completions.create(model="gen2", prompt=PROMPTS[1], max_tokens=3, temperature=0,
+                                           logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 3 and all(len(t) >= 1 for t in lp.top_logprobs)
+    oracle = PeftOracle(model, "text-generation")
+    ids = oracle.tok(PROMPTS[1])["input_ids"] + oracle.greedy(adapters["gen2"], PROMPTS[1], 3)
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model)), str(adapters["gen2"])).eval()
+    with torch.no_grad():
+        logits = pm(torch.tensor([ids])).logits[0].float()
+    n = len(ids) - 3
+    want = [float(torch.log_softmax(logits[n - 1 + j], -1)[ids[n + j]]) for j in range(3)]
+    assert lp.token_logprobs == pytest.approx(want, abs=1e-4)
+
+
 def test_unknown_adapter_is_404_never_the_base(server):
     import openai
 
