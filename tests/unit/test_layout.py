@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def test_repo_root_does_not_shadow_stdlib_operator():
         assert 'site-packages' not in operator.__file__ and 'lib/python' in operator.__file__, operator.__file__
         import lorafleet.operator.main as m
         print(m.__file__)
-    """)
+    """, env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # this checkout, wherever the editable install points
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == REPO / "operator" / "main.py"
 

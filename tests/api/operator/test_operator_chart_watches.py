@@ -24,7 +24,8 @@ def test_the_chart_rbac_lets_the_operator_watch_list_and_repair(control_plane, n
     rendered = subprocess.run(
         [str(require_tool("helm")), "template", release, str(CHART), "--namespace", namespace,
          "--show-only", "templates/clusterrole.yaml", "--show-only", "templates/clusterrolebinding.yaml",
-         "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/operator-deployment.yaml"],
+         "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/operator-deployment.yaml",
+         "--show-only", "templates/operator-lease-rbac.yaml"],
         capture_output=True, text=True, timeout=60, env={**home, "PATH": "/usr/bin:/bin"})
     assert rendered.returncode == 0, rendered.stderr
     docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
@@ -36,7 +37,8 @@ def test_the_chart_rbac_lets_the_operator_watch_list_and_repair(control_plane, n
         token = control_plane.kubectl("create", "token", full, "-n", namespace, "--duration=10m").stdout.strip()
         kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "operator.kubeconfig", namespace=namespace)
         op = Operator(kubeconfig, tmp_path / "operator.log",
-                      args=(*[a for a in args if a.startswith("--") and not a.startswith(("--liveness", "--namespace"))],
+                      args=(*[a.replace("$(POD_NAMESPACE)", namespace) for a in args  # the pod's env, as the kubelet expands it
+                             if a.startswith("--") and not a.startswith(("--liveness", "--namespace"))],
                             "--resync-interval", "1"))
         op.start()
         apply(control_plane, namespace, pool_doc("p", replicas=2))
