@@ -661,8 +661,10 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
         st["placed"] = len(holders or {})
         st["placement"] = sorted(holders or {})
         if entry is not None and len(holders or {}) < wanted:
-            short = (f"; placed on {len(holders or {})} of the {wanted} replicas wanted: no other replica has room "
-                     f"for it within spec.placement.adapterBytes of pool {a.pool!r}")
+            running = len(table.placed_on or [])
+            why = (f"pool {a.pool!r} has {running} running replicas" if running < wanted else
+                   f"no other replica has room for it within spec.placement.adapterBytes of pool {a.pool!r}")
+            short = f"; placed on {len(holders or {})} of the {wanted} replicas wanted: {why}"
     else:
         st["placed"] = replicas
     st["replicas"] = replicas

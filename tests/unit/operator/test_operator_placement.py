@@ -89,6 +89,9 @@ def test_ready_counts_holders_only_and_a_shortfall_says_why():
     assert placed == {"a0": 2, "a1": 1, "a2": 0}  # placed in name order while room lasts
     assert "no other replica has room" in short.adapter_status["a1"]["message"]
     assert short.adapter_status["a2"]["conditions"][0]["reason"] == "Unplaced"
+    # Fewer pods running than the count wanted: the message says that, not "no room".
+    few = plan(ADAPTERS[:1], [pod("x")], p=pool(per_adapter=2))
+    assert few.adapter_status["a0"]["placed"] == 1 and "has 1 running replicas" in few.adapter_status["a0"]["message"]
     use = short.pool_status["placement"]
     assert [(u["pod"], u["adapters"], u["bytes"], u["budgetBytes"]) for u in use] == [
         ("x", 1, 100, 100), ("y", 1, 100, 100), ("z", 1, 100, 100)]
