@@ -107,6 +107,55 @@ def test_mixed_batch_of_adapters_answers_as_peft(server, adapters, expected):
     assert len({expected[n, PROMPTS[1]] for n in names}) == len(names)
 
 
+def test_40_concurrent_clients_while_an_adapter_is_unloaded_and_loaded_again(server, adapters, expected):
+    """Every answer is its own adapter's (PEFT's text) or, for the adapter being churned while it is out,
+    a 404: never another tenant's answer, never the base model's for an adapter."""
+    import random
+    import threading
+
+    import openai
+
+    client = _client(server)
+    churned = "gen4"
+    stop = threading.Event()
+    cycles = [0]
+
+    def churn():
+        with httpx.Client(base_url=server.admin_url, timeout=60) as admin:
+            while not stop.is_set():
+                assert admin.delete(f"/admin/adapters/{churned}/1").status_code == 200
+                assert put_adapter(admin, churned, "1", adapters[churned]).status_code == 200
+                cycles[0] += 1
+
+    rng = random.Random(5)
+    jobs = [(rng.choice([None, *adapters]), rng.choice(PROMPTS)) for _ in range(40)]
+
+    def ask(job):
+        name, prompt = job
+        try:
+            r = client.completions.create(model=name or server.rt.base_name, prompt=prompt, max_tokens=NEW,
+                                          temperature=0)
+            return r.choices[0].text
+        except openai.NotFoundError:
+            return 404
+
+    t = threading.Thread(target=churn, daemon=True)
+    t.start()
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(ask, jobs))
+    finally:
+        stop.set()
+        t.join(timeout=120)
+    assert cycles[0] >= 1
+    for (name, prompt), answer in zip(jobs, answers):
+        if answer == 404:
+            assert name == churned, (name, prompt)
+        else:
+            assert answer == expected[name, prompt], (name, prompt)
+    assert sum(a != 404 for a in answers) >= 30
+
+
 def test_huggingface_inference_client_with_adapter_id(server, expected, monkeypatch):
     from huggingface_hub import InferenceClient, constants
 
