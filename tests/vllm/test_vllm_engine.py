@@ -186,6 +186,18 @@ def test_logprobs_are_the_models_raw_logprobs(server, model, adapters):
     assert lp.token_logprobs == pytest.approx(want, abs=1e-4)
 
 
+def test_a_stop_token_ends_the_answer_as_in_the_torch_engine(server, model, adapters):
+    """``stop_token_ids``: the answer ends with that token (its text kept, as the torch engine sends it),
+    finish_reason stop, and it counts as a completion token."""
+    oracle = PeftOracle(model, "text-generation")
+    ids = oracle.greedy(adapters["gen1"], PROMPTS[0], NEW)
+    at = next(j for j in range(2, NEW) if ids[j] not in ids[:j])  # its first occurrence
+    r = _client(server).completions.create(model="gen1", prompt=PROMPTS[0], max_tokens=NEW, temperature=0,
+                                           extra_body={"stop_token_ids": [ids[at]]})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == at + 1
+    assert r.choices[0].text == oracle.tok.decode(ids[: at + 1], skip_special_tokens=True)
+
+
 def test_unknown_adapter_is_404_never_the_base(server):
     import openai
 
