@@ -254,7 +254,8 @@ class PlacementSpec(_Model):
                            "(placed by rendezvous hashing over the pool's pods, within adapterBytes), or \"all\" "
                            "(every replica syncs every adapter)")
     adapter_bytes: IntOrString | None = Field(
-        None, description="Bytes of adapters placed on one replica at most (default spec.cache.diskBytes); "
+        None, description="Bytes of adapters placed on one replica at most (default half of spec.cache.diskBytes: "
+                          "the cache also holds the base model and, while adapters move, both copies); "
                           "an adapter counts spec.source.sizeBytes per version, else spec.cache.maxAdapterBytes")
 
     @field_validator("replicas_per_adapter")
@@ -282,9 +283,10 @@ class BaseModelPoolSpec(_Model):
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
 
     def placement_budget(self) -> int:
-        """Bytes of adapters one replica may be given (``placement.adapterBytes``, else the cache's)."""
+        """Bytes of adapters one replica may be given (``placement.adapterBytes``, else half the
+        cache's: the cache also holds the base model and, during a move, an adapter's old copy)."""
         b = self.placement.adapter_bytes
-        return parse_quantity(b) if b is not None else self.cache.disk_bytes_int
+        return parse_quantity(b) if b is not None else self.cache.disk_bytes_int // 2
 
 
 class Condition(_Status):

@@ -155,3 +155,8 @@ def test_all_keeps_todays_behaviour_and_an_adapter_may_ask_for_its_own_count():
     plain = plan([ADAPTERS[0]], pods, p=pool(per_adapter="all")).table
     assert plain.placed_on is None and plain.adapters["a0"].holders is None
     assert len(desired_versions(plain, "x")) == 1 and pool_adapters(plain, "x") == []
+
+
+def test_the_default_budget_leaves_half_the_cache_for_the_model_and_moves():
+    assert pool().spec.placement_budget() == 20 * 2**30 // 2  # cache.diskBytes 20Gi by default
+    assert pool(adapter_bytes="3Gi").spec.placement_budget() == 3 * 2**30
