@@ -105,10 +105,10 @@ def test_apply_then_classify_through_the_ingress(e2e, pool, adapters):
     e2e.wait_adapter("acme-support", NS, "Ready", "1/1", timeout=240)
     e2e.wait_adapter("globex-triage", NS, "Ready", "1/1")
     table = e2e.kubectl("get", "lora", "-n", NS).splitlines()
-    assert table[0].split() == ["NAME", "POOL", "TENANT", "VERSION", "WANTED", "PHASE", "READY", "AGE"]
-    assert {tuple(line.split()[:7]) for line in table[1:]} == {
-        ("acme-support", POOL, "acme", "1", "1", "Ready", "1/1"),
-        ("globex-triage", POOL, "globex", "1", "1", "Ready", "1/1")}
+    assert table[0].split() == ["NAME", "POOL", "TENANT", "VERSION", "WANTED", "PHASE", "READY", "PLACED", "AGE"]
+    assert {tuple(line.split()[:8]) for line in table[1:]} == {
+        ("acme-support", POOL, "acme", "1", "1", "Ready", "1/1", "1"),
+        ("globex-triage", POOL, "globex", "1", "1", "Ready", "1/1", "1")}
     with httpx.Client() as c:
         for name, key in (("acme-support", "acme-v1"), ("globex-triage", "globex-v1")):
             r = classify(c, e2e.url, name)
