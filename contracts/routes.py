@@ -94,13 +94,6 @@ class RoutesTable(_Wire):
     # some replicas only). A pod not named has not been given its placements yet: it stays unready.
     placed_on: list[str] | None = Field(None, alias="placedOn")
 
-    def for_pod(self, pod: str) -> "RoutesTable":
-        """The table as one replica must sync it: only the adapters placed on ``pod``."""
-        kept = {n: e for n, e in self.adapters.items() if e.held_by(pod)}
-        if len(kept) == len(self.adapters):
-            return self
-        return self.model_copy(update={"adapters": kept})
-
     def awaits_placement(self, pod: str) -> bool:
         """Whether ``pod`` is new to the placement (its share of the adapters is not in this table)."""
         return self.placed_on is not None and pod not in self.placed_on
