@@ -149,6 +149,12 @@ def vllm_sampling(p: SamplingParams, vllm_sampling_params_class, output_kind):
     return vllm_sampling_params_class(**kw)
 
 
+async def _prepend(first, rest):
+    yield first
+    async for x in rest:
+        yield x
+
+
 class VLLMEngine(ServingEngine):
     task = "text-generation"
 
@@ -297,8 +303,24 @@ class VLLMEngine(ServingEngine):
         seq: VLLMSequence = work.payload
         gen = self.llm.generate({"prompt_token_ids": seq.prompt}, seq.vllm_params, uuid.uuid4().hex,
                                 lora_request=self._lora(work.entry))
+        delay = self.settings.max_queue_delay_ms / 1000.0
         try:
-            async for out in gen:
+            if delay > 0:
+                # The queue-delay bound: vLLM does not say when a request leaves its queue, so the bound
+                # is on its first token (prefill included). Past it the request is aborted and answered 429.
+                try:
+                    first = await asyncio.wait_for(gen.__anext__(), delay)
+                except asyncio.TimeoutError:
+                    if self.metrics is not None:
+                        self.metrics.shed(work.tenant, "queue_timeout", 1)
+                    work.send("error", Overloaded(
+                        f"the request had no first token within maxQueueDelayMs ({delay * 1000:.0f} ms); "
+                        "retry later", "queue_timeout"))
+                    return
+                outs = _prepend(first, gen)
+            else:
+                outs = gen
+            async for out in outs:
                 if seq.params.prompt_logprobs is not None and out.prompt_logprobs and not seq.prompt_token_logprobs:
                     seq.prompt_token_logprobs = self._prompt_logprobs(seq, out.prompt_logprobs)
                 o = out.outputs[0]
@@ -427,8 +449,11 @@ class VLLMEngine(ServingEngine):
         pass
 
     def close(self) -> None:
+        async def shutdown():
+            self.llm.shutdown()  # on the loop that runs its output handler
+
         try:
-            self.llm.shutdown()
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=60)
         except Exception:
             log.exception("vLLM shutdown failed")
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -198,6 +198,21 @@ def test_a_stop_token_ends_the_answer_as_in_the_torch_engine(server, model, adap
     assert r.choices[0].text == oracle.tok.decode(ids[: at + 1], skip_special_tokens=True)
 
 
+def test_no_first_token_within_the_queue_delay_bound_is_429(server):
+    import openai
+
+    settings = server.rt.engine.settings
+    settings.max_queue_delay_ms = 1  # no first token comes within a millisecond
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            _client(server).completions.create(model="gen0", prompt=PROMPTS[0], max_tokens=NEW, temperature=0)
+        assert e.value.code == "queue_timeout"
+    finally:
+        settings.max_queue_delay_ms = 0
+    r = _client(server).completions.create(model="gen0", prompt=PROMPTS[0], max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+
+
 def test_unknown_adapter_is_404_never_the_base(server):
     import openai
 
