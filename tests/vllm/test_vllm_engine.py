@@ -264,3 +264,30 @@ def test_settings_vllm_cannot_take_are_refused_at_startup(model, adapters):
     assert "cache.maxRank 1024 is above the largest LoRA rank vLLM serves (512)" in status.message
     assert "maxModelLen 100000 is above the model's max_position_embeddings 256" in status.message
     assert "a merged pool (spec.model.mergedAdapter)" in status.message
+
+
+def test_sampling_parameters_map_to_vllms_or_are_refused_by_name():
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    from lorafleet.runtime.engine_api import SamplingParams
+    from lorafleet.runtime.vllm_engine import vllm_sampling
+
+    def vp(**kw):
+        return vllm_sampling(SamplingParams(max_new_tokens=5, **kw), VSamplingParams, RequestOutputKind.DELTA)
+
+    greedy = vp(temperature=0.7, sample=False, top_p=0.5, stop_ids={7, 3}, logprobs=2)  # TGI: no do_sample
+    assert greedy.temperature == 0 and greedy.top_p == 1.0 and greedy.stop_token_ids == [3, 7]
+    assert greedy.logprobs == 2 and greedy.max_tokens == 5 and not greedy.detokenize
+    sampled = vp(temperature=0.7, sample=True, top_p=0.5, top_k=4, min_p=0.1, seed=11, repetition_penalty=1.2,
+                 presence_penalty=0.5, frequency_penalty=0.25, logit_bias={5: -2.0}, min_tokens=2)
+    assert (sampled.temperature, sampled.top_p, sampled.top_k, sampled.min_p, sampled.seed) == (0.7, 0.5, 4, 0.1, 11)
+    assert (sampled.repetition_penalty, sampled.presence_penalty, sampled.frequency_penalty) == (1.2, 0.5, 0.25)
+    assert sampled.logit_bias == {5: -2.0} and sampled.min_tokens == 2
+    assert vp(logprobs=1, logprob_mode="processed").logprobs == 1  # greedy, no penalty: raw == processed
+    for kw, named in (({"typical_p": 0.5}, "typical_p"),
+                      ({"frequency_penalty": 0.5, "penalty_style": "tgi"}, "TGI's `frequency_penalty`"),
+                      ({"logprobs": 1, "logprob_mode": "processed", "sample": True, "temperature": 0.5},
+                       "TGI's logprobs after sampling")):
+        with pytest.raises(ValueError, match=named):
+            vp(**kw)

@@ -53,3 +53,11 @@ def test_vllm_where_it_is_not_installed_is_the_runtimes_refusal(tiny_llama):
     assert not ok and "engine vllm: vLLM is not installed" in why
     status = rt.model_status()
     assert status.state == "refused" and "spec.runtime.engine to torch or auto" in status.message
+
+
+def test_max_rank_rounds_up_to_a_rank_vllm_takes_and_above_512_is_refused():
+    from lorafleet.runtime.vllm_engine import lora_rank_for  # imports without vLLM
+
+    assert [lora_rank_for(r) for r in (1, 2, 8, 9, 64, 300, 321, 512)] == [1, 8, 8, 16, 64, 320, 512, 512]
+    with pytest.raises(UnsupportedModel, match="cache.maxRank 513 is above the largest LoRA rank vLLM serves"):
+        lora_rank_for(513)
