@@ -1,0 +1,346 @@
+"""Runtime under overload: `lorafleet serve` in its own process, load from other processes, one JSON line.
+
+For each task (classification on MiniLM, generation on the tiny seeded Llama) and each tenant count:
+  closed  concurrency sweep (each client sends its next request when the last is answered; a 429 makes
+          it wait the Retry-After): answers/s, p50/p99 of the answers, 429s by reason, wrong answers
+  open    offered rate sweep at multiples of the best closed-loop rate (Poisson arrivals, no retries):
+          the same, the rate the generator really sent (verified against the target) and per-tenant
+          share of the answers (min/max over tenants of answers / requests sent)
+Every answer is checked against its tenant's PEFT oracle (classification: every label's score within
+1e-3, generation: PEFT's greedy text). The generator runs in --procs processes of its own (asyncio +
+aiohttp); their CPU time and the server's are reported so a reader can tell which one was the limit.
+
+Usage: python bench/overload_bench.py [--quick] [--tasks classify,generate] [--tenants 1,100]
+       [--concurrency 1,8,32,200,1000] [--overload 0.5,1,2,5] [--seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # tiny seeded models and adapter makers (tests/support)
+sys.path.insert(0, str(ROOT / "src"))
+
+TEXTS = ["my order has not arrived", "the invoice is wrong , please refund me", "great product , thanks !",
+         "please reset my password", "where is my parcel today ?", "the app shows an error at login"]
+PROMPTS = ["hello world , how are", "the quick brown fox", "my order has not", "one two three four"]
+NEW_TOKENS = 8
+
+
+# --- fixtures: adapters and their oracle ------------------------------------------------------------------
+def prepare(task: str, tenants: int, workdir: Path) -> tuple[Path, Path, dict]:
+    """(model dir, adapters dir, oracle) with ``tenants`` adapters; cached in ``workdir``."""
+    import torch
+
+    from support.models import (PeftOracle, make_classification_suite, make_generation_suite, make_tiny_llama,
+                                minilm_path)
+
+    root = workdir / f"{task}-{tenants}"
+    oracle_file = root / "oracle.json"
+    if task == "classify":
+        model = minilm_path()
+    else:
+        model = workdir / "tiny-llama"
+        if not (model / "config.json").exists():
+            make_tiny_llama(model)
+    if oracle_file.exists():
+        return model, root / "adapters", json.loads(oracle_file.read_text())
+    adapters = root / "adapters"
+    if task == "classify":
+        paths = make_classification_suite(model, adapters, tenants, prefix="t")
+        oracle = PeftOracle(model, "sequence-classification")
+        expected = {name: torch.softmax(oracle.logits(p, TEXTS), -1).tolist() for name, p in paths.items()}
+    else:
+        paths = make_generation_suite(model, adapters, tenants, prefix="t")
+        oracle = PeftOracle(model, "text-generation")
+        expected = {name: [oracle.tok.decode(oracle.greedy(p, q, NEW_TOKENS), skip_special_tokens=True)
+                           for q in PROMPTS] for name, p in paths.items()}
+    oracle_file.write_text(json.dumps(expected))
+    return model, adapters, expected
+
+
+# --- the server ---------------------------------------------------------------------------------------------
+class Server:
+    def __init__(self, model: Path, adapters: Path, args, log: Path):
+        from lorafleet.localstack.procs import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src")}
+        cmd = [sys.executable, "-m", "lorafleet", "serve", "--model", str(model), "--adapters", str(adapters),
+               "--host", "127.0.0.1", "--port", str(self.port), "--admin-port", str(free_port()),
+               "--device-slots", "128", "--host-adapters", "512", "--max-batch-size", str(args.max_batch_size),
+               "--max-queue-delay-ms", str(args.max_queue_delay_ms), "--log-level", "warning"]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        import httpx
+
+        deadline = time.monotonic() + 600
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"lorafleet serve exited with {self.proc.returncode}; see {log}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"lorafleet serve not ready in 600 s; see {log}")
+            time.sleep(0.5)
+
+    def cpu_s(self) -> float:
+        return _cpu_seconds(self.proc.pid)
+
+    def batches(self) -> tuple[float, float, float]:
+        """(forward passes, rows, seconds in forward passes) so far, from /metrics."""
+        import httpx
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        vals = {}
+        for line in text.splitlines():
+            for key in ("lorafleet_runtime_batch_size_count", "lorafleet_runtime_batch_size_sum",
+                        "lorafleet_runtime_batch_seconds_sum"):
+                if line.startswith(key + "{"):
+                    vals[key] = vals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+        return (vals.get("lorafleet_runtime_batch_size_count", 0.0), vals.get("lorafleet_runtime_batch_size_sum", 0.0),
+                vals.get("lorafleet_runtime_batch_seconds_sum", 0.0))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- the load generator (runs in its own processes) ----------------------------------------------------------
+def _request(task: str, tenant: str, i: int) -> tuple[str, dict]:
+    if task == "classify":
+        return "/v1/classify", {"model": tenant, "input": TEXTS[i % len(TEXTS)]}
+    return "/v1/completions", {"model": tenant, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": NEW_TOKENS,
+                               "temperature": 0}
+
+
+def _wrong(task: str, body: dict, want) -> bool:
+    try:
+        if task == "classify":
+            scores = [s["score"] for s in body["data"][0]["labels"]]
+            return len(scores) != len(want) or any(abs(a - b) > 1e-3 for a, b in zip(scores, want))
+        return body["choices"][0]["text"] != want
+    except (KeyError, IndexError, TypeError):
+        return True
+
+
+async def _generate(spec: dict) -> dict:
+    import aiohttp
+
+    task, url, tenants, expected = spec["task"], spec["url"], spec["tenants"], spec["expected"]
+    rng = random.Random(spec["seed"])
+    start, stop = spec["start"], spec["stop"]  # wall-clock window (time.time) measured; load runs until stop
+    records: list[tuple] = []  # (t_sent, latency, status, tenant index, wrong, code, lag)
+    n_texts = len(TEXTS) if task == "classify" else len(PROMPTS)
+    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=spec["client_timeout"])
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        async def one(k: int, i: int, lag: float) -> float:
+            """Send one request; the seconds to wait before the next (closed loop: Retry-After on 429)."""
+            tenant = tenants[k]
+            path, body = _request(task, tenant, i)
+            t0 = time.time()
+            wait = 0.0
+            try:
+                async with session.post(url + path, json=body) as resp:
+                    status = resp.status
+                    data = await resp.json(content_type=None)
+                    if status == 200:
+                        wrong = _wrong(task, data, expected[tenant][i % n_texts])
+                        code = ""
+                    else:
+                        wrong = False
+                        code = (data.get("error") or {}).get("code", "") if isinstance(data, dict) else ""
+                        if status == 429:
+                            wait = float(resp.headers.get("Retry-After", "1"))
+            except asyncio.TimeoutError:
+                status, wrong, code = 0, False, "client_timeout"
+            except aiohttp.ClientError as e:
+                status, wrong, code = -1, False, type(e).__name__
+            records.append((t0, time.time() - t0, status, k, wrong, code, lag))
+            return wait
+
+        while time.time() < start - spec["warmup"]:
+            await asyncio.sleep(0.01)
+        if spec["mode"] == "closed":
+            async def client(c: int):
+                i = c
+                while time.time() < stop:
+                    wait = await one(rng.randrange(len(tenants)), i, 0.0)
+                    i += 1
+                    if wait:
+                        await asyncio.sleep(min(wait, max(0.0, stop - time.time())))
+            await asyncio.gather(*(client(c) for c in range(spec["clients"])))
+        else:
+            rate = spec["rate"]
+            tasks = set()
+            t_next = time.time()
+            i = 0
+            while t_next < stop:
+                now = time.time()
+                if t_next > now:
+                    await asyncio.sleep(t_next - now)
+                lag = time.time() - t_next
+                t = asyncio.ensure_future(one(rng.randrange(len(tenants)), i, lag))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                i += 1
+                t_next += rng.expovariate(rate)
+            if tasks:
+                await asyncio.wait(tasks, timeout=spec["client_timeout"] + 5)
+    return {"records": [r for r in records if start <= r[0] < stop], "cpu_s": time.process_time()}
+
+
+def _generator_main(spec: dict, out) -> None:
+    out.put(asyncio.run(_generate(spec)))
+
+
+# --- one measured run ------------------------------------------------------------------------------------
+def run(server: Server, task: str, expected: dict, mode: str, level: float, args) -> dict:
+    """``level``: concurrent clients (closed) or requests per second (open), split over the processes."""
+    tenants = sorted(expected)
+    procs = args.procs
+    t_start = time.time() + 1.0 + args.warmup  # every generator process is up before the window
+    t_stop = t_start + args.seconds
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ps = []
+    for p in range(procs):
+        share = level / procs
+        spec = {"task": task, "url": server.url, "tenants": tenants, "expected": expected, "seed": 1000 + p,
+                "start": t_start, "stop": t_stop, "warmup": args.warmup, "mode": mode,
+                "clients": int(level) // procs + (1 if p < int(level) % procs else 0), "rate": share,
+                "client_timeout": args.client_timeout}
+        if mode == "closed" and spec["clients"] == 0:
+            continue
+        proc = ctx.Process(target=_generator_main, args=(spec, q), daemon=True)
+        proc.start()
+        ps.append(proc)
+    while time.time() < t_start:
+        time.sleep(0.01)
+    cpu0, b0 = server.cpu_s(), server.batches()
+    while time.time() < t_stop:
+        time.sleep(0.05)
+    cpu1, b1 = server.cpu_s(), server.batches()
+    results = [q.get(timeout=args.client_timeout + 120) for _ in ps]
+    for proc in ps:
+        proc.join(30)
+    recs = [r for res in results for r in res["records"]]
+    ok = [r for r in recs if r[2] == 200]
+    lat = sorted(r[1] for r in ok)
+    by_code: dict[str, int] = {}
+    for r in recs:
+        if r[2] != 200:
+            by_code[r[5] or str(r[2])] = by_code.get(r[5] or str(r[2]), 0) + 1
+    sent = [0] * len(tenants)
+    served = [0] * len(tenants)
+    for r in recs:
+        sent[r[3]] += 1
+        if r[2] == 200:
+            served[r[3]] += 1
+    shares = [s / n for s, n in zip(served, sent) if n]
+    forwards, rows, busy = (b1[0] - b0[0]), (b1[1] - b0[1]), (b1[2] - b0[2])
+    out = {"mode": mode, ("clients" if mode == "closed" else "offered_per_s"): round(level, 1),
+           "answers_per_s": round(len(ok) / args.seconds, 1),
+           "p50_ms": round(_pct(lat, 50) * 1e3, 1) if lat else None,
+           "p99_ms": round(_pct(lat, 99) * 1e3, 1) if lat else None,
+           "sent": len(recs), "answered": len(ok), "wrong": sum(1 for r in ok if r[4]),
+           "refused": by_code,
+           "server_cpu": round((cpu1 - cpu0) / args.seconds, 2),
+           "generator_cpu_s": round(sum(res["cpu_s"] for res in results), 1),
+           "mean_batch": round(rows / forwards, 1) if forwards else None,
+           "model_busy": round(busy / args.seconds, 2)}
+    if mode == "open":
+        out["sent_per_s"] = round(len(recs) / args.seconds, 1)
+        lags = sorted(r[6] for r in recs)
+        out["send_lag_p99_ms"] = round(_pct(lags, 99) * 1e3, 1) if lags else None
+        out["tenant_share_min_max"] = [round(min(shares), 3), round(max(shares), 3)] if shares else None
+    print(json.dumps(out), file=sys.stderr)
+    return out
+
+
+def _pct(xs: list[float], p: float) -> float:
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def machine() -> dict:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"nproc": os.cpu_count(), "cpu": cpu, "load_average": [round(x, 1) for x in os.getloadavg()],
+            "python": sys.version.split()[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a tiny sweep (a smoke test)")
+    p.add_argument("--tasks", default="classify,generate")
+    p.add_argument("--tenants", default="1,100")
+    p.add_argument("--concurrency", default="1,8,32,200,1000")
+    p.add_argument("--overload", default="0.5,1,2,5", help="open-loop rates as multiples of the best closed rate")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured window of each run")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--procs", type=int, default=2, help="load generator processes")
+    p.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue-delay-ms", type=float, default=2000.0)
+    p.add_argument("--client-timeout", type=float, default=30.0)
+    p.add_argument("--workdir", default="/tmp/lorafleet-overload-bench")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tenants, args.concurrency, args.overload, args.seconds, args.warmup = "4", "1,16", "2", 2.0, 0.5
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out: dict = {"bench": "overload", "machine": machine(), "seconds": args.seconds, "procs": args.procs,
+                 "threads": args.threads, "max_queue_delay_ms": args.max_queue_delay_ms}
+    for task in args.tasks.split(","):
+        for n in [int(x) for x in args.tenants.split(",")]:
+            model, adapters, expected = prepare(task, n, workdir)
+            server = Server(model, adapters, args, workdir / f"serve-{task}-{n}.log")
+            try:
+                closed = [run(server, task, expected, "closed", c, args)
+                          for c in [int(x) for x in args.concurrency.split(",")]]
+                best = max(r["answers_per_s"] for r in closed)
+                opened = [run(server, task, expected, "open", best * m, args)
+                          for m in [float(x) for x in args.overload.split(",")]]
+            finally:
+                server.stop()
+            at = {r["clients"]: r["answers_per_s"] for r in closed}
+            out[f"{task}_{n}"] = {"closed": closed, "open": opened, "best_answers_per_s": best,
+                                  "saturated_vs_best": {c: round(v / best, 2) for c, v in at.items() if c >= 200},
+                                  "wrong": sum(r["wrong"] for r in closed + opened)}
+    out["machine_after"] = {"load_average": [round(x, 1) for x in os.getloadavg()]}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
