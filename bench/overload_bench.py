@@ -83,7 +83,8 @@ class Server:
         cmd = [sys.executable, "-m", "lorafleet", "serve", "--model", str(model), "--adapters", str(adapters),
                "--host", "127.0.0.1", "--port", str(self.port), "--admin-port", str(free_port()),
                "--device-slots", "128", "--host-adapters", "512", "--max-batch-size", str(args.max_batch_size),
-               "--max-queue-delay-ms", str(args.max_queue_delay_ms), "--log-level", "warning"]
+               "--max-queue-delay-ms", str(args.max_queue_delay_ms), "--torch-threads", str(args.threads),
+               "--log-level", "warning"]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         import httpx
@@ -309,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="measured window of each run")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--procs", type=int, default=2, help="load generator processes")
-    p.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+                   help="the server's torch threads (--torch-threads; default the runtime's own: cores - 1)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2000.0)
     p.add_argument("--client-timeout", type=float, default=30.0)

@@ -36,6 +36,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-slots", type=int, help="env LORAFLEET_DEVICE_SLOTS")
     p.add_argument("--host-adapters", type=int, help="env LORAFLEET_HOST_ADAPTERS")
     p.add_argument("--max-rank", type=int, help="env LORAFLEET_MAX_RANK")
+    p.add_argument("--torch-threads", type=int,
+                   help="torch intra-op threads (env LORAFLEET_TORCH_THREADS; default on CPU: the machine's "
+                        "cores minus one, at least 1, so the HTTP event loop keeps a core)")
     p.add_argument("--max-model-len", type=int,
                    help="generation: positions per KV-cache row, prompt + generated (env LORAFLEET_MAX_MODEL_LEN; "
                         "default: the model's max_position_embeddings capped at 8192)")
@@ -47,7 +50,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace, **extra) -> RuntimeSettings:
     names = ["model_dir", "task", "dtype", "quantization", "device", "engine", "host", "port", "admin_port", "max_batch_size",
              "max_batch_delay_ms", "max_queue", "max_queue_delay_ms", "per_tenant_max_inflight", "device_slots", "host_adapters",
-             "max_rank", "served_model_name", "max_model_len"]
+             "max_rank", "served_model_name", "max_model_len", "torch_threads"]
     return RuntimeSettings.from_env(**{n: getattr(args, n, None) for n in names}, **extra)
 
 

@@ -21,6 +21,9 @@ class RuntimeSettings:
     quantization: str = "none"  # the base's linear layers: none | int8 | nf4 (runtime/quantization.py)
     device: str = "cpu"
     engine: str = "auto"
+    # torch's intra-op threads; 0: on CPU, one core fewer than the machine has (at least 1), so the
+    # event loop keeps a core; elsewhere torch's default.
+    torch_threads: int = 0
     host: str = "0.0.0.0"
     port: int = RUNTIME_PORT
     admin_port: int = ADMIN_PORT
@@ -54,7 +57,7 @@ class RuntimeSettings:
             "max_queue": RuntimeEnv.MAX_QUEUE, "max_queue_delay_ms": RuntimeEnv.MAX_QUEUE_DELAY_MS, "per_tenant_max_inflight": RuntimeEnv.PER_TENANT_MAX_INFLIGHT,
             "device_slots": RuntimeEnv.DEVICE_SLOTS, "host_adapters": RuntimeEnv.HOST_ADAPTERS,
             "max_rank": RuntimeEnv.MAX_RANK, "served_model_name": RuntimeEnv.SERVED_MODEL_NAME,
-            "max_model_len": RuntimeEnv.MAX_MODEL_LEN,
+            "max_model_len": RuntimeEnv.MAX_MODEL_LEN, "torch_threads": RuntimeEnv.TORCH_THREADS,
             "merged_adapter_dir": RuntimeEnv.MERGED_ADAPTER_DIR, "merged_adapter_name": RuntimeEnv.MERGED_ADAPTER_NAME,
             "merged_adapter_version": RuntimeEnv.MERGED_ADAPTER_VERSION,
             "merged_adapter_tenant": RuntimeEnv.MERGED_ADAPTER_TENANT,
@@ -92,6 +95,8 @@ class RuntimeSettings:
                      "max_rank"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.torch_threads < 0:
+            problems.append(f"torch_threads must not be negative (got {self.torch_threads}; 0 = automatic)")
         if self.max_model_len < 0:
             problems.append(f"max_model_len must not be negative (got {self.max_model_len}; 0 = the model's length, "
                             "capped at 8192)")

@@ -136,3 +136,16 @@ def test_settings_from_env_and_flags():
     assert RuntimeSettings.from_env({"LORAFLEET_MAX_QUEUE_DELAY_MS": "250"}, max_queue_delay_ms=0).max_queue_delay_ms == 0
     with pytest.raises(ValueError, match="max_queue_delay_ms must not be negative"):
         RuntimeSettings.from_env({"LORAFLEET_MAX_QUEUE_DELAY_MS": "-1"})
+
+
+def test_torch_threads_leave_the_event_loop_a_core_on_cpu(monkeypatch):
+    from lorafleet.runtime.lifecycle import torch_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert torch_threads(RuntimeSettings.from_env({})) == 7
+    assert torch_threads(RuntimeSettings.from_env({"LORAFLEET_TORCH_THREADS": "3"})) == 3
+    assert torch_threads(RuntimeSettings.from_env({}, device="cuda")) == 0  # torch's default there
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert torch_threads(RuntimeSettings.from_env({})) == 1
+    with pytest.raises(ValueError, match="torch_threads must not be negative"):
+        RuntimeSettings.from_env({"LORAFLEET_TORCH_THREADS": "-2"})
