@@ -52,10 +52,13 @@ def make_adapters(model: Path, out: Path, n: int) -> None:
     shutil.rmtree(proto)
 
 
+METRICS_URLS: dict[str, str] = {}  # a replica's public URL -> its metrics URL
+
+
 def device_fills(url: str) -> float:
     """Adapters written into device slots so far: evictions plus the slots now occupied (nothing is
     unregistered during the run, so every other fill is still resident)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    text = httpx.get(f"{METRICS_URLS[url]}/metrics", timeout=10).text
     ev = float(re.search(r'lorafleet_runtime_adapter_evictions_total\{tier="device"\} (\S+)', text).group(1))
     resident = float(re.search(r'lorafleet_runtime_adapters\{tier="device"\} (\S+)', text).group(1))
     return ev + resident
@@ -137,9 +140,11 @@ def start_replicas(args, model: Path, adapters: Path, logs: Path) -> tuple[list[
         procs.append(ManagedProcess(name, [
             sys.executable, "-m", "lorafleet", "serve", "--model", str(model), "--adapters", str(adapters),
             "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(free_port()),
+            "--metrics-port", str(metrics_port := free_port()),
             "--device-slots", str(args.slots), "--host-adapters", str(args.adapters),
             "--max-batch-delay-ms", "1", "--log-level", "warning"], logs / f"{name}.log", env=env))
         urls[name] = f"http://127.0.0.1:{port}"
+        METRICS_URLS[urls[name]] = f"http://127.0.0.1:{metrics_port}"
     for p, url in zip(procs, urls.values()):
         p.wait_until(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 300, "ready")
     return procs, urls

@@ -36,6 +36,9 @@ ROUTES_KEY = "routes.json"  # key of the routes ConfigMaps
 RUNTIME_PORT = 8000
 ADMIN_PORT = 8001  # runtime admin API, bound to 127.0.0.1 only
 SIDECAR_METRICS_PORT = 9090
+# The runtime's Prometheus /metrics, on the pod IP (for scrapers) but off the public port: tenants' names
+# are labels there, and the public port is reachable through the gateway.
+RUNTIME_METRICS_PORT = 9100
 CACHE_MOUNT = "/var/lib/lorafleet"
 CACHE_VOLUME = "cache"
 
@@ -113,6 +116,7 @@ class RuntimeEnv:
     ENGINE = "LORAFLEET_ENGINE"  # auto, torch or vllm
     PORT = "LORAFLEET_PORT"
     ADMIN_PORT = "LORAFLEET_ADMIN_PORT"
+    METRICS_PORT = "LORAFLEET_METRICS_PORT"  # /metrics only (names.RUNTIME_METRICS_PORT)
     MAX_BATCH_SIZE = "LORAFLEET_MAX_BATCH_SIZE"
     MAX_BATCH_DELAY_MS = "LORAFLEET_MAX_BATCH_DELAY_MS"
     MAX_QUEUE = "LORAFLEET_MAX_QUEUE"

@@ -168,9 +168,20 @@ class RuntimeSpec(_Model):
                     "above the model's max_position_embeddings the runtime refuses to start")
 
 
+_K8S_OBJECT = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
 class SidecarSpec(_Model):
     image: str = Field("lorafleet/control:0.1.0", description="Sidecar container image")
     resources: ResourceRequirements | None = None
+    liveness_probe: dict[str, Any] | None = Field(
+        None, json_schema_extra=_K8S_OBJECT,
+        description="The sidecar container's livenessProbe (a Kubernetes Probe); default: HTTP GET /metrics on its "
+                    "metrics port every 20 s, 3 failures")
+    readiness_probe: dict[str, Any] | None = Field(
+        None, json_schema_extra=_K8S_OBJECT,
+        description="The sidecar container's readinessProbe (a Kubernetes Probe; a native sidecar's readiness is "
+                    "part of the pod's); default: none")
 
 
 class CacheSpec(_Model):
@@ -271,9 +282,41 @@ class PlacementSpec(_Model):
         return v
 
 
+class Toleration(_Model):
+    key: str | None = Field(None, max_length=317)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class LocalObjectReference(_Model):
+    name: str = Field(max_length=253, pattern=DNS_LABEL_PATTERN.replace("{0,61}", "{0,251}"))
+
+
+class DisruptionSpec(_Model):
+    """The pool's PodDisruptionBudget (voluntary evictions: node drains, cluster upgrades)."""
+    max_unavailable: IntOrString | None = Field(
+        None, description="Pool pods a drain may take down at once (a number or a percentage); default 1 with "
+                          "2 or more replicas, and no PodDisruptionBudget with fewer")
+    enabled: bool = Field(True, description="false: no PodDisruptionBudget")
+
+
 class BaseModelPoolSpec(_Model):
     model: ModelSpec
     replicas: int = Field(1, ge=0, le=1000)
+    # Where and how the pool's pods run: passed through to the pod template as Kubernetes takes them.
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, description="The pool pods' nodeSelector")
+    tolerations: list[Toleration] | None = Field(None, max_length=64, description="The pool pods' tolerations")
+    affinity: dict[str, Any] | None = Field(None, json_schema_extra=_K8S_OBJECT,
+                                            description="The pool pods' affinity (a Kubernetes Affinity)")
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        None, max_length=16, description="Secrets the kubelet pulls the images with (the pods never read them)")
+    pod_annotations: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(
+        None, description="Annotations of the pool's pods (the operator's own prometheus.io/* ones are kept)")
+    priority_class_name: str | None = Field(None, max_length=253, description="The pool pods' PriorityClass")
+    disruption: DisruptionSpec | None = Field(None, description="The pool's PodDisruptionBudget")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     sidecar: SidecarSpec = Field(default_factory=SidecarSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)

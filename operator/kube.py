@@ -14,6 +14,7 @@ from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import ConfigMap, Service, ServiceAccount
 from lightkube.resources.networking_v1 import Ingress, NetworkPolicy
+from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
 from lightkube.types import PatchType
 
@@ -34,10 +35,11 @@ LoRATenantResource = create_namespaced_resource(names.GROUP, names.VERSION, name
                                                 names.TENANT_PLURAL)
 
 KINDS = {"Deployment": Deployment, "ConfigMap": ConfigMap, "Service": Service, "ServiceAccount": ServiceAccount,
-         "Ingress": Ingress, "NetworkPolicy": NetworkPolicy, "Role": Role, "RoleBinding": RoleBinding}
-# Owned kinds without a generation to compare, watched for drift field by field (Deployments go by
-# generation, routes ConfigMaps by their text).
-DRIFT_CHECKED = frozenset({"Service", "ServiceAccount", "Ingress"})
+         "Ingress": Ingress, "NetworkPolicy": NetworkPolicy, "Role": Role, "RoleBinding": RoleBinding,
+         "PodDisruptionBudget": PodDisruptionBudget}
+# Owned kinds watched for drift field by field: what the operator applied must still hold (Deployments
+# go by generation, routes ConfigMaps by their text).
+DRIFT_CHECKED = frozenset({"Service", "ServiceAccount", "Ingress", "PodDisruptionBudget"})
 
 # Status writes in flight at once: enough to keep the API server busy at startup with 10,000
 # adapters, few enough not to starve its other clients. Routes and pool objects have their own

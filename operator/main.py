@@ -102,6 +102,12 @@ async def ingress_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     FLEET.owned_event("Ingress", type, dict(body))
 
 
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
+async def pdb_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.in_handler()
+    FLEET.owned_event("PodDisruptionBudget", type, dict(body))
+
+
 @kopf.on.event("configmaps", labels={names.LABEL_ROUTES_FOR: kopf.PRESENT})
 async def routes_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     FLEET.in_handler()

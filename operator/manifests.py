@@ -48,6 +48,7 @@ def runtime_env(pool: str, spec: BaseModelPoolSpec, merged: "MergedRef | None" =
         RuntimeEnv.ENGINE: spec.runtime.engine.value,
         RuntimeEnv.PORT: names.RUNTIME_PORT,
         RuntimeEnv.ADMIN_PORT: names.ADMIN_PORT,
+        RuntimeEnv.METRICS_PORT: names.RUNTIME_METRICS_PORT,
         RuntimeEnv.MAX_BATCH_SIZE: spec.runtime.max_batch_size,
         RuntimeEnv.MAX_BATCH_DELAY_MS: spec.runtime.max_batch_delay_ms,
         RuntimeEnv.MAX_QUEUE: spec.runtime.max_queue,
@@ -98,15 +99,60 @@ def sidecar_env(pool: str, spec: BaseModelPoolSpec, merged: "MergedRef | None" =
     return env
 
 
+# Pod Security "restricted" for every container the operator makes: no root, no privilege escalation,
+# no capabilities, the runtime's default seccomp profile, a read-only root filesystem (the images'
+# user, 10001, has its home in /tmp, an emptyDir of its own).
+POD_SECURITY: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY: dict[str, Any] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                      "capabilities": {"drop": ["ALL"]}}
+TMP_VOLUME = "tmp"
+# Scratch space: Python, torch and the HF libraries write caches under $HOME (/tmp in the images).
+TMP_SIZE = "1Gi"
+
+
+def pod_annotations(spec: BaseModelPoolSpec) -> dict[str, str]:
+    """The pool pods' annotations: the pool's own, then where Prometheus scrapes the runtime (its own
+    port: /metrics is not on the public one), which the pool cannot override."""
+    out = dict(spec.pod_annotations or {})
+    out.update({"prometheus.io/scrape": "true", "prometheus.io/port": str(names.RUNTIME_METRICS_PORT),
+                "prometheus.io/path": "/metrics"})
+    return out
+
+
+def placement(spec: BaseModelPoolSpec) -> dict[str, Any]:
+    """What the pool says about where its pods run, as the pod spec takes it (unset fields left out)."""
+    out: dict[str, Any] = {}
+    if spec.node_selector:
+        out["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        out["tolerations"] = [t.wire() for t in spec.tolerations]
+    if spec.affinity:
+        out["affinity"] = spec.affinity
+    if spec.image_pull_secrets:
+        out["imagePullSecrets"] = [r.wire() for r in spec.image_pull_secrets]
+    if spec.priority_class_name:
+        out["priorityClassName"] = spec.priority_class_name
+    return out
+
+
+def sidecar_liveness(spec: BaseModelPoolSpec) -> dict[str, Any]:
+    if spec.sidecar.liveness_probe is not None:
+        return spec.sidecar.liveness_probe
+    return {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 20, "failureThreshold": 3,
+            "timeoutSeconds": 5}
+
+
 def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
                merged: "MergedRef | None" = None) -> Manifest:
     labels = names.pool_labels(pool, "runtime")
-    mount = [{"name": names.CACHE_VOLUME, "mountPath": names.CACHE_MOUNT}]
+    mount = [{"name": names.CACHE_VOLUME, "mountPath": names.CACHE_MOUNT},
+             {"name": TMP_VOLUME, "mountPath": "/tmp"}]
     runtime = {
         "name": names.RUNTIME_CONTAINER,
         "image": spec.runtime.image,
         "command": ["lorafleet", "runtime"],
-        "ports": [{"name": "http", "containerPort": names.RUNTIME_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "http", "containerPort": names.RUNTIME_PORT, "protocol": "TCP"},
+                  {"name": "runtime-metrics", "containerPort": names.RUNTIME_METRICS_PORT, "protocol": "TCP"}],
         "env": runtime_env(pool, spec, merged),
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
                            "failureThreshold": 3},
@@ -116,6 +162,7 @@ def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
                           "failureThreshold": 3},
         "resources": _resources(spec.runtime.resources),
+        "securityContext": CONTAINER_SECURITY,
         "volumeMounts": mount,
     }
     sidecar = {
@@ -126,9 +173,13 @@ def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
         "restartPolicy": "Always",
         "ports": [{"name": "metrics", "containerPort": names.SIDECAR_METRICS_PORT, "protocol": "TCP"}],
         "env": sidecar_env(pool, spec, merged),
+        "livenessProbe": sidecar_liveness(spec),
         "resources": _resources(spec.sidecar.resources),
+        "securityContext": CONTAINER_SECURITY,
         "volumeMounts": mount,
     }
+    if spec.sidecar.readiness_probe is not None:
+        sidecar["readinessProbe"] = spec.sidecar.readiness_probe
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _meta(names.deployment_name(pool), namespace, pool, uid, "runtime"),
@@ -136,17 +187,34 @@ def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
             "replicas": spec.replicas,
             "selector": {"matchLabels": names.pod_selector(pool)},
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": labels, "annotations": pod_annotations(spec)},
                 "spec": {
                     "serviceAccountName": names.sidecar_service_account(pool),
+                    "securityContext": POD_SECURITY,
+                    **placement(spec),
                     "initContainers": [sidecar],
                     "containers": [runtime],
                     "volumes": [{"name": names.CACHE_VOLUME,
-                                 "emptyDir": {"sizeLimit": str(spec.cache.disk_bytes)}}],
+                                 "emptyDir": {"sizeLimit": str(spec.cache.disk_bytes)}},
+                                {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": TMP_SIZE}}],
                 },
             },
         },
     }
+
+
+def pod_disruption_budget(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> Manifest | None:
+    """At most ``spec.disruption.maxUnavailable`` (default 1) pool pods evicted at once by a drain; none
+    for a pool of fewer than 2 replicas unless asked (a budget of 0 unavailable would block drains)."""
+    d = spec.disruption
+    if d is not None and not d.enabled:
+        return None
+    if (d is None or d.max_unavailable is None) and spec.replicas < 2:
+        return None
+    max_unavailable = d.max_unavailable if d is not None and d.max_unavailable is not None else 1
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": _meta(names.deployment_name(pool), namespace, pool, uid, "runtime"),
+            "spec": {"maxUnavailable": max_unavailable, "selector": {"matchLabels": names.pod_selector(pool)}}}
 
 
 def service_account(pool: str, namespace: str, uid: str) -> Manifest:
@@ -287,9 +355,8 @@ def gateway_deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolS
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20},
         "resources": _resources(gw.resources),
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -301,9 +368,9 @@ def gateway_deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolS
                 "metadata": {"labels": gateway_labels(pool)},
                 "spec": {
                     "serviceAccountName": names.gateway_name(pool),
-                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": POD_SECURITY,
                     "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                    "volumes": [{"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}}],
                 },
             },
         },
@@ -335,7 +402,8 @@ def gateway_rbac(pool: str, namespace: str, uid: str) -> list[Manifest]:
 def runtime_network_policy(pool: str, namespace: str, uid: str) -> Manifest:
     """With a gateway, the pool's runtime port answers the pool's gateway pods only: tenants' keys are
     checked there, and the pool's Service would otherwise let any pod of the cluster around them. The
-    sidecar's metrics port stays open to scrapers; the runtime's admin port listens on 127.0.0.1."""
+    metrics ports (the sidecar's and the runtime's) stay open to scrapers; the runtime's admin port
+    listens on 127.0.0.1."""
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": _meta(names.gateway_name(pool), namespace, pool, uid, "gateway"),
@@ -345,7 +413,8 @@ def runtime_network_policy(pool: str, namespace: str, uid: str) -> Manifest:
             "ingress": [
                 {"from": [{"podSelector": {"matchLabels": {names.LABEL_GATEWAY_FOR: pool}}}],
                  "ports": [{"protocol": "TCP", "port": names.RUNTIME_PORT}]},
-                {"ports": [{"protocol": "TCP", "port": names.SIDECAR_METRICS_PORT}]},
+                {"ports": [{"protocol": "TCP", "port": names.SIDECAR_METRICS_PORT},
+                           {"protocol": "TCP", "port": names.RUNTIME_METRICS_PORT}]},
             ],
         },
     }
@@ -371,6 +440,8 @@ def stale_children(pool: str, spec: BaseModelPoolSpec, sidecar_cluster_role: str
                 ("ServiceAccount", gw)]
     if not sidecar_cluster_role:
         out.append(("RoleBinding", sidecar_pods_binding_name(pool)))
+    if pod_disruption_budget(pool, "", "", spec) is None:
+        out.append(("PodDisruptionBudget", names.deployment_name(pool)))
     return out
 
 
@@ -391,6 +462,9 @@ def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, 
     ing = ingress(pool, namespace, uid, spec)
     if ing is not None:
         out.append(ing)
+    pdb = pod_disruption_budget(pool, namespace, uid, spec)
+    if pdb is not None:
+        out.append(pdb)
     if spec.model.merged_adapter is None or merged is not None:
         # A merged pool whose adapter cannot be resolved gets no Deployment (its status says why):
         # pods of the plain base would answer as the adapter. One already running keeps its version.

@@ -1,5 +1,6 @@
-"""The runtime's two ASGI apps: the public one (OpenAI, TGI and classification routers, health,
-readiness, metrics) and the admin one (127.0.0.1 only). Handlers live in the ``routes_*`` modules;
+"""The runtime's three ASGI apps: the public one (OpenAI, TGI and classification routers, health,
+readiness), the metrics one (Prometheus ``/metrics`` alone, on its own port) and the admin one
+(127.0.0.1 only). Handlers live in the ``routes_*`` modules;
 the ``Runtime`` they serve is in lifecycle.py, the servers in server.py."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from lorafleet.runtime import routes_admin, routes_classify, routes_images, rout
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.protocol import ApiError, error_response
 
-UNMETERED = ("/metrics", "/healthz", "/readyz")
+UNMETERED = ("/healthz", "/readyz")
 
 
 def install_errors(app: FastAPI) -> None:
@@ -96,16 +97,25 @@ def public_app(rt: Runtime) -> FastAPI:
             return error_response(503, f"not ready: {why}", "service_unavailable", "not_ready")
         return {"status": "ready"}
 
+    app.include_router(routes_openai.router(rt))
+    app.include_router(routes_tgi.router(rt))
+    app.include_router(routes_classify.router(rt))
+    app.include_router(routes_images.router(rt))
+    return app
+
+
+def metrics_app(rt: Runtime) -> FastAPI:
+    """``/metrics`` on a port of its own: scrapers reach it on the pod IP, while the public port (which the
+    gateway and the ingress reach) answers 404 for it, as tenants' names are labels there."""
+    app = FastAPI(title="lorafleet runtime metrics", docs_url=None, redoc_url=None, openapi_url=None)
+    install_errors(app)
+
     @app.get("/metrics")
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(rt.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(routes_openai.router(rt))
-    app.include_router(routes_tgi.router(rt))
-    app.include_router(routes_classify.router(rt))
-    app.include_router(routes_images.router(rt))
     return app
 
 

@@ -26,6 +26,8 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="public API bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="public API port (env LORAFLEET_PORT, default 8000)")
     p.add_argument("--admin-port", type=int, help="admin API port on 127.0.0.1 (env LORAFLEET_ADMIN_PORT, 8001)")
+    p.add_argument("--metrics-port", type=int,
+                   help="Prometheus /metrics, on --host (env LORAFLEET_METRICS_PORT, default 9100; not on the public port)")
     p.add_argument("--max-batch-size", type=int, help="env LORAFLEET_MAX_BATCH_SIZE")
     p.add_argument("--max-batch-delay-ms", type=float, help="env LORAFLEET_MAX_BATCH_DELAY_MS")
     p.add_argument("--max-queue", type=int, help="env LORAFLEET_MAX_QUEUE")
@@ -48,7 +50,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace, **extra) -> RuntimeSettings:
-    names = ["model_dir", "task", "dtype", "quantization", "device", "engine", "host", "port", "admin_port", "max_batch_size",
+    names = ["model_dir", "task", "dtype", "quantization", "device", "engine", "host", "port", "admin_port", "metrics_port", "max_batch_size",
              "max_batch_delay_ms", "max_queue", "max_queue_delay_ms", "per_tenant_max_inflight", "device_slots", "host_adapters",
              "max_rank", "served_model_name", "max_model_len", "torch_threads"]
     return RuntimeSettings.from_env(**{n: getattr(args, n, None) for n in names}, **extra)
@@ -71,13 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         print("lorafleet runtime: no model directory; pass --model DIR or set LORAFLEET_MODEL_DIR", file=sys.stderr)
         return 2
     from lorafleet.runtime.lifecycle import Runtime
-    from lorafleet.runtime.server import bind, serve_until_signalled
+    from lorafleet.runtime.server import bind_all, serve_until_signalled
 
+    try:
+        socks = bind_all(settings)
+    except OSError as e:
+        print(f"lorafleet runtime: {e}", file=sys.stderr)
+        return 2
     rt = Runtime(settings)
     rt.freeze_gc = True
-    public, admin = bind(settings.host, settings.port), bind("127.0.0.1", settings.admin_port)
     rt.load_in_background(wait_s=args.model_wait_s)
-    return serve_until_signalled(rt, public, admin, log_level=args.log_level)
+    return serve_until_signalled(rt, *socks, log_level=args.log_level)
 
 
 if __name__ == "__main__":

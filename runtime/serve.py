@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from lorafleet.runtime.lifecycle import Runtime
-    from lorafleet.runtime.server import bind, serve_until_signalled
+    from lorafleet.runtime.server import bind_all, serve_until_signalled
 
     rt = Runtime(settings)
     rt.require_sync = False  # no sidecar: ready once the model and the folder's adapters are loaded
@@ -162,9 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         log.warning("%d adapters refused (GET /admin/adapters lists them with the reason); %d serve",
                     len(failed), sum(1 for e in rt.manager.all() if e.error is None))
-    public, admin = bind(settings.host, settings.port), bind("127.0.0.1", settings.admin_port)
-    log.info("listening on %s:%d (admin 127.0.0.1:%d)", settings.host, settings.port, settings.admin_port)
-    return serve_until_signalled(rt, public, admin, log_level=args.log_level)
+    try:
+        socks = bind_all(settings)
+    except OSError as e:
+        print(f"lorafleet serve: {e}", file=sys.stderr)
+        return 2
+    log.info("listening on %s:%d (admin 127.0.0.1:%d, metrics %s:%d)", settings.host, settings.port,
+             settings.admin_port, settings.host, settings.metrics_port)
+    return serve_until_signalled(rt, *socks, log_level=args.log_level)
 
 
 if __name__ == "__main__":

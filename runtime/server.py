@@ -1,4 +1,4 @@
-"""Server plumbing: sockets, the public and admin uvicorn servers in one event loop, the commands'
+"""Server plumbing: sockets, the public, metrics and admin uvicorn servers in one event loop, the commands'
 signal handling, and ``RuntimeServer`` (the runtime on loopback ports in a thread, for tests,
 benchmarks and ``lorafleet serve``)."""
 
@@ -9,17 +9,40 @@ import contextlib
 import socket
 import threading
 
-from lorafleet.runtime.app import admin_app, public_app
+from lorafleet.runtime.app import admin_app, metrics_app, public_app
 from lorafleet.runtime.lifecycle import Runtime
 
 
 def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def bind_all(settings) -> tuple[socket.socket, socket.socket, socket.socket]:
+    """The public, admin (127.0.0.1) and metrics sockets of ``RuntimeSettings``; OSError names the one
+    that cannot be had (a port in use: pass another --port, --admin-port or --metrics-port)."""
+    socks: list[socket.socket] = []
+    try:
+        for host, port, flag in ((settings.host, settings.port, "--port"), ("127.0.0.1", settings.admin_port,
+                                                                               "--admin-port"),
+                                 (settings.host, settings.metrics_port, "--metrics-port")):
+            try:
+                socks.append(bind(host, port))
+            except OSError as e:
+                raise OSError(e.errno, f"{e.strerror} (pass another {flag})") from None
+    except OSError:
+        for s in socks:
+            s.close()
+        raise
+    return socks[0], socks[1], socks[2]
 
 
 class _QuietServer:
@@ -46,34 +69,36 @@ def exit_quietly_after_signals() -> None:
 
 
 async def serve_async(rt: Runtime, public_sock: socket.socket, admin_sock: socket.socket,
-                      stop: asyncio.Event | None = None, log_level: str = "info", on_started=None) -> None:
-    """Run the public and admin servers until the public one exits (signal) or ``stop`` is set."""
+                      metrics_sock: socket.socket, stop: asyncio.Event | None = None, log_level: str = "info",
+                      on_started=None) -> None:
+    """Run the public, admin and metrics servers until the public one exits (signal) or ``stop`` is set."""
     import uvicorn
 
     pub_cfg = uvicorn.Config(public_app(rt), log_level=log_level, timeout_graceful_shutdown=5)
-    adm_cfg = uvicorn.Config(admin_app(rt), log_level=log_level, timeout_graceful_shutdown=5)
     pub = uvicorn.Server(pub_cfg) if stop is None else _QuietServer(pub_cfg)
-    adm = _QuietServer(adm_cfg)
-    adm_task = asyncio.create_task(adm.serve(sockets=[admin_sock]))
+    others = [(_QuietServer(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)), sock)
+              for app, sock in ((admin_app(rt), admin_sock), (metrics_app(rt), metrics_sock))]
+    tasks = [asyncio.create_task(srv.serve(sockets=[sock])) for srv, sock in others]
     pub_task = asyncio.create_task(pub.serve(sockets=[public_sock]))
     if on_started is not None:
-        while not (pub.started and adm.started):
+        while not (pub.started and all(srv.started for srv, _ in others)):
             await asyncio.sleep(0.01)
         on_started()
     if stop is not None:
         await stop.wait()
         pub.should_exit = True
     await pub_task
-    adm.should_exit = True
-    await adm_task
+    for srv, _ in others:
+        srv.should_exit = True
+    await asyncio.gather(*tasks)
 
 
 def serve_until_signalled(rt: Runtime, public_sock: socket.socket, admin_sock: socket.socket,
-                          log_level: str = "info") -> int:
-    """The commands' main loop: serve both APIs until SIGTERM/SIGINT, then close the runtime; 0."""
+                          metrics_sock: socket.socket, log_level: str = "info") -> int:
+    """The commands' main loop: serve the three APIs until SIGTERM/SIGINT, then close the runtime; 0."""
     exit_quietly_after_signals()
     try:
-        asyncio.run(serve_async(rt, public_sock, admin_sock, log_level=log_level))
+        asyncio.run(serve_async(rt, public_sock, admin_sock, metrics_sock, log_level=log_level))
     finally:
         rt.close()
     return 0
@@ -82,12 +107,15 @@ def serve_until_signalled(rt: Runtime, public_sock: socket.socket, admin_sock: s
 class RuntimeServer:
     """The runtime on loopback ports in a background thread (tests, benchmarks, ``lorafleet serve``)."""
 
-    def __init__(self, rt: Runtime, host: str = "127.0.0.1", port: int = 0, admin_port: int = 0):
+    def __init__(self, rt: Runtime, host: str = "127.0.0.1", port: int = 0, admin_port: int = 0,
+                 metrics_port: int = 0):
         self.rt = rt
         self.public_sock = bind(host, port)
         self.admin_sock = bind("127.0.0.1", admin_port)
+        self.metrics_sock = bind(host, metrics_port)
         self.url = f"http://{host}:{self.public_sock.getsockname()[1]}"
         self.admin_url = f"http://127.0.0.1:{self.admin_sock.getsockname()[1]}"
+        self.metrics_url = f"http://{host}:{self.metrics_sock.getsockname()[1]}"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
@@ -97,7 +125,8 @@ class RuntimeServer:
         async def main():
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await serve_async(self.rt, self.public_sock, self.admin_sock, self._stop, "warning", self._started.set)
+            await serve_async(self.rt, self.public_sock, self.admin_sock, self.metrics_sock, self._stop, "warning",
+                              self._started.set)
 
         asyncio.run(main())
 
@@ -114,6 +143,7 @@ class RuntimeServer:
         self.rt.close()
         self.public_sock.close()
         self.admin_sock.close()
+        self.metrics_sock.close()
 
     def __enter__(self) -> "RuntimeServer":
         return self.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from lorafleet.contracts.names import ADMIN_PORT, RUNTIME_PORT, RuntimeEnv
+from lorafleet.contracts.names import ADMIN_PORT, RUNTIME_METRICS_PORT, RUNTIME_PORT, RuntimeEnv
 
 QUANTIZATIONS = ("none", "int8", "nf4")  # what each means: runtime/quantization.py
 TASKS = ("sequence-classification", "text-generation", "text-to-image")
@@ -27,6 +27,7 @@ class RuntimeSettings:
     host: str = "0.0.0.0"
     port: int = RUNTIME_PORT
     admin_port: int = ADMIN_PORT
+    metrics_port: int = RUNTIME_METRICS_PORT  # /metrics only, on `host`
     max_batch_size: int = 32
     max_batch_delay_ms: float = 5.0
     max_queue: int = 1024
@@ -53,6 +54,7 @@ class RuntimeSettings:
             "model_dir": RuntimeEnv.MODEL_DIR, "cache_dir": RuntimeEnv.CACHE_DIR, "task": RuntimeEnv.TASK,
             "dtype": RuntimeEnv.DTYPE, "quantization": RuntimeEnv.QUANTIZATION, "engine": RuntimeEnv.ENGINE,
             "port": RuntimeEnv.PORT, "admin_port": RuntimeEnv.ADMIN_PORT,
+            "metrics_port": RuntimeEnv.METRICS_PORT,
             "max_batch_size": RuntimeEnv.MAX_BATCH_SIZE, "max_batch_delay_ms": RuntimeEnv.MAX_BATCH_DELAY_MS,
             "max_queue": RuntimeEnv.MAX_QUEUE, "max_queue_delay_ms": RuntimeEnv.MAX_QUEUE_DELAY_MS, "per_tenant_max_inflight": RuntimeEnv.PER_TENANT_MAX_INFLIGHT,
             "device_slots": RuntimeEnv.DEVICE_SLOTS, "host_adapters": RuntimeEnv.HOST_ADAPTERS,

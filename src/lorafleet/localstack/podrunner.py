@@ -40,8 +40,10 @@ log = logging.getLogger("lorafleet.podrunner")
 NODE_NAME = "lorafleet-local"
 LOCAL_PORTS_ANNOTATION = "lorafleet.io/local-ports"
 DEFAULT_SELECTOR = {"app.kubernetes.io/name": "lorafleet"}
-# Ports every pool pod uses even where no container declares them (admin API, sidecar metrics).
-IMPLICIT_PORTS = (8000, 8001, 9090)
+# Ports every pool pod uses even where no container declares them (admin API, metrics). A container's
+# securityContext (non-root, read-only root, no capabilities) is not enforced: the processes run as the
+# runner's user, writing only under the pod's own folder.
+IMPLICIT_PORTS = (8000, 8001, 9090, 9100)
 
 
 def warm_decoders(*resources) -> None:

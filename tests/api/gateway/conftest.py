@@ -83,7 +83,8 @@ def pool(control_plane, kube, gw_adapters, tmp_path_factory):
             name = f"{POOL}-replica-{i}"
             p = ManagedProcess(name, [sys.executable, "-m", "lorafleet", "serve", "--model", str(model),
                                       "--adapters", str(adapters), "--host", "127.0.0.1", "--port", str(port),
-                                      "--admin-port", str(free_port()), "--max-batch-delay-ms", "1",
+                                      "--admin-port", str(free_port()), "--metrics-port", str(free_port()),
+                                      "--max-batch-delay-ms", "1",
                                       "--log-level", "warning"], logs / f"{name}.log", env=env)
             procs.append(p)
             replicas[name], urls[name] = p, f"http://127.0.0.1:{port}"

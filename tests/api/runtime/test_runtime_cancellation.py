@@ -46,7 +46,7 @@ def server(long_llama, adapters):
 def metric(srv, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples whose labels include ``labels``, as /metrics shows them."""
     total = 0.0
-    for family in text_string_to_metric_families(httpx.get(srv.url + "/metrics").text):
+    for family in text_string_to_metric_families(httpx.get(srv.metrics_url + "/metrics").text):
         for s in family.samples:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value

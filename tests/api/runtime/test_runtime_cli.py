@@ -44,7 +44,8 @@ def test_serve_a_folder_of_adapters(tiny_llama, gen_adapters, tmp_path):
     port, admin = _free_port(), _free_port()
     with open(tmp_path / "serve.log", "wb") as log:
         p = _start(["serve", "--model", str(tiny_llama), "--adapters", str(folder), "--port", str(port),
-                    "--admin-port", str(admin), "--host", "127.0.0.1"], log=log)
+                    "--admin-port", str(admin), "--metrics-port", str(_free_port()), "--host", "127.0.0.1"],
+                   log=log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(url + "/readyz").status_code == 200, timeout=120, what="lorafleet serve ready")
@@ -63,9 +64,10 @@ def test_runtime_waits_for_its_model_then_loads_adapters_from_the_cache(tiny_lla
     model_dir = cache / "models" / "m"
     digest = directory_digest(gen_adapters["gen2"])
     shutil.copytree(gen_adapters["gen2"], cache / "adapters" / digest)
-    port, admin_port = _free_port(), _free_port()
+    port, admin_port, metrics_port = _free_port(), _free_port(), _free_port()
     env = {"LORAFLEET_MODEL_DIR": str(model_dir), "LORAFLEET_CACHE_DIR": str(cache), "LORAFLEET_PORT": str(port),
-           "LORAFLEET_ADMIN_PORT": str(admin_port), "LORAFLEET_DEVICE_SLOTS": "2", "LORAFLEET_MAX_BATCH_SIZE": "4"}
+           "LORAFLEET_ADMIN_PORT": str(admin_port),
+           "LORAFLEET_METRICS_PORT": str(metrics_port), "LORAFLEET_DEVICE_SLOTS": "2", "LORAFLEET_MAX_BATCH_SIZE": "4"}
     with open(tmp_path / "runtime.log", "wb") as log:
         p = _start(["runtime", "--host", "127.0.0.1"], env=env, log=log)
     url, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
@@ -88,7 +90,8 @@ def test_runtime_waits_for_its_model_then_loads_adapters_from_the_cache(tiny_lla
         r = httpx.post(url + "/v1/chat/completions", json={"model": "acme", "max_tokens": 2,
                                                             "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200 and r.json()["model"] == "acme@1"
-        metrics = httpx.get(url + "/metrics").text
+        assert httpx.get(url + "/metrics").status_code == 404, "/metrics is not on the public port"
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert "lorafleet_runtime_adapters" in metrics
         # The model's objects are out of the collector's reach: full collections stay short.
         frozen = next(float(line.split()[-1]) for line in metrics.splitlines()

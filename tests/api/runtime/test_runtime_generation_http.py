@@ -126,7 +126,7 @@ def test_50_concurrent_clients_20_tenants_never_get_another_tenants_answer(serve
                 admin.delete("/admin/adapters/gen15/2")
             i += 1
 
-    evictions_before = _metric(server.url, 'lorafleet_runtime_adapter_evictions_total{tier="device"}')
+    evictions_before = _metric(server.metrics_url, 'lorafleet_runtime_adapter_evictions_total{tier="device"}')
     wrong, ok, missing = [], [], []
 
     def client(n: int):
@@ -161,7 +161,7 @@ def test_50_concurrent_clients_20_tenants_never_get_another_tenants_answer(serve
     assert not wrong, wrong[:5]
     assert len(ok) + len(missing) == 300 and len(ok) > 200
     assert len({s.split("@")[0] for s in ok}) == 20
-    assert _metric(server.url, 'lorafleet_runtime_adapter_evictions_total{tier="device"}') > evictions_before
+    assert _metric(server.metrics_url, 'lorafleet_runtime_adapter_evictions_total{tier="device"}') > evictions_before
 
 
 def test_bad_requests_get_documented_codes_and_the_server_keeps_serving(server, expected, tmp_path):

@@ -112,7 +112,7 @@ def test_concurrent_tenants_over_http_get_their_own_images(server, sd):
     for (name, prompt, seed), img in zip(jobs, got):
         want = _expected(oracle, adapters[name][1], prompt, seed=seed, steps=3)
         assert int(np.abs(img.astype(int) - want[0]).max()) <= 1, f"{name} seed {seed}"
-    metrics = httpx.get(server.url + "/metrics").text
+    metrics = httpx.get(server.metrics_url + "/metrics").text
     steps = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
              if line.startswith("lorafleet_runtime_denoising_steps_total{")}
     assert steps.get('tenant="style0"', 0) >= 6, steps
@@ -153,14 +153,14 @@ def test_lorafleet_serve_a_pipeline_folder_and_a_folder_of_loras(sd, tmp_path):
     for name in ("style0", "style1"):
         shutil.copytree(adapters[name][0], folder / name)
     ports = []
-    for _ in range(2):
+    for _ in range(3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
     with open(tmp_path / "serve.log", "wb") as log:
         p = subprocess.Popen([sys.executable, "-m", "lorafleet", "serve", "--model", str(base), "--adapters",
-                              str(folder), "--port", str(ports[0]), "--admin-port", str(ports[1]), "--host",
-                              "127.0.0.1"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log,
+                              str(folder), "--port", str(ports[0]), "--admin-port", str(ports[1]),
+                              "--metrics-port", str(ports[2]), "--host", "127.0.0.1"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log,
                              stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{ports[0]}"
     try:

@@ -19,7 +19,7 @@ from support.models import put_adapter, start_runtime
 
 def metric(url: str, name: str, **labels) -> float:
     """The sum of ``name``'s samples whose labels include ``labels`` (0 when none)."""
-    text = httpx.get(url + "/metrics").text
+    text = httpx.get(url + "/metrics").text  # url: the metrics port's
     total = 0.0
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -69,19 +69,34 @@ def classify(srv, model: str, timeout: float = 60):
     return httpx.post(srv.url + "/v1/classify", json={"model": model, "input": "where is my refund"}, timeout=timeout)
 
 
+def test_metrics_are_served_on_their_own_port_and_not_on_the_public_one(cls_server):
+    """Tenants' names are labels of /metrics, and the public port is what the gateway and the ingress
+    reach: the public port answers 404 for it, the metrics port serves it (and nothing else)."""
+    srv = cls_server
+    assert classify(srv, "cls0").status_code == 200
+    public = httpx.get(srv.url + "/metrics")
+    assert public.status_code == 404 and public.json()["error"]["code"] == "not_found"
+    scraped = httpx.get(srv.metrics_url + "/metrics")
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    assert metric(srv.metrics_url, "lorafleet_runtime_requests_total", tenant="cls0", endpoint="/v1/classify",
+                  status="200") >= 1
+    assert httpx.get(srv.metrics_url + "/v1/models").status_code == 404
+    assert httpx.get(srv.metrics_url + "/admin/adapters").status_code == 404
+
+
 def test_queued_past_the_bound_is_answered_429_while_the_worker_is_still_held(cls_server):
     srv = cls_server
     assert classify(srv, "cls0").status_code == 200
-    before = metric(srv.url, "lorafleet_runtime_shed_total", reason="queue_timeout")
+    before = metric(srv.metrics_url, "lorafleet_runtime_shed_total", reason="queue_timeout")
     with Held(srv.rt), ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda i: classify(srv, f"cls{i % 2}"), range(6)))
         # Every answer came back while the worker was still held: the bound, not the model, answered.
         for r in answers:
             shed_429(r, "queue_timeout")
             assert "maxQueueDelayMs (300 ms)" in r.json()["error"]["message"]
-        assert metric(srv.url, "lorafleet_runtime_shed_total", reason="queue_timeout") - before == 6
-        assert metric(srv.url, "lorafleet_runtime_queue_depth") == 0
-        assert metric(srv.url, "lorafleet_runtime_requests_total", endpoint="/v1/classify", status="429") >= 6
+        assert metric(srv.metrics_url, "lorafleet_runtime_shed_total", reason="queue_timeout") - before == 6
+        assert metric(srv.metrics_url, "lorafleet_runtime_queue_depth") == 0
+        assert metric(srv.metrics_url, "lorafleet_runtime_requests_total", endpoint="/v1/classify", status="429") >= 6
     assert classify(srv, "cls1").status_code == 200
 
 
@@ -101,10 +116,10 @@ def test_the_tenant_over_its_share_is_refused_first(minilm, cls_adapters):
                     sched.rate.took(1, 5, 0.0)
                     sched.rate.took(1, 5, 6.0)
                 heavy = [pool.submit(classify, srv, "cls0") for _ in range(15)]
-                wait_for(lambda: metric(srv.url, "lorafleet_runtime_shed_total", tenant="cls0") == 5
+                wait_for(lambda: metric(srv.metrics_url, "lorafleet_runtime_shed_total", tenant="cls0") == 5
                          and sched.queued == 10, what="the heavy tenant's first 10 queued, 5 refused")
                 light = [pool.submit(classify, srv, "cls1") for _ in range(8)]
-                wait_for(lambda: metric(srv.url, "lorafleet_runtime_shed_total", tenant="cls1") == 3
+                wait_for(lambda: metric(srv.metrics_url, "lorafleet_runtime_shed_total", tenant="cls1") == 3
                          and sched.queued == 15, what="the light tenant's 5 queued beside them, 3 refused")
             codes = {"cls0": [f.result().status_code for f in heavy], "cls1": [f.result().status_code for f in light]}
         assert sorted(codes["cls0"]) == [200] * 10 + [429] * 5
@@ -112,9 +127,9 @@ def test_the_tenant_over_its_share_is_refused_first(minilm, cls_adapters):
         for f in heavy + light:
             if f.result().status_code == 429:
                 shed_429(f.result(), "queue_delay")
-        assert metric(srv.url, "lorafleet_runtime_shed_total", tenant="cls0", reason="queue_delay") == 5
-        assert metric(srv.url, "lorafleet_runtime_shed_total", tenant="cls1", reason="queue_delay") == 3
-        assert metric(srv.url, "lorafleet_runtime_shed_total", reason="queue_timeout") == 0
+        assert metric(srv.metrics_url, "lorafleet_runtime_shed_total", tenant="cls0", reason="queue_delay") == 5
+        assert metric(srv.metrics_url, "lorafleet_runtime_shed_total", tenant="cls1", reason="queue_delay") == 3
+        assert metric(srv.metrics_url, "lorafleet_runtime_shed_total", reason="queue_timeout") == 0
     finally:
         srv.stop()
 
@@ -128,7 +143,7 @@ def test_a_client_that_gives_up_takes_its_work_out_of_the_queue(cls_server):
             with ThreadPoolExecutor(4) as pool:
                 gave_up = list(pool.map(lambda i: _times_out(srv, f"cls{i % 2}"), range(4)))
             assert gave_up == [True] * 4
-            wait_for(lambda: sched.queued == 0 and metric(srv.url, "lorafleet_runtime_queue_depth") == 0,
+            wait_for(lambda: sched.queued == 0 and metric(srv.metrics_url, "lorafleet_runtime_queue_depth") == 0,
                      what="the abandoned work leaving the queue while the worker is held")
             assert sched.load == {}
         finally:
@@ -158,7 +173,7 @@ def test_a_shed_stream_is_a_429_not_a_broken_stream(tiny_llama, gen_adapters):
             answers = list(pool.map(lambda c: httpx.post(srv.url + c[0], json=c[1], timeout=60), calls))
             for r in answers:
                 shed_429(r, "queue_timeout")
-            assert metric(srv.url, "lorafleet_runtime_shed_total", tenant="gen0", reason="queue_timeout") == 4
+            assert metric(srv.metrics_url, "lorafleet_runtime_shed_total", tenant="gen0", reason="queue_timeout") == 4
         for path, body in calls:
             with httpx.stream("POST", srv.url + path, json=body, timeout=60) as r:
                 assert r.status_code == 200

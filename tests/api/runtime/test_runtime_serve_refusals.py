@@ -97,7 +97,8 @@ def test_serve_refuses_each_bad_adapter_and_serves_the_rest(tiny_llama, gen_adap
     port, admin = _free_port(), _free_port()
     with open(tmp_path / "serve.log", "wb") as log:
         p = _start(["serve", "--model", str(tiny_llama), "--adapters", str(folder), "--port", str(port),
-                    "--admin-port", str(admin), "--host", "127.0.0.1"], env={"LORA_ADAPTERS": lora_adapters},
+                    "--admin-port", str(admin), "--metrics-port", str(_free_port()),
+                    "--host", "127.0.0.1"], env={"LORA_ADAPTERS": lora_adapters},
                    log=log)
     url = f"http://127.0.0.1:{port}"
     try:

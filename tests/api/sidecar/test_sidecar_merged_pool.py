@@ -46,7 +46,7 @@ def test_sidecar_fetches_the_merged_adapter_before_the_runtime_merges_it(kube, n
     log = open(tmp_path / "runtime.log", "ab")
     runtime = subprocess.Popen(
         [sys.executable, "-m", "lorafleet", "runtime", "--port", str(port), "--admin-port", str(admin),
-         "--log-level", "warning"],
+         "--metrics-port", str(free_port()), "--log-level", "warning"],
         env={**os.environ, "LORAFLEET_MODEL_DIR": str(cache_dir / "models" / model_sha),
              "LORAFLEET_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1",
              "LORAFLEET_MERGED_ADAPTER_DIR": str(cache_dir / "adapters" / ad_sha),

@@ -29,7 +29,7 @@ def test_sidecar_feeds_the_real_runtime(kube, namespace, pod, s3, bucket, tmp_pa
     log = open(tmp_path / "runtime.log", "ab")
     runtime = subprocess.Popen(
         [sys.executable, "-m", "lorafleet", "runtime", "--port", str(port), "--admin-port", str(admin),
-         "--log-level", "warning"],
+         "--metrics-port", str(free_port()), "--log-level", "warning"],
         env={**os.environ, "LORAFLEET_MODEL_DIR": str(cache_dir / "models" / model_sha),
              "LORAFLEET_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1"},
         stdout=log, stderr=subprocess.STDOUT)

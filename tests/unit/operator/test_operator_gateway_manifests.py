@@ -15,6 +15,7 @@ from lorafleet.operator import manifests
 
 BASE = {
     "model": {"uri": "s3://models/minilm/", "sha256": "a" * 64, "task": "sequence-classification"},
+    "replicas": 2,  # a PodDisruptionBudget of its own (not among what turning the gateway off deletes)
     "sidecar": {"image": "lorafleet/control:9.9"},
     "ingress": {"host": "minilm.example"},
 }
@@ -43,7 +44,8 @@ def test_enabled_gateway_children_in_apply_order_and_the_ingress_points_at_it():
     assert got == [("ServiceAccount", "lorafleet-p-sidecar"), ("Role", "lorafleet-p-sidecar"),
                    ("RoleBinding", "lorafleet-p-sidecar"), ("Service", "lorafleet-p"),
                    ("ServiceAccount", gw), ("Role", gw), ("RoleBinding", gw), ("Service", gw), ("Deployment", gw),
-                   ("NetworkPolicy", gw), ("Ingress", "lorafleet-p"), ("Deployment", "lorafleet-p")]
+                   ("NetworkPolicy", gw), ("Ingress", "lorafleet-p"), ("PodDisruptionBudget", "lorafleet-p"),
+                   ("Deployment", "lorafleet-p")]
     for m in manifests.gateway_children("p", "ns", "u", s):
         assert m["metadata"]["ownerReferences"] == [manifests.owner_reference("p", "u")]
         assert m["metadata"]["namespace"] == "ns"
@@ -170,7 +172,8 @@ def test_with_a_gateway_only_its_pods_reach_the_runtime_port():
     runtime, metrics = np["spec"]["ingress"]
     assert runtime == {"from": [{"podSelector": {"matchLabels": {"lorafleet.io/gateway-for": "p"}}}],
                        "ports": [{"protocol": "TCP", "port": 8000}]}
-    assert metrics == {"ports": [{"protocol": "TCP", "port": 9090}]}
+    # Scrapers reach both metrics ports (the sidecar's and the runtime's own; /metrics is not on 8000).
+    assert metrics == {"ports": [{"protocol": "TCP", "port": 9090}, {"protocol": "TCP", "port": 9100}]}
     # The gateway's pods are not selected (they carry no lorafleet.io/pool label).
     dep = next(m for m in children if m["kind"] == "Deployment" and m["metadata"]["name"] == "lorafleet-p-gateway")
     assert "lorafleet.io/pool" not in dep["spec"]["template"]["metadata"]["labels"]

@@ -43,7 +43,8 @@ def test_deployment_has_runtime_and_native_sidecar_sharing_the_cache():
     assert senv["LORAFLEET_TASK"] == env["LORAFLEET_TASK"]  # the sidecar refuses adapters of another task
     assert not {k for k in env if k.startswith("AWS_")}
     assert senv["AWS_ACCESS_KEY_ID"]["secretKeyRef"] == {"name": "creds", "key": "AWS_ACCESS_KEY_ID"}
-    assert pod["volumes"] == [{"name": "cache", "emptyDir": {"sizeLimit": "1Gi"}}]
+    assert pod["volumes"] == [{"name": "cache", "emptyDir": {"sizeLimit": "1Gi"}},
+                              {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
     assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
 
 
@@ -72,7 +73,8 @@ def test_ingress_only_when_asked():
     assert ing["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/v1"
     assert "ingressClassName" not in ing["spec"]
     kinds = [m["kind"] for m in manifests.pool_children("gen", "ns", "u", spec)]
-    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "Service", "Ingress", "Deployment"]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "Service", "Ingress", "PodDisruptionBudget",
+                     "Deployment"]
 
 
 def test_routes_configmap_is_labelled_for_its_pool():
@@ -107,3 +109,84 @@ def test_a_merged_pools_pod_template_carries_its_adapter_version_and_rolls_with_
     plain = BaseModelPoolSpec.model_validate({"model": {"uri": "s3://m/", "sha256": "a" * 64, "task": "text-generation"}})
     names_ = {e["name"] for e in manifests.deployment("p", "ns", "u", plain)["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert not any("MERGED" in n for n in names_)
+
+
+def test_every_container_is_pod_security_restricted_with_writable_paths_on_empty_dirs():
+    pod = manifests.deployment("gen", "ns", "u", SPEC)["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    for c in pod["containers"] + pod["initContainers"]:
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}}, c["name"]
+        # The read-only root leaves the cache and $HOME (/tmp in the images) writable, both emptyDirs.
+        assert {m["mountPath"] for m in c["volumeMounts"]} == {"/var/lib/lorafleet", "/tmp"}
+    assert all("emptyDir" in v for v in pod["volumes"])
+
+
+def test_the_runtime_serves_metrics_on_its_own_port_which_the_pod_announces():
+    d = manifests.deployment("gen", "ns", "u", SPEC)
+    [rt] = d["spec"]["template"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in rt["ports"]} == {"http": 8000, "runtime-metrics": 9100}
+    assert _env(rt)["LORAFLEET_METRICS_PORT"] == "9100"
+    assert d["spec"]["template"]["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": "9100", "prometheus.io/path": "/metrics"}
+
+
+PLACED = BaseModelPoolSpec.model_validate({
+    **SPEC.wire(),
+    "nodeSelector": {"gpu": "h100"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                    {"key": "spot", "operator": "Equal", "value": "yes", "effect": "NoExecute",
+                     "tolerationSeconds": 30}],
+    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                            "labelSelector": {"matchLabels": {"lorafleet.io/pool": "gen"}}}}]}},
+    "imagePullSecrets": [{"name": "registry"}],
+    "podAnnotations": {"team": "ml", "prometheus.io/port": "1"},
+    "priorityClassName": "serving",
+    "sidecar": {"image": "sc:1", "resources": {"requests": {"cpu": "100m"}},
+                "livenessProbe": {"tcpSocket": {"port": 9090}, "periodSeconds": 7},
+                "readinessProbe": {"httpGet": {"path": "/metrics", "port": 9090}}},
+})
+
+
+def test_placement_fields_pass_through_to_the_pod_template():
+    t = manifests.deployment("gen", "ns", "u", PLACED)["spec"]["template"]
+    pod = t["spec"]
+    assert pod["nodeSelector"] == {"gpu": "h100"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                                  {"key": "spot", "operator": "Equal", "value": "yes", "effect": "NoExecute",
+                                   "tolerationSeconds": 30}]
+    assert pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 100
+    assert pod["imagePullSecrets"] == [{"name": "registry"}] and pod["priorityClassName"] == "serving"
+    # The pool's annotations, but not over where the runtime's metrics are.
+    assert t["metadata"]["annotations"]["team"] == "ml" and t["metadata"]["annotations"]["prometheus.io/port"] == "9100"
+    [sc] = pod["initContainers"]
+    assert sc["resources"] == {"requests": {"cpu": "100m"}}
+    assert sc["livenessProbe"] == {"tcpSocket": {"port": 9090}, "periodSeconds": 7}
+    assert sc["readinessProbe"] == {"httpGet": {"path": "/metrics", "port": 9090}}
+    # Unset: none of these keys, and the sidecar's default liveness probe on its metrics port.
+    plain = manifests.deployment("gen", "ns", "u", SPEC)["spec"]["template"]["spec"]
+    assert not {"nodeSelector", "tolerations", "affinity", "imagePullSecrets", "priorityClassName"} & plain.keys()
+    assert plain["initContainers"][0]["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert "readinessProbe" not in plain["initContainers"][0]
+
+
+def _pdb(spec_patch):
+    spec = BaseModelPoolSpec.model_validate({**SPEC.wire(), **spec_patch})
+    children = manifests.pool_children("gen", "ns", "u", spec)
+    pdbs = [m for m in children if m["kind"] == "PodDisruptionBudget"]
+    stale = ("PodDisruptionBudget", "lorafleet-gen") in manifests.stale_children("gen", spec)
+    assert stale == (not pdbs)  # one the pool no longer renders is deleted
+    return pdbs[0] if pdbs else None
+
+
+def test_a_pool_of_two_or_more_replicas_gets_a_disruption_budget_of_one_by_default():
+    pdb = _pdb({"replicas": 3})
+    assert pdb["apiVersion"] == "policy/v1" and pdb["metadata"]["name"] == "lorafleet-gen"
+    assert pdb["metadata"]["ownerReferences"][0]["uid"] == "u"
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": {
+        "app.kubernetes.io/name": "lorafleet", "lorafleet.io/pool": "gen", "app.kubernetes.io/component": "runtime"}}}
+    assert _pdb({"replicas": 1}) is None  # a budget of 0 unavailable would block every drain
+    assert _pdb({"replicas": 4, "disruption": {"maxUnavailable": "50%"}})["spec"]["maxUnavailable"] == "50%"
+    assert _pdb({"replicas": 1, "disruption": {"maxUnavailable": 1}})["spec"]["maxUnavailable"] == 1
+    assert _pdb({"replicas": 4, "disruption": {"enabled": False}}) is None
