@@ -90,8 +90,11 @@ def test_a_values_typo_fails_install_naming_the_key(control_plane, helm_env):
 
 @pytest.fixture(scope="module")
 def installed(control_plane, helm_env):
-    """The chart with everything on (MinIO and the example pool), installed in a fresh namespace."""
+    """The chart with everything on (MinIO and the example pool), installed in a fresh namespace that
+    enforces Pod Security ``restricted`` (what the chart's own pods must pass)."""
     ns = new_namespace(control_plane)
+    control_plane.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted",
+                          "pod-security.kubernetes.io/enforce-version=latest")
     release = f"lf-{ns}"
     r = helm(helm_env, "install", release, str(CHART), "--namespace", ns, "-f", str(CHART / "ci" / "all-on-values.yaml"),
              kubeconfig=control_plane.kubeconfig)
@@ -130,6 +133,25 @@ def test_install_creates_the_operator_and_tells_the_user_what_to_do_next(control
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"} <= set(secret["data"])
     # NOTES.txt: the next commands.
     assert f"kubectl -n {ns} get lora" in out and "lorafleet push" in out and "/v1/classify" in out
+
+
+def test_every_deployment_of_the_chart_gets_its_pods_admitted_under_restricted(control_plane, installed):
+    """The namespace enforces Pod Security ``restricted``: the real ReplicaSet controller's pods of the
+    operator, the gateway and MinIO are admitted (a refusal is the ReplicaSet's ReplicaFailure)."""
+    ns, full, _ = installed
+    deployments = get(control_plane, "-n", ns, "deployments")["items"]
+    assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in deployments} >= {
+        "operator", "gateway", "minio"}
+
+    def admitted():
+        for rs in get(control_plane, "-n", ns, "replicasets")["items"]:
+            for c in rs.get("status", {}).get("conditions") or []:
+                assert not (c["type"] == "ReplicaFailure" and c["status"] == "True"), c.get("message")
+        pods = get(control_plane, "-n", ns, "pods")["items"]
+        owners = {p["metadata"]["ownerReferences"][0]["name"].rsplit("-", 1)[0] for p in pods}
+        return owners >= {d["metadata"]["name"] for d in deployments}
+
+    wait_for(admitted, timeout=60, interval=0.5, what="a pod of every chart Deployment admitted under restricted")
 
 
 def test_operator_service_account_can_apply_everything_a_pool_owns(control_plane, installed, tmp_path):
