@@ -118,7 +118,7 @@ def test_a_replicas_429_spills_to_another_and_passes_through_when_none_has_room(
         with Full(a, pool):
             r = httpx.post(gw.url + "/v1/completions", json=BODY, timeout=60)
             assert r.status_code == 200 and r.headers["x-lorafleet-replica"] == "b"
-            assert metric(a.url, "lorafleet_runtime_shed_total", reason="queue_full") >= 1
+            assert metric(a.metrics_url, "lorafleet_runtime_shed_total", reason="queue_full") >= 1
             assert metric(gw.ops, "lorafleet_gateway_overloaded_total", replica="a") >= 1
             assert metric(gw.ops, "lorafleet_gateway_routed_total", replica="b", reason="overloaded") >= 1
             with Full(b, pool):
@@ -126,7 +126,7 @@ def test_a_replicas_429_spills_to_another_and_passes_through_when_none_has_room(
                 assert r.status_code == 429, r.text
                 assert r.json()["error"]["code"] == "queue_full" and "maxQueue 1" in r.json()["error"]["message"]
                 assert int(r.headers["retry-after"]) >= 1
-                assert metric(b.url, "lorafleet_runtime_shed_total", reason="queue_full") >= 1
+                assert metric(b.metrics_url, "lorafleet_runtime_shed_total", reason="queue_full") >= 1
                 assert metric(gw.ops, "lorafleet_gateway_requests_total", status="429") == 1
         # Both released: served again (by whichever the refusal memory and affinity pick).
         r = httpx.post(gw.url + "/v1/completions", json=BODY, timeout=60)
