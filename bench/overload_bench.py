@@ -79,9 +79,11 @@ class Server:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}"  # /metrics has a port of its own
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src")}
         cmd = [sys.executable, "-m", "lorafleet", "serve", "--model", str(model), "--adapters", str(adapters),
-               "--host", "127.0.0.1", "--port", str(self.port), "--admin-port", str(free_port()),
+               "--host", "127.0.0.1", "--port", str(self.port), "--admin-port", str(free_port()), "--metrics-port", str(metrics_port),
                "--device-slots", "128", "--host-adapters", "512", "--max-batch-size", str(args.max_batch_size),
                "--max-queue-delay-ms", str(args.max_queue_delay_ms), "--torch-threads", str(args.threads),
                "--log-level", "warning"]
@@ -109,7 +111,7 @@ class Server:
         """(forward passes, rows, seconds in forward passes) so far, from /metrics."""
         import httpx
 
-        text = httpx.get(self.url + "/metrics", timeout=10).text
+        text = httpx.get(self.metrics_url + "/metrics", timeout=10).text
         vals = {}
         for line in text.splitlines():
             for key in ("lorafleet_runtime_batch_size_count", "lorafleet_runtime_batch_size_sum",
