@@ -95,7 +95,7 @@ def test_what_the_api_server_stores_holds_what_was_applied(control_plane, operat
     from lorafleet.operator.kube import DRIFT_CHECKED
 
     mark = len(operator.text())
-    apply(control_plane, namespace, pool_doc("p", replicas=1, ingress={"host": "p.example", "tls": [
+    apply(control_plane, namespace, pool_doc("p", replicas=2, ingress={"host": "p.example", "tls": [
         {"hosts": ["p.example"], "secretName": "p-tls"}]}, gateway={"enabled": True, "replicas": 1}))
     wait_for(lambda: get_json(control_plane, namespace, "ingress", names.ingress_name("p")), timeout=30,
              what="the pool's Ingress")
