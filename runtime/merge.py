@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from lorafleet.contracts.adapter_rules import PERMANENT, WEIGHTS_FILE, Refused, check_adapter
-from lorafleet.runtime.peft_format import RUNTIME_LIMITS, AdapterFormatError
+from lorafleet.contracts.adapter_rules import PERMANENT, Refused
+from lorafleet.runtime.peft_format import read_checked_adapter
 
 
 class MergeRefused(Refused, ValueError):
@@ -31,14 +30,7 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> list[str]:
     place; returns the module paths it changed. Refuses, before changing anything, an adapter with
     trained heads (modules_to_save) or a target that is not a plain ``nn.Linear`` of this model."""
     path = Path(adapter_dir)
-    try:
-        layout = check_adapter(path, RUNTIME_LIMITS)
-    except Refused as e:
-        raise AdapterFormatError(f"merged adapter {path}: {e.reason}", e.category, e.kind) from None
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-        for key in layout.keys:
-            tensors[key] = f.get_tensor(key)
+    layout, tensors = read_checked_adapter(path, what="merged adapter ")
     a_parts: dict[str, torch.Tensor] = {}
     b_parts: dict[str, torch.Tensor] = {}
     for key, (kind, module) in layout.keys.items():

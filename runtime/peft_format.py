@@ -48,21 +48,27 @@ class HostAdapter:
     settings: LoraSettings | None = None  # None: not read from a PEFT adapter_config.json
 
 
+def read_checked_adapter(path: Path, limits: Limits = RUNTIME_LIMITS, what: str = ""):
+    """The adapter rules' layout of ``path`` and its LoRA tensors as saved; a refusal is an
+    ``AdapterFormatError`` naming ``what`` (e.g. "merged adapter ") and the path."""
+    try:
+        layout = check_adapter(path, limits)
+    except Refused as e:
+        raise AdapterFormatError(f"{what}{path}: {e.reason}", e.category, e.kind) from None
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+        for key in layout.keys:
+            tensors[key] = f.get_tensor(key)
+    return layout, tensors
+
+
 def load_adapter_dir(path: str | Path, dtype: torch.dtype = torch.float32,
                      limits: Limits = RUNTIME_LIMITS) -> HostAdapter:
     """Read one adapter directory into host tensors with the LoRA scale folded into B."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         raise AdapterFormatError(f"adapter directory {path} does not exist", "path", TRANSIENT)
-    try:
-        layout = check_adapter(path, limits)
-    except Refused as e:
-        raise AdapterFormatError(f"{path}: {e.reason}", e.category, e.kind) from None
-
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-        for key in layout.keys:
-            tensors[key] = f.get_tensor(key)
+    layout, tensors = read_checked_adapter(path, limits)
 
     modules: dict[str, LoRAWeights] = {}
     heads: dict[str, dict[str, torch.Tensor]] = {}
