@@ -326,8 +326,7 @@ class Fleet:
         """An owned Deployment changed: repair an edit that is not ours (its generation passed the
         one our apply left), or one deleted by hand; carry its failures into the pool's status."""
         meta = body.get("metadata") or {}
-        owner = next((o for o in meta.get("ownerReferences") or []
-                      if o.get("kind") == names.POOL_KIND and o.get("controller")), None)
+        owner = _pool_owner(meta)
         if owner is None:
             return
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
@@ -368,8 +367,7 @@ class Fleet:
         applied (``kubectl edit``, another controller) or was deleted by someone else is applied again.
         Fields others added are theirs."""
         meta = body.get("metadata") or {}
-        owner = next((o for o in meta.get("ownerReferences") or []
-                      if o.get("kind") == names.POOL_KIND and o.get("controller")), None)
+        owner = _pool_owner(meta)
         if owner is None:
             return
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
@@ -804,3 +802,9 @@ class Fleet:
 
 
 FLEET = Fleet()
+
+
+def _pool_owner(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The BaseModelPool owner reference that controls an object, if any."""
+    return next((o for o in meta.get("ownerReferences") or []
+                 if o.get("kind") == names.POOL_KIND and o.get("controller")), None)
