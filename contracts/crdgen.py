@@ -170,6 +170,8 @@ def crd_manifests() -> dict[str, dict[str, Any]]:
             {"name": "Sources", "type": "string", "jsonPath": ".spec.sources"},
             {"name": "RPS", "type": "number", "jsonPath": ".spec.rateLimit.requestsPerSecond"},
             {"name": "Concurrency", "type": "integer", "jsonPath": ".spec.maxConcurrency"},
+            # How many of its API key digests the gateway accepts (the operator writes it).
+            {"name": "Keys", "type": "integer", "jsonPath": ".status.keys"},
             age,
         ],
         "A tenant: where its adapters may come from, its API keys' digests, its rate limit and concurrency.",

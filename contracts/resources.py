@@ -648,8 +648,9 @@ class LoRATenantSpec(_Model):
 
 
 class LoRATenantStatus(_Status):
-    keys: int | None = Field(None, description="API keys the gateway accepts for this tenant")
-    message: str | None = None
+    keys: int | None = Field(None, description="API key digests the gateway accepts for this tenant (written by the "
+                                               "operator; a digest two tenants list is refused for both)")
+    message: str | None = Field(None, description="How many keys are accepted, and why any is refused")
 
 
 class LoRATenant(_Model):

@@ -51,3 +51,38 @@ def source_problem(field: str, uri: str, tenant: str, prefixes: list[str] | None
     return (f"{field}: {uri!r} lies outside LoRATenant {tenant!r}'s spec.sources "
             f"({', '.join(sorted(prefixes))}); push the adapter below one of them or ask the platform team to "
             f"add the prefix")
+
+
+def accepted_keys(tenants: dict[str, list[tuple[str, str]]]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Which API key digests the gateway accepts, the one rule the gateway (which admits requests by
+    them) and the operator (which writes each LoRATenant's ``status.keys``) both apply.
+
+    ``tenants``: tenant name -> its ``spec.apiKeys`` as (key name, sha256), for one namespace. A digest
+    that two tenants list would let one reach the other's adapters: it is refused for both. Returns
+    (digest -> tenant, for the accepted ones; tenant -> its problems, for tenants with any)."""
+    owners: dict[str, set[str]] = {}
+    for tenant, keys in tenants.items():
+        for _, digest in keys:
+            owners.setdefault(digest, set()).add(tenant)
+    accepted: dict[str, str] = {}
+    problems: dict[str, list[str]] = {}
+    for tenant in sorted(tenants):
+        keys = tenants[tenant]
+        if not keys:
+            problems.setdefault(tenant, []).append(
+                "spec.apiKeys is empty; add the sha256 of an API key (lorafleet api-key prints a new key and its "
+                "digest)")
+        for key_name, digest in keys:
+            others = sorted(owners[digest] - {tenant})
+            if others:
+                problems.setdefault(tenant, []).append(
+                    f"spec.apiKeys[{key_name}] is also a key of tenant {', '.join(others)}; the key is refused "
+                    f"until each tenant has its own")
+            else:
+                accepted[digest] = tenant
+    return accepted, problems
+
+
+def accepted_count(tenant: str, accepted: dict[str, str]) -> int:
+    """Distinct key digests of ``tenant`` that ``accepted_keys`` accepted."""
+    return sum(1 for t in accepted.values() if t == tenant)

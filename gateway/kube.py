@@ -14,6 +14,7 @@ from lightkube.resources.core_v1 import Pod
 
 from lorafleet.contracts import names
 from lorafleet.contracts.resources import LoRAAdapter, LoRATenant
+from lorafleet.contracts.tenancy import accepted_keys
 
 from .tenants import Directory, TenantLimits, adapter_owners, merged_pools
 
@@ -84,7 +85,7 @@ class KubeView:
                 log.warning("LoRAAdapter %s/%s skipped: %s", self.namespace, obj.metadata.name, e)
         d.adapters, d.problems = adapter_owners(adapters, self.pool)
         d.merged = {n: t for n, t in merged_pools(adapters, self.pool).items() if n in d.adapters}
-        shared: set[str] = set()
+        keys: dict[str, list[tuple[str, str]]] = {}
         for obj in self.client.list(LoRATenantResource, namespace=self.namespace):
             name = obj.metadata.name
             try:
@@ -95,17 +96,8 @@ class KubeView:
             rl = t.spec.rate_limit
             d.limits[name] = TenantLimits(rl.requests_per_second if rl else None, rl.burst if rl else 1,
                                           t.spec.max_concurrency)
-            if not t.spec.api_keys:
-                d.problems.append(f"LoRATenant {self.namespace}/{name}: spec.apiKeys is empty; add the sha256 of "
-                                  f"an API key (lorafleet api-key prints a new key and its digest)")
-            for k in t.spec.api_keys:
-                other = d.keys.get(k.sha256)
-                if other is not None and other != name:
-                    # One key for two tenants would let one reach the other's adapters: refuse it for both.
-                    shared.add(k.sha256)
-                    d.problems.append(f"LoRATenant {self.namespace}/{name}: spec.apiKeys[{k.name}] is also a key "
-                                      f"of tenant {other}; the key is refused until each tenant has its own")
-                d.keys[k.sha256] = name
-        for digest in shared:
-            d.keys.pop(digest, None)
+            keys[name] = [(k.name, k.sha256) for k in t.spec.api_keys]
+        # The operator writes each tenant's status.keys by the same rule (contracts/tenancy.py).
+        d.keys, problems = accepted_keys(keys)
+        d.problems += [f"LoRATenant {self.namespace}/{name}: {p}" for name, found in problems.items() for p in found]
         return d

@@ -114,6 +114,12 @@ class Fleet:
         # LoRATenants' spec.sources by namespace, then tenant: an adapter is routed only from its
         # tenant's storage prefixes. A tenant that does not parse allows nothing.
         self.tenants: dict[str, routing.Tenants] = {}
+        # LoRATenants' API key digests by namespace, then tenant, and each tenant's status as last read or
+        # written: the operator writes status.keys (the digests the gateway accepts, by its rule).
+        self.tenant_keys: dict[str, dict[str, routing.TenantKeys]] = {}
+        self.tenant_status: dict[ObjKey, dict[str, Any]] = {}
+        self.tenants_dirty: set[str] = set()
+        self.tenant_task: asyncio.Task | None = None
 
     def in_handler(self) -> None:
         """Called by every kopf event handler: the first one's context is kept for ``_spawn``."""
@@ -300,6 +306,7 @@ class Fleet:
         meta = body.get("metadata") or {}
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
         self._mark("t", namespace, name, deleted=kind_event == "DELETED")
+        self._tenant_keys_event(kind_event, namespace, name, body)
         known = self.tenants.setdefault(namespace, {})
         if kind_event == "DELETED":
             now = None
@@ -321,6 +328,48 @@ class Fleet:
                 self.touch((ns, pool))
             for a in mine:  # a merged pool's adapter may have become valid or invalid with its tenant
                 self._touch_merging(ns, a.name)
+
+    def _tenant_keys_event(self, kind_event: str | None, namespace: str, name: str, body: dict[str, Any]) -> None:
+        keys = self.tenant_keys.setdefault(namespace, {})
+        if kind_event == "DELETED":
+            keys.pop(name, None)
+            self.tenant_status.pop((namespace, name), None)
+            if not keys:
+                self.tenant_keys.pop(namespace, None)
+        else:
+            keys[name] = routing.tenant_keys(body)
+            self.tenant_status[(namespace, name)] = dict(body.get("status") or {})
+        # One tenant's keys can change another's count (a digest two tenants list is refused for both).
+        self.tenants_dirty.add(namespace)
+        if self.tenant_task is None:
+            self.tenant_task = asyncio.get_running_loop().create_task(self._write_tenant_statuses())
+
+    async def _write_tenant_statuses(self) -> None:
+        """Write each LoRATenant's status (``keys``, ``message``) where it differs from what is there."""
+        try:
+            while self.tenants_dirty:
+                await asyncio.sleep(self.debounce)
+                if self.kube is None:
+                    self.kube = Kube()
+                dirty, self.tenants_dirty = self.tenants_dirty, set()
+                for namespace in sorted(dirty):
+                    for name, want in routing.tenant_statuses(self.tenant_keys.get(namespace, {})).items():
+                        key = (namespace, name)
+                        have = self.tenant_status.get(key)
+                        if have is None or all(have.get(k) == v for k, v in want.items()):
+                            continue
+                        try:
+                            if await self.kube.patch_status(names.TENANT_KIND, name, namespace, want):
+                                have.update(want)
+                        except asyncio.CancelledError:
+                            raise
+                        except (ApiError, TransportError) as e:
+                            log.warning("LoRATenant %s/%s: status write failed: %s; retrying in %.0f s", namespace,
+                                        name, e.status.message if isinstance(e, ApiError) else e, RETRY_S)
+                            self.tenants_dirty.add(namespace)
+                            await asyncio.sleep(RETRY_S)
+        finally:
+            self.tenant_task = None
 
     def workload_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
         """An owned Deployment changed: repair an edit that is not ours (its generation passed the
@@ -569,13 +618,13 @@ class Fleet:
             await asyncio.wait_for(self.idle(), grace)
         except asyncio.TimeoutError:
             pass
-        resync = [self.resync_task] if self.resync_task is not None else []
+        resync = [t for t in (self.resync_task, self.tenant_task) if t is not None]
         tasks = self.tasks
         for t in [*tasks, *self.status_workers, *resync]:
             t.cancel()
         await asyncio.gather(*tasks, *self.status_workers, *resync, return_exceptions=True)
         self.status_workers.clear()
-        self.resync_task = None
+        self.resync_task = self.tenant_task = None
         if self.kube is not None:
             await self.kube.close()
 

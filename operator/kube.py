@@ -113,7 +113,8 @@ class Kube:
 
     async def patch_status(self, kind: str, name: str, namespace: str, patch: dict[str, Any]) -> bool:
         """Merge-patch ``status``; False when the object is gone (deleted meanwhile)."""
-        res = LoRAAdapterResource if kind == names.ADAPTER_KIND else BaseModelPoolResource
+        res = {names.ADAPTER_KIND: LoRAAdapterResource, names.POOL_KIND: BaseModelPoolResource,
+               names.TENANT_KIND: LoRATenantResource}[kind]
         try:
             async with self.status_inflight:
                 await self.client.patch(res.Status, name, {"status": patch}, namespace=namespace,

@@ -220,6 +220,40 @@ def tenant_sources(body: dict[str, Any]) -> list[str]:
         return []
 
 
+TenantKeys = list[tuple[str, str]] | str  # a LoRATenant's spec.apiKeys as (name, sha256), or why it does not parse
+
+
+def tenant_keys(body: dict[str, Any]) -> TenantKeys:
+    """A LoRATenant's API key digests, as ``tenancy.accepted_keys`` takes them; the parse error instead
+    when its spec does not parse (the gateway then accepts none of its keys)."""
+    from lorafleet.contracts.resources import LoRATenantSpec
+
+    try:
+        spec = LoRATenantSpec.model_validate(body.get("spec") or {})
+    except ValidationError as e:
+        return _spec_error(e, "spec")
+    return [(k.name, k.sha256) for k in spec.api_keys]
+
+
+def tenant_statuses(tenants: dict[str, TenantKeys]) -> dict[str, dict[str, Any]]:
+    """Every LoRATenant's status in one namespace: ``keys``, the API key digests the gateway accepts for
+    it (by the gateway's own rule, ``tenancy.accepted_keys``), and a message saying why any is refused."""
+    from lorafleet.contracts.tenancy import accepted_count, accepted_keys
+
+    parsed = {n: k for n, k in tenants.items() if not isinstance(k, str)}
+    accepted, problems = accepted_keys(parsed)
+    out: dict[str, dict[str, Any]] = {}
+    for name, keys in tenants.items():
+        if isinstance(keys, str):
+            out[name] = {"keys": 0, "message": f"no API key is accepted: {keys}"}
+            continue
+        n = accepted_count(name, accepted)
+        found = problems.get(name)
+        message = f"{n} API key{'' if n == 1 else 's'} accepted"
+        out[name] = {"keys": n, "message": f"{message}; {'; '.join(found)}" if found else message}
+    return out
+
+
 def pod_view(body: dict[str, Any]) -> PodView:
     meta, status = body.get("metadata", {}), body.get("status") or {}
     ready = not meta.get("deletionTimestamp") and any(

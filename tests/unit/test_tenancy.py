@@ -107,3 +107,17 @@ def test_a_tenant_that_narrows_its_sources_takes_routed_versions_away():
     later = routing.plan_pool("p", pool, [a], [], first.table, first.adapter_status,
                               tenants={"acme": ["s3://adapters/other/"]})
     assert later.changed and "a" not in later.table.adapters
+
+
+def test_a_key_digest_two_tenants_list_is_refused_for_both_and_counted_for_neither():
+    from lorafleet.contracts.tenancy import accepted_count, accepted_keys
+
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    accepted, problems = accepted_keys({"beta": [("main", a), ("ci", b)], "gamma": [("shared", b), ("own", c)],
+                                        "empty": [], "twice": [("x", "d" * 64), ("y", "d" * 64)]})
+    assert accepted == {a: "beta", c: "gamma", "d" * 64: "twice"}
+    assert [accepted_count(t, accepted) for t in ("beta", "gamma", "empty", "twice")] == [1, 1, 0, 1]
+    assert problems["beta"] == ["spec.apiKeys[ci] is also a key of tenant gamma; the key is refused until each "
+                                "tenant has its own"]
+    assert "spec.apiKeys[shared] is also a key of tenant beta" in problems["gamma"][0]
+    assert "spec.apiKeys is empty" in problems["empty"][0] and "twice" not in problems
