@@ -62,6 +62,17 @@ def ingress_name(pool: str) -> str:
     return f"lorafleet-{pool}"
 
 
+def http_route_name(pool: str) -> str:
+    return f"lorafleet-{pool}"
+
+
+# Gateway API (sigs.k8s.io/gateway-api): the pool's HTTPRoute.
+GATEWAY_API_GROUP = "gateway.networking.k8s.io"
+GATEWAY_API_VERSION = "v1"
+HTTPROUTE_KIND = "HTTPRoute"
+HTTPROUTE_PLURAL = "httproutes"
+
+
 def sidecar_service_account(pool: str) -> str:
     return f"lorafleet-{pool}-sidecar"
 

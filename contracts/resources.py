@@ -225,10 +225,33 @@ class IngressSpec(_Model):
     )
 
 
+class ParentRef(_Model):
+    """A Gateway (Gateway API, gateway.networking.k8s.io) the pool's HTTPRoute attaches to."""
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_LABEL_PATTERN.replace("{0,61}", "{0,251}"),
+                      description="The Gateway's name")
+    namespace: str | None = Field(None, min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN,
+                                  description="The Gateway's namespace (default: the pool's; a Gateway elsewhere "
+                                              "must allow routes from it in its listeners' allowedRoutes)")
+    section_name: str | None = Field(None, min_length=1, max_length=253, pattern=DNS_LABEL_PATTERN.replace(
+        "{0,61}", "{0,251}"), description="One listener of the Gateway, by name (default: every listener that allows "
+                                          "the route)")
+    port: int | None = Field(None, ge=1, le=65535, description="Only the Gateway's listeners on this port")
+
+
+class HTTPRouteSpec(_Model):
+    """The pool's HTTPRoute (Gateway API), the alternative to spec.ingress (both may be set)."""
+    parent_refs: list[ParentRef] = Field(min_length=1, max_length=32,
+                                         description="The Gateways the route attaches to (a Gateway's controller, e.g. "
+                                                     "Envoy Gateway, then serves it)")
+    hostnames: list[Annotated[str, Field(min_length=1, max_length=253)]] | None = Field(
+        None, max_length=16, description="Hosts the route answers (default: every host the Gateway's listener takes)")
+    path: str = Field("/", max_length=1024, pattern=r"^/", description="Path prefix the route sends to the pool")
+
+
 class GatewaySpec(_Model):
     """``lorafleet gateway`` in front of this pool, deployed by the operator (docs/gateway.md)."""
-    enabled: bool = Field(False, description="Deploy a gateway for this pool; with spec.ingress set, the "
-                                             "Ingress sends requests to the gateway (tenants need API keys)")
+    enabled: bool = Field(False, description="Deploy a gateway for this pool; the pool's Ingress and HTTPRoute "
+                                             "then send requests to the gateway (tenants need API keys)")
     replicas: int = Field(1, ge=0, le=100, description="Gateway pods; each enforces its share of a tenant's "
                                                        "limits (divided by the Ready gateway pods)")
     image: str | None = Field(None, max_length=512, description="Gateway image; default spec.sidecar.image "
@@ -321,7 +344,10 @@ class BaseModelPoolSpec(_Model):
     sidecar: SidecarSpec = Field(default_factory=SidecarSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
-    ingress: IngressSpec | None = None
+    ingress: IngressSpec | None = Field(None, description="The pool's Ingress (networking.k8s.io/v1)")
+    http_route: HTTPRouteSpec | None = Field(
+        None, description="The pool's HTTPRoute (gateway.networking.k8s.io/v1), to a Gateway you name; with "
+                          "spec.ingress too, both are made")
     gateway: GatewaySpec | None = None
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
 

@@ -23,7 +23,7 @@ from lorafleet.contracts.resources import AdapterPhase
 from lorafleet.contracts.routes import RoutesTable
 
 from . import manifests, routing
-from .kube import DRIFT_CHECKED, Kube, TransportError
+from .kube import DRIFT_CHECKED, HTTPStatusError, Kube, TransportError, not_found
 from .routing import AdapterView, PodView, PoolView, WorkloadView
 
 log = logging.getLogger("lorafleet.operator")
@@ -35,6 +35,7 @@ DEBOUNCE_S = 0.05
 MAX_STATUS_WRITERS = 32
 RETRY_S = 2.0
 RESYNC_S = 300.0
+ROUTE_RETRY_S = 30.0  # a pool's HTTPRoute on an API server without the Gateway API: tried again this often
 
 
 @dataclass
@@ -60,6 +61,7 @@ class PoolState:
     # no generation to compare), by (kind, name); and whether one of them moved while applying.
     children: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     moved_while_applying: bool = False
+    route_missing: bool = False  # its HTTPRoute was refused: the API server has no Gateway API (tried again)
     status_written: tuple[str, dict[str, Any]] | None = None  # (pool uid, status) last written
     memo: dict = field(default_factory=dict)  # routing.plan_pool's memo: entries and statuses of the last plan
     dirty: bool = False  # to reconcile
@@ -747,9 +749,18 @@ class Fleet:
         st.moved_while_applying = False
         # Known before the writes, so their own events are recognised as what was applied.
         st.children = {(m["kind"], m["metadata"]["name"]): m for m in children if m["kind"] in DRIFT_CHECKED}
+        missing_kind = None
         try:
             for m in children:
-                generation = await self.kube.apply(m)
+                try:
+                    generation = await self.kube.apply(m)
+                except (ApiError, HTTPStatusError) as e:
+                    if m["kind"] != names.HTTPROUTE_KIND or not not_found(e):
+                        raise
+                    # No Gateway API on this API server: the rest of the pool is still applied.
+                    missing_kind = m
+                    st.children.pop((m["kind"], m["metadata"]["name"]), None)
+                    continue
                 if m["kind"] == "Deployment" and generation is not None:
                     self.applied_generations[(pool.namespace, m["metadata"]["name"])] = generation
         finally:
@@ -774,6 +785,19 @@ class Fleet:
             st.moved_while_applying = False
             st.dirty = True
             return
+        if missing_kind is not None:
+            message = (f"spec.httpRoute: the API server has no {names.HTTPROUTE_KIND} "
+                       f"({names.GATEWAY_API_GROUP}/{names.GATEWAY_API_VERSION}): install the Gateway API CRDs "
+                       f"(sigs.k8s.io/gateway-api, config/crd/standard) and a Gateway controller; HTTPRoute "
+                       f"{missing_kind['metadata']['name']} is made once they are there (tried again every "
+                       f"{ROUTE_RETRY_S:.0f} s)")
+            if not st.route_missing:  # said once, not on every try
+                log.warning("pool %s/%s: %s", pool.namespace, pool.name, message)
+                kopf.warn(pool.ref(), reason="HTTPRouteUnavailable", message=message)
+            self._spawn(self._apply_later((pool.namespace, pool.name), ROUTE_RETRY_S))
+        elif st.route_missing:
+            log.info("pool %s/%s: HTTPRoute applied (the Gateway API is there now)", pool.namespace, pool.name)
+        st.route_missing = missing_kind is not None
         if st.applied is not None or pool.status.get("observedGeneration") != pool.generation:
             gateway = (f"; gateway {names.gateway_name(pool.name)} ({pool.spec.gateway.replicas} replicas)"
                        if pool.spec.gateway is not None and pool.spec.gateway.enabled else "")
@@ -781,6 +805,14 @@ class Fleet:
                       message=f"Deployment {names.deployment_name(pool.name)} and its Service, ServiceAccount, "
                               f"Role and RoleBinding applied ({pool.spec.replicas} replicas){gateway}")
         st.applied = canonical
+
+    async def _apply_later(self, key: PoolKey, delay: float) -> None:
+        """Apply the pool's children again after ``delay`` (an HTTPRoute the API server could not take)."""
+        await asyncio.sleep(delay)
+        st = self.state.get(key)
+        if st is not None and st.route_missing:
+            st.applied = None
+            self.touch(key)
 
     def _queue_statuses(self, namespace: str, adapters: list[AdapterView],
                         statuses: dict[str, dict[str, Any]]) -> None:

@@ -21,9 +21,9 @@ from lightkube.types import PatchType
 from lorafleet.contracts import names
 
 try:  # lightkube 1.x speaks through httpx2, earlier ones through httpx
-    from httpx2 import TransportError
+    from httpx2 import HTTPStatusError, TransportError
 except ImportError:  # pragma: no cover
-    from httpx import TransportError
+    from httpx import HTTPStatusError, TransportError
 from lorafleet.contracts.routes import RoutesTable
 
 log = logging.getLogger("lorafleet.operator.kube")
@@ -34,18 +34,32 @@ BaseModelPoolResource = create_namespaced_resource(names.GROUP, names.VERSION, n
 LoRATenantResource = create_namespaced_resource(names.GROUP, names.VERSION, names.TENANT_KIND,
                                                 names.TENANT_PLURAL)
 
+HTTPRouteResource = create_namespaced_resource(names.GATEWAY_API_GROUP, names.GATEWAY_API_VERSION,
+                                               names.HTTPROUTE_KIND, names.HTTPROUTE_PLURAL)
+
 KINDS = {"Deployment": Deployment, "ConfigMap": ConfigMap, "Service": Service, "ServiceAccount": ServiceAccount,
          "Ingress": Ingress, "NetworkPolicy": NetworkPolicy, "Role": Role, "RoleBinding": RoleBinding,
-         "PodDisruptionBudget": PodDisruptionBudget}
+         "PodDisruptionBudget": PodDisruptionBudget, names.HTTPROUTE_KIND: HTTPRouteResource}
 # Owned kinds watched for drift field by field: what the operator applied must still hold (Deployments
 # go by generation, routes ConfigMaps by their text).
-DRIFT_CHECKED = frozenset({"Service", "ServiceAccount", "Ingress", "PodDisruptionBudget"})
+DRIFT_CHECKED = frozenset({"Service", "ServiceAccount", "Ingress", "PodDisruptionBudget", names.HTTPROUTE_KIND})
+# Kinds an API server may not serve (the Gateway API's CRDs are installed separately): listing them
+# there finds nothing rather than failing.
+OPTIONAL_KINDS = frozenset({names.HTTPROUTE_KIND})
 
 # Status writes in flight at once: enough to keep the API server busy at startup with 10,000
 # adapters, few enough not to starve its other clients. Routes and pool objects have their own
 # lane, so a burst of status writes never delays a routes change.
 MAX_STATUS_INFLIGHT = 32
 MAX_INFLIGHT = 8
+
+
+def not_found(e: Exception) -> bool:
+    """A 404: the object is not there, or the API server does not serve its kind at all (then the answer
+    has no Status body, and lightkube raises httpx's error rather than an ApiError)."""
+    if isinstance(e, ApiError):
+        return e.status.code == 404
+    return isinstance(e, HTTPStatusError) and e.response.status_code == 404
 
 
 class Kube:
@@ -106,8 +120,8 @@ class Kube:
                 await self.client.delete(KINDS[kind], name, namespace=namespace)
             self.writes += 1
             return True
-        except ApiError as e:
-            if e.status.code != 404:
+        except (ApiError, HTTPStatusError) as e:
+            if not not_found(e):
                 raise
             return False
 
@@ -143,9 +157,19 @@ class Kube:
                 out[cm.metadata.name] = RoutesTable(pool=pool, generation=-1)
         return out
 
-    async def _bodies(self, namespaces: list[str], res: Any, labels: dict | None = None) -> list[dict]:
+    async def _bodies(self, namespaces: list[str], res: Any, labels: dict | None = None,
+                      optional: bool = False) -> list[dict]:
         """Every object of ``res`` (with these labels) in the given namespaces (all when empty; glob
-        patterns list everything once and keep the matching namespaces), as raw bodies."""
+        patterns list everything once and keep the matching namespaces), as raw bodies. ``optional``:
+        a kind the API server does not serve (404) has none."""
+        try:
+            return await self._bodies_of(namespaces, res, labels)
+        except (ApiError, HTTPStatusError) as e:
+            if optional and not_found(e):
+                return []
+            raise
+
+    async def _bodies_of(self, namespaces: list[str], res: Any, labels: dict | None) -> list[dict]:
         patterns = any(set(ns) & set("*?[!") for ns in namespaces)
         scopes = ["*"] if patterns or not namespaces else namespaces
 
@@ -174,8 +198,8 @@ class Kube:
 
     async def list_owned(self, namespaces: list[str]) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
         """What the operator writes and watches besides the pools' own objects: the Deployments it
-        manages, the routes ConfigMaps, and its Services, ServiceAccounts and Ingresses by kind, as
-        raw bodies."""
+        manages, the routes ConfigMaps, and its Services, ServiceAccounts, Ingresses,
+        PodDisruptionBudgets and HTTPRoutes by kind, as raw bodies."""
         from lightkube.operators import exists
 
         managed = {names.LABEL_MANAGED_BY: "lorafleet"}
@@ -183,7 +207,7 @@ class Kube:
         deployments, configmaps, *others = await asyncio.gather(
             self._bodies(namespaces, Deployment, managed),
             self._bodies(namespaces, ConfigMap, {names.LABEL_ROUTES_FOR: exists()}),
-            *(self._bodies(namespaces, KINDS[k], managed) for k in kinds))
+            *(self._bodies(namespaces, KINDS[k], managed, optional=k in OPTIONAL_KINDS) for k in kinds))
         return deployments, configmaps, dict(zip(kinds, others))
 
     async def list_tenants(self, namespaces: list[str]) -> list[dict]:

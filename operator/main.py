@@ -102,6 +102,13 @@ async def ingress_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     FLEET.owned_event("Ingress", type, dict(body))
 
 
+# The Gateway API is a set of CRDs a cluster may not have: kopf watches HTTPRoutes once they exist.
+@kopf.on.event(names.GATEWAY_API_GROUP, names.GATEWAY_API_VERSION, names.HTTPROUTE_PLURAL, labels=MANAGED)
+async def http_route_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    FLEET.in_handler()
+    FLEET.owned_event(names.HTTPROUTE_KIND, type, dict(body))
+
+
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
 async def pdb_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     FLEET.in_handler()

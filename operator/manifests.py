@@ -313,6 +313,35 @@ def ingress(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> Man
             "metadata": _meta(names.ingress_name(pool), namespace, pool, uid, "ingress"), "spec": body}
 
 
+def http_route(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec) -> Manifest | None:
+    """The pool's HTTPRoute (Gateway API) to the Gateways ``spec.httpRoute.parentRefs`` names, sending
+    the path prefix to the same backend as the Ingress: the gateway's Service with the gateway on, else
+    the pool's."""
+    route = spec.http_route
+    if route is None:
+        return None
+    backend = names.gateway_name(pool) if gateway_enabled(spec) else names.service_name(pool)
+    parents = []
+    for ref in route.parent_refs:
+        parent: dict[str, Any] = {"group": names.GATEWAY_API_GROUP, "kind": "Gateway", "name": ref.name}
+        if ref.namespace:
+            parent["namespace"] = ref.namespace
+        if ref.section_name:
+            parent["sectionName"] = ref.section_name
+        if ref.port:
+            parent["port"] = ref.port
+        parents.append(parent)
+    body: dict[str, Any] = {
+        "parentRefs": parents,
+        "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": route.path}}],
+                   "backendRefs": [{"group": "", "kind": "Service", "name": backend, "port": 80, "weight": 1}]}],
+    }
+    if route.hostnames:
+        body["hostnames"] = list(route.hostnames)
+    return {"apiVersion": f"{names.GATEWAY_API_GROUP}/{names.GATEWAY_API_VERSION}", "kind": names.HTTPROUTE_KIND,
+            "metadata": _meta(names.http_route_name(pool), namespace, pool, uid, "ingress"), "spec": body}
+
+
 # ------------------------------------------------------------------------------------ gateway
 
 # What `lorafleet gateway` reads, in the pool's namespace only: the pool's pods (where to send
@@ -430,10 +459,13 @@ def gateway_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpe
 
 def stale_children(pool: str, spec: BaseModelPoolSpec, sidecar_cluster_role: str | None = None) -> list[tuple[str, str]]:
     """(kind, name) of objects this pool may have owned that ``pool_children`` no longer renders: they
-    are deleted (a 404 is fine). Turning the gateway off removes all of it."""
+    are deleted (a 404 is fine, also an API server without the Gateway API's HTTPRoute). Turning the
+    gateway off removes all of it."""
     out: list[tuple[str, str]] = []
     if spec.ingress is None:
         out.append(("Ingress", names.ingress_name(pool)))
+    if spec.http_route is None:
+        out.append((names.HTTPROUTE_KIND, names.http_route_name(pool)))
     gw = names.gateway_name(pool)
     if not gateway_enabled(spec):
         out += [("NetworkPolicy", gw), ("Deployment", gw), ("Service", gw), ("RoleBinding", gw), ("Role", gw),
@@ -455,13 +487,13 @@ def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, 
                   sidecar_cluster_role: str | None = None, merged: "MergedRef | None" = None) -> list[Manifest]:
     """Everything a pool owns except its routes, in the order to apply them (the pod's service
     account and its permissions before the Deployment that uses them; the gateway's Service before
-    the Ingress that points at it)."""
+    the Ingress and HTTPRoute that point at it)."""
     out = [service_account(pool, namespace, uid), role(pool, namespace, uid, shards, sidecar_cluster_role),
            *role_binding(pool, namespace, uid, sidecar_cluster_role), service(pool, namespace, uid)]
     out += gateway_children(pool, namespace, uid, spec)
-    ing = ingress(pool, namespace, uid, spec)
-    if ing is not None:
-        out.append(ing)
+    for route in (ingress(pool, namespace, uid, spec), http_route(pool, namespace, uid, spec)):
+        if route is not None:
+            out.append(route)
     pdb = pod_disruption_budget(pool, namespace, uid, spec)
     if pdb is not None:
         out.append(pdb)

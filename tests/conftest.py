@@ -38,14 +38,21 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory):
-    """etcd + kube-apiserver + kube-controller-manager with lorafleet's CRDs installed."""
+    """etcd + kube-apiserver + kube-controller-manager with lorafleet's CRDs and the Gateway API's
+    (standard channel: HTTPRoute, Gateway, ...) installed."""
     need("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
     from lorafleet.localstack.controlplane import ControlPlane
+    from lorafleet.localstack.tools import gateway_api_crds
 
+    try:
+        gateway_api = gateway_api_crds()
+    except ToolMissing as e:
+        pytest.fail(str(e), pytrace=False)
     cp = ControlPlane(tmp_path_factory.mktemp("controlplane"))
     try:
         cp.start()
         cp.kubectl("apply", "--server-side", "-f", str(CRDS))
+        cp.kubectl("apply", "--server-side", "-f", str(gateway_api))
         cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
         yield cp
     finally:

@@ -60,7 +60,8 @@ def fleet(control_plane, helm_env, tmp_path_factory):
                                   capture_output=True, text=True, timeout=60)
 
         spec = {"model": {"uri": "s3://models/m/", "sha256": "a" * 64, "task": "sequence-classification"},
-                "ingress": {"host": "probe.example"}, "gateway": {"enabled": True}}
+                "ingress": {"host": "probe.example"}, "httpRoute": {"parentRefs": [{"name": "shared-gw"}]},
+                "gateway": {"enabled": True}}
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
             "apiVersion": "lorafleet.io/v1alpha1", "kind": "BaseModelPool", "metadata": {"name": "probe"},
             "spec": spec}))
@@ -130,6 +131,14 @@ def test_what_each_component_may_read_is_what_it_reads(control_plane, fleet):
     assert not can(control_plane, ns, sidecar, "get", "configmaps/other", ns)
     assert not can(control_plane, ns, sidecar, "patch", "pods", "default")
     assert can(control_plane, ns, full, "list", "loratenants.lorafleet.io")  # tenants' spec.sources
+    assert can(control_plane, ns, full, "patch", "loratenants.lorafleet.io", ns, "--subresource=status")
+    assert not can(control_plane, ns, full, "patch", "loratenants.lorafleet.io", ns)  # never a tenant's spec
+    # The pool's HTTPRoute (the fixture applied one as the operator), never the Gateways it attaches to.
+    assert {m["kind"] for m in fleet[3]} >= {"HTTPRoute", "Ingress"}
+    for verb in ("create", "patch", "delete", "watch"):
+        assert can(control_plane, ns, full, verb, "httproutes.gateway.networking.k8s.io", ns)
+    for what in ("gateways", "gatewayclasses", "referencegrants"):
+        assert not can(control_plane, ns, full, "create", f"{what}.gateway.networking.k8s.io", ns)
     # Leader election: its own Lease in its namespace, no other Lease anywhere.
     for verb in ("get", "update"):
         assert can(control_plane, ns, full, verb, f"leases.coordination.k8s.io/{full}-operator", ns)

@@ -299,3 +299,12 @@ def test_the_kind_guides_commands_and_imports_exist():
                    if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
         for name in (n.strip() for n in names.split(",")):
             assert name in defined, f"docs/kind.md imports {name} from {module}: not defined there"
+
+
+def test_the_gateway_api_version_fetched_is_the_one_the_tests_apply():
+    import re
+
+    from lorafleet.localstack.tools import GATEWAY_API_VERSION
+
+    script = (REPO / "tools" / "install-test-tools").read_text()
+    assert re.search(r'GATEWAY_API_VERSION="\$\{GATEWAY_API_VERSION:-(v[0-9.]+)\}"', script).group(1) == GATEWAY_API_VERSION

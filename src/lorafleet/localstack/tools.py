@@ -38,3 +38,18 @@ def require_tool(name: str) -> Path:
             f"(builds etcd, kube-apiserver, kubectl, MinIO and helm from the Go module proxy)"
         )
     return p
+
+
+# The Gateway API's CRDs (sigs.k8s.io/gateway-api, its standard channel): tools/install-test-tools
+# fetches this version (GATEWAY_API_VERSION there; a unit test holds the two equal).
+GATEWAY_API_VERSION = "v1.6.3"
+
+
+def gateway_api_crds() -> Path:
+    """The folder of the Gateway API's standard-channel CRD files, as tools/install-test-tools left it."""
+    d = cache_dir() / "crds" / f"gateway-api-{GATEWAY_API_VERSION}"
+    if not (d / ".complete").is_file() or not any(d.glob("*httproutes.yaml")):
+        raise ToolMissing(
+            f"the Gateway API CRDs {GATEWAY_API_VERSION} are not in {d}: run tools/install-test-tools "
+            f"(fetches the sigs.k8s.io/gateway-api module's config/crd/standard from the Go module proxy)")
+    return d

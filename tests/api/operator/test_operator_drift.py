@@ -89,14 +89,15 @@ def test_edited_or_deleted_services_and_service_accounts_are_put_back(control_pl
 
 
 def test_what_the_api_server_stores_holds_what_was_applied(control_plane, operator, namespace):
-    """Defaults the API server fills in (clusterIP, a port's protocol, ...) are no drift: else every
+    """Defaults the API server fills in (clusterIP, a port's protocol, an HTTPRoute's defaults, ...) are no drift: else every
     event of an owned object (an Ingress's status written by its controller) would apply it again."""
     from lorafleet.operator import manifests, routing
     from lorafleet.operator.kube import DRIFT_CHECKED
 
     mark = len(operator.text())
     apply(control_plane, namespace, pool_doc("p", replicas=2, ingress={"host": "p.example", "tls": [
-        {"hosts": ["p.example"], "secretName": "p-tls"}]}, gateway={"enabled": True, "replicas": 1}))
+        {"hosts": ["p.example"], "secretName": "p-tls"}]}, gateway={"enabled": True, "replicas": 1},
+        httpRoute={"parentRefs": [{"name": "gw", "sectionName": "http"}], "hostnames": ["p.example"]}))
     wait_for(lambda: get_json(control_plane, namespace, "ingress", names.ingress_name("p")), timeout=30,
              what="the pool's Ingress")
     pool = routing.pool_view(get_json(control_plane, namespace, "lfpool", "p"))

@@ -121,12 +121,13 @@ def test_turning_the_gateway_off_deletes_all_of_it():
     gw = "lorafleet-p-gateway"
     pods_binding = ("RoleBinding", "lorafleet-p-sidecar-pods")
     off = manifests.stale_children("p", spec(enabled=False), "cr")
+    route = ("HTTPRoute", "lorafleet-p")  # spec.httpRoute unset
     assert set(off) == {("Deployment", gw), ("Service", gw), ("RoleBinding", gw), ("Role", gw),
-                        ("ServiceAccount", gw), ("NetworkPolicy", gw)}
-    assert manifests.stale_children("p", spec(enabled=True), "cr") == []
-    assert manifests.stale_children("p", spec(enabled=True)) == [pods_binding]
+                        ("ServiceAccount", gw), ("NetworkPolicy", gw), route}
+    assert manifests.stale_children("p", spec(enabled=True), "cr") == [route]
+    assert manifests.stale_children("p", spec(enabled=True)) == [route, pods_binding]
     no_ing = BaseModelPoolSpec.model_validate({**BASE, "ingress": None, "gateway": {"enabled": True}})
-    assert manifests.stale_children("p", no_ing, "cr") == [("Ingress", "lorafleet-p")]
+    assert manifests.stale_children("p", no_ing, "cr") == [("Ingress", "lorafleet-p"), route]
     # Nothing rendered is ever deleted.
     for s, cr in ((spec(), None), (spec(enabled=True), None), (spec(enabled=True), "cr"), (no_ing, None)):
         rendered = set(kinds(manifests.pool_children("p", "ns", "u", s, sidecar_cluster_role=cr)))

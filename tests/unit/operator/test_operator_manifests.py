@@ -77,6 +77,39 @@ def test_ingress_only_when_asked():
                      "Deployment"]
 
 
+def test_http_route_only_when_asked_to_the_gateways_named_and_the_same_backend_as_the_ingress():
+    assert manifests.http_route("gen", "ns", "u", SPEC) is None
+    assert ("HTTPRoute", "lorafleet-gen") in manifests.stale_children("gen", SPEC)
+    spec = BaseModelPoolSpec.model_validate({**SPEC.wire(), "ingress": {"path": "/"}, "httpRoute": {
+        "parentRefs": [{"name": "eg", "namespace": "infra", "sectionName": "http"}, {"name": "local"}],
+        "hostnames": ["gen.example"], "path": "/v1"}})
+    route = manifests.http_route("gen", "ns", "u", spec)
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1" and route["kind"] == "HTTPRoute"
+    assert route["metadata"]["name"] == "lorafleet-gen" and route["metadata"]["ownerReferences"][0]["controller"]
+    assert route["spec"]["parentRefs"] == [
+        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "eg", "namespace": "infra",
+         "sectionName": "http"},
+        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "local"}]
+    assert route["spec"]["hostnames"] == ["gen.example"]
+    (rule,) = route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/v1"}}]
+    assert rule["backendRefs"] == [{"group": "", "kind": "Service", "name": "lorafleet-gen", "port": 80, "weight": 1}]
+    kinds = [m["kind"] for m in manifests.pool_children("gen", "ns", "u", spec)]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "Service", "Ingress", "HTTPRoute",
+                     "PodDisruptionBudget", "Deployment"]
+    assert not {k for k, _ in manifests.stale_children("gen", spec)} & {"Ingress", "HTTPRoute"}
+    # With the gateway on, the route goes to the gateway's Service, as the Ingress does.
+    gw = BaseModelPoolSpec.model_validate({**spec.wire(), "gateway": {"enabled": True}})
+    assert manifests.http_route("gen", "ns", "u", gw)["spec"]["rules"][0]["backendRefs"][0]["name"] == \
+        "lorafleet-gen-gateway"
+    # An HTTPRoute without a Gateway to attach to is refused.
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="parent_refs|parentRefs"):
+        BaseModelPoolSpec.model_validate({**SPEC.wire(), "httpRoute": {"parentRefs": []}})
+
+
 def test_routes_configmap_is_labelled_for_its_pool():
     cm = manifests.routes_configmap("gen", "ns", "u", "lorafleet-routes-gen", "{}")
     assert cm["metadata"]["labels"]["lorafleet.io/routes-for"] == "gen"
