@@ -232,6 +232,8 @@ def test_the_kind_guides_install_works_on_a_cluster_without_crds_and_uninstall_k
         pool = yaml.safe_load(cp.kubectl("get", "-n", ns, "basemodelpool", "minilm", "-o", "yaml").stdout)
         # In lorafleet-system the bundled MinIO is where every pool looks by default.
         assert pool["spec"]["storage"]["endpoint"] == "http://minio.lorafleet-system:9000"
+        # Reached through the guide's Gateway (step 3), not an Ingress.
+        assert pool["spec"]["httpRoute"]["parentRefs"] == [{"name": "lorafleet"}] and "ingress" not in pool["spec"]
         for kind, name in [("deployment", "lorafleet-operator"), ("deployment", "lorafleet-minio"),
                            ("service", "minio"), ("secret", "lorafleet-minio"), ("serviceaccount", "lorafleet")]:
             cp.kubectl("get", "-n", ns, kind, name)
@@ -327,3 +329,22 @@ def test_the_real_operator_with_only_the_charts_permissions_serves_the_example_p
     lines = [re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "", line) for line in log.splitlines()]
     denied = [line for line in lines if re.search(r"(?<![\w,.:])403(?!\w)", line) or "orbidden" in line]
     assert not denied, "\n".join(denied[:10]) + "\n...\n" + log[-3000:]
+
+
+def test_the_kind_guides_gateway_is_valid_for_the_gateway_api_and_takes_the_pools_route(control_plane):
+    """Step 3's GatewayClass and Gateway, as the page writes them, accepted by the Gateway API's own CRDs
+    (server-side dry run); the Gateway is the one step 4's pool names, in the pool's namespace."""
+    import re
+
+    text = (REPO / "docs" / "kind.md").read_text()
+    (manifest,) = re.findall(r"kubectl apply -f - <<'EOF'\n(.*?)\nEOF\n", text, flags=re.S)
+    docs = list(yaml.safe_load_all(manifest))
+    assert [d["kind"] for d in docs] == ["GatewayClass", "Gateway"]
+    gateway = docs[1]
+    argv = kind_guide_install_command()
+    assert f"examplePool.httpRoute.gateway.name={gateway['metadata']['name']}" in argv
+    assert gateway["metadata"]["namespace"] == argv[argv.index("--namespace") + 1]
+    assert gateway["spec"]["gatewayClassName"] == docs[0]["metadata"]["name"]
+    control_plane.kubectl("create", "namespace", gateway["metadata"]["namespace"], check=False)
+    r = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False)
+    assert r.returncode == 0, r.stderr
