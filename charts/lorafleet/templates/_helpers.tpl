@@ -102,3 +102,34 @@ given, or the bundled MinIO's (it carries AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_
 {{- fail "examplePool.storage: set existingSecret, or accessKey and secretKey, or minio.enabled=true" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The namespaces the operator watches, as a JSON list: operator.watchNamespaces, plus the release's
+namespace when the example pool is on (it lives there). Empty: every namespace.
+*/}}
+{{- define "lorafleet.watchNamespaces" -}}
+{{- $ns := list }}
+{{- range .Values.operator.watchNamespaces }}
+{{- $ns = append $ns . }}
+{{- end }}
+{{- if and $ns .Values.examplePool.enabled (not (has .Release.Namespace $ns)) }}
+{{- $ns = append $ns .Release.Namespace }}
+{{- end }}
+{{- toJson $ns }}
+{{- end }}
+
+{{/*
+"true" when the operator's rights are granted per namespace (Roles in each watched namespace): every
+watched namespace is named exactly. Empty watchNamespaces (every namespace) or a glob pattern among
+them (namespaces not known at install) need the cluster-wide ClusterRole.
+*/}}
+{{- define "lorafleet.rbacPerNamespace" -}}
+{{- $ns := include "lorafleet.watchNamespaces" . | fromJsonArray }}
+{{- $patterns := false }}
+{{- range $ns }}
+{{- if regexMatch "[*?\\[\\]!]" . }}
+{{- $patterns = true }}
+{{- end }}
+{{- end }}
+{{- if and $ns (not $patterns) }}true{{- end }}
+{{- end }}

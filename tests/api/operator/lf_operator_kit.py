@@ -22,15 +22,18 @@ SHA = {c: c * 64 for c in "abcdef"}
 class Operator:
     """A ``lorafleet operator`` process; restartable."""
 
-    def __init__(self, kubeconfig: Path, log: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+    def __init__(self, kubeconfig: Path, log: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 all_namespaces: bool = True):
+        """``all_namespaces=False``: ``args`` say which namespaces (``--namespace``)."""
         self.kubeconfig, self.log, self.args, self.env = kubeconfig, log, args, env or {}
+        self.scope = ("--all-namespaces",) if all_namespaces else ()
         self.proc: ManagedProcess | None = None
 
     def start(self) -> "Operator":
         port = free_port()
         url = f"http://127.0.0.1:{port}/healthz"
         self.proc = ManagedProcess("lorafleet-operator", [
-            sys.executable, "-m", "lorafleet", "operator", "--all-namespaces", "--verbose", "--liveness", url,
+            sys.executable, "-m", "lorafleet", "operator", *self.scope, "--verbose", "--liveness", url,
             *self.args,
         ], self.log, env={"KUBECONFIG": str(self.kubeconfig), **self.env})
         self.proc.wait_until(lambda: urllib.request.urlopen(url, timeout=2).status == 200, 60, "live")
