@@ -288,16 +288,27 @@ class PlacementSpec(_Model):
                            "(placed by rendezvous hashing over the pool's pods, within adapterBytes), or \"all\" "
                            "(every replica syncs every adapter)")
     adapter_bytes: IntOrString | None = Field(
-        None, description="Bytes of adapters placed on one replica at most (default half of spec.cache.diskBytes: "
-                          "the cache also holds the base model and, while adapters move, both copies); "
-                          "an adapter counts spec.source.sizeBytes per version, else spec.cache.maxAdapterBytes")
+        None, description="Disk budget: bytes of adapters placed on one replica at most (default half of "
+                          "spec.cache.diskBytes: the cache also holds the base model and, while adapters move, both "
+                          "copies); an adapter counts spec.source.sizeBytes per version, else the size its holders' "
+                          "sidecars verified, else spec.cache.maxAdapterBytes")
+    host_memory_bytes: IntOrString | None = Field(
+        None, description="Host-memory budget: bytes of adapters placed on one replica at most, counted as for "
+                          "adapterBytes (the runtime parses every adapter it is given into host memory); default "
+                          "none (only the disk budget bounds placement)")
+    requests_per_replica: float | None = Field(
+        None, ge=0.001, le=1_000_000_000,
+        description="Popularity: an adapter is placed on one replica per this many requests per second it "
+                    "receives (measured by the runtimes, reported by the sidecars), at least its spec.replicas "
+                    "(or replicasPerAdapter), at most the pool's replicas and within the budgets; lowered only "
+                    "once its rate fits the lower count with 25% to spare. Default none: counts follow the specs only")
 
     @field_validator("replicas_per_adapter")
     @classmethod
     def _per_adapter(cls, v: int | str) -> int | str:
         return _replicas_value(v, "placement.replicasPerAdapter")
 
-    @field_validator("adapter_bytes")
+    @field_validator("adapter_bytes", "host_memory_bytes")
     @classmethod
     def _bytes(cls, v: int | str | None) -> int | str | None:
         if v is not None:
@@ -357,6 +368,12 @@ class BaseModelPoolSpec(_Model):
         b = self.placement.adapter_bytes
         return parse_quantity(b) if b is not None else self.cache.disk_bytes_int // 2
 
+    def placement_memory_budget(self) -> int | None:
+        """Bytes of adapters one replica may keep in host memory (``placement.hostMemoryBytes``; None:
+        unbounded)."""
+        b = self.placement.host_memory_bytes
+        return parse_quantity(b) if b is not None else None
+
 
 class Condition(_Status):
     type: str
@@ -397,8 +414,12 @@ class BaseModelPoolStatus(_Status):
 class ReplicaPlacement(_Status):
     pod: str
     adapters: int = 0
-    bytes: int = 0
-    budget_bytes: int = 0
+    bytes: int = Field(0, description="Bytes of the adapters placed on it (leaving ones included): what the disk "
+                                      "and the host-memory budgets are held against")
+    budget_bytes: int = Field(0, description="Disk budget (spec.placement.adapterBytes)")
+    memory_budget_bytes: int | None = Field(None, description="Host-memory budget (spec.placement.hostMemoryBytes)")
+    cache_bytes: int | None = Field(None, description="Bytes in the pod's cache volume as its sidecar last reported "
+                                                      "(base model and adapters), against spec.cache.diskBytes")
 
 
 BaseModelPoolStatus.model_rebuild()
@@ -577,6 +598,8 @@ class LoRAAdapterStatus(_Status):
     placed: int | None = Field(None, description="Replicas the adapter is placed on")
     placement: list[str] | None = Field(None, description="Pods the adapter is placed on (set when it is placed "
                                                           "on some replicas, not all)")
+    request_rate: float | None = Field(None, description="Requests per second the pool's runtimes measured for it "
+                                                         "(set with spec.placement.requestsPerReplica)")
     observed_generation: int | None = None
     message: str | None = None
     conditions: list[Condition] | None = None

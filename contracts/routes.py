@@ -53,6 +53,9 @@ class RouteEntry(_Wire):
     # holding it until every pod in ``holders`` has every version loaded (make before break).
     holders: dict[str, int] | None = None
     leaving: dict[str, int] | None = None
+    # Replicas its measured request rate gave it (spec.placement.requestsPerReplica), when more than
+    # its spec asks for: kept here so the next plan lowers it only with the margin (no flapping).
+    hot: int | None = None
 
     def serving(self) -> list[RouteVersion]:
         """Versions that take traffic (weight > 0), heaviest first."""
@@ -259,8 +262,17 @@ class SyncReport(_Wire):
     # Set while the sidecar keeps its last complete routes table because the ConfigMaps are gone or
     # not a complete set of shards: why, and which generation it serves.
     routes_stale: str | None = Field(None, alias="routesStale")
+    # With placement: served name -> requests per second the runtime answered for it over the last
+    # ``RATE_WINDOW_S`` (two significant digits; the ``MAX_RATES`` busiest, none below
+    # ``MIN_RATE``), which raise an adapter's replica count (spec.placement.requestsPerReplica);
+    # and the bytes in the pod's cache volume (base model and adapters), for the pool's status.
+    rates: dict[str, float] | None = None
+    cache_bytes: int | None = Field(None, alias="cacheBytes")
 
     MAX_LISTED: ClassVar[int] = 200
+    MAX_RATES: ClassVar[int] = 100
+    MIN_RATE: ClassVar[float] = 0.01
+    RATE_WINDOW_S: ClassVar[float] = 30.0
 
     @classmethod
     def build(cls, generation: int, loaded: int, failed: dict[str, str], pending: list[str],
@@ -286,6 +298,13 @@ class SyncReport(_Wire):
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True),
                           sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def rates_of(cls, rates: Mapping[str, float]) -> dict[str, float]:
+        """What a report carries of measured rates: the ``MAX_RATES`` busiest at ``MIN_RATE`` or
+        more, two significant digits (a rate that wobbles does not rewrite the annotation)."""
+        top = sorted(((r, n) for n, r in rates.items() if r >= cls.MIN_RATE), key=lambda x: (-x[0], x[1]))
+        return {n: float(f"{r:.2g}") for r, n in top[:cls.MAX_RATES]}
 
     @classmethod
     def from_annotation(cls, value: str | None) -> "SyncReport | None":

@@ -36,6 +36,9 @@ class AdapterState(_Wire):
     # With ``error``: "permanent" (the content is refused, loading it again cannot help; the sidecar
     # waits for another digest) or "transient" (e.g. the files could not be read; retried).
     error_kind: Literal["permanent", "transient"] | None = Field(None, alias="errorKind")
+    # Requests resolved to this version since it was registered (a version registered again starts
+    # at 0): the sidecar reports the adapters' request rates from it (placement by popularity).
+    requests: int = 0
 
 
 class AdapterList(_Wire):

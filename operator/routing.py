@@ -406,27 +406,83 @@ def _route_of(m: MergedInfo | None) -> tuple[str, str] | None:
     return (m.pool, m.version) if m is not None else None
 
 
+@dataclass
+class PoolPlacement:
+    """What placement decided for one pool, for the routes and the statuses."""
+
+    targets: dict[str, list[str]] = field(default_factory=dict)  # served name -> pods to hold it
+    wanted: dict[str, int] = field(default_factory=dict)  # served name -> holders wanted (popularity included)
+    base: dict[str, int] = field(default_factory=dict)  # served name -> holders its spec asks for
+    short: dict[str, int] = field(default_factory=dict)  # served name -> base holders without room
+    blocked: dict[str, list[str]] = field(default_factory=dict)  # served name -> budgets that refused it
+    extra_short: dict[str, int] = field(default_factory=dict)  # served name -> popularity holders without room
+    rates: dict[str, float] = field(default_factory=dict)  # served name -> requests/s its holders measured
+    live: list[str] = field(default_factory=list)  # the pods placed over
+    popularity: bool = False  # spec.placement.requestsPerReplica is set
+
+    def info(self, served: str) -> tuple | None:
+        """The part of it one adapter's status depends on."""
+        if served not in self.wanted:
+            return None
+        return (self.wanted[served], self.short.get(served, 0), tuple(self.blocked.get(served, ())),
+                self.extra_short.get(served, 0), self.rates.get(served) if self.popularity else None)
+
+
+BUDGET_FIELDS = {placement.DISK: "spec.placement.adapterBytes (disk)",
+                 placement.MEMORY: "spec.placement.hostMemoryBytes (host memory)"}
+
+
+def budget_words(blocked: list[str] | tuple[str, ...]) -> str:
+    return " and ".join(BUDGET_FIELDS[b] for b in blocked) or BUDGET_FIELDS[placement.DISK]
+
+
+def measured_rates(pods: list[PodView]) -> dict[str, float]:
+    """Served name -> requests/s, summed over the pods' sync reports (each pod's runtime counts what
+    it answered)."""
+    out: dict[str, float] = {}
+    for p in pods:
+        if p.terminating or p.report is None or not p.report.rates:
+            continue
+        for served, r in p.report.rates.items():
+            out[served] = out.get(served, 0.0) + r
+    return out
+
+
 def place_adapters(adapters: list[AdapterView], problems: dict[str, list[str]], pool_spec: BaseModelPoolSpec | None,
-                   pods: list[PodView]) -> tuple[dict[str, list[str]], dict[str, int], list[str]]:
-    """Served name -> the pods that should hold it, for every valid adapter placed on some replicas
-    (not "all"); served name -> holders it lacks for want of room; the pods placed over."""
+                   pods: list[PodView], previous: RoutesTable | None = None) -> PoolPlacement:
+    """Where every valid adapter placed on some replicas (not "all") goes: its spec's count, raised
+    by its measured request rate (``spec.placement.requestsPerReplica``, with ``previous``'s counts
+    for the hysteresis), within each pod's disk and host-memory budgets."""
+    out = PoolPlacement()
     if pool_spec is None:
-        return {}, {}, []
+        return out
     default_size = pool_spec.cache.max_adapter_bytes_int
+    # A pod is placed over once its sidecar reports (it runs: scheduled, started), Ready or not, so
+    # it has its share before it turns Ready; a pod that never started (unschedulable) gets none.
+    live = sorted(p.name for p in pods if not p.terminating and (p.ready or p.report is not None))
+    per_replica = pool_spec.placement.requests_per_replica
+    out.popularity = per_replica is not None
+    rates = measured_rates(pods) if per_replica is not None else {}
     demands = []
     for a in adapters:
         if a.spec is None or problems.get(a.name):
             continue
         k = placement.replicas_wanted(a.spec.replicas, pool_spec.placement.replicas_per_adapter, pool_spec.replicas)
-        if k is not None:
-            demands.append(placement.Demand(a.served_name, k, a.spec.bytes_per_replica(default_size)))
+        if k is None:
+            continue
+        served = a.served_name
+        rate = rates.get(served, 0.0)
+        prev = previous.adapters.get(served) if previous is not None else None
+        total = placement.popular_replicas(rate, per_replica, k, prev.hot if prev is not None else None,
+                                           max(len(live), k))
+        out.base[served], out.wanted[served], out.rates[served] = k, total, rate
+        demands.append(placement.Demand(served, total, a.spec.bytes_per_replica(default_size), base=k, rate=rate))
     if not demands:
-        return {}, {}, []
-    # A pod is placed over once its sidecar reports (it runs: scheduled, started), Ready or not, so
-    # it has its share before it turns Ready; a pod that never started (unschedulable) gets none.
-    live = sorted(p.name for p in pods if not p.terminating and (p.ready or p.report is not None))
-    got = placement.place(demands, live, pool_spec.placement_budget())
-    return got.holders, got.short, live
+        return out
+    got = placement.place(demands, live, pool_spec.placement_budget(), pool_spec.placement_memory_budget())
+    out.targets, out.short, out.blocked, out.extra_short = got.holders, got.short, got.blocked, got.extra_short
+    out.live = live
+    return out
 
 
 def with_leaving(served: str, entry: RouteEntry, previous: RouteEntry | None, pods: list[PodView]) -> RouteEntry:
@@ -466,10 +522,15 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
                 pods: list[PodView], entry_memo: dict[str, tuple[tuple[str, int], RouteEntry]] | None = None,
                 tenants: Tenants | SourceCheck | None = None,
                 merged: dict[str, MergedInfo] | None = None,
-                pool_spec: BaseModelPoolSpec | None = None) -> tuple[RoutesTable, bool]:
-    """``pool_spec``: the pool's spec, for placement (None: every replica holds every adapter)."""
+                pool_spec: BaseModelPoolSpec | None = None,
+                outcome: dict[str, Any] | None = None) -> tuple[RoutesTable, bool]:
+    """``pool_spec``: the pool's spec, for placement (None: every replica holds every adapter).
+    ``outcome`` gets the ``PoolPlacement`` under "placement"."""
     ready = [p for p in pods if p.ready]
-    targets, _, placed_on = place_adapters(adapters, problems, pool_spec, pods)
+    decided = place_adapters(adapters, problems, pool_spec, pods, previous)
+    if outcome is not None:
+        outcome["placement"] = decided
+    targets, placed_on = decided.targets, decided.live
     entries: dict[str, RouteEntry] = {}
     for a in adapters:
         if a.spec is None:
@@ -486,17 +547,23 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
         m = (merged or {}).get(a.name)
         target = targets.get(a.served_name)
         holders: dict[str, int] | None = None
+        hot = None
         if target is not None:
             before = dict((prev.leaving or {}) if prev is not None else {})
             before.update((prev.holders or {}) if prev is not None else {})
             holders = {pod: before.get(pod, NEW) for pod in target}
+            want = decided.wanted.get(a.served_name, 0)
+            hot = want if want > decided.base.get(a.served_name, want) else None
         made = entry_memo.get(a.name) if entry_memo is not None else None
         if (made is not None and prev is not None and made[0] == (a.uid, a.generation, _route_of(m)) and made[1] is prev
-                and not any(v.draining for v in prev.versions) and prev.holders == holders and not prev.leaving):
+                and not any(v.draining for v in prev.versions) and prev.holders == holders and not prev.leaving
+                and prev.hot == hot):
             # Same spec and placement, and the entry is the very one built from it: nothing to redo.
             entries[a.served_name] = prev
             continue
         entry = merge_entry(a.served_name, a.spec, prev, ready, m, holders)
+        if hot is not None:
+            entry.hot = hot
         entries[a.served_name] = with_leaving(a.served_name, entry, prev, pods)
     check = source_check(tenants)
     for served, entry in list(entries.items()) if check is not None else ():
@@ -634,8 +701,9 @@ def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
 
 def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], table: RoutesTable,
                    pods: list[PodView], previous: dict[str, Any], now: str | None = None,
-                   merged: MergedInfo | None = None) -> dict[str, Any]:
-    """The adapter's status in wire form (``LoRAAdapterStatus`` fields, camelCase, unset left out)."""
+                   merged: MergedInfo | None = None, placed_info: tuple | None = None) -> dict[str, Any]:
+    """The adapter's status in wire form (``LoRAAdapterStatus`` fields, camelCase, unset left out).
+    ``placed_info``: ``PoolPlacement.info`` of the adapter (None: from its spec alone)."""
     prev = {c.get("type"): c for c in previous.get("conditions") or [] if isinstance(c, dict)}
     gen = a.generation
     now = now or _now()
@@ -690,15 +758,27 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
     replicas = pool.spec.replicas
     wanted = placement.replicas_wanted(a.spec.replicas, pool.spec.placement.replicas_per_adapter, replicas)
     short = ""
+    blocked: tuple[str, ...] = ()
     if wanted is not None and replicas > 0:
+        extra_short = 0
+        if placed_info is not None:
+            total, _, blocked, extra_short, rate = placed_info
+            if rate is not None:
+                st["requestRate"] = rate
+            if total > wanted:
+                short = f"; request rate {rate:g}/s: {total} replicas wanted (spec.placement.requestsPerReplica)"
+                if extra_short:
+                    short += (f", {total - extra_short} have room within {budget_words(blocked) if blocked else 'the budgets'}")
+                # The popularity holders that have room count; those that do not are in the message.
+                wanted = total - extra_short
         replicas = wanted
         st["placed"] = len(holders or {})
         st["placement"] = sorted(holders or {})
         if entry is not None and len(holders or {}) < wanted:
             running = len(table.placed_on or [])
             why = (f"pool {a.pool!r} has {running} running replicas" if running < wanted else
-                   f"no other replica has room for it within spec.placement.adapterBytes of pool {a.pool!r}")
-            short = f"; placed on {len(holders or {})} of the {wanted} replicas wanted: {why}"
+                   f"no other replica has room for it within {budget_words(blocked)} of pool {a.pool!r}")
+            short += f"; placed on {len(holders or {})} of the {wanted} replicas wanted: {why}"
     else:
         st["placed"] = replicas
     st["replicas"] = replicas
@@ -722,7 +802,7 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
         phase, reason, msg = AdapterPhase.ready, "Loaded", f"version {version} loaded on {len(loaded)}/{replicas} replicas"
     elif wanted is not None and entry is not None and not holders:
         phase, reason, msg = (AdapterPhase.pending, "Unplaced",
-                              f"no replica of pool {a.pool!r} has room for it within spec.placement.adapterBytes"
+                              f"no replica of pool {a.pool!r} has room for it within {budget_words(blocked)}"
                               if pods else f"pool {a.pool!r} has no replicas to place it on")
     elif not ready:
         phase, reason, msg = AdapterPhase.pending, "NoReadyReplicas", (
@@ -769,9 +849,11 @@ def model_readiness(pods: list[PodView]) -> tuple[bool | None, str, str]:
     return None, "ModelLoading", "no pod's runtime has loaded the base model yet"
 
 
-def placement_use(spec: BaseModelPoolSpec, adapters: list[AdapterView], table: RoutesTable) -> list[ReplicaPlacement]:
+def placement_use(spec: BaseModelPoolSpec, adapters: list[AdapterView], table: RoutesTable,
+                  pods: list[PodView] | None = None) -> list[ReplicaPlacement]:
     """Per pod placed over: the adapters placed on it (leaving ones included: they are still there)
-    and their bytes, against the budget."""
+    and their bytes, against the disk and host-memory budgets; and its cache volume's bytes as its
+    sidecar last reported them."""
     size = {a.served_name: a.spec.bytes_per_replica(spec.cache.max_adapter_bytes_int)
             for a in adapters if a.spec is not None}
     use = {pod: [0, 0] for pod in table.placed_on or []}
@@ -782,16 +864,45 @@ def placement_use(spec: BaseModelPoolSpec, adapters: list[AdapterView], table: R
             u = use.setdefault(pod, [0, 0])
             u[0] += 1
             u[1] += size.get(served, spec.cache.max_adapter_bytes_int)
-    budget = spec.placement_budget()
-    return [ReplicaPlacement(pod=pod, adapters=n, bytes=b, budget_bytes=budget) for pod, (n, b) in sorted(use.items())]
+    budget, memory = spec.placement_budget(), spec.placement_memory_budget()
+    cache = {p.name: p.report.cache_bytes for p in pods or [] if p.report is not None}
+    return [ReplicaPlacement(pod=pod, adapters=n, bytes=b, budget_bytes=budget, memory_budget_bytes=memory,
+                             cache_bytes=cache.get(pod)) for pod, (n, b) in sorted(use.items())]
+
+
+def placement_condition(decided: PoolPlacement) -> tuple[bool, str, str]:
+    """The pool's Placed condition: every placed adapter has the holders it wants, or which ones
+    lack them for want of room, and within which budget (never dropped or over-committed silently)."""
+    short = sorted(decided.short)
+    extra = sorted(n for n in decided.extra_short if n not in decided.short)
+    if not short and not extra:
+        n = len(decided.wanted)
+        return True, "Placed", f"{n} adapters placed on the replicas they want" if n else "no adapter is placed"
+    parts = []
+    budgets = sorted({b for n in short + extra for b in decided.blocked.get(n, ())})
+    reason = ("DiskAndMemoryBudget" if len(budgets) == 2 else
+              "MemoryBudget" if budgets == [placement.MEMORY] else "DiskBudget")
+
+    def names_(xs: list[str]) -> str:
+        return ", ".join(xs[:5]) + (f", ... ({len(xs)} in all)" if len(xs) > 5 else "")
+
+    if short:
+        lacking = sum(decided.short.values())
+        unplaced = [n for n in short if not decided.targets.get(n)]
+        parts.append(f"{len(short)} adapters lack {lacking} of the replicas their spec asks for "
+                     f"({len(unplaced)} placed nowhere): {names_(short)}")
+    if extra:
+        parts.append(f"{len(extra)} adapters lack replicas their request rate asks for: {names_(extra)}")
+    return False, reason, "; ".join(parts) + f": no replica has room within {budget_words(budgets)}"
 
 
 def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
                 table: RoutesTable, pods: list[PodView], gateway_ready: int = 0,
                 workload_problems: list[tuple[str, str]] | None = None,
-                merged: tuple[MergedRef | None, str | None] | None = None) -> dict[str, Any]:
+                merged: tuple[MergedRef | None, str | None] | None = None,
+                decided: PoolPlacement | None = None) -> dict[str, Any]:
     """``workload_problems``: (reason, message) of each owned Deployment that cannot make or roll out
-    its pods."""
+    its pods. ``decided``: what placement decided (its shortfalls make the Placed condition)."""
     prev = _conditions(pool.status)
     if pool.spec is None:
         st = BaseModelPoolStatus(phase=PoolPhase.failed, observed_generation=pool.generation,
@@ -841,7 +952,13 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
                     condition("ModelReady", model_ok, model_reason, model_msg, pool.generation, prev)],
     )
     if table.placed_on is not None:
-        st.placement = placement_use(pool.spec, adapters, table)
+        st.placement = placement_use(pool.spec, adapters, table, pods)
+        if decided is not None:
+            ok, reason, text = placement_condition(decided)
+            assert st.conditions is not None
+            st.conditions.append(condition("Placed", ok, reason, text, pool.generation, prev))
+            if not ok:
+                st.message = f"{st.message}; {text}"
     gw = pool.spec.gateway
     if gw is not None and gw.enabled:
         # The Ingress answers while one gateway pod is Ready; the pool's own readiness is separate.
@@ -882,13 +999,15 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
                 f"spec.pool: pool {pool_name!r} merges LoRAAdapter {merged_name!r} into its base "
                 f"(spec.model.mergedAdapter) and serves no other adapter; name a shared pool")
     pool_ok = pool is not None and pool.spec is not None
+    outcome: dict[str, Any] = {}
     if pool_ok:
         assert pool is not None
         table, changed = plan_routes(pool_name, adapters, problems, previous, pods,
                                      memo.setdefault("\0entries", {}) if memo is not None else None, check,
-                                     merged, pool.spec)
+                                     merged, pool.spec, outcome)
     else:
         table, changed = RoutesTable(pool=pool_name, generation=previous.generation), False
+    decided: PoolPlacement = outcome.get("placement") or PoolPlacement()
     memo = {} if memo is None else memo
     statuses_memo = memo.setdefault("\0statuses", {})
     common = (pool.uid, pool.generation, pool.spec is None) if pool is not None else None
@@ -899,16 +1018,18 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
         found = problems.get(a.name, [])
         prev = previous_status.get(a.name, a.status)
         m = (merged or {}).get(a.name)
-        inputs = (common, a.uid, a.generation, tuple(found), table.adapters.get(a.served_name), m)
+        info = decided.info(a.served_name)
+        inputs = (common, a.uid, a.generation, tuple(found), table.adapters.get(a.served_name), m, info)
         hit = statuses_memo.get(a.name)
         if hit is not None and hit[0] == inputs and (prev is hit[1] or prev == hit[1]):
             statuses[a.name] = hit[1]
             continue
-        statuses[a.name] = adapter_status(a, pool, found, table, pods, prev, now, m)
+        statuses[a.name] = adapter_status(a, pool, found, table, pods, prev, now, m, info)
         statuses_memo[a.name] = (inputs, statuses[a.name])
     for gone in set(statuses_memo) - set(statuses):
         del statuses_memo[gone]
-    pstatus = (pool_status(pool, adapters, statuses, table, pods, gateway_ready, workload_problems, merged_self)
+    pstatus = (pool_status(pool, adapters, statuses, table, pods, gateway_ready, workload_problems, merged_self,
+                           decided)
                if pool is not None else None)
     return PoolPlan(table=table, changed=changed, adapter_status=statuses, pool_status=pstatus)
 

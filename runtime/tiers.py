@@ -45,6 +45,7 @@ class AdapterEntry:
     labels: list[str] | None = None
     task: str | None = None
     loaded_at: float = field(default_factory=time.time)
+    requests: int = 0  # requests resolved to this version (the sidecar turns them into a rate for placement)
 
     @property
     def served(self) -> str:
@@ -194,6 +195,7 @@ class AdapterManager:
                         entry = max(ok, key=lambda e: e.loaded_at)
                     else:
                         entry = random.choices(ok, weights=weights)[0]
+            entry.requests += 1
         if entry.error is not None:
             raise AdapterUnavailable(f"adapter {entry.served} failed to load: {entry.error}")
         return entry
@@ -211,7 +213,8 @@ class AdapterManager:
 
     def state_of(self, e: AdapterEntry) -> AdapterState:
         return AdapterState(name=e.name, version=e.version, sha256=e.sha256, tenant=e.tenant, weight=e.weight,
-                            pinned=e.pinned, state=self.state(e), error=e.error, error_kind=e.error_kind)
+                            pinned=e.pinned, state=self.state(e), error=e.error, error_kind=e.error_kind,
+                            requests=e.requests)
 
     def listing(self, instance: str) -> AdapterList:
         return AdapterList(instance=instance, adapters=[self.state_of(e) for e in self.all()])

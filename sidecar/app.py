@@ -48,6 +48,7 @@ class Sidecar:
                         merged_uri=a.merged_adapter_uri or "", merged_sha256=a.merged_adapter_sha256 or "",
                         concurrency=a.concurrency, collect_after=a.collect_after, poll_interval=a.poll_interval,
                         retry=RetryPolicy(a.retry_base, a.retry_max))
+        syncer.rate_window = a.rate_window
         # The watch gets its own client: stopping it closes that client's connection.
         watcher = RoutesWatcher(lambda: make_client(a.kubeconfig), a.namespace, a.pool, syncer.set_routes,
                                 on_stale=syncer.set_routes_stale)

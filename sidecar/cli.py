@@ -51,6 +51,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--collect-after", type=float, default=600.0,
                    help="seconds content stays cached after no route references it (default 600)")
     p.add_argument("--poll-interval", type=float, default=2.0, help="seconds between runtime checks (default 2)")
+    p.add_argument("--rate-window", type=float, default=30.0,
+                   help="seconds over which the adapters' request rates are measured for the sync report "
+                        "(placement by popularity; default 30)")
     p.add_argument("--retry-base", type=float, default=0.5, help="first retry delay in seconds (default 0.5)")
     p.add_argument("--retry-max", type=float, default=60.0, help="largest retry delay in seconds (default 60)")
     p.add_argument("--log-level", default=_env("LORAFLEET_LOG_LEVEL", "INFO"))

@@ -91,6 +91,12 @@ class Syncer:
         self._referenced: set[str] = set()
         self._runtime_digests: set[str] = set()
         self.last_report: SyncReport | None = None
+        # Request rates (placement by popularity): the runtime's per-version request counts now and
+        # at the start of the current window, and the rates of the last complete window.
+        self.rate_window = SyncReport.RATE_WINDOW_S
+        self._requests: dict[str, tuple[str, int]] = {}  # name@version -> (served name, count)
+        self._window: tuple[float, dict[str, tuple[str, int]]] | None = None
+        self.rates: dict[str, float] = {}
         self._seen_generation: int | None = None
         self._told_waiting = False
         store.make_room = self._make_room
@@ -242,9 +248,11 @@ class Syncer:
         mono = time.monotonic()
         failed = any(a.state == "failed" for a in listing.adapters)
         specs = {d.key: (d.sha256, d.uri) for d in desired} if failed else {}
+        self._requests = {}
         for a in listing.adapters:
             la = LoadedAdapter(a.name, a.version, a.sha256, a.weight, a.pinned, a.state == "failed")
             out[la.key] = la
+            self._requests[la.key] = (a.name, a.requests)
             if la.failed:
                 permanent = a.error_kind == "permanent"
                 with self._lock:
@@ -411,6 +419,24 @@ class Syncer:
             return f"the runtime cannot serve the base model: {m.message}"
         return None
 
+    def _measure_rates(self, mono: float) -> dict[str, float]:
+        """Served name -> requests/s the runtime answered over the last complete window of
+        ``rate_window`` seconds (each version's count since the window began; a count that went
+        down was reset by a new registration or runtime, so it counts from 0)."""
+        if self._window is None:
+            self._window = (mono, dict(self._requests))
+            return self.rates
+        start, then = self._window
+        if mono - start < self.rate_window:
+            return self.rates
+        counts: dict[str, int] = {}
+        for key, (name, n) in self._requests.items():
+            before = then.get(key, (name, 0))[1]
+            counts[name] = counts.get(name, 0) + (n - before if n >= before else n)
+        self.rates = SyncReport.rates_of({name: n / (mono - start) for name, n in counts.items()})
+        self._window = (mono, dict(self._requests))
+        return self.rates
+
     def _report(self, table: RoutesTable, desired: list[DesiredVersion],
                 loaded: dict[str, LoadedAdapter] | None) -> SyncReport:
         failed: dict[str, str] = {}
@@ -446,6 +472,9 @@ class Syncer:
                                   model_ready=self.model_ready if self.model_sha256 else None,
                                   since={d.key: d.since for d in desired})
         report.routes_stale = self.routes_stale
+        if self.pod is not None and table.placed_on is not None:
+            report.rates = self._measure_rates(time.monotonic()) if loaded is not None else self.rates
+            report.cache_bytes = self.store.used_bytes()
         rm = self.runtime_model if self.runtime_up else None
         if rm is not None:
             report.runtime_model = rm.state

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from lorafleet.contracts.placement import Demand, place, ranking, replicas_wanted
+from lorafleet.contracts.placement import DISK, MEMORY, Demand, place, popular_replicas, ranking, replicas_wanted
 
 PODS = [f"lorafleet-p-5d8c7b-{s}" for s in ("a1b2c", "d3e4f", "g5h6i", "j7k8l", "m9n0o", "p1q2r", "s3t4u",
                                               "v5w6x")]
@@ -74,3 +74,50 @@ def test_replicas_wanted_from_the_adapter_else_the_pool():
     assert replicas_wanted(None, 2, 6) == 2
     assert replicas_wanted(3, "all", 6) == 3
     assert replicas_wanted(9, "all", 6) == 6  # never more than the pool has
+
+
+def test_the_host_memory_budget_binds_too_and_the_refusing_budget_is_named():
+    eq = demands(60, size=7)
+    # Disk room for everything, host memory for 19 adapters per pod: 3 adapters find no room.
+    got = place(eq, PODS[:3], budget=10_000, memory_budget=19 * 7)
+    assert max(got.used.values()) <= 19 * 7 and len(got.short) == 3
+    assert all(got.blocked[n] == [MEMORY] for n in got.short)
+    # Both tight: both named; unbounded memory: the disk budget alone decides.
+    both = place(eq, PODS[:3], budget=19 * 7, memory_budget=19 * 7)
+    assert all(both.blocked[n] == [DISK, MEMORY] for n in both.short)
+    disk = place(eq, PODS[:3], budget=19 * 7)
+    assert all(disk.blocked[n] == [DISK] for n in disk.short) and disk.holders == got.holders
+
+
+def test_popularity_holders_come_after_every_base_holder_hottest_first():
+    # Room for exactly one copy of each on 3 pods; a hot adapter asking for 3 copies gets only the
+    # room left over, never a cold adapter's only copy.
+    cold = demands(59, size=7)
+    hot = Demand("hot", 3, 7, base=1, rate=50.0)
+    got = place(cold + [hot], PODS[:3], budget=60 * 7 // 3)
+    assert not got.short and len(got.holders["hot"]) == 1 and got.extra_short == {"hot": 2}
+    assert got.blocked["hot"] == [DISK]
+    # With room, the hot one gets its 3; two hot ones competing for one slot: the hotter wins it.
+    roomy = place(cold + [hot], PODS[:3], budget=10_000)
+    assert sorted(roomy.holders["hot"]) == sorted(PODS[:3]) and not roomy.extra_short
+    warm = Demand("warm", 2, 7, base=1, rate=5.0)
+    duel = place(cold + [hot, warm], PODS[:3], budget=61 * 7 // 3 + 7)
+    assert not duel.short and duel.extra_short.get("hot", 0) <= duel.extra_short.get("warm", 0)
+    # The base holders of the hot one are its first in rendezvous order: raising the count adds
+    # replicas, it never moves the ones it has.
+    assert got.holders["hot"] == roomy.holders["hot"][:1] == ranking("hot", PODS[:3])[:1]
+
+
+def test_popular_replica_counts_rise_at_once_and_fall_only_with_a_margin():
+    r = 10.0  # requests/s one replica takes of an adapter
+    assert popular_replicas(0, None, 1, None, 8) == 1  # popularity off: the spec's count
+    assert popular_replicas(0, r, 2, None, 8) == 2
+    assert popular_replicas(25, r, 1, None, 8) == 3
+    assert popular_replicas(500, r, 1, None, 8) == 8  # never more than the pool has
+    k, seen = 1, []
+    for rate in (9, 11, 19, 21, 19, 17, 15.5, 14.9, 11, 8, 7.4, 7.6, 11):
+        k = popular_replicas(rate, r, 1, k, 8)
+        seen.append(k)
+    # 2 at 11/s, 3 at 21/s; back to 2 only below 15/s (3 - 1 = 2 replicas at 75%), 1 only below 7.5/s.
+    assert seen == [1, 2, 2, 3, 3, 3, 3, 2, 2, 2, 1, 1, 2]
+    assert popular_replicas(40, r, 1, 6, 3) == 3  # the pool shrank under a hot adapter

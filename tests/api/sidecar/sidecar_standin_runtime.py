@@ -84,8 +84,10 @@ class StandinRuntime:
         def classify(body: dict):
             model = str(body.get("model") or "")
             name = model.partition("@")[0]
-            if any(k.partition("@")[0] == name for k in list(self.adapters)):
+            held = [a for k, a in list(self.adapters.items()) if k.partition("@")[0] == name]
+            if held:
                 self.served[name] = self.served.get(name, 0) + 1
+                held[0].requests += 1  # as the runtime counts them (GET /admin/adapters)
                 return {"model": model, "replica": self.name}
             if self.sync is not None and name in self.sync.pool_adapters:
                 return JSONResponse({"error": {"message": f"adapter {model!r} is not served by this replica",

@@ -65,9 +65,10 @@ class Stand:
     """The pool's replicas (pod object + stand-in runtime + real sidecar), a kubelet loop that sets
     each pod's Ready from its runtime's readiness, and the local ingress in a thread of its own."""
 
-    def __init__(self, control_plane, minio_server, kube, namespace, tmp_path, budget):
+    def __init__(self, control_plane, minio_server, kube, namespace, tmp_path, budget, sidecar_args=()):
         self.cp, self.minio, self.kube, self.ns, self.tmp = control_plane, minio_server, kube, namespace, tmp_path
         self.budget = budget
+        self.sidecar_args = list(sidecar_args)  # more sidecar flags (e.g. --rate-window)
         self.replicas: dict[str, Replica] = {}
         self.stop = threading.Event()
         self._lock = threading.Lock()
@@ -98,7 +99,7 @@ class Stand:
                            "--poll-interval", "0.3", "--retry-base", "0.2", "--retry-max", "2",
                            # The cache holds twice the placement budget: room for the copies a move
                            # keeps on both pods until the new one has loaded (make before break).
-                           "--collect-after", "1", "--disk-bytes", str(2 * self.budget)])
+                           "--collect-after", "1", "--disk-bytes", str(2 * self.budget), *self.sidecar_args])
         r = Replica(pod, cache, rt, Sidecar.from_args(args).start())
         with self._lock:
             self.replicas[pod] = r

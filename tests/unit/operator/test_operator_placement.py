@@ -160,3 +160,72 @@ def test_all_keeps_todays_behaviour_and_an_adapter_may_ask_for_its_own_count():
 def test_the_default_budget_leaves_half_the_cache_for_the_model_and_moves():
     assert pool().spec.placement_budget() == 20 * 2**30 // 2  # cache.diskBytes 20Gi by default
     assert pool(adapter_bytes="3Gi").spec.placement_budget() == 3 * 2**30
+
+
+def rpool(replicas=4, per_replica=10.0, **placement):
+    return routing.pool_view({"metadata": {"name": "p", "namespace": "ns", "uid": "pu", "generation": 1},
+                              "spec": {"model": {"uri": "s3://m/", "sha256": "a" * 64,
+                                                 "task": "sequence-classification"},
+                                       "replicas": replicas,
+                                       "placement": {"replicasPerAdapter": 1, "requestsPerReplica": per_replica,
+                                                     **placement}}})
+
+
+def rated(name, generation, rates, **kw):
+    return PodView(name=name, ready=True, report=SyncReport(generation=generation, rates=rates), **kw)
+
+
+def test_a_hot_adapter_is_placed_on_more_replicas_and_a_cold_one_on_one():
+    four = [pod(n) for n in "wxyz"]
+    t1 = plan(ADAPTERS, four, p=rpool()).table
+    assert all(len(e.holders) == 1 and e.hot is None for e in t1.adapters.values())
+    # a0's holder measured 25 requests/s, a1's 3/s: a0 wants 3 replicas (10/s each), a1 stays on 1.
+    h0, h1 = next(iter(t1.adapters["a0"].holders)), next(iter(t1.adapters["a1"].holders))
+    rates = {n: {} for n in "wxyz"}
+    rates[h0]["a0"] = 25.0
+    rates[h1]["a1"] = 3.0
+    reported = [rated(n, t1.generation, rates[n]) for n in "wxyz"]
+    p2 = plan(ADAPTERS, reported, previous=t1, p=rpool())
+    e0 = p2.table.adapters["a0"]
+    assert len(e0.holders) == 3 and e0.hot == 3 and h0 in e0.holders
+    assert len(p2.table.adapters["a1"].holders) == 1 and p2.table.adapters["a1"].hot is None
+    s0 = p2.adapter_status["a0"]
+    assert (s0["replicas"], s0["placed"], s0["requestRate"]) == (3, 3, 25.0)
+    assert "request rate 25/s: 3 replicas wanted" in s0["message"]
+    assert p2.adapter_status["a1"]["requestRate"] == 3.0 and p2.adapter_status["a1"]["replicas"] == 1
+    # The rate, now spread over three holders, falls to 16/s: the count holds (3 - 1 = 2 replicas
+    # would run at 80%, above the 75% a lower count needs) ...
+    t2 = p2.table
+    spread = [rated(n, t2.generation, {"a0": 16.0 / 3} if n in e0.holders else {}) for n in "wxyz"]
+    assert plan(ADAPTERS, spread, previous=t2, p=rpool()).table.adapters["a0"].hot == 3
+    # ... and at 14/s it goes to 2, keeping its first holders (rendezvous order).
+    lower = [rated(n, t2.generation, {"a0": 14.0 / 3} if n in e0.holders else {}) for n in "wxyz"]
+    t3 = plan(ADAPTERS, lower, previous=t2, p=rpool()).table
+    assert t3.adapters["a0"].hot == 2 and set(t3.adapters["a0"].holders) <= set(e0.holders)
+    # Without requestsPerReplica the rates change nothing.
+    plain = plan(ADAPTERS, reported, previous=t1, p=pool(replicas=4)).table
+    assert all(len(e.holders) == 1 for e in plain.adapters.values())
+
+
+def test_budgets_that_refuse_adapters_are_named_on_the_pool_and_use_is_shown_per_replica():
+    pods = [PodView(name=n, ready=True, report=SyncReport(generation=0, cache_bytes=1000 + i))
+            for i, n in enumerate("xyz")]
+    # Disk for 4 adapters of 100 per pod, host memory for 3: memory binds, 3 of 12 are unplaced.
+    p = rpool(replicas=3, per_replica=None, adapterBytes=400, hostMemoryBytes=300)
+    got = plan(ADAPTERS, pods, p=p)
+    unplaced = [n for n, s in got.adapter_status.items() if s["conditions"][0]["reason"] == "Unplaced"]
+    assert len(unplaced) == 3
+    assert all("spec.placement.hostMemoryBytes (host memory)" in got.adapter_status[n]["message"] for n in unplaced)
+    placed = {c["type"]: c for c in got.pool_status["conditions"]}["Placed"]
+    assert (placed["status"], placed["reason"]) == ("False", "MemoryBudget")
+    assert "3 adapters lack 3 of the replicas their spec asks for (3 placed nowhere)" in placed["message"]
+    assert all(n in placed["message"] for n in unplaced)
+    assert "hostMemoryBytes" in got.pool_status["message"]
+    use = got.pool_status["placement"]
+    assert [(u["pod"], u["adapters"], u["bytes"], u["budgetBytes"], u["memoryBudgetBytes"], u["cacheBytes"])
+            for u in use] == [("x", 3, 300, 400, 300, 1000), ("y", 3, 300, 400, 300, 1001),
+                              ("z", 3, 300, 400, 300, 1002)]
+    # Room for all: Placed is True.
+    ok = plan(ADAPTERS, pods, p=rpool(replicas=3, per_replica=None, adapterBytes=400))
+    placed = {c["type"]: c for c in ok.pool_status["conditions"]}["Placed"]
+    assert (placed["status"], placed["reason"]) == ("True", "Placed")

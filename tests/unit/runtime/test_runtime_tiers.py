@@ -149,3 +149,19 @@ def test_torch_threads_leave_the_event_loop_a_core_on_cpu(monkeypatch):
     assert torch_threads(RuntimeSettings.from_env({})) == 1
     with pytest.raises(ValueError, match="torch_threads must not be negative"):
         RuntimeSettings.from_env({"LORAFLEET_TORCH_THREADS": "-2"})
+
+
+def test_requests_are_counted_per_version_for_the_sidecars_rates(gen_adapters):
+    m = AdapterManager("text-generation", 4)
+    m.register("a", "1", _req(gen_adapters["gen0"], weight=100))
+    m.register("a", "2", _req(gen_adapters["gen1"], weight=0))
+    for _ in range(3):
+        m.resolve("a")
+    m.resolve("a@2")
+    with pytest.raises(ModelNotFound):
+        m.resolve("b")
+    counts = {(s.name, s.version): s.requests for s in m.listing("i").adapters}
+    assert counts == {("a", "1"): 3, ("a", "2"): 1}
+    # Registered again (new content): its count starts over, which the sidecar reads as a reset.
+    m.register("a", "1", _req(gen_adapters["gen1"], sha="1" * 64))
+    assert {(s.name, s.version): s.requests for s in m.listing("i").adapters}[("a", "1")] == 0
