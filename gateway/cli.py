@@ -1,5 +1,5 @@
 """``lorafleet gateway``: the HTTP front of one pool: adapter-affinity routing across its ready pods,
-tenant API keys (LoRATenant Secrets), per-tenant rate and concurrency limits, Prometheus metrics."""
+tenant API keys (their digests in LoRATenants), per-tenant rate and concurrency limits, Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests open on a replica before the next request for its adapters goes elsewhere")
     p.add_argument("--retries", type=int, default=2,
                    help="other replicas tried when one fails before answering (never once a stream started)")
-    p.add_argument("--poll-s", type=float, default=1.0, help="how often pods, tenants and keys are re-read")
+    p.add_argument("--poll-s", type=float, default=1.0,
+                   help="the longest between two reads of the watched view of pods, tenants and keys (in "
+                        "memory: changes arrive as watch events and apply at once; nothing is re-listed)")
+    p.add_argument("--watch-timeout-s", type=int, default=60,
+                   help="how long each watch request runs before the API server ends it and it is resumed")
     p.add_argument("--replica-poll-s", type=float, default=0.5,
                    help="how often each replica's GET /v1/models is read (what it holds where)")
     p.add_argument("--log-level", default="info")
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lightkube import Client, KubeConfig
 
-    from .kube import KubeView, warm_decoders
+    from .kube import KubeView
     from .server import Gateway
 
     try:
@@ -49,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorafleet gateway: no Kubernetes credentials ({e}); set KUBECONFIG or run in a pod",
               file=sys.stderr)
         return 2
-    warm_decoders()
-    view = KubeView(Client(config=config), args.namespace, args.pool)
+    view = KubeView(lambda: Client(config=config), args.namespace, args.pool,
+                    server_timeout=args.watch_timeout_s).start()
     gw = Gateway(view.ready_pods, view.directory, policy=args.policy, spill_inflight=args.spill_inflight,
                  retries=args.retries, poll_s=args.poll_s, replica_poll_s=args.replica_poll_s,
-                 gateways=view.ready_gateways, pool=args.pool, pool_pods=view.ready_pods)
+                 gateways=view.ready_gateways, pool=args.pool, pool_pods=view.ready_pods,
+                 changes=view.subscribe)
     asyncio.run(serve(gw, f"{args.namespace}/{args.pool}", args.host, args.port, args.metrics_port))
     return 0
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp import web
 
+from lorafleet.contracts.kubeio import NotSynced
+
 from .metrics import GatewayMetrics
 from .routing import Choice, AffinityRouter, Replica, RoundRobinRouter
 from .tenants import Admission, Directory, TenantLimits
@@ -101,14 +103,22 @@ class Gateway:
     ``directory``: returns the current tenant ``Directory`` (blocking), or None to run without tenant
     keys (benchmarks and single-tenant development only: every caller is one anonymous tenant).
     ``gateways``: returns how many gateway replicas of the pool are Ready (blocking); each replica
-    enforces 1/N of every tenant's limits. None: this gateway alone (N = 1)."""
+    enforces 1/N of every tenant's limits. None: this gateway alone (N = 1).
+    ``changes``: subscribes a listener ``(what)`` that the sources call (from any thread) when
+    ``pods``, ``gateways`` or the ``directory`` changed (``kube.KubeView.subscribe``): the view is read
+    again at once, and otherwise every ``poll_s``. Sources that are not ready yet raise
+    ``kubeio.NotSynced``: the gateway stays unready until they answer."""
 
     def __init__(self, pods: Callable[[], dict[str, str]], directory: Callable[[], Directory] | None,
                  policy: str = "affinity", spill_inflight: int = 8, retries: int = 2, poll_s: float = 1.0,
                  replica_poll_s: float = 0.5, metrics: GatewayMetrics | None = None,
                  gateways: Callable[[], int] | None = None, pool: str = "",
-                 pool_pods: Callable[[str], dict[str, str]] | None = None):
+                 pool_pods: Callable[[str], dict[str, str]] | None = None,
+                 changes: Callable[[Callable[[str], None]], None] | None = None):
         self.pods_source, self.directory_source, self.gateways_source = pods, directory, gateways
+        self.changes = changes
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: dict[str, asyncio.Event] = {}
         self.router = AffinityRouter(spill_inflight) if policy == "affinity" else RoundRobinRouter()
         self.retries, self.poll_s, self.replica_poll_s = retries, poll_s, replica_poll_s
         self.metrics = metrics or GatewayMetrics()
@@ -132,26 +142,33 @@ class Gateway:
     async def refresh_pods(self) -> None:
         async with self._kube_lock:  # one API thread at a time (lightkube decoders, see kube.py)
             pods = await asyncio.to_thread(self.pods_source)
-        self._update(self.replicas, pods, self.pool)
+        new = self._update(self.replicas, pods, self.pool)
         wanted = {p for p, _ in self.directory.merged.values()} if self.pool_pods_source else set()
         for gone in set(self.merged_replicas) - wanted:
             del self.merged_replicas[gone]
         for pool in sorted(wanted):
             async with self._kube_lock:
                 found = await asyncio.to_thread(self.pool_pods_source, pool)
-            self._update(self.merged_replicas.setdefault(pool, {}), found, pool)
+            new += self._update(self.merged_replicas.setdefault(pool, {}), found, pool)
+        if new and self.session is not None:  # what a new replica holds, before the next round
+            await asyncio.gather(*(self.poll_replica(r) for r in new))
 
     @staticmethod
-    def _update(replicas: dict[str, Replica], pods: dict[str, str], pool: str) -> None:
+    def _update(replicas: dict[str, Replica], pods: dict[str, str], pool: str) -> list[Replica]:
+        """Replicas as ``pods`` says; returns those new or at a new address."""
+        new = []
         for name in list(replicas):
             if name not in pods:  # requests still open on it finish on their own Replica object
                 del replicas[name]
         for name, url in pods.items():
             r = replicas.get(name)
             if r is None:
-                replicas[name] = Replica(name, url, pool=pool)
+                r = replicas[name] = Replica(name, url, pool=pool)
+                new.append(r)
             elif r.url != url:  # same pod, new address (the local stack restarted it): forget what it held
                 r.url, r.adapters = url, {}
+                new.append(r)
+        return new
 
     async def poll_replica(self, r: Replica) -> None:
         """What the replica holds, from its ``GET /v1/models`` (entries' versions carry their tier)."""
@@ -177,8 +194,12 @@ class Gateway:
     async def refresh_directory(self) -> None:
         async with self._kube_lock:
             d = await asyncio.to_thread(self.directory_source)
+        if d is self.directory:
+            return
         for p in set(d.problems) - set(self.directory.problems):
             log.warning("%s", p)
+        if d.merged != self.directory.merged and "pods" in self._wake:
+            self._wake["pods"].set()  # another merged pool to find the pods of
         self.directory, self.directory_loaded = d, True
 
     async def refresh_gateways(self) -> None:
@@ -192,23 +213,40 @@ class Gateway:
             self.metrics.gateways.set(n)
         self.gateways_loaded = True
 
-    async def _every(self, seconds: float, step, what: str) -> None:
+    def _changed(self, what: str) -> None:
+        """A source's change listener (any thread): wake the loop that reads it."""
+        loop, wake = self._loop, self._wake.get(what)
+        if loop is None or wake is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(wake.set)
+        except RuntimeError:  # the loop closed meanwhile (shutting down)
+            pass
+
+    async def _every(self, seconds: float, step, what: str, wake: asyncio.Event | None = None) -> None:
+        """``step`` now, then whenever ``wake`` is set, and every ``seconds`` at the latest."""
         while True:
+            if wake is not None:
+                wake.clear()  # before the step: a change during it runs the step again
             try:
                 await step()
             except asyncio.CancelledError:
                 raise
+            except NotSynced as e:
+                log.debug("gateway: %s not read yet: %s", what, e)
             except Exception:
                 log.exception("gateway: refreshing %s failed; keeping the last view", what)
-            await asyncio.sleep(seconds)
+            if wake is None:
+                await asyncio.sleep(seconds)
+            else:
+                try:
+                    await asyncio.wait_for(wake.wait(), seconds)
+                except asyncio.TimeoutError:
+                    pass
 
     async def _replica_loop(self) -> None:
-        last_pods = 0.0
         while True:
             try:
-                if time.monotonic() - last_pods >= self.poll_s:
-                    await self.refresh_pods()
-                    last_pods = time.monotonic()
                 merged = [r for reps in self.merged_replicas.values() for r in reps.values()]
                 await asyncio.gather(*(self.poll_replica(r) for r in list(self.replicas.values()) + merged))
                 healthy = sum(r.healthy for r in self.replicas.values())
@@ -250,12 +288,20 @@ class Gateway:
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=3),
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0))
+        self._loop = asyncio.get_running_loop()
+        self._wake = {w: asyncio.Event() for w in ("pods", "directory", "gateways")}
+        if self.changes is not None:
+            self.changes(self._changed)
+        self._tasks.append(asyncio.create_task(self._every(self.poll_s, self.refresh_pods, "the pool's pods",
+                                                           self._wake["pods"])))
         self._tasks.append(asyncio.create_task(self._replica_loop()))
         if self.directory_source is not None:
-            self._tasks.append(asyncio.create_task(self._every(self.poll_s, self.refresh_directory, "tenants")))
+            self._tasks.append(asyncio.create_task(self._every(self.poll_s, self.refresh_directory, "tenants",
+                                                               self._wake["directory"])))
         if self.gateways_source is not None:
             self._tasks.append(asyncio.create_task(self._every(self.poll_s, self.refresh_gateways,
-                                                               "the pool's gateway replicas")))
+                                                               "the pool's gateway replicas",
+                                                               self._wake["gateways"])))
 
     async def _cleanup(self, _app) -> None:
         for t in self._tasks:

@@ -79,6 +79,32 @@ def namespace(control_plane, kube):
     kube.delete(Namespace, name)
 
 
+@pytest.fixture(scope="module")
+def uncached_control_plane(tmp_path_factory):
+    """An API server of the module's own, without a watch cache and without a controller manager:
+    compacting its etcd (``support.apiserver_faults.compact_etcd``) expires every watch at once (the
+    shared control plane's watch cache would serve them for minutes), and its /metrics counts only
+    the module's own requests."""
+    need("etcd", "kube-apiserver", "kubectl")
+    from lorafleet.localstack.controlplane import ControlPlane
+
+    cp = ControlPlane(tmp_path_factory.mktemp("uncached"), apiserver_args=["--watch-cache=false"])
+    try:
+        cp.start(controller_manager=False)
+        cp.kubectl("apply", "--server-side", "-f", str(CRDS))
+        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="module")
+def uncached_kube(uncached_control_plane):
+    from lightkube import Client, KubeConfig
+
+    return Client(config=KubeConfig.from_file(str(uncached_control_plane.kubeconfig)), field_manager="tests")
+
+
 @pytest.fixture(scope="session")
 def minio_server(tmp_path_factory):
     need("minio")

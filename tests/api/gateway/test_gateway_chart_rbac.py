@@ -20,7 +20,7 @@ CHART = REPO / "charts" / "lorafleet"
 def test_the_gateway_service_account_reads_what_the_gateway_needs(control_plane, namespace, tmp_path):
     from lightkube import Client, KubeConfig
 
-    from lorafleet.gateway.kube import KubeView, warm_decoders
+    from lorafleet.gateway.kube import KubeView
 
     rendered = subprocess.run(
         [str(require_tool("helm")), "template", "lf", str(CHART), "--namespace", namespace,
@@ -54,8 +54,13 @@ def test_the_gateway_service_account_reads_what_the_gateway_needs(control_plane,
     token = control_plane.kubectl("create", "token", "lf-lorafleet-gateway", "-n", namespace,
                                   "--duration=10m").stdout.strip()
     kubeconfig = control_plane.kubeconfig_for_token(token, tmp_path / "gateway.kubeconfig", namespace=namespace)
-    warm_decoders()
-    view = KubeView(Client(config=KubeConfig.from_file(str(kubeconfig))), namespace, "tiny")
+    config = KubeConfig.from_file(str(kubeconfig))
+    # Each of its reads is a list then a watch: a verb RBAC refused would leave an informer unsynced.
+    view = KubeView(lambda: Client(config=config), namespace, "tiny", server_timeout=5).start()
+    try:
+        view.wait_synced(30)
+    finally:
+        view.stop()
     d = view.directory()
     assert d.problems == [] and d.tenant_of_key("k-acme") == "acme" and d.owner("support") == "acme"
     assert d.limits["acme"].max_concurrency == 4

@@ -15,6 +15,7 @@ import pytest
 from lorafleet.contracts import names
 from lorafleet.contracts.routes import RoutesTable
 from lorafleet.localstack.procs import ManagedProcess, free_port, wait_for
+from support.apiserver_faults import CuttableProxy  # noqa: F401 - the operator tests' name for it
 
 SHA = {c: c * 64 for c in "abcdef"}
 
@@ -142,91 +143,3 @@ def set_pod(kube, namespace: str, name: str, ready: bool | None = None, sync: di
             namespace=namespace, patch_type=PatchType.MERGE)
 
 
-class CuttableProxy:
-    """A TCP relay in front of the API server (TLS passes through untouched) whose connections can be
-    cut and refused for a while: how a watch stream breaks in a real network."""
-
-    def __init__(self, upstream_port: int):
-        import socket
-        import threading
-
-        self.upstream_port = upstream_port
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        self.cut_off = False
-        self.accepted = 0
-        self._lock = threading.Lock()
-        self._open: list = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def kubeconfig(self, admin_kubeconfig: Path, path: Path) -> Path:
-        import yaml
-
-        cfg = yaml.safe_load(admin_kubeconfig.read_text())
-        cfg["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{self.port}"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    def cut(self) -> None:
-        """Close every relayed connection and refuse new ones until ``restore``."""
-        with self._lock:
-            self.cut_off = True
-            conns, self._open = self._open, []
-        for c in conns:
-            self._close(c)
-
-    def restore(self) -> None:
-        with self._lock:
-            self.cut_off = False
-
-    @staticmethod
-    def _close(sock) -> None:
-        import socket
-
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                refused = self.cut_off
-            if refused:
-                self._close(client)
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            except OSError:
-                self._close(client)
-                continue
-            with self._lock:
-                self._open += [client, upstream]
-                self.accepted += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src, dst) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._close(src)
-            self._close(dst)
-
-    def close(self) -> None:
-        self.cut()
-        self.listener.close()

@@ -8,62 +8,11 @@ module runs its own API server with the cache off, so compacting etcd expires a 
 
 from __future__ import annotations
 
-import base64
-import json
-import urllib.request
-
-import pytest
-
 from lf_operator_kit import CuttableProxy, Operator, apply, make_pod, pool_doc, wait_status
+from support.apiserver_faults import compact_etcd
 
 from lorafleet.contracts import names
 from lorafleet.localstack.procs import wait_for
-
-
-
-def need_tools(*tools: str) -> None:
-    from lorafleet.localstack.tools import ToolMissing, require_tool
-
-    for t in tools:
-        try:
-            require_tool(t)
-        except ToolMissing as e:
-            pytest.fail(str(e), pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def uncached_control_plane(tmp_path_factory, repo):
-    need_tools("etcd", "kube-apiserver", "kubectl")
-    from lorafleet.localstack.controlplane import ControlPlane
-
-    cp = ControlPlane(tmp_path_factory.mktemp("uncached"), apiserver_args=["--watch-cache=false"])
-    try:
-        cp.start(controller_manager=False)
-        cp.kubectl("apply", "--server-side", "-f", str(repo / "crds"))
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
-        yield cp
-    finally:
-        cp.stop()
-
-
-@pytest.fixture(scope="module")
-def uncached_kube(uncached_control_plane):
-    from lightkube import Client, KubeConfig
-
-    return Client(config=KubeConfig.from_file(str(uncached_control_plane.kubeconfig)), field_manager="tests")
-
-
-def _compact_etcd(cp) -> int:
-    """Compact etcd to its current revision: every older resourceVersion is gone (410 on a watch)."""
-    def post(path: str, body: dict) -> dict:
-        req = urllib.request.Request(f"http://127.0.0.1:{cp.etcd_port}{path}", data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.load(r)
-
-    revision = int(post("/v3/kv/range", {"key": base64.b64encode(b"/").decode()})["header"]["revision"])
-    post("/v3/kv/compaction", {"revision": revision, "physical": True})
-    return revision
 
 
 def _exists(kube, res, name: str, namespace: str) -> bool:
@@ -115,7 +64,7 @@ def test_a_pod_deleted_while_the_watch_was_away_is_swept(uncached_control_plane,
         kube.delete(Service, names.service_name("p"), namespace=namespace)
         for cm in routes:
             kube.delete(ConfigMap, cm, namespace=namespace)
-        _compact_etcd(cp)  # ... and when they come back, the API server has forgotten the deletions
+        compact_etcd(cp)  # ... and when they come back, the API server has forgotten the deletions
         proxy.restore()
 
         st = wait_status(cp, namespace, "lfpool", "p", lambda s: s.get("readyReplicas") == 1, timeout=60,
@@ -171,7 +120,7 @@ def test_events_posted_after_a_sweep(uncached_control_plane, uncached_kube, tmp_
 
         proxy.cut()
         kube.delete(Pod, "q-0", namespace=namespace, grace_period=0)
-        _compact_etcd(cp)
+        compact_etcd(cp)
         proxy.restore()
         wait_status(cp, namespace, "lora", "a", lambda s: s.get("phase") == "Pending", timeout=60,
                     what="a Pending once q-0 is swept")
@@ -209,7 +158,7 @@ def test_a_tenant_deleted_while_the_watch_was_away_allows_nothing(uncached_contr
 
         proxy.cut()
         kube.delete(LoRATenantResource, "acme", namespace=namespace)
-        _compact_etcd(cp)
+        compact_etcd(cp)
         proxy.restore()
 
         wait_routes(kube, namespace, "t", lambda t: "a" not in t.adapters, "a out of the routes", timeout=60)
