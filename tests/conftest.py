@@ -36,27 +36,35 @@ def repo() -> Path:
     return REPO
 
 
-@pytest.fixture(scope="session")
-def control_plane(tmp_path_factory):
-    """etcd + kube-apiserver + kube-controller-manager with lorafleet's CRDs and the Gateway API's
-    (standard channel: HTTPRoute, Gateway, ...) installed."""
-    need("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+def _control_plane(folder, apiserver_args=(), controller_manager: bool = True, gateway_api: bool = True):
+    """A started ControlPlane with lorafleet's CRDs (and the Gateway API's) established; stopped when
+    the generator ends."""
+    need("etcd", "kube-apiserver", "kubectl", *(["kube-controller-manager"] if controller_manager else []))
     from lorafleet.localstack.controlplane import ControlPlane
     from lorafleet.localstack.tools import gateway_api_crds
 
+    crds = [CRDS]
+    if gateway_api:
+        try:
+            crds.append(gateway_api_crds())
+        except ToolMissing as e:
+            pytest.fail(str(e), pytrace=False)
+    cp = ControlPlane(folder, apiserver_args=list(apiserver_args))
     try:
-        gateway_api = gateway_api_crds()
-    except ToolMissing as e:
-        pytest.fail(str(e), pytrace=False)
-    cp = ControlPlane(tmp_path_factory.mktemp("controlplane"))
-    try:
-        cp.start()
-        cp.kubectl("apply", "--server-side", "-f", str(CRDS))
-        cp.kubectl("apply", "--server-side", "-f", str(gateway_api))
+        cp.start(controller_manager=controller_manager)
+        for folder_or_file in crds:
+            cp.kubectl("apply", "--server-side", "-f", str(folder_or_file))
         cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory):
+    """etcd + kube-apiserver + kube-controller-manager with lorafleet's CRDs and the Gateway API's
+    (standard channel: HTTPRoute, Gateway, ...) installed."""
+    yield from _control_plane(tmp_path_factory.mktemp("controlplane"))
 
 
 @pytest.fixture(scope="session")
@@ -85,17 +93,8 @@ def uncached_control_plane(tmp_path_factory):
     compacting its etcd (``support.apiserver_faults.compact_etcd``) expires every watch at once (the
     shared control plane's watch cache would serve them for minutes), and its /metrics counts only
     the module's own requests."""
-    need("etcd", "kube-apiserver", "kubectl")
-    from lorafleet.localstack.controlplane import ControlPlane
-
-    cp = ControlPlane(tmp_path_factory.mktemp("uncached"), apiserver_args=["--watch-cache=false"])
-    try:
-        cp.start(controller_manager=False)
-        cp.kubectl("apply", "--server-side", "-f", str(CRDS))
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
-        yield cp
-    finally:
-        cp.stop()
+    yield from _control_plane(tmp_path_factory.mktemp("uncached"), ["--watch-cache=false"], controller_manager=False,
+                              gateway_api=False)
 
 
 @pytest.fixture(scope="module")
