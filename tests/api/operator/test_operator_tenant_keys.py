@@ -22,8 +22,15 @@ def keys_are(control_plane, namespace: str, name: str, n: int, *in_message: str)
                        what=f"{name} status.keys={n} with {in_message}")
 
 
-def gateway_counts(kube, namespace: str) -> dict[str, int]:
-    accepted = KubeView(kube, namespace, "p").directory().keys
+def gateway_counts(control_plane, namespace: str) -> dict[str, int]:
+    from lightkube import Client, KubeConfig
+
+    config = KubeConfig.from_file(str(control_plane.kubeconfig))
+    view = KubeView(lambda: Client(config=config), namespace, "p", server_timeout=5).start()
+    try:
+        accepted = view.wait_synced(30).directory().keys
+    finally:
+        view.stop()
     return {t: sum(1 for owner in accepted.values() if owner == t) for t in set(accepted.values())}
 
 
@@ -38,14 +45,14 @@ def test_the_operator_writes_how_many_keys_the_gateway_accepts(control_plane, op
     apply(control_plane, namespace, tenant("gamma", ("shared", SHA["b"]), ("own", SHA["c"])))
     keys_are(control_plane, namespace, "beta", 1, "spec.apiKeys[ci] is also a key of tenant gamma")
     keys_are(control_plane, namespace, "gamma", 1, "spec.apiKeys[shared] is also a key of tenant beta")
-    assert gateway_counts(kube, namespace) == {"beta": 1, "gamma": 1}
+    assert gateway_counts(control_plane, namespace) == {"beta": 1, "gamma": 1}
 
     # gamma drops it: beta's count comes back without beta being edited.
     apply(control_plane, namespace, tenant("gamma", ("own", SHA["c"])))
     st = keys_are(control_plane, namespace, "beta", 2)
     assert st["message"] == "2 API keys accepted"
     assert keys_are(control_plane, namespace, "gamma", 1)["message"] == "1 API key accepted"
-    assert gateway_counts(kube, namespace) == {"beta": 2, "gamma": 1}
+    assert gateway_counts(control_plane, namespace) == {"beta": 2, "gamma": 1}
 
     # A key removed (rotation) is counted out; a status edited by hand is put back.
     apply(control_plane, namespace, tenant("beta", ("main", SHA["a"])))
