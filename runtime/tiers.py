@@ -108,6 +108,10 @@ class AdapterManager:
             self.entries.setdefault(name, {})[version] = entry
             if host is not None:
                 self._put_host(entry.key, host)
+        if old is not None:
+            # The replaced digest is unloaded as an unregistered version is: the engine frees its slot
+            # (and vLLM its LoRA id) once its running requests end; new requests already get ``entry``.
+            self.on_event("unloaded", old)
         self.on_event("failed" if entry.error else "loaded", entry)
         return entry, True
 

@@ -298,6 +298,18 @@ class PeftOracle:
         return out[0, ids.shape[1]:].tolist()
 
     @torch.inference_mode()
+    def greedy_texts(self, adapter_dir, prompts: list[str], max_new_tokens: int) -> dict[str, str]:
+        """``greedy`` for several prompts with one load of the model: prompt -> decoded answer."""
+        m = self._model(adapter_dir)
+        out = {}
+        for prompt in prompts:
+            ids = self.tok(prompt, return_tensors="pt")["input_ids"]
+            gen = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0)
+            out[prompt] = self.tok.decode(gen[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        return out
+
+    @torch.inference_mode()
     def logits(self, adapter_dir, texts: list[str]) -> torch.Tensor:
         m = self._model(adapter_dir)
         enc = self.tok(texts, padding=True, return_tensors="pt")

@@ -19,3 +19,13 @@ def _needs_vllm():
     if spec is None or spec.origin is None:  # None: this folder itself, as a namespace package
         pytest.fail("vLLM is not installed in this virtualenv: run tests/vllm with $(tools/venv-vllm)/bin/python "
                     "(make test does)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory):
+    """The tiny seeded Llama every test of this tier serves (head_dim 64: a head size vLLM's CPU attention
+    kernels take)."""
+    from support.models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("vllm-llama"), hidden=256, layers=2, heads=4, kv_heads=2,
+                           seed=3)

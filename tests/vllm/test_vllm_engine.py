@@ -12,20 +12,13 @@ import pytest
 
 from lorafleet.localstack.procs import wait_for
 from lorafleet.runtime.generation import FALLBACK_CHAT_PROMPT, FALLBACK_CHAT_TEMPLATE
-from support.models import PeftOracle, make_generation_suite, make_tiny_llama, put_adapter, start_runtime
+from support.models import PeftOracle, make_generation_suite, put_adapter, start_runtime
 
 PROMPTS = ["hello world , how are", "please refund me , the invoice"]
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
 CHAT_PROMPT = "".join(FALLBACK_CHAT_TEMPLATE.format(**m) for m in MESSAGES) + FALLBACK_CHAT_PROMPT
 NEW = 8
 N_ADAPTERS = 5  # ranks 8, 4, 16 (rank_pattern, rsLoRA), 2 (alpha_pattern), 8/16 (rank_pattern)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    # head_dim 64: a head size vLLM's CPU attention kernels take.
-    return make_tiny_llama(tmp_path_factory.mktemp("vllm-llama"), hidden=256, layers=2, heads=4, kv_heads=2,
-                           seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -165,3 +165,18 @@ def test_requests_are_counted_per_version_for_the_sidecars_rates(gen_adapters):
     # Registered again (new content): its count starts over, which the sidecar reads as a reset.
     m.register("a", "1", _req(gen_adapters["gen1"], sha="1" * 64))
     assert {(s.name, s.version): s.requests for s in m.listing("i").adapters}[("a", "1")] == 0
+
+
+def test_a_new_digest_for_a_registered_version_unloads_the_old_one(gen_adapters):
+    """The engine hears of the replaced registration as of an unregistered one (it frees the old key's slot,
+    and vLLM its LoRA id); requests already resolve to the new one when it hears."""
+    events = []
+
+    def heard(kind, e):
+        events.append((kind, e.key, m.resolve("acme@1").key))
+
+    m = AdapterManager("text-generation", 8, on_event=heard)
+    old, _ = m.register("acme", "1", _req(gen_adapters["gen0"]))
+    new, changed = m.register("acme", "1", _req(gen_adapters["gen1"], sha="1" * 64))
+    assert changed and new.key != old.key
+    assert events == [("loaded", old.key, old.key), ("unloaded", old.key, new.key), ("loaded", new.key, new.key)]
