@@ -34,6 +34,10 @@ class RouteVersion(_Wire):
     # Routes generation at which this version entered the table: a replica whose sync report has
     # reached this generation, and does not list the version as failed or pending, has it loaded.
     since: int = 0
+    # Bytes placement counts for it on a replica: the larger of its source's sizeBytes and the size
+    # a sidecar verified (SyncReport.sizes); unset while neither is known (then the pool's
+    # cache.maxAdapterBytes counts).
+    size: int | None = None
 
 
 class RouteEntry(_Wire):
@@ -268,9 +272,14 @@ class SyncReport(_Wire):
     # and the bytes in the pod's cache volume (base model and adapters), for the pool's status.
     rates: dict[str, float] | None = None
     cache_bytes: int | None = Field(None, alias="cacheBytes")
+    # With placement: content digest -> the bytes of its verified directory in this pod's cache, for
+    # versions placed here whose route ``size`` is unset or smaller (the first ``MAX_SIZES`` by
+    # digest); the operator puts them in the routes, and then they are no longer reported.
+    sizes: dict[str, int] | None = None
 
     MAX_LISTED: ClassVar[int] = 200
     MAX_RATES: ClassVar[int] = 100
+    MAX_SIZES: ClassVar[int] = 200
     MIN_RATE: ClassVar[float] = 0.01
     RATE_WINDOW_S: ClassVar[float] = 30.0
 

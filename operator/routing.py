@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from lorafleet.contracts import names, placement
 from lorafleet.contracts.resources import (AdapterPhase, BaseModelPoolSpec, BaseModelPoolStatus, Condition,
                                            LoRAAdapterSpec, PoolPhase, ReplicaPlacement, condition)
+from lorafleet.contracts.quantity import parse_quantity
 from lorafleet.contracts.tenancy import source_problem, uri_within
 from lorafleet.contracts.routes import (MAX_SHARDS, SHARD_BUDGET_BYTES, MergedRoute, RouteEntry, RoutesTable, RouteVersion, SyncReport,
                                        shard_text)
@@ -448,8 +449,55 @@ def measured_rates(pods: list[PodView]) -> dict[str, float]:
     return out
 
 
+def known_sizes(previous: RoutesTable | None, pods: list[PodView]) -> dict[str, int]:
+    """Content digest -> the bytes placement counts for it: what the routes last said (a source's
+    sizeBytes or a size verified before), raised by the sizes the pods' sidecars verified since."""
+    out: dict[str, int] = {}
+    for e in (previous.adapters.values() if previous is not None else ()):
+        for v in e.versions:
+            if v.size is not None:
+                out[v.sha256] = max(out.get(v.sha256, 0), v.size)
+    for p in pods:
+        for sha, n in ((p.report.sizes or {}) if p.report is not None else {}).items():
+            out[sha] = max(out.get(sha, 0), int(n))
+    return out
+
+
+def version_sizes(spec: LoRAAdapterSpec, known: dict[str, int]) -> dict[str, int | None]:
+    """Version -> its bytes: the larger of its source's sizeBytes and the verified size (None when
+    neither is known)."""
+    sources = [(spec.version, spec.source)] + ([(spec.canary.version, spec.canary.source)] if spec.canary else [])
+    out: dict[str, int | None] = {}
+    for version, src in sources:
+        declared = parse_quantity(src.size_bytes) if src.size_bytes is not None else None
+        verified = known.get(src.sha256)
+        out[version] = max(declared or 0, verified or 0) or None
+    return out
+
+
+def adapter_bytes(spec: LoRAAdapterSpec, known: dict[str, int], default: int) -> int:
+    """What the adapter's versions take on a replica that holds it (``default`` per version of
+    unknown size)."""
+    return sum(n if n is not None else default for n in version_sizes(spec, known).values())
+
+
+def _with_sizes(entry: RouteEntry, sizes: dict[str, int | None], known: dict[str, int]) -> RouteEntry:
+    """The entry's versions with the sizes placement counts (draining ones keep theirs, raised by a
+    verified one)."""
+    for v in entry.versions:
+        n = sizes.get(v.version) if not v.draining else max(v.size or 0, known.get(v.sha256, 0)) or None
+        if n is not None:
+            v.size = n
+    return entry
+
+
+def _sizes_current(entry: RouteEntry, sizes: dict[str, int | None]) -> bool:
+    return all(v.draining or sizes.get(v.version) is None or v.size == sizes[v.version] for v in entry.versions)
+
+
 def place_adapters(adapters: list[AdapterView], problems: dict[str, list[str]], pool_spec: BaseModelPoolSpec | None,
-                   pods: list[PodView], previous: RoutesTable | None = None) -> PoolPlacement:
+                   pods: list[PodView], previous: RoutesTable | None = None,
+                   known: dict[str, int] | None = None) -> PoolPlacement:
     """Where every valid adapter placed on some replicas (not "all") goes: its spec's count, raised
     by its measured request rate (``spec.placement.requestsPerReplica``, with ``previous``'s counts
     for the hysteresis), within each pod's disk and host-memory budgets."""
@@ -463,6 +511,7 @@ def place_adapters(adapters: list[AdapterView], problems: dict[str, list[str]], 
     per_replica = pool_spec.placement.requests_per_replica
     out.popularity = per_replica is not None
     rates = measured_rates(pods) if per_replica is not None else {}
+    known = known_sizes(previous, pods) if known is None else known
     demands = []
     for a in adapters:
         if a.spec is None or problems.get(a.name):
@@ -476,7 +525,8 @@ def place_adapters(adapters: list[AdapterView], problems: dict[str, list[str]], 
         total = placement.popular_replicas(rate, per_replica, k, prev.hot if prev is not None else None,
                                            max(len(live), k))
         out.base[served], out.wanted[served], out.rates[served] = k, total, rate
-        demands.append(placement.Demand(served, total, a.spec.bytes_per_replica(default_size), base=k, rate=rate))
+        size = adapter_bytes(a.spec, known, default_size)
+        demands.append(placement.Demand(served, total, size, base=k, rate=rate))
     if not demands:
         return out
     got = placement.place(demands, live, pool_spec.placement_budget(), pool_spec.placement_memory_budget())
@@ -527,7 +577,8 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
     """``pool_spec``: the pool's spec, for placement (None: every replica holds every adapter).
     ``outcome`` gets the ``PoolPlacement`` under "placement"."""
     ready = [p for p in pods if p.ready]
-    decided = place_adapters(adapters, problems, pool_spec, pods, previous)
+    known = known_sizes(previous, pods)
+    decided = place_adapters(adapters, problems, pool_spec, pods, previous, known)
     if outcome is not None:
         outcome["placement"] = decided
     targets, placed_on = decided.targets, decided.live
@@ -554,16 +605,19 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
             holders = {pod: before.get(pod, NEW) for pod in target}
             want = decided.wanted.get(a.served_name, 0)
             hot = want if want > decided.base.get(a.served_name, want) else None
+        sizes = version_sizes(a.spec, known) if holders is not None else {}
         made = entry_memo.get(a.name) if entry_memo is not None else None
         if (made is not None and prev is not None and made[0] == (a.uid, a.generation, _route_of(m)) and made[1] is prev
                 and not any(v.draining for v in prev.versions) and prev.holders == holders and not prev.leaving
-                and prev.hot == hot):
+                and prev.hot == hot and _sizes_current(prev, sizes)):
             # Same spec and placement, and the entry is the very one built from it: nothing to redo.
             entries[a.served_name] = prev
             continue
         entry = merge_entry(a.served_name, a.spec, prev, ready, m, holders)
         if hot is not None:
             entry.hot = hot
+        if holders is not None:
+            _with_sizes(entry, sizes, known)
         entries[a.served_name] = with_leaving(a.served_name, entry, prev, pods)
     check = source_check(tenants)
     for served, entry in list(entries.items()) if check is not None else ():
@@ -854,7 +908,8 @@ def placement_use(spec: BaseModelPoolSpec, adapters: list[AdapterView], table: R
     """Per pod placed over: the adapters placed on it (leaving ones included: they are still there)
     and their bytes, against the disk and host-memory budgets; and its cache volume's bytes as its
     sidecar last reported them."""
-    size = {a.served_name: a.spec.bytes_per_replica(spec.cache.max_adapter_bytes_int)
+    known = known_sizes(table, [])
+    size = {a.served_name: adapter_bytes(a.spec, known, spec.cache.max_adapter_bytes_int)
             for a in adapters if a.spec is not None}
     use = {pod: [0, 0] for pod in table.placed_on or []}
     for served, e in table.adapters.items():

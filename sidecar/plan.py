@@ -24,6 +24,7 @@ class DesiredVersion:
     pinned: bool = False
     preload: bool = True
     since: int = 0
+    size: int | None = None  # the bytes the routes count for it (RouteVersion.size)
 
     @property
     def key(self) -> str:
@@ -40,7 +41,8 @@ def desired_versions(table: RoutesTable, pod: str | None = None) -> list[Desired
         if placed is None:
             continue
         out += [DesiredVersion(name=name, version=v.version, tenant=e.tenant, uri=v.uri, sha256=v.sha256,
-                               weight=v.weight, pinned=e.pinned, preload=e.preload, since=max(v.since, placed))
+                               weight=v.weight, pinned=e.pinned, preload=e.preload, since=max(v.since, placed),
+                               size=v.size)
                 for v in e.versions]
     return out
 

@@ -1,5 +1,6 @@
 """Placement policy through the real control plane: an adapter's measured request rate raises its
-replica count and a quiet spell lowers it again; a host-memory budget that cannot hold every
+replica count and a quiet spell lowers it again; an adapter without sizeBytes is counted at the size
+its holder's sidecar verified; a host-memory budget that cannot hold every
 adapter leaves some unplaced and the pool says which, within which budget; the pool's status shows
 each replica's placed bytes against both budgets and its cache as the sidecar measured it.
 
@@ -42,17 +43,20 @@ def test_a_hot_adapter_gains_replicas_and_a_memory_budget_names_what_it_leaves_o
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
         uri = upload_dir(s3, bucket, d, f"acme/{name}/")
         adapters.append(name)
+        source = {"uri": uri, "sha256": digest(d), "sizeBytes": size}
+        if i == N - 1:
+            del source["sizeBytes"]  # counted as cache.maxAdapterBytes until its holder verifies it
         docs.append({"apiVersion": names.API_VERSION, "kind": names.ADAPTER_KIND, "metadata": {"name": name},
-                     "spec": {"pool": POOL, "tenant": "acme", "version": "1",
-                              "source": {"uri": uri, "sha256": digest(d), "sizeBytes": size}}})
+                     "spec": {"pool": POOL, "tenant": "acme", "version": "1", "source": source}})
     tenant = {"apiVersion": names.API_VERSION, "kind": names.TENANT_KIND, "metadata": {"name": "acme"},
               "spec": {"sources": [f"s3://{bucket}/"]}}
-    # Disk for every adapter on every replica; host memory for 5 per replica (15 > 9 + the 2 extra
+    # Disk for every adapter on every replica; host memory for 6 per replica (18 > 9 + the 2 extra
     # copies a hot adapter takes on 3 replicas); one replica per adapter, one more per 4 requests/s.
-    disk, memory = N * size, 5 * size
+    # The adapter without sizeBytes counts cache.maxAdapterBytes (3 adapters' worth) at first.
+    disk, memory = N * size, 6 * size
     placement = {"replicasPerAdapter": 1, "adapterBytes": disk, "hostMemoryBytes": memory,
                  "requestsPerReplica": 4}
-    pool = pool_doc(POOL, replicas=3, placement=placement)
+    pool = pool_doc(POOL, replicas=3, placement=placement, cache={"maxAdapterBytes": 3 * size})
     control_plane.kubectl("apply", "-n", namespace, "-f", "-",
                           input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [tenant, pool, *docs]}))
     op = Operator(control_plane.kubeconfig, tmp_path / "operator.log").start()
@@ -66,6 +70,11 @@ def test_a_hot_adapter_gains_replicas_and_a_memory_budget_names_what_it_leaves_o
             return st if all(st.get(a, {}).get("ready") == "1/1" for a in adapters) else None
 
         wait_for(one_each, 180, interval=0.5, what=f"{N} adapters Ready 1/1 on 3 replicas")
+        # The routes count what the sidecars verified: the unsized adapter's real size, not 3x it.
+        unsized = adapters[-1]
+        wait_for(lambda: stand.routes().adapters[unsized].versions[0].size == size, 30, interval=0.5,
+                 what=f"{unsized}'s verified size in the routes")
+        assert all(e.versions[0].size == size for e in stand.routes().adapters.values())
         ps = pool_status(control_plane, namespace)
         placed = {c["type"]: c for c in ps["conditions"]}["Placed"]
         assert placed["status"] == "True", placed

@@ -229,3 +229,42 @@ def test_budgets_that_refuse_adapters_are_named_on_the_pool_and_use_is_shown_per
     ok = plan(ADAPTERS, pods, p=rpool(replicas=3, per_replica=None, adapterBytes=400))
     placed = {c["type"]: c for c in ok.pool_status["conditions"]}["Placed"]
     assert (placed["status"], placed["reason"]) == ("True", "Placed")
+
+
+def test_a_verified_size_replaces_the_default_and_a_declared_size_too_small_is_raised():
+    def unsized(name, sha):
+        body = {"metadata": {"name": name, "namespace": "ns", "uid": f"placement-uid-{next(_uids)}",
+                             "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z"},
+                "spec": {"pool": "p", "tenant": "acme", "version": "1",
+                         "source": {"uri": f"s3://a/{name}/1/", "sha256": sha * 64}}}
+        return routing.adapter_view(body)
+
+    # maxAdapterBytes 300 by default here: an adapter of unknown size counts 300; a budget of 400
+    # holds one per pod, so of 4 adapters on 2 pods two are unplaced.
+    p = routing.pool_view({"metadata": {"name": "p", "namespace": "ns", "uid": "pu", "generation": 1},
+                           "spec": {"model": {"uri": "s3://m/", "sha256": "a" * 64, "task": "sequence-classification"},
+                                    "replicas": 2, "cache": {"maxAdapterBytes": 300},
+                                    "placement": {"replicasPerAdapter": 1, "adapterBytes": 400}}})
+    ads = [unsized(f"u{i}", "cdef"[i]) for i in range(4)]
+    two = [pod("x"), pod("y")]
+    t1 = plan(ads, two, p=p).table
+    assert sorted(len(e.holders) for e in t1.adapters.values()) == [0, 0, 1, 1]
+    assert all(v.size is None for e in t1.adapters.values() for v in e.versions)
+    # The holders' sidecars verified 90 bytes each: the routes count that, and everything fits.
+    placed = {n: next(iter(e.holders)) for n, e in t1.adapters.items() if e.holders}
+    reports = [PodView(name=n, ready=True, report=SyncReport(generation=t1.generation, sizes={
+        t1.adapters[a].versions[0].sha256: 90 for a, h in placed.items() if h == n})) for n in "xy"]
+    t2 = plan(ads, reports, previous=t1, p=p).table
+    assert {n: e.versions[0].size for n, e in t2.adapters.items() if n in placed} == {n: 90 for n in placed}
+    # The unplaced ones still count 300 each: one fits beside each 90-byte one (90 + 300 <= 400).
+    assert sorted(len(e.holders) for e in t2.adapters.values()) == [1, 1, 1, 1]
+    # The size stays in the routes once the reports stop naming it.
+    t3 = plan(ads, two, previous=t2, p=p).table
+    assert all(t3.adapters[n].versions[0].size == 90 for n in placed)
+    # A declared sizeBytes smaller than the verified size: the verified one counts.
+    small = adapter("s0")  # declares 100
+    t4 = plan([small], [pod("x")], p=pool(replicas=1)).table
+    sha = t4.adapters["s0"].versions[0].sha256
+    t5 = plan([small], [PodView("x", True, SyncReport(generation=t4.generation, sizes={sha: 250}))],
+              previous=t4, p=pool(replicas=1)).table
+    assert (t4.adapters["s0"].versions[0].size, t5.adapters["s0"].versions[0].size) == (100, 250)
