@@ -34,10 +34,9 @@ class RouteVersion(_Wire):
     # Routes generation at which this version entered the table: a replica whose sync report has
     # reached this generation, and does not list the version as failed or pending, has it loaded.
     since: int = 0
-    # Bytes placement counts for it on a replica: the larger of its source's sizeBytes and the size
-    # a sidecar verified (SyncReport.sizes); unset while neither is known (then the pool's
-    # cache.maxAdapterBytes counts).
-    size: int | None = None
+    # Bytes of its directory as a sidecar verified them (SyncReport.sizes): placement counts the
+    # larger of this and its source's sizeBytes (the pool's cache.maxAdapterBytes when neither is known).
+    verified: int | None = None
 
 
 class RouteEntry(_Wire):
@@ -273,8 +272,8 @@ class SyncReport(_Wire):
     rates: dict[str, float] | None = None
     cache_bytes: int | None = Field(None, alias="cacheBytes")
     # With placement: content digest -> the bytes of its verified directory in this pod's cache, for
-    # versions placed here whose route ``size`` is unset or smaller (the first ``MAX_SIZES`` by
-    # digest); the operator puts them in the routes, and then they are no longer reported.
+    # versions placed here whose route has no ``verified`` size (the first ``MAX_SIZES`` by digest);
+    # the operator puts them in the routes, and then they are no longer reported.
     sizes: dict[str, int] | None = None
 
     MAX_LISTED: ClassVar[int] = 200

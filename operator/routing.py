@@ -450,49 +450,39 @@ def measured_rates(pods: list[PodView]) -> dict[str, float]:
 
 
 def known_sizes(previous: RoutesTable | None, pods: list[PodView]) -> dict[str, int]:
-    """Content digest -> the bytes placement counts for it: what the routes last said (a source's
-    sizeBytes or a size verified before), raised by the sizes the pods' sidecars verified since."""
+    """Content digest -> its bytes as a sidecar verified them: what the routes last said, and what
+    the pods' sync reports say since."""
     out: dict[str, int] = {}
     for e in (previous.adapters.values() if previous is not None else ()):
         for v in e.versions:
-            if v.size is not None:
-                out[v.sha256] = max(out.get(v.sha256, 0), v.size)
+            if v.verified is not None:
+                out[v.sha256] = v.verified
     for p in pods:
         for sha, n in ((p.report.sizes or {}) if p.report is not None else {}).items():
-            out[sha] = max(out.get(sha, 0), int(n))
-    return out
-
-
-def version_sizes(spec: LoRAAdapterSpec, known: dict[str, int]) -> dict[str, int | None]:
-    """Version -> its bytes: the larger of its source's sizeBytes and the verified size (None when
-    neither is known)."""
-    sources = [(spec.version, spec.source)] + ([(spec.canary.version, spec.canary.source)] if spec.canary else [])
-    out: dict[str, int | None] = {}
-    for version, src in sources:
-        declared = parse_quantity(src.size_bytes) if src.size_bytes is not None else None
-        verified = known.get(src.sha256)
-        out[version] = max(declared or 0, verified or 0) or None
+            out[sha] = int(n)
     return out
 
 
 def adapter_bytes(spec: LoRAAdapterSpec, known: dict[str, int], default: int) -> int:
-    """What the adapter's versions take on a replica that holds it (``default`` per version of
-    unknown size)."""
-    return sum(n if n is not None else default for n in version_sizes(spec, known).values())
+    """What the adapter's versions take on a replica that holds it: per version the larger of its
+    source's sizeBytes and its verified size, ``default`` when neither is known (a declared size
+    too small is raised by the verified one)."""
+    total = 0
+    for src in [spec.source] + ([spec.canary.source] if spec.canary else []):
+        declared = parse_quantity(src.size_bytes) if src.size_bytes is not None else 0
+        total += max(declared, known.get(src.sha256, 0)) or default
+    return total
 
 
-def _with_sizes(entry: RouteEntry, sizes: dict[str, int | None], known: dict[str, int]) -> RouteEntry:
-    """The entry's versions with the sizes placement counts (draining ones keep theirs, raised by a
-    verified one)."""
+def _with_verified(entry: RouteEntry, known: dict[str, int]) -> RouteEntry:
     for v in entry.versions:
-        n = sizes.get(v.version) if not v.draining else max(v.size or 0, known.get(v.sha256, 0)) or None
-        if n is not None:
-            v.size = n
+        if v.sha256 in known:
+            v.verified = known[v.sha256]
     return entry
 
 
-def _sizes_current(entry: RouteEntry, sizes: dict[str, int | None]) -> bool:
-    return all(v.draining or sizes.get(v.version) is None or v.size == sizes[v.version] for v in entry.versions)
+def _verified_current(entry: RouteEntry, known: dict[str, int]) -> bool:
+    return all(v.verified == known.get(v.sha256) for v in entry.versions)
 
 
 def place_adapters(adapters: list[AdapterView], problems: dict[str, list[str]], pool_spec: BaseModelPoolSpec | None,
@@ -605,11 +595,10 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
             holders = {pod: before.get(pod, NEW) for pod in target}
             want = decided.wanted.get(a.served_name, 0)
             hot = want if want > decided.base.get(a.served_name, want) else None
-        sizes = version_sizes(a.spec, known) if holders is not None else {}
         made = entry_memo.get(a.name) if entry_memo is not None else None
         if (made is not None and prev is not None and made[0] == (a.uid, a.generation, _route_of(m)) and made[1] is prev
                 and not any(v.draining for v in prev.versions) and prev.holders == holders and not prev.leaving
-                and prev.hot == hot and _sizes_current(prev, sizes)):
+                and prev.hot == hot and (holders is None or _verified_current(prev, known))):
             # Same spec and placement, and the entry is the very one built from it: nothing to redo.
             entries[a.served_name] = prev
             continue
@@ -617,7 +606,7 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
         if hot is not None:
             entry.hot = hot
         if holders is not None:
-            _with_sizes(entry, sizes, known)
+            _with_verified(entry, known)
         entries[a.served_name] = with_leaving(a.served_name, entry, prev, pods)
     check = source_check(tenants)
     for served, entry in list(entries.items()) if check is not None else ():

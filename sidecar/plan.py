@@ -24,7 +24,7 @@ class DesiredVersion:
     pinned: bool = False
     preload: bool = True
     since: int = 0
-    size: int | None = None  # the bytes the routes count for it (RouteVersion.size)
+    verified: int | None = None  # its size as a sidecar verified it, per the routes (RouteVersion.verified)
 
     @property
     def key(self) -> str:
@@ -42,7 +42,7 @@ def desired_versions(table: RoutesTable, pod: str | None = None) -> list[Desired
             continue
         out += [DesiredVersion(name=name, version=v.version, tenant=e.tenant, uri=v.uri, sha256=v.sha256,
                                weight=v.weight, pinned=e.pinned, preload=e.preload, since=max(v.since, placed),
-                               size=v.size)
+                               verified=v.verified)
                 for v in e.versions]
     return out
 

@@ -475,9 +475,9 @@ class Syncer:
         if self.pod is not None and table.placed_on is not None:
             report.rates = self._measure_rates(time.monotonic()) if loaded is not None else self.rates
             report.cache_bytes = self.store.used_bytes()
-            # Verified sizes the routes do not count yet (or count too small): placement uses them.
+            # Verified sizes the routes do not have yet: placement counts them.
             sizes = sorted({d.sha256: cached[d.sha256].size for d in desired
-                            if d.sha256 in cached and (d.size is None or d.size < cached[d.sha256].size)}.items())
+                            if d.sha256 in cached and d.verified is None}.items())
             report.sizes = dict(sizes[:SyncReport.MAX_SIZES]) or None
         rm = self.runtime_model if self.runtime_up else None
         if rm is not None:

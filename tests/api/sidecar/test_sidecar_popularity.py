@@ -72,9 +72,9 @@ def test_a_hot_adapter_gains_replicas_and_a_memory_budget_names_what_it_leaves_o
         wait_for(one_each, 180, interval=0.5, what=f"{N} adapters Ready 1/1 on 3 replicas")
         # The routes count what the sidecars verified: the unsized adapter's real size, not 3x it.
         unsized = adapters[-1]
-        wait_for(lambda: stand.routes().adapters[unsized].versions[0].size == size, 30, interval=0.5,
+        wait_for(lambda: stand.routes().adapters[unsized].versions[0].verified == size, 30, interval=0.5,
                  what=f"{unsized}'s verified size in the routes")
-        assert all(e.versions[0].size == size for e in stand.routes().adapters.values())
+        assert all(e.versions[0].verified == size for e in stand.routes().adapters.values())
         ps = pool_status(control_plane, namespace)
         placed = {c["type"]: c for c in ps["conditions"]}["Placed"]
         assert placed["status"] == "True", placed

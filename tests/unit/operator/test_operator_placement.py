@@ -249,22 +249,30 @@ def test_a_verified_size_replaces_the_default_and_a_declared_size_too_small_is_r
     two = [pod("x"), pod("y")]
     t1 = plan(ads, two, p=p).table
     assert sorted(len(e.holders) for e in t1.adapters.values()) == [0, 0, 1, 1]
-    assert all(v.size is None for e in t1.adapters.values() for v in e.versions)
-    # The holders' sidecars verified 90 bytes each: the routes count that, and everything fits.
+    assert all(v.verified is None for e in t1.adapters.values() for v in e.versions)
+    # The holders' sidecars verified 90 bytes each: the routes keep that, and placement counts it.
     placed = {n: next(iter(e.holders)) for n, e in t1.adapters.items() if e.holders}
     reports = [PodView(name=n, ready=True, report=SyncReport(generation=t1.generation, sizes={
         t1.adapters[a].versions[0].sha256: 90 for a, h in placed.items() if h == n})) for n in "xy"]
     t2 = plan(ads, reports, previous=t1, p=p).table
-    assert {n: e.versions[0].size for n, e in t2.adapters.items() if n in placed} == {n: 90 for n in placed}
+    assert {n: e.versions[0].verified for n, e in t2.adapters.items() if n in placed} == {n: 90 for n in placed}
     # The unplaced ones still count 300 each: one fits beside each 90-byte one (90 + 300 <= 400).
     assert sorted(len(e.holders) for e in t2.adapters.values()) == [1, 1, 1, 1]
-    # The size stays in the routes once the reports stop naming it.
+    # The size stays in the routes once the reports stop naming it, and the sidecars see it there
+    # (so they stop reporting it).
     t3 = plan(ads, two, previous=t2, p=p).table
-    assert all(t3.adapters[n].versions[0].size == 90 for n in placed)
+    assert all(t3.adapters[n].versions[0].verified == 90 for n in placed)
+    assert {d.name: d.verified for d in desired_versions(t3, "x")}.get(next(n for n, h in placed.items() if h == "x")) == 90
     # A declared sizeBytes smaller than the verified size: the verified one counts.
     small = adapter("s0")  # declares 100
-    t4 = plan([small], [pod("x")], p=pool(replicas=1)).table
+    p1 = pool(replicas=1)
+    t4 = plan([small], [pod("x")], p=p1).table
     sha = t4.adapters["s0"].versions[0].sha256
-    t5 = plan([small], [PodView("x", True, SyncReport(generation=t4.generation, sizes={sha: 250}))],
-              previous=t4, p=pool(replicas=1)).table
-    assert (t4.adapters["s0"].versions[0].size, t5.adapters["s0"].versions[0].size) == (100, 250)
+    got = plan([small], [PodView("x", True, SyncReport(generation=t4.generation, sizes={sha: 250}))],
+               previous=t4, p=p1)
+    assert got.table.adapters["s0"].versions[0].verified == 250
+    assert [u["bytes"] for u in got.pool_status["placement"]] == [250]
+    # A declared size larger than the verified one counts as declared.
+    big = adapter("s1")
+    t6 = plan([big], [PodView("x", True, SyncReport(generation=0, sizes={big.spec.source.sha256: 60}))], p=p1)
+    assert [u["bytes"] for u in t6.pool_status["placement"]] == [100]
