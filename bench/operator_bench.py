@@ -23,20 +23,19 @@ from pathlib import Path
 
 from lightkube import AsyncClient, Client, KubeConfig
 from lightkube.core.exceptions import ApiError
-from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ConfigMap, Namespace
 from lightkube.types import PatchType
 
 from lorafleet.contracts import names
+from lorafleet.contracts.kubeio import BaseModelPoolResource, LoRAAdapterResource
 from lorafleet.contracts.routes import RoutesTable
 from lorafleet.localstack.controlplane import ControlPlane
 from lorafleet.localstack.procs import ManagedProcess, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "bench"
-Adapter = create_namespaced_resource(names.GROUP, names.VERSION, names.ADAPTER_KIND, names.ADAPTER_PLURAL)
-Pool = create_namespaced_resource(names.GROUP, names.VERSION, names.POOL_KIND, names.POOL_PLURAL)
+Adapter, Pool = LoRAAdapterResource, BaseModelPoolResource
 
 
 def pool_body(name: str) -> dict:

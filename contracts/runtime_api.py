@@ -1,4 +1,5 @@
-"""Bodies of the runtime's admin API (127.0.0.1:8001), spoken by the sidecar (DESIGN §5)."""
+"""Bodies of the runtime's admin API (127.0.0.1:8001), spoken by the sidecar (DESIGN §5), and the
+OpenAI-shaped error body every HTTP server of lorafleet answers with (runtime, gateway, local ingress)."""
 
 from __future__ import annotations
 
@@ -80,3 +81,8 @@ class SyncState(_Wire):
     # 503 ``adapter_elsewhere`` (retry another replica), never 404 and never the base model. The
     # list moves with the routes only, not with each load, so no unload races it.
     pool_adapters: list[str] = Field(default_factory=list, alias="poolAdapters")
+
+
+def error_body(message: str, type_: str, code: str) -> dict:
+    """``{"error": {"message", "type", "code"}}``, as OpenAI's API (and vLLM's) answer errors."""
+    return {"error": {"message": message, "type": type_, "code": code}}

@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from lorafleet.contracts.kubeio import NotSynced
+from lorafleet.contracts.runtime_api import error_body
 
 from .metrics import GatewayMetrics
 from .routing import Choice, AffinityRouter, Replica, RoundRobinRouter
@@ -64,8 +65,7 @@ class Refusals:
 
 def error(status: int, message: str, type_: str, code: str, headers: dict | None = None) -> web.Response:
     """OpenAI-shaped, like the runtime's errors."""
-    return web.json_response({"error": {"message": message, "type": type_, "code": code}}, status=status,
-                             headers=headers)
+    return web.json_response(error_body(message, type_, code), status=status, headers=headers)
 
 
 def requested_adapter(path: str, body: dict) -> str | None:
@@ -318,9 +318,8 @@ class Gateway:
                 for r in self.replicas.values()}
         why = self.not_ready_because()
         if why:
-            return web.json_response({"error": {"message": f"not ready: {why}", "type": "service_unavailable",
-                                                "code": "not_ready"}, "replicas": view,
-                                      "gatewayReplicas": self.gateways}, status=503)
+            return web.json_response(error_body(f"not ready: {why}", "service_unavailable", "not_ready")
+                                     | {"replicas": view, "gatewayReplicas": self.gateways}, status=503)
         return web.json_response({"status": "ready", "replicas": view, "gatewayReplicas": self.gateways,
                                   "tenants": len(self.directory.limits), "problems": self.directory.problems})
 
@@ -512,8 +511,8 @@ class Gateway:
                         # Never replay a stream that reached the client: end it with an error event.
                         log.warning("replica %s broke a stream of tenant %s: %s", r.name, tenant, e)
                         r.healthy = False
-                        msg = {"error": {"message": f"the replica serving this stream failed: {e}",
-                                         "type": "server_error", "code": "upstream_failed"}}
+                        msg = error_body(f"the replica serving this stream failed: {e}", "server_error",
+                                         "upstream_failed")
                         await resp.write(f"data: {json.dumps(msg)}\n\n".encode())
                         self.metrics.requests.labels(tenant, r.name, "502").inc()
                         return resp

@@ -19,6 +19,7 @@ from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
 from lightkube.types import PatchType
 
 from lorafleet.contracts import names
+from lorafleet.contracts.kubeio import BaseModelPoolResource, LoRAAdapterResource, LoRATenantResource
 
 try:  # lightkube 1.x speaks through httpx2, earlier ones through httpx
     from httpx2 import HTTPStatusError, TransportError
@@ -28,12 +29,7 @@ from lorafleet.contracts.routes import RoutesTable
 
 log = logging.getLogger("lorafleet.operator.kube")
 
-LoRAAdapterResource = create_namespaced_resource(names.GROUP, names.VERSION, names.ADAPTER_KIND,
-                                                 names.ADAPTER_PLURAL)
-BaseModelPoolResource = create_namespaced_resource(names.GROUP, names.VERSION, names.POOL_KIND, names.POOL_PLURAL)
-LoRATenantResource = create_namespaced_resource(names.GROUP, names.VERSION, names.TENANT_KIND,
-                                                names.TENANT_PLURAL)
-
+# Not ours, so not in contracts/kubeio.py: the Gateway API's route.
 HTTPRouteResource = create_namespaced_resource(names.GATEWAY_API_GROUP, names.GATEWAY_API_VERSION,
                                                names.HTTPROUTE_KIND, names.HTTPROUTE_PLURAL)
 

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lorafleet.contracts import names, placement
+from lorafleet.contracts.kubeio import pod_ready
 from lorafleet.contracts.resources import (AdapterPhase, BaseModelPoolSpec, BaseModelPoolStatus, Condition,
                                            LoRAAdapterSpec, PoolPhase, ReplicaPlacement, condition)
 from lorafleet.contracts.quantity import parse_quantity
@@ -256,9 +257,8 @@ def tenant_statuses(tenants: dict[str, TenantKeys]) -> dict[str, dict[str, Any]]
 
 
 def pod_view(body: dict[str, Any]) -> PodView:
-    meta, status = body.get("metadata", {}), body.get("status") or {}
-    ready = not meta.get("deletionTimestamp") and any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    meta = body.get("metadata", {})
+    ready = pod_ready(body)
     report = SyncReport.from_annotation((meta.get("annotations") or {}).get(names.SYNC_ANNOTATION))
     return PodView(name=meta.get("name", ""), ready=bool(ready), report=report,
                    terminating=bool(meta.get("deletionTimestamp")))

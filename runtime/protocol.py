@@ -14,6 +14,8 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from lorafleet.contracts.runtime_api import error_body
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str, code: str, headers: dict | None = None):
@@ -22,7 +24,7 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, type_: str, code: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status, headers=headers)
+    return JSONResponse(error_body(message, type_, code), status, headers=headers)
 
 
 def too_busy(e) -> ApiError:

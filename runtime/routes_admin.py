@@ -8,7 +8,7 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from lorafleet.contracts.runtime_api import AdapterLoadRequest, SyncState
+from lorafleet.contracts.runtime_api import AdapterLoadRequest, SyncState, error_body
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.protocol import ApiError
 from lorafleet.runtime.tiers import AdapterEntry, AdapterManager
@@ -43,9 +43,8 @@ def router(rt: Runtime) -> APIRouter:
         m = manager()
         entry, changed = await asyncio.to_thread(m.register, name, version, body)
         if entry.error:
-            return JSONResponse({"error": {"message": f"adapter {entry.served}: {entry.error}",
-                                           "type": "invalid_request_error", "code": "adapter_load_failed"},
-                                 "adapter": state(entry)}, 422)
+            return JSONResponse(error_body(f"adapter {entry.served}: {entry.error}", "invalid_request_error",
+                                           "adapter_load_failed") | {"adapter": state(entry)}, 422)
         return state(entry) | {"changed": changed}
 
     @r.delete("/admin/adapters/{name}/{version}")

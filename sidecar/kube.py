@@ -4,7 +4,6 @@ pod's ``lorafleet.io/sync`` annotation. The only module here that talks to the A
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from typing import Callable
 
@@ -13,6 +12,7 @@ from lightkube.resources.core_v1 import ConfigMap, Pod
 from lightkube.types import PatchType
 
 from lorafleet.contracts import names
+from lorafleet.contracts.kubeio import backoff
 from lorafleet.contracts.routes import RoutesTable, SyncReport
 
 log = logging.getLogger("lorafleet.sidecar")
@@ -181,7 +181,7 @@ class RoutesWatcher:
                 if self._stop.is_set():
                     return
                 failures += 1
-                delay = min(10.0, 0.2 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+                delay = backoff(failures, 0.4, 10.0)
                 log.warning("routes watch %s/%s: %s: %s; listing again in %.1fs",
                             self.namespace, name, type(e).__name__, e, delay)
                 self._stop.wait(delay)

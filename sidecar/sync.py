@@ -5,12 +5,12 @@ runtime admin calls -> sync report. One adapter failing never holds up the other
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from lorafleet.contracts.kubeio import backoff
 from lorafleet.contracts.routes import RoutesTable, SyncReport
 from lorafleet.contracts.runtime_api import AdapterLoadRequest, ModelStatus, SyncState
 
@@ -48,8 +48,7 @@ class RetryPolicy:
 
     def delay(self, attempts: int) -> float:
         """Exponential backoff with jitter (half fixed, half random), so replicas do not retry in step."""
-        d = min(self.cap, self.base * 2 ** max(0, attempts - 1))
-        return d / 2 + random.uniform(0, d / 2)
+        return backoff(attempts, self.base, self.cap)
 
 
 class Syncer:

@@ -22,7 +22,9 @@ from lightkube.resources.core_v1 import ConfigMap, Pod, Service
 from lightkube.resources.networking_v1 import Ingress
 
 from lorafleet.contracts import names
+from lorafleet.contracts.kubeio import pod_ready
 from lorafleet.contracts.routes import RoutesTable, SyncReport
+from lorafleet.contracts.runtime_api import error_body
 
 from .podrunner import LOCAL_PORTS_ANNOTATION, warm_decoders
 
@@ -85,11 +87,9 @@ class LocalIngress:
             target_port = str(target.targetPort if target and target.targetPort is not None else 8000)
             ports = []
             for pod in self.client.list(Pod, namespace=ns, labels=svc.spec.selector or {}):
-                ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or [])) \
-                    if pod.status else False
                 local = json.loads((pod.metadata.annotations or {}).get(LOCAL_PORTS_ANNOTATION, "{}"))
                 number = target_port if target_port.isdigit() else _named_port(pod, target_port)
-                if ready and not pod.metadata.deletionTimestamp and number in local:
+                if pod_ready(pod) and number in local:
                     report = SyncReport.from_annotation((pod.metadata.annotations or {}).get(names.SYNC_ANNOTATION))
                     ports.append(Endpoint(pod.metadata.name, int(local[number]), report))
             endpoints[(ns, name)] = sorted(ports, key=lambda e: e.port)
@@ -151,8 +151,8 @@ class LocalIngress:
         backend = self.backend_for(host or request.headers.get("Host"), request.path, default=host is None)
         if backend is None:
             where = f"{host or request.host}{request.path}"
-            return web.json_response({"error": {"message": f"no Ingress rule matches {where}",
-                                                "type": "not_found", "code": "no_route"}}, status=404)
+            return web.json_response(error_body(f"no Ingress rule matches {where}", "not_found", "no_route"),
+                                     status=404)
         ports = self.endpoints.get(backend) or []
         if not ports:
             # The table is polled every `refresh` s, where a real controller watches endpoints and
@@ -163,8 +163,8 @@ class LocalIngress:
                 log.exception("ingress refresh failed")
             ports = self.endpoints.get(backend) or []
         if not ports:
-            return web.json_response({"error": {"message": f"service {backend[0]}/{backend[1]} has no ready pods",
-                                                "type": "unavailable", "code": "no_ready_endpoints"}}, status=503,
+            return web.json_response(error_body(f"service {backend[0]}/{backend[1]} has no ready pods",
+                                                "unavailable", "no_ready_endpoints"), status=503,
                                      headers={"Retry-After": "1"})
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -211,8 +211,8 @@ class LocalIngress:
                 upstream.release()
             await resp.write_eof()
             return resp
-        return web.json_response({"error": {"message": f"no pod of {backend[0]}/{backend[1]} answered: {last_error}",
-                                            "type": "unavailable", "code": "upstream_unreachable"}}, status=502)
+        return web.json_response(error_body(f"no pod of {backend[0]}/{backend[1]} answered: {last_error}",
+                                            "unavailable", "upstream_unreachable"), status=502)
 
     async def serve(self, port: int, host: str = "127.0.0.1", vhosts: dict[int, str] | None = None) -> web.AppRunner:
         """Listen on ``port`` (routing by the Host header) and on each port of ``vhosts`` (as if every
