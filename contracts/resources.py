@@ -598,8 +598,9 @@ class LoRAAdapterStatus(_Status):
     placed: int | None = Field(None, description="Replicas the adapter is placed on")
     placement: list[str] | None = Field(None, description="Pods the adapter is placed on (set when it is placed "
                                                           "on some replicas, not all)")
-    request_rate: float | None = Field(None, description="Requests per second the pool's runtimes measured for it "
-                                                         "(set with spec.placement.requestsPerReplica)")
+    request_rate: float | None = Field(None, description="Requests per second the pool's runtimes measured for it, "
+                                                         "set while that rate gives it more replicas than its spec "
+                                                         "(spec.placement.requestsPerReplica)")
     observed_generation: int | None = None
     message: str | None = None
     conditions: list[Condition] | None = None

@@ -425,8 +425,11 @@ class PoolPlacement:
         """The part of it one adapter's status depends on."""
         if served not in self.wanted:
             return None
+        # The rate only where it gives the adapter more replicas than its spec (two significant
+        # digits): a cold adapter's status does not move, nor get rewritten, with every rate window.
+        hot = self.popularity and self.wanted[served] > self.base.get(served, 0)
         return (self.wanted[served], self.short.get(served, 0), tuple(self.blocked.get(served, ())),
-                self.extra_short.get(served, 0), self.rates.get(served) if self.popularity else None)
+                self.extra_short.get(served, 0), float(f"{self.rates.get(served, 0.0):.2g}") if hot else None)
 
 
 BUDGET_FIELDS = {placement.DISK: "spec.placement.adapterBytes (disk)",
@@ -1015,6 +1018,14 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
     return st.wire()
 
 
+def _load_state(report: SyncReport | None) -> str | None:
+    if report is None:
+        return None
+    if report.rates is None and report.sizes is None and report.cache_bytes is None:
+        return report.to_json()
+    return report.model_copy(update={"rates": None, "sizes": None, "cache_bytes": None}).to_json()
+
+
 def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView], pods: list[PodView],
               previous: RoutesTable, previous_status: dict[str, dict[str, Any]],
               memo: dict[str, tuple[tuple, dict[str, Any]]] | None = None, gateway_ready: int = 0,
@@ -1055,7 +1066,9 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
     memo = {} if memo is None else memo
     statuses_memo = memo.setdefault("\0statuses", {})
     common = (pool.uid, pool.generation, pool.spec is None) if pool is not None else None
-    common = (common, tuple((p.name, p.ready, p.report.to_json() if p.report else None) for p in pods))
+    # An adapter's status reads the reports' load state, not their rates, sizes or cache bytes (which
+    # move every rate window; what placement made of them is in each adapter's own inputs below).
+    common = (common, tuple((p.name, p.ready, _load_state(p.report)) for p in pods))
     statuses: dict[str, dict[str, Any]] = {}
     now = _now()
     for a in adapters:

@@ -192,7 +192,7 @@ def test_a_hot_adapter_is_placed_on_more_replicas_and_a_cold_one_on_one():
     s0 = p2.adapter_status["a0"]
     assert (s0["replicas"], s0["placed"], s0["requestRate"]) == (3, 3, 25.0)
     assert "request rate 25/s: 3 replicas wanted" in s0["message"]
-    assert p2.adapter_status["a1"]["requestRate"] == 3.0 and p2.adapter_status["a1"]["replicas"] == 1
+    assert "requestRate" not in p2.adapter_status["a1"] and p2.adapter_status["a1"]["replicas"] == 1
     # The rate, now spread over three holders, falls to 16/s: the count holds (3 - 1 = 2 replicas
     # would run at 80%, above the 75% a lower count needs) ...
     t2 = p2.table
@@ -276,3 +276,35 @@ def test_a_verified_size_replaces_the_default_and_a_declared_size_too_small_is_r
     big = adapter("s1")
     t6 = plan([big], [PodView("x", True, SyncReport(generation=0, sizes={big.spec.source.sha256: 60}))], p=p1)
     assert [u["bytes"] for u in t6.pool_status["placement"]] == [100]
+
+
+def test_rates_that_move_do_not_recompute_every_adapters_status():
+    four = [pod(n) for n in "wxyz"]
+    memo: dict = {}
+    p = rpool()
+    first = routing.plan_pool("p", p, ADAPTERS, four, RoutesTable(pool="p"), {}, memo)
+    t = first.table
+    calls = []
+    real = routing.adapter_status
+
+    def counting(a, *args, **kw):
+        calls.append(a.name)
+        return real(a, *args, **kw)
+
+    routing.adapter_status = counting
+    try:
+        # Same load state, rates of a cold adapter that change nothing about placement: no status
+        # is recomputed; a rate that raises a count recomputes that adapter's only.
+        quiet = [rated(n, t.generation, {"a1": 0.5 + i / 10}) for i, n in enumerate("wxyz")]
+        base = routing.plan_pool("p", p, ADAPTERS, [rated(n, t.generation, {}) for n in "wxyz"], t,
+                                 first.adapter_status, memo)
+        calls.clear()
+        again = routing.plan_pool("p", p, ADAPTERS, quiet, base.table, base.adapter_status, memo)
+        assert calls == [] and not again.changed
+        # A rate that raises a1's count (11/s: 2 replicas) recomputes a1's status only.
+        hot = routing.plan_pool("p", p, ADAPTERS, [rated(n, t.generation, {"a1": 2.75}) for n in "wxyz"],
+                                again.table, again.adapter_status, memo)
+        assert calls == ["a1"] and hot.adapter_status["a1"]["requestRate"] == 11.0
+        assert hot.adapter_status["a1"]["replicas"] == 2
+    finally:
+        routing.adapter_status = real
