@@ -45,3 +45,16 @@ def test_the_replica_serves_what_it_holds_and_404s_what_the_pool_does_not_route(
     assert ask(server, "gen0").status_code == 200
     r = ask(server, "nobody-routes-this")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_requests_answered_are_counted_per_version_for_the_sidecars_rates(server):
+    def count() -> int:
+        with httpx.Client(base_url=server.admin_url) as admin:
+            listing = admin.get("/admin/adapters").json()["adapters"]
+        return next(a["requests"] for a in listing if (a["name"], a["version"]) == ("gen0", "1"))
+
+    before = count()
+    for model in ("gen0", "gen0@1", "on-another-pod"):
+        ask(server, model)
+    # Both requests it answered count (by name and pinned); the one answered 503 is not its.
+    assert count() - before == 2
