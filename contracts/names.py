@@ -36,6 +36,8 @@ ROUTES_KEY = "routes.json"  # key of the routes ConfigMaps
 RUNTIME_PORT = 8000
 ADMIN_PORT = 8001  # runtime admin API, bound to 127.0.0.1 only
 SIDECAR_METRICS_PORT = 9090
+# The sidecar's probe endpoint (GET /healthz, /readyz and nothing else), on the pod IP for the kubelet.
+SIDECAR_HEALTH_PORT = 9091
 # The runtime's Prometheus /metrics, on the pod IP (for scrapers) but off the public port: tenants' names
 # are labels there, and the public port is reachable through the gateway.
 RUNTIME_METRICS_PORT = 9100
@@ -167,4 +169,5 @@ class SidecarEnv:
     MAX_ADAPTER_BYTES = "LORAFLEET_MAX_ADAPTER_BYTES"
     DISK_BYTES = "LORAFLEET_DISK_BYTES"
     METRICS_PORT = "LORAFLEET_METRICS_PORT"
+    HEALTH_PORT = "LORAFLEET_HEALTH_PORT"
     TASK = "LORAFLEET_TASK"  # the pool's task: the adapter rules' task check runs in the sidecar too

@@ -176,12 +176,13 @@ class SidecarSpec(_Model):
     resources: ResourceRequirements | None = None
     liveness_probe: dict[str, Any] | None = Field(
         None, json_schema_extra=_K8S_OBJECT,
-        description="The sidecar container's livenessProbe (a Kubernetes Probe); default: HTTP GET /metrics on its "
-                    "metrics port every 20 s, 3 failures")
+        description="The sidecar container's livenessProbe (a Kubernetes Probe); default: HTTP GET /healthz on its "
+                    "health port (9091) every 10 s, 3 failures: its sync loop ends passes and its routes watches run")
     readiness_probe: dict[str, Any] | None = Field(
         None, json_schema_extra=_K8S_OBJECT,
         description="The sidecar container's readinessProbe (a Kubernetes Probe; a native sidecar's readiness is "
-                    "part of the pod's); default: none")
+                    "part of the pod's); default: HTTP GET /readyz on its health port (9091) every 5 s: live, and a "
+                    "pass worked through a complete routes table")
 
 
 class CacheSpec(_Model):

@@ -94,6 +94,7 @@ def sidecar_env(pool: str, spec: BaseModelPoolSpec, merged: "MergedRef | None" =
         SidecarEnv.MAX_ADAPTER_BYTES: spec.cache.max_adapter_bytes_int,
         SidecarEnv.DISK_BYTES: spec.cache.disk_bytes_int,
         SidecarEnv.METRICS_PORT: names.SIDECAR_METRICS_PORT,
+        SidecarEnv.HEALTH_PORT: names.SIDECAR_HEALTH_PORT,
         SidecarEnv.TASK: spec.model.task.value,
     })
     return env
@@ -136,9 +137,19 @@ def placement(spec: BaseModelPoolSpec) -> dict[str, Any]:
 
 
 def sidecar_liveness(spec: BaseModelPoolSpec) -> dict[str, Any]:
+    """The sidecar's health endpoint: its sync loop ends passes and its routes watches run."""
     if spec.sidecar.liveness_probe is not None:
         return spec.sidecar.liveness_probe
-    return {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 20, "failureThreshold": 3,
+    return {"httpGet": {"path": "/healthz", "port": "health"}, "periodSeconds": 10, "failureThreshold": 3,
+            "timeoutSeconds": 5}
+
+
+def sidecar_readiness(spec: BaseModelPoolSpec) -> dict[str, Any]:
+    """Ready once a pass worked through a complete routes table (and live). A native sidecar's readiness
+    is part of the pod's; it stays ready while the routes are stale or the API server is away."""
+    if spec.sidecar.readiness_probe is not None:
+        return spec.sidecar.readiness_probe
+    return {"httpGet": {"path": "/readyz", "port": "health"}, "periodSeconds": 5, "failureThreshold": 3,
             "timeoutSeconds": 5}
 
 
@@ -171,15 +182,15 @@ def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
         "command": ["lorafleet", "sidecar"],
         # A native sidecar: starts before the runtime and lives as long as the pod.
         "restartPolicy": "Always",
-        "ports": [{"name": "metrics", "containerPort": names.SIDECAR_METRICS_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "metrics", "containerPort": names.SIDECAR_METRICS_PORT, "protocol": "TCP"},
+                  {"name": "health", "containerPort": names.SIDECAR_HEALTH_PORT, "protocol": "TCP"}],
         "env": sidecar_env(pool, spec, merged),
         "livenessProbe": sidecar_liveness(spec),
+        "readinessProbe": sidecar_readiness(spec),
         "resources": _resources(spec.sidecar.resources),
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": mount,
     }
-    if spec.sidecar.readiness_probe is not None:
-        sidecar["readinessProbe"] = spec.sidecar.readiness_probe
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _meta(names.deployment_name(pool), namespace, pool, uid, "runtime"),
@@ -431,8 +442,8 @@ def gateway_rbac(pool: str, namespace: str, uid: str) -> list[Manifest]:
 def runtime_network_policy(pool: str, namespace: str, uid: str) -> Manifest:
     """With a gateway, the pool's runtime port answers the pool's gateway pods only: tenants' keys are
     checked there, and the pool's Service would otherwise let any pod of the cluster around them. The
-    metrics ports (the sidecar's and the runtime's) stay open to scrapers; the runtime's admin port
-    listens on 127.0.0.1."""
+    metrics ports (the sidecar's and the runtime's) stay open to scrapers and the sidecar's health port
+    to the kubelet's probes; the runtime's admin port listens on 127.0.0.1."""
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": _meta(names.gateway_name(pool), namespace, pool, uid, "gateway"),
@@ -443,7 +454,8 @@ def runtime_network_policy(pool: str, namespace: str, uid: str) -> Manifest:
                 {"from": [{"podSelector": {"matchLabels": {names.LABEL_GATEWAY_FOR: pool}}}],
                  "ports": [{"protocol": "TCP", "port": names.RUNTIME_PORT}]},
                 {"ports": [{"protocol": "TCP", "port": names.SIDECAR_METRICS_PORT},
-                           {"protocol": "TCP", "port": names.RUNTIME_METRICS_PORT}]},
+                           {"protocol": "TCP", "port": names.RUNTIME_METRICS_PORT},
+                           {"protocol": "TCP", "port": names.SIDECAR_HEALTH_PORT}]},
             ],
         },
     }

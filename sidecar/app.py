@@ -10,6 +10,7 @@ import threading
 
 from lorafleet.contracts.cache import CacheLayout
 
+from .health import Health
 from .kube import PodReporter, RoutesWatcher, make_client
 from .metrics import Metrics
 from .runtime_client import RuntimeAdmin
@@ -22,12 +23,16 @@ log = logging.getLogger("lorafleet.sidecar")
 
 
 class Sidecar:
-    def __init__(self, syncer: Syncer, watcher: RoutesWatcher | None, metrics: Metrics, metrics_port: int = 0):
+    def __init__(self, syncer: Syncer, watcher: RoutesWatcher | None, metrics: Metrics, metrics_port: int = 0,
+                 health_port: int = 0, health_host: str = "0.0.0.0"):
         self.syncer, self.watcher, self.metrics = syncer, watcher, metrics
         self.metrics_port = metrics_port
+        self.health_port, self.health_host = health_port, health_host
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._server = None
+        self.health = Health(syncer, watcher, lambda: self._thread is not None and self._thread.is_alive())
+        self._health_server = None
 
     @classmethod
     def from_args(cls, a: argparse.Namespace, client=None) -> "Sidecar":
@@ -52,13 +57,15 @@ class Sidecar:
         # The watch gets its own client: stopping it closes that client's connection.
         watcher = RoutesWatcher(lambda: make_client(a.kubeconfig), a.namespace, a.pool, syncer.set_routes,
                                 on_stale=syncer.set_routes_stale)
-        return cls(syncer, watcher, metrics, a.metrics_port)
+        return cls(syncer, watcher, metrics, a.metrics_port, a.health_port, a.health_host)
 
     def start(self, stop: threading.Event | None = None) -> "Sidecar":
         if stop is not None:
             self._stop = stop
         if self.metrics_port:
             self._server = self.metrics.serve(self.metrics_port)
+        if self.health_port:
+            self._health_server = self.health.serve(self.health_port, self.health_host)
         if self.watcher is not None:
             self.watcher.start()
         self._thread = threading.Thread(target=self.syncer.run, args=(self._stop,), name="sync", daemon=True)
@@ -75,6 +82,9 @@ class Sidecar:
         # What is still only in the page cache would be verified again after a restart; finish it now.
         self.syncer.store.wait_durable(20)
         self.syncer.runtime.close()
+        if self._health_server is not None:
+            self._health_server.shutdown()
+            self._health_server.server_close()
         if self._server is not None:
             try:
                 self._server[0].shutdown()

@@ -46,6 +46,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--disk-bytes", default=_env(E.DISK_BYTES), help=f"cache budget (env {E.DISK_BYTES}); none = unbounded")
     p.add_argument("--metrics-port", type=int, default=int(_env(E.METRICS_PORT, str(names.SIDECAR_METRICS_PORT))),
                    help=f"env {E.METRICS_PORT}; 0 = no metrics endpoint")
+    p.add_argument("--health-port", type=int, default=int(_env(E.HEALTH_PORT, str(names.SIDECAR_HEALTH_PORT))),
+                   help=f"GET /healthz and /readyz for the kubelet's probes, nothing else (env {E.HEALTH_PORT}); "
+                        f"0 = off")
+    p.add_argument("--health-host", default="0.0.0.0",
+                   help="address the health endpoint binds (default every address: the kubelet probes the pod IP)")
     p.add_argument("--kubeconfig", default=None, help="default: in-cluster credentials, else KUBECONFIG")
     p.add_argument("--concurrency", type=int, default=4, help="downloads at once (default 4)")
     p.add_argument("--collect-after", type=float, default=600.0,

@@ -72,6 +72,7 @@ class RoutesWatcher:
         self._shards: dict[str, RoutesTable] = {}
         self._listed: set[str] = set()
         self._threads: dict[str, threading.Thread] = {}
+        self._failing: set[str] = set()  # watches whose last list or watch failed (retrying)
         self.on_stale = on_stale
         self.published: RoutesTable | None = None
         self.stale: str | None = None
@@ -87,6 +88,15 @@ class RoutesWatcher:
         # socket (seen as SSL errors and corrupted HTTP in other clients of the same process). Watches
         # end at their next event or server timeout.
         self._stop.set()
+
+    def alive(self) -> bool:
+        """Every watch thread runs (each lists again after any error, for ever, until stopped)."""
+        with self._lock:
+            return self._stop.is_set() or all(t.is_alive() for t in self._threads.values())
+
+    def retrying(self) -> bool:
+        """Some watch's last list or watch failed (the API server unreachable, a refusal)."""
+        return bool(self._failing)
 
     def _ensure_watches(self, shards: int) -> None:
         wanted = [names.routes_configmap_name(self.pool)]
@@ -171,6 +181,7 @@ class RoutesWatcher:
                     items = list(listing)
                 self._update(name, self._parse(items[0]) if items else None, listed=True)
                 failures = 0
+                self._failing.discard(name)
                 for kind, cm in client.watch(ConfigMap, namespace=self.namespace, labels=labels,
                                                   fields=fields, resource_version=listing.resourceVersion,
                                                   server_timeout=self.server_timeout):
@@ -181,6 +192,7 @@ class RoutesWatcher:
                 if self._stop.is_set():
                     return
                 failures += 1
+                self._failing.add(name)
                 delay = backoff(failures, 0.4, 10.0)
                 log.warning("routes watch %s/%s: %s: %s; listing again in %.1fs",
                             self.namespace, name, type(e).__name__, e, delay)

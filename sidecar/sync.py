@@ -98,6 +98,10 @@ class Syncer:
         self.rates: dict[str, float] = {}
         self._seen_generation: int | None = None
         self._told_waiting = False
+        # For the health endpoint: when the last pass ended (monotonic), and whether a pass worked
+        # through a complete routes table yet.
+        self.last_pass: float | None = None
+        self.synced = False
         store.make_room = self._make_room
 
     # ------------------------------------------------------------------------------ inputs
@@ -121,6 +125,7 @@ class Syncer:
                 self.step()
             except Exception:  # noqa: BLE001 - a bug in one pass must not end the loop
                 log.exception("sync pass failed; trying again")
+            self.last_pass = time.monotonic()
             # A pass costs O(routes): while downloads finish back to back, let a few of them
             # accumulate instead of spending a core on passes (at most 1/4 of the time in passes).
             stop.wait(min(0.5, 3 * (time.monotonic() - t0)))
@@ -179,7 +184,9 @@ class Syncer:
             self.store.mark_unreferenced(gone)
         self._referenced = referenced
         self.store.touch(referenced, now)
-        return self._report(table, desired, loaded)
+        report = self._report(table, desired, loaded)
+        self.synced = True
+        return report
 
     def _moved_away(self, table: RoutesTable, desired: list[DesiredVersion],
                     loaded: dict[str, LoadedAdapter] | None, mono: float) -> set[str]:

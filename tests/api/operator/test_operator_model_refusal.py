@@ -44,7 +44,7 @@ def test_a_refused_base_model_is_the_pools_status_and_the_pod_never_ready(contro
         sc = Sidecar.from_args(parse_args([
             "--pool", POOL, "--namespace", namespace, "--pod", POD, "--cache-dir", str(cache),
             "--runtime-admin-url", srv.admin_url, "--kubeconfig", str(control_plane.kubeconfig),
-            "--metrics-port", "0", "--poll-interval", "0.3", "--task", "text-generation"])).start()
+            "--metrics-port", "0", "--health-port", "0", "--poll-interval", "0.3", "--task", "text-generation"])).start()
 
         def report():
             ann = kube.get(Pod, POD, namespace=namespace).metadata.annotations or {}

@@ -94,7 +94,8 @@ def sync_report(kube, namespace: str, pod: str) -> SyncReport | None:
 def sidecar_argv(control_plane, minio_server, namespace, pod, cache_dir, runtime, *extra) -> list[str]:
     return ["--pool", POOL, "--namespace", namespace, "--pod", pod, "--cache-dir", str(cache_dir),
             "--runtime-admin-url", runtime.url, "--s3-endpoint", minio_server.endpoint,
-            "--kubeconfig", str(control_plane.kubeconfig), "--metrics-port", "0", "--poll-interval", "0.3",
+            "--kubeconfig", str(control_plane.kubeconfig), "--metrics-port", "0", "--health-port", "0",
+            "--poll-interval", "0.3",
             "--retry-base", "0.2", "--retry-max", "2", *extra]
 
 

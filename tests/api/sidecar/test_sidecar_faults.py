@@ -168,6 +168,7 @@ def test_sidecar_restart_resumes_from_the_cache_without_downloading(kube, namesp
     port = free_port()
     env = {**os.environ, **minio_server.env, "POD_NAME": pod, "POD_NAMESPACE": namespace, "POOL": POOL,
            "CACHE_DIR": str(cache_dir), "RUNTIME_ADMIN_URL": runtime.url, "LORAFLEET_METRICS_PORT": str(port),
+           "LORAFLEET_HEALTH_PORT": str(free_port()),
            "KUBECONFIG": str(control_plane.kubeconfig), "PYTHONFAULTHANDLER": "1"}
     argv = [sys.executable, "-m", "lorafleet", "sidecar", "--poll-interval", "0.3"]
     log = open(tmp_path / "sidecar.log", "ab")

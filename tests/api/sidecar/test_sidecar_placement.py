@@ -95,7 +95,7 @@ class Stand:
                                                ports=[ContainerPort(name="http", containerPort=8000)])])))
         args = parse_args(["--pool", POOL, "--namespace", self.ns, "--pod", pod, "--cache-dir", str(cache),
                            "--runtime-admin-url", rt.url, "--s3-endpoint", self.minio.endpoint,
-                           "--kubeconfig", str(self.cp.kubeconfig), "--metrics-port", "0",
+                           "--kubeconfig", str(self.cp.kubeconfig), "--metrics-port", "0", "--health-port", "0",
                            "--poll-interval", "0.3", "--retry-base", "0.2", "--retry-max", "2",
                            # The cache holds twice the placement budget: room for the copies a move
                            # keeps on both pods until the new one has loaded (make before break).

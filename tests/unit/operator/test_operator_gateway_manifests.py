@@ -173,8 +173,10 @@ def test_with_a_gateway_only_its_pods_reach_the_runtime_port():
     runtime, metrics = np["spec"]["ingress"]
     assert runtime == {"from": [{"podSelector": {"matchLabels": {"lorafleet.io/gateway-for": "p"}}}],
                        "ports": [{"protocol": "TCP", "port": 8000}]}
-    # Scrapers reach both metrics ports (the sidecar's and the runtime's own; /metrics is not on 8000).
-    assert metrics == {"ports": [{"protocol": "TCP", "port": 9090}, {"protocol": "TCP", "port": 9100}]}
+    # Scrapers reach both metrics ports (the sidecar's and the runtime's own; /metrics is not on 8000), the
+    # kubelet's probes the sidecar's health port.
+    assert metrics == {"ports": [{"protocol": "TCP", "port": 9090}, {"protocol": "TCP", "port": 9100},
+                                 {"protocol": "TCP", "port": 9091}]}
     # The gateway's pods are not selected (they carry no lorafleet.io/pool label).
     dep = next(m for m in children if m["kind"] == "Deployment" and m["metadata"]["name"] == "lorafleet-p-gateway")
     assert "lorafleet.io/pool" not in dep["spec"]["template"]["metadata"]["labels"]

@@ -197,11 +197,14 @@ def test_placement_fields_pass_through_to_the_pod_template():
     assert sc["resources"] == {"requests": {"cpu": "100m"}}
     assert sc["livenessProbe"] == {"tcpSocket": {"port": 9090}, "periodSeconds": 7}
     assert sc["readinessProbe"] == {"httpGet": {"path": "/metrics", "port": 9090}}
-    # Unset: none of these keys, and the sidecar's default liveness probe on its metrics port.
+    # Unset: none of these keys, and the sidecar's default probes on its health endpoint (a port of its own).
     plain = manifests.deployment("gen", "ns", "u", SPEC)["spec"]["template"]["spec"]
     assert not {"nodeSelector", "tolerations", "affinity", "imagePullSecrets", "priorityClassName"} & plain.keys()
-    assert plain["initContainers"][0]["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
-    assert "readinessProbe" not in plain["initContainers"][0]
+    sc = plain["initContainers"][0]
+    assert sc["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert sc["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert {"name": "health", "containerPort": 9091, "protocol": "TCP"} in sc["ports"]
+    assert {"name": "LORAFLEET_HEALTH_PORT", "value": "9091"} in sc["env"]
 
 
 def _pdb(spec_patch):
