@@ -922,6 +922,8 @@ def placement_condition(decided: PoolPlacement) -> tuple[bool, str, str]:
     lack them for want of room, and within which budget (never dropped or over-committed silently)."""
     short = sorted(decided.short)
     extra = sorted(n for n in decided.extra_short if n not in decided.short)
+    if decided.wanted and not decided.live:
+        return False, "NoReplicas", f"no running pod to place {len(decided.wanted)} adapters on"
     if not short and not extra:
         n = len(decided.wanted)
         return True, "Placed", f"{n} adapters placed on the replicas they want" if n else "no adapter is placed"

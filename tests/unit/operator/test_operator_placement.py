@@ -229,6 +229,10 @@ def test_budgets_that_refuse_adapters_are_named_on_the_pool_and_use_is_shown_per
     ok = plan(ADAPTERS, pods, p=rpool(replicas=3, per_replica=None, adapterBytes=400))
     placed = {c["type"]: c for c in ok.pool_status["conditions"]}["Placed"]
     assert (placed["status"], placed["reason"]) == ("True", "Placed")
+    # No pod running yet: nothing is placed, and the condition says why (not a budget).
+    none = plan(ADAPTERS, [], previous=ok.table, p=rpool(replicas=3, per_replica=None, adapterBytes=400))
+    placed = {c["type"]: c for c in none.pool_status["conditions"]}["Placed"]
+    assert (placed["status"], placed["reason"]) == ("False", "NoReplicas") and "12 adapters" in placed["message"]
 
 
 def test_a_verified_size_replaces_the_default_and_a_declared_size_too_small_is_raised():
