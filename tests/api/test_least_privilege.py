@@ -137,6 +137,8 @@ def test_what_each_component_may_read_is_what_it_reads(control_plane, fleet):
     assert {m["kind"] for m in fleet[3]} >= {"HTTPRoute", "Ingress"}
     for verb in ("create", "patch", "delete", "watch"):
         assert can(control_plane, ns, full, verb, "httproutes.gateway.networking.k8s.io", ns)
+    # A route's status is its Gateway controller's to write.
+    assert not can(control_plane, ns, full, "patch", "httproutes.gateway.networking.k8s.io", ns, "--subresource=status")
     for what in ("gateways", "gatewayclasses", "referencegrants"):
         assert not can(control_plane, ns, full, "create", f"{what}.gateway.networking.k8s.io", ns)
     # Leader election: its own Lease in its namespace, no other Lease anywhere.
