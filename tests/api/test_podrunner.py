@@ -160,3 +160,23 @@ def test_local_ingress_routes_by_ingress_objects_to_ready_pods(kube, namespace, 
     pods, unknown = asyncio.run(scenario())
     assert len(pods) == 2, pods  # both ready pods answer (round robin)
     assert unknown[0] == 404 and "no Ingress rule" in unknown[1]["error"]["message"]
+
+
+def test_a_container_path_is_rewritten_by_its_one_mount(runner, tmp_path):
+    """A pool pod mounts its cache and /tmp; with the runner's folder under /tmp, the cache path once
+    rewritten lay under the /tmp mount too and was rewritten again (a path no other container had).
+    Here the second mount is the test's own temporary folder, which holds the runner's."""
+    from lightkube.models.core_v1 import Container as C
+
+    from lorafleet.localstack.podrunner import LocalPod
+
+    local = LocalPod("ns", "p", "uid", tmp_path / "node" / "ns" / "p", ports={8000: 31000})
+    c = C(name="c", volumeMounts=[VolumeMount(name="cache", mountPath="/var/lib/lorafleet"),
+                                  VolumeMount(name="scratch", mountPath=str(tmp_path)),
+                                  VolumeMount(name="models", mountPath="/var/lib/lorafleet/models")])
+    volumes = local.root / "volumes"
+    assert runner._localize("/var/lib/lorafleet/adapters/x", c, local) == str(volumes / "cache" / "adapters" / "x")
+    assert runner._localize("/var/lib/lorafleet", c, local) == str(volumes / "cache")
+    assert runner._localize("/var/lib/lorafleet/models/m", c, local) == str(volumes / "models" / "m")
+    assert runner._localize(f"{tmp_path}/a", c, local) == str(volumes / "scratch" / "a")
+    assert runner._localize("http://127.0.0.1:8000/x", c, local) == "http://127.0.0.1:31000/x"

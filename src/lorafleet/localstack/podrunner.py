@@ -241,9 +241,14 @@ class PodRunner:
 
     def _localize(self, value: str, c, local: LocalPod) -> str:
         """Container paths -> the pod's local volume folders; container ports -> mapped local ports."""
-        for m in c.volumeMounts or []:
-            if value == m.mountPath or value.startswith(m.mountPath.rstrip("/") + "/"):
-                value = str(local.root / "volumes" / m.name) + value[len(m.mountPath.rstrip("/")):]
+        # The one mount the path lies in (the longest mount path that contains it), rewritten once: a
+        # path already rewritten lies under this runner's folder, which another mount (a pod's /tmp,
+        # with the folder under /tmp) would match again.
+        mounts = [m for m in c.volumeMounts or []
+                  if value == m.mountPath or value.startswith(m.mountPath.rstrip("/") + "/")]
+        if mounts:
+            m = max(mounts, key=lambda m: len(m.mountPath.rstrip("/")))
+            value = str(local.root / "volumes" / m.name) + value[len(m.mountPath.rstrip("/")):]
         value = re.sub(r"(127\.0\.0\.1|localhost|0\.0\.0\.0):(\d+)",
                        lambda mm: f"{mm.group(1)}:{local.ports.get(int(mm.group(2)), int(mm.group(2)))}", value)
         if value.isdigit() and int(value) in local.ports:
