@@ -248,14 +248,16 @@ class PodProbe:
     """For each adapter version turned Ready: one request pinned to it, sent to each pod's runtime
     directly (no ingress to retry elsewhere)."""
 
-    def __init__(self, witness: Witness, pods: list[str]):
+    def __init__(self, witness: Witness, pods: list[str], threads: int = 4):
         self.witness, self.pods = witness, pods
         self.queue: list[tuple[str, str]] = []
         self.cond = threading.Condition()
         self.codes: Counter = Counter()
         self.failures: list[str] = []
         self.done = 0
-        threading.Thread(target=self._run, daemon=True).start()
+        self.lags: list[float] = []  # seconds from the Ready event to both pods' answers
+        for _ in range(threads):
+            threading.Thread(target=self._run, daemon=True).start()
 
     def add(self, name: str, version: str) -> None:
         with self.cond:
@@ -268,6 +270,7 @@ class PodProbe:
             with self.cond:
                 self.cond.wait_for(lambda: self.queue)
                 name, version = self.queue.pop(0)
+                seen_at = self.witness.ready[(name, version)][1]
             for pod in self.pods:
                 port = self.witness.ports[pod]
                 try:
@@ -282,15 +285,19 @@ class PodProbe:
                 self.codes[code] += 1
             with self.cond:
                 self.done += 1
+                self.lags.append(time.monotonic() - seen_at)
                 self.cond.notify_all()
 
     def wait(self, n: int, timeout: float) -> None:
         with self.cond:
-            self.cond.wait_for(lambda: self.done >= n and not self.queue, timeout)
+            if not self.cond.wait_for(lambda: self.done >= n and not self.queue, timeout):
+                raise TimeoutError(f"{self.done} of {n} pinned probes done after {timeout} s")
 
     def result(self) -> dict:
         total = sum(self.codes.values())
-        return {"requests": total, "failed": total - self.codes.get(200, 0), "first_failures": self.failures[:5]}
+        lags = sorted(self.lags) or [0.0]
+        return {"requests": total, "failed": total - self.codes.get(200, 0), "first_failures": self.failures[:5],
+                "ready_to_answered_median_s": round(lags[len(lags) // 2], 2), "ready_to_answered_max_s": round(lags[-1], 2)}
 
 
 async def apply_all(kubeconfig: Path, docs: list[dict], concurrency: int = 32, patch: bool = False) -> None:
@@ -408,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                      first_ready_s=round(times[0], 1), loadavg_after=loadavg())
         phase["ready_before_both_reported"] = witness.check(keys, pods, witness.ready)[:5]
         phase["ready_before_both_reported_count"] = len(witness.check(keys, pods, witness.ready))
-        probe.wait(n, 120)
+        probe.wait(n, 600)  # every version 1 probed before the bump drops it
         time.sleep(3)
         result["apply"] = phase
 
@@ -438,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             bad = witness.check(keys2, pods, left_new)
             phase["old_dropped_before_both_reported"], phase["old_dropped_before_both_reported_count"] = \
                 bad[:5], len(bad)
-            probe.wait(2 * n, 120)
+            probe.wait(2 * n, 600)
             time.sleep(3)
             result["bump"] = phase
 
