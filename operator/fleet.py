@@ -94,6 +94,7 @@ class Fleet:
         self.sidecar_cluster_role: str | None = None  # sidecars' pod rights come from this ClusterRole, else their Role
         self.written: dict[ObjKey, dict[str, Any]] = {}  # adapter status last written
         self.desired: dict[ObjKey, dict[str, Any]] = {}  # adapter status last planned
+        self.ready_digest: dict[ObjKey, str | None] = {}  # the digest each adapter was last Ready at
         self.status_queue: OrderedDict[ObjKey, AdapterView] = OrderedDict()
         self.status_inflight: set[ObjKey] = set()
         self.status_ready = asyncio.Event()
@@ -198,6 +199,7 @@ class Fleet:
             self.seen.pop(("a", key), None)
             self.written.pop(key, None)
             self.desired.pop(key, None)
+            self.ready_digest.pop(key, None)
             self.status_queue.pop(key, None)
             self._touch_merging(view.namespace, view.name)
             return
@@ -869,15 +871,27 @@ class Fleet:
         assert self.kube is not None
         if not await self.kube.patch_status(names.ADAPTER_KIND, a.name, a.namespace, patch):
             return
-        self.written[(a.namespace, a.name)] = new
+        key = (a.namespace, a.name)
+        self.written[key] = new
         before, after = old.get("phase"), new.get("phase")
+        ready = AdapterPhase.ready.value
+        if before == ready:
+            self.ready_digest[key] = old.get("digest")
+        if after in (AdapterPhase.failed.value, AdapterPhase.degraded.value, AdapterPhase.pending.value):
+            self.ready_digest.pop(key, None)  # Ready again after a failure, or after no replica served it, is news
         if before == after and old.get("message") == new.get("message"):
             return
         msg = new.get("message") or ""
         if after in (AdapterPhase.failed.value, AdapterPhase.degraded.value):
             kopf.warn(a.ref(), reason=after, message=msg)
-        elif after == AdapterPhase.ready.value and before != after:
-            kopf.info(a.ref(), reason="Ready", message=msg)
+        elif after == ready and before != after:
+            # Once per version, and again after a failure or a time no replica served it: one replica
+            # that goes unready and comes back while another serves (every adapter of the pool
+            # Syncing, then Ready again) is no news of the adapter's, and would post one Event per
+            # adapter of the pool on every flip.
+            if self.ready_digest.get(key) != new.get("digest"):
+                kopf.info(a.ref(), reason="Ready", message=msg)
+            self.ready_digest[key] = new.get("digest")
         elif after == AdapterPhase.pending.value and "not found" in msg and before != after:
             kopf.warn(a.ref(), reason="PoolNotFound", message=msg)
 
