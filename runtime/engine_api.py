@@ -70,6 +70,15 @@ class Work:
         return None if self.entry is None else self.entry.key
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """OpenAI's ``response_format`` other than text, as vLLM's structured outputs take it: ``json_object``
+    (any JSON object) or ``json_schema`` (JSON valid against ``schema``)."""
+
+    kind: str  # "json_object" or "json_schema"
+    schema: dict | None = None
+
+
 @dataclass
 class SamplingParams:
     """What a generation request asks for, as the HTTP layer validated it (engine-neutral; the
@@ -95,6 +104,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; n: the chosen token's and n alternatives
     logprob_mode: str = "raw"  # "raw" (vLLM) or "processed" (TGI)
     prompt_logprobs: int | None = None
+    structured: StructuredOutput | None = None  # None: free text
 
 
 @dataclass

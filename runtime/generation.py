@@ -43,6 +43,8 @@ class TextStream:
             kind, value = self._first
             if kind == "error" and isinstance(value, Overloaded):
                 raise too_busy(value)
+            if kind == "error" and isinstance(value, ApiError):  # the engine refused the request (400)
+                raise value
 
     def _stop_at(self, pending_from: int) -> int:
         """Where the answer ends at the earliest stop string in text not yet final (searching only where
@@ -76,6 +78,8 @@ class TextStream:
                 if kind == "error":
                     if isinstance(value, Overloaded):  # shed at the queue-delay bound
                         raise too_busy(value)
+                    if isinstance(value, ApiError):  # the engine refused the request before its first token
+                        raise value
                     raise ApiError(500, f"generation failed: {value}", "server_error", "internal_error")
                 if kind == "done":
                     before = len(tokenizer_text.text)
@@ -170,7 +174,8 @@ def openai_params(body, max_new: int | None, logprobs: int | None, tokenizer) ->
         frequency_penalty=body.frequency_penalty or 0.0, penalty_style="openai",
         logit_bias={int(k): float(v) for k, v in body.logit_bias.items()} if body.logit_bias else None,
         min_tokens=min_tokens, banned_until_min=(eos_ids(tokenizer) | stop_ids) if min_tokens else set(),
-        ignore_eos=bool(body.ignore_eos), logprobs=logprobs, logprob_mode="raw")
+        ignore_eos=bool(body.ignore_eos), logprobs=logprobs, logprob_mode="raw",
+        structured=body.structured_output())
 
 
 def tgi_params(p, max_new: int, want_logprobs: bool) -> SamplingParams:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorafleet.contracts.runtime_api import error_body
+from lorafleet.runtime.engine_api import StructuredOutput
 
 
 class ApiError(Exception):
@@ -75,6 +76,50 @@ class _OpenAISampling(_Body):
     min_tokens: int | None = Field(0, ge=0)
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    # OpenAI's (chat) and vLLM's (both endpoints): text, or structured output where the engine has it
+    response_format: dict[str, Any] | None = None
+
+    def structured_output(self) -> StructuredOutput | None:
+        """``response_format`` as vLLM's OpenAI server reads it: ``json_object`` -> any JSON object,
+        ``json_schema`` -> its ``json_schema.schema`` (``strict`` changes nothing: the schema always
+        constrains); None for text. A malformed one is a 400 naming what is wrong."""
+        rf = self.response_format
+        if rf is None:
+            return None
+        kind = rf.get("type")
+        allowed = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+        if kind == "structural_tag":
+            raise refuse("response_format", "type 'structural_tag' is not exposed by this server; use json_schema")
+        if kind not in allowed:
+            raise bad_request(f"`response_format.type` must be text, json_object or json_schema, not {kind!r}",
+                              "invalid_response_format")
+        extra = sorted(set(rf) - allowed[kind])
+        if extra:
+            raise bad_request(f"`response_format` of type {kind} does not take {', '.join(extra)}",
+                              "invalid_response_format")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutput("json_object")
+        js = rf.get("json_schema")
+        if not isinstance(js, dict):
+            raise bad_request("`response_format.json_schema` must be given (an object with name and schema) when "
+                              "type is json_schema", "invalid_response_format")
+        problems = []
+        if not isinstance(js.get("name"), str):
+            problems.append("`response_format.json_schema.name` must be a string")
+        if not isinstance(js.get("schema"), dict):
+            problems.append("`response_format.json_schema.schema` must be a JSON schema object")
+        if js.get("description") is not None and not isinstance(js.get("description"), str):
+            problems.append("`response_format.json_schema.description` must be a string")
+        if js.get("strict") is not None and not isinstance(js.get("strict"), bool):
+            problems.append("`response_format.json_schema.strict` must be a boolean")
+        extra = sorted(set(js) - {"name", "description", "schema", "strict"})
+        if extra:
+            problems.append(f"`response_format.json_schema` does not take {', '.join(extra)}")
+        if problems:
+            raise bad_request("; ".join(problems), "invalid_response_format")
+        return StructuredOutput("json_schema", js["schema"])
 
     def unsupported(self) -> None:
         if self.n not in (None, 1):
@@ -138,7 +183,6 @@ class ChatRequest(_OpenAISampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -149,9 +193,6 @@ class ChatRequest(_OpenAISampling):
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise refuse("response_format", f"type {self.response_format.get('type')!r} (structured output) is "
-                         "not implemented by the torch engine; ask for plain text")
         if self.tools or self.functions:
             raise refuse("tools", "this server does not implement tool calling")
         if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
@@ -190,7 +231,8 @@ class TGIParameters(_Body):
         if self.best_of not in (None, 1):
             raise refuse("best_of", "one candidate per request")
         if self.grammar:
-            raise refuse("grammar", "grammar-constrained decoding is not implemented by the torch engine")
+            raise refuse("grammar", "TGI's grammar-constrained decoding is not implemented (on a vllm pool the "
+                         "OpenAI routes take response_format json_object / json_schema)")
         if self.watermark:
             raise refuse("watermark", "watermarking is not implemented")
 

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from lorafleet.runtime.engine_api import ImageParams, SamplingParams, ServingEngine, Work
+from lorafleet.runtime.protocol import refuse
 from lorafleet.runtime.settings import RuntimeSettings
 from lorafleet.runtime.worker import ModelWorker, Scheduler
 
@@ -74,7 +75,13 @@ class TorchEngine(ServingEngine):
     def new_sequence(self, prompt: list[int], params: SamplingParams):
         from lorafleet.runtime.engines import Sequence
 
-        return Sequence(prompt=prompt, **dataclasses.asdict(params))
+        if params.structured is not None:
+            raise refuse("response_format", f"type {params.structured.kind!r} (structured output) is not "
+                         "implemented by the torch engine; ask for text, or use a pool with "
+                         "spec.runtime.engine vllm")
+        fields = dataclasses.asdict(params)
+        del fields["structured"]
+        return Sequence(prompt=prompt, **fields)
 
     def new_image(self, params: ImageParams):
         from lorafleet.runtime.diffusion import ImageJob

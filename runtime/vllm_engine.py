@@ -12,6 +12,8 @@
 - Sampling parameters map to vLLM's one to one; what vLLM would compute differently from the torch
   engine's semantics (sampling.py) is refused with 400 naming the parameter. Stop strings and
   detokenization stay in the HTTP layer (generation.TextStream), as for the torch engine.
+- ``response_format`` json_object / json_schema become vLLM's structured outputs, as vLLM's OpenAI server maps
+  them; what vLLM refuses when it takes a request (a schema its grammar backend cannot compile) is a 400.
 
 vLLM is imported only when this engine is built: the runtime imports without it."""
 
@@ -142,6 +144,12 @@ def vllm_sampling(p: SamplingParams, vllm_sampling_params_class, output_kind):
               presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
               logit_bias=dict(p.logit_bias) if p.logit_bias else None, logprobs=p.logprobs,
               prompt_logprobs=p.prompt_logprobs, detokenize=False, output_kind=output_kind)
+    if p.structured is not None:
+        # As vLLM's OpenAI server maps response_format (entrypoints/generate/base/protocol.py).
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kw["structured_outputs"] = (StructuredOutputsParams(json_object=True) if p.structured.kind == "json_object"
+                                    else StructuredOutputsParams(json=p.structured.schema))
     if p.sample:
         kw.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0, min_p=p.min_p)
     else:
@@ -170,7 +178,11 @@ class VLLMEngine(ServingEngine):
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
         self.settings, self.metrics = settings, metrics
         self.max_model_len, self.lora_rank = max_model_len, lora_rank
+        from vllm.exceptions import VLLMClientError
+
         self._vsp, self._lora_class, self._delta = VSamplingParams, LoRARequest, RequestOutputKind.DELTA
+        # What vLLM raises for a request it refuses (its OpenAI server answers them 400).
+        self._refusals = (VLLMClientError, ValueError, TypeError)
         self._lock = threading.Lock()
         self._load: dict[str, int] = {}  # running + waiting work per tenant
         self._inflight = 0
@@ -305,22 +317,21 @@ class VLLMEngine(ServingEngine):
                                 lora_request=self._lora(work.entry))
         delay = self.settings.max_queue_delay_ms / 1000.0
         try:
-            if delay > 0:
-                # The queue-delay bound: vLLM does not say when a request leaves its queue, so the bound
-                # is on its first token (prefill included). Past it the request is aborted and answered 429.
-                try:
-                    first = await asyncio.wait_for(gen.__anext__(), delay)
-                except asyncio.TimeoutError:
-                    if self.metrics is not None:
-                        self.metrics.shed(work.tenant, "queue_timeout", 1)
-                    work.send("error", Overloaded(
-                        f"the request had no first token within maxQueueDelayMs ({delay * 1000:.0f} ms); "
-                        "retry later", "queue_timeout"))
-                    return
-                outs = _prepend(first, gen)
-            else:
-                outs = gen
-            async for out in outs:
+            # The queue-delay bound: vLLM does not say when a request leaves its queue, so the bound is on
+            # its first token (prefill included). Past it the request is aborted and answered 429.
+            try:
+                first = await (asyncio.wait_for(gen.__anext__(), delay) if delay > 0 else gen.__anext__())
+            except asyncio.TimeoutError:
+                if self.metrics is not None:
+                    self.metrics.shed(work.tenant, "queue_timeout", 1)
+                work.send("error", Overloaded(
+                    f"the request had no first token within maxQueueDelayMs ({delay * 1000:.0f} ms); "
+                    "retry later", "queue_timeout"))
+                return
+            except self._refusals as e:  # refused when vLLM took it (e.g. a schema its grammar backend cannot take)
+                work.send("error", self._refused(seq, e))
+                return
+            async for out in _prepend(first, gen):
                 if seq.params.prompt_logprobs is not None and out.prompt_logprobs and not seq.prompt_token_logprobs:
                     seq.prompt_token_logprobs = self._prompt_logprobs(seq, out.prompt_logprobs)
                 o = out.outputs[0]
@@ -342,6 +353,14 @@ class VLLMEngine(ServingEngine):
             work.send("error", e)
         finally:
             await gen.aclose()
+
+    @staticmethod
+    def _refused(seq: VLLMSequence, e: Exception):
+        """The 400 for a request vLLM refused when it took it, naming the field (vLLM's, or response_format
+        when the request has a structured output: the constraint is what vLLM checks there)."""
+        field_name = getattr(e, "parameter", None) or ("response_format" if seq.params.structured else None)
+        code = "invalid_response_format" if field_name == "response_format" else "invalid_body"
+        return bad_request(f"`{field_name}`: {e}" if field_name else f"vLLM refused the request: {e}", code)
 
     def _record(self, seq: VLLMSequence, tok: int, entries: dict) -> None:
         chosen = entries.get(tok)

@@ -263,7 +263,7 @@ def test_sampling_parameters_map_to_vllms_or_are_refused_by_name():
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from lorafleet.runtime.engine_api import SamplingParams
+    from lorafleet.runtime.engine_api import SamplingParams, StructuredOutput
     from lorafleet.runtime.vllm_engine import vllm_sampling
 
     def vp(**kw):
@@ -278,9 +278,96 @@ def test_sampling_parameters_map_to_vllms_or_are_refused_by_name():
     assert (sampled.repetition_penalty, sampled.presence_penalty, sampled.frequency_penalty) == (1.2, 0.5, 0.25)
     assert sampled.logit_bias == {5: -2.0} and sampled.min_tokens == 2
     assert vp(logprobs=1, logprob_mode="processed").logprobs == 1  # greedy, no penalty: raw == processed
+    assert vp().structured_outputs is None
+    assert vp(structured=StructuredOutput("json_object")).structured_outputs.json_object is True
+    assert vp(structured=StructuredOutput("json_schema", SCHEMA)).structured_outputs.json == SCHEMA
     for kw, named in (({"typical_p": 0.5}, "typical_p"),
                       ({"frequency_penalty": 0.5, "penalty_style": "tgi"}, "TGI's `frequency_penalty`"),
                       ({"logprobs": 1, "logprob_mode": "processed", "sample": True, "temperature": 0.5},
                        "TGI's logprobs after sampling")):
         with pytest.raises(ValueError, match=named):
             vp(**kw)
+
+
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
+                                           "sure": {"type": "boolean"}},
+          "required": ["answer", "sure"], "additionalProperties": False}
+
+
+def constrained_greedy(model, adapter, prompt_ids: list[int], schema: dict, max_new: int) -> list[int]:
+    """vLLM's structured-output semantics written out: at each step PEFT's logits with every token the
+    grammar (xgrammar's JSON-schema grammar, any whitespace, as vLLM compiles it) does not allow masked, then
+    the greedy pick, until an end-of-sequence token or ``max_new`` tokens."""
+    import json
+
+    import torch
+    import xgrammar as xgr
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    base = AutoModelForCausalLM.from_pretrained(str(model))
+    pm = PeftModel.from_pretrained(base, str(adapter)).eval()
+    vocab = base.config.vocab_size
+    ctx = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)).compile_json_schema(
+        json.dumps(schema), any_whitespace=True)
+    matcher, mask = xgr.GrammarMatcher(ctx), xgr.allocate_token_bitmask(1, vocab)
+    ids, out = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = pm(torch.tensor([ids])).logits[:, -1].float()
+            matcher.fill_next_token_bitmask(mask)
+            xgr.apply_token_bitmask_inplace(logits, mask)
+            t = int(logits[0].argmax())
+            out.append(t)
+            if t == tok.eos_token_id:
+                break
+            assert matcher.accept_token(t)
+            ids.append(t)
+    return out
+
+
+def test_response_format_json_schema_and_json_object_are_vllms_structured_outputs(server, model, adapters):
+    """Chat with ``json_schema`` (streamed too) and a completion with ``json_object``: the text is the greedy
+    answer under the grammar's mask, token for token, and parses (against the schema)."""
+    import json
+
+    import jsonschema
+
+    from lorafleet.runtime.generation import chat_prompt_ids, completion_prompt_ids
+    from lorafleet.runtime.protocol import ChatMessage
+
+    client, tok = _client(server), server.rt.engine.tokenizer
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA, "strict": True}}
+    max_new = 128  # the grammar allows any whitespace between tokens, which a random model likes
+    r = client.chat.completions.create(model="gen1", messages=MESSAGES, max_tokens=max_new, temperature=0,
+                                       response_format=fmt)
+    want = constrained_greedy(model, adapters["gen1"], chat_prompt_ids(tok, [ChatMessage(**m) for m in MESSAGES]),
+                              SCHEMA, max_new)
+    text = r.choices[0].message.content
+    assert text == tok.decode(want, skip_special_tokens=True)
+    assert r.choices[0].finish_reason == "stop", text  # the grammar ended it: a whole JSON value
+    jsonschema.validate(json.loads(text), SCHEMA)
+    chunks = client.chat.completions.create(model="gen1", messages=MESSAGES, max_tokens=max_new, temperature=0,
+                                            response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+    r = client.completions.create(model="gen2", prompt=PROMPTS[0], max_tokens=max_new, temperature=0,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    want = constrained_greedy(model, adapters["gen2"], completion_prompt_ids(tok, PROMPTS[0]), {"type": "object"},
+                              max_new)
+    assert r.choices[0].text == tok.decode(want, skip_special_tokens=True)
+    assert r.choices[0].text.lstrip().startswith("{")
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].text), dict)
+
+
+def test_a_schema_vllm_cannot_compile_is_400_naming_response_format(server):
+    """Refused when vLLM takes the request (its grammar backend), before any token: streamed or not."""
+    for stream in (False, True):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "gen0", "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "stream": stream,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_response_format" and err["message"].startswith("`response_format`: ")
+        assert "nonsense" in err["message"]

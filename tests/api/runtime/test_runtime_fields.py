@@ -231,6 +231,22 @@ def test_seeded_openai_sampling_repeats(c):
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "response_format": {"type": "json_object"}}, "response_format"),
+    # Structured output is the vllm engine's: the torch engine refuses it, naming the field.
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema",
+                                                  "json_schema": {"name": "a", "schema": {"type": "object"}}}},
+     "`response_format` is not supported: type 'json_schema'"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}},
+     "`response_format` is not supported: type 'json_object'"),
+    # Malformed ones are refused by both engines, naming what is wrong.
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema"}}, "`response_format.json_schema` must be given"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
+     "`response_format.json_schema.schema` must be a JSON schema object"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "xml"}}, "`response_format.type` must be"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "structural_tag", "format": {}}},
+     "type 'structural_tag' is not exposed"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
@@ -250,3 +266,14 @@ def test_fields_it_cannot_honour_are_refused_naming_them(c, path, body, field):
     r = c.post(path, json=body)
     assert r.status_code == 400, r.text
     assert field in r.json()["error"]["message"]
+
+
+def test_response_format_text_is_plain_generation(c):
+    plain = {"model": "gen0", "prompt": PROMPT, "max_tokens": NEW, "temperature": 0}
+    want = c.post("/v1/completions", json=plain).json()["choices"][0]["text"]
+    r = c.post("/v1/completions", json={**plain, "response_format": {"type": "text"}})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    chat = {"model": "gen0", "messages": [{"role": "user", "content": "x"}], "max_tokens": NEW, "temperature": 0}
+    want = c.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    r = c.post("/v1/chat/completions", json={**chat, "response_format": {"type": "text"}})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
