@@ -282,6 +282,11 @@ class PlacementSpec(_Model):
             cel(_REPLICAS_CEL_RULE.format(f="self.replicasPerAdapter"),
                 "placement.replicasPerAdapter must be a number of replicas (1 or more) or \"all\"",
                 ".replicasPerAdapter", "FieldValueInvalid"),
+            # The schema's minimum is not enough: the API server compares an integer 0 with it as an
+            # integer (0.001 -> 0) and lets it through.
+            cel("!has(self.requestsPerReplica) || self.requestsPerReplica >= 0.001",
+                "placement.requestsPerReplica must be more than 0 requests per second",
+                ".requestsPerReplica", "FieldValueInvalid"),
         ),
     )
     replicas_per_adapter: IntOrString = Field(

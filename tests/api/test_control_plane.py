@@ -90,6 +90,15 @@ def test_placement_fields_are_accepted_and_checked(control_plane, namespace):
     apply(control_plane, namespace, _with(ADAPTER, "spec.replicas", 3))
     r = apply(control_plane, namespace, _with(POOL, "spec.placement", {"replicasPerAdapter": "half"}), check=False)
     assert r.returncode != 0 and "spec.placement.replicasPerAdapter" in r.stderr, r.stderr
+    # The host-memory budget and popularity: accepted as quantities and a rate, refused otherwise.
+    apply(control_plane, namespace, _with(POOL, "spec.placement", {"replicasPerAdapter": 1, "adapterBytes": "40Gi",
+                                                                 "hostMemoryBytes": "24Gi", "requestsPerReplica": 2.5}))
+    for bad, field in (({"requestsPerReplica": 0}, "requestsPerReplica"), ({"requestsPerReplica": "fast"},
+                                                                             "requestsPerReplica"),
+                       ({"hostMemoryBytes": True}, "hostMemoryBytes")):
+        r = apply(control_plane, namespace, _with(POOL, "spec.placement", {"replicasPerAdapter": 1, **bad}),
+                  check=False)
+        assert r.returncode != 0 and f"spec.placement.{field}" in r.stderr, (bad, r.stderr)
 
 
 def test_invalid_pool_is_refused(control_plane, namespace):
