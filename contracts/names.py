@@ -18,6 +18,14 @@ TENANT_SHORT = "lftenant"
 
 FIELD_MANAGER = "lorafleet"
 
+# The runtime images a pool's pods get when its spec.runtime.image is unset (the operator's
+# --runtime-image / --runtime-vllm-image, the chart's operator.runtimeImage / operator.runtimeVllmImage):
+# the vLLM one when the pool's engine is vllm, or auto resolving to vLLM (contracts/engines.py).
+DEFAULT_RUNTIME_IMAGE = "lorafleet/runtime:0.1.0"
+DEFAULT_RUNTIME_VLLM_IMAGE = "lorafleet/runtime-vllm:0.1.0"
+# The resource a pool's runtime requests to get a GPU (what vLLM's CUDA image runs on).
+GPU_RESOURCE = "nvidia.com/gpu"
+
 # Labels
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"

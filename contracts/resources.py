@@ -144,13 +144,19 @@ class ResourceRequirements(_Model):
 
 
 class RuntimeSpec(_Model):
-    image: str = Field("lorafleet/runtime:0.1.0", description="Runtime container image")
+    image: str | None = Field(
+        None, max_length=512,
+        description="Runtime container image. Unset: the operator's runtime image for the pool's engine, "
+                    "lorafleet/runtime (torch) or lorafleet/runtime-vllm when engine is vllm, or auto on a "
+                    "text-generation pool whose runtime resources ask for nvidia.com/gpu (unquantized, not "
+                    "merged); the chart's operator.runtimeImage / operator.runtimeVllmImage")
     engine: Engine = Field(
         Engine.auto,
         description="What runs the model: torch (lorafleet's engine, every task), vllm (vLLM's engine, text "
-                    "generation only; needs an image with vLLM, e.g. lorafleet/runtime-vllm) or auto (vllm for "
-                    "text generation on a GPU when the image has vLLM, torch otherwise). A runtime that cannot "
-                    "run the chosen engine refuses the model: the pool's ModelReady condition says why")
+                    "generation only; needs an image with vLLM, e.g. lorafleet/runtime-vllm, the default image "
+                    "then) or auto (vllm for text generation on a GPU when the image has vLLM, torch otherwise). "
+                    "A runtime that cannot run the chosen engine refuses the model: the pool's ModelReady "
+                    "condition says why")
     resources: ResourceRequirements | None = None
     max_batch_size: int = Field(32, ge=1, le=4096, description="Rows in one forward pass")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill")

@@ -7,6 +7,8 @@ import asyncio
 import logging
 import os
 
+from lorafleet.contracts import names
+
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lorafleet operator",
@@ -21,6 +23,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sidecar-cluster-role", default=os.environ.get("LORAFLEET_SIDECAR_CLUSTER_ROLE", ""),
                    help="pools' sidecars get their pod rights (get, patch) from a RoleBinding to this ClusterRole "
                         "(the chart's), so the operator itself need not hold patch on pods")
+    p.add_argument("--runtime-image", default=os.environ.get("LORAFLEET_RUNTIME_IMAGE", names.DEFAULT_RUNTIME_IMAGE),
+                   help="runtime image of pools whose spec.runtime.image is unset and whose engine is torch "
+                        f"(default {names.DEFAULT_RUNTIME_IMAGE})")
+    p.add_argument("--runtime-vllm-image",
+                   default=os.environ.get("LORAFLEET_RUNTIME_VLLM_IMAGE", names.DEFAULT_RUNTIME_VLLM_IMAGE),
+                   help="runtime image of pools whose spec.runtime.image is unset and whose engine is vllm, or "
+                        "auto on a text-generation pool asking for nvidia.com/gpu "
+                        f"(default {names.DEFAULT_RUNTIME_VLLM_IMAGE})")
     p.add_argument("--resync-interval", type=float,
                    default=float(os.environ.get("LORAFLEET_OPERATOR_RESYNC_S", "300")),
                    help="seconds between full listings that sweep objects whose deletion a watch missed "
@@ -65,6 +75,9 @@ def main(argv: list[str]) -> int:
     handlers.FLEET.namespaces = list(namespaces)
     handlers.FLEET.sidecar_cluster_role = args.sidecar_cluster_role or None
     handlers.FLEET.resync_interval = args.resync_interval
+    from lorafleet.operator.manifests import RuntimeImages
+
+    handlers.FLEET.runtime_images = RuntimeImages(torch=args.runtime_image, vllm=args.runtime_vllm_image)
     logging.getLogger("lorafleet.operator").info(
         "lorafleet operator starting, watching %s", ", ".join(namespaces) or "all namespaces")
     kopf_args = dict(standalone=True, clusterwide=not namespaces, namespaces=namespaces,
@@ -91,7 +104,6 @@ async def run_elected(args: argparse.Namespace, lease_namespace: str, kopf_args:
     import kopf
     from lightkube import AsyncClient
 
-    from lorafleet.contracts import names
     from lorafleet.operator.leader import LeaderElector, LeadershipLost
 
     log = logging.getLogger("lorafleet.operator")

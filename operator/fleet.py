@@ -92,6 +92,7 @@ class Fleet:
         self.priming = False
         self.namespaces: list[str] = []  # watched namespaces or glob patterns (all when empty)
         self.sidecar_cluster_role: str | None = None  # sidecars' pod rights come from this ClusterRole, else their Role
+        self.runtime_images = manifests.RuntimeImages()  # for pools whose spec names no runtime image
         self.written: dict[ObjKey, dict[str, Any]] = {}  # adapter status last written
         self.desired: dict[ObjKey, dict[str, Any]] = {}  # adapter status last planned
         self.ready_digest: dict[ObjKey, str | None] = {}  # the digest each adapter was last Ready at
@@ -742,7 +743,7 @@ class Fleet:
                               merged: routing.MergedRef | None = None) -> None:
         assert self.kube is not None and pool.spec is not None
         children = manifests.pool_children(pool.name, pool.namespace, pool.uid, pool.spec, shards,
-                                           self.sidecar_cluster_role, merged)
+                                           self.sidecar_cluster_role, merged, self.runtime_images)
         canonical = json.dumps(children, sort_keys=True)
         if st.applied == canonical:
             return

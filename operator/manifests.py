@@ -7,11 +7,14 @@ pool's one adapter (``MergedRef``): its version is the pod template's, and a new
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.contracts import names
+from lorafleet.contracts.engines import auto_engine
 from lorafleet.contracts.names import RuntimeEnv, SidecarEnv
-from lorafleet.contracts.resources import BaseModelPoolSpec, ResourceRequirements
+from lorafleet.contracts.quantity import parse_quantity
+from lorafleet.contracts.resources import BaseModelPoolSpec, Engine, ResourceRequirements
 
 if TYPE_CHECKING:
     from .routing import MergedRef
@@ -36,6 +39,38 @@ def _env(pairs: dict[str, object]) -> list[dict[str, Any]]:
 
 def _resources(r: ResourceRequirements | None) -> dict[str, Any]:
     return r.wire() if r is not None else {}
+
+
+@dataclass(frozen=True)
+class RuntimeImages:
+    """The operator's runtime images (``--runtime-image``, ``--runtime-vllm-image``), for pools whose spec
+    names none."""
+
+    torch: str = names.DEFAULT_RUNTIME_IMAGE
+    vllm: str = names.DEFAULT_RUNTIME_VLLM_IMAGE
+
+
+def asks_for_gpu(r: ResourceRequirements | None) -> bool:
+    """Whether the runtime container requests or is limited to at least one GPU (``nvidia.com/gpu``)."""
+    if r is None:
+        return False
+    return any(parse_quantity(q.get(names.GPU_RESOURCE, 0)) > 0 for q in (r.limits or {}, r.requests or {}))
+
+
+def pool_engine(spec: BaseModelPoolSpec) -> str:
+    """``torch`` or ``vllm``: what the pool's runtime will run, as far as the spec says (``auto``: the runtime's
+    own rule, with a GPU where the pool asks for one and vLLM where its image has it)."""
+    if spec.runtime.engine != Engine.auto:
+        return spec.runtime.engine.value
+    return auto_engine(spec.model.task.value, spec.model.quantization.value, spec.model.merged_adapter is not None,
+                       gpu=asks_for_gpu(spec.runtime.resources), vllm=True)
+
+
+def runtime_image(spec: BaseModelPoolSpec, images: RuntimeImages) -> str:
+    """The pool's own ``spec.runtime.image``, else the operator's image for the pool's engine."""
+    if spec.runtime.image:
+        return spec.runtime.image
+    return images.vllm if pool_engine(spec) == "vllm" else images.torch
 
 
 def runtime_env(pool: str, spec: BaseModelPoolSpec, merged: "MergedRef | None" = None) -> list[dict[str, Any]]:
@@ -154,13 +189,13 @@ def sidecar_readiness(spec: BaseModelPoolSpec) -> dict[str, Any]:
 
 
 def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
-               merged: "MergedRef | None" = None) -> Manifest:
+               merged: "MergedRef | None" = None, images: RuntimeImages = RuntimeImages()) -> Manifest:
     labels = names.pool_labels(pool, "runtime")
     mount = [{"name": names.CACHE_VOLUME, "mountPath": names.CACHE_MOUNT},
              {"name": TMP_VOLUME, "mountPath": "/tmp"}]
     runtime = {
         "name": names.RUNTIME_CONTAINER,
-        "image": spec.runtime.image,
+        "image": runtime_image(spec, images),
         "command": ["lorafleet", "runtime"],
         "ports": [{"name": "http", "containerPort": names.RUNTIME_PORT, "protocol": "TCP"},
                   {"name": "runtime-metrics", "containerPort": names.RUNTIME_METRICS_PORT, "protocol": "TCP"}],
@@ -496,7 +531,8 @@ def routes_configmap(pool: str, namespace: str, uid: str, name: str, routes_json
 
 
 def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, shards: int = 1,
-                  sidecar_cluster_role: str | None = None, merged: "MergedRef | None" = None) -> list[Manifest]:
+                  sidecar_cluster_role: str | None = None, merged: "MergedRef | None" = None,
+                  images: RuntimeImages = RuntimeImages()) -> list[Manifest]:
     """Everything a pool owns except its routes, in the order to apply them (the pod's service
     account and its permissions before the Deployment that uses them; the gateway's Service before
     the Ingress and HTTPRoute that point at it)."""
@@ -512,5 +548,5 @@ def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, 
     if spec.model.merged_adapter is None or merged is not None:
         # A merged pool whose adapter cannot be resolved gets no Deployment (its status says why):
         # pods of the plain base would answer as the adapter. One already running keeps its version.
-        out.append(deployment(pool, namespace, uid, spec, merged))
+        out.append(deployment(pool, namespace, uid, spec, merged, images))
     return out

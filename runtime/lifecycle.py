@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from lorafleet.contracts.engines import auto_engine
 from lorafleet.contracts.adapter_rules import PERMANENT, Refused
 from lorafleet.contracts.names import split_versioned, versioned_name
 from lorafleet.contracts.runtime_api import ModelStatus, SyncState
@@ -67,9 +68,11 @@ def choose_engine(task: str, settings: RuntimeSettings, *, has_vllm=vllm_install
     if wanted == "torch":
         return "torch"
     if wanted == "auto":
-        # A quantized or merged base is the torch engine's alone (the vLLM engine refuses both).
-        torch_only = settings.quantization != "none" or bool(settings.merged_adapter_dir)
-        return "vllm" if task == "text-generation" and not torch_only and has_vllm() and has_gpu() else "torch"
+        # The operator applies the same rule to choose the pool's image (contracts/engines.py).
+        if task != "text-generation":
+            return "torch"
+        return auto_engine(task, settings.quantization, bool(settings.merged_adapter_dir), gpu=has_gpu(),
+                           vllm=has_vllm())
     if task != "text-generation":
         raise UnsupportedModel(f"engine vllm serves text-generation pools only; this pool's task is {task} "
                                "(set spec.runtime.engine to torch or auto)")

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from lorafleet.cli import COMPONENTS
+from lorafleet.contracts import names
 from lorafleet.contracts.resources import RuntimeSpec, SidecarSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -238,14 +239,22 @@ def test_images_the_docs_build_are_the_images_the_chart_and_pools_run():
     operator_image = f"{op['repository']}:{op['tag'] or app}"
     expected = {"docker/control.Dockerfile": operator_image, "docker/runtime.Dockerfile": f"lorafleet/runtime:{app}"}
     assert operator_image == "lorafleet/control:0.1.0"
-    # What the operator puts into a pool when its spec names no image.
-    assert RuntimeSpec().image == expected["docker/runtime.Dockerfile"]
+    # What the operator puts into a pool when its spec names no image: the chart's operator.runtimeImage
+    # (its --runtime-image, whose default is the same), or operator.runtimeVllmImage for a vLLM pool.
+    rt, rtv = values()["operator"]["runtimeImage"], values()["operator"]["runtimeVllmImage"]
+    assert f"{rt['repository']}:{rt['tag'] or app}" == names.DEFAULT_RUNTIME_IMAGE == expected["docker/runtime.Dockerfile"]
+    assert RuntimeSpec().image is None
     assert SidecarSpec().image == operator_image
     # Every document that shows the build commands shows these; the kind guide and operations must.
     documents = {p: build_tags(p.read_text()) for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
-    # The vLLM runtime image is optional: a pool runs it when its spec names it (spec.runtime.image, with
-    # spec.runtime.engine vllm); a document may show its build beside the two every install needs.
+    # The vLLM runtime image is optional: a pool runs it when its engine is vllm (or auto on a GPU) and its
+    # spec names no image; a document may show its build beside the two every install needs.
     optional = {"docker/runtime-vllm.Dockerfile": f"lorafleet/runtime-vllm:{app}"}
+    assert f"{rtv['repository']}:{rtv['tag'] or app}" == names.DEFAULT_RUNTIME_VLLM_IMAGE == \
+        optional["docker/runtime-vllm.Dockerfile"]
+    deployment = (REPO / "charts/lorafleet/templates/operator-deployment.yaml").read_text()
+    assert '"--runtime-image=%s" (include "lorafleet.runtimeImage" .)' in deployment
+    assert '"--runtime-vllm-image=%s" (include "lorafleet.runtimeVllmImage" .)' in deployment
     for doc, tags in documents.items():
         if tags:
             required = {k: v for k, v in tags.items() if k not in optional}

@@ -55,6 +55,14 @@ app.kubernetes.io/part-of: lorafleet
 {{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
 {{- end }}
 
+{{- define "lorafleet.runtimeImage" -}}
+{{- printf "%s:%s" .Values.operator.runtimeImage.repository (default .Chart.AppVersion .Values.operator.runtimeImage.tag) }}
+{{- end }}
+
+{{- define "lorafleet.runtimeVllmImage" -}}
+{{- printf "%s:%s" .Values.operator.runtimeVllmImage.repository (default .Chart.AppVersion .Values.operator.runtimeVllmImage.tag) }}
+{{- end }}
+
 {{- define "lorafleet.minio.fullname" -}}
 {{- printf "%s-minio" (include "lorafleet.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
