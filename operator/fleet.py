@@ -664,8 +664,12 @@ class Fleet:
             st.shards = await kube.routes_shards(namespace, pool_name, pool.uid)
             st.table = RoutesTable.merge(pool_name, st.shards.values())
         previous = st.table or RoutesTable(pool=pool_name)
-        previous_status = {a.name: s for a in adapters
-                           if (s := self.desired.get((namespace, a.name), self.written.get((namespace, a.name))))}
+        # Transition times come from what was written: a status planned and undone before its write
+        # (a replica unready for a moment, with thousands of statuses queued) is no transition, and
+        # rewriting every adapter for a new time would be the write storm the queue exists to avoid.
+        previous_status = {a.name: s for a in adapters if (s := self.written.get((namespace, a.name)))}
+        planned_status = {a.name: s for a in adapters if (s := self.desired.get((namespace, a.name)))
+                          and s is not self.written.get((namespace, a.name))}
         gateway_ready = sum(st.gateway_pods.values())
         problems = [(w.reason or "ReplicaFailure", w.problem) for w in st.workloads.values() if w.problem]
         tenants = self.tenants.get(namespace, {})
@@ -685,7 +689,8 @@ class Fleet:
                                                     mview.spec.replicas)
         plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status, st.memo,
                                  gateway_ready=gateway_ready, workload_problems=problems,
-                                 tenants=tenants, merged=merged, merged_self=merged_self)
+                                 tenants=tenants, merged=merged, merged_self=merged_self,
+                                 planned_status=planned_status)
 
         if pool_ok:
             assert pool is not None

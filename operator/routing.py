@@ -747,15 +747,21 @@ def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
 
 def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], table: RoutesTable,
                    pods: list[PodView], previous: dict[str, Any], now: str | None = None,
-                   merged: MergedInfo | None = None, placed_info: tuple | None = None) -> dict[str, Any]:
+                   merged: MergedInfo | None = None, placed_info: tuple | None = None,
+                   planned: dict[str, Any] | None = None) -> dict[str, Any]:
     """The adapter's status in wire form (``LoRAAdapterStatus`` fields, camelCase, unset left out).
-    ``placed_info``: ``PoolPlacement.info`` of the adapter (None: from its spec alone)."""
+    ``placed_info``: ``PoolPlacement.info`` of the adapter (None: from its spec alone).
+    ``previous``: the status written (or read); ``planned``: one planned since and not written yet.
+    A condition keeps the transition time of ``previous`` where its status is the same there, else
+    of ``planned``: a change planned and undone before it was written is no transition."""
     prev = {c.get("type"): c for c in previous.get("conditions") or [] if isinstance(c, dict)}
+    alt = {c.get("type"): c for c in (planned or {}).get("conditions") or [] if isinstance(c, dict)}
     gen = a.generation
     now = now or _now()
 
     def cond(type_: str, ok: bool, reason: str, message: str = "") -> dict[str, Any]:
-        return _condition(type_, ok, reason, message, gen, prev, now)
+        same = (prev.get(type_) or {}).get("status") == ("True" if ok else "False")
+        return _condition(type_, ok, reason, message, gen, prev if same else alt, now)
 
     valid = cond("Valid", not problems, "Invalid" if problems else "Valid", "; ".join(problems))
     st: dict[str, Any] = {"observedGeneration": gen}
@@ -1033,9 +1039,11 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
               memo: dict[str, tuple[tuple, dict[str, Any]]] | None = None, gateway_ready: int = 0,
               workload_problems: list[tuple[str, str]] | None = None, tenants: Tenants | None = None,
               merged: dict[str, MergedInfo] | None = None,
-              merged_self: tuple[MergedRef | None, str | None] | None = None) -> PoolPlan:
+              merged_self: tuple[MergedRef | None, str | None] | None = None,
+              planned_status: dict[str, dict[str, Any]] | None = None) -> PoolPlan:
     """Everything one reconcile of a pool decides. ``previous_status`` maps adapter name -> the
-    status last written (or read), so conditions keep their transition times. ``memo`` (kept by the
+    status last written (or read), so conditions keep their transition times; ``planned_status``
+    the statuses planned and not written yet (``adapter_status``'s ``planned``). ``memo`` (kept by the
     caller between reconciles of this pool) skips recomputing the status of adapters whose inputs
     did not move: one change in a pool of 1,000 adapters recomputes one status. ``tenants``: the
     namespace's LoRATenants and their sources (``Tenants``). ``merged``: adapter name -> the merged
@@ -1076,14 +1084,17 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
     for a in adapters:
         found = problems.get(a.name, [])
         prev = previous_status.get(a.name, a.status)
+        planned = planned_status.get(a.name) if planned_status else None
         m = (merged or {}).get(a.name)
         info = decided.info(a.served_name)
         inputs = (common, a.uid, a.generation, tuple(found), table.adapters.get(a.served_name), m, info)
         hit = statuses_memo.get(a.name)
-        if hit is not None and hit[0] == inputs and (prev is hit[1] or prev == hit[1]):
+        if hit is not None and hit[0] == inputs and (prev is hit[1] or prev == hit[1]
+                                                     or (planned is not None and (planned is hit[1]
+                                                                                  or planned == hit[1]))):
             statuses[a.name] = hit[1]
             continue
-        statuses[a.name] = adapter_status(a, pool, found, table, pods, prev, now, m, info)
+        statuses[a.name] = adapter_status(a, pool, found, table, pods, prev, now, m, info, planned)
         statuses_memo[a.name] = (inputs, statuses[a.name])
     for gone in set(statuses_memo) - set(statuses):
         del statuses_memo[gone]
