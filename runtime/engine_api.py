@@ -70,6 +70,24 @@ class Work:
         return None if self.entry is None else self.entry.key
 
 
+def _put_all(events: list) -> None:
+    for w, kind, value in events:
+        w.events.put_nowait((kind, value))
+
+
+def send_all(events: list) -> None:
+    """``w.send(kind, value)`` for each ``(w, kind, value)``, in order, with one wake-up of each event
+    loop instead of one per event (a batch's answers, a decode step's tokens)."""
+    by_loop: dict = {}
+    for ev in events:
+        by_loop.setdefault(ev[0].loop, []).append(ev)
+    for loop, evs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, evs)
+        except RuntimeError:  # the loop is gone (server shutting down)
+            pass
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """OpenAI's ``response_format`` other than text, as vLLM's structured outputs take it: ``json_object``
@@ -152,6 +170,12 @@ class ServingEngine(ABC):
     @abstractmethod
     def submit(self, works: list[Work]) -> None:
         """Queue all of ``works`` (one request) or none: raises ``Overloaded``."""
+
+    def precheck(self, tenant: str, n: int, arrived: float) -> Overloaded | None:
+        """Whether ``n`` items of ``tenant`` that arrived at ``arrived`` (time.monotonic) would be refused
+        now, asked before the request is parsed: the refusal (counted as a refused submission is), or
+        None to go on (``submit`` decides). An engine without a cheap answer says None."""
+        return None
 
     def cancel(self, work: Work, reason: str = "client_left") -> None:
         """Nobody waits for ``work`` any more (``reason``: "client_left" or "stop_sequence"): drop it

@@ -103,7 +103,9 @@ class ClassificationEngine(Engine):
         torch.manual_seed(0)  # the base head is never used for answers, but keep loading deterministic
         model = _load(AutoModelForSequenceClassification, model_dir, dtype, device, quantization)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
-        return cls(model, tok, device_slots, max_rank, device, quantization)
+        engine = cls(model, tok, device_slots, max_rank, device, quantization)
+        engine._counter = copy.deepcopy(tok)  # now, not on the first request's time
+        return engine
 
     _counter = None
 

@@ -30,6 +30,9 @@ from lorafleet.runtime.tiers import AdapterEntry, AdapterManager, AdapterUnavail
 log = logging.getLogger("lorafleet.runtime")
 
 # The resolve errors a base-model fallback answers instead, and the reason it is counted under.
+# The request scope's key for when the request reached the app (time.monotonic; admission.py sets it).
+ARRIVED = "lorafleet_arrived"
+
 FALLBACK_REASONS = {"adapter_unavailable": "load_failed", "model_not_found": "not_loaded"}
 
 
@@ -230,6 +233,29 @@ class Runtime:
             self.engine.adapter_event(kind, entry)
 
     # --- requests --------------------------------------------------------------------------------
+    def tenant_of(self, model) -> str | None:
+        """The tenant a request naming ``model`` is queued for, if it can be told without side effects
+        (a registered adapter's, the base model's or the merged adapter's); None: unknown here (the
+        route resolves it and answers as it does)."""
+        if not isinstance(model, str) or not model or not self.loaded.is_set():
+            return None
+        if self.merged is not None:
+            name = split_versioned(self.merged)[0]
+            return (self.settings.merged_adapter_tenant or name) if model in (name, self.merged) else None
+        if model == self.base_name:
+            return "_base"
+        if self.manager is None:
+            return None
+        name, version = split_versioned(model)
+        versions = self.manager.entries.get(name)
+        if not versions:
+            return None
+        if version is not None:
+            e = versions.get(version)
+            return e.tenant if e is not None and e.error is None else None
+        tenants = {e.tenant for e in list(versions.values()) if e.error is None}
+        return tenants.pop() if len(tenants) == 1 else None
+
     def need_task(self, task: str) -> None:
         if not self.loaded.is_set():
             raise ApiError(503, "the base model is still loading; retry shortly", "service_unavailable",
@@ -317,14 +343,19 @@ class Runtime:
                                                    "reason": work.fell_back}
 
     def submit(self, entry: AdapterEntry | None, payloads: list[Any], tenant: str | None = None,
-               fallback: bool = False) -> list[Work]:
+               fallback: bool = False, request=None) -> list[Work]:
         """Queue ``payloads`` for ``entry``. With ``fallback`` (a route that can answer with the base), an
         adapter that opted into the base-model fallback runs on the base if no device slot takes it
-        within the scheduler's deadline (``settle`` then marks the answer)."""
+        within the scheduler's deadline (``settle`` then marks the answer). With ``request``, the work
+        counts as enqueued when the request arrived (admission.py stamps it): the time it spent
+        before the queue counts against the queue-delay bound."""
         loop = asyncio.get_running_loop()
         tenant = tenant or (entry.tenant if entry is not None else "_base")
         may = bool(fallback and entry is not None and self.sync is not None and entry.name in self.sync.fallback)
-        works = [Work(tenant, entry, p, loop, asyncio.Queue(), fallback=may) for p in payloads]
+        arrived = request.scope.get(ARRIVED) if request is not None else None
+        now = time.monotonic()
+        at = now if arrived is None else min(arrived, now)
+        works = [Work(tenant, entry, p, loop, asyncio.Queue(), enqueued=at, fallback=may) for p in payloads]
         try:
             self.engine.submit(works)
         except Overloaded as e:

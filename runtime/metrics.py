@@ -45,6 +45,11 @@ class RuntimeMetrics:
                                  "(would wait over maxQueueDelayMs), queue_timeout (waited maxQueueDelayMs), "
                                  "shutting_down", ["tenant", "reason"], registry=r)
 
+        self.admission_refused = Counter("lorafleet_runtime_admission_refused",
+                                         "Requests answered 429 before they were parsed (admission.py: the engine would "
+                                         "have refused their work), by reason; also counted in lorafleet_runtime_shed",
+                                         ["reason"], registry=r)
+
         self.fallback = Counter("lorafleet_runtime_fallback",
                                 "Requests for an adapter that opted into spec.fallback: base, answered by the base "
                                 "model because this replica could not serve the adapter: reason load_failed or "

@@ -272,9 +272,10 @@ class SlotAllocator:
 
     def can_acquire(self, keys) -> bool:
         """Whether every key can hold a slot at once (residents count, free and evictable slots too)."""
-        new = {k for k in keys if k not in self.by_key}
-        lru_evictable = sum(1 for k in self.lru if k not in set(keys))
-        return len(new) <= len(self.free) + lru_evictable
+        keys = set(keys)
+        new = sum(1 for k in keys if k not in self.by_key)
+        chosen_in_lru = sum(1 for k in keys if k in self.lru)
+        return new <= len(self.free) + len(self.lru) - chosen_in_lru
 
     def acquire(self, key, pinned: bool = False) -> tuple[int, bool] | None:
         """A slot for ``key`` with one more reference; ``(slot, needs_write)`` or None when every slot is

@@ -30,7 +30,7 @@ def router(rt: Runtime) -> APIRouter:
             if n > limit:
                 raise ApiError(400, f"input[{i}] has {n} tokens; this model accepts at most {limit}. Shorten it.",
                                "invalid_request_error", "input_too_long")
-        works = rt.submit(entry, texts)
+        works = rt.submit(entry, texts, request=request)
 
         def cancel_all() -> None:
             for w in works:

@@ -46,7 +46,8 @@ async def generate(rt: Runtime, request: Request, model: str, params: ImageParam
         job = rt.engine.new_image(params)
     except ValueError as e:
         raise bad_request(str(e), "invalid_parameter") from None
-    (work,) = rt.submit(entry, [job], tenant=request.scope["lorafleet_tenant"], fallback=True)
+    (work,) = rt.submit(entry, [job], tenant=request.scope["lorafleet_tenant"], fallback=True,
+                         request=request)
 
     async def result():
         while True:

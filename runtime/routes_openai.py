@@ -43,7 +43,8 @@ async def start_generation(rt: Runtime, request: Request, model: str, prompt_ids
     tok = rt.engine.tokenizer
     params: SamplingParams = params_of(tok)
     seq = build_sequence(rt.engine, prompt_ids_of(tok), params, rt.settings.max_new_tokens)
-    (work,) = rt.submit(entry, [seq], tenant=request.scope["lorafleet_tenant"], fallback=True)
+    (work,) = rt.submit(entry, [seq], tenant=request.scope["lorafleet_tenant"], fallback=True,
+                         request=request)
     return entry, seq, TextStream(rt.engine, work, stop_strings(stop), include_stop=include_stop,
                                   skip_special_tokens=skip_special_tokens, tgi_stops=tgi_stops)
 

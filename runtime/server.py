@@ -9,6 +9,7 @@ import contextlib
 import socket
 import threading
 
+from lorafleet.runtime.admission import AdmissionGate
 from lorafleet.runtime.app import admin_app, metrics_app, public_app
 from lorafleet.runtime.lifecycle import Runtime
 
@@ -74,7 +75,7 @@ async def serve_async(rt: Runtime, public_sock: socket.socket, admin_sock: socke
     """Run the public, admin and metrics servers until the public one exits (signal) or ``stop`` is set."""
     import uvicorn
 
-    pub_cfg = uvicorn.Config(public_app(rt), log_level=log_level, timeout_graceful_shutdown=5)
+    pub_cfg = uvicorn.Config(AdmissionGate(public_app(rt), rt), log_level=log_level, timeout_graceful_shutdown=5)
     pub = uvicorn.Server(pub_cfg) if stop is None else _QuietServer(pub_cfg)
     others = [(_QuietServer(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)), sock)
               for app, sock in ((admin_app(rt), admin_sock), (metrics_app(rt), metrics_sock))]

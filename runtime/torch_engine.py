@@ -97,6 +97,9 @@ class TorchEngine(ServingEngine):
     def submit(self, works: list[Work]) -> None:
         self.scheduler.submit(works)
 
+    def precheck(self, tenant: str, n: int, arrived: float):
+        return self.scheduler.precheck(tenant, n, arrived)
+
     def cancel(self, work: Work, reason: str = "client_left") -> None:
         # Queued work leaves the queue (and its counts) now; the worker frees cancelled rows before its next step.
         self.scheduler.cancel(work, reason)

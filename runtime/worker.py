@@ -11,7 +11,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from lorafleet.runtime.engine_api import QUEUED, TAKEN, WITHDRAWN, Overloaded, Work
+from lorafleet.runtime.engine_api import QUEUED, TAKEN, WITHDRAWN, Overloaded, Work, send_all
 from lorafleet.runtime.engines import ClassificationEngine, Engine, GenerationEngine, Sequence
 
 log = logging.getLogger("lorafleet.runtime")
@@ -19,14 +19,22 @@ log = logging.getLogger("lorafleet.runtime")
 
 def slot_acceptor(slots, held: set) -> Callable[[Work], bool]:
     """A ``Scheduler.take`` filter: admits work whose adapter can hold a device slot together with
-    ``held`` and everything admitted before it (base-model work always)."""
+    ``held`` and everything admitted before it (base-model work always). The same rule as
+    ``slots.can_acquire(chosen)``, kept as running counts so each check is O(1): the keys chosen that
+    hold no slot yet must fit in the free slots plus the unreferenced residents not chosen."""
     chosen = set(held)
+    by_key, lru = slots.by_key, slots.lru
+    state = [sum(1 for k in chosen if k not in by_key), sum(1 for k in chosen if k in lru)]  # new, chosen in lru
 
     def accept(w: Work) -> bool:
-        if w.key is None or w.key in chosen:
+        k = w.key
+        if k is None or k in chosen:
             return True
-        if slots.can_acquire(chosen | {w.key}):
-            chosen.add(w.key)
+        new = state[0] + (k not in by_key)
+        in_lru = state[1] + (k in lru)
+        if new <= len(slots.free) + len(lru) - in_lru:
+            chosen.add(k)
+            state[0], state[1] = new, in_lru
             return True
         return False
 
@@ -94,13 +102,15 @@ class Scheduler:
 
     # --- admission ----------------------------------------------------------------------------------
     def submit(self, works: list[Work]) -> None:
-        """Queue all of ``works`` (one request) or none of them."""
+        """Queue all of ``works`` (one request) or none of them. Their ``enqueued`` is when the request
+        arrived (``Runtime.submit``): the time it spent before the queue counts against the bound."""
         if not works:
             return
         tenant = works[0].tenant
         try:
             with self.cv:
-                self._admit(tenant, len(works))
+                now = time.monotonic()
+                self._admit(tenant, len(works), now - works[0].enqueued)
                 q = self.queues.get(tenant)
                 if q is None:
                     q = self.queues[tenant] = deque()
@@ -112,13 +122,29 @@ class Scheduler:
                 if self.max_delay > 0:
                     if not self.deadlines:
                         self._reaper_cv.notify()
+                    else:  # the reaper reads the deadlines in order: never earlier than the last one queued
+                        last = self.deadlines[-1].enqueued
+                        for w in works:
+                            w.enqueued = max(w.enqueued, last)
                     self.deadlines.extend(works)
                 self.cv.notify_all()
         except Overloaded as e:
             self._count(tenant, e.code, len(works))
             raise
 
-    def _admit(self, tenant: str, n: int) -> None:
+    def precheck(self, tenant: str, n: int, arrived: float) -> Overloaded | None:
+        """Whether ``n`` items of ``tenant`` that arrived at ``arrived`` (time.monotonic) would be refused
+        now (the refusal, counted as ``submit`` counts it), before anything is parsed or tokenised for
+        them; None: submit them (``submit`` checks again)."""
+        try:
+            with self.cv:
+                self._admit(tenant, n, time.monotonic() - arrived)
+        except Overloaded as e:
+            self._count(tenant, e.code, n)
+            return e
+        return None
+
+    def _admit(self, tenant: str, n: int, waited: float = 0.0) -> None:
         if self.closed:
             raise Overloaded("the runtime is shutting down", "shutting_down", 5)
         if self.queued + n > self.max_queue:
@@ -129,19 +155,25 @@ class Scheduler:
                              f"running (perTenantMaxInflight {self.per_tenant}); retry later", "tenant_over_share")
         if self.max_delay <= 0:
             return
+        waited = max(0.0, math.floor(waited * 1000) / 1000)  # whole ms: the call's own microseconds do not count
         rate = self.rate.per_second()
         if rate is None:
+            if waited > self.max_delay:
+                raise Overloaded(f"the request waited {waited * 1000:.0f} ms before reaching the queue of tenant "
+                                 f"{tenant!r}, over maxQueueDelayMs {self.max_delay * 1000:.0f}: the runtime is "
+                                 "overloaded; retry later", "queue_delay")
             return
         # Round-robin: before the last of these n is taken, every tenant gives up to as many as this
         # tenant will have waiting (sum over tenants of min(waiting, mine + n)).
         mine = self.waiting.get(tenant, 0) + n
         ahead = sum(self.depth[1: mine + 1]) + n
-        delay = ahead / rate
+        delay = waited + ahead / rate
         if delay > self.max_delay:
             retry = min(60, max(1, math.ceil(delay - self.max_delay)))
+            before = f", {waited * 1000:.0f} ms of it before the queue" if waited else ""
             raise Overloaded(f"tenant {tenant!r} has {mine - n} requests waiting; at this runtime's rate "
-                             f"({rate:.0f} items/s) this request would wait about {delay * 1000:.0f} ms, over "
-                             f"maxQueueDelayMs {self.max_delay * 1000:.0f}; retry later", "queue_delay", retry)
+                             f"({rate:.0f} items/s) this request would wait about {delay * 1000:.0f} ms{before}, "
+                             f"over maxQueueDelayMs {self.max_delay * 1000:.0f}; retry later", "queue_delay", retry)
 
     def _waiting_add(self, tenant: str, n: int) -> None:
         """``n`` more (or fewer, negative) of ``tenant``'s items wait; keeps ``depth`` in step."""
@@ -306,6 +338,7 @@ class ModelWorker(threading.Thread):
         self.delay = max_batch_delay_ms / 1000.0
         self.metrics = metrics
         self.active: list[Work] = []
+        self._out: list[tuple[Work, str, object]] = []  # events not yet handed to the loop (``_flush``)
 
     def run(self) -> None:
         while not self.sched.closed:
@@ -317,8 +350,20 @@ class ModelWorker(threading.Thread):
                     self._classification_step()
             except Exception:  # never let one bad batch kill the worker
                 log.exception("model worker step failed")
+            finally:
+                self._flush()
         for w in self.active:
             w.send("error", RuntimeError("the runtime is shutting down"))
+
+    def _send(self, w: Work, kind: str, value=None) -> None:
+        """``w.send`` from this thread: events wait in order for ``_flush`` (after a step's forward
+        pass), so a batch wakes the event loop once, not once per row."""
+        self._out.append((w, kind, value))
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = self._out, []
+            send_all(out)
 
     def _control(self) -> None:
         while True:
@@ -360,7 +405,7 @@ class ModelWorker(threading.Thread):
                 w.payload_slot = self.engine.acquire(w.entry)
                 ok.append(w)
             except Exception as e:
-                w.send("error", e)
+                self._send(w, "error", e)
                 self.sched.finished(w)
         return ok
 
@@ -386,11 +431,11 @@ class ModelWorker(threading.Thread):
             probs = engine.classify([w.payload for w in batch], [w.payload_slot for w in batch],
                                     [len(w.entry.labels or []) for w in batch])
             for w, p in zip(batch, probs):
-                w.send("result", p)
+                self._send(w, "result", p)
         except Exception as e:
             log.exception("classification batch failed")
             for w in batch:
-                w.send("error", e)
+                self._send(w, "error", e)
         finally:
             for w in batch:
                 self._release(w)
@@ -423,9 +468,10 @@ class ModelWorker(threading.Thread):
                 new = []
                 toks = []
             for w, tok in zip(new, toks):
-                w.send("token", tok)
+                self._send(w, "token", tok)
             self.active.extend(new)
             self._retire()
+            self._flush()  # first tokens go out before the decode step of the others
         # Sequences admitted above already have their first token; all running ones step together.
         if self.active:
             step = [w for w in self.active if w not in new] if new else list(self.active)
@@ -442,14 +488,14 @@ class ModelWorker(threading.Thread):
                     self.active = [w for w in self.active if id(w) not in failed]
                     return
                 for w, tok in zip(step, toks):
-                    w.send("token", tok)
+                    self._send(w, "token", tok)
                 self._retire()
             if self.metrics:
                 self.metrics.batch(engine.task, len(self.active) + len(new), time.perf_counter() - t0)
 
     def _fail(self, w: Work, error: Exception) -> None:
         self.engine.finish(w.payload)
-        w.send("error", error)
+        self._send(w, "error", error)
         self._count_tokens(w)
         self.engine.release(w.entry)
         self.sched.finished(w)
@@ -468,7 +514,7 @@ class ModelWorker(threading.Thread):
                 if not w.cancelled:
                     reason = "length" if len(seq.generated) >= seq.max_new_tokens or seq.pos >= engine.max_len \
                         else "stop"
-                    w.send("done", reason)
+                    self._send(w, "done", reason)
                 self._count_tokens(w)
                 self._release(w)
             else:

@@ -181,3 +181,39 @@ def test_a_shed_stream_is_a_429_not_a_broken_stream(tiny_llama, gen_adapters):
             assert text.strip(), path
     finally:
         srv.stop()
+
+
+def test_a_request_the_queue_would_refuse_is_answered_before_it_is_parsed(minilm, cls_adapters):
+    """Admission (runtime/admission.py): with the tenant at its perTenantMaxInflight, its next request is
+    answered 429 by the gate in front of the app (counted as admitted-refused and as shed, with the
+    route's counters), while another tenant's request is still queued and served."""
+    srv = start_runtime(minilm, device_slots=4, max_batch_size=32, max_queue_delay_ms=60_000,
+                        per_tenant_max_inflight=3)
+    try:
+        with httpx.Client(base_url=srv.admin_url) as admin:
+            for name in ("cls0", "cls1"):
+                assert put_adapter(admin, name, "1", cls_adapters[name]).status_code == 200
+        sched = srv.rt.engine.scheduler
+        with ThreadPoolExecutor(4) as pool:
+            with Held(srv.rt):
+                queued = [pool.submit(classify, srv, "cls0") for _ in range(3)]
+                wait_for(lambda: sched.queued == 3, what="the tenant's 3 requests queued")
+                r = classify(srv, "cls0")
+                shed_429(r, "tenant_over_share")
+                assert "perTenantMaxInflight 3" in r.json()["error"]["message"]
+                assert r.headers["content-type"] == "application/json"
+                other = pool.submit(classify, srv, "cls1")
+                wait_for(lambda: sched.queued == 4, what="the other tenant's request queued")
+                assert metric(srv.metrics_url, "lorafleet_runtime_admission_refused_total",
+                              reason="tenant_over_share") == 1
+                assert metric(srv.metrics_url, "lorafleet_runtime_shed_total", tenant="cls0",
+                              reason="tenant_over_share") == 1
+                assert metric(srv.metrics_url, "lorafleet_runtime_requests_total", tenant="cls0",
+                              endpoint="/v1/classify", status="429") == 1
+            assert [f.result().status_code for f in queued] == [200] * 3 and other.result().status_code == 200
+        assert metric(srv.metrics_url, "lorafleet_runtime_admission_refused_total") == 1
+        # Below the share, nothing is refused; an unknown model goes on to the route (404, not 429).
+        assert classify(srv, "cls0").status_code == 200
+        assert classify(srv, "nope").status_code == 404
+    finally:
+        srv.stop()

@@ -1,16 +1,20 @@
 """The scheduler's overload rules without a model: the queue-delay estimate refuses the tenant over its
 share first, the reaper answers 429 for work still queued at the bound without the worker, cancelled
-work leaves the counts at once, and the service rate is measured only while work waits."""
+work leaves the counts at once, and the service rate is measured only while work waits; the precheck
+admission asks before parsing, the wait before the queue counts, the O(1) slot filter, batched events."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
+import time
 
 import pytest
 
-from lorafleet.runtime.engine_api import Overloaded, Work
-from lorafleet.runtime.worker import Scheduler, ServiceRate
+from lorafleet.runtime.engine_api import Overloaded, Work, send_all
+from lorafleet.runtime.multilora import SlotAllocator
+from lorafleet.runtime.worker import Scheduler, ServiceRate, slot_acceptor
 
 
 class Shed:
@@ -144,3 +148,99 @@ def test_the_service_rate_counts_only_backlogged_intervals():
     assert r.per_second() == pytest.approx(16.0)
     r.took(2, 0, 21.0)  # 2 more in 0.5 s, weighted with the earlier interval
     assert 4.0 < r.per_second() < 16.0
+
+
+def test_the_precheck_refuses_and_counts_what_submit_would():
+    loop = asyncio.new_event_loop()
+    shed = Shed()
+    sched = Scheduler(max_queue=1000, per_tenant_max_inflight=12, max_queue_delay_ms=1000, on_shed=shed)
+    measured(sched, 10.0)
+    for _ in range(10):
+        assert sched.precheck("heavy", 1, time.monotonic()) is None
+        sched.submit([work(loop, "heavy")])
+    e = sched.precheck("heavy", 1, time.monotonic())
+    assert isinstance(e, Overloaded) and e.code == "queue_delay" and "'heavy'" in str(e)
+    assert sched.precheck("light", 1, time.monotonic()) is None  # taken in turn with the heavy one
+    e = sched.precheck("heavy", 3, time.monotonic())
+    assert e.code == "tenant_over_share"
+    assert shed.counts == {("heavy", "queue_delay"): 1, ("heavy", "tenant_over_share"): 3}
+    assert sched.queued == 10  # a precheck queues nothing
+    loop.close()
+
+
+def test_the_time_a_request_spent_before_the_queue_counts_against_the_bound():
+    loop = asyncio.new_event_loop()
+    shed = Shed()
+    sched = Scheduler(max_queue=100, per_tenant_max_inflight=100, max_queue_delay_ms=1000, on_shed=shed)
+    # No measured rate yet: the wait so far alone refuses it.
+    late = work(loop, "t")
+    late.enqueued = time.monotonic() - 1.5
+    with pytest.raises(Overloaded) as e:
+        sched.submit([late])
+    assert e.value.code == "queue_delay" and "before reaching the queue" in str(e.value)
+    assert sched.precheck("t", 1, time.monotonic() - 1.5).code == "queue_delay"
+    # A measured rate: round-robin with tenant u puts 2 items ahead (0.2 s at 10/s); with 0.9 s spent
+    # before the queue, over 1 s.
+    measured(sched, 10.0)
+    for _ in range(4):
+        sched.submit([work(loop, "u")])
+    assert sched.precheck("t", 1, time.monotonic() - 0.3) is None
+    e = sched.precheck("t", 1, time.monotonic() - 0.9)
+    assert e.code == "queue_delay" and "ms of it before the queue" in str(e)
+    assert shed.counts == {("t", "queue_delay"): 3} and sched.queued == 4
+    loop.close()
+
+
+def test_queued_work_keeps_its_deadlines_in_order():
+    """The reaper reads deadlines from the head: work that arrived earlier but was queued later is never
+    put before what is queued already (its deadline moves later, never earlier)."""
+    loop = asyncio.new_event_loop()
+    sched = Scheduler(max_queue=100, per_tenant_max_inflight=100, max_queue_delay_ms=60_000)
+    first, early = work(loop, "a"), work(loop, "b")
+    early.enqueued = first.enqueued - 5.0
+    sched.submit([first])
+    sched.submit([early])
+    assert [w.enqueued for w in sched.deadlines] == [first.enqueued, first.enqueued]
+    loop.close()
+
+
+def test_the_slot_filter_agrees_with_can_acquire():
+    """``slot_acceptor`` keeps running counts; it must admit exactly what ``can_acquire`` of everything
+    chosen so far would, whatever the slots hold (free, referenced, pinned, unreferenced residents)."""
+    rng = random.Random(7)
+    for trial in range(300):
+        slots = SlotAllocator(rng.randint(1, 6))
+        for _ in range(rng.randint(0, 12)):  # a history of acquires and releases
+            k = rng.randint(1, 10)
+            if rng.random() < 0.6:
+                slots.acquire(k, pinned=rng.random() < 0.1)
+            else:
+                slots.release(k)
+        held = {k for k in range(1, 11) if slots.slot_of(k) is not None and rng.random() < 0.3}
+        accept = slot_acceptor(slots, held)
+        chosen = set(held)
+        for _ in range(8):
+            k = rng.choice([None, *range(1, 13)])
+            entry = None if k is None else type("E", (), {"key": k})()
+            want = k is None or k in chosen or slots.can_acquire(chosen | {k})
+            assert accept(Work("t", entry, None, None, None)) == want, (trial, k, chosen)
+            if want and k is not None:
+                chosen.add(k)
+
+
+def test_a_batch_of_events_wakes_each_loop_once():
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakeups.append(a), real(*a))[1]
+        ws = [work(loop, "t") for _ in range(5)]
+        events = [(w, "token", i) for i, w in enumerate(ws)] + [(ws[0], "done", "length")]
+        threading.Thread(target=send_all, args=(events,)).start()
+        got = [await asyncio.wait_for(ws[0].events.get(), 10), await asyncio.wait_for(ws[0].events.get(), 10)]
+        got += [await asyncio.wait_for(w.events.get(), 10) for w in ws[1:]]
+        return got, len(wakeups)
+
+    got, wakeups = asyncio.run(main())
+    assert wakeups == 1
+    assert got == [("token", 0), ("done", "length"), ("token", 1), ("token", 2), ("token", 3), ("token", 4)]

@@ -1,0 +1,101 @@
+"""Admission in front of the public app: a request the engine would refuse now is answered 429 before
+FastAPI routes, validates or tokenises it.
+
+Under overload most requests are refused, and on a CPU the event loop that refuses them shares the
+machine (and the interpreter lock) with the model worker: a refusal that costs a full pass through the
+framework (middleware, body validation, adapter resolution, tokenisation, an exception handler) takes
+time from the forward passes it protects. This gate reads the body's ``model`` (one ``json.loads``),
+tells the tenant without side effects (``Runtime.tenant_of``) and asks the engine
+(``ServingEngine.precheck``: the scheduler's own admission rule, per tenant) whether the request's
+work would be refused; if so it answers the same 429 (body, ``Retry-After``, shed and request
+counters) as a refused submission. Anything it cannot tell (another route, a body it cannot read,
+an unknown model, an engine without a precheck) goes on unchanged, and ``submit`` still decides.
+
+It also stamps when the request reached the app (``lifecycle.ARRIVED``): the queue-delay bound counts
+the time a request spent before the queue (waiting for the loop, being parsed) as well."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from lorafleet.runtime.lifecycle import ARRIVED, Runtime
+
+# Routes whose JSON body names the adapter in ``model``, and how many work items a body makes.
+GATED = {"/v1/classify", "/v1/completions", "/v1/chat/completions"}
+MAX_PEEK_BYTES = 1 << 20  # larger bodies are left to the route
+
+
+def _items(path: str, body: dict) -> int:
+    if path == "/v1/classify":
+        inp = body.get("input")
+        return len(inp) if isinstance(inp, list) and inp else 1
+    return 1
+
+
+class AdmissionGate:
+    """Pure ASGI middleware around the public app (see the module's docstring)."""
+
+    def __init__(self, app, rt: Runtime):
+        self.app, self.rt = app, rt
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope[ARRIVED] = time.monotonic()
+        path = scope["path"]
+        if scope["method"] != "POST" or path not in GATED or self.rt.engine is None:
+            return await self.app(scope, receive, send)
+        chunks, more, first = [], True, None
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending: the app sees it
+                first = message
+                break
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replay = [first] if first is not None else [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        if first is None and size <= MAX_PEEK_BYTES:
+            refusal = self._refusal(path, body, scope[ARRIVED])
+            if refusal is not None:
+                tenant, e = refusal
+                await self._answer_429(send, e)
+                m = self.rt.metrics
+                m.admission_refused.labels(e.code).inc()
+                m.requests.labels(tenant, path, "429").inc()
+                m.latency.labels(tenant, path).observe(time.monotonic() - scope[ARRIVED])
+                return
+        return await self.app(scope, replayed, send)
+
+    def _refusal(self, path: str, raw: bytes, arrived: float):
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(body, dict):
+            return None
+        tenant = self.rt.tenant_of(body.get("model"))
+        if tenant is None or self.rt.task != ("sequence-classification" if path == "/v1/classify"
+                                              else "text-generation"):
+            return None
+        e = self.rt.engine.precheck(tenant, _items(path, body), arrived)
+        return None if e is None else (tenant, e)
+
+    @staticmethod
+    async def _answer_429(send, e) -> None:
+        # What protocol.too_busy and error_response give a refused submission, without the framework.
+        content = json.dumps({"error": {"message": str(e), "type": "rate_limit_exceeded", "code": e.code}},
+                             ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        await send({"type": "http.response.start", "status": 429,
+                    "headers": [(b"content-length", str(len(content)).encode()),
+                                (b"content-type", b"application/json"),
+                                (b"retry-after", str(e.retry_after).encode())]})
+        await send({"type": "http.response.body", "body": content})
