@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.engine_api import Overloaded
@@ -59,6 +60,7 @@ def router(rt: Runtime) -> APIRouter:
             scores = [{"label": labels[j], "score": p} for j, p in enumerate(value)]
             top = max(scores, key=lambda s: s["score"])
             data.append({"index": i, "label": top["label"], "score": top["score"], "labels": scores})
-        return {"object": "list", "model": entry.served, "data": data}
+        # A response, not a dict: FastAPI would walk the dict through jsonable_encoder first (same bytes).
+        return JSONResponse({"object": "list", "model": entry.served, "data": data})
 
     return r

@@ -7,6 +7,7 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from lorafleet.runtime.engine_api import SamplingParams
 from lorafleet.runtime.generation import (TextStream, build_sequence, chat_prompt_ids, completion_prompt_ids,
@@ -167,11 +168,11 @@ def router(rt: Runtime) -> APIRouter:
             await wait_started(request, rt, gen)
             return CancelOnClose(stream(), gen.abandon, media_type="text/event-stream")
         await drain(request, rt, gen)
-        return with_fallback(request, {
+        return JSONResponse(with_fallback(request, {
             "id": rid, "object": "text_completion", "created": created, "model": served,
             "choices": [{"index": 0, "text": head + gen.text, "finish_reason": gen.openai_finish,
                          "logprobs": lps.completion(gen.received) if lps else None}],
-            "usage": usage(seq, gen.received)})
+            "usage": usage(seq, gen.received)}))
 
     @r.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatRequest):
@@ -206,10 +207,10 @@ def router(rt: Runtime) -> APIRouter:
             await wait_started(request, rt, gen)
             return CancelOnClose(stream(), gen.abandon, media_type="text/event-stream")
         await drain(request, rt, gen)
-        return with_fallback(request, {
+        return JSONResponse(with_fallback(request, {
             "id": rid, "object": "chat.completion", "created": created, "model": served,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
                          "logprobs": lps.chat(gen.received) if lps else None, "finish_reason": gen.openai_finish}],
-            "usage": usage(seq, gen.received)})
+            "usage": usage(seq, gen.received)}))
 
     return r

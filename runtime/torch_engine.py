@@ -79,8 +79,8 @@ class TorchEngine(ServingEngine):
             raise refuse("response_format", f"type {params.structured.kind!r} (structured output) is not "
                          "implemented by the torch engine; ask for text, or use a pool with "
                          "spec.runtime.engine vllm")
-        fields = dataclasses.asdict(params)
-        del fields["structured"]
+        # Shallow: the request's own params are handed over (asdict deep-copies every set and dict).
+        fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "structured"}
         return Sequence(prompt=prompt, **fields)
 
     def new_image(self, params: ImageParams):
