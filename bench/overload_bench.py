@@ -107,11 +107,15 @@ class Server:
     def cpu_s(self) -> float:
         return _cpu_seconds(self.proc.pid)
 
-    def batches(self) -> tuple[float, float, float]:
-        """(forward passes, rows, seconds in forward passes) so far, from /metrics."""
+    def batches(self) -> tuple[float, float, float] | None:
+        """(forward passes, rows, seconds in forward passes) so far, from /metrics; None when the metrics
+        port does not answer within 10 s (it shares the overloaded event loop): the run goes on."""
         import httpx
 
-        text = httpx.get(self.metrics_url + "/metrics", timeout=10).text
+        try:
+            text = httpx.get(self.metrics_url + "/metrics", timeout=10).text
+        except httpx.HTTPError:
+            return None
         vals = {}
         for line in text.splitlines():
             for key in ("lorafleet_runtime_batch_size_count", "lorafleet_runtime_batch_size_sum",
@@ -268,7 +272,7 @@ def run(server: Server, task: str, expected: dict, mode: str, level: float, args
         if r[2] == 200:
             served[r[3]] += 1
     shares = [s / n for s, n in zip(served, sent) if n]
-    forwards, rows, busy = (b1[0] - b0[0]), (b1[1] - b0[1]), (b1[2] - b0[2])
+    forwards, rows, busy = ((b1[0] - b0[0]), (b1[1] - b0[1]), (b1[2] - b0[2])) if b0 and b1 else (0, 0, None)
     out = {"mode": mode, ("clients" if mode == "closed" else "offered_per_s"): round(level, 1),
            "answers_per_s": round(len(ok) / args.seconds, 1),
            "p50_ms": round(_pct(lat, 50) * 1e3, 1) if lat else None,
@@ -278,7 +282,7 @@ def run(server: Server, task: str, expected: dict, mode: str, level: float, args
            "server_cpu": round((cpu1 - cpu0) / args.seconds, 2),
            "generator_cpu_s": round(sum(res["cpu_s"] for res in results), 1),
            "mean_batch": round(rows / forwards, 1) if forwards else None,
-           "model_busy": round(busy / args.seconds, 2)}
+           "model_busy": round(busy / args.seconds, 2) if busy is not None else None}
     if mode == "open":
         out["sent_per_s"] = round(len(recs) / args.seconds, 1)
         lags = sorted(r[6] for r in recs)
