@@ -64,6 +64,7 @@ class PoolState:
     route_missing: bool = False  # its HTTPRoute was refused: the API server has no Gateway API (tried again)
     status_written: tuple[str, dict[str, Any]] | None = None  # (pool uid, status) last written
     memo: dict = field(default_factory=dict)  # routing.plan_pool's memo: entries and statuses of the last plan
+    parts: routing.Parts = field(default_factory=dict)  # routing.plan_shards' serialized entries
     dirty: bool = False  # to reconcile
     task: asyncio.Task | None = None  # the reconcile loop running for it
 
@@ -87,6 +88,7 @@ class Fleet:
         self.debounce = debounce
         self.kube: Kube | None = None
         self.state: dict[PoolKey, PoolState] = {}
+        self.specs = routing.SpecCache()  # adapters' parsed specs: each status write comes back as an event
         self.adapter_pool: dict[ObjKey, str] = {}  # adapter -> the pool it is filed under
         self.pending: set[PoolKey] = set()  # primed before the event loop could run reconciles
         self.priming = False
@@ -158,7 +160,7 @@ class Fleet:
         for body in pools:
             self.pool_event(None, routing.pool_view(body))
         for body in adapters:
-            self.adapter_event(None, routing.adapter_view(body))
+            self.adapter_event(None, routing.adapter_view(body, self.specs))
         for body in pods:
             self.pod_event(None, body)
         for key, st in self.state.items():
@@ -698,7 +700,7 @@ class Fleet:
             assert current is not None
             if plan.changed or st.shard_count is None:
                 parsed: dict[str, RoutesTable] = {}
-                write, delete, count = routing.plan_shards(plan.table, current, parsed=parsed)
+                write, delete, count = routing.plan_shards(plan.table, current, parsed=parsed, parts=st.parts)
             else:  # the ConfigMaps were checked against this same table already
                 write, delete, count, parsed = {}, [], st.shard_count, {}
             st.shard_count = count

@@ -56,7 +56,7 @@ async def adapter_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
     if FLEET.adapter_unchanged(type, meta.namespace or "", meta.name or "", meta.uid or "",
                                int(meta.get("generation") or 0), str(body.spec.get("pool", ""))):
         return
-    FLEET.adapter_event(type, adapter_view(dict(body)))
+    FLEET.adapter_event(type, adapter_view(dict(body), FLEET.specs))
 
 
 @kopf.on.event(TENANTS)

@@ -172,29 +172,38 @@ def _spec_error(e: ValidationError, prefix: str) -> str:
     return "; ".join(f"{prefix}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
 
 
-# (uid, generation) -> parsed spec: status writes send every adapter through the index again, and
-# a spec only changes with the generation.
-_parsed: dict[tuple[str, int], tuple[LoRAAdapterSpec | None, str | None]] = {}
-
-
-def _parse_adapter_spec(uid: str, generation: int, raw: dict[str, Any]) -> tuple[LoRAAdapterSpec | None, str | None]:
-    key = (uid, generation)
-    hit = _parsed.get(key)
-    if hit is not None and uid:
-        return hit
+def _parse_adapter_spec(raw: dict[str, Any]) -> tuple[LoRAAdapterSpec | None, str | None]:
     try:
-        out: tuple[LoRAAdapterSpec | None, str | None] = (LoRAAdapterSpec.model_validate(raw), None)
+        return LoRAAdapterSpec.model_validate(raw), None
     except ValidationError as e:
-        out = (None, _spec_error(e, "spec"))
-    if len(_parsed) > 200_000:
-        _parsed.clear()
-    _parsed[key] = out
-    return out
+        return None, _spec_error(e, "spec")
 
 
-def adapter_view(body: dict[str, Any]) -> AdapterView:
+class SpecCache:
+    """Parsed LoRAAdapter specs by (uid, generation), for whoever sees an adapter many times (the
+    operator's store: each status write comes back as an event); a spec only changes with the
+    generation. Holds at most ``limit`` (then starts afresh)."""
+
+    def __init__(self, limit: int = 200_000):
+        self.limit = limit
+        self.parsed: dict[tuple[str, int], tuple[LoRAAdapterSpec | None, str | None]] = {}
+
+    def parse(self, uid: str, generation: int, raw: dict[str, Any]) -> tuple[LoRAAdapterSpec | None, str | None]:
+        key = (uid, generation)
+        hit = self.parsed.get(key)
+        if hit is not None and uid:
+            return hit
+        out = _parse_adapter_spec(raw)
+        if len(self.parsed) >= self.limit:
+            self.parsed.clear()
+        self.parsed[key] = out
+        return out
+
+
+def adapter_view(body: dict[str, Any], specs: SpecCache | None = None) -> AdapterView:
     meta, raw = body.get("metadata", {}), body.get("spec") or {}
-    spec, error = _parse_adapter_spec(meta.get("uid", ""), int(meta.get("generation") or 0), raw)
+    spec, error = (specs.parse(meta.get("uid", ""), int(meta.get("generation") or 0), raw) if specs is not None
+                   else _parse_adapter_spec(raw))
     return AdapterView(namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
                        generation=int(meta.get("generation") or 0), created=meta.get("creationTimestamp") or "",
                        spec=spec, spec_error=error, pool=str(raw.get("pool", "")),
@@ -630,20 +639,19 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
     return RoutesTable(pool=pool, generation=generation, adapters=entries, placed_on=placed), changed
 
 
-# (id(entry), served name) -> (entry, '"name":{entry}'): entries are immutable once planned and the
-# planner reuses unchanged ones, so each is serialized once, not on every change of its pool.
-_PARTS: dict[tuple[int, str], tuple[RouteEntry, str]] = {}
+# Serialized entries, (id(entry), served name) -> (entry, '"name":{entry}'), kept by the caller per
+# pool (PoolState.parts): entries are immutable once planned and the planner reuses unchanged ones,
+# so each is serialized once, not on every change of its pool.
+Parts = dict[tuple[int, str], tuple[RouteEntry, str]]
 
 
-def _part(served: str, entry: RouteEntry) -> str:
-    hit = _PARTS.get((id(entry), served))
+def _part(served: str, entry: RouteEntry, parts: Parts) -> str:
+    hit = parts.get((id(entry), served))
     if hit is not None and hit[0] is entry:
         return hit[1]
     text = json.dumps(served) + ":" + json.dumps(entry.model_dump(mode="json", exclude_none=True), sort_keys=True,
                                                  separators=(",", ":"))
-    if len(_PARTS) > 200_000:
-        _PARTS.clear()
-    _PARTS[(id(entry), served)] = (entry, text)
+    parts[(id(entry), served)] = (entry, text)
     return text
 
 
@@ -657,10 +665,16 @@ def _shard_text(table: RoutesTable, parts: list[str], shard: int | None, shards:
                       table.placed_on)
 
 
-def shard_layout(table: RoutesTable, budget: int = SHARD_BUDGET_BYTES) -> tuple[int, list[list[tuple[str, str]]]]:
+def shard_layout(table: RoutesTable, budget: int = SHARD_BUDGET_BYTES,
+                 cache: Parts | None = None) -> tuple[int, list[list[tuple[str, str]]]]:
     """``RoutesTable.shard_count`` and the entries of each shard (served name, serialized part),
-    from cached serializations."""
-    parts = [(served, _part(served, table.adapters[served])) for served in sorted(table.adapters)]
+    serialized once per entry object while ``cache`` (the pool's) holds it."""
+    cache = {} if cache is None else cache
+    parts = [(served, _part(served, table.adapters[served], cache)) for served in sorted(table.adapters)]
+    if len(cache) > 2 * len(parts) + 64:  # entries replaced since: keep only this table's
+        current = {(id(e), s) for s, e in table.adapters.items()}
+        for key in [k for k in cache if k not in current]:
+            del cache[key]
     crcs = [zlib.crc32(served.encode("utf-8")) for served, _ in parts]
     lengths = [len(text.encode("utf-8")) for _, text in parts]
     n = 1
@@ -680,7 +694,8 @@ def shard_layout(table: RoutesTable, budget: int = SHARD_BUDGET_BYTES) -> tuple[
 
 
 def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable], budget: int = SHARD_BUDGET_BYTES,
-                parsed: dict[str, RoutesTable] | None = None) -> tuple[dict[str, str], list[str], int]:
+                parsed: dict[str, RoutesTable] | None = None,
+                parts: Parts | None = None) -> tuple[dict[str, str], list[str], int]:
     """ConfigMap name -> routes.json to write (shards whose content changed, at the table's
     generation), the names of ConfigMaps to delete (shards no longer used), and the shard count.
     A shard whose adapters did not change is not rewritten: it keeps the generation of its last
@@ -688,7 +703,7 @@ def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable], budget: in
     (``shardGenerations``), so a reader merges only a consistent set. The texts are what
     ``RoutesTable.to_configmap_data`` gives when every shard is written (a unit test holds them equal)."""
     parsed = {} if parsed is None else parsed  # filled with the tables of the shards to write
-    n, buckets = shard_layout(table, budget)
+    n, buckets = shard_layout(table, budget, parts)
     changed: list[tuple[int, str, dict[str, RouteEntry]]] = []
     generations: list[int] = []
     wanted = []

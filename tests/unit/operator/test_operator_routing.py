@@ -310,3 +310,34 @@ def test_a_merged_pool_serves_no_other_adapter_and_says_what_it_merges():
     assert p.pool_status["mergedAdapter"] == "chat@2"
     bad = routing.plan_pool("hot", hot, [], [], RoutesTable(pool="hot"), {}, merged_self=(None, "spec.model.x: why"))
     assert bad.pool_status["phase"] == "Failed" and "spec.model.x: why" in bad.pool_status["message"]
+
+
+def test_the_pools_serialized_entries_are_its_own_and_only_the_current_ones_stay():
+    table = plan([adapter(f"t{i}") for i in range(50)]).table
+    parts: routing.Parts = {}
+    write, _, _ = routing.plan_shards(table, {}, parts=parts)
+    assert write == table.to_configmap_data()
+    assert {key[1] for key in parts} == set(table.adapters) and len(parts) == 50
+    # A later plan reuses what it serialized (the same entry objects) and gives the same texts.
+    assert routing.plan_shards(table, {}, parts=parts)[0] == write and len(parts) == 50
+    # Tables with every entry new: the replaced ones go once they outnumber the current ones.
+    for round_ in range(4):
+        newer = plan([adapter(f"t{i}", str(round_ + 2), "c") for i in range(50)], previous=table).table
+        assert routing.plan_shards(newer, {}, parts=parts)[0] == newer.to_configmap_data()
+        table = newer
+    assert len(parts) <= 2 * 50 + 64
+    assert {id(e) for e in table.adapters.values()} <= {key[0] for key in parts}
+
+
+def test_a_spec_cache_parses_each_generation_once_and_stays_bounded():
+    specs = routing.SpecCache(limit=3)
+    body = {"metadata": {"name": "a", "namespace": "ns", "uid": "u1", "generation": 1},
+            "spec": {"pool": "p", "tenant": "acme", "version": "1", "source": {"uri": "s3://a/a/1/", "sha256": "b" * 64}}}
+    first = routing.adapter_view(body, specs)
+    assert routing.adapter_view(body, specs).spec is first.spec  # a status event: not parsed again
+    assert routing.adapter_view(body).spec is not first.spec     # no cache: parsed every time
+    edited = {**body, "metadata": {**body["metadata"], "generation": 2}, "spec": {**body["spec"], "version": "2"}}
+    assert routing.adapter_view(edited, specs).spec.version == "2"
+    for uid in ("u2", "u3", "u4"):
+        routing.adapter_view({**body, "metadata": {**body["metadata"], "uid": uid}}, specs)
+    assert len(specs.parsed) <= 3
