@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from lorafleet.localstack.procs import wait_for
 from lorafleet.localstack.tools import require_tool
 from support.tenants import key_entry
 
@@ -59,6 +60,11 @@ def test_the_gateway_service_account_reads_what_the_gateway_needs(control_plane,
     view = KubeView(lambda: Client(config=config), namespace, "tiny", server_timeout=5).start()
     try:
         view.wait_synced(30)
+        # ... and watching is allowed too: a tenant added now reaches the view as a watch event.
+        control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(
+            {"apiVersion": "lorafleet.io/v1alpha1", "kind": "LoRATenant", "metadata": {"name": "beta"},
+             "spec": {"apiKeys": [key_entry("k-beta")]}}))
+        wait_for(lambda: view.directory().tenant_of_key("k-beta") == "beta", 10, what="the watched tenant beta")
     finally:
         view.stop()
     d = view.directory()
