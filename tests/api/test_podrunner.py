@@ -180,3 +180,35 @@ def test_a_container_path_is_rewritten_by_its_one_mount(runner, tmp_path):
     assert runner._localize("/var/lib/lorafleet/models/m", c, local) == str(volumes / "models" / "m")
     assert runner._localize(f"{tmp_path}/a", c, local) == str(volumes / "scratch" / "a")
     assert runner._localize("http://127.0.0.1:8000/x", c, local) == "http://127.0.0.1:31000/x"
+
+
+def test_an_images_commands_come_from_its_own_folder(kube, namespace, control_plane, tmp_path):
+    """``image_bins``: a container of a mapped image repository runs its command from that folder (the local
+    stack's stand-in for an image, e.g. lorafleet/runtime-vllm -> the vLLM virtualenv), any tag or digest."""
+    other = tmp_path / "other-bin"
+    other.mkdir()
+    script = other / "echo-server"
+    script.write_text(f"#!{sys.executable}\n{SERVER}")
+    script.chmod(0o755)
+    r = PodRunner(control_plane.kubeconfig, tmp_path / "node", selector={"app": "echo"},
+                  image_bins={"local/other": other})
+    assert r.bin_for("local/other:1.2") == r.bin_for("local/other@sha256:" + "0" * 64) == other
+    assert r.bin_for("local/other") == other and r.bin_for("local/echo:1") == r.bin_for(None) == r.bin
+    assert r.bin_for("registry:5000/local/other") == r.bin  # another repository (a registry with a port)
+    t = threading.Thread(target=r.run, daemon=True)
+    t.start()
+    try:
+        kube.create(Secret(metadata=ObjectMeta(name="creds", namespace=namespace), stringData={"token": "t"}))
+        d = deployment(namespace, 1)
+        c = d.spec.template.spec.containers[0]
+        c.image, c.command = "local/other:1.2", ["echo-server"]  # found only in the mapped folder
+        kube.create(d)
+        wait_for(lambda: (kube.get(Deployment, "echo", namespace=namespace).status.readyReplicas or 0) == 1,
+                 timeout=60, what="the pod of the mapped image ready")
+        [pod] = kube.list(Pod, namespace=namespace, labels={"app": "echo"})
+        port = json.loads(pod.metadata.annotations[LOCAL_PORTS_ANNOTATION])["8000"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+            assert json.loads(resp.read())["TOKEN"] == "t"
+    finally:
+        r.stop()
+        t.join(20)

@@ -1,7 +1,7 @@
 """The local stack's node: the pod runner (kubelet stand-in) and the local ingress in one process.
 
     python -m lorafleet.localstack.node --kubeconfig K --workdir D --port 8080 [--default-backend NS/SERVICE]
-        [--vhost-port 8081=pool.example ...]
+        [--vhost-port 8081=pool.example ...] [--image-bin lorafleet/runtime-vllm=VENV/bin ...]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default-backend", help="NS/SERVICE for requests no Ingress host matches")
     p.add_argument("--vhost-port", action="append", default=[], metavar="PORT=HOST",
                    help="also listen on PORT, treating every request there as sent to HOST (repeatable)")
+    p.add_argument("--image-bin", action="append", default=[], metavar="REPOSITORY=DIR",
+                   help="the pod runner runs containers of this image repository from DIR (repeatable)")
     args = p.parse_args(argv)
     vhosts = {}
     for item in args.vhost_port:
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     # one process once saw bytes of one written to the other (fd reuse across threads, under load).
     workdir = Path(args.workdir)
     runner = ManagedProcess("pod-runner", [sys.executable, "-m", "lorafleet.localstack.podrunner",
-                                           "--kubeconfig", args.kubeconfig, "--workdir", str(workdir)],
+                                           "--kubeconfig", args.kubeconfig, "--workdir", str(workdir),
+                                           *[f"--image-bin={item}" for item in args.image_bin]],
                             workdir.parent / f"{workdir.name}-podrunner.log")
     default = tuple(args.default_backend.split("/", 1)) if args.default_backend else None
     ingress = LocalIngress(Client(config=KubeConfig.from_file(args.kubeconfig)), default)  # type: ignore[arg-type]

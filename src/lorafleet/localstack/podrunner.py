@@ -95,12 +95,16 @@ class LocalPod:
 
 class PodRunner:
     def __init__(self, kubeconfig: Path, workdir: Path, selector: dict[str, str] | None = None,
-                 executable_dir: Path | None = None, extra_env: dict[str, str] | None = None):
+                 executable_dir: Path | None = None, extra_env: dict[str, str] | None = None,
+                 image_bins: dict[str, Path] | None = None):
         self.kubeconfig = Path(kubeconfig)
         self.client = Client(config=KubeConfig.from_file(str(kubeconfig)), field_manager="lorafleet-podrunner")
         self.workdir = Path(workdir)
         self.selector = selector or DEFAULT_SELECTOR
         self.bin = Path(executable_dir or Path(sys.executable).parent)
+        # Image repository -> the folder its commands come from (a virtualenv's bin): what stands in for
+        # that image here, e.g. lorafleet/runtime-vllm -> the vLLM virtualenv. Other images: ``bin``.
+        self.image_bins = {repo: Path(d) for repo, d in (image_bins or {}).items()}
         self.extra_env = extra_env or {}
         self.pods: dict[str, LocalPod] = {}
         self._stop = threading.Event()
@@ -259,12 +263,20 @@ class PodRunner:
         argv = [self._localize(a, c, local) for a in list(c.command or []) + list(c.args or [])]
         if not argv:
             raise ValueError(f"container {c.name}: no command (images' entrypoints are not known locally)")
-        exe = self.bin / argv[0]
+        bin_dir = self.bin_for(c.image)
+        exe = bin_dir / argv[0]
         if exe.exists():
             argv[0] = str(exe)
         elif not shutil.which(argv[0]):
-            raise ValueError(f"container {c.name}: command {argv[0]!r} not found in {self.bin} or on PATH")
+            raise ValueError(f"container {c.name}: command {argv[0]!r} not found in {bin_dir} or on PATH")
         return argv
+
+    def bin_for(self, image: str | None) -> Path:
+        """The folder a container's command comes from: its image repository's (``image_bins``), else ``bin``."""
+        repo = (image or "").rsplit("@", 1)[0]
+        if ":" in repo.rsplit("/", 1)[-1]:
+            repo = repo.rsplit(":", 1)[0]
+        return self.image_bins.get(repo, self.bin)
 
     # ------------------------------------------------------------------------------- tending
 
@@ -381,15 +393,30 @@ class PodRunner:
         return self.workdir / namespace / name / "logs" / f"{container}.log"
 
 
+def parse_image_bins(items: list[str], error) -> dict[str, Path]:
+    """``REPOSITORY=DIR`` items as a map; ``error`` is called naming a bad one (argparse's ``error``)."""
+    out = {}
+    for item in items:
+        repo, sep, d = item.partition("=")
+        if not sep or not repo or not d or not Path(d).is_dir():
+            error(f"--image-bin {item!r}: expected REPOSITORY=DIR with DIR an existing folder, "
+                  "e.g. lorafleet/runtime-vllm=/path/to/venv/bin")
+        out[repo] = Path(d)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m lorafleet.localstack.podrunner", description=__doc__.splitlines()[0])
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), required=not os.environ.get("KUBECONFIG"))
     p.add_argument("--workdir", required=True)
+    p.add_argument("--image-bin", action="append", default=[], metavar="REPOSITORY=DIR",
+                   help="run the commands of containers of this image repository from DIR (repeatable), e.g. "
+                        "lorafleet/runtime-vllm=$(tools/venv-vllm)/bin")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    runner = PodRunner(Path(args.kubeconfig), Path(args.workdir))
+    runner = PodRunner(Path(args.kubeconfig), Path(args.workdir), image_bins=parse_image_bins(args.image_bin, p.error))
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())

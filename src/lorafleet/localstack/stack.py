@@ -119,12 +119,15 @@ class Stack:
               flush=True)
 
     def start(self, ingress_default: str | None = f"{NAMESPACE}/lorafleet-{POOL}",
-              gateway_host: str | None = GATEWAY_HOST, chat_host: str | None = CHAT_HOST) -> dict:
+              gateway_host: str | None = GATEWAY_HOST, chat_host: str | None = CHAT_HOST,
+              image_bins: dict[str, Path] | None = None) -> dict:
         """Start the servers, the operator and the node; returns the state (kubeconfig, s3 env, ports).
         ``ingress_default``: where requests matching no Ingress host go (the pool's Service: no API
         keys); ``gateway_host``: the host of a second ingress port (``gateway_port``), whose Ingress is
         the pool's, which sends it to the operator's gateway; ``chat_host``: the same for a third port
-        (``chat_port``) and the text-generation demo pool."""
+        (``chat_port``) and the text-generation demo pool; ``image_bins``: image repository -> the folder
+        the pod runner runs its containers' commands from (e.g. ``lorafleet/runtime-vllm`` -> the vLLM
+        virtualenv's bin), the rest from this interpreter's."""
         import shutil
 
         for d in ("controlplane", "minio", "node", "logs"):
@@ -158,6 +161,7 @@ class Stack:
                     "--workdir", str(self.root / "node"), "--port", str(ingress_port)]
             if ingress_default:
                 argv += ["--default-backend", ingress_default]
+            argv += [f"--image-bin={repo}={d}" for repo, d in (image_bins or {}).items()]
             if gateway_host:
                 st["gateway_port"] = int(os.environ.get("LORAFLEET_INGRESS_GATEWAY_PORT") or free_port())
                 argv += ["--vhost-port", f"{st['gateway_port']}={gateway_host}"]
