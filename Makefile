@@ -39,7 +39,8 @@ status:
 test: tools venv venv-vllm
 	@"$$(tools/venv)/bin/python" -m pytest --durations=20 tests/unit tests/api $(PYTEST_ARGS) && \
 	  "$$(tools/venv)/bin/python" -m pytest --durations=10 tests/e2e $(PYTEST_ARGS) && \
-	  "$$(tools/venv-vllm)/bin/python" -m pytest --durations=10 tests/vllm $(PYTEST_ARGS)
+	  "$$(tools/venv-vllm)/bin/python" -m pytest --durations=10 tests/vllm $(PYTEST_ARGS) && \
+	  LORAFLEET_VLLM_VENV="$$(tools/venv-vllm)" "$$(tools/venv)/bin/python" -m pytest --durations=10 tests/vllm_stack $(PYTEST_ARGS)
 
 test-unit: venv
 	@"$$(tools/venv)/bin/python" -m pytest tests/unit $(PYTEST_ARGS)
@@ -50,8 +51,10 @@ test-api: tools venv
 test-e2e: tools venv
 	@"$$(tools/venv)/bin/python" -m pytest tests/e2e $(PYTEST_ARGS)
 
-test-vllm: venv-vllm
-	@"$$(tools/venv-vllm)/bin/python" -m pytest tests/vllm $(PYTEST_ARGS)
+# tests/vllm_stack: the local stack from the main virtualenv, the vLLM runtime image's pods from the vLLM one.
+test-vllm: tools venv venv-vllm
+	@"$$(tools/venv-vllm)/bin/python" -m pytest tests/vllm $(PYTEST_ARGS) && \
+	  LORAFLEET_VLLM_VENV="$$(tools/venv-vllm)" "$$(tools/venv)/bin/python" -m pytest tests/vllm_stack $(PYTEST_ARGS)
 
 crds: venv
 	@"$$(tools/venv)/bin/lorafleet" gen-crds --out crds
