@@ -6,8 +6,8 @@ writes), and the pod runner running the pool's 2 pods.
 What runs in the pods is a stand-in (the 10,000 loads are not what is measured): the pods' command
 `lorafleet` resolves to a script of this bench. Its `sidecar` is the real sidecar's routes watch and
 report writer (`lorafleet.sidecar.kube.RoutesWatcher`, `PodReporter`, the pod's own ServiceAccount
-token), reporting every version in the routes loaded at once; its `runtime` answers `/readyz` and
-`/healthz` (503 on `/readyz` while a file `unready` is in its cache folder).
+token), reporting every version in the routes loaded at once; its health port answers 200; its `runtime` answers
+`/readyz` and `/healthz` (503 on `/readyz` while a file `unready` is in its cache folder).
 
 Two flips of pod 0, each with the pool settled first (every adapter Ready 2/2, no write for 10 s):
 - "kill": the runtime container's process is killed; the pod runner sees it exit (pod unready),
@@ -89,6 +89,19 @@ elif cmd == "sidecar":
     from lorafleet.contracts.routes import SyncReport
     from lorafleet.sidecar.kube import PodReporter, RoutesWatcher, make_client
 
+    class Health(http.server.BaseHTTPRequestHandler):  # the sidecar's health port: live and ready
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    port = int(os.environ.get("LORAFLEET_HEALTH_PORT") or 0)
+    if port:
+        threading.Thread(target=http.server.ThreadingHTTPServer(("127.0.0.1", port), Health).serve_forever,
+                         daemon=True).start()
     ns, pod, pool = os.environ["POD_NAMESPACE"], os.environ["POD_NAME"], os.environ["POOL"]
     latest = {}
     changed = threading.Event()
@@ -290,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             deadline = time.time() + args.settle
             while time.time() < deadline:
                 writes = audited_writes(audit)
-                if time.time() - last_write_before(writes, time.time() + 1) >= args.quiet:
+                if time.time() - max(back, last_write_before(writes, time.time() + 1)) >= args.quiet:
                     break
                 time.sleep(1.0)
             writes = audited_writes(audit)
