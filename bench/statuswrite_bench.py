@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -331,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             runner.stop()
             time.sleep(1)
         cp.stop()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result))
     return 0 if result.get("ok") else 1
 
