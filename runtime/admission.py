@@ -11,9 +11,10 @@ work would be refused; if so it answers the same 429 (body, ``Retry-After``, she
 counters) as a refused submission. Anything it cannot tell (another route, a body it cannot read,
 an unknown model, an engine without a precheck) goes on unchanged, and ``submit`` still decides.
 
-It also stamps when the request arrived (``lifecycle.ARRIVED``: when it reached the app, less how far
-the event loop is behind, ``LoopLag``): the queue-delay bound counts the time a request spent before
-the queue (waiting for the loop, being parsed, tokenised) as well."""
+It also stamps when the request reached the app (``lifecycle.ARRIVED``): the queue-delay bound counts
+the time a request spent between there and the queue (waiting for the loop between steps, being
+parsed, tokenised) as well. (Subtracting the loop's measured lag as well was tried: with the loop far
+behind under 5x overload it refused nearly everything while the model idled.)"""
 
 from __future__ import annotations
 
@@ -34,45 +35,16 @@ def _items(path: str, body: dict) -> int:
     return 1
 
 
-class LoopLag:
-    """How late the event loop runs a timer due every ``period`` seconds (the last one's lateness): about
-    how long a request that reaches the app now has already waited for the loop (in socket buffers,
-    behind other requests' callbacks) before anything here could see it."""
-
-    def __init__(self, period: float = 0.01):
-        self.period = period
-        self.lag = 0.0
-        self._loop = None
-        self._due = 0.0
-
-    def ensure_started(self) -> None:
-        if self._loop is None:
-            import asyncio
-
-            self._loop = asyncio.get_running_loop()
-            self._due = time.monotonic() + self.period
-            self._loop.call_later(self.period, self._tick)
-
-    def _tick(self) -> None:
-        now = time.monotonic()
-        self.lag = max(0.0, now - self._due)
-        self._due = now + self.period
-        self._loop.call_later(self.period, self._tick)
-
-
 class AdmissionGate:
     """Pure ASGI middleware around the public app (see the module's docstring)."""
 
     def __init__(self, app, rt: Runtime):
         self.app, self.rt = app, rt
-        self.loop_lag = LoopLag()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        self.loop_lag.ensure_started()
-        # Arrival: now, less the time the loop is behind (what the request likely waited before now).
-        scope[ARRIVED] = time.monotonic() - self.loop_lag.lag
+        scope[ARRIVED] = time.monotonic()
         path = scope["path"]
         if scope["method"] != "POST" or path not in GATED or self.rt.engine is None:
             return await self.app(scope, receive, send)
