@@ -13,7 +13,7 @@
   engine's semantics (sampling.py) is refused with 400 naming the parameter. Stop strings and
   detokenization stay in the HTTP layer (generation.TextStream), as for the torch engine.
 - ``response_format`` json_object / json_schema become vLLM's structured outputs, as vLLM's OpenAI server maps
-  them; what vLLM refuses when it takes a request (a schema its grammar backend cannot compile) is a 400.
+  them, and so do TGI's ``parameters.grammar`` json (a schema) and regex; what vLLM refuses when it takes a request (a schema its grammar backend cannot compile) is a 400.
 
 vLLM is imported only when this engine is built: the runtime imports without it."""
 
@@ -148,8 +148,10 @@ def vllm_sampling(p: SamplingParams, vllm_sampling_params_class, output_kind):
         # As vLLM's OpenAI server maps response_format (entrypoints/generate/base/protocol.py).
         from vllm.sampling_params import StructuredOutputsParams
 
-        kw["structured_outputs"] = (StructuredOutputsParams(json_object=True) if p.structured.kind == "json_object"
-                                    else StructuredOutputsParams(json=p.structured.schema))
+        s = p.structured
+        kw["structured_outputs"] = (StructuredOutputsParams(json_object=True) if s.kind == "json_object"
+                                    else StructuredOutputsParams(regex=s.pattern) if s.kind == "regex"
+                                    else StructuredOutputsParams(json=s.schema))
     if p.sample:
         kw.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0, min_p=p.min_p)
     else:
@@ -356,10 +358,13 @@ class VLLMEngine(ServingEngine):
 
     @staticmethod
     def _refused(seq: VLLMSequence, e: Exception):
-        """The 400 for a request vLLM refused when it took it, naming the field (vLLM's, or response_format
-        when the request has a structured output: the constraint is what vLLM checks there)."""
-        field_name = getattr(e, "parameter", None) or ("response_format" if seq.params.structured else None)
-        code = "invalid_response_format" if field_name == "response_format" else "invalid_body"
+        """The 400 for a request vLLM refused when it took it, naming the field (vLLM's, or the structured
+        output's — response_format or parameters.grammar — when the request has one: the constraint is what
+        vLLM checks there)."""
+        s = seq.params.structured
+        field_name = getattr(e, "parameter", None) or (s.field if s else None)
+        code = ("invalid_response_format" if field_name == "response_format"
+                else "invalid_grammar" if field_name == "parameters.grammar" else "invalid_body")
         return bad_request(f"`{field_name}`: {e}" if field_name else f"vLLM refused the request: {e}", code)
 
     def _record(self, seq: VLLMSequence, tok: int, entries: dict) -> None:
