@@ -280,10 +280,12 @@ class Fleet:
         view = routing.pod_view(body)
         if pods.get(name) == view:
             return  # neither readiness nor the sync report moved
-        was_ready = name in pods and pods[name].ready
+        before = pods.get(name)
         pods[name] = view
         self.touch(key)
-        if was_ready != view.ready:
+        if (before is None or before.ready != view.ready
+                or _merged_failure(before) != _merged_failure(view)):
+            # The adapter's status counts the merged pool's Ready pods and says why none loads it.
             self._touch_shared_of(self.pool(key).view)
 
     def _gateway_pod_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
@@ -687,8 +689,9 @@ class Fleet:
                 continue
             ref, _ = routing.resolve_merged(mview, a, tenants)
             if ref is not None:
-                merged[a.name] = routing.MergedInfo(mview.name, ref.version, sum(p.ready for p in mst.pods.values()),
-                                                    mview.spec.replicas)
+                mpods = list(mst.pods.values())
+                merged[a.name] = routing.MergedInfo(mview.name, ref.version, sum(p.ready for p in mpods),
+                                                    mview.spec.replicas, routing.merged_refusal(ref, mpods))
         plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status, st.memo,
                                  gateway_ready=gateway_ready, workload_problems=problems,
                                  tenants=tenants, merged=merged, merged_self=merged_self,
@@ -911,3 +914,7 @@ def _pool_owner(meta: dict[str, Any]) -> dict[str, Any] | None:
     """The BaseModelPool owner reference that controls an object, if any."""
     return next((o for o in meta.get("ownerReferences") or []
                  if o.get("kind") == names.POOL_KIND and o.get("controller")), None)
+
+
+def _merged_failure(view: routing.PodView) -> str | None:
+    return view.report.merged_adapter_failure if view.report is not None else None

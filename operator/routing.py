@@ -107,6 +107,7 @@ class MergedInfo:
     version: str
     ready: int
     replicas: int
+    refused: str | None = None  # why its pods' sidecars cannot ready that version (``merged_refusal``)
 
 
 def resolve_merged(pool: PoolView, adapter: AdapterView | None,
@@ -139,6 +140,25 @@ def resolve_merged(pool: PoolView, adapter: AdapterView | None,
                       f"{', '.join(have)}); set it to one, or leave it out to follow spec.version")
     return MergedRef(adapter=adapter.name, served_name=adapter.served_name, version=version, uri=source.uri,
                      sha256=source.sha256, tenant=spec.tenant, shared_pool=spec.pool), None
+
+
+def merged_refusal(ref: MergedRef, pods: list["PodView"]) -> str | None:
+    """Why a merged pool's pods do not load ``ref``: their sidecars' ``mergedAdapterFailure`` (a digest
+    mismatch, a fetch failing, content the adapter rules refuse), naming the adapter, its version and
+    digest and the pods; None while no pod reports one. The pool's ModelReady condition and the
+    adapter's status both say this."""
+    why: dict[str, list[str]] = {}
+    for p in pods:
+        if p.report is not None and p.report.merged_adapter_failure:
+            why.setdefault(p.report.merged_adapter_failure, []).append(p.name)
+    if not why:
+        return None
+    parts = []
+    for reason, who in sorted(why.items()):
+        named = ", ".join(sorted(who)[:3]) + (", ..." if len(who) > 3 else "")
+        parts.append(f"on {len(who)}/{len(pods)} pods ({named}): {reason}")
+    return (f"the sidecar cannot ready merged adapter {names.versioned_name(ref.served_name, ref.version)} "
+            f"(LoRAAdapter {ref.adapter!r}, sha256 {ref.sha256}) " + "; ".join(parts))
 
 
 def workload_view(body: dict[str, Any]) -> WorkloadView:
@@ -885,16 +905,24 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
                             "readyReplicas": merged.ready, "replicas": merged.replicas})
         msg += (f"; merged into pool {merged.pool!r} (version {merged.version}, {merged.ready}/{merged.replicas} "
                 f"ready), which takes its requests while it has Ready replicas")
+        if merged.refused:
+            st["pools"][-1]["message"] = merged.refused
+            msg += f"; pool {merged.pool!r}: {merged.refused}"
     st["phase"] = phase.value
     st["message"] = msg
     st["conditions"] = [cond("Ready", phase == AdapterPhase.ready, reason, msg), synced, valid]
     return st
 
 
-def model_readiness(pods: list[PodView]) -> tuple[bool | None, str, str]:
+def model_readiness(pods: list[PodView], merged: MergedRef | None = None) -> tuple[bool | None, str, str]:
     """The pool's ModelReady condition from its pods' sync reports (what each runtime says of its base
     model): False ``ModelRefused`` / ``ModelLoadFailed`` with the runtime's own message when a pod's
-    runtime cannot serve it, True ``ModelLoaded`` once one has it (a Ready pod has), else Unknown."""
+    runtime cannot serve it, True ``ModelLoaded`` once one has it (a Ready pod has), else Unknown.
+    A merged pool (``merged``) whose adapter a pod's sidecar cannot ready (``merged_refusal``) is
+    False ``MergedAdapterRefused`` unless another pod has loaded the model."""
+    refused = merged_refusal(merged, pods) if merged is not None else None
+    if refused is not None and not any(p.ready for p in pods):
+        return False, "MergedAdapterRefused", refused
     refusals: dict[tuple[str, str], list[str]] = {}
     loaded = 0
     for p in pods:
@@ -996,13 +1024,15 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
     problems = [m for _, m in failing]
     if problems and phase == PoolPhase.ready:
         phase = PoolPhase.degraded
-    model_ok, model_reason, model_msg = model_readiness(pods)
+    model_ok, model_reason, model_msg = model_readiness(pods, merged[0] if merged is not None else None)
     if model_ok is False:
         # The runtime refused the base model (or failed to load it): no pod of this spec turns Ready.
         phase = PoolPhase.failed if ready == 0 else PoolPhase.degraded
     msg = f"{ready}/{replicas} replicas ready"
     if model_ok is False:
         msg += f"; {model_msg}"
+    elif merged is not None and merged[0] is not None and (refused := merged_refusal(merged[0], pods)):
+        msg += f"; {refused}"  # a new version some pods refuse while others serve the old one
     if bad:
         msg += f"; {bad} adapters failed or degraded"
     if problems:
