@@ -994,13 +994,62 @@ def placement_condition(decided: PoolPlacement) -> tuple[bool, str, str]:
     return False, reason, "; ".join(parts) + f": no replica has room within {budget_words(budgets)}"
 
 
+def http_route_readiness(spec: BaseModelPoolSpec, parents: list[dict[str, Any]] | None,
+                         missing: bool = False) -> tuple[bool | None, str, str]:
+    """The pool's HTTPRouteAccepted condition from its HTTPRoute's ``status.parents`` (what each Gateway's
+    controller says of the route): True once every Gateway in ``spec.httpRoute.parentRefs`` has accepted
+    it with its references resolved; False naming each Gateway that refused it, with its controller's
+    reason and message, or when the API server has no Gateway API (``missing``); Unknown while a Gateway
+    has not said (no controller for it yet)."""
+    route = spec.http_route
+    assert route is not None
+    if missing:
+        return False, "GatewayAPIMissing", (f"the API server has no {names.HTTPROUTE_KIND} "
+                                            f"({names.GATEWAY_API_GROUP}/{names.GATEWAY_API_VERSION})")
+    said: dict[tuple[str, str | None, str | None], dict[str, dict[str, Any]]] = {}
+    for ps in parents or []:
+        ref = ps.get("parentRef") or {}
+        if (ref.get("kind") or "Gateway") != "Gateway" or not ref.get("name"):
+            continue
+        conds = {c.get("type"): c for c in ps.get("conditions") or [] if isinstance(c, dict)}
+        said[ref["name"], ref.get("namespace"), ref.get("sectionName")] = conds
+    refused, pending, accepted = [], [], 0
+    for want in route.parent_refs:
+        label = want.name if want.namespace is None else f"{want.namespace}/{want.name}"
+        conds = None
+        for (name, ns, section), c in said.items():
+            if name == want.name and ns in (None, want.namespace) and section in (None, want.section_name):
+                conds = c
+                break
+        if conds is None:
+            pending.append(label)
+            continue
+        bad = [c for t, c in conds.items() if t in ("Accepted", "ResolvedRefs") and c.get("status") == "False"]
+        if bad:
+            refused.append(f"Gateway {label}: " + "; ".join(
+                f"{c.get('type')}=False {c.get('reason') or ''}: {c.get('message') or 'no message'}".replace(" :", ":")
+                for c in bad))
+        elif (conds.get("Accepted") or {}).get("status") == "True":
+            accepted += 1
+        else:
+            pending.append(label)
+    if refused:
+        return False, "NotAccepted", "; ".join(refused)
+    if pending:
+        return None, "Pending", (f"no word yet from the controller of Gateway {', '.join(pending)} (is a Gateway "
+                                 f"controller running, and does the Gateway exist?)")
+    return True, "Accepted", f"accepted by {accepted} Gateway{'s' if accepted != 1 else ''}"
+
+
 def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
                 table: RoutesTable, pods: list[PodView], gateway_ready: int = 0,
                 workload_problems: list[tuple[str, str]] | None = None,
                 merged: tuple[MergedRef | None, str | None] | None = None,
-                decided: PoolPlacement | None = None) -> dict[str, Any]:
+                decided: PoolPlacement | None = None,
+                http_route: tuple[bool | None, str, str] | None = None) -> dict[str, Any]:
     """``workload_problems``: (reason, message) of each owned Deployment that cannot make or roll out
-    its pods. ``decided``: what placement decided (its shortfalls make the Placed condition)."""
+    its pods. ``decided``: what placement decided (its shortfalls make the Placed condition).
+    ``http_route``: the HTTPRouteAccepted condition (``http_route_readiness``), when the pool has one."""
     prev = _conditions(pool.status)
     if pool.spec is None:
         st = BaseModelPoolStatus(phase=PoolPhase.failed, observed_generation=pool.generation,
@@ -1059,6 +1108,12 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
             st.conditions.append(condition("Placed", ok, reason, text, pool.generation, prev))
             if not ok:
                 st.message = f"{st.message}; {text}"
+    if http_route is not None and pool.spec.http_route is not None:
+        ok, reason, text = http_route
+        assert st.conditions is not None
+        st.conditions.append(condition("HTTPRouteAccepted", ok, reason, text, pool.generation, prev))
+        if ok is False:
+            st.message = f"{st.message}; HTTPRoute {names.http_route_name(pool.name)} not accepted: {text}"
     gw = pool.spec.gateway
     if gw is not None and gw.enabled:
         # The Ingress answers while one gateway pod is Ready; the pool's own readiness is separate.
@@ -1085,7 +1140,8 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
               workload_problems: list[tuple[str, str]] | None = None, tenants: Tenants | None = None,
               merged: dict[str, MergedInfo] | None = None,
               merged_self: tuple[MergedRef | None, str | None] | None = None,
-              planned_status: dict[str, dict[str, Any]] | None = None) -> PoolPlan:
+              planned_status: dict[str, dict[str, Any]] | None = None,
+              http_route: tuple[bool | None, str, str] | None = None) -> PoolPlan:
     """Everything one reconcile of a pool decides. ``previous_status`` maps adapter name -> the
     status last written (or read), so conditions keep their transition times; ``planned_status``
     the statuses planned and not written yet (``adapter_status``'s ``planned``). ``memo`` (kept by the
@@ -1093,7 +1149,8 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
     did not move: one change in a pool of 1,000 adapters recomputes one status. ``tenants``: the
     namespace's LoRATenants and their sources (``Tenants``). ``merged``: adapter name -> the merged
     pool that takes its requests while Ready (this pool is the adapter's shared pool); ``merged_self``:
-    when this pool is a merged pool, what it merges, or why it cannot (``resolve_merged``)."""
+    when this pool is a merged pool, what it merges, or why it cannot (``resolve_merged``). ``http_route``:
+    its HTTPRoute's acceptance (``http_route_readiness``)."""
     check = None
     if tenants is not None:
         held = memo.get("\0sources") if memo is not None else None
@@ -1144,7 +1201,7 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
     for gone in set(statuses_memo) - set(statuses):
         del statuses_memo[gone]
     pstatus = (pool_status(pool, adapters, statuses, table, pods, gateway_ready, workload_problems, merged_self,
-                           decided)
+                           decided, http_route)
                if pool is not None else None)
     return PoolPlan(table=table, changed=changed, adapter_status=statuses, pool_status=pstatus)
 
