@@ -696,8 +696,9 @@ class Fleet:
             ref, _ = routing.resolve_merged(mview, a, tenants)
             if ref is not None:
                 mpods = list(mst.pods.values())
-                merged[a.name] = routing.MergedInfo(mview.name, ref.version, sum(p.ready for p in mpods),
-                                                    mview.spec.replicas, routing.merged_refusal(ref, mpods))
+                serving, other = routing.merged_ready(ref, mpods)
+                merged[a.name] = routing.MergedInfo(mview.name, ref.version, serving, mview.spec.replicas,
+                                                    routing.merged_refusal(ref, mpods), other)
         route = (routing.http_route_readiness(pool.spec, st.route_parents, st.route_missing)
                  if pool_ok and pool is not None and pool.spec is not None and pool.spec.http_route is not None
                  else None)

@@ -73,6 +73,7 @@ class PodView:
     ready: bool
     report: SyncReport | None
     terminating: bool = False  # deletionTimestamp set: placement no longer counts on it
+    merged: str | None = None  # a merged pool's pod: the digest of the adapter its runtime merges
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class MergedInfo:
     ready: int
     replicas: int
     refused: str | None = None  # why its pods' sidecars cannot ready that version (``merged_refusal``)
+    other_ready: int = 0  # Ready pods still merging another version (rolling), not in ``ready``
 
 
 def resolve_merged(pool: PoolView, adapter: AdapterView | None,
@@ -289,8 +291,21 @@ def pod_view(body: dict[str, Any]) -> PodView:
     meta = body.get("metadata", {})
     ready = pod_ready(body)
     report = SyncReport.from_annotation((meta.get("annotations") or {}).get(names.SYNC_ANNOTATION))
+    merged = None
+    for c in (body.get("spec") or {}).get("containers") or []:
+        for e in c.get("env") or []:
+            if e.get("name") == names.RuntimeEnv.MERGED_ADAPTER_DIR and e.get("value"):
+                merged = e["value"].rstrip("/").rsplit("/", 1)[-1]
     return PodView(name=meta.get("name", ""), ready=bool(ready), report=report,
-                   terminating=bool(meta.get("deletionTimestamp")))
+                   terminating=bool(meta.get("deletionTimestamp")), merged=merged)
+
+
+def merged_ready(ref: MergedRef, pods: list[PodView]) -> tuple[int, int]:
+    """A merged pool's Ready pods that merge ``ref`` (its digest in their template), and those still
+    merging another version (a roll under way: they answer as that version)."""
+    ready = [p for p in pods if p.ready]
+    current = sum(1 for p in ready if p.merged == ref.sha256)
+    return current, len(ready) - current
 
 
 # ------------------------------------------------------------------------------------- plan
@@ -905,6 +920,9 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
                             "readyReplicas": merged.ready, "replicas": merged.replicas})
         msg += (f"; merged into pool {merged.pool!r} (version {merged.version}, {merged.ready}/{merged.replicas} "
                 f"ready), which takes its requests while it has Ready replicas")
+        if merged.other_ready:
+            msg += (f"; {merged.other_ready} Ready pods of pool {merged.pool!r} still merge another version "
+                    f"(rolling to {merged.version})")
         if merged.refused:
             st["pools"][-1]["message"] = merged.refused
             msg += f"; pool {merged.pool!r}: {merged.refused}"

@@ -149,8 +149,16 @@ def test_the_ingress_sends_the_tenant_to_the_merged_pool_while_ready_through_sca
         marks["roll"] = n = len(answers)
         e2e.kubectl("apply", "-f", "-", input=e2e.push(adapters["2"], f"s3://adapters/acme/{ADAPTER}/2/", pool=SHARED,
                                                        tenant="acme", version="2", name=ADAPTER, ns=NS))
-        wait_for(lambda: answered_by(HOT, n, f"{ADAPTER}@2"), timeout=300, interval=0.5,
-                 what="the merged pool's new pod answering as version 2")
+        rolling: list[dict] = []
+
+        def rolled() -> bool:
+            st = status(e2e, "lora", ADAPTER)
+            if "still merge another version" in st.get("message", ""):
+                rolling.append(st)  # the old pod answers while the new one loads: the status says so
+            return answered_by(HOT, n, f"{ADAPTER}@2")
+        wait_for(rolled, timeout=300, interval=0.2, what="the merged pool's new pod answering as version 2")
+        assert rolling, "the adapter's status never said the merged pool was rolling"
+        assert rolling[0]["pools"][1]["version"] == "2" and rolling[0]["pools"][1]["readyReplicas"] == 0
         marks["rolled"] = n = len(answers)
         wait_for(lambda: len(answers) >= n + 10, timeout=120, what="load after the roll")
     finally:
