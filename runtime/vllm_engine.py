@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -37,9 +36,9 @@ log = logging.getLogger("lorafleet.runtime")
 # vLLM 0.32's LoRAConfig.max_lora_rank takes only these values.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_MAX_MODEL_LEN = 8192  # as the torch engine: the model's length, capped here
-# The share of GPU memory vLLM may take (weights, activations, KV cache); on vLLM's CPU build the KV cache
-# is sized by VLLM_CPU_KVCACHE_SPACE (GiB) instead.
-GPU_MEMORY_UTILIZATION_ENV = "LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION"
+# The share of GPU memory vLLM may take (weights, activations, KV cache) is the setting
+# vllm_gpu_memory_utilization (LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION); on vLLM's CPU build the KV cache is
+# sized by VLLM_CPU_KVCACHE_SPACE (GiB) instead.
 STARTUP_TIMEOUT_S = 1800.0
 # vLLM's CPU build (0.32.0) computes rows without an adapter wrongly when they share a batch with rows that
 # have one (seen here: alone they equal Hugging Face's, mixed they do not; the adapter rows stay exact). On
@@ -226,7 +225,7 @@ class VLLMEngine(ServingEngine):
             enable_lora=True, max_loras=settings.device_slots,
             max_cpu_loras=max(settings.host_adapters, settings.device_slots), max_lora_rank=lora_rank,
             max_num_seqs=settings.max_batch_size, enforce_eager=not on_gpu,
-            gpu_memory_utilization=float(os.environ.get(GPU_MEMORY_UTILIZATION_ENV, "0.9")),
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
             disable_log_stats=True, seed=0)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         loop = asyncio.new_event_loop()

@@ -41,7 +41,8 @@ def expected(model, adapters):
 @pytest.fixture(scope="module")
 def server(model, adapters):
     # Two device slots for five adapters: vLLM swaps adapters in and out of its slots between steps.
-    srv = start_runtime(model, engine="vllm", device_slots=2, host_adapters=8, max_rank=16, max_batch_size=8,
+    srv = start_runtime(model, engine="vllm", vllm_gpu_memory_utilization=0.3,  # a shared card
+                        device_slots=2, host_adapters=8, max_rank=16, max_batch_size=8,
                         max_queue_delay_ms=0)
     with httpx.Client(base_url=srv.admin_url) as admin:
         for name, path in adapters.items():
