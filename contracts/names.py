@@ -38,6 +38,11 @@ LABEL_GATEWAY_FOR = "lorafleet.io/gateway-for"
 
 # Annotations
 SYNC_ANNOTATION = "lorafleet.io/sync"  # on pool pods, written by the sidecar
+# Kubernetes' hint to the ReplicaSet controller of which pods to delete first on scale down (lower
+# first, among pods equally scheduled, running and ready). A pool pod's sidecar sets it to
+# DRAIN_DELETION_COST while the routes drain its pod (``RoutesTable.draining``), and removes it after.
+POD_DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+DRAIN_DELETION_COST = "-2147483648"
 ROUTES_KEY = "routes.json"  # key of the routes ConfigMaps
 
 # Ports and paths inside a pool pod

@@ -99,10 +99,18 @@ class RoutesTable(_Wire):
     # The pods placement considered when the table was written (unset: no adapter is placed on
     # some replicas only). A pod not named has not been given its placements yet: it stays unready.
     placed_on: list[str] | None = Field(None, alias="placedOn")
+    # Pods the pool scales down by (``spec.replicas`` lowered): placed over no more, they keep what
+    # they hold (``RouteEntry.leaving``) until its new holders have it, and their sidecars mark them
+    # first for deletion (``names.POD_DELETION_COST_ANNOTATION``) before the Deployment's replicas drop.
+    draining: list[str] | None = None
 
     def awaits_placement(self, pod: str) -> bool:
         """Whether ``pod`` is new to the placement (its share of the adapters is not in this table)."""
-        return self.placed_on is not None and pod not in self.placed_on
+        return self.placed_on is not None and pod not in self.placed_on and pod not in (self.draining or ())
+
+    def drains(self, pod: str) -> bool:
+        """Whether the pool is scaling down by ``pod``."""
+        return pod in (self.draining or ())
 
     # -------------------------------------------------------------------------- serialization
 
@@ -125,7 +133,7 @@ class RoutesTable(_Wire):
         """Exactly ``RoutesTable(..., shard=shard, shards=shards, shard_generations=[generation] * shards)
         .to_json()``, without re-serializing entries."""
         return shard_text(self.pool, self.generation, parts, shard, shards,
-                          [self.generation] * shards if shards else None, self.placed_on)
+                          [self.generation] * shards if shards else None, self.placed_on, self.draining)
 
     def shard_count(self, budget: int = SHARD_BUDGET_BYTES) -> int:
         """Smallest power of two such that every shard's JSON fits ``budget`` bytes.
@@ -184,7 +192,8 @@ class RoutesTable(_Wire):
                     gens is None  # written before shards named their generations: presence only
                     or len(gens) == count and all(group[i].generation == g for i, g in enumerate(gens)))
             if complete and (best is None or newest.generation > best.generation):
-                best = cls(pool=pool, generation=newest.generation, placed_on=newest.placed_on)
+                best = cls(pool=pool, generation=newest.generation, placed_on=newest.placed_on,
+                           draining=newest.draining)
                 for s in group.values():
                     best.adapters.update(s.adapters)
         return best
@@ -205,7 +214,8 @@ class RoutesTable(_Wire):
             return cls(pool=pool)
         newest = max(shards, key=lambda s: s.generation)
         count = newest.shards
-        out = cls(pool=pool, generation=max(s.generation for s in shards), placed_on=newest.placed_on)
+        out = cls(pool=pool, generation=max(s.generation for s in shards), placed_on=newest.placed_on,
+                  draining=newest.draining)
         for s in shards:
             if s.shards != count:
                 continue
@@ -218,15 +228,17 @@ def _canonical(value) -> str:
 
 
 def shard_text(pool: str, generation: int, parts: list[str], shard: int | None, shards: int | None,
-               shard_generations: list[int] | None, placed_on: list[str] | None = None) -> str:
+               shard_generations: list[int] | None, placed_on: list[str] | None = None,
+               draining: list[str] | None = None) -> str:
     """A shard's canonical JSON (``RoutesTable.to_json``) from its entries already serialized
     (``"name":{entry}``, sorted by name)."""
     placed = "" if placed_on is None else ',"placedOn":' + json.dumps(placed_on, separators=(",", ":"))
+    drain = "" if draining is None else ',"draining":' + json.dumps(draining, separators=(",", ":"))
     tail = ""
     if shards:
         tail = (f',"shard":{shard},"shardGenerations":[{",".join(str(g) for g in shard_generations or [])}]'
                 f',"shards":{shards}')
-    return ('{"adapters":{' + ",".join(parts) + '},"generation":' + str(generation) + placed
+    return ('{"adapters":{' + ",".join(parts) + "}" + drain + ',"generation":' + str(generation) + placed
             + ',"pool":' + json.dumps(pool) + tail + "}")
 
 
@@ -262,10 +274,6 @@ class SyncReport(_Wire):
     # failed, with ``modelError`` its reason for the last two; unset while the runtime is unreachable.
     runtime_model: str | None = Field(None, alias="runtimeModel")
     model_error: str | None = Field(None, alias="modelError")
-    # A merged pool's pod: why the sidecar has not readied the adapter its runtime merges (fetch
-    # failed, digest mismatch, content refused by the adapter rules), retried with backoff. Its
-    # routes name no adapter, so no adapter's failure would say why the pod never turns Ready.
-    merged_adapter_failure: str | None = Field(None, alias="mergedAdapterFailure")
     # Set while the sidecar keeps its last complete routes table because the ConfigMaps are gone or
     # not a complete set of shards: why, and which generation it serves.
     routes_stale: str | None = Field(None, alias="routesStale")

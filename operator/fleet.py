@@ -62,7 +62,6 @@ class PoolState:
     children: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     moved_while_applying: bool = False
     route_missing: bool = False  # its HTTPRoute was refused: the API server has no Gateway API (tried again)
-    route_parents: list[dict[str, Any]] | None = None  # its HTTPRoute's status.parents (the Gateways' word)
     status_written: tuple[str, dict[str, Any]] | None = None  # (pool uid, status) last written
     memo: dict = field(default_factory=dict)  # routing.plan_pool's memo: entries and statuses of the last plan
     parts: routing.Parts = field(default_factory=dict)  # routing.plan_shards' serialized entries
@@ -281,12 +280,10 @@ class Fleet:
         view = routing.pod_view(body)
         if pods.get(name) == view:
             return  # neither readiness nor the sync report moved
-        before = pods.get(name)
+        was_ready = name in pods and pods[name].ready
         pods[name] = view
         self.touch(key)
-        if (before is None or before.ready != view.ready
-                or _merged_failure(before) != _merged_failure(view)):
-            # The adapter's status counts the merged pool's Ready pods and says why none loads it.
+        if was_ready != view.ready:
             self._touch_shared_of(self.pool(key).view)
 
     def _gateway_pod_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
@@ -415,11 +412,11 @@ class Fleet:
                      "the pool's spec again", namespace, name, view.generation, known)
             st.reapply()
             self.touch(key)
-        elif old is None or old.problem != view.problem:
+        elif old is None or old.problem != view.problem or old.replicas != view.replicas:
             pool = st.view
-            if view.problem and pool is not None:
+            if view.problem and pool is not None and (old is None or old.problem != view.problem):
                 kopf.warn(pool.ref(), reason="ReplicaFailure", message=view.problem)
-            self.touch(key)
+            self.touch(key)  # its replicas: a scale down drains against them
 
     def owned_event(self, kind: str, kind_event: str | None, body: dict[str, Any]) -> None:
         """An owned Service, ServiceAccount or Ingress changed: one that lost a field the operator
@@ -435,11 +432,6 @@ class Fleet:
         st = self.state.get(key)
         if st is None or st.view is None or st.view.uid != owner.get("uid"):
             return
-        if kind == names.HTTPROUTE_KIND and name == names.http_route_name(key[1]):
-            parents = None if kind_event == "DELETED" else (body.get("status") or {}).get("parents")
-            if parents != st.route_parents:  # a Gateway's controller accepted or refused it: the pool says so
-                st.route_parents = parents
-                self.touch(key)
         applied = st.children.get((kind, name))
         if applied is None:
             return  # not one of the pool's children now (one the operator deletes)
@@ -681,6 +673,7 @@ class Fleet:
         planned_status = {a.name: s for a in adapters if (s := self.desired.get((namespace, a.name)))
                           and s is not self.written.get((namespace, a.name))}
         gateway_ready = sum(st.gateway_pods.values())
+        deployed = st.workloads.get(names.deployment_name(pool_name))
         problems = [(w.reason or "ReplicaFailure", w.problem) for w in st.workloads.values() if w.problem]
         tenants = self.tenants.get(namespace, {})
         merged_self = None
@@ -695,17 +688,13 @@ class Fleet:
                 continue
             ref, _ = routing.resolve_merged(mview, a, tenants)
             if ref is not None:
-                mpods = list(mst.pods.values())
-                serving, other = routing.merged_ready(ref, mpods)
-                merged[a.name] = routing.MergedInfo(mview.name, ref.version, serving, mview.spec.replicas,
-                                                    routing.merged_refusal(ref, mpods), other)
-        route = (routing.http_route_readiness(pool.spec, st.route_parents, st.route_missing)
-                 if pool_ok and pool is not None and pool.spec is not None and pool.spec.http_route is not None
-                 else None)
+                merged[a.name] = routing.MergedInfo(mview.name, ref.version, sum(p.ready for p in mst.pods.values()),
+                                                    mview.spec.replicas)
         plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status, st.memo,
                                  gateway_ready=gateway_ready, workload_problems=problems,
                                  tenants=tenants, merged=merged, merged_self=merged_self,
-                                 planned_status=planned_status, http_route=route)
+                                 planned_status=planned_status,
+                                 deployed_replicas=deployed.replicas if deployed is not None else None)
 
         if pool_ok:
             assert pool is not None
@@ -717,7 +706,10 @@ class Fleet:
             else:  # the ConfigMaps were checked against this same table already
                 write, delete, count, parsed = {}, [], st.shard_count, {}
             st.shard_count = count
-            await self._apply_children(st, pool, count, merged_self[0] if merged_self else None)
+            # Routes first when a scale down drains pods (below): the Deployment's replicas drop only
+            # once the routes no longer need the pods it removes.
+            await self._apply_children(st, pool, count, merged_self[0] if merged_self else None,
+                                       plan.deployment_replicas)
             if st.shards is not current:
                 # A routes ConfigMap was deleted or edited while the children were applied (a
                 # namespace being deleted does that): routes_event forgot what the ConfigMaps hold and
@@ -760,10 +752,11 @@ class Fleet:
                   1000 * (asyncio.get_running_loop().time() - started))
 
     async def _apply_children(self, st: PoolState, pool: PoolView, shards: int,
-                              merged: routing.MergedRef | None = None) -> None:
+                              merged: routing.MergedRef | None = None, replicas: int | None = None) -> None:
+        """``replicas``: the Deployment's (None: spec.replicas), held above it while a scale down drains."""
         assert self.kube is not None and pool.spec is not None
         children = manifests.pool_children(pool.name, pool.namespace, pool.uid, pool.spec, shards,
-                                           self.sidecar_cluster_role, merged, self.runtime_images)
+                                           self.sidecar_cluster_role, merged, self.runtime_images, replicas)
         canonical = json.dumps(children, sort_keys=True)
         if st.applied == canonical:
             return
@@ -820,9 +813,7 @@ class Fleet:
             self._spawn(self._apply_later((pool.namespace, pool.name), ROUTE_RETRY_S))
         elif st.route_missing:
             log.info("pool %s/%s: HTTPRoute applied (the Gateway API is there now)", pool.namespace, pool.name)
-        if st.route_missing != (missing_kind is not None):
-            st.route_missing = missing_kind is not None
-            st.dirty = True  # the pool's HTTPRouteAccepted condition says it
+        st.route_missing = missing_kind is not None
         if st.applied is not None or pool.status.get("observedGeneration") != pool.generation:
             gateway = (f"; gateway {names.gateway_name(pool.name)} ({pool.spec.gateway.replicas} replicas)"
                        if pool.spec.gateway is not None and pool.spec.gateway.enabled else "")
@@ -926,7 +917,3 @@ def _pool_owner(meta: dict[str, Any]) -> dict[str, Any] | None:
     """The BaseModelPool owner reference that controls an object, if any."""
     return next((o for o in meta.get("ownerReferences") or []
                  if o.get("kind") == names.POOL_KIND and o.get("controller")), None)
-
-
-def _merged_failure(view: routing.PodView) -> str | None:
-    return view.report.merged_adapter_failure if view.report is not None else None

@@ -144,6 +144,11 @@ CONTAINER_SECURITY: dict[str, Any] = {"allowPrivilegeEscalation": False, "readOn
 TMP_VOLUME = "tmp"
 # Scratch space: Python, torch and the HF libraries write caches under $HOME (/tmp in the images).
 TMP_SIZE = "1Gi"
+# A deleted pool pod keeps answering this long before its runtime gets SIGTERM (the preStop sleep),
+# while the endpoints, gateways and ingress controllers drop it; then the runtime finishes what is in
+# flight (uvicorn's graceful shutdown, 5 s) within the grace period.
+PRESTOP_SLEEP_S = 5
+TERMINATION_GRACE_S = 30
 
 
 def pod_annotations(spec: BaseModelPoolSpec) -> dict[str, str]:
@@ -189,7 +194,10 @@ def sidecar_readiness(spec: BaseModelPoolSpec) -> dict[str, Any]:
 
 
 def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
-               merged: "MergedRef | None" = None, images: RuntimeImages = RuntimeImages()) -> Manifest:
+               merged: "MergedRef | None" = None, images: RuntimeImages = RuntimeImages(),
+               replicas: int | None = None) -> Manifest:
+    """``replicas``: the Deployment's (None: ``spec.replicas``); the operator holds it above
+    spec.replicas while a scale down drains the pods it removes (operator/routing.py, ``plan_drain``)."""
     labels = names.pool_labels(pool, "runtime")
     mount = [{"name": names.CACHE_VOLUME, "mountPath": names.CACHE_MOUNT},
              {"name": TMP_VOLUME, "mountPath": "/tmp"}]
@@ -210,6 +218,10 @@ def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
         "resources": _resources(spec.runtime.resources),
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": mount,
+        # A pod being deleted leaves the Service's endpoints, the gateway's view and the ingress
+        # controllers' tables within moments, not at once: it keeps answering meanwhile, and the
+        # runtime's SIGTERM (finish what is in flight, then exit) comes after.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
     }
     sidecar = {
         "name": names.SIDECAR_CONTAINER,
@@ -230,13 +242,14 @@ def deployment(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec,
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _meta(names.deployment_name(pool), namespace, pool, uid, "runtime"),
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": spec.replicas if replicas is None else replicas,
             "selector": {"matchLabels": names.pod_selector(pool)},
             "template": {
                 "metadata": {"labels": labels, "annotations": pod_annotations(spec)},
                 "spec": {
                     "serviceAccountName": names.sidecar_service_account(pool),
                     "securityContext": POD_SECURITY,
+                    "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
                     **placement(spec),
                     "initContainers": [sidecar],
                     "containers": [runtime],
@@ -532,7 +545,7 @@ def routes_configmap(pool: str, namespace: str, uid: str, name: str, routes_json
 
 def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, shards: int = 1,
                   sidecar_cluster_role: str | None = None, merged: "MergedRef | None" = None,
-                  images: RuntimeImages = RuntimeImages()) -> list[Manifest]:
+                  images: RuntimeImages = RuntimeImages(), replicas: int | None = None) -> list[Manifest]:
     """Everything a pool owns except its routes, in the order to apply them (the pod's service
     account and its permissions before the Deployment that uses them; the gateway's Service before
     the Ingress and HTTPRoute that point at it)."""
@@ -548,5 +561,5 @@ def pool_children(pool: str, namespace: str, uid: str, spec: BaseModelPoolSpec, 
     if spec.model.merged_adapter is None or merged is not None:
         # A merged pool whose adapter cannot be resolved gets no Deployment (its status says why):
         # pods of the plain base would answer as the adapter. One already running keeps its version.
-        out.append(deployment(pool, namespace, uid, spec, merged, images))
+        out.append(deployment(pool, namespace, uid, spec, merged, images, replicas))
     return out

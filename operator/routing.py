@@ -11,7 +11,7 @@ import json
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterable
 
 from pydantic import ValidationError
 
@@ -73,7 +73,8 @@ class PodView:
     ready: bool
     report: SyncReport | None
     terminating: bool = False  # deletionTimestamp set: placement no longer counts on it
-    merged: str | None = None  # a merged pool's pod: the digest of the adapter its runtime merges
+    deletion_cost: str | None = None  # its controller.kubernetes.io/pod-deletion-cost annotation
+    created: str = ""  # creationTimestamp
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class WorkloadView:
     generation: int
     problem: str | None  # why its pods are not being created or rolled out, from its conditions
     reason: str | None = None  # that condition's reason (FailedCreate, ProgressDeadlineExceeded)
+    replicas: int | None = None  # its spec.replicas (what the ReplicaSet keeps running)
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,6 @@ class MergedInfo:
     version: str
     ready: int
     replicas: int
-    refused: str | None = None  # why its pods' sidecars cannot ready that version (``merged_refusal``)
-    other_ready: int = 0  # Ready pods still merging another version (rolling), not in ``ready``
 
 
 def resolve_merged(pool: PoolView, adapter: AdapterView | None,
@@ -144,25 +144,6 @@ def resolve_merged(pool: PoolView, adapter: AdapterView | None,
                      sha256=source.sha256, tenant=spec.tenant, shared_pool=spec.pool), None
 
 
-def merged_refusal(ref: MergedRef, pods: list["PodView"]) -> str | None:
-    """Why a merged pool's pods do not load ``ref``: their sidecars' ``mergedAdapterFailure`` (a digest
-    mismatch, a fetch failing, content the adapter rules refuse), naming the adapter, its version and
-    digest and the pods; None while no pod reports one. The pool's ModelReady condition and the
-    adapter's status both say this."""
-    why: dict[str, list[str]] = {}
-    for p in pods:
-        if p.report is not None and p.report.merged_adapter_failure:
-            why.setdefault(p.report.merged_adapter_failure, []).append(p.name)
-    if not why:
-        return None
-    parts = []
-    for reason, who in sorted(why.items()):
-        named = ", ".join(sorted(who)[:3]) + (", ..." if len(who) > 3 else "")
-        parts.append(f"on {len(who)}/{len(pods)} pods ({named}): {reason}")
-    return (f"the sidecar cannot ready merged adapter {names.versioned_name(ref.served_name, ref.version)} "
-            f"(LoRAAdapter {ref.adapter!r}, sha256 {ref.sha256}) " + "; ".join(parts))
-
-
 def workload_view(body: dict[str, Any]) -> WorkloadView:
     """The Deployment's ``ReplicaFailure`` (the ReplicaSet could not create pods: a quota, an
     admission refusal; the ReplicaSet's message names it) or a ``Progressing=False`` rollout."""
@@ -176,7 +157,9 @@ def workload_view(body: dict[str, Any]) -> WorkloadView:
             reason = str(c.get("reason") or type_)
             problem = f"Deployment {name}: {reason}: {c.get('message') or ''}".rstrip(": ")
             break
-    return WorkloadView(name=name, generation=int(meta.get("generation") or 0), problem=problem, reason=reason)
+    replicas = (body.get("spec") or {}).get("replicas")
+    return WorkloadView(name=name, generation=int(meta.get("generation") or 0), problem=problem, reason=reason,
+                        replicas=int(replicas) if replicas is not None else None)
 
 
 def holds(obj: Any, applied: Any) -> bool:
@@ -291,21 +274,10 @@ def pod_view(body: dict[str, Any]) -> PodView:
     meta = body.get("metadata", {})
     ready = pod_ready(body)
     report = SyncReport.from_annotation((meta.get("annotations") or {}).get(names.SYNC_ANNOTATION))
-    merged = None
-    for c in (body.get("spec") or {}).get("containers") or []:
-        for e in c.get("env") or []:
-            if e.get("name") == names.RuntimeEnv.MERGED_ADAPTER_DIR and e.get("value"):
-                merged = e["value"].rstrip("/").rsplit("/", 1)[-1]
     return PodView(name=meta.get("name", ""), ready=bool(ready), report=report,
-                   terminating=bool(meta.get("deletionTimestamp")), merged=merged)
-
-
-def merged_ready(ref: MergedRef, pods: list[PodView]) -> tuple[int, int]:
-    """A merged pool's Ready pods that merge ``ref`` (its digest in their template), and those still
-    merging another version (a roll under way: they answer as that version)."""
-    ready = [p for p in pods if p.ready]
-    current = sum(1 for p in ready if p.merged == ref.sha256)
-    return current, len(ready) - current
+                   terminating=bool(meta.get("deletionTimestamp")),
+                   deletion_cost=(meta.get("annotations") or {}).get(names.POD_DELETION_COST_ANNOTATION),
+                   created=meta.get("creationTimestamp") or "")
 
 
 # ------------------------------------------------------------------------------------- plan
@@ -317,6 +289,10 @@ class PoolPlan:
     changed: bool  # routes differ from the previous table
     adapter_status: dict[str, dict[str, Any]]  # adapter name -> status (wire form)
     pool_status: dict[str, Any] | None
+    # The Deployment's replicas to apply: spec.replicas, or while a scale down drains pods the
+    # replicas it has until every adapter that stays served is loaded where it goes.
+    deployment_replicas: int | None = None
+    drain: "Drain | None" = None
 
 
 Tenants = dict[str, list[str]]  # tenant (LoRATenant name) -> its spec.sources, in one namespace
@@ -534,17 +510,20 @@ def _verified_current(entry: RouteEntry, known: dict[str, int]) -> bool:
 
 def place_adapters(adapters: list[AdapterView], problems: dict[str, list[str]], pool_spec: BaseModelPoolSpec | None,
                    pods: list[PodView], previous: RoutesTable | None = None,
-                   known: dict[str, int] | None = None) -> PoolPlacement:
+                   known: dict[str, int] | None = None, draining: Iterable[str] = ()) -> PoolPlacement:
     """Where every valid adapter placed on some replicas (not "all") goes: its spec's count, raised
     by its measured request rate (``spec.placement.requestsPerReplica``, with ``previous``'s counts
-    for the hysteresis), within each pod's disk and host-memory budgets."""
+    for the hysteresis), within each pod's disk and host-memory budgets. ``draining``: pods the pool
+    scales down by, placed over no more."""
     out = PoolPlacement()
     if pool_spec is None:
         return out
     default_size = pool_spec.cache.max_adapter_bytes_int
     # A pod is placed over once its sidecar reports (it runs: scheduled, started), Ready or not, so
     # it has its share before it turns Ready; a pod that never started (unschedulable) gets none.
-    live = sorted(p.name for p in pods if not p.terminating and (p.ready or p.report is not None))
+    drained = set(draining)
+    live = sorted(p.name for p in pods
+                  if not p.terminating and (p.ready or p.report is not None) and p.name not in drained)
     per_replica = pool_spec.placement.requests_per_replica
     out.popularity = per_replica is not None
     rates = measured_rates(pods) if per_replica is not None else {}
@@ -570,6 +549,70 @@ def place_adapters(adapters: list[AdapterView], problems: dict[str, list[str]], 
     out.targets, out.short, out.blocked, out.extra_short = got.holders, got.short, got.blocked, got.extra_short
     out.live = live
     return out
+
+
+@dataclass
+class Drain:
+    """A scale down in progress: ``spec.replicas`` (``wanted``) below the pods running. The pods to
+    remove (``pods``) are placed over no more and keep what they hold until its new holders have it;
+    the Deployment keeps ``deployed`` replicas until ``done``."""
+
+    wanted: int
+    deployed: int
+    running: int  # pods alive (not terminating)
+    pods: list[str]
+    moving: int = 0  # adapters still on a drained pod (its new holders have not loaded them)
+    unmarked: list[str] = field(default_factory=list)  # drained pods whose sidecar has not marked them yet
+
+    @property
+    def done(self) -> bool:
+        return not self.moving and not self.unmarked
+
+    def words(self) -> str:
+        why = (f"{self.moving} adapters still moving to the replicas that stay" if self.moving else
+               f"waiting for the sidecar of {', '.join(self.unmarked)} to set {names.POD_DELETION_COST_ANNOTATION}"
+               if self.unmarked else "replicas lowered")
+        return f"scaling down from {self.running} to {self.wanted} replicas: draining {', '.join(self.pods)}; {why}"
+
+
+def plan_drain(pool_spec: BaseModelPoolSpec | None, pods: list[PodView], previous: RoutesTable,
+               deployed: int | None) -> Drain | None:
+    """Which pods a scale down removes, while ``spec.replicas`` is below the Deployment's replicas
+    (``deployed``) and more pods are alive than wanted, in a pool whose routes place adapters on some
+    replicas (without placement every replica holds everything: nothing to move first). Chosen as the
+    ReplicaSet controller would delete them before deletion costs count (a pod that never started,
+    then one not Ready), then the pods already draining, then those holding the fewest adapters (least
+    to move), then by name; once a drain began, its pods stay chosen (the routes name them). None
+    when nothing drains: the Deployment gets ``spec.replicas`` at once."""
+    if pool_spec is None or previous.placed_on is None:
+        return None
+    wanted = pool_spec.replicas
+    alive = [p for p in pods if not p.terminating]
+    before = set(previous.draining or ())
+    if deployed is None and before:
+        deployed = len(alive)  # the operator restarted mid-drain and has not seen the Deployment yet
+    if deployed is None or len(alive) <= wanted:
+        return None
+    if deployed <= wanted:
+        # Lowered already (the drain was done): the pods it drained until the ReplicaSet deletes them.
+        candidates = [p for p in alive if p.name in before]
+        if not candidates:
+            return None  # more pods than wanted for another reason (a rollout's surge): not ours to pick
+    else:
+        candidates = alive
+    held: dict[str, int] = {}
+    for e in previous.adapters.values():
+        for pod in e.holders or {}:
+            held[pod] = held.get(pod, 0) + 1
+
+    def order(p: PodView) -> tuple:
+        started = p.ready or p.report is not None
+        return (0 if not started else 1 if not p.ready else 2, p.name not in before, held.get(p.name, 0), p.name)
+
+    chosen = sorted(sorted(candidates, key=order)[:len(alive) - wanted], key=lambda p: p.name)
+    unmarked = [p.name for p in chosen if p.report is not None and p.deletion_cost != names.DRAIN_DELETION_COST]
+    return Drain(wanted=wanted, deployed=max(deployed, wanted), running=len(alive), pods=[p.name for p in chosen],
+                 unmarked=unmarked)
 
 
 def with_leaving(served: str, entry: RouteEntry, previous: RouteEntry | None, pods: list[PodView]) -> RouteEntry:
@@ -610,14 +653,18 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
                 tenants: Tenants | SourceCheck | None = None,
                 merged: dict[str, MergedInfo] | None = None,
                 pool_spec: BaseModelPoolSpec | None = None,
-                outcome: dict[str, Any] | None = None) -> tuple[RoutesTable, bool]:
+                outcome: dict[str, Any] | None = None, deployed: int | None = None) -> tuple[RoutesTable, bool]:
     """``pool_spec``: the pool's spec, for placement (None: every replica holds every adapter).
-    ``outcome`` gets the ``PoolPlacement`` under "placement"."""
+    ``deployed``: the Deployment's replicas as last seen (a scale down drains pods first: ``plan_drain``).
+    ``outcome`` gets the ``PoolPlacement`` under "placement" and the ``Drain`` (or None) under "drain"."""
     ready = [p for p in pods if p.ready]
     known = known_sizes(previous, pods)
-    decided = place_adapters(adapters, problems, pool_spec, pods, previous, known)
+    drain = plan_drain(pool_spec, pods, previous, deployed)
+    decided = place_adapters(adapters, problems, pool_spec, pods, previous, known,
+                             draining=drain.pods if drain is not None else ())
     if outcome is not None:
         outcome["placement"] = decided
+        outcome["drain"] = drain
     targets, placed_on = decided.targets, decided.live
     entries: dict[str, RouteEntry] = {}
     for a in adapters:
@@ -663,7 +710,17 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
         elif kept is not entry:
             entries[served] = kept
     placed = placed_on if targets else None
-    changed = entries != previous.adapters or placed != previous.placed_on
+    draining = drain.pods if drain is not None and placed is not None else None
+    if draining is not None:
+        assert drain is not None
+        def on_drained(table: dict[str, RouteEntry]) -> int:
+            return sum(1 for e in table.values()
+                       if any(p in (e.leaving or {}) or p in (e.holders or {}) for p in draining))
+
+        # Counted in the routes written before too: the replicas drop only once routes that no
+        # longer need the drained pods are out (this plan's are written after the Deployment).
+        drain.moving = max(on_drained(entries), on_drained(previous.adapters))
+    changed = entries != previous.adapters or placed != previous.placed_on or draining != previous.draining
     generation = previous.generation + 1 if changed else previous.generation
     _fill_since(entries, generation)
     if entry_memo is not None:
@@ -671,7 +728,7 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
         entry_memo.update({a.name: ((a.uid, a.generation, _route_of((merged or {}).get(a.name))),
                                     entries[a.served_name]) for a in adapters
                            if a.spec is not None and not problems.get(a.name) and a.served_name in entries})
-    return RoutesTable(pool=pool, generation=generation, adapters=entries, placed_on=placed), changed
+    return RoutesTable(pool=pool, generation=generation, adapters=entries, placed_on=placed, draining=draining), changed
 
 
 # Serialized entries, (id(entry), served name) -> (entry, '"name":{entry}'), kept by the caller per
@@ -697,7 +754,7 @@ def _shard_text(table: RoutesTable, parts: list[str], shard: int | None, shards:
     if shards and generations is None:
         generations = [table.generation] * shards
     return shard_text(table.pool, table.generation, parts, shard, shards, generations if shards else None,
-                      table.placed_on)
+                      table.placed_on, table.draining)
 
 
 def shard_layout(table: RoutesTable, budget: int = SHARD_BUDGET_BYTES,
@@ -749,7 +806,7 @@ def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable], budget: in
         adapters = {served: table.adapters[served] for served, _ in bucket}
         old = existing.get(name)
         if (old is not None and old.pool == table.pool and old.shards == count and old.adapters == adapters
-                and old.generation >= 0 and old.placed_on == table.placed_on):
+                and old.generation >= 0 and old.placed_on == table.placed_on and old.draining == table.draining):
             generations.append(old.generation)
             continue
         generations.append(table.generation)
@@ -761,7 +818,7 @@ def plan_shards(table: RoutesTable, existing: dict[str, RoutesTable], budget: in
         parsed[name] = RoutesTable.model_construct(pool=table.pool, generation=table.generation, adapters=adapters,
                                                    shard=index, shards=count,
                                                    shard_generations=list(generations) if count else None,
-                                                   placed_on=table.placed_on)
+                                                   placed_on=table.placed_on, draining=table.draining)
     delete = sorted(set(existing) - set(wanted))
     return write, delete, n
 
@@ -920,27 +977,16 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
                             "readyReplicas": merged.ready, "replicas": merged.replicas})
         msg += (f"; merged into pool {merged.pool!r} (version {merged.version}, {merged.ready}/{merged.replicas} "
                 f"ready), which takes its requests while it has Ready replicas")
-        if merged.other_ready:
-            msg += (f"; {merged.other_ready} Ready pods of pool {merged.pool!r} still merge another version "
-                    f"(rolling to {merged.version})")
-        if merged.refused:
-            st["pools"][-1]["message"] = merged.refused
-            msg += f"; pool {merged.pool!r}: {merged.refused}"
     st["phase"] = phase.value
     st["message"] = msg
     st["conditions"] = [cond("Ready", phase == AdapterPhase.ready, reason, msg), synced, valid]
     return st
 
 
-def model_readiness(pods: list[PodView], merged: MergedRef | None = None) -> tuple[bool | None, str, str]:
+def model_readiness(pods: list[PodView]) -> tuple[bool | None, str, str]:
     """The pool's ModelReady condition from its pods' sync reports (what each runtime says of its base
     model): False ``ModelRefused`` / ``ModelLoadFailed`` with the runtime's own message when a pod's
-    runtime cannot serve it, True ``ModelLoaded`` once one has it (a Ready pod has), else Unknown.
-    A merged pool (``merged``) whose adapter a pod's sidecar cannot ready (``merged_refusal``) is
-    False ``MergedAdapterRefused`` unless another pod has loaded the model."""
-    refused = merged_refusal(merged, pods) if merged is not None else None
-    if refused is not None and not any(p.ready for p in pods):
-        return False, "MergedAdapterRefused", refused
+    runtime cannot serve it, True ``ModelLoaded`` once one has it (a Ready pod has), else Unknown."""
     refusals: dict[tuple[str, str], list[str]] = {}
     loaded = 0
     for p in pods:
@@ -1012,62 +1058,14 @@ def placement_condition(decided: PoolPlacement) -> tuple[bool, str, str]:
     return False, reason, "; ".join(parts) + f": no replica has room within {budget_words(budgets)}"
 
 
-def http_route_readiness(spec: BaseModelPoolSpec, parents: list[dict[str, Any]] | None,
-                         missing: bool = False) -> tuple[bool | None, str, str]:
-    """The pool's HTTPRouteAccepted condition from its HTTPRoute's ``status.parents`` (what each Gateway's
-    controller says of the route): True once every Gateway in ``spec.httpRoute.parentRefs`` has accepted
-    it with its references resolved; False naming each Gateway that refused it, with its controller's
-    reason and message, or when the API server has no Gateway API (``missing``); Unknown while a Gateway
-    has not said (no controller for it yet)."""
-    route = spec.http_route
-    assert route is not None
-    if missing:
-        return False, "GatewayAPIMissing", (f"the API server has no {names.HTTPROUTE_KIND} "
-                                            f"({names.GATEWAY_API_GROUP}/{names.GATEWAY_API_VERSION})")
-    said: dict[tuple[str, str | None, str | None], dict[str, dict[str, Any]]] = {}
-    for ps in parents or []:
-        ref = ps.get("parentRef") or {}
-        if (ref.get("kind") or "Gateway") != "Gateway" or not ref.get("name"):
-            continue
-        conds = {c.get("type"): c for c in ps.get("conditions") or [] if isinstance(c, dict)}
-        said[ref["name"], ref.get("namespace"), ref.get("sectionName")] = conds
-    refused, pending, accepted = [], [], 0
-    for want in route.parent_refs:
-        label = want.name if want.namespace is None else f"{want.namespace}/{want.name}"
-        conds = None
-        for (name, ns, section), c in said.items():
-            if name == want.name and ns in (None, want.namespace) and section in (None, want.section_name):
-                conds = c
-                break
-        if conds is None:
-            pending.append(label)
-            continue
-        bad = [c for t, c in conds.items() if t in ("Accepted", "ResolvedRefs") and c.get("status") == "False"]
-        if bad:
-            refused.append(f"Gateway {label}: " + "; ".join(
-                f"{c.get('type')}=False {c.get('reason') or ''}: {c.get('message') or 'no message'}".replace(" :", ":")
-                for c in bad))
-        elif (conds.get("Accepted") or {}).get("status") == "True":
-            accepted += 1
-        else:
-            pending.append(label)
-    if refused:
-        return False, "NotAccepted", "; ".join(refused)
-    if pending:
-        return None, "Pending", (f"no word yet from the controller of Gateway {', '.join(pending)} (is a Gateway "
-                                 f"controller running, and does the Gateway exist?)")
-    return True, "Accepted", f"accepted by {accepted} Gateway{'s' if accepted != 1 else ''}"
-
-
 def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
                 table: RoutesTable, pods: list[PodView], gateway_ready: int = 0,
                 workload_problems: list[tuple[str, str]] | None = None,
                 merged: tuple[MergedRef | None, str | None] | None = None,
-                decided: PoolPlacement | None = None,
-                http_route: tuple[bool | None, str, str] | None = None) -> dict[str, Any]:
+                decided: PoolPlacement | None = None, drain: Drain | None = None) -> dict[str, Any]:
     """``workload_problems``: (reason, message) of each owned Deployment that cannot make or roll out
     its pods. ``decided``: what placement decided (its shortfalls make the Placed condition).
-    ``http_route``: the HTTPRouteAccepted condition (``http_route_readiness``), when the pool has one."""
+    ``drain``: a scale down in progress (the Scaling condition)."""
     prev = _conditions(pool.status)
     if pool.spec is None:
         st = BaseModelPoolStatus(phase=PoolPhase.failed, observed_generation=pool.generation,
@@ -1091,15 +1089,13 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
     problems = [m for _, m in failing]
     if problems and phase == PoolPhase.ready:
         phase = PoolPhase.degraded
-    model_ok, model_reason, model_msg = model_readiness(pods, merged[0] if merged is not None else None)
+    model_ok, model_reason, model_msg = model_readiness(pods)
     if model_ok is False:
         # The runtime refused the base model (or failed to load it): no pod of this spec turns Ready.
         phase = PoolPhase.failed if ready == 0 else PoolPhase.degraded
     msg = f"{ready}/{replicas} replicas ready"
     if model_ok is False:
         msg += f"; {model_msg}"
-    elif merged is not None and merged[0] is not None and (refused := merged_refusal(merged[0], pods)):
-        msg += f"; {refused}"  # a new version some pods refuse while others serve the old one
     if bad:
         msg += f"; {bad} adapters failed or degraded"
     if problems:
@@ -1126,12 +1122,13 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
             st.conditions.append(condition("Placed", ok, reason, text, pool.generation, prev))
             if not ok:
                 st.message = f"{st.message}; {text}"
-    if http_route is not None and pool.spec.http_route is not None:
-        ok, reason, text = http_route
+        # A scale down moves the drained pods' adapters before the Deployment's replicas drop.
+        scaling = drain.words() if drain is not None else f"{replicas} replicas, none draining"
         assert st.conditions is not None
-        st.conditions.append(condition("HTTPRouteAccepted", ok, reason, text, pool.generation, prev))
-        if ok is False:
-            st.message = f"{st.message}; HTTPRoute {names.http_route_name(pool.name)} not accepted: {text}"
+        st.conditions.append(condition("Scaling", drain is not None, "Draining" if drain is not None else "Steady",
+                                       scaling, pool.generation, prev))
+        if drain is not None:
+            st.message = f"{st.message}; {scaling}"
     gw = pool.spec.gateway
     if gw is not None and gw.enabled:
         # The Ingress answers while one gateway pod is Ready; the pool's own readiness is separate.
@@ -1159,7 +1156,7 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
               merged: dict[str, MergedInfo] | None = None,
               merged_self: tuple[MergedRef | None, str | None] | None = None,
               planned_status: dict[str, dict[str, Any]] | None = None,
-              http_route: tuple[bool | None, str, str] | None = None) -> PoolPlan:
+              deployed_replicas: int | None = None) -> PoolPlan:
     """Everything one reconcile of a pool decides. ``previous_status`` maps adapter name -> the
     status last written (or read), so conditions keep their transition times; ``planned_status``
     the statuses planned and not written yet (``adapter_status``'s ``planned``). ``memo`` (kept by the
@@ -1167,8 +1164,8 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
     did not move: one change in a pool of 1,000 adapters recomputes one status. ``tenants``: the
     namespace's LoRATenants and their sources (``Tenants``). ``merged``: adapter name -> the merged
     pool that takes its requests while Ready (this pool is the adapter's shared pool); ``merged_self``:
-    when this pool is a merged pool, what it merges, or why it cannot (``resolve_merged``). ``http_route``:
-    its HTTPRoute's acceptance (``http_route_readiness``)."""
+    when this pool is a merged pool, what it merges, or why it cannot (``resolve_merged``).
+    ``deployed_replicas``: the pool's Deployment's spec.replicas as last seen (None: not seen)."""
     check = None
     if tenants is not None:
         held = memo.get("\0sources") if memo is not None else None
@@ -1189,10 +1186,11 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
         assert pool is not None
         table, changed = plan_routes(pool_name, adapters, problems, previous, pods,
                                      memo.setdefault("\0entries", {}) if memo is not None else None, check,
-                                     merged, pool.spec, outcome)
+                                     merged, pool.spec, outcome, deployed_replicas)
     else:
         table, changed = RoutesTable(pool=pool_name, generation=previous.generation), False
     decided: PoolPlacement = outcome.get("placement") or PoolPlacement()
+    drain: Drain | None = outcome.get("drain") if table.draining else None
     memo = {} if memo is None else memo
     statuses_memo = memo.setdefault("\0statuses", {})
     common = (pool.uid, pool.generation, pool.spec is None) if pool is not None else None
@@ -1219,9 +1217,14 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
     for gone in set(statuses_memo) - set(statuses):
         del statuses_memo[gone]
     pstatus = (pool_status(pool, adapters, statuses, table, pods, gateway_ready, workload_problems, merged_self,
-                           decided, http_route)
+                           decided, drain)
                if pool is not None else None)
-    return PoolPlan(table=table, changed=changed, adapter_status=statuses, pool_status=pstatus)
+    replicas = None
+    if pool_ok:
+        assert pool is not None and pool.spec is not None
+        replicas = drain.deployed if drain is not None and not drain.done else pool.spec.replicas
+    return PoolPlan(table=table, changed=changed, adapter_status=statuses, pool_status=pstatus,
+                    deployment_replicas=replicas, drain=drain)
 
 
 def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:

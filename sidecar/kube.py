@@ -200,17 +200,23 @@ class RoutesWatcher:
 
 
 class PodReporter:
-    """Patches the sync report onto this pod (only when it changed)."""
+    """Patches the sync report onto this pod (only when it changed), and while the routes drain this
+    pod (a scale down removes it) the pod-deletion-cost that makes the ReplicaSet delete it first."""
 
     def __init__(self, client: Client, namespace: str, pod: str):
         self.client, self.namespace, self.pod = client, namespace, pod
         self.last: str | None = None
+        self.marked = False  # this sidecar set the deletion cost (and removes it once not draining)
 
-    def report(self, report: SyncReport) -> bool:
+    def report(self, report: SyncReport, draining: bool = False) -> bool:
         text = report.to_json()
-        if text == self.last:
+        if text == self.last and draining == self.marked:
             return False
-        self.client.patch(Pod, self.pod, {"metadata": {"annotations": {names.SYNC_ANNOTATION: text}}},
+        annotations: dict[str, str | None] = {names.SYNC_ANNOTATION: text}
+        if draining != self.marked:
+            # Only a cost this sidecar set is removed: one the pool's podAnnotations give stays.
+            annotations[names.POD_DELETION_COST_ANNOTATION] = names.DRAIN_DELETION_COST if draining else None
+        self.client.patch(Pod, self.pod, {"metadata": {"annotations": annotations}},
                           namespace=self.namespace, patch_type=PatchType.MERGE)
-        self.last = text
+        self.last, self.marked = text, draining
         return True

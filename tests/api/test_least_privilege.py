@@ -216,6 +216,14 @@ def test_a_sidecar_may_patch_only_its_own_pods_sync_annotation(control_plane, fl
                        ({"spec": {"containers": [{"name": "runtime", "image": "attacker/image:1"}]}}, "strategic")):
         r = patch("probe-0", body, kind)
         assert r.returncode != 0 and "only its pod's lorafleet.io/sync annotation" in r.stderr, (body, r.stderr)
+    # A scale down drains its pod: it may mark the pod first for deletion (the lowest cost only) and
+    # unmark it, never raise its pod's cost above the others'.
+    cost = "controller.kubernetes.io/pod-deletion-cost"
+    r = patch("probe-0", {"metadata": {"annotations": {cost: "1000"}}})
+    assert r.returncode != 0 and "only its pod's lorafleet.io/sync annotation" in r.stderr, r.stderr
+    for value in ("-2147483648", None):
+        r = patch("probe-0", {"metadata": {"annotations": {cost: value}}})
+        assert r.returncode == 0, (value, r.stderr)
     # A token bound to no pod says nothing about which pod is its own: refused.
     r = as_sidecar(None)("probe-0", sync)
     assert r.returncode != 0 and "may patch only its own pod" in r.stderr, r.stderr

@@ -212,3 +212,39 @@ def test_an_images_commands_come_from_its_own_folder(kube, namespace, control_pl
     finally:
         r.stop()
         t.join(20)
+
+
+def test_a_deleted_pod_keeps_serving_through_its_prestop_sleep_then_ends(kube, namespace, runner):
+    """As kubelet: a pod being deleted runs its preStop sleep (it still answers while endpoints and
+    ingresses drop it: it is no longer Ready for them, having a deletionTimestamp), then its processes
+    get SIGTERM and the pod object goes."""
+    import time
+
+    from lightkube.models.core_v1 import Lifecycle, LifecycleHandler, SleepAction
+
+    from lorafleet.contracts.kubeio import pod_ready
+
+    kube.create(Secret(metadata=ObjectMeta(name="creds", namespace=namespace), stringData={"token": "t"}))
+    d = deployment(namespace, 1)
+    d.spec.template.spec.containers[0].lifecycle = Lifecycle(preStop=LifecycleHandler(sleep=SleepAction(seconds=3)))
+    kube.create(d)
+    wait_for(lambda: (kube.get(Deployment, "echo", namespace=namespace).status.readyReplicas or 0) == 1,
+             timeout=60, what="1 ready replica")
+    [pod] = kube.list(Pod, namespace=namespace, labels={"app": "echo"})
+    port = json.loads(pod.metadata.annotations[LOCAL_PORTS_ANNOTATION])["8000"]
+    kube.delete(Pod, pod.metadata.name, namespace=namespace)  # the default grace period (30 s)
+    deleted = time.monotonic()
+    terminating = kube.get(Pod, pod.metadata.name, namespace=namespace)
+    assert terminating.metadata.deletionTimestamp and not pod_ready(terminating)
+    answered_after = 0.0
+    while time.monotonic() - deleted < 10:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
+            answered_after = time.monotonic() - deleted
+        except OSError:
+            break
+        time.sleep(0.2)
+    assert 2.0 <= answered_after < 6, answered_after  # served through the 3 s sleep, not much longer
+    wait_for(lambda: not any(p.metadata.name == pod.metadata.name
+                             for p in kube.list(Pod, namespace=namespace, labels={"app": "echo"})),
+             timeout=30, what="the deleted pod gone")

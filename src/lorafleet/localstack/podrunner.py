@@ -87,6 +87,7 @@ class LocalPod:
     ports: dict[int, int]
     containers: list[Container] = field(default_factory=list)
     last_status: str = ""
+    stop_at: float | None = None  # being deleted: when its preStop sleep is over and SIGTERM goes out
 
     @property
     def key(self) -> str:
@@ -136,7 +137,13 @@ class PodRunner:
             seen.add(key)
             local = self.pods.get(key)
             if pod.metadata.deletionTimestamp:
+                # As kubelet: the preStop hooks first (a sleep: the pod keeps answering while
+                # endpoints and ingresses drop it), then SIGTERM, then the pod object goes.
                 if local:
+                    if local.stop_at is None:
+                        local.stop_at = time.monotonic() + prestop_sleep(pod)
+                    if time.monotonic() < local.stop_at:
+                        continue
                     self._stop_pod(local)
                     del self.pods[key]
                 self._finalize_delete(pod)
@@ -391,6 +398,18 @@ class PodRunner:
 
     def logs_of(self, namespace: str, name: str, container: str) -> Path:
         return self.workdir / namespace / name / "logs" / f"{container}.log"
+
+
+def prestop_sleep(pod: Pod) -> float:
+    """Seconds of the pod's ``lifecycle.preStop.sleep`` hooks (the longest; the containers' hooks run
+    at once), within its termination grace period. Other hook kinds are not run here."""
+    longest = 0.0
+    for c in list(pod.spec.initContainers or []) + list(pod.spec.containers or []):
+        hook = c.lifecycle.preStop if c.lifecycle is not None else None
+        if hook is not None and hook.sleep is not None:
+            longest = max(longest, float(hook.sleep.seconds))
+    grace = pod.spec.terminationGracePeriodSeconds
+    return min(longest, float(grace)) if grace is not None else longest
 
 
 def parse_image_bins(items: list[str], error) -> dict[str, Path]:

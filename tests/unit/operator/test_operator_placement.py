@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 
+from lorafleet.contracts import names
 from lorafleet.contracts.routes import RoutesTable, SyncReport
 from lorafleet.operator import routing
 from lorafleet.operator.routing import PodView
@@ -312,3 +313,90 @@ def test_rates_that_move_do_not_recompute_every_adapters_status():
         assert hot.adapter_status["a1"]["replicas"] == 2
     finally:
         routing.adapter_status = real
+
+
+def marked(p: PodView) -> PodView:
+    """``p`` as its sidecar leaves it while the routes drain it: first in line for deletion."""
+    return PodView(name=p.name, ready=p.ready, report=p.report, terminating=p.terminating,
+                   deletion_cost=names.DRAIN_DELETION_COST)
+
+
+def plan_scaled(pods, previous, p, deployed):
+    return routing.plan_pool("p", p, ADAPTERS, list(pods), previous, {}, deployed_replicas=deployed)
+
+
+def test_a_scale_down_moves_the_drained_pods_adapters_before_the_replicas_drop():
+    three = [pod("x"), pod("y"), pod("z")]
+    t1 = plan(ADAPTERS, three).table
+    loaded = [pod(n, t1.generation) for n in "xyz"]
+    share = {n: {a for a, e in t1.adapters.items() if n in e.holders} for n in "xyz"}
+    # spec.replicas 3 -> 2 while the Deployment still has 3: one pod drains, the one holding the
+    # fewest adapters (ties by name); it is placed over no more and keeps what it holds meanwhile.
+    two = pool(replicas=2)
+    got = plan_scaled(loaded, t1, two, deployed=3)
+    t2 = got.table
+    [gone] = t2.draining
+    assert gone == min("xyz", key=lambda n: (len(share[n]), n))
+    stay = sorted(set("xyz") - {gone})
+    assert t2.placed_on == stay and not t2.awaits_placement(gone) and t2.drains(gone)
+    for a in share[gone]:
+        assert set(t2.adapters[a].holders) <= set(stay) and set(t2.adapters[a].leaving) == {gone}
+    assert got.deployment_replicas == 3  # the ReplicaSet would delete a pod whose adapters are nowhere else yet
+    # The ConfigMaps carry it (the planner's shard texts are the table's own canonical JSON).
+    write, _, _ = routing.plan_shards(t2, {})
+    assert write == t2.to_configmap_data()
+    back = RoutesTable.merge_complete("p", [RoutesTable.from_json(text) for text in write.values()])
+    assert back is not None and back.draining == [gone] and back.adapters == t2.adapters
+    scaling = {c["type"]: c for c in got.pool_status["conditions"]}["Scaling"]
+    assert (scaling["status"], scaling["reason"]) == ("True", "Draining")
+    assert f"scaling down from 3 to 2 replicas: draining {gone}; {len(share[gone])} adapters still moving" \
+        in scaling["message"] and "scaling down" in got.pool_status["message"]
+    # The sidecar of the drained pod is told so (its pod-deletion-cost), a survivor is not.
+    assert desired_versions(t2, gone) and not t2.drains(stay[0])
+    # The survivors load what moved and are Ready: the drained pod lets go; the replicas still wait
+    # for the routes saying so to be out, and for its sidecar to have marked it.
+    at2 = [pod(n, t2.generation) for n in "xyz"]
+    got3 = plan_scaled(at2, t2, two, deployed=3)
+    t3 = got3.table
+    assert not any(e.leaving for e in t3.adapters.values()) and t3.draining == [gone]
+    assert got3.deployment_replicas == 3
+    at3 = [pod(n, t3.generation) for n in "xyz"]
+    got4 = plan_scaled(at3, t3, two, deployed=3)
+    assert got4.deployment_replicas == 3 and f"waiting for the sidecar of {gone}" in got4.pool_status["message"]
+    at3 = [marked(p) if p.name == gone else p for p in at3]
+    got5 = plan_scaled(at3, got4.table, two, deployed=3)
+    assert got5.deployment_replicas == 2 and got5.table.draining == [gone]
+    # Lowered: until the ReplicaSet deletes it, it stays drained (never placed on again), then it is gone.
+    got6 = plan_scaled(at3, got5.table, two, deployed=2)
+    assert got6.deployment_replicas == 2 and got6.table.draining == [gone] and got6.table.placed_on == stay
+    ending = [PodView(p.name, p.ready, p.report, terminating=p.name == gone) for p in at3]
+    got7 = plan_scaled(ending, got6.table, two, deployed=2)
+    assert got7.table.draining is None and got7.deployment_replicas == 2
+    scaling = {c["type"]: c for c in got7.pool_status["conditions"]}["Scaling"]
+    assert (scaling["status"], scaling["reason"]) == ("False", "Steady")
+
+
+def test_a_scale_down_drains_a_pod_that_never_started_first_and_leaves_other_surplus_alone():
+    three = [pod("x"), pod("y"), pod("z")]
+    t1 = plan(ADAPTERS, three).table
+    loaded = [pod(n, t1.generation) for n in "xyz"]
+    # A pod that never started holds nothing, and the ReplicaSet deletes it before any Ready pod.
+    never = PodView("never", False, None)
+    got = plan_scaled(loaded + [never], t1, pool(replicas=3), deployed=4)
+    assert got.table.draining == ["never"] and got.deployment_replicas == 3
+    assert got.table.adapters == t1.adapters  # nothing moves
+    # More pods than wanted while the Deployment has what is wanted (a rollout's surge pod): no drain.
+    surge = plan_scaled(loaded + [pod("w", 0, ready=False)], t1, pool(replicas=3), deployed=3)
+    assert surge.table.draining is None and surge.deployment_replicas == 3
+    # The spec raised back mid-drain: nothing drains any more, and the pod is placed over again.
+    t2 = plan_scaled(loaded, t1, pool(replicas=2), deployed=3).table
+    back = plan_scaled([pod(n, t2.generation) for n in "xyz"], t2, pool(replicas=3), deployed=3)
+    assert back.table.draining is None and back.table.placed_on == ["x", "y", "z"]
+    # Without placement every replica holds everything: nothing to move, the replicas drop at once.
+    every = pool(replicas=2, per_adapter="all")
+    t_all = plan(ADAPTERS, three, p=every).table
+    flat = routing.plan_pool("p", every, ADAPTERS, loaded, t_all, {}, deployed_replicas=3)
+    assert flat.table.draining is None and flat.deployment_replicas == 2
+    # The operator restarted mid-drain and has not seen the Deployment yet: the drain goes on.
+    restarted = plan_scaled([pod(n, t2.generation) for n in "xyz"], t2, pool(replicas=2), deployed=None)
+    assert restarted.table.draining == t2.draining and restarted.deployment_replicas == 3
