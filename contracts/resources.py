@@ -628,6 +628,8 @@ class AdapterPoolStatus(_Status):
     version: str | None = Field(None, description="merged: the version its pods merge")
     ready_replicas: int | None = None
     replicas: int | None = None
+    message: str | None = Field(None, description="merged: why its pods cannot ready that version (the "
+                                                  "sidecar's reason: a digest mismatch, refused content)")
 
 
 class LoRAAdapter(_Model):

@@ -274,6 +274,10 @@ class SyncReport(_Wire):
     # failed, with ``modelError`` its reason for the last two; unset while the runtime is unreachable.
     runtime_model: str | None = Field(None, alias="runtimeModel")
     model_error: str | None = Field(None, alias="modelError")
+    # A merged pool's pod: why the sidecar has not readied the adapter its runtime merges (fetch
+    # failed, digest mismatch, content refused by the adapter rules), retried with backoff. Its
+    # routes name no adapter, so no adapter's failure would say why the pod never turns Ready.
+    merged_adapter_failure: str | None = Field(None, alias="mergedAdapterFailure")
     # Set while the sidecar keeps its last complete routes table because the ConfigMaps are gone or
     # not a complete set of shards: why, and which generation it serves.
     routes_stale: str | None = Field(None, alias="routesStale")

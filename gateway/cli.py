@@ -7,40 +7,27 @@ import argparse
 import asyncio
 import gc
 import logging
-import os
 import signal
 import sys
+from collections.abc import Mapping
+
+from lorafleet.contracts.settings import GatewaySettings, SettingsError, add_flags
+
+
+def parse(argv: list[str], env: Mapping[str, str] | None = None) -> GatewaySettings:
+    """Flags over the environment (contracts/settings.py); SettingsError names every bad value."""
+    p = argparse.ArgumentParser(prog="lorafleet gateway", description=__doc__.splitlines()[0])
+    add_flags(p, GatewaySettings)
+    return GatewaySettings.from_args(p.parse_args(argv), env)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lorafleet gateway", description=__doc__.splitlines()[0])
-    p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE"),
-                   help="namespace of the pool, its adapters and tenants (env POD_NAMESPACE)")
-    p.add_argument("--pool", default=os.environ.get("POOL"), help="the BaseModelPool to front (env POOL)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=int(os.environ.get("LORAFLEET_GATEWAY_PORT", "8080")),
-                   help="the public API")
-    p.add_argument("--metrics-port", type=int, default=9090,
-                   help="/metrics and the detailed /readyz (tenant names are labels there: keep it internal)")
-    p.add_argument("--policy", choices=["affinity", "round-robin"], default="affinity",
-                   help="replica choice (round-robin is the baseline the benchmark compares against)")
-    p.add_argument("--spill-inflight", type=int, default=8,
-                   help="requests open on a replica before the next request for its adapters goes elsewhere")
-    p.add_argument("--retries", type=int, default=2,
-                   help="other replicas tried when one fails before answering (never once a stream started)")
-    p.add_argument("--poll-s", type=float, default=1.0,
-                   help="the longest between two reads of the watched view of pods, tenants and keys (in "
-                        "memory: changes arrive as watch events and apply at once; nothing is re-listed)")
-    p.add_argument("--watch-timeout-s", type=int, default=60,
-                   help="how long each watch request runs before the API server ends it and it is resumed")
-    p.add_argument("--replica-poll-s", type=float, default=0.5,
-                   help="how often each replica's GET /v1/models is read (what it holds where)")
-    p.add_argument("--log-level", default="info")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.namespace or not args.pool:
-        print("lorafleet gateway: pass --namespace and --pool (or set POD_NAMESPACE and POOL)", file=sys.stderr)
+    try:
+        args = parse(list(sys.argv[1:] if argv is None else argv))
+    except SettingsError as e:
+        print(e.line(), file=sys.stderr)
         return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from lightkube import Client, KubeConfig
 

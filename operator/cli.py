@@ -6,52 +6,23 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
+from collections.abc import Mapping
 
 from lorafleet.contracts import names
+from lorafleet.contracts.settings import OperatorSettings, SettingsError, add_flags
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def parse(argv: list[str], env: Mapping[str, str] | None = None) -> OperatorSettings:
+    """Flags over the environment (contracts/settings.py); a bad value ends the process with one line."""
     p = argparse.ArgumentParser(prog="lorafleet operator",
                                 description="Run the kopf operator that reconciles pools and adapters.")
-    scope = p.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", default=[],
-                       help="watch only this namespace (repeatable; glob patterns allowed)")
-    scope.add_argument("-A", "--all-namespaces", action="store_true",
-                       help="watch every namespace (the default when no --namespace is given)")
-    p.add_argument("--liveness", default=os.environ.get("LORAFLEET_OPERATOR_LIVENESS", ""),
-                   help="serve liveness on this URL, e.g. http://0.0.0.0:8080/healthz")
-    p.add_argument("--sidecar-cluster-role", default=os.environ.get("LORAFLEET_SIDECAR_CLUSTER_ROLE", ""),
-                   help="pools' sidecars get their pod rights (get, patch) from a RoleBinding to this ClusterRole "
-                        "(the chart's), so the operator itself need not hold patch on pods")
-    p.add_argument("--runtime-image", default=os.environ.get("LORAFLEET_RUNTIME_IMAGE", names.DEFAULT_RUNTIME_IMAGE),
-                   help="runtime image of pools whose spec.runtime.image is unset and whose engine is torch "
-                        f"(default {names.DEFAULT_RUNTIME_IMAGE})")
-    p.add_argument("--runtime-vllm-image",
-                   default=os.environ.get("LORAFLEET_RUNTIME_VLLM_IMAGE", names.DEFAULT_RUNTIME_VLLM_IMAGE),
-                   help="runtime image of pools whose spec.runtime.image is unset and whose engine is vllm, or "
-                        "auto on a text-generation pool asking for nvidia.com/gpu "
-                        f"(default {names.DEFAULT_RUNTIME_VLLM_IMAGE})")
-    p.add_argument("--resync-interval", type=float,
-                   default=float(os.environ.get("LORAFLEET_OPERATOR_RESYNC_S", "300")),
-                   help="seconds between full listings that sweep objects whose deletion a watch missed "
-                        "(0 = never)")
-    p.add_argument("--lease-namespace", default=os.environ.get("LORAFLEET_OPERATOR_LEASE_NAMESPACE", ""),
-                   help="elect a leader among the operator's replicas on a coordination.k8s.io Lease in this "
-                        "namespace; only the holder acts (default: the pod's own namespace when run in a cluster)")
-    p.add_argument("--lease-name", default=os.environ.get("LORAFLEET_OPERATOR_LEASE_NAME", "lorafleet-operator"),
-                   help="the Lease's name (default lorafleet-operator)")
-    p.add_argument("--lease-duration", type=float,
-                   default=float(os.environ.get("LORAFLEET_OPERATOR_LEASE_DURATION_S", "10")),
-                   help="seconds a replica waits after the Lease last changed before taking it over; the leader "
-                        "renews every 1/5 of it and stops acting when it could not renew within 2/3 of it")
-    p.add_argument("--no-leader-election", action="store_true",
-                   help="act at once, without a Lease (run exactly one replica then)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every reconcile")
-    p.add_argument("--debug", action="store_true", help="also log kopf's internals")
-    args = p.parse_args(argv)
-    if not 3 <= args.lease_duration <= 300:
-        p.error(f"--lease-duration {args.lease_duration:g}: give 3 to 300 seconds")
-    return args
+    add_flags(p, OperatorSettings)
+    try:
+        return OperatorSettings.from_args(p.parse_args(argv), env)
+    except SettingsError as e:
+        print(e.line(), file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv: list[str]) -> int:
@@ -98,7 +69,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-async def run_elected(args: argparse.Namespace, lease_namespace: str, kopf_args: dict) -> None:
+async def run_elected(args: OperatorSettings, lease_namespace: str, kopf_args: dict) -> None:
     """Wait for the Lease, then run the operator while renewing it. A leader that cannot renew in time
     exits at once (its pod restarts as a candidate): two replicas must never act together."""
     import kopf

@@ -62,6 +62,7 @@ class PoolState:
     children: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     moved_while_applying: bool = False
     route_missing: bool = False  # its HTTPRoute was refused: the API server has no Gateway API (tried again)
+    route_parents: list[dict[str, Any]] | None = None  # its HTTPRoute's status.parents (the Gateways' word)
     status_written: tuple[str, dict[str, Any]] | None = None  # (pool uid, status) last written
     memo: dict = field(default_factory=dict)  # routing.plan_pool's memo: entries and statuses of the last plan
     parts: routing.Parts = field(default_factory=dict)  # routing.plan_shards' serialized entries
@@ -280,10 +281,12 @@ class Fleet:
         view = routing.pod_view(body)
         if pods.get(name) == view:
             return  # neither readiness nor the sync report moved
-        was_ready = name in pods and pods[name].ready
+        before = pods.get(name)
         pods[name] = view
         self.touch(key)
-        if was_ready != view.ready:
+        if (before is None or before.ready != view.ready
+                or _merged_failure(before) != _merged_failure(view)):
+            # The adapter's status counts the merged pool's Ready pods and says why none loads it.
             self._touch_shared_of(self.pool(key).view)
 
     def _gateway_pod_event(self, kind_event: str | None, body: dict[str, Any]) -> None:
@@ -432,6 +435,11 @@ class Fleet:
         st = self.state.get(key)
         if st is None or st.view is None or st.view.uid != owner.get("uid"):
             return
+        if kind == names.HTTPROUTE_KIND and name == names.http_route_name(key[1]):
+            parents = None if kind_event == "DELETED" else (body.get("status") or {}).get("parents")
+            if parents != st.route_parents:  # a Gateway's controller accepted or refused it: the pool says so
+                st.route_parents = parents
+                self.touch(key)
         applied = st.children.get((kind, name))
         if applied is None:
             return  # not one of the pool's children now (one the operator deletes)
@@ -688,12 +696,17 @@ class Fleet:
                 continue
             ref, _ = routing.resolve_merged(mview, a, tenants)
             if ref is not None:
-                merged[a.name] = routing.MergedInfo(mview.name, ref.version, sum(p.ready for p in mst.pods.values()),
-                                                    mview.spec.replicas)
+                mpods = list(mst.pods.values())
+                serving, other = routing.merged_ready(ref, mpods)
+                merged[a.name] = routing.MergedInfo(mview.name, ref.version, serving, mview.spec.replicas,
+                                                    routing.merged_refusal(ref, mpods), other)
+        route = (routing.http_route_readiness(pool.spec, st.route_parents, st.route_missing)
+                 if pool_ok and pool is not None and pool.spec is not None and pool.spec.http_route is not None
+                 else None)
         plan = routing.plan_pool(pool_name, pool, adapters, pods, previous, previous_status, st.memo,
                                  gateway_ready=gateway_ready, workload_problems=problems,
                                  tenants=tenants, merged=merged, merged_self=merged_self,
-                                 planned_status=planned_status,
+                                 planned_status=planned_status, http_route=route,
                                  deployed_replicas=deployed.replicas if deployed is not None else None)
 
         if pool_ok:
@@ -813,7 +826,9 @@ class Fleet:
             self._spawn(self._apply_later((pool.namespace, pool.name), ROUTE_RETRY_S))
         elif st.route_missing:
             log.info("pool %s/%s: HTTPRoute applied (the Gateway API is there now)", pool.namespace, pool.name)
-        st.route_missing = missing_kind is not None
+        if st.route_missing != (missing_kind is not None):
+            st.route_missing = missing_kind is not None
+            st.dirty = True  # the pool's HTTPRouteAccepted condition says it
         if st.applied is not None or pool.status.get("observedGeneration") != pool.generation:
             gateway = (f"; gateway {names.gateway_name(pool.name)} ({pool.spec.gateway.replicas} replicas)"
                        if pool.spec.gateway is not None and pool.spec.gateway.enabled else "")
@@ -917,3 +932,7 @@ def _pool_owner(meta: dict[str, Any]) -> dict[str, Any] | None:
     """The BaseModelPool owner reference that controls an object, if any."""
     return next((o for o in meta.get("ownerReferences") or []
                  if o.get("kind") == names.POOL_KIND and o.get("controller")), None)
+
+
+def _merged_failure(view: routing.PodView) -> str | None:
+    return view.report.merged_adapter_failure if view.report is not None else None

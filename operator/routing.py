@@ -73,6 +73,7 @@ class PodView:
     ready: bool
     report: SyncReport | None
     terminating: bool = False  # deletionTimestamp set: placement no longer counts on it
+    merged: str | None = None  # a merged pool's pod: the digest of the adapter its runtime merges
     deletion_cost: str | None = None  # its controller.kubernetes.io/pod-deletion-cost annotation
     created: str = ""  # creationTimestamp
 
@@ -110,6 +111,8 @@ class MergedInfo:
     version: str
     ready: int
     replicas: int
+    refused: str | None = None  # why its pods' sidecars cannot ready that version (``merged_refusal``)
+    other_ready: int = 0  # Ready pods still merging another version (rolling), not in ``ready``
 
 
 def resolve_merged(pool: PoolView, adapter: AdapterView | None,
@@ -142,6 +145,25 @@ def resolve_merged(pool: PoolView, adapter: AdapterView | None,
                       f"{', '.join(have)}); set it to one, or leave it out to follow spec.version")
     return MergedRef(adapter=adapter.name, served_name=adapter.served_name, version=version, uri=source.uri,
                      sha256=source.sha256, tenant=spec.tenant, shared_pool=spec.pool), None
+
+
+def merged_refusal(ref: MergedRef, pods: list["PodView"]) -> str | None:
+    """Why a merged pool's pods do not load ``ref``: their sidecars' ``mergedAdapterFailure`` (a digest
+    mismatch, a fetch failing, content the adapter rules refuse), naming the adapter, its version and
+    digest and the pods; None while no pod reports one. The pool's ModelReady condition and the
+    adapter's status both say this."""
+    why: dict[str, list[str]] = {}
+    for p in pods:
+        if p.report is not None and p.report.merged_adapter_failure:
+            why.setdefault(p.report.merged_adapter_failure, []).append(p.name)
+    if not why:
+        return None
+    parts = []
+    for reason, who in sorted(why.items()):
+        named = ", ".join(sorted(who)[:3]) + (", ..." if len(who) > 3 else "")
+        parts.append(f"on {len(who)}/{len(pods)} pods ({named}): {reason}")
+    return (f"the sidecar cannot ready merged adapter {names.versioned_name(ref.served_name, ref.version)} "
+            f"(LoRAAdapter {ref.adapter!r}, sha256 {ref.sha256}) " + "; ".join(parts))
 
 
 def workload_view(body: dict[str, Any]) -> WorkloadView:
@@ -274,10 +296,23 @@ def pod_view(body: dict[str, Any]) -> PodView:
     meta = body.get("metadata", {})
     ready = pod_ready(body)
     report = SyncReport.from_annotation((meta.get("annotations") or {}).get(names.SYNC_ANNOTATION))
+    merged = None
+    for c in (body.get("spec") or {}).get("containers") or []:
+        for e in c.get("env") or []:
+            if e.get("name") == names.RuntimeEnv.MERGED_ADAPTER_DIR and e.get("value"):
+                merged = e["value"].rstrip("/").rsplit("/", 1)[-1]
     return PodView(name=meta.get("name", ""), ready=bool(ready), report=report,
-                   terminating=bool(meta.get("deletionTimestamp")),
+                   terminating=bool(meta.get("deletionTimestamp")), merged=merged,
                    deletion_cost=(meta.get("annotations") or {}).get(names.POD_DELETION_COST_ANNOTATION),
                    created=meta.get("creationTimestamp") or "")
+
+
+def merged_ready(ref: MergedRef, pods: list[PodView]) -> tuple[int, int]:
+    """A merged pool's Ready pods that merge ``ref`` (its digest in their template), and those still
+    merging another version (a roll under way: they answer as that version)."""
+    ready = [p for p in pods if p.ready]
+    current = sum(1 for p in ready if p.merged == ref.sha256)
+    return current, len(ready) - current
 
 
 # ------------------------------------------------------------------------------------- plan
@@ -977,16 +1012,27 @@ def adapter_status(a: AdapterView, pool: PoolView | None, problems: list[str], t
                             "readyReplicas": merged.ready, "replicas": merged.replicas})
         msg += (f"; merged into pool {merged.pool!r} (version {merged.version}, {merged.ready}/{merged.replicas} "
                 f"ready), which takes its requests while it has Ready replicas")
+        if merged.other_ready:
+            msg += (f"; {merged.other_ready} Ready pods of pool {merged.pool!r} still merge another version "
+                    f"(rolling to {merged.version})")
+        if merged.refused:
+            st["pools"][-1]["message"] = merged.refused
+            msg += f"; pool {merged.pool!r}: {merged.refused}"
     st["phase"] = phase.value
     st["message"] = msg
     st["conditions"] = [cond("Ready", phase == AdapterPhase.ready, reason, msg), synced, valid]
     return st
 
 
-def model_readiness(pods: list[PodView]) -> tuple[bool | None, str, str]:
+def model_readiness(pods: list[PodView], merged: MergedRef | None = None) -> tuple[bool | None, str, str]:
     """The pool's ModelReady condition from its pods' sync reports (what each runtime says of its base
     model): False ``ModelRefused`` / ``ModelLoadFailed`` with the runtime's own message when a pod's
-    runtime cannot serve it, True ``ModelLoaded`` once one has it (a Ready pod has), else Unknown."""
+    runtime cannot serve it, True ``ModelLoaded`` once one has it (a Ready pod has), else Unknown.
+    A merged pool (``merged``) whose adapter a pod's sidecar cannot ready (``merged_refusal``) is
+    False ``MergedAdapterRefused`` unless another pod has loaded the model."""
+    refused = merged_refusal(merged, pods) if merged is not None else None
+    if refused is not None and not any(p.ready for p in pods):
+        return False, "MergedAdapterRefused", refused
     refusals: dict[tuple[str, str], list[str]] = {}
     loaded = 0
     for p in pods:
@@ -1058,13 +1104,63 @@ def placement_condition(decided: PoolPlacement) -> tuple[bool, str, str]:
     return False, reason, "; ".join(parts) + f": no replica has room within {budget_words(budgets)}"
 
 
+def http_route_readiness(spec: BaseModelPoolSpec, parents: list[dict[str, Any]] | None,
+                         missing: bool = False) -> tuple[bool | None, str, str]:
+    """The pool's HTTPRouteAccepted condition from its HTTPRoute's ``status.parents`` (what each Gateway's
+    controller says of the route): True once every Gateway in ``spec.httpRoute.parentRefs`` has accepted
+    it with its references resolved; False naming each Gateway that refused it, with its controller's
+    reason and message, or when the API server has no Gateway API (``missing``); Unknown while a Gateway
+    has not said (no controller for it yet)."""
+    route = spec.http_route
+    assert route is not None
+    if missing:
+        return False, "GatewayAPIMissing", (f"the API server has no {names.HTTPROUTE_KIND} "
+                                            f"({names.GATEWAY_API_GROUP}/{names.GATEWAY_API_VERSION})")
+    said: dict[tuple[str, str | None, str | None], dict[str, dict[str, Any]]] = {}
+    for ps in parents or []:
+        ref = ps.get("parentRef") or {}
+        if (ref.get("kind") or "Gateway") != "Gateway" or not ref.get("name"):
+            continue
+        conds = {c.get("type"): c for c in ps.get("conditions") or [] if isinstance(c, dict)}
+        said[ref["name"], ref.get("namespace"), ref.get("sectionName")] = conds
+    refused, pending, accepted = [], [], 0
+    for want in route.parent_refs:
+        label = want.name if want.namespace is None else f"{want.namespace}/{want.name}"
+        conds = None
+        for (name, ns, section), c in said.items():
+            if name == want.name and ns in (None, want.namespace) and section in (None, want.section_name):
+                conds = c
+                break
+        if conds is None:
+            pending.append(label)
+            continue
+        bad = [c for t, c in conds.items() if t in ("Accepted", "ResolvedRefs") and c.get("status") == "False"]
+        if bad:
+            refused.append(f"Gateway {label}: " + "; ".join(
+                f"{c.get('type')}=False {c.get('reason') or ''}: {c.get('message') or 'no message'}".replace(" :", ":")
+                for c in bad))
+        elif (conds.get("Accepted") or {}).get("status") == "True":
+            accepted += 1
+        else:
+            pending.append(label)
+    if refused:
+        return False, "NotAccepted", "; ".join(refused)
+    if pending:
+        return None, "Pending", (f"no word yet from the controller of Gateway {', '.join(pending)} (is a Gateway "
+                                 f"controller running, and does the Gateway exist?)")
+    return True, "Accepted", f"accepted by {accepted} Gateway{'s' if accepted != 1 else ''}"
+
+
 def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str, dict[str, Any]],
                 table: RoutesTable, pods: list[PodView], gateway_ready: int = 0,
                 workload_problems: list[tuple[str, str]] | None = None,
                 merged: tuple[MergedRef | None, str | None] | None = None,
-                decided: PoolPlacement | None = None, drain: Drain | None = None) -> dict[str, Any]:
+                decided: PoolPlacement | None = None,
+                http_route: tuple[bool | None, str, str] | None = None,
+                drain: "Drain | None" = None) -> dict[str, Any]:
     """``workload_problems``: (reason, message) of each owned Deployment that cannot make or roll out
     its pods. ``decided``: what placement decided (its shortfalls make the Placed condition).
+    ``http_route``: the HTTPRouteAccepted condition (``http_route_readiness``), when the pool has one.
     ``drain``: a scale down in progress (the Scaling condition)."""
     prev = _conditions(pool.status)
     if pool.spec is None:
@@ -1089,13 +1185,15 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
     problems = [m for _, m in failing]
     if problems and phase == PoolPhase.ready:
         phase = PoolPhase.degraded
-    model_ok, model_reason, model_msg = model_readiness(pods)
+    model_ok, model_reason, model_msg = model_readiness(pods, merged[0] if merged is not None else None)
     if model_ok is False:
         # The runtime refused the base model (or failed to load it): no pod of this spec turns Ready.
         phase = PoolPhase.failed if ready == 0 else PoolPhase.degraded
     msg = f"{ready}/{replicas} replicas ready"
     if model_ok is False:
         msg += f"; {model_msg}"
+    elif merged is not None and merged[0] is not None and (refused := merged_refusal(merged[0], pods)):
+        msg += f"; {refused}"  # a new version some pods refuse while others serve the old one
     if bad:
         msg += f"; {bad} adapters failed or degraded"
     if problems:
@@ -1129,6 +1227,12 @@ def pool_status(pool: PoolView, adapters: list[AdapterView], statuses: dict[str,
                                        scaling, pool.generation, prev))
         if drain is not None:
             st.message = f"{st.message}; {scaling}"
+    if http_route is not None and pool.spec.http_route is not None:
+        ok, reason, text = http_route
+        assert st.conditions is not None
+        st.conditions.append(condition("HTTPRouteAccepted", ok, reason, text, pool.generation, prev))
+        if ok is False:
+            st.message = f"{st.message}; HTTPRoute {names.http_route_name(pool.name)} not accepted: {text}"
     gw = pool.spec.gateway
     if gw is not None and gw.enabled:
         # The Ingress answers while one gateway pod is Ready; the pool's own readiness is separate.
@@ -1156,6 +1260,7 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
               merged: dict[str, MergedInfo] | None = None,
               merged_self: tuple[MergedRef | None, str | None] | None = None,
               planned_status: dict[str, dict[str, Any]] | None = None,
+              http_route: tuple[bool | None, str, str] | None = None,
               deployed_replicas: int | None = None) -> PoolPlan:
     """Everything one reconcile of a pool decides. ``previous_status`` maps adapter name -> the
     status last written (or read), so conditions keep their transition times; ``planned_status``
@@ -1164,8 +1269,9 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
     did not move: one change in a pool of 1,000 adapters recomputes one status. ``tenants``: the
     namespace's LoRATenants and their sources (``Tenants``). ``merged``: adapter name -> the merged
     pool that takes its requests while Ready (this pool is the adapter's shared pool); ``merged_self``:
-    when this pool is a merged pool, what it merges, or why it cannot (``resolve_merged``).
-    ``deployed_replicas``: the pool's Deployment's spec.replicas as last seen (None: not seen)."""
+    when this pool is a merged pool, what it merges, or why it cannot (``resolve_merged``). ``http_route``:
+    its HTTPRoute's acceptance (``http_route_readiness``). ``deployed_replicas``: the pool's
+    Deployment's spec.replicas as last seen (None: not seen)."""
     check = None
     if tenants is not None:
         held = memo.get("\0sources") if memo is not None else None
@@ -1217,7 +1323,7 @@ def plan_pool(pool_name: str, pool: PoolView | None, adapters: list[AdapterView]
     for gone in set(statuses_memo) - set(statuses):
         del statuses_memo[gone]
     pstatus = (pool_status(pool, adapters, statuses, table, pods, gateway_ready, workload_problems, merged_self,
-                           decided, drain)
+                           decided, http_route, drain)
                if pool is not None else None)
     replicas = None
     if pool_ok:

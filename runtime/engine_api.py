@@ -90,11 +90,14 @@ def send_all(events: list) -> None:
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """OpenAI's ``response_format`` other than text, as vLLM's structured outputs take it: ``json_object``
-    (any JSON object) or ``json_schema`` (JSON valid against ``schema``)."""
+    """Constrained output as vLLM's structured outputs take it: ``json_object`` (any JSON object),
+    ``json_schema`` (JSON valid against ``schema``) or ``regex`` (text matching ``pattern``). From OpenAI's
+    ``response_format`` or TGI's ``parameters.grammar``; ``field`` names the one it came from (refusals)."""
 
-    kind: str  # "json_object" or "json_schema"
+    kind: str  # "json_object", "json_schema" or "regex"
     schema: dict | None = None
+    pattern: str | None = None
+    field: str = "response_format"
 
 
 @dataclass

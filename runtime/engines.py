@@ -91,6 +91,17 @@ class Engine:
             self.slots.release(entry.key)
 
 
+def token_counter(tokenizer):
+    """``text -> len(tokenizer(text)["input_ids"])`` on a copy of ``tokenizer`` (safe on another thread)."""
+    own = copy.deepcopy(tokenizer)
+    backend = getattr(own, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode"):  # a slow (Python) tokenizer
+        return lambda text: len(own(text)["input_ids"])
+    backend.no_truncation()
+    backend.no_padding()
+    return lambda text: len(backend.encode(text).ids)
+
+
 class ClassificationEngine(Engine):
     task = "sequence-classification"
 
@@ -104,7 +115,7 @@ class ClassificationEngine(Engine):
         model = _load(AutoModelForSequenceClassification, model_dir, dtype, device, quantization)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         engine = cls(model, tok, device_slots, max_rank, device, quantization)
-        engine._counter = copy.deepcopy(tok)  # now, not on the first request's time
+        engine._counter = token_counter(tok)  # now, not on the first request's time
         return engine
 
     _counter = None
@@ -115,10 +126,13 @@ class ClassificationEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         """Called on the event loop while the worker tokenises batches: a fast tokenizer keeps padding
-        state per call and is not safe to share across threads, so this uses a copy of its own."""
+        state per call and is not safe to share across threads, so this uses a copy of its own. With a
+        fast tokenizer the copy's Rust backend counts (no padding, no truncation: what ``tokenizer(text)``
+        hands it, the same ids) without transformers' per-call wrapping, half of each count's time on
+        the loop."""
         if self._counter is None:
-            self._counter = copy.deepcopy(self.tokenizer)
-        return len(self._counter(text)["input_ids"])
+            self._counter = token_counter(self.tokenizer)
+        return self._counter(text)
 
     @torch.inference_mode()
     def classify(self, texts: list[str], slots: list[int], label_counts: list[int]) -> list[list[float]]:

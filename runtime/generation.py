@@ -190,7 +190,8 @@ def tgi_params(p, max_new: int, want_logprobs: bool) -> SamplingParams:
         typical_p=p.typical_p if p.typical_p is not None else 1.0,
         repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
         penalty_style="tgi", logprobs=(p.top_n_tokens or 0) if want_logprobs else None,
-        logprob_mode="processed", prompt_logprobs=(p.top_n_tokens or 0) if p.decoder_input_details else None)
+        logprob_mode="processed", prompt_logprobs=(p.top_n_tokens or 0) if p.decoder_input_details else None,
+        structured=p.structured_output())
 
 
 def stop_strings(stop) -> list[str]:

@@ -9,6 +9,7 @@ its name."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -230,11 +231,38 @@ class TGIParameters(_Body):
     def unsupported(self) -> None:
         if self.best_of not in (None, 1):
             raise refuse("best_of", "one candidate per request")
-        if self.grammar:
-            raise refuse("grammar", "TGI's grammar-constrained decoding is not implemented (on a vllm pool the "
-                         "OpenAI routes take response_format json_object / json_schema)")
         if self.watermark:
             raise refuse("watermark", "watermarking is not implemented")
+
+    def structured_output(self) -> StructuredOutput | None:
+        """``grammar`` as TGI reads it (``{"type": "json" | "json_object", "value": schema}``, the schema an
+        object or a string holding one, or ``{"type": "regex", "value": pattern}``); None without one. A
+        malformed one is a 400 naming what is wrong; which engine can honour it is the engine's to say."""
+        g = self.grammar
+        if g is None:
+            return None
+        kind, value = g.get("type"), g.get("value")
+        if kind not in ("json", "json_object", "regex"):
+            raise bad_request(f"`parameters.grammar.type` must be json, json_object or regex, not {kind!r}",
+                              "invalid_grammar")
+        extra = sorted(set(g) - {"type", "value"})
+        if extra:
+            raise bad_request(f"`parameters.grammar` does not take {', '.join(extra)}", "invalid_grammar")
+        if kind == "regex":
+            if not isinstance(value, str):
+                raise bad_request("`parameters.grammar.value` must be a regular expression (a string) when type "
+                                  "is regex", "invalid_grammar")
+            return StructuredOutput("regex", pattern=value, field="parameters.grammar")
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise bad_request(f"`parameters.grammar.value` is a string that is not JSON: {e}",
+                                  "invalid_grammar") from None
+        if not isinstance(value, dict):
+            raise bad_request("`parameters.grammar.value` must be a JSON schema (an object, or a string holding "
+                              "one) when type is json", "invalid_grammar")
+        return StructuredOutput("json_schema", value, field="parameters.grammar")
 
     def sampling(self) -> bool:
         """TGI samples when asked to or when any warper is set (temperature != 1, top_k, top_p, typical_p)."""

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.contracts.settings import ServeSettings, SettingsError
 from lorafleet.runtime.cli import add_common_flags, settings_from
 
 log = logging.getLogger("lorafleet.runtime")
@@ -122,21 +123,17 @@ def register_list(rt, adapters: list[StaticAdapter], served: dict[str, str] | No
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lorafleet serve", description=__doc__.splitlines()[0])
-    add_common_flags(p)
-    p.add_argument("--adapters", help="folder whose subfolders are PEFT adapters, or diffusion LoRA folders for "
-                                      "a pipeline (name = folder name)")
-    p.add_argument("--lora-adapters", default=os.environ.get(LORA_ADAPTERS_ENV),
-                   help=f"comma-separated name=path or path entries, TGI's format (env {LORA_ADAPTERS_ENV})")
+    add_common_flags(p, ServeSettings)
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    folder = Path(args.adapters) if args.adapters else None
+    try:
+        settings = settings_from(args, ServeSettings)
+    except SettingsError as e:
+        print(e.line(), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    folder = Path(settings.adapters) if settings.adapters else None
     if folder is not None and not folder.is_dir():
         print(f"lorafleet serve: --adapters {folder} is not a directory", file=sys.stderr)
-        return 2
-    try:
-        settings = settings_from(args)
-    except ValueError as e:
-        print(f"lorafleet serve: {e}", file=sys.stderr)
         return 2
     if not settings.model_dir:
         print("lorafleet serve: pass --model DIR (a transformers model directory or a diffusers pipeline folder)",
@@ -155,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     served: dict[str, str] = {}
     failed = register_folder(rt, folder, served) if folder is not None else []
-    failed += register_list(rt, parse_lora_adapters(args.lora_adapters or ""), served)
+    failed += register_list(rt, parse_lora_adapters(settings.lora_adapters or ""), served)
     if not served and not failed:
         log.info("no adapters given (--adapters, --lora-adapters or %s): serving the base model alone",
                  LORA_ADAPTERS_ENV)
@@ -169,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("listening on %s:%d (admin 127.0.0.1:%d, metrics %s:%d)", settings.host, settings.port,
              settings.admin_port, settings.host, settings.metrics_port)
-    return serve_until_signalled(rt, *socks, log_level=args.log_level)
+    return serve_until_signalled(rt, *socks, log_level=settings.log_level)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import threading
 
 from lorafleet.runtime.admission import AdmissionGate
 from lorafleet.runtime.app import admin_app, metrics_app, public_app
 from lorafleet.runtime.lifecycle import Runtime
+
+log = logging.getLogger("lorafleet.runtime")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -60,6 +63,32 @@ class _QuietServer:
         return Server(config)
 
 
+def loop_factory():
+    """uvloop's event loop where it is installed (the runtime's dependencies have it), else None (asyncio's).
+    uvicorn picks uvloop only when it creates the loop itself (``uvicorn.run``); these servers share
+    one loop that ``run_loop`` creates, so it has to be asked for here. On a CPU the loop competes with
+    the model worker for the interpreter lock, and asyncio's sockets drop the lock on every send and
+    receive (a wait of up to one switch interval to get it back); libuv's non-blocking I/O keeps it."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_loop(main):
+    """Run the coroutine ``main`` to its end on the event loop of ``loop_factory``."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main)
+
+
+def serving_stack(loop: asyncio.AbstractEventLoop, config) -> tuple[str, str]:
+    """(event loop, HTTP parser) a server runs on: ("uvloop" or "asyncio", "httptools" or "h11")."""
+    kind = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+    parser = "httptools" if "httptools" in config.http_protocol_class.__module__ else "h11"
+    return kind, parser
+
+
 def exit_quietly_after_signals() -> None:
     """uvicorn re-raises the signal that stopped it once shutdown is complete; a no-op handler lets the
     command return 0 after a graceful SIGTERM (what Kubernetes sends) instead of dying by the signal."""
@@ -81,10 +110,15 @@ async def serve_async(rt: Runtime, public_sock: socket.socket, admin_sock: socke
               for app, sock in ((admin_app(rt), admin_sock), (metrics_app(rt), metrics_sock))]
     tasks = [asyncio.create_task(srv.serve(sockets=[sock])) for srv, sock in others]
     pub_task = asyncio.create_task(pub.serve(sockets=[public_sock]))
-    if on_started is not None:
-        while not (pub.started and all(srv.started for srv, _ in others)):
-            await asyncio.sleep(0.01)
-        on_started()
+    while not (pub.started and all(srv.started for srv, _ in others)):
+        if pub_task.done() or any(t.done() for t in tasks):
+            break
+        await asyncio.sleep(0.01)
+    if pub.started:
+        stack = serving_stack(asyncio.get_running_loop(), pub_cfg)
+        log.info("serving on the %s event loop with the %s HTTP parser", *stack)
+        if on_started is not None:
+            on_started(stack)
     if stop is not None:
         await stop.wait()
         pub.should_exit = True
@@ -99,7 +133,7 @@ def serve_until_signalled(rt: Runtime, public_sock: socket.socket, admin_sock: s
     """The commands' main loop: serve the three APIs until SIGTERM/SIGINT, then close the runtime; 0."""
     exit_quietly_after_signals()
     try:
-        asyncio.run(serve_async(rt, public_sock, admin_sock, metrics_sock, log_level=log_level))
+        run_loop(serve_async(rt, public_sock, admin_sock, metrics_sock, log_level=log_level))
     finally:
         rt.close()
     return 0
@@ -120,6 +154,7 @@ class RuntimeServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
+        self.stack: tuple[str, str] | None = None  # (event loop, HTTP parser), once started
         self._thread = threading.Thread(target=self._run, name="lorafleet-runtime-server", daemon=True)
 
     def _run(self) -> None:
@@ -127,9 +162,13 @@ class RuntimeServer:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             await serve_async(self.rt, self.public_sock, self.admin_sock, self.metrics_sock, self._stop, "warning",
-                              self._started.set)
+                              self._on_started)
 
-        asyncio.run(main())
+        run_loop(main())
+
+    def _on_started(self, stack: tuple[str, str]) -> None:
+        self.stack = stack
+        self._started.set()
 
     def start(self) -> "RuntimeServer":
         self._thread.start()

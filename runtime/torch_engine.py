@@ -76,7 +76,7 @@ class TorchEngine(ServingEngine):
         from lorafleet.runtime.engines import Sequence
 
         if params.structured is not None:
-            raise refuse("response_format", f"type {params.structured.kind!r} (structured output) is not "
+            raise refuse(params.structured.field, f"type {params.structured.kind!r} (structured output) is not "
                          "implemented by the torch engine; ask for text, or use a pool with "
                          "spec.runtime.engine vllm")
         # Shallow: the request's own params are handed over (asdict deep-copies every set and dict).

@@ -13,7 +13,7 @@
   engine's semantics (sampling.py) is refused with 400 naming the parameter. Stop strings and
   detokenization stay in the HTTP layer (generation.TextStream), as for the torch engine.
 - ``response_format`` json_object / json_schema become vLLM's structured outputs, as vLLM's OpenAI server maps
-  them; what vLLM refuses when it takes a request (a schema its grammar backend cannot compile) is a 400.
+  them, and so do TGI's ``parameters.grammar`` json (a schema) and regex; what vLLM refuses when it takes a request (a schema its grammar backend cannot compile) is a 400.
 
 vLLM is imported only when this engine is built: the runtime imports without it."""
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -37,9 +36,9 @@ log = logging.getLogger("lorafleet.runtime")
 # vLLM 0.32's LoRAConfig.max_lora_rank takes only these values.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_MAX_MODEL_LEN = 8192  # as the torch engine: the model's length, capped here
-# The share of GPU memory vLLM may take (weights, activations, KV cache); on vLLM's CPU build the KV cache
-# is sized by VLLM_CPU_KVCACHE_SPACE (GiB) instead.
-GPU_MEMORY_UTILIZATION_ENV = "LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION"
+# The share of GPU memory vLLM may take (weights, activations, KV cache) is the setting
+# vllm_gpu_memory_utilization (LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION); on vLLM's CPU build the KV cache is
+# sized by VLLM_CPU_KVCACHE_SPACE (GiB) instead.
 STARTUP_TIMEOUT_S = 1800.0
 # vLLM's CPU build (0.32.0) computes rows without an adapter wrongly when they share a batch with rows that
 # have one (seen here: alone they equal Hugging Face's, mixed they do not; the adapter rows stay exact). On
@@ -148,8 +147,10 @@ def vllm_sampling(p: SamplingParams, vllm_sampling_params_class, output_kind):
         # As vLLM's OpenAI server maps response_format (entrypoints/generate/base/protocol.py).
         from vllm.sampling_params import StructuredOutputsParams
 
-        kw["structured_outputs"] = (StructuredOutputsParams(json_object=True) if p.structured.kind == "json_object"
-                                    else StructuredOutputsParams(json=p.structured.schema))
+        s = p.structured
+        kw["structured_outputs"] = (StructuredOutputsParams(json_object=True) if s.kind == "json_object"
+                                    else StructuredOutputsParams(regex=s.pattern) if s.kind == "regex"
+                                    else StructuredOutputsParams(json=s.schema))
     if p.sample:
         kw.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0, min_p=p.min_p)
     else:
@@ -224,7 +225,7 @@ class VLLMEngine(ServingEngine):
             enable_lora=True, max_loras=settings.device_slots,
             max_cpu_loras=max(settings.host_adapters, settings.device_slots), max_lora_rank=lora_rank,
             max_num_seqs=settings.max_batch_size, enforce_eager=not on_gpu,
-            gpu_memory_utilization=float(os.environ.get(GPU_MEMORY_UTILIZATION_ENV, "0.9")),
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
             disable_log_stats=True, seed=0)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         loop = asyncio.new_event_loop()
@@ -356,10 +357,13 @@ class VLLMEngine(ServingEngine):
 
     @staticmethod
     def _refused(seq: VLLMSequence, e: Exception):
-        """The 400 for a request vLLM refused when it took it, naming the field (vLLM's, or response_format
-        when the request has a structured output: the constraint is what vLLM checks there)."""
-        field_name = getattr(e, "parameter", None) or ("response_format" if seq.params.structured else None)
-        code = "invalid_response_format" if field_name == "response_format" else "invalid_body"
+        """The 400 for a request vLLM refused when it took it, naming the field (vLLM's, or the structured
+        output's — response_format or parameters.grammar — when the request has one: the constraint is what
+        vLLM checks there)."""
+        s = seq.params.structured
+        field_name = getattr(e, "parameter", None) or (s.field if s else None)
+        code = ("invalid_response_format" if field_name == "response_format"
+                else "invalid_grammar" if field_name == "parameters.grammar" else "invalid_body")
         return bad_request(f"`{field_name}`: {e}" if field_name else f"vLLM refused the request: {e}", code)
 
     def _record(self, seq: VLLMSequence, tok: int, entries: dict) -> None:

@@ -3,12 +3,13 @@ used by ``lorafleet sidecar`` and by tests that run a sidecar in-process."""
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import threading
 
+from pydantic import SecretStr
+
 from lorafleet.contracts.cache import CacheLayout
+from lorafleet.contracts.settings import SidecarSettings
 
 from .health import Health
 from .kube import PodReporter, RoutesWatcher, make_client
@@ -20,6 +21,10 @@ from .sync import RetryPolicy, Syncer
 from lorafleet.contracts.adapter_rules import Limits
 
 log = logging.getLogger("lorafleet.sidecar")
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 class Sidecar:
@@ -35,12 +40,11 @@ class Sidecar:
         self._health_server = None
 
     @classmethod
-    def from_args(cls, a: argparse.Namespace, client=None) -> "Sidecar":
+    def from_args(cls, a: SidecarSettings, client=None) -> "Sidecar":
         metrics = Metrics()
         s3 = None
         if a.s3_endpoint:
-            s3 = S3Storage(a.s3_endpoint, os.environ.get("AWS_ACCESS_KEY_ID"),
-                           os.environ.get("AWS_SECRET_ACCESS_KEY"), a.s3_region,
+            s3 = S3Storage(a.s3_endpoint, _secret(a.access_key), _secret(a.secret_key), a.s3_region,
                            max_connections=a.concurrency + 4)
         store = ContentStore(CacheLayout(a.cache_dir), Storages(s3),
                              Limits(max_rank=a.max_rank, max_adapter_bytes=a.max_adapter_bytes), metrics,

@@ -6,7 +6,6 @@ upload it with a progress bar on stderr, print only its LoRAAdapter YAML on stdo
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -16,8 +15,8 @@ from urllib.parse import urlparse
 import yaml
 
 from lorafleet.contracts.digest import directory_digest, regular_files
-from lorafleet.contracts.quantity import parse_quantity
 from lorafleet.contracts.resources import LoRAAdapter
+from lorafleet.contracts.settings import PushSettings, SettingsError, add_flags
 
 from .storage import split_s3
 from lorafleet.contracts.adapter_rules import BaseModelInfo, Limits, Refused, adapter_problems
@@ -62,7 +61,13 @@ def _dns_name(text: str) -> str:
     return s or "adapter"
 
 
+def _secret(value) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The adapter, where it goes and its LoRAAdapter from the arguments; the upload's settings
+    (contracts/settings.py's PushSettings) from flags over the environment, as ``settings``."""
     p = argparse.ArgumentParser(prog="lorafleet push", description=__doc__.splitlines()[0])
     p.add_argument("dir", help="adapter directory: PEFT (adapter_config.json + adapter_model.safetensors) or, "
                    "for a text-to-image pool, one diffusers or kohya LoRA .safetensors")
@@ -72,14 +77,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--version", required=True)
     p.add_argument("--name", help="LoRAAdapter name (default: <tenant>-<folder name>)")
     p.add_argument("--namespace", help="metadata.namespace of the printed YAML")
-    p.add_argument("--endpoint", default=os.environ.get("S3_ENDPOINT"), help="S3 endpoint (env S3_ENDPOINT)")
-    p.add_argument("--region", default=os.environ.get("S3_REGION"))
-    p.add_argument("--max-rank", type=int, default=64)
-    p.add_argument("--max-adapter-bytes", default="512Mi")
     p.add_argument("--base-model", help="the pool's base model directory: check shapes and target modules "
                                         "against it too")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    add_flags(p, PushSettings)
+    args = p.parse_args(argv)
+    try:
+        args.settings = PushSettings.from_args(args)
+    except SettingsError as e:
+        print(e.line(), file=sys.stderr)
+        raise SystemExit(2) from None
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as e:
         print(f"lorafleet push: {e.reason}", file=sys.stderr)
         return 2
-    if not a.endpoint:
+    settings = a.settings
+    if not settings.endpoint:
         print("lorafleet push: no S3 endpoint: pass --endpoint or set S3_ENDPOINT", file=sys.stderr)
         return 2
     try:
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as e:
         print(f"lorafleet push: --base-model {a.base_model}: {e.reason}", file=sys.stderr)
         return 2
-    problems = adapter_problems(src, Limits(a.max_rank, parse_quantity(a.max_adapter_bytes)), base)
+    problems = adapter_problems(src, Limits(settings.max_rank, settings.max_adapter_bytes), base)
     if problems:
         print(f"lorafleet push: {src} is refused:", file=sys.stderr)
         for pr in problems:
@@ -121,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     from minio import Minio
     from minio.error import S3Error
 
-    u = urlparse(a.endpoint if "://" in a.endpoint else f"http://{a.endpoint}")
-    client = Minio(u.netloc, access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-                   secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"), secure=u.scheme == "https",
-                   region=a.region or None)
+    endpoint = settings.endpoint
+    u = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+    client = Minio(u.netloc, access_key=_secret(settings.access_key), secret_key=_secret(settings.secret_key),
+                   secure=u.scheme == "https", region=settings.region or None)
     files = regular_files(src)
     total = sum((src / rel).stat().st_size for rel in files)
-    progress = _Progress(total, enabled=not a.no_progress)
+    progress = _Progress(total, enabled=not settings.no_progress)
     try:
         if not client.bucket_exists(bucket):
             client.make_bucket(bucket)
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:  # urllib3 connection errors
         progress.close()
-        print(f"lorafleet push: upload to {uri} failed ({a.endpoint} unreachable?): {e}", file=sys.stderr)
+        print(f"lorafleet push: upload to {uri} failed ({settings.endpoint} unreachable?): {e}", file=sys.stderr)
         return 1
     progress.close()
     print(f"pushed {len(files)} files ({total} bytes) to {uri}, digest {digest}", file=sys.stderr)

@@ -41,6 +41,14 @@ class Failure:
         return self.next_try == float("inf")
 
 
+class _MergedAdapterFailed(Exception):
+    """A merged pool's adapter could not be fetched or was refused (the base model itself is there)."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 @dataclass
 class RetryPolicy:
     base: float = 0.5
@@ -386,14 +394,20 @@ class Syncer:
                 base.task = self.task or base.task
                 try:
                     self.store.install_adapter(self.merged_sha256, self.merged_uri, base)
-                except Refused as e:
-                    raise Refused(f"merged adapter {self.merged_uri}: {e.reason}", e.category, e.kind) from None
+                except Exception as e:  # noqa: BLE001 - reported as the merged adapter's, not the model's
+                    raise _MergedAdapterFailed(e) from None
             self.model_failure = None
         except Exception as e:  # noqa: BLE001
             prev = self.model_failure
             attempts = prev.attempts + 1 if prev else 1
-            reason = e.reason if isinstance(e, Refused) else str(e)
-            self.model_failure = Failure(f"base model {self.model_uri}: {reason}", "model", attempts,
+            merged = isinstance(e, _MergedAdapterFailed)
+            cause = e.cause if isinstance(e, _MergedAdapterFailed) else e
+            reason = cause.reason if isinstance(cause, Refused) else str(cause)
+            # The sync report carries a merged adapter's (mergedAdapterFailure): a merged pool's routes
+            # name no adapter, so no adapter's failure would say why its pods never turn Ready.
+            self.model_failure = Failure(f"merged adapter {self.merged_uri}: {reason}" if merged
+                                         else f"base model {self.model_uri}: {reason}",
+                                         "merged" if merged else "model", attempts,
                                          time.monotonic() + self.retry.delay(attempts))
             self.metrics.failures.labels("model").inc()
             log.error("%s", self.model_failure.reason)
@@ -478,6 +492,10 @@ class Syncer:
                                   model_ready=self.model_ready if self.model_sha256 else None,
                                   since={d.key: d.since for d in desired})
         report.routes_stale = self.routes_stale
+        f = self.model_failure if not self.model_ready else None
+        if f is not None and f.category == "merged":
+            # No attempt count: the report (a pod annotation) changes only when the reason does.
+            report.merged_adapter_failure = f.reason
         if self.pod is not None and table.placed_on is not None:
             report.rates = self._measure_rates(time.monotonic()) if loaded is not None else self.rates
             report.cache_bytes = self.store.used_bytes()

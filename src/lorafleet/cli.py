@@ -65,6 +65,22 @@ def _gen_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gen_settings_doc(args: argparse.Namespace) -> int:
+    from lorafleet.contracts.settings import render_reference
+
+    out = Path(args.out)
+    text = render_reference()
+    if args.check:
+        if not out.exists() or out.read_text() != text:
+            print(f"stale settings reference (run `lorafleet gen-settings-doc`): {out}", file=sys.stderr)
+            return 1
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMPONENTS:
@@ -86,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", default="crds", help="folder to write into (default: crds)")
     g.add_argument("--check", action="store_true", help="fail if the files differ instead of writing")
     g.set_defaults(func=_gen_crds)
+    r = sub.add_parser("gen-settings-doc", help="write docs/configuration.md, every component's settings, from "
+                                                 "contracts/settings.py")
+    r.add_argument("--out", default="docs/configuration.md", help="file to write (default: docs/configuration.md)")
+    r.add_argument("--check", action="store_true", help="fail if the file differs instead of writing")
+    r.set_defaults(func=_gen_settings_doc)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -41,7 +41,8 @@ def expected(model, adapters):
 @pytest.fixture(scope="module")
 def server(model, adapters):
     # Two device slots for five adapters: vLLM swaps adapters in and out of its slots between steps.
-    srv = start_runtime(model, engine="vllm", device_slots=2, host_adapters=8, max_rank=16, max_batch_size=8,
+    srv = start_runtime(model, engine="vllm", vllm_gpu_memory_utilization=0.3,  # a shared card
+                        device_slots=2, host_adapters=8, max_rank=16, max_batch_size=8,
                         max_queue_delay_ms=0)
     with httpx.Client(base_url=srv.admin_url) as admin:
         for name, path in adapters.items():
@@ -294,10 +295,12 @@ SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "enum": 
           "required": ["answer", "sure"], "additionalProperties": False}
 
 
-def constrained_greedy(model, adapter, prompt_ids: list[int], schema: dict, max_new: int) -> list[int]:
+def constrained_greedy(model, adapter, prompt_ids: list[int], schema: dict | None, max_new: int,
+                       regex: str | None = None) -> list[int]:
     """vLLM's structured-output semantics written out: at each step PEFT's logits with every token the
-    grammar (xgrammar's JSON-schema grammar, any whitespace, as vLLM compiles it) does not allow masked, then
-    the greedy pick, until an end-of-sequence token or ``max_new`` tokens."""
+    grammar (xgrammar's JSON-schema grammar, any whitespace, as vLLM compiles it; or xgrammar's grammar of
+    ``regex``) does not allow masked, then the greedy pick, until an end-of-sequence token or ``max_new``
+    tokens."""
     import json
 
     import torch
@@ -309,8 +312,9 @@ def constrained_greedy(model, adapter, prompt_ids: list[int], schema: dict, max_
     base = AutoModelForCausalLM.from_pretrained(str(model))
     pm = PeftModel.from_pretrained(base, str(adapter)).eval()
     vocab = base.config.vocab_size
-    ctx = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)).compile_json_schema(
-        json.dumps(schema), any_whitespace=True)
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab))
+    ctx = (compiler.compile_regex(regex) if regex is not None
+           else compiler.compile_json_schema(json.dumps(schema), any_whitespace=True))
     matcher, mask = xgr.GrammarMatcher(ctx), xgr.allocate_token_bitmask(1, vocab)
     ids, out = list(prompt_ids), []
     with torch.no_grad():
@@ -371,3 +375,53 @@ def test_a_schema_vllm_cannot_compile_is_400_naming_response_format(server):
         err = r.json()["error"]
         assert err["code"] == "invalid_response_format" and err["message"].startswith("`response_format`: ")
         assert "nonsense" in err["message"]
+
+
+def test_tgi_grammar_json_and_regex_are_vllms_structured_outputs(server, model, adapters, monkeypatch):
+    """TGI's ``parameters.grammar`` through the unmodified huggingface_hub client: ``json`` (the schema as an
+    object, and as a string holding it) and ``regex`` give the greedy answer under the grammar's mask, token
+    for token; a malformed grammar and a regex the backend cannot compile are 400s naming the grammar."""
+    import json
+    import re
+
+    import jsonschema
+    from huggingface_hub import InferenceClient, constants
+
+    from lorafleet.runtime.generation import completion_prompt_ids
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # it would block requests to our loopback server
+    client, tok = InferenceClient(model=server.url), server.rt.engine.tokenizer
+    max_new = 128
+    # The grammar allows any whitespace between JSON tokens, which a random model may like to the end of
+    # max_new: take the first adapter and prompt whose constrained answer (the oracle's) ends within it.
+    for name, prompt in (("gen3", PROMPTS[1]), ("gen2", PROMPTS[0]), ("gen1", PROMPTS[0]), ("gen4", PROMPTS[1])):
+        ids = constrained_greedy(model, adapters[name], completion_prompt_ids(tok, prompt), SCHEMA, max_new)
+        if ids[-1] == tok.eos_token_id:
+            break
+    else:
+        pytest.fail("no adapter's constrained greedy answer ended within max_new tokens")
+    want = tok.decode(ids, skip_special_tokens=True)
+    for value in (SCHEMA, json.dumps(SCHEMA)):
+        text = client.text_generation(prompt, adapter_id=name, max_new_tokens=max_new,
+                                      grammar={"type": "json", "value": value})
+        assert text == want
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+    prompt_ids = completion_prompt_ids(tok, PROMPTS[1])
+
+    pattern = r"(yes|no), [a-z]{2,6}[.!]"
+    want = tok.decode(constrained_greedy(model, adapters["gen1"], prompt_ids, None, 32, regex=pattern),
+                      skip_special_tokens=True)
+    text = client.text_generation(PROMPTS[1], adapter_id="gen1", max_new_tokens=32,
+                                  grammar={"type": "regex", "value": pattern})
+    assert text == want and re.fullmatch(pattern, text), text
+    streamed = "".join(client.text_generation(PROMPTS[1], adapter_id="gen1", max_new_tokens=32, stream=True,
+                                              grammar={"type": "regex", "value": pattern}))
+    assert streamed == text
+
+    for grammar, says in (({"type": "regex", "value": "(unclosed"}, "`parameters.grammar`: "),
+                          ({"type": "ebnf", "value": "root ::= a"}, "`parameters.grammar.type` must be")):
+        r = httpx.post(server.url + "/generate", timeout=60, json={
+            "inputs": PROMPTS[0], "parameters": {"adapter_id": "gen0", "max_new_tokens": 4, "grammar": grammar}})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_grammar" and says in r.json()["error"]["message"], r.text

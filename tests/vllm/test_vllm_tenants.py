@@ -55,7 +55,8 @@ def expected(model, adapters):
 @pytest.fixture(scope="module")
 def server(model, adapters):
     first, _ = adapters
-    srv = start_runtime(model, engine="vllm", device_slots=4, host_adapters=6, max_rank=16, max_batch_size=16,
+    srv = start_runtime(model, engine="vllm", vllm_gpu_memory_utilization=0.3,  # a shared card
+                        device_slots=4, host_adapters=6, max_rank=16, max_batch_size=16,
                         max_queue_delay_ms=0)
     with httpx.Client(base_url=srv.admin_url) as admin:
         for name, path in first.items():

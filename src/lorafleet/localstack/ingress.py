@@ -5,7 +5,10 @@ matching host goes to the default backend (the demo pool), so ``curl $LORAFLEET_
 A virtual-host port treats every request as sent to one host (``--vhost-port 8081=pool.example``), so a
 client reaches that host's Ingress rules without setting a Host header. Responses stream through (SSE).
 A request for an adapter that the pool's routes place on some replicas only goes to those replicas
-(those whose sync report shows it loaded first), as the gateway's choice does."""
+(those whose sync report shows it loaded first), as the gateway's choice does. A request for an
+adapter that a merged pool serves (its routes entry's ``merged``) goes to that pool's Ready pods while
+it has any, the shared pool's behind them as retries; every answer from a pool names it in
+``X-Lorafleet-Pool``, and ``lorafleet_ingress_pool_choice_total`` (on the metrics port) counts them."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from aiohttp import web
 from lightkube import Client
 from lightkube.resources.core_v1 import ConfigMap, Pod, Service
 from lightkube.resources.networking_v1 import Ingress
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from lorafleet.contracts import names
 from lorafleet.contracts.kubeio import pod_ready
@@ -38,6 +42,7 @@ class Endpoint:
     pod: str
     port: int
     report: SyncReport | None
+    pool: str | None = None  # the pool whose pod it is (None: another Service's, e.g. a gateway)
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,15 @@ class LocalIngress:
         self.rules: list[Rule] = []
         self.endpoints: dict[tuple[str, str], list[Endpoint]] = {}  # (ns, service) -> its ready pods
         self.routes: dict[tuple[str, str], RoutesTable] = {}  # (ns, service) -> its pool's routes
+        # (ns, service) -> served name -> (merged pool's Service, the version it merges)
+        self.merged: dict[tuple[str, str], dict[str, tuple[tuple[str, str], str]]] = {}
+        self.pools: dict[tuple[str, str], str] = {}  # (ns, service) -> the pool it selects
         self._rr = itertools.count()
+        self.registry = CollectorRegistry()
+        self.pool_choice = Counter(
+            "lorafleet_ingress_pool_choice", "Answers to requests for an adapter a merged pool serves, by the pool "
+            "that answered: role merged (while it has Ready pods) or shared (the adapter's spec.pool)",
+            ["namespace", "adapter", "pool", "role"], registry=self.registry)
         warm_decoders(Ingress, Service, Pod, ConfigMap)
 
     # --------------------------------------------------------------------------- routing table
@@ -78,11 +91,20 @@ class LocalIngress:
             wanted.add(self.default_backend)
         endpoints: dict[tuple[str, str], list[Endpoint]] = {}
         routes: dict[tuple[str, str], RoutesTable] = {}
-        for ns, name in wanted:
+        merged: dict[tuple[str, str], dict[str, tuple[tuple[str, str], str]]] = {}
+        pools: dict[tuple[str, str], str] = {}
+        pending = sorted(wanted)
+        while pending:
+            ns, name = pending.pop()
+            if (ns, name) in endpoints:
+                continue
             try:
                 svc = self.client.get(Service, name, namespace=ns)
             except Exception:
                 continue
+            pool = (svc.spec.selector or {}).get(names.LABEL_POOL)
+            if pool:
+                pools[(ns, name)] = pool
             target = (svc.spec.ports or [None])[0]
             target_port = str(target.targetPort if target and target.targetPort is not None else 8000)
             ports = []
@@ -91,34 +113,67 @@ class LocalIngress:
                 number = target_port if target_port.isdigit() else _named_port(pod, target_port)
                 if pod_ready(pod) and number in local:
                     report = SyncReport.from_annotation((pod.metadata.annotations or {}).get(names.SYNC_ANNOTATION))
-                    ports.append(Endpoint(pod.metadata.name, int(local[number]), report))
+                    ports.append(Endpoint(pod.metadata.name, int(local[number]), report, pool))
             endpoints[(ns, name)] = sorted(ports, key=lambda e: e.port)
-            pool = (svc.spec.selector or {}).get(names.LABEL_POOL)
-            if pool:  # a pool's own Service: where its routes place each adapter
+            if pool:  # a pool's own Service: where its routes place each adapter, which merged pools serve
                 cms = self.client.list(ConfigMap, namespace=ns, labels={names.LABEL_ROUTES_FOR: pool})
                 table = RoutesTable.merge_complete(pool, [RoutesTable.from_json(cm.data["routes.json"])
                                                           for cm in cms if (cm.data or {}).get("routes.json")])
                 if table is not None and table.placed_on is not None:
                     routes[(ns, name)] = table
-        self.routes = routes
+                for served, entry in (table.adapters.items() if table is not None else ()):
+                    if entry.merged is not None:
+                        key = (ns, names.service_name(entry.merged.pool))
+                        merged.setdefault((ns, name), {})[served] = (key, entry.merged.version)
+                        pending.append(key)  # its Ready pods are looked up too
+        self.routes, self.merged, self.pools = routes, merged, pools
         return rules, endpoints
 
-    def holders_first(self, backend: tuple[str, str], endpoints: list[Endpoint], body: bytes,
-                      path: str, headers) -> list[Endpoint]:
-        """The pods to try for this request, in order: for an adapter placed on some replicas, those
-        replicas (the ones that report it loaded first), then the others, which answer 503 unless this
-        table is a refresh behind a move; otherwise every ready pod."""
-        table = self.routes.get(backend)
-        if table is None or not body:
+    def merged_first(self, backend: tuple[str, str], endpoints: list[Endpoint], wanted: str | None) -> list[Endpoint]:
+        """``endpoints`` (the shared pool's, in order) behind the Ready pods of the merged pool serving
+        ``wanted`` (``name``, or ``name@`` the version it merges), if any: the gateway's rule."""
+        if not wanted:
             return endpoints
+        name, version = names.split_versioned(wanted)
+        found = self.merged.get(backend, {}).get(name)
+        if found is None or version not in (None, found[1]):
+            return endpoints
+        pods = list(self.endpoints.get(found[0]) or [])
+        if not pods:
+            return endpoints
+        start = next(self._rr) % len(pods)
+        return pods[start:] + pods[:start] + endpoints
+
+    def _order(self, backend: tuple[str, str], wanted: str | None) -> list[Endpoint]:
+        """The pods to try, in order: round robin over the Service's ready pods, the holders of a
+        placed adapter first, a merged pool's Ready pods before all of them."""
+        ports = self.endpoints.get(backend) or []
+        if ports:
+            start = next(self._rr) % len(ports)
+            ports = self.holders_first(backend, ports[start:] + ports[:start], wanted)
+        return self.merged_first(backend, ports, wanted)
+
+    def requested(self, backend: tuple[str, str], body: bytes, path: str, headers) -> str | None:
+        """The adapter (``name`` or ``name@version``) a request for a pool's Service names, if any."""
+        if not body or (backend not in self.routes and backend not in self.merged):
+            return None
         from lorafleet.gateway.server import requested_adapters
 
         try:
             doc = json.loads(body)
         except ValueError:
-            return endpoints
+            return None
         wanted = requested_adapters(path, doc if isinstance(doc, dict) else {}, headers)
-        served = names.split_versioned(wanted[0])[0] if wanted else ""
+        return wanted[0] if wanted else None
+
+    def holders_first(self, backend: tuple[str, str], endpoints: list[Endpoint], wanted: str | None) -> list[Endpoint]:
+        """The pods to try for this request, in order: for an adapter placed on some replicas, those
+        replicas (the ones that report it loaded first), then the others, which answer 503 unless this
+        table is a refresh behind a move; otherwise every ready pod."""
+        table = self.routes.get(backend)
+        if table is None or not wanted:
+            return endpoints
+        served = names.split_versioned(wanted)[0]
         entry = table.adapters.get(served)
         if entry is None or entry.holders is None:
             return endpoints
@@ -153,7 +208,10 @@ class LocalIngress:
             where = f"{host or request.host}{request.path}"
             return web.json_response(error_body(f"no Ingress rule matches {where}", "not_found", "no_route"),
                                      status=404)
-        ports = self.endpoints.get(backend) or []
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        wanted = self.requested(backend, body, request.path, request.headers)
+        ports = self._order(backend, wanted)
         if not ports:
             # The table is polled every `refresh` s, where a real controller watches endpoints and
             # sees a pod turn Ready within milliseconds: look again before answering 503.
@@ -161,43 +219,45 @@ class LocalIngress:
                 self.rules, self.endpoints = await asyncio.to_thread(self._snapshot)
             except Exception:
                 log.exception("ingress refresh failed")
-            ports = self.endpoints.get(backend) or []
+            ports = self._order(backend, wanted)
         if not ports:
             return web.json_response(error_body(f"service {backend[0]}/{backend[1]} has no ready pods",
                                                 "unavailable", "no_ready_endpoints"), status=503,
                                      headers={"Retry-After": "1"})
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        start = next(self._rr) % len(ports)
-        ports = ports[start:] + ports[:start]
-        ports = self.holders_first(backend, ports, body, request.path, request.headers)
+        shared_pool = self.pools.get(backend)
         last_error: Exception | None = None
         for i, endpoint in enumerate(ports):  # a connection refused (pod just went away) tries the next pod
             url = f"http://127.0.0.1:{endpoint.port}{request.rel_url}"
+            merged_pod = endpoint.pool is not None and endpoint.pool != shared_pool
             try:
                 upstream = await self.session.request(request.method, url, data=body, headers=headers,
                                                       allow_redirects=False)
             except aiohttp.ClientConnectionError as e:
                 last_error = e
                 continue
-            if upstream.status == 503 and i + 1 < len(ports):
+            if i + 1 < len(ports) and (upstream.status == 503 or (upstream.status == 404 and merged_pod)):
                 # Not served there (a stale placement: 503 adapter_elsewhere) or not able now: the next pod.
+                # A merged pod rolling to another version 404s a version pinned to the new one.
                 upstream.release()
-                last_error = Exception(f"pod {endpoint.pod} answered 503")
+                last_error = Exception(f"pod {endpoint.pod} answered {upstream.status}")
                 continue
-            headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            if endpoint.pool is not None:
+                out_headers.setdefault("X-Lorafleet-Pool", endpoint.pool)
             if not upstream.headers.get("content-type", "").startswith("text/event-stream"):
                 # A whole answer is read before anything is sent: its framing is the proxy's own
                 # (Content-Length), and an upstream that fails midway becomes a clean 502.
                 try:
-                    body = await upstream.read()
+                    answer = await upstream.read()
                 except aiohttp.ClientError as e:
                     last_error = e
                     continue
                 finally:
                     upstream.release()
-                return web.Response(status=upstream.status, body=body, headers=headers)
-            resp = web.StreamResponse(status=upstream.status, headers=headers)
+                self._count_choice(backend, wanted, endpoint, merged_pod)
+                return web.Response(status=upstream.status, body=answer, headers=out_headers)
+            self._count_choice(backend, wanted, endpoint, merged_pod)
+            resp = web.StreamResponse(status=upstream.status, headers=out_headers)
             await resp.prepare(request)
             try:
                 async for chunk in upstream.content.iter_any():
@@ -214,19 +274,36 @@ class LocalIngress:
         return web.json_response(error_body(f"no pod of {backend[0]}/{backend[1]} answered: {last_error}",
                                             "unavailable", "upstream_unreachable"), status=502)
 
-    async def serve(self, port: int, host: str = "127.0.0.1", vhosts: dict[int, str] | None = None) -> web.AppRunner:
+    def _count_choice(self, backend: tuple[str, str], wanted: str | None, endpoint: Endpoint, merged_pod: bool) -> None:
+        name = names.split_versioned(wanted)[0] if wanted else None
+        if name is not None and endpoint.pool is not None and name in self.merged.get(backend, {}):
+            self.pool_choice.labels(backend[0], name, endpoint.pool, "merged" if merged_pod else "shared").inc()
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain")
+
+    async def serve(self, port: int, host: str = "127.0.0.1", vhosts: dict[int, str] | None = None,
+                    metrics_port: int | None = None) -> web.AppRunner:
         """Listen on ``port`` (routing by the Host header) and on each port of ``vhosts`` (as if every
-        request there were sent to that host). Cleaning up the runner returned stops them all."""
+        request there were sent to that host), and serve ``GET /metrics`` on ``metrics_port``.
+        Cleaning up the runner returned stops them all."""
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         self._vhost_runners: list[web.AppRunner] = []
         main: web.AppRunner | None = None
-        for listen, forced in [(port, None), *(vhosts or {}).items()]:
+        listeners: list[tuple[int, str | None, bool]] = [(port, None, False),
+                                                         *((p, h, False) for p, h in (vhosts or {}).items())]
+        if metrics_port is not None:
+            listeners.append((metrics_port, None, True))
+        for listen, forced, ops in listeners:
             app = web.Application(client_max_size=64 * 1024 * 1024)
 
             async def handler(request: web.Request, forced: str | None = forced) -> web.StreamResponse:
                 return await self.handle(request, forced)
 
-            app.router.add_route("*", "/{tail:.*}", handler)
+            if ops:
+                app.router.add_get("/metrics", self.metrics)
+            else:
+                app.router.add_route("*", "/{tail:.*}", handler)
             if main is None:
                 app.on_cleanup.append(self._close)
             runner = web.AppRunner(app, access_log=None)

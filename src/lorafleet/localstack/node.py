@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default-backend", help="NS/SERVICE for requests no Ingress host matches")
     p.add_argument("--vhost-port", action="append", default=[], metavar="PORT=HOST",
                    help="also listen on PORT, treating every request there as sent to HOST (repeatable)")
+    p.add_argument("--metrics-port", type=int, help="serve the ingress's GET /metrics on this port")
     p.add_argument("--image-bin", action="append", default=[], metavar="REPOSITORY=DIR",
                    help="the pod runner runs containers of this image repository from DIR (repeatable)")
     args = p.parse_args(argv)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         loop.set_default_executor(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingress-api"))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        web_runner = await ingress.serve(args.port, vhosts=vhosts)
+        web_runner = await ingress.serve(args.port, vhosts=vhosts, metrics_port=args.metrics_port)
         logging.getLogger("lorafleet.node").info("ingress on http://127.0.0.1:%d%s", args.port, "".join(
             f", http://127.0.0.1:{port} as host {host}" for port, host in vhosts.items()))
         await stop.wait()

@@ -161,6 +161,8 @@ class Stack:
                     "--workdir", str(self.root / "node"), "--port", str(ingress_port)]
             if ingress_default:
                 argv += ["--default-backend", ingress_default]
+            st["ingress_metrics_port"] = int(os.environ.get("LORAFLEET_INGRESS_METRICS_PORT") or free_port())
+            argv += ["--metrics-port", str(st["ingress_metrics_port"])]
             argv += [f"--image-bin={repo}={d}" for repo, d in (image_bins or {}).items()]
             if gateway_host:
                 st["gateway_port"] = int(os.environ.get("LORAFLEET_INGRESS_GATEWAY_PORT") or free_port())

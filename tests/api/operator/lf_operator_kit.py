@@ -119,14 +119,18 @@ def cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
 
-def make_pod(kube, namespace: str, pool: str, name: str, ready: bool = True, sync: dict | None = None) -> None:
-    """A pod of the pool as the test plays the node and the sidecar: Ready in status, sync annotation."""
-    from lightkube.models.core_v1 import Container, PodSpec
+def make_pod(kube, namespace: str, pool: str, name: str, ready: bool = True, sync: dict | None = None,
+             env: dict[str, str] | None = None) -> None:
+    """A pod of the pool as the test plays the node and the sidecar: Ready in status, sync annotation;
+    ``env``: its runtime container's (a merged pool's pod names the adapter it merges there)."""
+    from lightkube.models.core_v1 import Container, EnvVar, PodSpec
     from lightkube.models.meta_v1 import ObjectMeta
     from lightkube.resources.core_v1 import Pod
 
+    runtime = Container(name="runtime", image="lorafleet/runtime:0.1.0",
+                        env=[EnvVar(name=k, value=v) for k, v in (env or {}).items()] or None)
     kube.create(Pod(metadata=ObjectMeta(name=name, namespace=namespace, labels=names.pod_selector(pool)),
-                    spec=PodSpec(containers=[Container(name="runtime", image="lorafleet/runtime:0.1.0")])))
+                    spec=PodSpec(containers=[runtime])))
     set_pod(kube, namespace, name, ready=ready, sync=sync)
 
 

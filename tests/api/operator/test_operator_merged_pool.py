@@ -25,13 +25,13 @@ MODEL = {"uri": "s3://models/tiny/", "sha256": "a" * 64, "task": "text-generatio
 PROMPT = "hello world , how are"
 
 
-def _serve_as_pod(kube, namespace, pool, name, url, ready=True, sync=None):
+def _serve_as_pod(kube, namespace, pool, name, url, ready=True, sync=None, env=None):
     """A pod of ``pool`` whose runtime is ``url`` (the local stack's port annotation), as the test
     plays the node and the sidecar."""
     from lightkube.resources.core_v1 import Pod
     from lightkube.types import PatchType
 
-    make_pod(kube, namespace, pool, name, ready=ready, sync=sync)
+    make_pod(kube, namespace, pool, name, ready=ready, sync=sync, env=env)
     kube.patch(Pod, name, {"metadata": {"annotations": {
         "lorafleet.io/local-ports": json.dumps({str(names.RUNTIME_PORT): int(url.rsplit(":", 1)[1])})}}},
         namespace=namespace, patch_type=PatchType.MERGE)
@@ -90,7 +90,8 @@ def test_the_merged_pool_takes_the_tenants_requests_while_ready_and_the_shared_p
     # Pods: one of each pool, Ready, each backed by a real runtime.
     gen = t.generation
     _serve_as_pod(kube, namespace, "chat-shared", "chat-shared-0", shared.url, sync={"generation": gen, "loaded": 1})
-    _serve_as_pod(kube, namespace, "chat-hot", "chat-hot-0", merged.url, sync={"generation": 0, "loaded": 0})
+    _serve_as_pod(kube, namespace, "chat-hot", "chat-hot-0", merged.url, sync={"generation": 0, "loaded": 0},
+                  env={"LORAFLEET_MERGED_ADAPTER_DIR": env["LORAFLEET_MERGED_ADAPTER_DIR"]})
     st = wait_status(control_plane, namespace, "lora", "chat",
                      lambda s: [p.get("readyReplicas") for p in s.get("pools") or []] == [1, 1],
                      what="the adapter's status with both pools ready")

@@ -60,6 +60,9 @@ def test_a_pool_with_an_http_route_on_an_api_server_without_the_gateway_api(bare
         wait_for(lambda: "full listing done" in op.text(), timeout=30, what="a full listing")
         assert "full resync failed" not in op.text()
         assert op.text().count("spec.httpRoute: the API server has no HTTPRoute") == 1  # said once
+        cond = wait_for(lambda: _condition(get_json(cp, "routes", "lfpool", "p"), "HTTPRouteAccepted"), timeout=30,
+                        what="the pool's HTTPRouteAccepted condition")
+        assert (cond["status"], cond["reason"]) == ("False", "GatewayAPIMissing"), cond
 
         # The Gateway API arrives: the route is made (tried again every 30 s).
         cp.kubectl("apply", "--server-side", "-f", str(gateway_api_crds()))
@@ -67,6 +70,16 @@ def test_a_pool_with_an_http_route_on_an_api_server_without_the_gateway_api(bare
                    "httproutes.gateway.networking.k8s.io")
         wait_for(lambda: get_json(cp, "routes", "httproutes.gateway.networking.k8s.io", names.http_route_name("p")),
                  timeout=60, what="the HTTPRoute once the Gateway API is installed")
+        # Made, and no Gateway's controller has said a word of it yet (there is none here).
+        wait_for(lambda: (_condition(get_json(cp, "routes", "lfpool", "p"), "HTTPRouteAccepted") or {}).get(
+            "reason") == "Pending", timeout=30, what="HTTPRouteAccepted Unknown Pending once the route is made")
     finally:
         op.stop()
     assert "Traceback" not in op.text(), op.text()[-5000:]
+
+
+def _condition(obj, type_):
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return c
+    return None

@@ -69,6 +69,14 @@ def classify(srv, model: str, timeout: float = 60):
     return httpx.post(srv.url + "/v1/classify", json={"model": model, "input": "where is my refund"}, timeout=timeout)
 
 
+def test_the_runtime_serves_on_uvloop_with_httptools(cls_server):
+    """Both are in the runtime's dependencies; uvicorn picks httptools itself, but uvloop only when it
+    creates the loop, which the runtime does (server.run_loop): asyncio's loop would drop the
+    interpreter lock on every socket call while the model worker wants it."""
+    assert cls_server.stack == ("uvloop", "httptools")
+    assert classify(cls_server, "cls0").status_code == 200
+
+
 def test_metrics_are_served_on_their_own_port_and_not_on_the_public_one(cls_server):
     """Tenants' names are labels of /metrics, and the public port is what the gateway and the ingress
     reach: the public port answers 404 for it, the metrics port serves it (and nothing else)."""

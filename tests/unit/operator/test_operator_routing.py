@@ -341,3 +341,50 @@ def test_a_spec_cache_parses_each_generation_once_and_stays_bounded():
     for uid in ("u2", "u3", "u4"):
         routing.adapter_view({**body, "metadata": {**body["metadata"], "uid": uid}}, specs)
     assert len(specs.parsed) <= 3
+
+
+def test_a_merged_adapter_its_sidecars_refuse_is_named_on_the_pool_and_the_adapter():
+    hot = _merged_pool()
+    chat = adapter("chat", "2", "c")
+    ref = routing.resolve_merged(hot, chat)
+    why = "merged adapter s3://a/chat/2/: digest mismatch: s3://a/chat/2/ has eeee, the route says cccc"
+    refusing = PodView(name="hot-0", ready=False, report=SyncReport(generation=0, merged_adapter_failure=why))
+    p = routing.plan_pool("hot", hot, [], [refusing], RoutesTable(pool="hot"), {}, merged_self=ref)
+    [model] = [c for c in p.pool_status["conditions"] if c["type"] == "ModelReady"]
+    assert (model["status"], model["reason"]) == ("False", "MergedAdapterRefused")
+    assert f"merged adapter chat@2 (LoRAAdapter 'chat', sha256 {'c' * 64})" in model["message"]
+    assert "on 1/1 pods (hot-0): " + why in model["message"]
+    assert p.pool_status["phase"] == "Failed" and why in p.pool_status["message"]
+    BaseModelPoolStatus.model_validate(p.pool_status)
+    # Its shared pool's view of it: the adapter's status says why the merged pool has 0 Ready.
+    info = routing.MergedInfo("hot", "2", 0, 1, routing.merged_refusal(ref[0], [refusing]))
+    q = routing.plan_pool("p", POOL, [chat], [pod("x", 1), pod("y", 1)], RoutesTable(pool="p"), {},
+                          merged={"chat": info})
+    st = q.adapter_status["chat"]
+    assert st["phase"] == "Ready"  # the shared pool serves it: nothing else disturbed
+    assert why in st["pools"][1]["message"] and why in st["message"]
+    LoRAAdapterStatus.model_validate(st)
+    # A pod without the failure and a Ready one: no refusal to show.
+    assert routing.merged_refusal(ref[0], [pod("hot-1", 0)]) is None
+    ok = routing.plan_pool("hot", hot, [], [pod("hot-1", 0)], RoutesTable(pool="hot"), {}, merged_self=ref)
+    assert [c["reason"] for c in ok.pool_status["conditions"] if c["type"] == "ModelReady"] == ["ModelLoaded"]
+
+
+def test_a_merged_pools_ready_pods_count_for_the_version_they_merge_only():
+    ref, _ = routing.resolve_merged(_merged_pool(), adapter("chat", "2", "c"))
+
+    def merged_pod(name, digest, ready=True):
+        return routing.pod_view({"metadata": {"name": name}, "spec": {"containers": [{"name": "runtime", "env": [
+            {"name": "LORAFLEET_MERGED_ADAPTER_DIR", "value": f"/var/cache/lorafleet/adapters/{digest}"}]}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}})
+
+    old, new = merged_pod("hot-a", "b" * 64), merged_pod("hot-b", "c" * 64, ready=False)
+    assert (old.merged, new.merged) == ("b" * 64, "c" * 64)
+    # Rolling from version 1 (digest b...) to 2: the Ready pod is the old one's, not version 2's.
+    assert routing.merged_ready(ref, [old, new]) == (0, 1)
+    info = routing.MergedInfo("hot", "2", 0, 1, None, 1)
+    st = routing.plan_pool("p", POOL, [adapter("chat", "2", "c")], [pod("x", 1), pod("y", 1)], RoutesTable(pool="p"),
+                           {}, merged={"chat": info}).adapter_status["chat"]
+    assert st["pools"][1] == {"pool": "hot", "role": "merged", "version": "2", "readyReplicas": 0, "replicas": 1}
+    assert "1 Ready pods of pool 'hot' still merge another version (rolling to 2)" in st["message"]
+    assert routing.merged_ready(ref, [old, merged_pod("hot-b", "c" * 64)]) == (1, 1)

@@ -24,7 +24,8 @@ def test_auto_is_vllm_only_for_text_generation_on_a_gpu_with_vllm_installed():
         assert _choose("auto", task, vllm=True, gpu=True) == "torch"
     # A quantized or merged base is the torch engine's (the vllm engine refuses both).
     assert _choose("auto", "text-generation", vllm=True, gpu=True, quantization="nf4") == "torch"
-    assert _choose("auto", "text-generation", vllm=True, gpu=True, merged_adapter_dir="/m") == "torch"
+    assert _choose("auto", "text-generation", vllm=True, gpu=True, merged_adapter_dir="/m", merged_adapter_name="m",
+                   merged_adapter_version="1") == "torch"
 
 
 def test_an_explicit_engine_is_honoured_or_refused():
@@ -39,7 +40,7 @@ def test_an_explicit_engine_is_honoured_or_refused():
 def test_the_engine_setting_comes_from_the_pod_environment_and_is_checked():
     assert RuntimeSettings.from_env({"LORAFLEET_ENGINE": "vllm"}).engine == "vllm"
     assert RuntimeSettings.from_env({}).engine == "auto"
-    with pytest.raises(ValueError, match="engine 'tgi': expected one of auto, torch, vllm"):
+    with pytest.raises(ValueError, match="LORAFLEET_ENGINE='tgi': expected one of auto, torch, vllm"):
         RuntimeSettings.from_env({"LORAFLEET_ENGINE": "tgi"})
 
 

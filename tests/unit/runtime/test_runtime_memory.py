@@ -98,5 +98,5 @@ def test_max_model_len_from_the_pool_spec_env_and_flag():
     p = argparse.ArgumentParser()
     add_common_flags(p)
     assert settings_from(p.parse_args(["--max-model-len", "2048"])).max_model_len == 2048
-    with pytest.raises(ValueError, match="max_model_len must not be negative"):
+    with pytest.raises(ValueError, match="LORAFLEET_MAX_MODEL_LEN='-1': expected an integer of at least 0"):
         RuntimeSettings.from_env({RuntimeEnv.MAX_MODEL_LEN: "-1"})

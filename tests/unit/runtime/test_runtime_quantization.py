@@ -143,7 +143,7 @@ def test_what_cannot_run_quantized_is_refused_at_startup_naming_what_to_use(tmp_
         check_supported("nf4", "text-to-image", "cpu")
     with pytest.raises(UnsupportedQuantization, match="runs on cpu or cuda devices, not 'mps'"):
         GenerationEngine.from_dir(tiny_llama, max_seqs=2, quantization="int8", device="mps")
-    with pytest.raises(ValueError, match="quantization 'fp8': expected one of none, int8, nf4"):
+    with pytest.raises(ValueError, match="LORAFLEET_QUANTIZATION='fp8': expected one of none, int8, nf4"):
         RuntimeSettings.from_env({RuntimeEnv.QUANTIZATION: "fp8"})
 
 

@@ -127,14 +127,14 @@ def test_settings_from_env_and_flags():
            "LORAFLEET_MAX_BATCH_DELAY_MS": "2.5", "LORAFLEET_TASK": "text-generation"}
     s = RuntimeSettings.from_env(env, device_slots=16)
     assert (s.model_dir, s.max_batch_size, s.device_slots, s.max_batch_delay_ms) == ("/m", 8, 16, 2.5)
-    with pytest.raises(ValueError, match="LORAFLEET_MAX_QUEUE='lots': expected a int"):
+    with pytest.raises(ValueError, match="LORAFLEET_MAX_QUEUE='lots': expected an integer of at least 1"):
         RuntimeSettings.from_env({"LORAFLEET_MAX_QUEUE": "lots"})
-    with pytest.raises(ValueError, match="task 'chat'.*device_slots must be at least 1"):
+    with pytest.raises(ValueError, match="LORAFLEET_TASK='chat': expected one of .*; LORAFLEET_DEVICE_SLOTS='0': expected an integer of at least 1"):
         RuntimeSettings.from_env({"LORAFLEET_TASK": "chat", "LORAFLEET_DEVICE_SLOTS": "0"})
     assert RuntimeSettings.from_env({}).max_queue_delay_ms == 2000.0  # the documented default
     assert RuntimeSettings.from_env({"LORAFLEET_MAX_QUEUE_DELAY_MS": "250"}).max_queue_delay_ms == 250.0
     assert RuntimeSettings.from_env({"LORAFLEET_MAX_QUEUE_DELAY_MS": "250"}, max_queue_delay_ms=0).max_queue_delay_ms == 0
-    with pytest.raises(ValueError, match="max_queue_delay_ms must not be negative"):
+    with pytest.raises(ValueError, match="LORAFLEET_MAX_QUEUE_DELAY_MS='-1': expected a number of at least 0"):
         RuntimeSettings.from_env({"LORAFLEET_MAX_QUEUE_DELAY_MS": "-1"})
 
 
@@ -147,7 +147,7 @@ def test_torch_threads_leave_the_event_loop_a_core_on_cpu(monkeypatch):
     assert torch_threads(RuntimeSettings.from_env({}, device="cuda")) == 0  # torch's default there
     monkeypatch.setattr("os.cpu_count", lambda: 1)
     assert torch_threads(RuntimeSettings.from_env({})) == 1
-    with pytest.raises(ValueError, match="torch_threads must not be negative"):
+    with pytest.raises(ValueError, match="LORAFLEET_TORCH_THREADS='-2': expected an integer of at least 0"):
         RuntimeSettings.from_env({"LORAFLEET_TORCH_THREADS": "-2"})
 
 
