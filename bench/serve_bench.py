@@ -229,6 +229,7 @@ async def _generate(spec: dict) -> dict:
     import aiohttp
 
     rng = random.Random(spec["seed"])
+    spec["start"], spec["stop"] = spec.pop("window").get()  # (start, stop) once every process is up
     names, cw, work = spec["names"], spec["cum_weights"], spec["workload"]
     start, stop, url = spec["start"], spec["stop"], spec["url"] + "/v1/completions"
     total_w = cw[-1]
@@ -308,9 +309,12 @@ async def _generate(spec: dict) -> dict:
     return {"records": records, "texts": texts, "cpu_s": time.process_time()}
 
 
-def _generator_main(spec: dict, out) -> None:
+def _generator_main(spec: dict, out, window) -> None:
     try:
-        out.put(asyncio.run(_generate(spec)))
+        import aiohttp  # noqa: F401  (imported before saying ready: under load an import takes seconds)
+
+        out.put("ready")
+        out.put(asyncio.run(_generate({**spec, "window": window})))
     except BaseException as e:  # the parent waits for one answer per process: never leave it waiting
         out.put({"error": f"{type(e).__name__}: {e}"})
         raise
@@ -330,20 +334,24 @@ def _ms(x: float | None) -> float | None:
 def run(server: Server, names: list[str], cw: list[float], workload: list, mode: str, level: float, args) -> dict:
     """``level``: concurrent clients (closed) or requests per second (open), split over the processes."""
     procs = max(1, min(args.procs, int(level))) if mode == "closed" else args.procs
-    t_start = time.time() + 1.5 + args.warmup  # every generator process is up before the warm-up begins
-    t_stop = t_start + args.seconds
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
+    q, window = ctx.Queue(), ctx.Queue()
     ps = []
     for i in range(procs):
         spec = {"url": server.url, "names": names, "cum_weights": cw, "workload": workload,
-                "seed": args.seed * 1000 + i + int(level * 10), "start": t_start, "stop": t_stop,
-                "warmup": args.warmup, "mode": mode, "rate": level / procs,
-                "clients": int(level) // procs + (1 if i < int(level) % procs else 0),
+                "seed": args.seed * 1000 + i + int(level * 10), "warmup": args.warmup, "mode": mode,
+                "rate": level / procs, "clients": int(level) // procs + (1 if i < int(level) % procs else 0),
                 "client_timeout": args.client_timeout}
-        proc = ctx.Process(target=_generator_main, args=(spec, q), daemon=True)
+        proc = ctx.Process(target=_generator_main, args=(spec, q, window), daemon=True)
         proc.start()
         ps.append(proc)
+    for _ in ps:
+        if (msg := q.get(timeout=300)) != "ready":
+            raise RuntimeError(f"load generator failed: {msg.get('error') if isinstance(msg, dict) else msg}")
+    t_start = time.time() + 0.2 + args.warmup  # the warm-up begins once every generator process is up
+    t_stop = t_start + args.seconds
+    for _ in ps:
+        window.put((t_start, t_stop))
     while time.time() < t_start:
         time.sleep(0.01)
     cpu0, load0 = server.cpu_s(), os.getloadavg()[0]
@@ -390,6 +398,19 @@ def run(server: Server, names: list[str], cw: list[float], workload: list, mode:
     return {**out, "_texts": texts}
 
 
+def warm_up(server: Server, names: list[str], workload: list) -> None:
+    """A few requests before anything is measured (a fresh server's first forward passes are slow)."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        for i in range(4):
+            prompt, _, max_tokens = workload[i]
+            r = c.post("/v1/completions", json={"model": names[i % len(names)], "prompt": prompt,
+                                                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+            if r.status_code != 200:
+                raise RuntimeError(f"{server.contender}: warm-up request answered {r.status_code}: {r.text[:300]}")
+
+
 def machine() -> dict:
     cpu = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -405,6 +426,7 @@ def bench_one(contender: str, n: int, model: Path, adapters, workload, args, wor
     cw = zipf_cum_weights(n)
     server = Server(contender, model, adapters, args, workdir / f"serve-{contender}-{n}.log")
     try:
+        warm_up(server, names, workload)
         clients = args.clients if contender != "peft" else args.peft_clients
         closed = run(server, names, cw, workload, "closed", clients, args)
         sat_rps = closed["requests_per_s"]
@@ -429,7 +451,7 @@ def bench_one(contender: str, n: int, model: Path, adapters, workload, args, wor
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a short smoke run (N=4, 2 s windows, short requests)")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (N=4, 2.5 s windows, short requests)")
     p.add_argument("--contenders", default="torch,vllm,peft")
     p.add_argument("--n", default="1,100,1000", help="registered adapters, comma-separated")
     p.add_argument("--seconds", type=float, default=10.0, help="measured window of each run")
@@ -462,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="/tmp/lorafleet-serve-bench")
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.seconds, args.warmup, args.prompt_tokens, args.output_tokens = "4", 2.0, 0.5, "8,32", "4,12"
+        args.n, args.seconds, args.warmup, args.prompt_tokens, args.output_tokens = "4", 2.5, 0.5, "8,32", "4,12"
         args.procs = min(args.procs, 2)
     args.clients = args.clients or 2 * args.max_batch_size
     args.rate_fractions = [float(x) for x in args.rates.split(",")]
