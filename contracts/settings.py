@@ -306,6 +306,9 @@ class OperatorSettings(ComponentSettings):
         metavar="SECONDS",
         help="seconds a replica waits after the Lease last changed before taking it over; the leader renews "
              "every 1/5 of it and stops acting when it could not renew within 2/3 of it")
+    pod_name: str | None = setting(
+        env="POD_NAME", help="this replica's pod (the chart sets it): the start of its identity in the Lease "
+                             "(unset: the host's name)")
     no_leader_election: bool = setting(
         False, flags=("--no-leader-election",), help="act at once, without a Lease (run exactly one replica then)")
     verbose: bool = setting(False, flags=("-v", "--verbose"), help="log every reconcile")

@@ -75,11 +75,11 @@ async def run_elected(args: OperatorSettings, lease_namespace: str, kopf_args: d
     import kopf
     from lightkube import AsyncClient
 
-    from lorafleet.operator.leader import LeaderElector, LeadershipLost
+    from lorafleet.operator.leader import LeaderElector, LeadershipLost, default_identity
 
     log = logging.getLogger("lorafleet.operator")
     elector = LeaderElector(AsyncClient(field_manager=names.FIELD_MANAGER), lease_namespace, args.lease_name,
-                            duration=args.lease_duration)
+                            identity=default_identity(args.pod_name), duration=args.lease_duration)
     liveness = await serve_liveness(args.liveness) if args.liveness else None
     try:
         await elector.acquire()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -43,10 +42,10 @@ class LeadershipLost(Exception):
     """The Lease could not be renewed before the renew deadline: whoever held it must stop acting."""
 
 
-def default_identity() -> str:
+def default_identity(pod_name: str | None = None) -> str:
     """The pod's name (or the host's) plus a random part: a restarted container is a new candidate,
     never mistaken for the holder its predecessor was."""
-    return f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    return f"{pod_name or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
 
 
 def in_cluster_namespace() -> str | None:

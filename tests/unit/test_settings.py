@@ -95,6 +95,7 @@ def test_the_defaults_are_the_documented_values():
     assert (op.resync_interval, op.lease_namespace, op.lease_name, op.lease_duration) == (
         300.0, "", "lorafleet-operator", 10.0)
     assert (op.no_leader_election, op.verbose, op.debug) == (False, False, False)
+    assert op.pod_name is None
 
     sc = SidecarSettings.from_env(SIDECAR_POD)
     assert (sc.cache_dir, sc.runtime_admin_url) == ("/var/lib/lorafleet", "http://127.0.0.1:8001")
@@ -193,3 +194,12 @@ def test_the_reference_check_detects_a_stale_file_and_lists_every_variable(tmp_p
     for env in [v for k, v in vars(RuntimeEnv).items() if k.isupper()] + [
             v for k, v in vars(SidecarEnv).items() if k.isupper()]:
         assert f"`{env}`" in text, env
+
+
+def test_the_operators_lease_identity_starts_with_its_pod_name():
+    from lorafleet.operator.leader import default_identity
+
+    pod = OperatorSettings.from_env({"POD_NAME": "lorafleet-operator-7d9f-abcde"}).pod_name
+    one, other = default_identity(pod), default_identity(pod)
+    assert one.startswith("lorafleet-operator-7d9f-abcde_") and other.startswith("lorafleet-operator-7d9f-abcde_")
+    assert one != other  # a restarted container is a new candidate
