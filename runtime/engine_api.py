@@ -160,6 +160,11 @@ class ServingEngine(ABC):
         """Tokens of ``text`` (safe to call on the event loop while the engine runs)."""
         raise NotImplementedError
 
+    def encode(self, text: str) -> list[int]:
+        """``tokenizer(text)["input_ids"]``: a completion prompt's ids, special tokens (BOS) added, as
+        ``generation.completion_prompt_ids`` gives them (safe on the event loop while the engine runs)."""
+        return self.tokenizer(text)["input_ids"]
+
     def new_sequence(self, prompt: list[int], params: SamplingParams) -> Any:
         """The engine's object for one generation request (``.prompt`` and ``.generated`` readable)."""
         raise NotImplementedError(f"the {self.task} engine does not generate text")

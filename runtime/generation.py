@@ -21,9 +21,14 @@ class TextStream:
     stop string; OpenAI calls all three kinds of stop "stop"); ``text`` is the answer so far."""
 
     def __init__(self, engine: ServingEngine, work: Work, stops: list[str],
-                 include_stop: bool = False, skip_special_tokens: bool = True, tgi_stops: bool = False):
+                 include_stop: bool = False, skip_special_tokens: bool = True, tgi_stops: bool = False,
+                 incremental: bool = True):
         self.engine, self.work = engine, work
         self.stops = [s for s in stops if s]
+        # An answer nobody reads before its end (not streamed) and that no stop string can cut is decoded
+        # once when it ends: the incremental detokenizer decodes two windows per token on the event loop.
+        self.whole = not incremental and not self.stops and not tgi_stops
+        self.skip_special_tokens = skip_special_tokens
         self.include_stop = include_stop
         # TGI stops once the text so far ends with a stop sequence and keeps it; nothing is held back.
         self.tgi_stops = tgi_stops
@@ -81,6 +86,17 @@ class TextStream:
                     if isinstance(value, ApiError):  # the engine refused the request before its first token
                         raise value
                     raise ApiError(500, f"generation failed: {value}", "server_error", "internal_error")
+                if self.whole:
+                    if kind == "done":
+                        self.finish = value
+                        self.text = self.engine.tokenizer.decode(tokenizer_text.ids,
+                                                                 skip_special_tokens=self.skip_special_tokens)
+                        self.sent = len(self.text)
+                        yield None, self.text
+                        return
+                    self.received += 1
+                    tokenizer_text.ids.append(value)
+                    continue
                 if kind == "done":
                     before = len(tokenizer_text.text)
                     tokenizer_text.flush()

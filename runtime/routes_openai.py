@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from lorafleet.runtime.engine_api import SamplingParams
-from lorafleet.runtime.generation import (TextStream, build_sequence, chat_prompt_ids, completion_prompt_ids,
+from lorafleet.runtime.generation import (TextStream, build_sequence, chat_prompt_ids,
                                           openai_params, stop_strings)
 from lorafleet.runtime.lifecycle import Runtime, fallback_of
 from lorafleet.runtime.protocol import ApiError, ChatRequest, CompletionRequest
@@ -36,9 +36,11 @@ def usage(seq, generated: int) -> dict:
 
 
 async def start_generation(rt: Runtime, request: Request, model: str, prompt_ids_of, params_of, stop,
-                           include_stop: bool = False, skip_special_tokens: bool = True, tgi_stops: bool = False):
+                           include_stop: bool = False, skip_special_tokens: bool = True, tgi_stops: bool = False,
+                           incremental: bool = True):
     """Resolve the adapter, shape the sequence and submit it: (entry, sequence, text stream).
-    ``params_of(tokenizer)`` gives the request's ``SamplingParams``."""
+    ``params_of(tokenizer)`` gives the request's ``SamplingParams``; ``incremental``: the text is read
+    as it grows (a stream), not only at its end."""
     rt.need_task("text-generation")
     entry = rt.resolve_request(request, model)
     tok = rt.engine.tokenizer
@@ -47,7 +49,8 @@ async def start_generation(rt: Runtime, request: Request, model: str, prompt_ids
     (work,) = rt.submit(entry, [seq], tenant=request.scope["lorafleet_tenant"], fallback=True,
                          request=request)
     return entry, seq, TextStream(rt.engine, work, stop_strings(stop), include_stop=include_stop,
-                                  skip_special_tokens=skip_special_tokens, tgi_stops=tgi_stops)
+                                  skip_special_tokens=skip_special_tokens, tgi_stops=tgi_stops,
+                                  incremental=incremental)
 
 
 async def wait_started(request: Request, rt: Runtime, gen: TextStream) -> None:
@@ -140,9 +143,10 @@ def router(rt: Runtime) -> APIRouter:
         else:
             prompt = body.prompt
         entry, seq, gen = await start_generation(
-            rt, request, body.model, lambda tok: completion_prompt_ids(tok, prompt),
+            rt, request, body.model, lambda tok: rt.engine.encode(prompt),
             lambda tok: openai_params(body, body.max_tokens, body.logprobs, tok), body.stop,
-            bool(body.include_stop_str_in_output), body.skip_special_tokens is not False)
+            bool(body.include_stop_str_in_output), body.skip_special_tokens is not False,
+            incremental=bool(body.stream))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         served = rt.answered_as(entry)
         lps = _Logprobs(rt.engine.tokenizer, seq) if body.logprobs is not None else None
@@ -182,7 +186,8 @@ def router(rt: Runtime) -> APIRouter:
         entry, seq, gen = await start_generation(
             rt, request, body.model, lambda tok: chat_prompt_ids(tok, body.messages),
             lambda tok: openai_params(body, body.max_completion_tokens or body.max_tokens, logprobs, tok), body.stop,
-            bool(body.include_stop_str_in_output), body.skip_special_tokens is not False)
+            bool(body.include_stop_str_in_output), body.skip_special_tokens is not False,
+            incremental=bool(body.stream))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         served = rt.answered_as(entry)
         lps = _Logprobs(rt.engine.tokenizer, seq) if logprobs is not None else None

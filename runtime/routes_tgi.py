@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from lorafleet.runtime import routes_images
-from lorafleet.runtime.generation import completion_prompt_ids, tgi_params
+from lorafleet.runtime.generation import tgi_params
 from lorafleet.runtime.lifecycle import Runtime
 from lorafleet.runtime.protocol import TGIRequest, bad_request
 from lorafleet.runtime.routes_common import CancelOnClose
@@ -40,7 +40,7 @@ def router(rt: Runtime) -> APIRouter:
         want_logprobs = bool(stream or p.details)
 
         def prompt_ids(tok):
-            ids = completion_prompt_ids(tok, body.inputs)
+            ids = rt.engine.encode(body.inputs)  # completion_prompt_ids(tok, body.inputs)
             return ids[-p.truncate:] if p.truncate else ids  # TGI keeps the input's last `truncate` tokens
 
         entry, seq, gen = await start_generation(rt, request, p.adapter_id or rt.base_name, prompt_ids,

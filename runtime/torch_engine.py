@@ -72,6 +72,9 @@ class TorchEngine(ServingEngine):
     def count_tokens(self, text: str) -> int:
         return self.model.count_tokens(text)
 
+    def encode(self, text: str) -> list[int]:
+        return self.model.encode(text)
+
     def new_sequence(self, prompt: list[int], params: SamplingParams):
         from lorafleet.runtime.engines import Sequence
 

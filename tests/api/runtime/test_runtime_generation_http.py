@@ -3,6 +3,7 @@ unchanged, 50 concurrent clients over 20 tenants checked against PEFT, and the d
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +78,40 @@ def test_openai_client_completions_chat_streaming_models(server, oracle, gen_ada
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nobody", prompt="x", max_tokens=2)
     assert e.value.code == "model_not_found"
+
+
+def test_an_answer_read_only_at_its_end_is_decoded_once(server, expected, monkeypatch):
+    """A completion that is not streamed and has no stop string is decoded once when it ends (the
+    incremental detokenizer decodes two windows per token on the event loop); a stream, or an answer a
+    stop string may cut, is still decoded token by token. Same text as PEFT's either way."""
+    tok = server.rt.engine.tokenizer
+    calls = [0]
+    decode = tok.decode
+
+    def counting(*a, **kw):
+        calls[0] += 1
+        return decode(*a, **kw)
+
+    monkeypatch.setattr(tok, "decode", counting)
+    want = expected["gen1@1", PROMPTS[0]]
+    body = {"model": "gen1", "prompt": PROMPTS[0], "max_tokens": NEW, "temperature": 0}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    assert calls[0] == 1
+    calls[0] = 0
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "gen1", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": NEW, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == NEW
+    assert calls[0] == 1
+    calls[0] = 0
+    r = httpx.post(server.url + "/v1/completions", json={**body, "stop": ["\u2603"]}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    assert calls[0] >= 2 * NEW
+    calls[0] = 0
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in s.iter_lines()
+                       if line.startswith("data: {"))
+    assert text == want and calls[0] >= 2 * NEW
 
 
 def test_huggingface_inference_client_text_generation(server, expected, monkeypatch):

@@ -81,13 +81,14 @@ def test_mixed_classification_batch_matches_peft_per_row(minilm, cls_adapters):
                                        msg=f"row {i} ({name})")
 
 
-def test_the_loops_token_counts_are_the_tokenizers_own(minilm, tiny_llama):
-    """``count_tokens`` (the input_too_long check on the event loop) counts with the Rust backend of a
-    copy of the tokenizer; every count equals ``len(tokenizer(text)["input_ids"])``, also past the limit,
-    after the original tokenizer padded and truncated a batch (state a fast tokenizer keeps)."""
+def test_the_loops_token_ids_and_counts_are_the_tokenizers_own(minilm, tiny_llama):
+    """``count_tokens`` (the input_too_long check on the event loop) and ``encode`` (a completion's
+    prompt) use the Rust backend of a copy of the tokenizer; every answer equals ``tokenizer(text)``'s
+    ids, also past the limit, after the original tokenizer padded and truncated a batch (state a fast
+    tokenizer keeps)."""
     from transformers import AutoTokenizer
 
-    from lorafleet.runtime.engines import token_counter
+    from lorafleet.runtime.engines import token_counter, token_encoder
 
     texts = PROMPTS + ["", " ", "word " * 600, "héllo wörld ﷺ 日本語 ﬁ", "[SEP] [CLS] <s> </s>", "a\tb\nc  d",
                        "x" * 3000]
@@ -96,5 +97,6 @@ def test_the_loops_token_counts_are_the_tokenizers_own(minilm, tiny_llama):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok(["a b", "a b c d e f"], padding="max_length", truncation=True, max_length=4)
-        count = token_counter(tok)
+        count, encode = token_counter(tok), token_encoder(tok)
         assert [count(t) for t in texts] == [len(tok(t)["input_ids"]) for t in texts], model
+        assert [encode(t) for t in texts] == [tok(t)["input_ids"] for t in texts], model
