@@ -42,13 +42,16 @@ class E2E:
     def get(self, kind: str, name: str, ns: str) -> dict:
         return json.loads(self.kubectl("get", kind, name, "-n", ns, "-o", "json"))
 
-    def push(self, adapter_dir: Path, dest: str, *, pool: str, tenant: str, version: str, name: str, ns: str) -> str:
+    def push(self, adapter_dir: Path, dest: str, *, pool: str, tenant: str, version: str, name: str, ns: str,
+             **tenant_spec) -> str:
+        """``lorafleet push``: its LoRAAdapter YAML. The tenant's LoRATenant is applied with its sources
+        and ``tenant_spec`` (e.g. ``apiKeys``: what is not given again is dropped)."""
         r = subprocess.run([str(Path(sys.executable).parent / "lorafleet"), "push", str(adapter_dir), dest,
                             "--pool", pool, "--tenant", tenant, "--version", version, "--name", name,
                             "--namespace", ns, "--no-progress"], capture_output=True, text=True,
                            env={**__import__("os").environ, **self.s3env})
         assert r.returncode == 0, r.stderr
-        self.allow_sources(tenant, ns)
+        self.allow_sources(tenant, ns, **tenant_spec)
         return r.stdout
 
     def allow_sources(self, tenant: str, ns: str, **spec) -> None:

@@ -20,8 +20,10 @@ import yaml
 from lorafleet.contracts.digest import directory_digest
 from lorafleet.localstack.procs import wait_for
 from support.models import PeftOracle, make_generation_adapter, make_tiny_llama
+from support.tenants import key_entry
 
 NS, SHARED, HOT, HOST = "merged-e2e", "chat", "chat-hot", "chat.merged.local"
+KEY = "acme-merged-e2e-key"
 ADAPTER = "acme-chat"
 PROMPTS = ["hello world , how are", "please refund me , the invoice"]
 NEW = 6
@@ -48,12 +50,12 @@ def merged_texts(base, adapter_dir) -> dict[str, str]:
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("merged-e2e")
     base = make_tiny_llama(root / "base", seed=5)
-    adapters = {v: make_generation_adapter(base, root / f"v{v}", seed=60 + int(v), r=4, alpha=16) for v in ("1", "2")}
+    adapters = {v: make_generation_adapter(base, root / f"v{v}", seed=60 + int(v), r=4, alpha=16) for v in ("1", "2", "3")}
     oracle = PeftOracle(base, "text-generation")
     expected = {(v, role): (merged_texts(base, d) if role == "merged" else oracle.greedy_texts(d, PROMPTS, NEW))
                 for v, d in adapters.items() for role in ("merged", "shared")}
-    for p in PROMPTS:  # the two versions answer differently: a wrong version cannot pass as the right one
-        assert expected[("1", "merged")][p] != expected[("2", "merged")][p]
+    for p in PROMPTS:  # the versions answer differently: a wrong version cannot pass as the right one
+        assert len({expected[(v, "merged")][p] for v in adapters}) == len(adapters)
     return base, adapters, expected
 
 
@@ -96,6 +98,61 @@ def merged_entry(e2e, name: str = ADAPTER) -> dict:
     return next((p for p in pools if p["role"] == "merged"), {})
 
 
+class Load:
+    """Clients asking for the tenant's adapter through ``url`` (as host HOST) until stopped, each answer
+    kept: (prompt, status, X-Lorafleet-Pool, body)."""
+
+    def __init__(self, url: str, headers: dict | None = None, clients: int = 3):
+        self.url, self.headers = url, {"Host": HOST, **(headers or {})}
+        self.answers: list[tuple[str, int, str | None, object]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(n,)) for n in range(clients)]
+
+    def start(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(120)
+
+    def _loop(self, n: int) -> None:
+        with httpx.Client() as c:
+            i = n
+            while not self._stop.is_set():
+                prompt = PROMPTS[i % 2]
+                i += 1
+                try:
+                    r = c.post(f"{self.url}/v1/completions", headers=self.headers, timeout=60,
+                               json={"model": ADAPTER, "prompt": prompt, "max_tokens": NEW, "temperature": 0})
+                    self.answers.append((prompt, r.status_code, r.headers.get("x-lorafleet-pool"),
+                                         r.json() if r.status_code == 200 else r.text))
+                except httpx.HTTPError as e:
+                    self.answers.append((prompt, -1, None, repr(e)))
+
+    def answered_by(self, pool: str, after: int, model: str | None = None) -> bool:
+        return any(a[2] == pool and a[1] == 200 and (model is None or a[3]["model"] == model)
+                   for a in self.answers[after:])
+
+    def check(self, expected: dict, versions: tuple[str, ...]) -> dict[tuple[str, str], int]:
+        """No request failed, and each answer is PEFT's for the pool that answered (merged model or
+        adapter) and the version it names: (pool, version) -> answers."""
+        failed = [a for a in self.answers if a[1] != 200]
+        assert not failed, f"{len(failed)} of {len(self.answers)} requests failed: {failed[:3]}"
+        counts: dict[tuple[str, str], int] = {}
+        for prompt, _, pool, body in self.answers:
+            served, text = body["model"], body["choices"][0]["text"]
+            name, version = served.split("@")
+            assert name == ADAPTER and version in versions, served
+            assert pool in (HOT, SHARED), pool
+            role = "merged" if pool == HOT else "shared"
+            assert text == expected[(version, role)][prompt], (pool, served, prompt, text)
+            counts[(pool, version)] = counts.get((pool, version), 0) + 1
+        return counts
+
+
 def test_the_ingress_sends_the_tenant_to_the_merged_pool_while_ready_through_scale_to_zero_and_a_roll(
         pools, models):
     e2e = pools
@@ -107,29 +164,8 @@ def test_the_ingress_sends_the_tenant_to_the_merged_pool_while_ready_through_sca
     first_pods = {p["metadata"]["name"] for p in json.loads(e2e.kubectl(
         "get", "pods", "-n", NS, "-l", f"lorafleet.io/pool={HOT}", "-o", "json"))["items"]}
 
-    answers: list[tuple[str, int, str | None, object]] = []  # (prompt, status, X-Lorafleet-Pool, body)
-    stop = threading.Event()
-
-    def client_loop(n: int) -> None:
-        with httpx.Client() as c:
-            i = n
-            while not stop.is_set():
-                prompt = PROMPTS[i % 2]
-                i += 1
-                try:
-                    r = c.post(f"{e2e.url}/v1/completions", headers={"Host": HOST}, timeout=60,
-                               json={"model": ADAPTER, "prompt": prompt, "max_tokens": NEW, "temperature": 0})
-                    answers.append((prompt, r.status_code, r.headers.get("x-lorafleet-pool"),
-                                    r.json() if r.status_code == 200 else r.text))
-                except httpx.HTTPError as e:
-                    answers.append((prompt, -1, None, repr(e)))
-
-    def answered_by(pool: str, after: int, model: str | None = None) -> bool:
-        return any(a[2] == pool and a[1] == 200 and (model is None or a[3]["model"] == model) for a in answers[after:])
-
-    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(3)]
-    for t in threads:
-        t.start()
+    load = Load(e2e.url).start()
+    answers, answered_by = load.answers, load.answered_by
     t0 = time.monotonic()
     marks = {}
     try:
@@ -162,22 +198,9 @@ def test_the_ingress_sends_the_tenant_to_the_merged_pool_while_ready_through_sca
         marks["rolled"] = n = len(answers)
         wait_for(lambda: len(answers) >= n + 10, timeout=120, what="load after the roll")
     finally:
-        stop.set()
-        for t in threads:
-            t.join(120)
+        load.stop()
     took = time.monotonic() - t0
-
-    failed = [a for a in answers if a[1] != 200]
-    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:3]}"
-    counts: dict[tuple[str, str], int] = {}
-    for prompt, _, pool, body in answers:
-        served, text = body["model"], body["choices"][0]["text"]
-        name, version = served.split("@")
-        assert name == ADAPTER and version in ("1", "2"), served
-        role = "merged" if pool == HOT else "shared"
-        assert pool in (HOT, SHARED), pool
-        assert text == expected[(version, role)][prompt], (pool, served, prompt, text)
-        counts[(pool, version)] = counts.get((pool, version), 0) + 1
+    counts = load.check(expected, ("1", "2"))
     assert counts.get((HOT, "1")) and counts.get((HOT, "2")) and counts.get((SHARED, "1")), counts
     print(f"merged pool through the ingress: {len(answers)} answers in {took:.0f} s, 0 failed, "
           f"by (pool, version): {counts}, marks {marks}")
@@ -243,3 +266,54 @@ def test_a_merged_adapter_whose_digest_does_not_match_says_so_on_the_pool_and_th
     finally:
         e2e.kubectl("delete", "lfpool", "chat-bad", "-n", NS, "--wait=false")
         e2e.kubectl("delete", "lora", "acme-bad", "-n", NS, "--wait=false")
+
+
+def test_through_the_shared_pools_gateway_a_roll_and_a_scale_to_zero_fail_nothing(pools, models):
+    """The production path: the Ingress to the shared pool's gateway, which sends the tenant (by its API
+    key) to the merged pool's Ready pods first. A v2 -> v3 roll of the merged pool's pod and a scale
+    to 0 under load: no request fails, each answer PEFT's for the pool and version."""
+    e2e = pools
+    base, adapters, expected = models
+    e2e.allow_sources("acme", NS, apiKeys=[key_entry(KEY)])
+    e2e.kubectl("patch", "lfpool", SHARED, "-n", NS, "--type", "merge", "-p", '{"spec": {"gateway": {"enabled": true}}}')
+    wait_for(lambda: any(c["type"] == "GatewayReady" and c["status"] == "True"
+                         for c in status(e2e, "lfpool", SHARED).get("conditions") or []),
+             timeout=180, interval=0.5, what="the shared pool's gateway Ready")
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def through_gateway() -> bool:
+        r = httpx.post(f"{e2e.url}/v1/completions", headers={"Host": HOST, **auth}, timeout=60,
+                       json={"model": ADAPTER, "prompt": PROMPTS[0], "max_tokens": NEW, "temperature": 0})
+        return r.status_code == 200 and r.headers.get("x-lorafleet-replica") is not None \
+            and r.headers.get("x-lorafleet-pool") == HOT
+    wait_for(through_gateway, timeout=120, interval=0.5, what="the gateway sending acme-chat to the merged pool")
+    r = httpx.post(f"{e2e.url}/v1/completions", headers={"Host": HOST}, timeout=60,
+                   json={"model": ADAPTER, "prompt": PROMPTS[0], "max_tokens": NEW})
+    assert r.status_code == 401, r.text  # the gateway's keys, not the pool's Service directly
+
+    load = Load(e2e.url, auth).start()
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: load.answered_by(HOT, 0), timeout=60, what="load on the merged pool")
+        n = len(load.answers)
+        e2e.kubectl("apply", "-f", "-", input=e2e.push(adapters["3"], f"s3://adapters/acme/{ADAPTER}/3/", pool=SHARED,
+                                                       tenant="acme", version="3", name=ADAPTER, ns=NS,
+                                                       apiKeys=[key_entry(KEY)]))
+        wait_for(lambda: load.answered_by(HOT, n, f"{ADAPTER}@3"), timeout=300, interval=0.5,
+                 what="the merged pool's new pod answering as version 3 through the gateway")
+        e2e.wait_adapter(ADAPTER, NS, "Ready", "1/1")
+        wait_for(lambda: status(e2e, "lora", ADAPTER).get("servedVersion") == "3", timeout=120,
+                 what="the shared pool serving version 3")
+        e2e.kubectl("patch", "lfpool", HOT, "-n", NS, "--type", "merge", "-p", '{"spec": {"replicas": 0}}')
+        wait_for(lambda: not json.loads(e2e.kubectl("get", "pods", "-n", NS, "-l", f"lorafleet.io/pool={HOT}",
+                                                    "-o", "json"))["items"], timeout=120, what="the merged pod gone")
+        n = len(load.answers)
+        wait_for(lambda: len(load.answers) >= n + 10, timeout=120, what="load with the merged pool at 0")
+        assert {a[2] for a in load.answers[n:]} == {SHARED}
+    finally:
+        load.stop()
+    counts = load.check(expected, ("1", "2", "3"))  # 2 before the roll when the tests above ran
+    assert counts.get((HOT, "3")) and counts.get((SHARED, "3")), counts
+    assert any(n for (pool, v), n in counts.items() if pool == HOT and v != "3"), counts
+    print(f"merged pool through the gateway: {len(load.answers)} answers in {time.monotonic() - t0:.0f} s, "
+          f"0 failed, by (pool, version): {counts}")
