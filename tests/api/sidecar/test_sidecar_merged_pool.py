@@ -91,3 +91,29 @@ def test_sidecar_fetches_the_merged_adapter_before_the_runtime_merges_it(kube, n
         runtime.terminate()
         runtime.wait(30)
         log.close()
+
+
+def test_a_merged_adapter_whose_digest_does_not_match_is_reported_until_storage_holds_it(
+        kube, namespace, pod, s3, bucket, tmp_path, cache_dir, routes, start_sidecar, tiny_llama):
+    """The sync report says why the merged adapter is not ready (a merged pool's routes name no
+    adapter whose failure would): the digest mismatch, naming the URI; the model is not ready and the
+    content is not installed. Once storage holds the content of that digest, the retry installs it and
+    the report is clear."""
+    from support.models import make_generation_adapter
+
+    wanted = make_generation_adapter(tiny_llama, tmp_path / "wanted", seed=5, r=4, alpha=16)
+    other = make_generation_adapter(tiny_llama, tmp_path / "other", seed=6, r=4, alpha=16)
+    model_uri, model_sha = upload_dir(s3, bucket, tiny_llama, "models/tiny/"), digest(tiny_llama)
+    ad_uri, ad_sha = upload_dir(s3, bucket, other, "acme/hot/3/"), digest(wanted)  # not what the digest says
+    routes.write()
+    start_sidecar("--model-uri", model_uri, "--model-sha256", model_sha,
+                  "--merged-adapter-uri", ad_uri, "--merged-adapter-sha256", ad_sha)
+    r = wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.merged_adapter_failure and r, 60,
+                 interval=0.2, what="the report naming the merged adapter's failure")
+    assert r.merged_adapter_failure.startswith(f"merged adapter {ad_uri}: digest mismatch: {ad_uri} has "
+                                               f"{digest(other)}, the route says {ad_sha}"), r.merged_adapter_failure
+    assert r.model_ready is False and not (cache_dir / "adapters" / ad_sha).exists()
+    upload_dir(s3, bucket, wanted, "acme/hot/3/")  # the same names, now the content of that digest
+    r = wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.model_ready and r, 60, interval=0.2,
+                 what="the merged adapter installed on a retry")
+    assert r.merged_adapter_failure is None and digest(cache_dir / "adapters" / ad_sha) == ad_sha
