@@ -196,6 +196,8 @@ class Stack:
             "LORAFLEET_NAMESPACE": NAMESPACE,
             **st["s3"],
         }
+        if st.get("ingress_metrics_port"):
+            lines["LORAFLEET_INGRESS_METRICS_URL"] = f"http://127.0.0.1:{st['ingress_metrics_port']}/metrics"
         if st.get("gateway_port"):
             lines["LORAFLEET_GATEWAY_URL"] = f"http://127.0.0.1:{st['gateway_port']}"
         if st.get("chat_port"):
