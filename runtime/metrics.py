@@ -49,6 +49,10 @@ class RuntimeMetrics:
                                          "Requests answered 429 before they were parsed (admission.py: the engine would "
                                          "have refused their work), by reason; also counted in lorafleet_runtime_shed",
                                          ["reason"], registry=r)
+        self.direct = Counter("lorafleet_runtime_direct_requests",
+                              "Requests the admission gate answered through the route's own handler without the "
+                              "framework's routing, validation and middleware (admission.py), by endpoint",
+                              ["endpoint"], registry=r)
 
         self.fallback = Counter("lorafleet_runtime_fallback",
                                 "Requests for an adapter that opted into spec.fallback: base, answered by the base "

@@ -120,3 +120,33 @@ def test_the_base_model_answers_to_its_served_name(minilm, cls_adapters):
         assert c.post("/v1/classify", json={"model": "cls0", "input": "hello"}).status_code == 200
     finally:
         srv.stop()
+
+
+def test_valid_requests_are_answered_by_the_gate_through_the_same_handler(server, expected):
+    """A valid JSON /v1/classify body is answered from the admission gate by the route's own handler,
+    without the framework (counted in lorafleet_runtime_direct_requests); the answers, the documented
+    errors and the request counters are what the app gives. A body the model refuses, or another
+    content type, goes through the app (its 400 names the problem) and is not counted as direct."""
+    from test_runtime_overload_http import metric
+
+    m = server.metrics_url
+    c = httpx.Client(base_url=server.url, timeout=30)
+    direct0 = metric(m, "lorafleet_runtime_direct_requests_total", endpoint="/v1/classify")
+    ok0 = metric(m, "lorafleet_runtime_requests_total", tenant="cls2", endpoint="/v1/classify", status="200")
+    for i in range(3):
+        r = c.post("/v1/classify", json={"model": "cls2", "input": [TEXTS[i], TEXTS[i + 1]]})
+        assert r.status_code == 200, r.text
+        _check(r.json(), "cls2", [i, i + 1], expected)
+    r = c.post("/v1/classify", json={"model": "nobody", "input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = c.post("/v1/classify", json={"model": "cls2", "input": "word " * 600})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "input_too_long"
+    assert metric(m, "lorafleet_runtime_direct_requests_total", endpoint="/v1/classify") - direct0 == 5
+    assert metric(m, "lorafleet_runtime_requests_total", tenant="cls2", endpoint="/v1/classify", status="200") - ok0 == 3
+    r = c.post("/v1/classify", json={"model": "cls2", "input": "x", "top_k": 3})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_field" and "top_k" in r.json()["error"]["message"]
+    r = c.post("/v1/classify", json={"model": "cls2", "input": []})
+    assert r.status_code == 400 and "input" in r.json()["error"]["message"]
+    r = c.post("/v1/classify", content=b'{"model": "cls2", "input": "x"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body"  # FastAPI reads no JSON from it
+    assert metric(m, "lorafleet_runtime_direct_requests_total", endpoint="/v1/classify") - direct0 == 5
