@@ -278,6 +278,10 @@ class SyncReport(_Wire):
     # failed, digest mismatch, content refused by the adapter rules), retried with backoff. Its
     # routes name no adapter, so no adapter's failure would say why the pod never turns Ready.
     merged_adapter_failure: str | None = Field(None, alias="mergedAdapterFailure")
+    # Why the sidecar has not readied the pool's base model (fetch failed, digest mismatch, content
+    # refused), retried with backoff: the pod never turns Ready, and a pool without adapters would
+    # show nothing else.
+    model_failure: str | None = Field(None, alias="modelFailure")
     # Set while the sidecar keeps its last complete routes table because the ConfigMaps are gone or
     # not a complete set of shards: why, and which generation it serves.
     routes_stale: str | None = Field(None, alias="routesStale")

@@ -1029,7 +1029,8 @@ def model_readiness(pods: list[PodView], merged: MergedRef | None = None) -> tup
     model): False ``ModelRefused`` / ``ModelLoadFailed`` with the runtime's own message when a pod's
     runtime cannot serve it, True ``ModelLoaded`` once one has it (a Ready pod has), else Unknown.
     A merged pool (``merged``) whose adapter a pod's sidecar cannot ready (``merged_refusal``) is
-    False ``MergedAdapterRefused`` unless another pod has loaded the model."""
+    False ``MergedAdapterRefused`` unless another pod has loaded the model; a pod whose sidecar cannot
+    fetch or verify the base model (its report's ``modelFailure``) makes it False ``ModelFetchFailed``."""
     refused = merged_refusal(merged, pods) if merged is not None else None
     if refused is not None and not any(p.ready for p in pods):
         return False, "MergedAdapterRefused", refused
@@ -1049,6 +1050,17 @@ def model_readiness(pods: list[PodView], merged: MergedRef | None = None) -> tup
             named = ", ".join(sorted(who)[:3]) + (", ..." if len(who) > 3 else "")
             parts.append(f"the runtime {verb} the base model on {len(who)}/{len(pods)} pods ({named}): {why}")
         return False, reason, "; ".join(parts)
+    fetch: dict[str, list[str]] = {}
+    for p in pods:  # the sidecar could not ready the base model (spec.model.uri / sha256): retried
+        if p.report is not None and p.report.model_failure and not p.ready:
+            fetch.setdefault(p.report.model_failure, []).append(p.name)
+    if fetch:
+        parts = []
+        for why, who in sorted(fetch.items()):
+            named = ", ".join(sorted(who)[:3]) + (", ..." if len(who) > 3 else "")
+            parts.append(f"the sidecar cannot ready the base model on {len(who)}/{len(pods)} pods ({named}), "
+                         f"retrying: {why}")
+        return False, "ModelFetchFailed", "; ".join(parts)
     if loaded:
         return True, "ModelLoaded", f"the base model is loaded on {loaded}/{len(pods)} pods"
     return None, "ModelLoading", "no pod's runtime has loaded the base model yet"

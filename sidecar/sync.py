@@ -496,6 +496,8 @@ class Syncer:
         if f is not None and f.category == "merged":
             # No attempt count: the report (a pod annotation) changes only when the reason does.
             report.merged_adapter_failure = f.reason
+        elif f is not None and f.category == "model":
+            report.model_failure = f.reason
         if self.pod is not None and table.placed_on is not None:
             report.rates = self._measure_rates(time.monotonic()) if loaded is not None else self.rates
             report.cache_bytes = self.store.used_bytes()

@@ -117,3 +117,29 @@ def test_a_merged_adapter_whose_digest_does_not_match_is_reported_until_storage_
     r = wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.model_ready and r, 60, interval=0.2,
                  what="the merged adapter installed on a retry")
     assert r.merged_adapter_failure is None and digest(cache_dir / "adapters" / ad_sha) == ad_sha
+
+
+def test_a_base_model_whose_digest_does_not_match_is_reported_until_storage_holds_it(
+        kube, namespace, pod, s3, bucket, tmp_path, cache_dir, routes, start_sidecar, tiny_llama):
+    """The sync report's modelFailure says why the base model is not ready (the pod never turns Ready):
+    the digest mismatch, naming the URI; nothing is installed. Once storage holds that digest's content,
+    the retry installs it and the report is clear."""
+    import shutil
+
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_llama, other)
+    (other / "README.md").write_text("not the model the digest names\n")
+    model_uri, model_sha = upload_dir(s3, bucket, other, "models/tiny/"), digest(tiny_llama)
+    routes.write()
+    start_sidecar("--model-uri", model_uri, "--model-sha256", model_sha)
+    r = wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.model_failure and r, 60,
+                 interval=0.2, what="the report naming the base model's failure")
+    assert r.model_failure.startswith(f"base model {model_uri}: digest mismatch: {model_uri} has {digest(other)}"), \
+        r.model_failure
+    assert r.model_ready is False and r.merged_adapter_failure is None
+    assert not (cache_dir / "models" / model_sha).exists()
+    s3.remove_object(bucket, "models/tiny/README.md")
+    upload_dir(s3, bucket, tiny_llama, "models/tiny/")
+    r = wait_for(lambda: (r := sync_report(kube, namespace, pod)) and r.model_ready and r, 90, interval=0.2,
+                 what="the base model installed on a retry")
+    assert r.model_failure is None

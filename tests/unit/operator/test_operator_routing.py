@@ -388,3 +388,24 @@ def test_a_merged_pools_ready_pods_count_for_the_version_they_merge_only():
     assert st["pools"][1] == {"pool": "hot", "role": "merged", "version": "2", "readyReplicas": 0, "replicas": 1}
     assert "1 Ready pods of pool 'hot' still merge another version (rolling to 2)" in st["message"]
     assert routing.merged_ready(ref, [old, merged_pod("hot-b", "c" * 64)]) == (1, 1)
+
+
+def test_a_base_model_its_sidecars_cannot_ready_is_named_on_the_pool():
+    """A wrong spec.model.sha256 (or storage down): the pods never turn Ready, and a pool without
+    adapters would say nothing else; ModelReady False ModelFetchFailed names the pods and the reason."""
+    why = "base model s3://models/tiny/: digest mismatch: s3://models/tiny/ has eeee, the route says aaaa"
+    failing = [PodView(name=f"p-{i}", ready=False, report=SyncReport(generation=0, model_failure=why))
+               for i in range(2)]
+    p = routing.plan_pool("p", POOL, [], failing, RoutesTable(pool="p"), {})
+    [model] = [c for c in p.pool_status["conditions"] if c["type"] == "ModelReady"]
+    assert (model["status"], model["reason"]) == ("False", "ModelFetchFailed")
+    assert f"on 2/2 pods (p-0, p-1), retrying: {why}" in model["message"]
+    assert p.pool_status["phase"] == "Failed" and why in p.pool_status["message"]
+    BaseModelPoolStatus.model_validate(p.pool_status)
+    # One pod got it (Ready), the other still fails: the pool is Degraded and still says why.
+    q = routing.plan_pool("p", POOL, [], [pod("p-0", 0), failing[1]], RoutesTable(pool="p"), {})
+    [model] = [c for c in q.pool_status["conditions"] if c["type"] == "ModelReady"]
+    assert model["reason"] == "ModelFetchFailed" and "on 1/2 pods (p-1)" in model["message"]
+    # The failure gone from the reports: nothing left to show.
+    ok = routing.plan_pool("p", POOL, [], [pod("p-0", 0), pod("p-1", 0)], RoutesTable(pool="p"), {})
+    assert [c["reason"] for c in ok.pool_status["conditions"] if c["type"] == "ModelReady"] == ["ModelLoaded"]
