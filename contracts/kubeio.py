@@ -66,10 +66,12 @@ class Informer:
     """The objects of one kind (in ``namespace``, with ``labels``/``fields``), kept current by a thread.
 
     It lists once, then watches from the list's resourceVersion (a watch the server ends after
-    ``server_timeout`` is resumed from the last event seen, by lightkube). On an error (the API server
-    unreachable, a dropped stream, 403) it keeps what it has, waits ``backoff`` and watches again
-    from where it was; on 410 Gone (the server has compacted past that version) it lists again and
-    replaces its store, so objects deleted meanwhile go too. ``on_change`` is called (from the thread)
+    ``server_timeout`` is resumed from the last event seen, by lightkube). When the network fails (the
+    API server unreachable, a dropped stream) it keeps what it has, waits ``backoff`` and watches again
+    from where it was; when the server answers with an error (410 Gone: it has compacted past that
+    version; a 500 or a 403) it lists again (at once on 410, after ``backoff`` otherwise) and replaces
+    its store, so objects deleted meanwhile go too. ``last_error`` is the last failure until the API
+    server answers again. ``on_change`` is called (from the thread)
     after every change of the store. Each informer has a client of its own (``new_client``): a watch
     holds its connection open for minutes and no two threads share one. It stops by flag only
     (docs/architecture.md, hazards: never close a client another thread reads)."""
@@ -103,6 +105,10 @@ class Informer:
     def stop(self) -> None:
         self._stop.set()
 
+    def alive(self) -> bool:
+        """Its thread runs (it retries for ever until stopped), or it was stopped."""
+        return self._stop.is_set() or (self._thread is not None and self._thread.is_alive())
+
     def objects(self) -> list[Any]:
         """The objects as last seen (raises ``NotSynced`` before the first list)."""
         if not self.synced.is_set():
@@ -132,6 +138,7 @@ class Informer:
         from lightkube.core.exceptions import ApiError
 
         client = self.new_client()
+        self._hear_responses(client)
         selectors = {"namespace": self.namespace, "labels": self.labels, "fields": self.fields}
         rv: str | None = None
         failures = 0
@@ -144,6 +151,7 @@ class Informer:
                     with self._lock:
                         self._objects = {self._key(o): o for o in items}
                     rv = listing.resourceVersion
+                    failures, self.last_error = 0, None
                     self.synced.set()
                     self._changed()
                 for kind, obj in client.watch(self.res, **selectors, resource_version=rv,
@@ -168,17 +176,35 @@ class Informer:
                     log.info("informer %s: resourceVersion %s expired (410 Gone); listing again", self.what, rv)
                     rv = None
                     continue
-                failures = self._failed(failures, e)
-            except Exception as e:  # noqa: BLE001 - unreachable, dropped, refused: keep the view, retry
+                # The server itself refused the watch (a 500 such as "etcd event received with PrevKv=nil"
+                # once etcd is compacted under a selector, a 403): watching from the same version would
+                # be refused the same way for ever, so list again, as client-go's reflector does.
+                rv = None
+                failures = self._failed(failures, e, then="listing again")
+            except Exception as e:  # noqa: BLE001 - unreachable or dropped: keep the view, resume the watch
                 if self._stop.is_set():
                     return
-                failures = self._failed(failures, e)
+                failures = self._failed(failures, e, then="watching again" if rv is not None else "listing again")
 
-    def _failed(self, failures: int, e: Exception) -> int:
+    def _hear_responses(self, client: Any) -> None:
+        """Clear ``last_error`` as soon as the API server accepts a request again. lightkube resumes a
+        watch the server ended by itself and says nothing until an event comes, which for a quiet
+        object can be never: the response hook of its httpx client is the only sign the watch works."""
+        http = getattr(getattr(client, "_client", None), "_client", None)
+        hooks = getattr(http, "event_hooks", None)
+        if isinstance(hooks, dict) and isinstance(hooks.get("response"), list):
+            hooks["response"].append(self._responded)
+
+    def _responded(self, response: Any) -> None:
+        if self.last_error is not None and getattr(response, "is_success", False):
+            log.debug("informer %s: the API server answers again", self.what)
+            self.last_error = None
+
+    def _failed(self, failures: int, e: Exception, then: str) -> int:
         failures += 1
         delay = backoff(failures, self.retry_base, self.retry_cap)
         self.last_error = f"{type(e).__name__}: {e}"
-        log.warning("informer %s: %s; keeping the last view, watching again in %.1fs", self.what,
-                    self.last_error, delay)
+        log.warning("informer %s: %s; keeping the last view, %s in %.1fs", self.what, self.last_error, then,
+                    delay)
         self._stop.wait(delay)
         return failures

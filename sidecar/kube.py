@@ -3,6 +3,7 @@ pod's ``lorafleet.io/sync`` annotation. The only module here that talks to the A
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Callable
@@ -12,11 +13,10 @@ from lightkube.resources.core_v1 import ConfigMap, Pod
 from lightkube.types import PatchType
 
 from lorafleet.contracts import names
-from lorafleet.contracts.kubeio import backoff
+from lorafleet.contracts.kubeio import Informer
 from lorafleet.contracts.routes import RoutesTable, SyncReport
 
 log = logging.getLogger("lorafleet.sidecar")
-_LIST_LOCK = threading.Lock()
 
 
 def warm_up_decoders() -> None:
@@ -49,9 +49,10 @@ class RoutesWatcher:
     The sidecar's Role may read only its pool's routes ConfigMaps, by name (RBAC authorizes a list or
     watch naming one object through ``fieldSelector=metadata.name=...``), so there is one watch per
     name: the unsharded ``lorafleet-routes-<pool>`` and shards ``-0 .. -(2N-1)`` for the largest shard
-    count N seen (the operator's Role covers the next doubling too). Each watch lists, then watches from
-    the list's resourceVersion, and lists again after any error (410 Gone, dropped connection, API
-    server restart). The label ``lorafleet.io/routes-for=<pool>`` is required as well.
+    count N seen (the operator's Role covers the next doubling too). Each is a ``contracts.kubeio.Informer``:
+    it lists once, then watches from the list's resourceVersion; after an error (a dropped connection,
+    an API server restart) it watches again from the last version it saw, and lists again only on 410
+    Gone. The label ``lorafleet.io/routes-for=<pool>`` is required as well.
 
     Only a complete, consistent set of shards is published (``RoutesTable.merge_complete``), once
     every watch has listed, and only when it is newer than the one published before: a reshard or a
@@ -62,8 +63,8 @@ class RoutesWatcher:
     def __init__(self, new_client: Callable[[], Client], namespace: str, pool: str,
                  on_change: Callable[[RoutesTable], None], server_timeout: int = 60,
                  on_stale: Callable[[str | None], None] | None = None):
-        # Each watch holds a streaming response open for minutes: every watch thread gets a client
-        # (and connection pool) of its own, so no two threads ever share a TLS connection.
+        # Each informer holds a streaming watch open for minutes: each gets a client (and connection
+        # pool) of its own, so no two threads ever share a TLS connection.
         self.new_client, self.namespace, self.pool = new_client, namespace, pool
         self.on_change = on_change
         self.server_timeout = server_timeout
@@ -71,8 +72,7 @@ class RoutesWatcher:
         self._lock = threading.Lock()
         self._shards: dict[str, RoutesTable] = {}
         self._listed: set[str] = set()
-        self._threads: dict[str, threading.Thread] = {}
-        self._failing: set[str] = set()  # watches whose last list or watch failed (retrying)
+        self._informers: dict[str, Informer] = {}
         self.on_stale = on_stale
         self.published: RoutesTable | None = None
         self.stale: str | None = None
@@ -88,25 +88,45 @@ class RoutesWatcher:
         # socket (seen as SSL errors and corrupted HTTP in other clients of the same process). Watches
         # end at their next event or server timeout.
         self._stop.set()
+        with self._lock:
+            for inf in self._informers.values():
+                inf.stop()
 
     def alive(self) -> bool:
-        """Every watch thread runs (each lists again after any error, for ever, until stopped)."""
+        """Every informer's thread runs (each retries for ever, until stopped)."""
         with self._lock:
-            return self._stop.is_set() or all(t.is_alive() for t in self._threads.values())
+            return self._stop.is_set() or all(inf.alive() for inf in self._informers.values())
 
     def retrying(self) -> bool:
-        """Some watch's last list or watch failed (the API server unreachable, a refusal)."""
-        return bool(self._failing)
+        """Some informer's last list or watch failed (the API server unreachable, a refusal)."""
+        with self._lock:
+            return any(inf.last_error is not None for inf in self._informers.values())
+
+    @property
+    def lists(self) -> int:
+        """LIST requests made: one per ConfigMap name watched, then one per expired (410) watch."""
+        with self._lock:
+            return sum(inf.lists for inf in self._informers.values())
 
     def _ensure_watches(self, shards: int) -> None:
         wanted = [names.routes_configmap_name(self.pool)]
         wanted += [names.routes_configmap_name(self.pool, i) for i in range(max(2, 2 * shards))]
-        with self._lock:
+        with self._lock:  # started under the lock: alive() never sees one not yet running
             for name in wanted:
-                if name not in self._threads and not self._stop.is_set():
-                    t = threading.Thread(target=self._run, args=(name,), name=f"watch-{name}", daemon=True)
-                    self._threads[name] = t
-                    t.start()
+                if name not in self._informers and not self._stop.is_set():
+                    inf = Informer(self.new_client, ConfigMap, self.namespace,
+                                   labels={names.LABEL_ROUTES_FOR: self.pool}, fields={"metadata.name": name},
+                                   server_timeout=self.server_timeout,
+                                   what=f"routes ConfigMap {self.namespace}/{name}")
+                    inf.subscribe(functools.partial(self._changed, name))
+                    self._informers[name] = inf.start()
+
+    def _changed(self, name: str) -> None:
+        """The informer of ConfigMap ``name`` has listed, or seen it change or go (its thread)."""
+        with self._lock:
+            inf = self._informers[name]
+        items = inf.objects()
+        self._update(name, self._parse(items[0]) if items else None, listed=True)
 
     def _parse(self, cm) -> RoutesTable | None:
         text = (cm.data or {}).get(names.ROUTES_KEY)
@@ -130,7 +150,7 @@ class RoutesWatcher:
             most = max([s.shards or 1 for s in self._shards.values()] + [1])
         self._ensure_watches(most)
         with self._lock:
-            if not set(self._threads) <= self._listed:
+            if not set(self._informers) <= self._listed:
                 return  # some watch has not listed yet: its shard may be missing from the view
             merged = RoutesTable.merge_complete(self.pool, self._shards.values())
             published = self.published
@@ -168,35 +188,6 @@ class RoutesWatcher:
         self.stale = stale
         if self.on_stale is not None:
             self.on_stale(stale)
-
-    def _run(self, name: str) -> None:
-        client = self.new_client()
-        labels = {names.LABEL_ROUTES_FOR: self.pool}
-        fields = {"metadata.name": name}
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                with _LIST_LOCK:  # one list at a time: cheap, and no concurrent first decodes
-                    listing = client.list(ConfigMap, namespace=self.namespace, labels=labels, fields=fields)
-                    items = list(listing)
-                self._update(name, self._parse(items[0]) if items else None, listed=True)
-                failures = 0
-                self._failing.discard(name)
-                for kind, cm in client.watch(ConfigMap, namespace=self.namespace, labels=labels,
-                                                  fields=fields, resource_version=listing.resourceVersion,
-                                                  server_timeout=self.server_timeout):
-                    if self._stop.is_set():
-                        return
-                    self._update(name, None if kind == "DELETED" else self._parse(cm))
-            except Exception as e:  # noqa: BLE001 - any failure: list again after a pause
-                if self._stop.is_set():
-                    return
-                failures += 1
-                self._failing.add(name)
-                delay = backoff(failures, 0.4, 10.0)
-                log.warning("routes watch %s/%s: %s: %s; listing again in %.1fs",
-                            self.namespace, name, type(e).__name__, e, delay)
-                self._stop.wait(delay)
 
 
 class PodReporter:
