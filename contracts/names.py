@@ -164,6 +164,10 @@ class RuntimeEnv:
     MERGED_ADAPTER_TENANT = "LORAFLEET_MERGED_ADAPTER_TENANT"
 
 
+# ``lorafleet serve``'s static adapter list (name=path,...): TGI's variable, in TGI's format.
+LORA_ADAPTERS_ENV = "LORA_ADAPTERS"
+
+
 class SidecarEnv:
     POD_NAME = "POD_NAME"
     POD_NAMESPACE = "POD_NAMESPACE"

@@ -533,7 +533,7 @@ class ServeSettings(RuntimeSettings):
         flags=("--adapters",), metavar="DIR",
         help="folder whose subfolders are PEFT adapters, or diffusion LoRA folders for a pipeline (name = folder "
              "name)")
-    lora_adapters: str | None = setting(env="LORA_ADAPTERS", flags=("--lora-adapters",),
+    lora_adapters: str | None = setting(env=names.LORA_ADAPTERS_ENV, flags=("--lora-adapters",),
                                         help="comma-separated name=path or path entries, TGI's format")
 
 

@@ -17,11 +17,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.contracts.names import LORA_ADAPTERS_ENV
 from lorafleet.contracts.settings import ServeSettings, SettingsError
 from lorafleet.runtime.cli import add_common_flags, settings_from
 
 log = logging.getLogger("lorafleet.runtime")
-LORA_ADAPTERS_ENV = "LORA_ADAPTERS"  # TGI's variable, same format
 
 
 @dataclass(frozen=True)
