@@ -13,28 +13,17 @@ from lightkube.resources.core_v1 import ConfigMap, Pod
 from lightkube.types import PatchType
 
 from lorafleet.contracts import names
-from lorafleet.contracts.kubeio import Informer
+from lorafleet.contracts.kubeio import Informer, warm_decoders
 from lorafleet.contracts.routes import RoutesTable, SyncReport
 
 log = logging.getLogger("lorafleet.sidecar")
 
 
 def warm_up_decoders() -> None:
-    """Build lightkube's (msgspec) decoders for the types the sidecar reads, once, in one thread.
-
-    msgspec builds a type's decoding info on first use and doing that from several threads at
-    once can crash the process (seen as SIGSEGV when the routes watches all listed at the same
-    moment); after this, concurrent decoding is safe.
-    """
-    from lightkube.core.decoders import decode_list, decode_object, decode_watch_event
-
-    cm = (b'{"metadata":{"name":"w","namespace":"n","labels":{"a":"b"},"resourceVersion":"1"},'
-          b'"data":{"k":"v"}}')
-    decode_list(b'{"items":[' + cm + b'],"metadata":{"resourceVersion":"1"}}', ConfigMap)
-    decode_object(cm, ConfigMap)
-    decode_object(b'{"metadata":{"name":"p","annotations":{"a":"b"}},"spec":{"containers":[{"name":"c"}]},'
-                  b'"status":{"phase":"Pending"}}', Pod)
-    decode_watch_event(b'{"type":"ADDED","object":' + cm + b'}')
+    """Build lightkube's (msgspec) decoders for the types the sidecar reads, once, in one thread
+    (``kubeio.warm_decoders``: several threads building one at once crashed the process, seen as
+    SIGSEGV when the routes watches all listed at the same moment)."""
+    warm_decoders((ConfigMap, Pod))
 
 
 def make_client(kubeconfig: str | None = None) -> Client:
