@@ -12,9 +12,10 @@ counters) as a refused submission. Anything it cannot tell (another route, a bod
 an unknown model, an engine without a precheck) goes on unchanged, and ``submit`` still decides.
 
 A valid single-route request the gate has read anyway is answered by the route's own handler from
-here (``DIRECT``: ``/v1/classify``, ``routes_classify.classify``), without FastAPI's routing, body
-validation (the same pydantic model validates it), middleware stack and exception handlers: about
-two thirds of the loop's time for each answered classification. What that handler raises as
+here (``DIRECT``: ``/v1/classify`` by ``routes_classify.classify``, a ``/v1/completions`` that is not
+streamed by ``routes_openai.completions``), without FastAPI's routing, body validation (the same
+pydantic model validates it), middleware stack and exception handlers: about two thirds of the loop's
+time for each answered classification. What that handler raises as
 ``ApiError`` is answered as the app's handler answers it, and the request is counted as
 ``RequestMetrics`` counts it; a body the model refuses, or another content type, goes to the app.
 
@@ -31,14 +32,17 @@ import time
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from lorafleet.runtime.lifecycle import ARRIVED, Runtime
-from lorafleet.runtime.protocol import ApiError, ClassifyRequest, error_response
+from lorafleet.runtime.lifecycle import ARRIVED, Runtime, marked_start
+from lorafleet.runtime.protocol import ApiError, ClassifyRequest, CompletionRequest, error_response
 from lorafleet.runtime.routes_classify import classify
+from lorafleet.runtime.routes_openai import completions
 
 # Routes whose JSON body names the adapter in ``model``, and how many work items a body makes.
 GATED = {"/v1/classify", "/v1/completions", "/v1/chat/completions"}
 MAX_PEEK_BYTES = 1 << 20  # larger bodies are left to the route
-DIRECT = "/v1/classify"  # answered from the gate when valid (the module's docstring)
+# Answered from the gate when valid (the module's docstring): route -> (pool task, body model, handler).
+DIRECT = {"/v1/classify": ("sequence-classification", ClassifyRequest, classify),
+          "/v1/completions": ("text-generation", CompletionRequest, completions)}
 
 
 def _json_object(raw: bytes) -> dict | None:
@@ -97,44 +101,51 @@ class AdmissionGate:
                 m.requests.labels(tenant, path, "429").inc()
                 m.latency.labels(tenant, path).observe(time.monotonic() - scope[ARRIVED])
                 return
-            if parsed is not None and path == DIRECT and self._direct(scope):
-                if await self._classify(scope, parsed, replayed, send):
+            if parsed is not None and path in DIRECT and self._direct(scope, path, parsed):
+                if await self._answer(scope, path, parsed, replayed, send):
                     return
         return await self.app(scope, replayed, send)
 
-    def _direct(self, scope) -> bool:
-        """Whether the gate may answer this request itself: a loaded classification pool, a JSON body
-        (what FastAPI reads as one: ``application/json``)."""
-        if self.rt.task != "sequence-classification" or not self.rt.loaded.is_set():
+    def _direct(self, scope, path: str, parsed: dict) -> bool:
+        """Whether the gate may answer this request itself: a loaded pool of the route's task, a JSON
+        body (what FastAPI reads as one: ``application/json``), a completion that is not streamed."""
+        if self.rt.task != DIRECT[path][0] or not self.rt.loaded.is_set():
+            return False
+        if path == "/v1/completions" and parsed.get("stream"):
             return False
         for name, value in scope["headers"]:
             if name == b"content-type":
                 return value.split(b";", 1)[0].strip().lower() == b"application/json"
         return False
 
-    async def _classify(self, scope, parsed: dict, receive, send) -> bool:
-        """``/v1/classify`` through its handler without the framework; False: the app answers it."""
+    async def _answer(self, scope, path: str, parsed: dict, receive, send) -> bool:
+        """The route's handler without the framework; False: the app answers it."""
+        _, model, handler = DIRECT[path]
         try:
-            body = ClassifyRequest.model_validate(parsed)
+            body = model.model_validate(parsed)
         except ValidationError:
             return False  # the app's 400 names every problem
         t0 = time.perf_counter()
         status = 500
+
+        async def marked(message):
+            await send(marked_start(scope, message))
+
         try:
             try:
-                response = await classify(self.rt, Request(scope, receive), body)
+                response = await handler(self.rt, Request(scope, receive), body)
             except ApiError as e:
                 response = error_response(e.status, e.message, e.type, e.code, e.headers)
             status = response.status_code
-            await response(scope, receive, send)
+            await response(scope, receive, marked)
         finally:
             # As RequestMetrics counts a request that went through the app.
             tenant = scope.get("lorafleet_tenant", "")
             m = self.rt.metrics
-            m.requests.labels(tenant, DIRECT, str(status)).inc()
+            m.requests.labels(tenant, path, str(status)).inc()
             if tenant:
-                m.latency.labels(tenant, DIRECT).observe(time.perf_counter() - t0)
-            m.direct.labels(DIRECT).inc()
+                m.latency.labels(tenant, path).observe(time.perf_counter() - t0)
+            m.direct.labels(path).inc()
         return True
 
     def _refusal(self, path: str, body: dict, arrived: float):

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorafleet.runtime import routes_admin, routes_classify, routes_images, routes_openai, routes_tgi
-from lorafleet.runtime.lifecycle import Runtime
+from lorafleet.runtime.lifecycle import Runtime, marked_start
 from lorafleet.runtime.protocol import ApiError, error_response
 
 UNMETERED = ("/healthz", "/readyz")
@@ -63,10 +63,7 @@ class RequestMetrics:
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                if scope.get("lorafleet_fallback"):  # the base model answered for an adapter
-                    message = {**message, "headers": [*message.get("headers", []),
-                                                      (b"x-lorafleet-fallback", b"base")]}
-            await send(message)
+            await send(marked_start(scope, message))
 
         try:
             await self.app(scope, receive, send_status)

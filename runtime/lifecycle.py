@@ -41,6 +41,14 @@ def fallback_of(request) -> dict | None:
     return request.scope.get("lorafleet_fallback")
 
 
+def marked_start(scope, message: dict) -> dict:
+    """An ``http.response.start`` message with ``x-lorafleet-fallback: base`` when the base model
+    answered for an adapter (``fallback_of``); other messages as they are."""
+    if message["type"] == "http.response.start" and scope.get("lorafleet_fallback"):
+        return {**message, "headers": [*message.get("headers", []), (b"x-lorafleet-fallback", b"base")]}
+    return message
+
+
 def detect_task(model_dir: Path) -> str:
     if (model_dir / "model_index.json").is_file():  # a diffusers pipeline folder
         return "text-to-image"

@@ -106,6 +106,54 @@ class _Logprobs:
         return {"content": content}
 
 
+async def completions(rt: Runtime, request: Request, body: CompletionRequest):
+    """One validated ``/v1/completions`` request, answered (``ApiError`` for the documented errors). The
+    route and the admission gate's direct path (admission.py) both answer with this."""
+    body.unsupported()
+    if isinstance(body.prompt, list):
+        if len(body.prompt) != 1:
+            raise ApiError(400, "send one prompt per request (prompt lists of length 1 are accepted)",
+                           "invalid_request_error", "unsupported_prompt_list")
+        prompt = body.prompt[0]
+    else:
+        prompt = body.prompt
+    entry, seq, gen = await start_generation(
+        rt, request, body.model, lambda tok: rt.engine.encode(prompt),
+        lambda tok: openai_params(body, body.max_tokens, body.logprobs, tok), body.stop,
+        bool(body.include_stop_str_in_output), body.skip_special_tokens is not False,
+        incremental=bool(body.stream))
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    served = rt.answered_as(entry)
+    lps = _Logprobs(rt.engine.tokenizer, seq) if body.logprobs is not None else None
+    head = prompt if body.echo else ""
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream():
+            base = with_fallback(request, {"id": rid, "object": "text_completion", "created": created,
+                                           "model": served})
+            if head:
+                yield sse({**base, "choices": [{"index": 0, "text": head, "logprobs": None,
+                                                "finish_reason": None}]})
+            async for _, delta in gen.deltas():
+                if delta:
+                    yield sse({**base, "choices": [{"index": 0, "text": delta, "finish_reason": None,
+                                                    "logprobs": lps.completion(gen.received) if lps else None}]})
+            yield sse({**base, "choices": [{"index": 0, "text": "", "finish_reason": gen.openai_finish,
+                                            "logprobs": lps.completion(gen.received) if lps else None}]})
+            if include_usage:
+                yield sse({**base, "choices": [], "usage": usage(seq, gen.received)})
+            yield "data: [DONE]\n\n"
+        await wait_started(request, rt, gen)
+        return CancelOnClose(stream(), gen.abandon, media_type="text/event-stream")
+    await drain(request, rt, gen)
+    return JSONResponse(with_fallback(request, {
+        "id": rid, "object": "text_completion", "created": created, "model": served,
+        "choices": [{"index": 0, "text": head + gen.text, "finish_reason": gen.openai_finish,
+                     "logprobs": lps.completion(gen.received) if lps else None}],
+        "usage": usage(seq, gen.received)}))
+
+
 def router(rt: Runtime) -> APIRouter:
     r = APIRouter()
 
@@ -133,50 +181,8 @@ def router(rt: Runtime) -> APIRouter:
         return {"object": "list", "data": data}
 
     @r.post("/v1/completions")
-    async def completions(request: Request, body: CompletionRequest):
-        body.unsupported()
-        if isinstance(body.prompt, list):
-            if len(body.prompt) != 1:
-                raise ApiError(400, "send one prompt per request (prompt lists of length 1 are accepted)",
-                               "invalid_request_error", "unsupported_prompt_list")
-            prompt = body.prompt[0]
-        else:
-            prompt = body.prompt
-        entry, seq, gen = await start_generation(
-            rt, request, body.model, lambda tok: rt.engine.encode(prompt),
-            lambda tok: openai_params(body, body.max_tokens, body.logprobs, tok), body.stop,
-            bool(body.include_stop_str_in_output), body.skip_special_tokens is not False,
-            incremental=bool(body.stream))
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        served = rt.answered_as(entry)
-        lps = _Logprobs(rt.engine.tokenizer, seq) if body.logprobs is not None else None
-        head = prompt if body.echo else ""
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            async def stream():
-                base = with_fallback(request, {"id": rid, "object": "text_completion", "created": created,
-                                               "model": served})
-                if head:
-                    yield sse({**base, "choices": [{"index": 0, "text": head, "logprobs": None,
-                                                    "finish_reason": None}]})
-                async for _, delta in gen.deltas():
-                    if delta:
-                        yield sse({**base, "choices": [{"index": 0, "text": delta, "finish_reason": None,
-                                                        "logprobs": lps.completion(gen.received) if lps else None}]})
-                yield sse({**base, "choices": [{"index": 0, "text": "", "finish_reason": gen.openai_finish,
-                                                "logprobs": lps.completion(gen.received) if lps else None}]})
-                if include_usage:
-                    yield sse({**base, "choices": [], "usage": usage(seq, gen.received)})
-                yield "data: [DONE]\n\n"
-            await wait_started(request, rt, gen)
-            return CancelOnClose(stream(), gen.abandon, media_type="text/event-stream")
-        await drain(request, rt, gen)
-        return JSONResponse(with_fallback(request, {
-            "id": rid, "object": "text_completion", "created": created, "model": served,
-            "choices": [{"index": 0, "text": head + gen.text, "finish_reason": gen.openai_finish,
-                         "logprobs": lps.completion(gen.received) if lps else None}],
-            "usage": usage(seq, gen.received)}))
+    async def completions_route(request: Request, body: CompletionRequest):
+        return await completions(rt, request, body)
 
     @r.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatRequest):

@@ -114,6 +114,35 @@ def test_an_answer_read_only_at_its_end_is_decoded_once(server, expected, monkey
     assert text == want and calls[0] >= 2 * NEW
 
 
+def test_completions_not_streamed_are_answered_by_the_gate_through_the_same_handler(server, expected):
+    """A valid JSON /v1/completions body that is not streamed is answered from the admission gate by the
+    route's own handler (lorafleet_runtime_direct_requests_total); answers and errors are the app's. A
+    stream, a chat request or a body the model refuses goes through the app."""
+    from test_runtime_overload_http import metric
+
+    m = server.metrics_url
+
+    def direct():
+        return metric(m, "lorafleet_runtime_direct_requests_total", endpoint="/v1/completions")
+
+    before = direct()
+    body = {"model": "gen2", "prompt": PROMPTS[1], "max_tokens": NEW, "temperature": 0}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected["gen2@1", PROMPTS[1]]
+    assert r.json()["model"] == "gen2@1" and r.json()["usage"]["completion_tokens"] == NEW
+    r = httpx.post(server.url + "/v1/completions", json={**body, "model": "nobody"}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert direct() - before == 2
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        assert s.status_code == 200 and any(line.startswith("data: {") for line in s.iter_lines())
+    r = httpx.post(server.url + "/v1/completions", json={**body, "best_of_all": 2}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_field"
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "gen2", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": NEW, "temperature": 0})
+    assert r.status_code == 200
+    assert direct() - before == 2
+
+
 def test_huggingface_inference_client_text_generation(server, expected, monkeypatch):
     from huggingface_hub import InferenceClient, constants
 
