@@ -352,7 +352,7 @@ class DiffusionBatcher:
             return
         held = {w.key for w in self.active if w.key is not None}
         new = []
-        for w in self.sched.take(room, slot_acceptor(self.engine.slots, held)):
+        for w in self.sched.take(room, slot_acceptor(self.engine.slots, held), in_flight=len(self.active)):
             if w.cancelled:  # between the queue and the model: it never runs
                 self.sched.finished(w)
                 if self.metrics:

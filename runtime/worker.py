@@ -44,7 +44,12 @@ def slot_acceptor(slots, held: set) -> Callable[[Work], bool]:
 class ServiceRate:
     """Work items the worker starts per second while work is waiting (an exponentially weighted mean
     over about ``tau`` seconds). Only intervals that began with work left in the queue count: the rate
-    of an idle worker says how fast work arrives, not how fast it can be served."""
+    of an idle worker says how fast work arrives, not how fast it can be served. Nor does the interval
+    after a take that started work with nothing in flight (``fresh``): a generation worker takes its
+    next work when a row frees, so that interval is the whole service time of the first rows and says
+    nothing of the rate at which rows free once they run (counted, a fresh server's first burst of 64
+    requests read as one item per generation time, and the queue-delay bound refused most of the next
+    requests)."""
 
     def __init__(self, tau: float = 2.0):
         self.tau = tau
@@ -53,14 +58,16 @@ class ServiceRate:
         self.last: float | None = None
         self.backlogged = False
 
-    def took(self, n: int, left: int, now: float) -> None:
+    def took(self, n: int, left: int, now: float, fresh: bool = False) -> None:
+        """``n`` items taken at ``now``, ``left`` still queued; ``fresh``: nothing was in flight before
+        (a continuous-batching worker starting from idle)."""
         if self.last is not None and self.backlogged and n:
             dt = now - self.last
             if dt > 0:
                 decay = math.exp(-dt / self.tau)
                 self.items = self.items * decay + n
                 self.seconds = self.seconds * decay + dt
-        self.last, self.backlogged = now, left > 0
+        self.last, self.backlogged = now, left > 0 and not (fresh and n)
 
     def per_second(self) -> float | None:
         return self.items / self.seconds if self.seconds > 0.05 else None
@@ -268,8 +275,11 @@ class Scheduler:
     def oldest(self) -> float | None:
         return min((q[0].enqueued for q in self.queues.values() if q), default=None)
 
-    def take(self, n: int, accept: Callable[[Work], bool]) -> list[Work]:
-        """Up to ``n`` works, one tenant at a time in rotation, skipping heads ``accept`` refuses."""
+    def take(self, n: int, accept: Callable[[Work], bool], in_flight: int | None = None) -> list[Work]:
+        """Up to ``n`` works, one tenant at a time in rotation, skipping heads ``accept`` refuses.
+        ``in_flight``: what a continuous-batching worker (generation, diffusion) runs already, which
+        tells the service rate whether this take starts from idle (``ServiceRate``); None for a worker
+        that serves one batch at a time."""
         out: list[Work] = []
         now = time.monotonic()
         with self.cv:
@@ -298,7 +308,7 @@ class Scheduler:
                 else:
                     skipped.append(tenant)
             self.order.extendleft(reversed(skipped))
-            self.rate.took(len(out), self.queued, time.monotonic())
+            self.rate.took(len(out), self.queued, time.monotonic(), fresh=in_flight == 0)
         return out
 
     def _skip_withdrawn(self, q: deque[Work]) -> None:
@@ -452,7 +462,7 @@ class ModelWorker(threading.Thread):
         new: list[Work] = []
         if room > 0 and self.sched.queued:
             held = {w.key for w in self.active if w.key is not None}
-            new = self._acquire(self.sched.take(room, self._acceptor(held)))
+            new = self._acquire(self.sched.take(room, self._acceptor(held), in_flight=len(self.active)))
         t0 = time.perf_counter()
         if new:
             seqs = [w.payload for w in new]

@@ -151,6 +151,37 @@ def test_the_service_rate_counts_only_backlogged_intervals():
     assert 4.0 < r.per_second() < 16.0
 
 
+def test_a_generation_batch_started_from_idle_is_no_sample_of_the_service_rate():
+    """A fresh generation worker takes 32 rows at once; its next take waits for the first row to end
+    (a whole generation, 3 s). Counted, that read as 0.33 items/s and a 10 s bound refused anything
+    behind 4 queued requests; the rate comes from the takes as rows free instead."""
+    r = ServiceRate(tau=2.0)
+    r.took(32, 32, 100.0, fresh=True)
+    r.took(1, 31, 103.0)  # the first row done after a whole generation: not a sample
+    assert r.per_second() is None
+    for i in range(1, 11):  # then rows free every 50 ms, one or two at a time
+        r.took(1 + i % 2, 31, 103.0 + 0.05 * i)
+    assert 25.0 < r.per_second() < 35.0
+    # A take with work already in flight (or a one-batch-at-a-time worker) is an ordinary sample.
+    s = ServiceRate(tau=2.0)
+    s.took(4, 3, 10.0)
+    s.took(4, 3, 10.5)
+    assert s.per_second() == pytest.approx(8.0)
+
+
+def test_the_scheduler_tells_the_rate_whether_a_take_started_from_idle():
+    loop = asyncio.new_event_loop()
+    sched = Scheduler(max_queue=100, per_tenant_max_inflight=100, max_queue_delay_ms=10_000)
+    sched.submit([work(loop, "t") for _ in range(6)])
+    assert len(sched.take(2, lambda w: True, in_flight=0)) == 2
+    assert sched.rate.backlogged is False  # the interval until the next take is the first rows' service time
+    assert len(sched.take(1, lambda w: True, in_flight=1)) == 1
+    assert sched.rate.backlogged is True
+    assert len(sched.take(1, lambda w: True)) == 1  # one batch at a time: every interval is a service time
+    assert sched.rate.backlogged is True
+    loop.close()
+
+
 def test_the_precheck_refuses_and_counts_what_submit_would():
     loop = asyncio.new_event_loop()
     shed = Shed()
