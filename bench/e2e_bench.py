@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import cpu_model
 
 import httpx
 
@@ -29,13 +30,6 @@ from lorafleet.localstack.stack import Stack
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 NS, POOL, HOST = "bench", "minilm", "minilm.bench.local"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

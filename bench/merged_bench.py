@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import cpu_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -30,14 +32,7 @@ PROMPT = "please refund me , the invoice is wrong and the order never came"
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"nproc": os.cpu_count(), "cpu": cpu, "load_avg": os.getloadavg()[0], "torch": torch.__version__,
             "python": platform.python_version()}
 

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -35,6 +34,8 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+from benchlib import cpu_model, loadavg
 
 import httpx
 
@@ -48,17 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 NS, POOL, HOST, TENANT = "bench", "minilm", "minilm.bench.local", "bench"
 LABELS = ["a", "b", "c"]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def make_adapters(minilm: Path, work: Path, count: int, seed0: int) -> list[Path]:

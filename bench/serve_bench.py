@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import cpu_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
@@ -421,11 +423,7 @@ def warm_up(server: Server, names: list[str], workload: list) -> None:
 
 
 def machine() -> dict:
-    cpu = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    cpu = cpu_model()
     return {"nproc": os.cpu_count(), "cpu": cpu, "load_average": [round(x, 1) for x in os.getloadavg()],
             "python": sys.version.split()[0]}
 

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -40,6 +39,8 @@ import time
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
+
+from benchlib import cpu_model, loadavg
 
 from lightkube import AsyncClient, Client, KubeConfig
 from lightkube.generic_resource import create_namespaced_resource
@@ -130,17 +131,6 @@ elif cmd == "sidecar":
 else:
     sys.exit(f"stand-in lorafleet: unknown command {cmd}")
 '''
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def pool_body() -> dict:
