@@ -120,6 +120,7 @@ def test_50_clients_20_tenants_4_slots_every_answer_its_own_tenants_during_churn
     answered = threading.Event()  # the churn starts once the load is under way
     churned = threading.Event()
     results, lock = [], threading.Lock()
+    seen: set[str] = set()  # served name@version answered so far
     cycles = [0]
 
     def churn():
@@ -142,6 +143,15 @@ def test_50_clients_20_tenants_4_slots_every_answer_its_own_tenants_during_churn
                     reg.put(name, old, alt[name] if old == "2" else first[name], weight=0, log=False)  # drains
                     reg.delete(name, old)
                     rolled_at[name] = new
+                # Each rolled tenant answered at its new version before the next roll (the load keeps
+                # going until the churn ends), so both versions are seen however fast vLLM serves.
+                wanted = {f"{n}@{v}" for n, v in rolled_at.items()}
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    with lock:
+                        if wanted <= seen:
+                            break
+                    time.sleep(0.02)
                 cycles[0] += 1
         finally:
             churned.set()
@@ -168,6 +178,8 @@ def test_50_clients_20_tenants_4_slots_every_answer_its_own_tenants_during_churn
                 text, served = repr(e), "error"
             with lock:
                 results.append((name, prompt, start, time.monotonic(), served, text))
+                if isinstance(served, str):
+                    seen.add(served)
                 if len(results) >= 20:
                     answered.set()
             done += 1
