@@ -37,12 +37,13 @@ from lorafleet.runtime.protocol import ApiError, ClassifyRequest, CompletionRequ
 from lorafleet.runtime.routes_classify import classify
 from lorafleet.runtime.routes_openai import completions
 
-# Routes whose JSON body names the adapter in ``model``, and how many work items a body makes.
-GATED = {"/v1/classify", "/v1/completions", "/v1/chat/completions"}
+# Routes whose JSON body names the adapter in ``model`` (how many work items a body makes: ``_items``),
+# and the pool task that serves each.
+GATED = {"/v1/classify": "sequence-classification", "/v1/completions": "text-generation",
+         "/v1/chat/completions": "text-generation"}
 MAX_PEEK_BYTES = 1 << 20  # larger bodies are left to the route
-# Answered from the gate when valid (the module's docstring): route -> (pool task, body model, handler).
-DIRECT = {"/v1/classify": ("sequence-classification", ClassifyRequest, classify),
-          "/v1/completions": ("text-generation", CompletionRequest, completions)}
+# Answered from the gate when valid (the module's docstring): route -> (body model, handler).
+DIRECT = {"/v1/classify": (ClassifyRequest, classify), "/v1/completions": (CompletionRequest, completions)}
 
 
 def _json_object(raw: bytes) -> dict | None:
@@ -109,7 +110,7 @@ class AdmissionGate:
     def _direct(self, scope, path: str, parsed: dict) -> bool:
         """Whether the gate may answer this request itself: a loaded pool of the route's task, a JSON
         body (what FastAPI reads as one: ``application/json``), a completion that is not streamed."""
-        if self.rt.task != DIRECT[path][0] or not self.rt.loaded.is_set():
+        if self.rt.task != GATED[path] or not self.rt.loaded.is_set():
             return False
         if path == "/v1/completions" and parsed.get("stream"):
             return False
@@ -120,7 +121,7 @@ class AdmissionGate:
 
     async def _answer(self, scope, path: str, parsed: dict, receive, send) -> bool:
         """The route's handler without the framework; False: the app answers it."""
-        _, model, handler = DIRECT[path]
+        model, handler = DIRECT[path]
         try:
             body = model.model_validate(parsed)
         except ValidationError:
@@ -150,8 +151,7 @@ class AdmissionGate:
 
     def _refusal(self, path: str, body: dict, arrived: float):
         tenant = self.rt.tenant_of(body.get("model"))
-        if tenant is None or self.rt.task != ("sequence-classification" if path == "/v1/classify"
-                                              else "text-generation"):
+        if tenant is None or self.rt.task != GATED[path]:
             return None
         e = self.rt.engine.precheck(tenant, _items(path, body), arrived)
         return None if e is None else (tenant, e)

@@ -112,12 +112,6 @@ def token_encoder(tokenizer):
     return lambda text: backend.encode(text).ids
 
 
-def token_counter(tokenizer):
-    """``text -> len(tokenizer(text)["input_ids"])`` (``token_encoder``'s rules)."""
-    encode = token_encoder(tokenizer)
-    return lambda text: len(encode(text))
-
-
 class ClassificationEngine(Engine):
     task = "sequence-classification"
 
@@ -131,10 +125,8 @@ class ClassificationEngine(Engine):
         model = _load(AutoModelForSequenceClassification, model_dir, dtype, device, quantization)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         engine = cls(model, tok, device_slots, max_rank, device, quantization)
-        engine._counter = token_counter(tok)  # now, not on the first request's time
+        engine._encoder = token_encoder(tok)  # now, not on the first request's time
         return engine
-
-    _counter = None
 
     def max_input_tokens(self) -> int:
         limits = [getattr(self.model.config, "max_position_embeddings", 512), self.tokenizer.model_max_length]
@@ -146,9 +138,7 @@ class ClassificationEngine(Engine):
         fast tokenizer the copy's Rust backend counts (no padding, no truncation: what ``tokenizer(text)``
         hands it, the same ids) without transformers' per-call wrapping, half of each count's time on
         the loop."""
-        if self._counter is None:
-            self._counter = token_counter(self.tokenizer)
-        return self._counter(text)
+        return len(self.encode(text))
 
     @torch.inference_mode()
     def classify(self, texts: list[str], slots: list[int], label_counts: list[int]) -> list[list[float]]:

@@ -40,7 +40,7 @@ def router(rt: Runtime) -> APIRouter:
         want_logprobs = bool(stream or p.details)
 
         def prompt_ids(tok):
-            ids = rt.engine.encode(body.inputs)  # completion_prompt_ids(tok, body.inputs)
+            ids = rt.engine.encode(body.inputs)
             return ids[-p.truncate:] if p.truncate else ids  # TGI keeps the input's last `truncate` tokens
 
         entry, seq, gen = await start_generation(rt, request, p.adapter_id or rt.base_name, prompt_ids,
