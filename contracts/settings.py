@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import os
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -128,6 +129,16 @@ class ComponentSettings(BaseSettings):
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None):
         """Settings from parsed flags (``add_flags``: None where a flag was not given) over ``env``."""
         return cls.from_env(env, **{k: getattr(args, k, None) for k in cls.model_fields})
+
+    @classmethod
+    def from_args_or_exit(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None):
+        """``from_args``, or the command ends (exit 2) with one line naming every bad value: what each
+        command does with its settings, no traceback."""
+        try:
+            return cls.from_args(args, env)
+        except SettingsError as e:
+            print(e.line(), file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def problems(cls: type[ComponentSettings], error: ValidationError, from_flags: set[str]) -> list[str]:

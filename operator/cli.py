@@ -6,11 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 from collections.abc import Mapping
 
 from lorafleet.contracts import names
-from lorafleet.contracts.settings import OperatorSettings, SettingsError, add_flags
+from lorafleet.contracts.settings import OperatorSettings, add_flags
 
 
 def parse(argv: list[str], env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -18,11 +17,7 @@ def parse(argv: list[str], env: Mapping[str, str] | None = None) -> OperatorSett
     p = argparse.ArgumentParser(prog="lorafleet operator",
                                 description="Run the kopf operator that reconciles pools and adapters.")
     add_flags(p, OperatorSettings)
-    try:
-        return OperatorSettings.from_args(p.parse_args(argv), env)
-    except SettingsError as e:
-        print(e.line(), file=sys.stderr)
-        raise SystemExit(2) from None
+    return OperatorSettings.from_args_or_exit(p.parse_args(argv), env)
 
 
 def main(argv: list[str]) -> int:

@@ -7,29 +7,13 @@ import argparse
 import logging
 import sys
 
-from lorafleet.contracts.settings import RuntimeCommandSettings, SettingsError, add_flags
-from lorafleet.runtime.settings import RuntimeSettings
-
-
-def add_common_flags(p: argparse.ArgumentParser, settings: type[RuntimeSettings] = RuntimeSettings) -> None:
-    """The flags of ``settings``: the runtime's, or a command's that extends them."""
-    add_flags(p, settings)
-
-
-def settings_from(args: argparse.Namespace, settings: type[RuntimeSettings] = RuntimeSettings) -> RuntimeSettings:
-    """Flags over the environment; SettingsError (a ValueError) names every bad value."""
-    return settings.from_args(args)
+from lorafleet.contracts.settings import RuntimeCommandSettings, add_flags
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lorafleet runtime", description=__doc__.splitlines()[0])
-    add_common_flags(p, RuntimeCommandSettings)
-    args = p.parse_args(argv)
-    try:
-        settings = settings_from(args, RuntimeCommandSettings)
-    except SettingsError as e:
-        print(e.line(), file=sys.stderr)
-        return 2
+    add_flags(p, RuntimeCommandSettings)
+    settings = RuntimeCommandSettings.from_args_or_exit(p.parse_args(argv))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.model_dir:
         print("lorafleet runtime: no model directory; pass --model DIR or set LORAFLEET_MODEL_DIR", file=sys.stderr)

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.contracts.names import LORA_ADAPTERS_ENV
-from lorafleet.contracts.settings import ServeSettings, SettingsError
-from lorafleet.runtime.cli import add_common_flags, settings_from
+from lorafleet.contracts.settings import ServeSettings, add_flags
 
 log = logging.getLogger("lorafleet.runtime")
 
@@ -123,13 +122,8 @@ def register_list(rt, adapters: list[StaticAdapter], served: dict[str, str] | No
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lorafleet serve", description=__doc__.splitlines()[0])
-    add_common_flags(p, ServeSettings)
-    args = p.parse_args(argv)
-    try:
-        settings = settings_from(args, ServeSettings)
-    except SettingsError as e:
-        print(e.line(), file=sys.stderr)
-        return 2
+    add_flags(p, ServeSettings)
+    settings = ServeSettings.from_args_or_exit(p.parse_args(argv))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     folder = Path(settings.adapters) if settings.adapters else None
     if folder is not None and not folder.is_dir():

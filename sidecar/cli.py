@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Mapping
 
-from lorafleet.contracts.settings import SettingsError, SidecarSettings, add_flags
+from lorafleet.contracts.settings import SidecarSettings, add_flags
 
 
 def parse_args(argv: list[str], env: Mapping[str, str] | None = None) -> SidecarSettings:
@@ -18,11 +18,7 @@ def parse_args(argv: list[str], env: Mapping[str, str] | None = None) -> Sidecar
     one line naming it."""
     p = argparse.ArgumentParser(prog="lorafleet sidecar", description=__doc__.splitlines()[0])
     add_flags(p, SidecarSettings)
-    try:
-        return SidecarSettings.from_args(p.parse_args(argv), env)
-    except SettingsError as e:
-        print(e.line(), file=sys.stderr)
-        raise SystemExit(2) from None
+    return SidecarSettings.from_args_or_exit(p.parse_args(argv), env)
 
 
 def main(argv: list[str] | None = None) -> int:

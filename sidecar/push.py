@@ -16,7 +16,7 @@ import yaml
 
 from lorafleet.contracts.digest import directory_digest, regular_files
 from lorafleet.contracts.resources import LoRAAdapter
-from lorafleet.contracts.settings import PushSettings, SettingsError, add_flags
+from lorafleet.contracts.settings import PushSettings, add_flags
 
 from .storage import split_s3
 from lorafleet.contracts.adapter_rules import BaseModelInfo, Limits, Refused, adapter_problems
@@ -81,11 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                         "against it too")
     add_flags(p, PushSettings)
     args = p.parse_args(argv)
-    try:
-        args.settings = PushSettings.from_args(args)
-    except SettingsError as e:
-        print(e.line(), file=sys.stderr)
-        raise SystemExit(2) from None
+    args.settings = PushSettings.from_args_or_exit(args)
     return args
 
 

@@ -144,15 +144,15 @@ def test_a_flag_beats_its_variable_and_the_variable_beats_the_default():
 def test_a_runtime_flag_beats_its_variable(monkeypatch):
     import argparse
 
-    from lorafleet.runtime.cli import add_common_flags, settings_from
+    from lorafleet.contracts.settings import add_flags
 
     monkeypatch.setenv(RuntimeEnv.DEVICE_SLOTS, "4")
     monkeypatch.setenv(RuntimeEnv.MAX_QUEUE_DELAY_MS, "250")
     p = argparse.ArgumentParser()
-    add_common_flags(p)
-    assert (settings_from(p.parse_args([])).device_slots, settings_from(p.parse_args([])).max_queue_delay_ms) == (
+    add_flags(p, RuntimeSettings)
+    assert (RuntimeSettings.from_args(p.parse_args([])).device_slots, RuntimeSettings.from_args(p.parse_args([])).max_queue_delay_ms) == (
         4, 250.0)
-    s = settings_from(p.parse_args(["--device-slots", "16", "--max-queue-delay-ms", "0"]))
+    s = RuntimeSettings.from_args(p.parse_args(["--device-slots", "16", "--max-queue-delay-ms", "0"]))
     assert (s.device_slots, s.max_queue_delay_ms) == (16, 0.0)
 
 

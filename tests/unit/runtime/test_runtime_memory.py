@@ -93,10 +93,10 @@ def test_max_model_len_from_the_pool_spec_env_and_flag():
 
     import argparse
 
-    from lorafleet.runtime.cli import add_common_flags, settings_from
+    from lorafleet.contracts.settings import add_flags
 
     p = argparse.ArgumentParser()
-    add_common_flags(p)
-    assert settings_from(p.parse_args(["--max-model-len", "2048"])).max_model_len == 2048
+    add_flags(p, RuntimeSettings)
+    assert RuntimeSettings.from_args(p.parse_args(["--max-model-len", "2048"])).max_model_len == 2048
     with pytest.raises(ValueError, match="LORAFLEET_MAX_MODEL_LEN='-1': expected an integer of at least 0"):
         RuntimeSettings.from_env({RuntimeEnv.MAX_MODEL_LEN: "-1"})

@@ -161,8 +161,8 @@ def test_quantization_from_the_pool_spec_env_and_flag():
         BaseModelPoolSpec.model_validate({"model": {"uri": "s3://m/", "sha256": "a" * 64, "task": "text-generation",
                                                     "quantization": "int4"}})
 
-    from lorafleet.runtime.cli import add_common_flags, settings_from
+    from lorafleet.contracts.settings import add_flags
 
     p = argparse.ArgumentParser()
-    add_common_flags(p)
-    assert settings_from(p.parse_args(["--quantization", "int8"])).quantization == "int8"
+    add_flags(p, RuntimeSettings)
+    assert RuntimeSettings.from_args(p.parse_args(["--quantization", "int8"])).quantization == "int8"
