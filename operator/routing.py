@@ -147,6 +147,11 @@ def resolve_merged(pool: PoolView, adapter: AdapterView | None,
                      sha256=source.sha256, tenant=spec.tenant, shared_pool=spec.pool), None
 
 
+def pods_named(who: list[str]) -> str:
+    """The first three of ``who`` by name, ", ..." after them when there are more (a condition's message)."""
+    return ", ".join(sorted(who)[:3]) + (", ..." if len(who) > 3 else "")
+
+
 def merged_refusal(ref: MergedRef, pods: list["PodView"]) -> str | None:
     """Why a merged pool's pods do not load ``ref``: their sidecars' ``mergedAdapterFailure`` (a digest
     mismatch, a fetch failing, content the adapter rules refuse), naming the adapter, its version and
@@ -160,7 +165,7 @@ def merged_refusal(ref: MergedRef, pods: list["PodView"]) -> str | None:
         return None
     parts = []
     for reason, who in sorted(why.items()):
-        named = ", ".join(sorted(who)[:3]) + (", ..." if len(who) > 3 else "")
+        named = pods_named(who)
         parts.append(f"on {len(who)}/{len(pods)} pods ({named}): {reason}")
     return (f"the sidecar cannot ready merged adapter {names.versioned_name(ref.served_name, ref.version)} "
             f"(LoRAAdapter {ref.adapter!r}, sha256 {ref.sha256}) " + "; ".join(parts))
@@ -1047,7 +1052,7 @@ def model_readiness(pods: list[PodView], merged: MergedRef | None = None) -> tup
         parts = []
         for (state, why), who in sorted(refusals.items()):
             verb = "refused" if state == "refused" else "failed to load"
-            named = ", ".join(sorted(who)[:3]) + (", ..." if len(who) > 3 else "")
+            named = pods_named(who)
             parts.append(f"the runtime {verb} the base model on {len(who)}/{len(pods)} pods ({named}): {why}")
         return False, reason, "; ".join(parts)
     fetch: dict[str, list[str]] = {}
@@ -1057,7 +1062,7 @@ def model_readiness(pods: list[PodView], merged: MergedRef | None = None) -> tup
     if fetch:
         parts = []
         for why, who in sorted(fetch.items()):
-            named = ", ".join(sorted(who)[:3]) + (", ..." if len(who) > 3 else "")
+            named = pods_named(who)
             parts.append(f"the sidecar cannot ready the base model on {len(who)}/{len(pods)} pods ({named}), "
                          f"retrying: {why}")
         return False, "ModelFetchFailed", "; ".join(parts)
