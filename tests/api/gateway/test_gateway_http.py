@@ -39,7 +39,9 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(pool):
     with pool.client("acme") as c:
         served_by = [complete(c, "acme-support").headers["X-Lorafleet-Replica"] for _ in range(12)]
     assert set(served_by) == {ranked("acme-support", pods)[0]}
-    assert "acme-support" in pool.view()[served_by[0]]["device"]
+    # The gateway reads each replica's holdings by polling (--replica-poll-s), as for globex-bot above.
+    wait_for(lambda: "acme-support" in pool.view()[served_by[0]]["device"], 10,
+             what=f"the gateway to see acme-support on {served_by[0]}")
 
 
 def test_load_spreads_to_other_replicas_when_the_holder_is_busy(pool):
