@@ -513,6 +513,11 @@ class RuntimeSettings(ComponentSettings):
         0.9, env="LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION", gt=0, le=1,
         expect="a fraction greater than 0 and at most 1",
         help="engine vllm: the share of the GPU's memory vLLM may take (weights, KV cache, adapters)")
+    front: Literal["inline", "process"] = setting(
+        "inline", env="LORAFLEET_FRONT", flags=("--front",),
+        help="who serves the public port: process (an HTTP front process of its own takes the connections, HTTP "
+             "parsing and refusals off the model's interpreter lock, and forwards the rest to the model server on "
+             "a private socket) or inline (the model server's event loop does it all)")
     log_level: LogLevel = setting("info", flags=("--log-level",), help="log level")
 
     @model_validator(mode="after")

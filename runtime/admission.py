@@ -26,51 +26,53 @@ behind under 5x overload it refused nearly everything while the model idled.)"""
 
 from __future__ import annotations
 
-import json
 import time
 
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from lorafleet.runtime.lifecycle import ARRIVED, Runtime, marked_start
+from lorafleet.runtime.admission_rule import GATED, MAX_PEEK_BYTES, items_of, json_object, refusal_body
+from lorafleet.runtime.front import ARRIVED_HEADER, SEQ_HEADER
+from lorafleet.runtime.lifecycle import ARRIVED, FRONT_SEQ, Runtime, marked_start
 from lorafleet.runtime.protocol import ApiError, ClassifyRequest, CompletionRequest, error_response
 from lorafleet.runtime.routes_classify import classify
 from lorafleet.runtime.routes_openai import completions
 
-# Routes whose JSON body names the adapter in ``model`` (how many work items a body makes: ``_items``),
-# and the pool task that serves each.
-GATED = {"/v1/classify": "sequence-classification", "/v1/completions": "text-generation",
-         "/v1/chat/completions": "text-generation"}
-MAX_PEEK_BYTES = 1 << 20  # larger bodies are left to the route
 # Answered from the gate when valid (the module's docstring): route -> (body model, handler).
 DIRECT = {"/v1/classify": (ClassifyRequest, classify), "/v1/completions": (CompletionRequest, completions)}
 
 
-def _json_object(raw: bytes) -> dict | None:
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
-
-
-def _items(path: str, body: dict) -> int:
-    if path == "/v1/classify":
-        inp = body.get("input")
-        return len(inp) if isinstance(inp, list) and inp else 1
-    return 1
+def from_front(scope) -> None:
+    """Read the HTTP front's private headers: when it began reading the request (CLOCK_MONOTONIC is
+    one clock for every process on Linux, so the queue-delay bound counts from the front's read), and
+    its number for the request (acknowledged once the work is queued: ``Runtime.submit``)."""
+    for name, value in scope["headers"]:
+        if name == ARRIVED_HEADER:
+            try:
+                scope[ARRIVED] = min(scope[ARRIVED], float(value))
+            except ValueError:
+                pass
+        elif name == SEQ_HEADER:
+            try:
+                scope[FRONT_SEQ] = int(value)
+            except ValueError:
+                pass
 
 
 class AdmissionGate:
     """Pure ASGI middleware around the public app (see the module's docstring)."""
 
-    def __init__(self, app, rt: Runtime):
-        self.app, self.rt = app, rt
+    def __init__(self, app, rt: Runtime, behind_front: bool = False):
+        # behind_front: served on the private listener of the HTTP front (front.py), whose headers are
+        # trusted; on a public listener they are ignored (a client could send them).
+        self.app, self.rt, self.behind_front = app, rt, behind_front
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope[ARRIVED] = time.monotonic()
+        if self.behind_front:
+            from_front(scope)
         path = scope["path"]
         if scope["method"] != "POST" or path not in GATED or self.rt.engine is None:
             return await self.app(scope, receive, send)
@@ -92,15 +94,12 @@ class AdmissionGate:
             return replay.pop() if replay else await receive()
 
         if first is None and size <= MAX_PEEK_BYTES:
-            parsed = _json_object(body)
+            parsed = json_object(body)
             refusal = self._refusal(path, parsed, scope[ARRIVED]) if parsed is not None else None
             if refusal is not None:
                 tenant, e = refusal
                 await self._answer_429(send, e)
-                m = self.rt.metrics
-                m.admission_refused.labels(e.code).inc()
-                m.requests.labels(tenant, path, "429").inc()
-                m.latency.labels(tenant, path).observe(time.monotonic() - scope[ARRIVED])
+                self.rt.metrics.refused_at_admission(tenant, path, e.code, time.monotonic() - scope[ARRIVED])
                 return
             if parsed is not None and path in DIRECT and self._direct(scope, path, parsed):
                 if await self._answer(scope, path, parsed, replayed, send):
@@ -153,14 +152,13 @@ class AdmissionGate:
         tenant = self.rt.tenant_of(body.get("model"))
         if tenant is None or self.rt.task != GATED[path]:
             return None
-        e = self.rt.engine.precheck(tenant, _items(path, body), arrived)
+        e = self.rt.engine.precheck(tenant, items_of(path, body), arrived)
         return None if e is None else (tenant, e)
 
     @staticmethod
     async def _answer_429(send, e) -> None:
         # What protocol.too_busy and error_response give a refused submission, without the framework.
-        content = json.dumps({"error": {"message": str(e), "type": "rate_limit_exceeded", "code": e.code}},
-                             ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        content = refusal_body(e)
         await send({"type": "http.response.start", "status": 429,
                     "headers": [(b"content-length", str(len(content)).encode()),
                                 (b"content-type", b"application/json"),

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     rt = Runtime(settings)
     rt.freeze_gc = True
     rt.load_in_background(wait_s=settings.model_wait_s)
-    return serve_until_signalled(rt, *socks, log_level=settings.log_level)
+    return serve_until_signalled(rt, *socks, log_level=settings.log_level,
+                                 front=settings.front == "process")
 
 
 if __name__ == "__main__":

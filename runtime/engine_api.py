@@ -185,6 +185,11 @@ class ServingEngine(ABC):
         None to go on (``submit`` decides). An engine without a cheap answer says None."""
         return None
 
+    def admission_snapshot(self) -> dict | None:
+        """The admission state ``precheck`` decides by (admission_rule.AdmissionState's fields, as JSON
+        types) for the HTTP front to refuse by; None: an engine without one (the front forwards all)."""
+        return None
+
     def cancel(self, work: Work, reason: str = "client_left") -> None:
         """Nobody waits for ``work`` any more (``reason``: "client_left" or "stop_sequence"): drop it
         from the queue, or free its row before the next step."""

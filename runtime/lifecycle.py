@@ -32,6 +32,9 @@ log = logging.getLogger("lorafleet.runtime")
 # The resolve errors a base-model fallback answers instead, and the reason it is counted under.
 # The request scope's key for when the request reached the app (time.monotonic; admission.py sets it).
 ARRIVED = "lorafleet_arrived"
+# The request scope's key for the HTTP front's number for a request it counts as forwarded (front.py);
+# ``Runtime.submit`` acknowledges it once its work is queued.
+FRONT_SEQ = "lorafleet_front_seq"
 
 FALLBACK_REASONS = {"adapter_unavailable": "load_failed", "model_not_found": "not_loaded"}
 
@@ -145,6 +148,10 @@ class Runtime:
         self.loaded = threading.Event()
         # The commands set this: the process is the runtime's alone (not a test process holding many).
         self.freeze_gc = False
+        # With the HTTP front (front.py): the numbers of its requests queued since the last admission
+        # snapshot went to it (front_link.py), and how often the adapter names changed.
+        self.front_acks: list[int] = []
+        self.names_changed = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
     def load(self, wait_s: float = 0.0) -> None:
@@ -237,6 +244,7 @@ class Runtime:
 
     def _adapter_event(self, kind: str, entry: AdapterEntry) -> None:
         self.metrics.adapter_events.labels(kind).inc()
+        self.names_changed += 1
         if self.engine is not None:
             self.engine.adapter_event(kind, entry)
 
@@ -263,6 +271,27 @@ class Runtime:
             return e.tenant if e is not None and e.error is None else None
         tenants = {e.tenant for e in list(versions.values()) if e.error is None}
         return tenants.pop() if len(tenants) == 1 else None
+
+    def tenant_map(self) -> dict[str, str]:
+        """Every ``model`` a request can name for which ``tenant_of`` tells the tenant, and that tenant
+        (what the HTTP front refuses by: the same rule as ``tenant_of``)."""
+        if not self.loaded.is_set():
+            return {}
+        if self.merged is not None:
+            name = split_versioned(self.merged)[0]
+            tenant = self.settings.merged_adapter_tenant or name
+            return {name: tenant, self.merged: tenant}
+        out: dict[str, str] = {}
+        for name, versions in list(self.manager.entries.items() if self.manager is not None else ()):
+            tenants = set()
+            for version, e in list(versions.items()):
+                if e.error is None:
+                    out[versioned_name(name, version)] = e.tenant
+                    tenants.add(e.tenant)
+            if len(tenants) == 1:
+                out[name] = tenants.pop()
+        out[self.base_name] = "_base"  # tenant_of reads the base model's name first
+        return out
 
     def need_task(self, task: str) -> None:
         if not self.loaded.is_set():
@@ -368,4 +397,6 @@ class Runtime:
             self.engine.submit(works)
         except Overloaded as e:
             raise too_busy(e) from None
+        if request is not None and (seq := request.scope.get(FRONT_SEQ)) is not None:
+            self.front_acks.append(seq)
         return works

@@ -82,6 +82,13 @@ class RuntimeMetrics:
         """``n`` work items of ``tenant`` answered 429 for ``reason`` (called from any thread)."""
         self.shed_work.labels(tenant, reason).inc(n)
 
+    def refused_at_admission(self, tenant: str, endpoint: str, reason: str, seconds: float) -> None:
+        """One request answered 429 before it was parsed (the admission gate, or the HTTP front), as a
+        refused request is counted; the shed work items are counted apart (``shed``)."""
+        self.admission_refused.labels(reason).inc()
+        self.requests.labels(tenant, endpoint, "429").inc()
+        self.latency.labels(tenant, endpoint).observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("listening on %s:%d (admin 127.0.0.1:%d, metrics %s:%d)", settings.host, settings.port,
              settings.admin_port, settings.host, settings.metrics_port)
-    return serve_until_signalled(rt, *socks, log_level=settings.log_level)
+    return serve_until_signalled(rt, *socks, log_level=settings.log_level,
+                                 front=settings.front == "process")
 
 
 if __name__ == "__main__":

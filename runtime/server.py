@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 import threading
 
@@ -100,51 +101,93 @@ def exit_quietly_after_signals() -> None:
 
 async def serve_async(rt: Runtime, public_sock: socket.socket, admin_sock: socket.socket,
                       metrics_sock: socket.socket, stop: asyncio.Event | None = None, log_level: str = "info",
-                      on_started=None) -> None:
-    """Run the public, admin and metrics servers until the public one exits (signal) or ``stop`` is set."""
+                      on_started=None, front: bool = False) -> int:
+    """Run the public, admin and metrics servers until the public one exits (signal) or ``stop`` is set;
+    0, or 1 when the HTTP front process died. With ``front`` the public socket is the front's
+    (front.py, a child process) and the public app listens on a private unix socket behind it."""
     import uvicorn
 
-    pub_cfg = uvicorn.Config(AdmissionGate(public_app(rt), rt), log_level=log_level, timeout_graceful_shutdown=5)
+    link = None
+    if front:
+        from lorafleet.runtime.front_link import FrontProcess
+
+        link = FrontProcess(rt, public_sock, log_level)
+        public_sock = link.backend_sock
+    try:
+        return await _serve(rt, public_sock, admin_sock, metrics_sock, stop, log_level, on_started, link, uvicorn)
+    finally:
+        if link is not None:
+            link.close()
+
+
+async def _serve(rt, public_sock, admin_sock, metrics_sock, stop, log_level, on_started, link, uvicorn) -> int:
+    # Behind the front the public app's connections are the front's pool: kept open as long as it keeps them.
+    pub_cfg = uvicorn.Config(AdmissionGate(public_app(rt), rt, behind_front=link is not None), log_level=log_level,
+                             timeout_graceful_shutdown=5, timeout_keep_alive=3600 if link is not None else 5)
+    if link is not None and stop is None:
+        # SIGTERM stops the front first (it drains its clients), then these servers.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     pub = uvicorn.Server(pub_cfg) if stop is None else _QuietServer(pub_cfg)
     others = [(_QuietServer(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)), sock)
               for app, sock in ((admin_app(rt), admin_sock), (metrics_app(rt), metrics_sock))]
     tasks = [asyncio.create_task(srv.serve(sockets=[sock])) for srv, sock in others]
     pub_task = asyncio.create_task(pub.serve(sockets=[public_sock]))
-    while not (pub.started and all(srv.started for srv, _ in others)):
-        if pub_task.done() or any(t.done() for t in tasks):
+    front_task = asyncio.create_task(link.run()) if link is not None else None
+    while not (pub.started and all(srv.started for srv, _ in others) and (link is None or link.started.is_set())):
+        if pub_task.done() or any(t.done() for t in tasks) or (front_task is not None and front_task.done()):
             break
         await asyncio.sleep(0.01)
-    if pub.started:
+    if pub.started and (link is None or link.started.is_set()):
         stack = serving_stack(asyncio.get_running_loop(), pub_cfg)
-        log.info("serving on the %s event loop with the %s HTTP parser", *stack)
+        log.info("serving on the %s event loop with the %s HTTP parser%s", *stack,
+                 f", behind the HTTP front process {link.pid}" if link is not None else "")
         if on_started is not None:
             on_started(stack)
+    code = 0
     if stop is not None:
-        await stop.wait()
+        waits = {asyncio.ensure_future(stop.wait()), pub_task}
+        if front_task is not None:
+            waits.add(front_task)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if front_task is not None and front_task.done() and not link.stopping:
+            log.error("the HTTP front process %d exited unexpectedly (code %s): the runtime stops with exit "
+                      "code 1 so that its container restarts", link.pid, front_task.result())
+            code = 1
+        elif link is not None:
+            await link.stop()
         pub.should_exit = True
     await pub_task
     for srv, _ in others:
         srv.should_exit = True
     await asyncio.gather(*tasks)
+    if front_task is not None:
+        await link.stop()
+        await front_task
+    return code
 
 
 def serve_until_signalled(rt: Runtime, public_sock: socket.socket, admin_sock: socket.socket,
-                          metrics_sock: socket.socket, log_level: str = "info") -> int:
-    """The commands' main loop: serve the three APIs until SIGTERM/SIGINT, then close the runtime; 0."""
+                          metrics_sock: socket.socket, log_level: str = "info", front: bool = False) -> int:
+    """The commands' main loop: serve the three APIs until SIGTERM/SIGINT, then close the runtime; 0
+    (1: the HTTP front process died)."""
     exit_quietly_after_signals()
     try:
-        run_loop(serve_async(rt, public_sock, admin_sock, metrics_sock, log_level=log_level))
+        return run_loop(serve_async(rt, public_sock, admin_sock, metrics_sock, log_level=log_level, front=front))
     finally:
         rt.close()
-    return 0
 
 
 class RuntimeServer:
     """The runtime on loopback ports in a background thread (tests, benchmarks, ``lorafleet serve``)."""
 
     def __init__(self, rt: Runtime, host: str = "127.0.0.1", port: int = 0, admin_port: int = 0,
-                 metrics_port: int = 0):
+                 metrics_port: int = 0, front: bool = False):
         self.rt = rt
+        self.front = front  # the public port served by the HTTP front process (front.py)
+        self.exit_code: int | None = None
         self.public_sock = bind(host, port)
         self.admin_sock = bind("127.0.0.1", admin_port)
         self.metrics_sock = bind(host, metrics_port)
@@ -161,8 +204,8 @@ class RuntimeServer:
         async def main():
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await serve_async(self.rt, self.public_sock, self.admin_sock, self.metrics_sock, self._stop, "warning",
-                              self._on_started)
+            self.exit_code = await serve_async(self.rt, self.public_sock, self.admin_sock, self.metrics_sock,
+                                               self._stop, "warning", self._on_started, self.front)
 
         run_loop(main())
 

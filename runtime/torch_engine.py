@@ -103,6 +103,13 @@ class TorchEngine(ServingEngine):
     def precheck(self, tenant: str, n: int, arrived: float):
         return self.scheduler.precheck(tenant, n, arrived)
 
+    def admission_snapshot(self) -> dict:
+        sched = self.scheduler
+        with sched.cv:
+            s = sched.admission_state()
+            return {"max_queue": s.max_queue, "per_tenant": s.per_tenant, "max_delay": s.max_delay, "closed": s.closed,
+                    "queued": s.queued, "rate": s.rate, "load": dict(s.load), "waiting": dict(s.waiting)}
+
     def cancel(self, work: Work, reason: str = "client_left") -> None:
         # Queued work leaves the queue (and its counts) now; the worker frees cancelled rows before its next step.
         self.scheduler.cancel(work, reason)

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from lorafleet.runtime.admission_rule import AdmissionState, admit, waiting_add
 from lorafleet.runtime.engine_api import QUEUED, TAKEN, WITHDRAWN, Overloaded, Work, send_all
 from lorafleet.runtime.engines import ClassificationEngine, Engine, GenerationEngine, Sequence
 
@@ -151,54 +152,16 @@ class Scheduler:
             return e
         return None
 
+    def admission_state(self) -> AdmissionState:
+        """The fields the admission rule reads (the live dicts, not copies: read it under ``cv``)."""
+        return AdmissionState(self.max_queue, self.per_tenant, self.max_delay, self.closed, self.queued,
+                              self.rate.per_second(), self.load, self.waiting, self.depth)
+
     def _admit(self, tenant: str, n: int, waited: float = 0.0) -> None:
-        if self.closed:
-            raise Overloaded("the runtime is shutting down", "shutting_down", 5)
-        if self.queued + n > self.max_queue:
-            raise Overloaded(f"the runtime's queue is full ({self.queued} waiting, maxQueue {self.max_queue}); "
-                             "retry later", "queue_full")
-        if self.load.get(tenant, 0) + n > self.per_tenant:
-            raise Overloaded(f"tenant {tenant!r} already has {self.load.get(tenant, 0)} requests queued or "
-                             f"running (perTenantMaxInflight {self.per_tenant}); retry later", "tenant_over_share")
-        if self.max_delay <= 0:
-            return
-        waited = max(0.0, math.floor(waited * 1000) / 1000)  # whole ms: the call's own microseconds do not count
-        rate = self.rate.per_second()
-        if rate is None:
-            if waited > self.max_delay:
-                raise Overloaded(f"the request waited {waited * 1000:.0f} ms before reaching the queue of tenant "
-                                 f"{tenant!r}, over maxQueueDelayMs {self.max_delay * 1000:.0f}: the runtime is "
-                                 "overloaded; retry later", "queue_delay")
-            return
-        # Round-robin: before the last of these n is taken, every tenant gives up to as many as this
-        # tenant will have waiting (sum over tenants of min(waiting, mine + n)).
-        mine = self.waiting.get(tenant, 0) + n
-        ahead = sum(self.depth[1: mine + 1]) + n
-        delay = waited + ahead / rate
-        if delay > self.max_delay:
-            retry = min(60, max(1, math.ceil(delay - self.max_delay)))
-            before = f", {waited * 1000:.0f} ms of it before the queue" if waited else ""
-            raise Overloaded(f"tenant {tenant!r} has {mine - n} requests waiting; at this runtime's rate "
-                             f"({rate:.0f} items/s) this request would wait about {delay * 1000:.0f} ms{before}, "
-                             f"over maxQueueDelayMs {self.max_delay * 1000:.0f}; retry later", "queue_delay", retry)
+        admit(self.admission_state(), tenant, n, waited)
 
     def _waiting_add(self, tenant: str, n: int) -> None:
-        """``n`` more (or fewer, negative) of ``tenant``'s items wait; keeps ``depth`` in step."""
-        before = self.waiting.get(tenant, 0)
-        after = before + n
-        depth = self.depth
-        if n > 0:
-            while len(depth) <= after:
-                depth.append(0)
-            for k in range(before + 1, after + 1):
-                depth[k] += 1
-        else:
-            for k in range(after + 1, before + 1):
-                depth[k] -= 1
-        if after:
-            self.waiting[tenant] = after
-        else:
-            self.waiting.pop(tenant, None)
+        waiting_add(self.waiting, self.depth, tenant, n)
 
     def _withdraw(self, w: Work) -> bool:
         """Take queued ``w`` out of every count (its deque entry is skipped later); False if not queued."""

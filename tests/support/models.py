@@ -316,15 +316,16 @@ class PeftOracle:
         return m(**enc).logits.float()
 
 
-def start_runtime(model_dir, **settings):
-    """A runtime (for tests) on loopback ports (public + admin), model loaded, not yet synced."""
+def start_runtime(model_dir, front: bool = False, **settings):
+    """A runtime (for tests) on loopback ports (public + admin), model loaded, not yet synced; with
+    ``front`` its public port is served by the HTTP front process (runtime/front.py)."""
     from lorafleet.runtime.lifecycle import Runtime
     from lorafleet.runtime.server import RuntimeServer
     from lorafleet.runtime.settings import RuntimeSettings
 
     rt = Runtime(RuntimeSettings.from_env({}, model_dir=str(model_dir), **settings))
     rt.load()
-    return RuntimeServer(rt).start()
+    return RuntimeServer(rt, front=front).start()
 
 
 def put_adapter(admin, name, version, path, tenant=None, weight=100, pinned=False):
