@@ -496,16 +496,23 @@ class ClientConn(asyncio.Protocol):
         self.front.admission.count_refusal(tenant, path, e.code, n, time.monotonic() - r.arrived)
         return True
 
-    async def _forward(self, r: Request, body: bytes) -> None:
+    async def _backend_for(self, r: Request):
+        """A backend connection for ``r``, now this client's; None: none could be had (``r`` was answered
+        for it) or the client left while waiting (the connection went back)."""
         try:
             b = await self.front.backend()
         except OSError as e:
             self._backend_unreachable(r, e)
-            return
+            return None
         if self.closed:
             self.front.give_back(b, True)
-            return
+            return None
         self.backend_conn = b
+        return b
+
+    async def _forward(self, r: Request, body: bytes) -> None:
+        if (b := await self._backend_for(r)) is None:
+            return
         b.begin(self, r.backend_head(b"content-length: %d\r\n" % len(body)) + body, r.head_only)
 
     def _stream(self, r: Request) -> None:
@@ -515,15 +522,8 @@ class ClientConn(asyncio.Protocol):
         asyncio.ensure_future(self._forward_stream(r))
 
     async def _forward_stream(self, r: Request) -> None:
-        try:
-            b = await self.front.backend()
-        except OSError as e:
-            self._backend_unreachable(r, e)
+        if (b := await self._backend_for(r)) is None:
             return
-        if self.closed:
-            self.front.give_back(b, True)
-            return
-        self.backend_conn = b
         framing = b"content-length: %d\r\n" % r.length if r.length is not None and not r.chunked \
             else b"transfer-encoding: chunked\r\n"
         buffered, r.body = b"".join(r.body), []
