@@ -89,7 +89,7 @@ class Server:
                "--host", "127.0.0.1", "--port", str(self.port), "--admin-port", str(free_port()), "--metrics-port", str(metrics_port),
                "--device-slots", "128", "--host-adapters", "512", "--max-batch-size", str(args.max_batch_size),
                "--max-queue-delay-ms", str(args.max_queue_delay_ms), "--torch-threads", str(args.threads),
-               "--log-level", "warning"]
+               "--front", args.front, "--log-level", "warning"]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         import httpx
@@ -108,10 +108,16 @@ class Server:
             time.sleep(0.5)
 
     def cpu_s(self) -> float:
-        return _cpu_seconds(self.proc.pid)
+        """CPU seconds of the server and its children alive now (the HTTP front process with
+        --front process): a child's time counts while it runs, not only once it is reaped."""
+        return sum(self.cpu_split())
 
-    def batches(self) -> tuple[float, float, float] | None:
-        """(forward passes, rows, seconds in forward passes) so far, from /metrics; None when the metrics
+    def cpu_split(self) -> tuple[float, float]:
+        """(the server process's own CPU seconds, its children's: the front process)."""
+        return _cpu_seconds(self.proc.pid), sum(_cpu_seconds(pid) for pid in _children(self.proc.pid))
+
+    def batches(self) -> tuple[float, float, float, float] | None:
+        """(forward passes, rows, seconds in forward passes, the model thread's CPU seconds in them) so far, from /metrics; None when the metrics
         port does not answer within 10 s (it shares the overloaded event loop): the run goes on."""
         import httpx
 
@@ -120,13 +126,13 @@ class Server:
         except httpx.HTTPError:
             return None
         vals = {}
+        keys = ("lorafleet_runtime_batch_size_count", "lorafleet_runtime_batch_size_sum",
+                "lorafleet_runtime_batch_seconds_sum", "lorafleet_runtime_batch_cpu_seconds_total")
         for line in text.splitlines():
-            for key in ("lorafleet_runtime_batch_size_count", "lorafleet_runtime_batch_size_sum",
-                        "lorafleet_runtime_batch_seconds_sum"):
+            for key in keys:
                 if line.startswith(key + "{"):
                     vals[key] = vals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-        return (vals.get("lorafleet_runtime_batch_size_count", 0.0), vals.get("lorafleet_runtime_batch_size_sum", 0.0),
-                vals.get("lorafleet_runtime_batch_seconds_sum", 0.0))
+        return tuple(vals.get(k, 0.0) for k in keys)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -138,8 +144,27 @@ class Server:
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:  # a child that exited between the listing and the read
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc/<pid>/task/*/children)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(x) for x in (task / "children").read_text().split()]
+            except (FileNotFoundError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
 
 
 # --- the load generator (runs in its own processes) ----------------------------------------------------------
@@ -333,10 +358,10 @@ def run(server: Server, task: str, expected: dict, mode: str, level: float, args
         ps.append(proc)
     while time.time() < t_start:
         time.sleep(0.01)
-    cpu0, b0 = server.cpu_s(), server.batches()
+    cpu0, b0 = server.cpu_split(), server.batches()
     while time.time() < t_stop:
         time.sleep(0.05)
-    cpu1, b1 = server.cpu_s(), server.batches()
+    cpu1, b1 = server.cpu_split(), server.batches()
     results = [q.get(timeout=args.client_timeout + 120) for _ in ps]
     for proc in ps:
         proc.join(30)
@@ -354,18 +379,23 @@ def run(server: Server, task: str, expected: dict, mode: str, level: float, args
         if r[2] == 200:
             served[r[3]] += 1
     shares = [s / n for s, n in zip(served, sent) if n]
-    forwards, rows, busy = ((b1[0] - b0[0]), (b1[1] - b0[1]), (b1[2] - b0[2])) if b0 and b1 else (0, 0, None)
+    forwards, rows, busy, busy_cpu = ((b1[0] - b0[0]), (b1[1] - b0[1]), (b1[2] - b0[2]), (b1[3] - b0[3])) \
+        if b0 and b1 else (0, 0, None, None)
     out = {"mode": mode, ("clients" if mode == "closed" else "offered_per_s"): round(level, 1),
            "answers_per_s": round(len(ok) / args.seconds, 1),
            "p50_ms": round(_pct(lat, 50) * 1e3, 1) if lat else None,
            "p99_ms": round(_pct(lat, 99) * 1e3, 1) if lat else None,
            "sent": len(recs), "answered": len(ok), "wrong": sum(1 for r in ok if r[4]),
            "refused": by_code,
-           "server_cpu": round((cpu1 - cpu0) / args.seconds, 2),
+           "server_cpu": round((sum(cpu1) - sum(cpu0)) / args.seconds, 2),
+           "front_cpu": round((cpu1[1] - cpu0[1]) / args.seconds, 2),
            "generator_cpu_s": round(sum(res["cpu_s"] for res in results), 1),
            "connections": sum(res["connections"] for res in results),
            "mean_batch": round(rows / forwards, 1) if forwards else None,
-           "model_busy": round(busy / args.seconds, 2) if busy is not None else None}
+           "model_busy": round(busy / args.seconds, 2) if busy is not None else None,
+           # The model thread's CPU over its wall time in forwards: below 1 it waited (a core, the GIL).
+           "model_cpu_share": round(busy_cpu / busy, 2) if busy else None,
+           "step_ms": round(busy / forwards * 1e3, 2) if busy and forwards else None}
     if mode == "open":
         out["sent_per_s"] = round(len(recs) / args.seconds, 1)
         lags = sorted(r[6] for r in recs)
@@ -400,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2000.0)
     p.add_argument("--client-timeout", type=float, default=30.0)
+    p.add_argument("--front", choices=("inline", "process"), default="inline",
+                   help="the server's HTTP front (lorafleet serve --front): inline in the engine's process, "
+                        "or a process of its own")
     p.add_argument("--workdir", default="/tmp/lorafleet-overload-bench")
     args = p.parse_args(argv)
     if args.quick:
@@ -407,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     out: dict = {"bench": "overload", "machine": machine(), "seconds": args.seconds, "procs": args.procs,
-                 "threads": args.threads, "max_queue_delay_ms": args.max_queue_delay_ms}
+                 "threads": args.threads, "front": args.front, "max_queue_delay_ms": args.max_queue_delay_ms}
     for task in args.tasks.split(","):
         for n in [int(x) for x in args.tenants.split(",")]:
             model, adapters, expected = prepare(task, n, workdir)

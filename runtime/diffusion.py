@@ -402,7 +402,7 @@ class DiffusionBatcher:
         for w in self.active:
             by_size.setdefault(w.payload.size, []).append(w)
         for group in by_size.values():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for w in group:
                 w.steps += 1
             try:
@@ -414,7 +414,8 @@ class DiffusionBatcher:
                     self._finish(w, error=e)
                 continue
             if self.metrics:
-                self.metrics.batch(TASK, sum(w.payload.rows for w in group), time.perf_counter() - t0)
+                self.metrics.batch(TASK, sum(w.payload.rows for w in group), time.perf_counter() - t0,
+                                   time.thread_time() - c0)
             now = time.monotonic()
             for w in group:
                 job: ImageJob = w.payload

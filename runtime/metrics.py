@@ -35,6 +35,11 @@ class RuntimeMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batch_seconds = Histogram("lorafleet_runtime_batch_seconds", "Model forward time", ["task"],
                                        registry=r)
+        self.batch_cpu = Counter("lorafleet_runtime_batch_cpu_seconds",
+                                 "CPU time of the model worker's own thread inside model forwards (torch's "
+                                 "intra-op helper threads not counted); with one torch thread on CPU, its ratio to "
+                                 "lorafleet_runtime_batch_seconds below 1 is time the forwards waited for a core or "
+                                 "for the interpreter lock", ["task"], registry=r)
         self.adapter_events = Counter("lorafleet_runtime_adapter_events",
                                       "Adapter admin events (loaded, failed, unloaded)", ["event"], registry=r)
         self._runtime = None
@@ -64,9 +69,11 @@ class RuntimeMetrics:
         self._runtime = runtime
         self.registry.register(_TierCollector(runtime))
 
-    def batch(self, task: str, size: int, seconds: float) -> None:
+    def batch(self, task: str, size: int, seconds: float, cpu_seconds: float | None = None) -> None:
         self.batch_size.labels(task).observe(size)
         self.batch_seconds.labels(task).observe(seconds)
+        if cpu_seconds is not None:
+            self.batch_cpu.labels(task).inc(cpu_seconds)
 
     def cancelled_work(self, stage: str, work) -> None:
         """``work`` (an engine_api.Work) was dropped because it was cancelled: from the queue (stage

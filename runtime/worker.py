@@ -397,7 +397,7 @@ class ModelWorker(threading.Thread):
         batch = self._acquire(batch)
         if not batch:
             return
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         for w in batch:
             w.steps += 1
         try:
@@ -413,7 +413,7 @@ class ModelWorker(threading.Thread):
             for w in batch:
                 self._release(w)
         if self.metrics:
-            self.metrics.batch(engine.task, len(batch), time.perf_counter() - t0)
+            self.metrics.batch(engine.task, len(batch), time.perf_counter() - t0, time.thread_time() - c0)
 
     def _generation_step(self) -> None:
         engine: GenerationEngine = self.engine  # type: ignore[assignment]
@@ -426,7 +426,7 @@ class ModelWorker(threading.Thread):
         if room > 0 and self.sched.queued:
             held = {w.key for w in self.active if w.key is not None}
             new = self._acquire(self.sched.take(room, self._acceptor(held), in_flight=len(self.active)))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if new:
             seqs = [w.payload for w in new]
             for w in new:
@@ -464,7 +464,8 @@ class ModelWorker(threading.Thread):
                     self._send(w, "token", tok)
                 self._retire()
             if self.metrics:
-                self.metrics.batch(engine.task, len(self.active) + len(new), time.perf_counter() - t0)
+                self.metrics.batch(engine.task, len(self.active) + len(new), time.perf_counter() - t0,
+                                   time.thread_time() - c0)
 
     def _fail(self, w: Work, error: Exception) -> None:
         self.engine.finish(w.payload)
