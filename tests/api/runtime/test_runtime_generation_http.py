@@ -226,6 +226,11 @@ def test_50_concurrent_clients_20_tenants_never_get_another_tenants_answer(serve
     assert len(ok) + len(missing) == 300 and len(ok) > 200
     assert len({s.split("@")[0] for s in ok}) == 20
     assert _metric(server.metrics_url, 'lorafleet_runtime_adapter_evictions_total{tier="device"}') > evictions_before
+    # The model thread's CPU inside forwards is shown beside their wall time, and is never more: a
+    # reader takes their ratio for the share of the forwards' time the model really computed.
+    cpu = _metric(server.metrics_url, 'lorafleet_runtime_batch_cpu_seconds_total{task="text-generation"}')
+    wall = _metric(server.metrics_url, 'lorafleet_runtime_batch_seconds_sum{task="text-generation"}')
+    assert 0 < cpu <= wall * 1.01 + 0.01, (cpu, wall)
 
 
 def test_bad_requests_get_documented_codes_and_the_server_keeps_serving(server, expected, tmp_path):
