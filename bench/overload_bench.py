@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import cpu_model
+from benchlib import cpu_model, cpu_seconds, tree_cpu_seconds
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -107,18 +107,15 @@ class Server:
                 raise RuntimeError(f"lorafleet serve not ready in 600 s; see {log}")
             time.sleep(0.5)
 
-    def cpu_s(self) -> float:
-        """CPU seconds of the server and its children alive now (the HTTP front process with
-        --front process): a child's time counts while it runs, not only once it is reaped."""
-        return sum(self.cpu_split())
-
     def cpu_split(self) -> tuple[float, float]:
-        """(the server process's own CPU seconds, its children's: the front process)."""
-        return _cpu_seconds(self.proc.pid), sum(_cpu_seconds(pid) for pid in _children(self.proc.pid))
+        """CPU seconds of the server process itself and of its children alive now (the HTTP front
+        process with --front process): a child's time counts while it runs, not only once reaped."""
+        own = cpu_seconds(self.proc.pid)
+        return own, tree_cpu_seconds(self.proc.pid) - own
 
     def batches(self) -> tuple[float, float, float, float] | None:
-        """(forward passes, rows, seconds in forward passes, the model thread's CPU seconds in them) so far, from /metrics; None when the metrics
-        port does not answer within 10 s (it shares the overloaded event loop): the run goes on."""
+        """(forward passes, rows, seconds in forward passes, the model thread's CPU seconds in them) so far,
+        from /metrics; None when the metrics port does not answer within 10 s (it shares the overloaded event loop): the run goes on."""
         import httpx
 
         try:
@@ -141,30 +138,6 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:  # a child that exited between the listing and the read
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (from /proc/<pid>/task/*/children)."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(x) for x in (task / "children").read_text().split()]
-            except (FileNotFoundError, ValueError):
-                continue
-            out += kids
-            todo += kids
-    return out
 
 
 # --- the load generator (runs in its own processes) ----------------------------------------------------------

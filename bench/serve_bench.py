@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import cpu_model
+from benchlib import cpu_model, tree_cpu_seconds
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -137,28 +137,6 @@ def zipf_cum_weights(n: int, s: float = 1.0) -> list[float]:
 
 
 # --- the servers ---------------------------------------------------------------------------------------------
-def _tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and its descendants still running (vLLM's engine core is a child process)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                stats[int(d.name)] = (int(f[1]), int(f[11]) + int(f[12]))
-            except (OSError, IndexError, ValueError):
-                pass
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen or p not in stats:
-            continue
-        seen.add(p)
-        total += stats[p][1]
-        todo.extend(c for c, (ppid, _) in stats.items() if ppid == p)
-    return total / tick
-
-
 class Server:
     """One contender's server process, ready to answer."""
 
@@ -214,7 +192,7 @@ class Server:
         self.start_s = time.monotonic() - t0
 
     def cpu_s(self) -> float:
-        return _tree_cpu_seconds(self.proc.pid)
+        return tree_cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -69,11 +69,10 @@ class RuntimeMetrics:
         self._runtime = runtime
         self.registry.register(_TierCollector(runtime))
 
-    def batch(self, task: str, size: int, seconds: float, cpu_seconds: float | None = None) -> None:
+    def batch(self, task: str, size: int, seconds: float, cpu_seconds: float) -> None:
         self.batch_size.labels(task).observe(size)
         self.batch_seconds.labels(task).observe(seconds)
-        if cpu_seconds is not None:
-            self.batch_cpu.labels(task).inc(cpu_seconds)
+        self.batch_cpu.labels(task).inc(cpu_seconds)
 
     def cancelled_work(self, stage: str, work) -> None:
         """``work`` (an engine_api.Work) was dropped because it was cancelled: from the queue (stage
