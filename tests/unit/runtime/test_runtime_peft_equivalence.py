@@ -60,6 +60,54 @@ def test_mixed_generation_batch_matches_peft_per_row(tiny_llama, gen_adapters):
         assert s.generated == oracle.greedy(adapter, PROMPTS[i], 10), f"greedy tokens of row {i} ({name})"
 
 
+def test_prompts_of_very_different_lengths_and_rows_freed_mid_batch_match_peft(tiny_llama, gen_adapters):
+    """A prefill of short and long prompts runs as several forwards (less padding) and sequences that
+    finish free their cache rows for new ones while the others keep decoding: every answer is still
+    PEFT's greedy answer for its own adapter, in the order the sequences were given."""
+    engine = GenerationEngine.from_dir(tiny_llama, device_slots=8, max_seqs=16)
+    manager = AdapterManager("text-generation", 16)
+    engine.bind(manager)
+    entries = _register(manager, gen_adapters)
+    names = list(gen_adapters)
+    oracle = PeftOracle(tiny_llama, "text-generation")
+    long_text = " ".join(PROMPTS * 3)
+    texts = [PROMPTS[0], long_text, PROMPTS[4], " ".join(PROMPTS[:4]), long_text + " again", PROMPTS[2],
+             PROMPTS[6] + " " + long_text, PROMPTS[8]]
+    budgets = [3, 9, 5, 12, 2, 7, 4, 10]
+    jobs = [(names[i % len(names)], texts[i], budgets[i]) for i in range(len(texts))]
+    lengths = [len(oracle.tok(t)["input_ids"]) for _, t, _ in jobs[:5]]
+    assert max(lengths) > 4 * min(lengths) + engine.prefill_split_tokens
+    assert len(engine.prefill_groups(lengths)) > 1, "the first prefill is split"
+
+    def start(batch):
+        seqs = [Sequence(prompt=oracle.tok(t)["input_ids"], max_new_tokens=n, slot=engine.acquire(entries[name]))
+                for name, t, n in batch]
+        engine.prefill(seqs)
+        return seqs
+
+    waiting = list(range(5, len(jobs)))
+    active = list(zip(range(5), start(jobs[:5])))
+    done: dict[int, list[int]] = {}
+    joined_mid_batch = 0
+    while active:
+        for i, s in [(i, s) for i, s in active if engine.is_done(s)]:
+            engine.finish(s)
+            done[i] = s.generated
+            active.remove((i, s))
+        if waiting and len(active) < 5 and active:  # a new sequence takes a freed row while others run
+            i = waiting.pop(0)
+            active.append((i, start([jobs[i]])[0]))
+            joined_mid_batch += 1
+        assert sorted(s.row for _, s in active) == list(range(len(active))), "rows in use stay 0..n-1"
+        step = [s for _, s in active if len(s.generated) < s.max_new_tokens]
+        random.Random(len(done)).shuffle(step)  # any order in, the same order out
+        if step:
+            engine.decode(step)
+    assert joined_mid_batch >= 2 and len(done) == len(jobs)
+    for i, (name, text, n) in enumerate(jobs):
+        assert done[i] == oracle.greedy(gen_adapters[name], text, n), f"sequence {i} ({name}, {n} tokens)"
+
+
 def test_mixed_classification_batch_matches_peft_per_row(minilm, cls_adapters):
     engine = ClassificationEngine.from_dir(minilm, device_slots=8)
     manager = AdapterManager("sequence-classification", 16)
