@@ -7,7 +7,9 @@ answers the requests the scheduler would refuse with the scheduler's own rule (a
 over the admission state the backend pushes on the channel plus what the front forwarded since), and
 forwards everything else to the public app on a private unix socket over a pool of keep-alive
 connections, relaying the response's bytes as they come (streams included). It counts its refusals
-back on the channel, so the runtime's /metrics shows them as if the runtime had refused them itself.
+back on the channel, so the runtime's /metrics shows them as if the runtime had refused them itself, and
+the errors it answers on its own (503 while the backend does not answer, 502 when it closed a connection
+without an answer), which /metrics shows as lorafleet_runtime_front_errors_total.
 
 Imports neither torch nor the web framework: it starts in a fraction of a second and holds little
 memory. Front-to-backend headers (``x-lorafleet-front-*``) are dropped from what clients send."""
@@ -63,6 +65,8 @@ class FrontAdmission:
         self.done: dict[int, tuple[str, int, float]] = {}
         self.seq = 0
         self.refused: dict[tuple[str, str, str], list] = {}  # (tenant, path, reason) -> [items, [seconds]]
+        # (tenant, path, status, code) -> requests the front answered with an error of its own (502, 503)
+        self.errors: dict[tuple[str, str, int, str], int] = {}
 
     def on_message(self, msg: dict) -> None:
         if "names" in msg:
@@ -147,6 +151,17 @@ class FrontAdmission:
             entry = self.refused[(tenant, path, reason)] = [0, []]
         entry[0] += n
         entry[1].append(round(seconds, 6))
+
+    def count_error(self, tenant: str, path: str, status: int, code: str) -> None:
+        key = (tenant, path, status, code)
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    def take_errors(self) -> list | None:
+        if not self.errors:
+            return None
+        out = [[t, p, st, c, n] for (t, p, st, c), n in self.errors.items()]
+        self.errors = {}
+        return out
 
     def take_refusals(self) -> list | None:
         if not self.refused:
@@ -548,6 +563,7 @@ class ClientConn(asyncio.Protocol):
     def _backend_unreachable(self, r: Request, e: OSError) -> None:
         log.error("the runtime's backend is unreachable at %s: %s", self.front.backend_path, e)
         self._settle(r)
+        self.front.admission.count_error(r.tenant, r.path(), 503, "backend_unavailable")
         if not self.closed:
             self.transport.write(error_bytes(503, b"Service Unavailable", "the runtime's model server is not "
                                              "answering (starting or stopping); retry", "service_unavailable",
@@ -600,6 +616,8 @@ class ClientConn(asyncio.Protocol):
         if self.closed:
             return
         if b.head is not None:  # nothing of the answer relayed yet: say why
+            if r is not None:
+                self.front.admission.count_error(r.tenant, r.path(), 502, "backend_closed")
             self.transport.write(error_bytes(502, b"Bad Gateway", "the runtime's model server closed the connection "
                                              "without an answer", "service_unavailable", "backend_closed",
                                              self.front.date(), True))
@@ -623,9 +641,14 @@ async def _flush_counts(front: Front, writer: asyncio.StreamWriter) -> None:
 
 
 def _send_counts(front: Front, writer: asyncio.StreamWriter) -> None:
-    refused = front.admission.take_refusals()
-    if refused is not None and not writer.is_closing():
-        writer.write(json.dumps({"refused": refused}, separators=(",", ":")).encode() + b"\n")
+    msg = {}
+    refused, errors = front.admission.take_refusals(), front.admission.take_errors()
+    if refused is not None:
+        msg["refused"] = refused
+    if errors is not None:
+        msg["errors"] = errors
+    if msg and not writer.is_closing():
+        writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
 
 
 async def serve(listen_fd: int, channel_fd: int, backend_path: str) -> int:

@@ -83,6 +83,8 @@ class FrontProcess:
             m.shed(tenant, reason, n)
             for s in seconds:
                 m.refused_at_admission(tenant, path, reason, s)
+        for tenant, path, status, code, n in msg.get("errors", ()):
+            m.front_error(tenant, path, status, code, n)
 
     async def _push(self, writer: asyncio.StreamWriter) -> None:
         rt = self.rt

@@ -59,6 +59,11 @@ class RuntimeMetrics:
                               "framework's routing, validation and middleware (admission.py), by endpoint",
                               ["endpoint"], registry=r)
 
+        self.front_errors = Counter("lorafleet_runtime_front_errors",
+                                    "Requests the HTTP front process (--front process) answered with an error of "
+                                    "its own, by code: backend_unavailable (503: the model server did not take the "
+                                    "connection) or backend_closed (502: it closed it without an answer); also in "
+                                    "lorafleet_runtime_requests_total", ["code"], registry=r)
         self.fallback = Counter("lorafleet_runtime_fallback",
                                 "Requests for an adapter that opted into spec.fallback: base, answered by the base "
                                 "model because this replica could not serve the adapter: reason load_failed or "
@@ -73,6 +78,10 @@ class RuntimeMetrics:
         self.batch_size.labels(task).observe(size)
         self.batch_seconds.labels(task).observe(seconds)
         self.batch_cpu.labels(task).inc(cpu_seconds)
+
+    def front_error(self, tenant: str, endpoint: str, status: int, code: str, n: int = 1) -> None:
+        self.front_errors.labels(code).inc(n)
+        self.requests.labels(tenant, endpoint, str(status)).inc(n)
 
     def cancelled_work(self, stage: str, work) -> None:
         """``work`` (an engine_api.Work) was dropped because it was cancelled: from the queue (stage

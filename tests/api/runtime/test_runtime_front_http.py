@@ -213,3 +213,50 @@ def test_serve_with_the_front_stops_on_sigterm_and_exits_1_when_the_front_dies(m
         finally:
             if p.poll() is None:
                 p.kill()
+
+
+def test_the_fronts_own_503_names_the_cause_and_is_counted(tmp_path):
+    """The front process alone, its backend socket absent (the model server starting or gone): a client
+    gets 503 backend_unavailable with Retry-After, and the front reports it on its channel; the
+    runtime's side turns that report into /metrics lines."""
+    import json
+    import socket
+
+    from prometheus_client import generate_latest
+
+    from lorafleet.runtime.front_link import FrontProcess
+    from lorafleet.runtime.metrics import RuntimeMetrics
+
+    listen = socket.socket()
+    listen.bind(("127.0.0.1", 0))
+    listen.listen(16)
+    port = listen.getsockname()[1]
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.runtime.front", "--listen-fd", str(listen.fileno()),
+                             "--channel-fd", str(theirs.fileno()), "--backend", str(tmp_path / "absent.sock"),
+                             "--log-level", "error"], pass_fds=(listen.fileno(), theirs.fileno()))
+    theirs.close()
+    listen.close()
+    try:
+        channel = ours.makefile("rb")
+        assert "started" in json.loads(channel.readline())
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "backend_unavailable"
+        ours.settimeout(30)
+        msg = json.loads(channel.readline())
+        while "errors" not in msg:
+            msg = json.loads(channel.readline())
+        assert msg["errors"] == [["", "/v1/models", 503, "backend_unavailable", 1]]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        ours.close()
+
+    class _Rt:  # what FrontProcess._on_message reads of the runtime: its metrics
+        metrics = RuntimeMetrics()
+
+    FrontProcess._on_message(type("F", (), {"rt": _Rt})(), msg)
+    text = generate_latest(_Rt.metrics.registry).decode()
+    assert 'lorafleet_runtime_front_errors_total{code="backend_unavailable"} 1.0' in text
+    assert 'lorafleet_runtime_requests_total{endpoint="/v1/models",status="503",tenant=""} 1.0' in text
