@@ -23,27 +23,26 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system) of process ``pid`` itself; 0 if it is gone."""
+def _stat(pid: int | str) -> tuple[int, int] | None:
+    """(parent pid, user + system clock ticks) of process ``pid`` from /proc; None if it is gone."""
     try:
         f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        return int(f[1]), int(f[11]) + int(f[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` itself; 0 if it is gone."""
+    st = _stat(pid)
+    return st[1] / os.sysconf("SC_CLK_TCK") if st else 0.0
 
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of ``pid`` and its descendants still running (a server's child processes: vLLM's
     engine core, the runtime's HTTP front)."""
     tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                stats[int(d.name)] = (int(f[1]), int(f[11]) + int(f[12]))
-            except (OSError, IndexError, ValueError):
-                pass
+    stats = {int(d.name): st for d in Path("/proc").iterdir() if d.name.isdigit() and (st := _stat(d.name))}
     total, todo, seen = 0, [pid], set()
     while todo:
         p = todo.pop()

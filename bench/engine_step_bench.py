@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import cpu_model
+from benchlib import cpu_model, loadavg
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     vocab = eng.model.config.vocab_size
     out: dict = {"bench": "engine_step", "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(),
-                                                   "load_average": [round(x, 1) for x in os.getloadavg()]},
+                                                   "load_average": loadavg()},
                  "model": {"hidden": args.hidden, "layers": args.layers}, "decode_ms": {}, "decode_ms_per_row": {}}
     for b in (1, 8, 32, 64):
         seqs = [Sequence(prompt=torch.randint(3, vocab, (100,), generator=g).tolist(), max_new_tokens=10 ** 6,
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         out["prefill"].append({"prompts": k, "real_tokens": sum(lengths), "padded_one_forward": k * max(lengths),
                                "forwards": len(eng.prefill_groups(lengths)), "one_forward_ms": round(res[0][0], 1),
                                "split_ms": round(res[split][0], 1), "speedup": round(res[0][0] / res[split][0], 2)})
-    out["machine_after"] = {"load_average": [round(x, 1) for x in os.getloadavg()]}
+    out["machine_after"] = {"load_average": loadavg()}
     print(json.dumps(out))
     return 0
 

@@ -229,8 +229,7 @@ class GenerationEngine(Engine):
         self.kv_cache_bytes = sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
         # Cache rows in use are always 0..n-1 (``finish`` moves the last one into a freed row), so a
         # decode step over all of them reads the cache as a slice, without gathering a copy.
-        self.free_rows = list(range(max_seqs - 1, -1, -1))  # the lowest free row on top
-        self._row_seq: dict[int, Sequence] = {}
+        self._row_seq: dict[int, Sequence] = {}  # row -> the sequence in it
         self.eos_ids = set(_as_list(getattr(model.generation_config, "eos_token_id", None))
                            or _as_list(cfg.eos_token_id) or _as_list(tokenizer.eos_token_id))
         # The architecture's own rotary application (Phi-3's rotates only part of each head).
@@ -280,8 +279,13 @@ class GenerationEngine(Engine):
     def memory_bytes(self) -> dict[str, int]:
         return {**super().memory_bytes(), "kv_cache": self.kv_cache_bytes}
 
+    @property
+    def free_rows(self) -> range:
+        """The cache rows not in use: every row after the ones in use."""
+        return range(len(self._row_seq), self.max_seqs)
+
     def has_row(self) -> bool:
-        return bool(self.free_rows)
+        return len(self._row_seq) < self.max_seqs
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, decode: bool,
                  first_row: int | None = None) -> torch.Tensor:
@@ -431,7 +435,9 @@ class GenerationEngine(Engine):
     def _prefill(self, seqs: list[Sequence]) -> list[int]:
         """One padded forward over these sequences' prompts (right padding: causal attention is exact)."""
         for s in seqs:
-            s.row = self.free_rows.pop()
+            if not self.has_row():
+                raise RuntimeError(f"no free KV cache row: all {self.max_seqs} hold running sequences")
+            s.row = len(self._row_seq)
             self._row_seq[s.row] = s
             if s.seed is not None:
                 s.generator = torch.Generator(device=self.device).manual_seed(s.seed)
@@ -496,18 +502,16 @@ class GenerationEngine(Engine):
         if row < 0:
             return
         seq.row = -1
-        self._row_seq.pop(row, None)
-        last = len(self._row_seq)  # rows in use after this one: 0..last-1, and ``last`` if row < last
+        del self._row_seq[row]
+        last = len(self._row_seq)  # rows in use now: 0..last-1, and ``last`` unless this was it
         moved = self._row_seq.pop(last, None)
-        if moved is not None and row < last:
+        if moved is not None:
             span = min(max(moved.pos, len(moved.prompt)), self.max_len)
             for kc, vc in zip(self.k_cache, self.v_cache):
                 kc[row, :, :span].copy_(kc[last, :, :span])
                 vc[row, :, :span].copy_(vc[last, :, :span])
             moved.row = row
             self._row_seq[row] = moved
-            row = last
-        self.free_rows.append(row)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         from lorafleet.runtime.sampling import choose
