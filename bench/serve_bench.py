@@ -2,7 +2,6 @@
 
 Contenders, each a server in its own process, one after another on the same seeded model and adapters:
   torch  lorafleet's torch engine (`lorafleet serve --engine torch`)
-  torch+compile  the same with its decode forward compiled (`--compile`; a minute or more to start)
   vllm   lorafleet's vLLM engine (`lorafleet serve --engine vllm`, run by the vLLM virtualenv's python)
   peft   the seed article's baseline: one PEFT model behind an asyncio.Lock, set_adapter per request
          (bench/peft_baseline.py; by default only N <= --peft-max-n: loading 1,000 PEFT adapters is slow)
@@ -163,15 +162,14 @@ class Server:
                 env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
                 env.setdefault("LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION", "0.3")
             env["LORA_ADAPTERS"] = ",".join(f"{n}={p}" for n, p in adapters)
-            engine, _, option = contender.partition("+")
-            cmd = [python, "-m", "lorafleet", "serve", "--engine", engine, "--model", str(model),
+            cmd = [python, "-m", "lorafleet", "serve", "--engine", contender, "--model", str(model),
                    "--host", "127.0.0.1", "--port", str(self.port), "--admin-port", str(free_port()),
                    "--metrics-port", str(free_port()), "--device", args.device, "--dtype", args.dtype,
                    "--device-slots", str(args.device_slots), "--host-adapters", str(max(512, len(adapters))),
                    "--max-rank", str(max(RANKS)), "--max-batch-size", str(args.max_batch_size),
                    "--max-model-len", str(args.max_model_len), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
                    "--per-tenant-max-inflight", "1024", "--torch-threads", str(args.threads),
-                   "--log-level", "warning"] + (["--compile"] if option == "compile" else [])
+                   "--log-level", "warning"]
             self.ready_path = "/readyz"
         self.log = open(log, "w")
         t0 = time.monotonic()
@@ -484,9 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     args.clients = args.clients or 2 * args.max_batch_size
     args.rate_fractions = [float(x) for x in args.rates.split(",")]
     contenders = [c for c in args.contenders.split(",") if c]
-    unknown = set(contenders) - {"torch", "torch+compile", "vllm", "peft"}
+    unknown = set(contenders) - {"torch", "vllm", "peft"}
     if unknown:
-        p.error(f"--contenders: unknown {', '.join(sorted(unknown))} (torch, torch+compile, vllm, peft)")
+        p.error(f"--contenders: unknown {', '.join(sorted(unknown))} (torch, vllm, peft)")
     if "vllm" in contenders and not (args.vllm_python and Path(args.vllm_python).exists()):
         p.error("the vllm contender needs --vllm-python (or LORAFLEET_VLLM_PYTHON): the vLLM virtualenv's python, "
                 "$(tools/venv-vllm)/bin/python")

@@ -152,7 +152,6 @@ class RuntimeEnv:
     HOST_ADAPTERS = "LORAFLEET_HOST_ADAPTERS"
     MAX_RANK = "LORAFLEET_MAX_RANK"
     TORCH_THREADS = "LORAFLEET_TORCH_THREADS"  # torch intra-op threads (0/unset: CPU cores - 1 on CPU)
-    COMPILE = "LORAFLEET_COMPILE"  # "true": generation's forward compiled with torch.compile at load
     MAX_MODEL_LEN = "LORAFLEET_MAX_MODEL_LEN"  # generation: KV-cache positions per row (0/unset: model's, capped)
     # The base model's id in /v1/models and in requests (the operator sets the pool's name).
     SERVED_MODEL_NAME = "LORAFLEET_SERVED_MODEL_NAME"

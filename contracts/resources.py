@@ -167,12 +167,6 @@ class RuntimeSpec(_Model):
                     "and one that would wait longer at the measured rate is refused at once (a tenant with more "
                     "queued than its share first); 0: no bound")
     per_tenant_max_inflight: int = Field(64, ge=1, description="Queued + running requests of one tenant before 429")
-    compile: bool = Field(
-        False,
-        description="Text generation, torch engine: compile the model's forward with torch.compile when the runtime "
-                    "starts (every decoder linear layer then carries the LoRA path at cache.maxRank, so no adapter "
-                    "recompiles it). A minute or more longer to start, a faster decode step after; refused with a "
-                    "quantized base or another task (the pool's ModelReady condition says why)")
     max_model_len: int | None = Field(
         None, ge=1, le=10_000_000,
         description="Text generation: positions per KV-cache row (prompt + generated tokens); the cache holds "

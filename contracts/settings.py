@@ -498,11 +498,6 @@ class RuntimeSettings(ComponentSettings):
         0, env=R.MAX_MODEL_LEN, flags=("--max-model-len",), ge=0,
         help="generation: positions per KV-cache row, prompt + generated (0: the model's max_position_embeddings "
              "capped at 8192)")
-    compile: bool = setting(
-        False, env=R.COMPILE, flags=("--compile",),
-        help="text generation, torch engine: compile the forward with torch.compile at load (every decoder linear "
-             "layer carries the LoRA path at maxRank, so no adapter recompiles it; a minute or more at start, a "
-             "faster decode step after; not with a quantized base)")
     served_model_name: str = setting(
         "", env=R.SERVED_MODEL_NAME, flags=("--served-model-name",),
         help="the base model's id in /v1/models and requests (empty: the model folder's name)")

@@ -14,9 +14,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1
 
-# g++: torch.compile's CPU backend builds its kernels with it (spec.runtime.compile).
-RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
-
 WORKDIR /src
 COPY pyproject.toml README.md requirements.lock ./
 COPY src ./src

@@ -93,7 +93,6 @@ def runtime_env(pool: str, spec: BaseModelPoolSpec, merged: "MergedRef | None" =
         RuntimeEnv.HOST_ADAPTERS: spec.cache.host_adapters,
         RuntimeEnv.MAX_RANK: spec.cache.max_rank,
         RuntimeEnv.MAX_MODEL_LEN: spec.runtime.max_model_len,
-        RuntimeEnv.COMPILE: "true" if spec.runtime.compile else None,
         RuntimeEnv.SERVED_MODEL_NAME: pool,
         # A merged pool: what its runtime merges and answers as. In the pod template, so a new version
         # of the adapter is a Deployment rollout.

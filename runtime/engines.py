@@ -203,8 +203,7 @@ class GenerationEngine(Engine):
     task = "text-generation"
 
     def __init__(self, model, tokenizer, device_slots: int, max_rank: int, device: str = "cpu",
-                 max_seqs: int = 32, max_len: int | None = None, quantization: str = "none",
-                 compile: bool = False):
+                 max_seqs: int = 32, max_len: int | None = None, quantization: str = "none"):
         cfg = model.config
         self.plan = plan_model(model)  # before anything is allocated: a refusal costs nothing
         model_len = int(cfg.max_position_embeddings)
@@ -250,54 +249,12 @@ class GenerationEngine(Engine):
         log.info("text-generation engine: %s; weights %.1f MiB, KV cache %.1f MiB (%d rows x %d positions; "
                  "the model's length is %d)", self.plan.architecture, self.weights_bytes / 2**20,
                  self.kv_cache_bytes / 2**20, max_seqs, self.max_len, model_len)
-        self._compiled = None  # the decode forward compiled by torch.compile (spec.runtime.compile)
-        self.compiled_steps = 0  # decode steps it ran
-        if compile:
-            self._compile()
-
-    def _compile(self) -> None:
-        """Compile the decode forward (``torch.compile``, dynamic shapes) and run it once at each batch-size
-        class, so no request waits for a compilation. A compiled graph is specialised to the modules and
-        branches it saw, so first every decoder linear layer is wrapped for LoRA at ``max_rank`` (an adapter
-        targeting a layer no earlier one did would otherwise need a new graph) and an all-base batch keeps
-        the LoRA path (slot 0 adds zeros)."""
-        if self.quantization != "none":
-            raise UnsupportedModel(f"spec.runtime.compile with quantization {self.quantization}: the compiled "
-                                   "forward runs unquantized weights only; set spec.model.quantization: none or "
-                                   "leave compile unset")
-        import time
-
-        t0 = time.monotonic()
-        prefix = next(name for name, m in self.model.named_modules() if m is self.inner.layers)
-        wrapped = self.patch.wrap_all(self.inner.layers, prefix, self.patch.max_rank)
-        self._compiled = torch.compile(self._forward, dynamic=True)
-        pad = self.tokenizer.pad_token_id or 0
-        warm = [Sequence(prompt=[pad] * (3 + i), max_new_tokens=4) for i in range(min(2, self.max_seqs))]
-        try:
-            # Without duck sizing a batch of n rows at span n is not a graph of its own.
-            from torch.fx.experimental import _config as fx_config
-
-            with fx_config.patch(use_duck_shape=False):
-                self.prefill(warm)  # (sampling appends each sequence's tokens)
-                # Two rows, then one: torch.compile specialises size 1, so both graphs are made now.
-                for n in (len(warm), 1):
-                    self.decode(warm[:n])
-        except Exception as e:
-            self._compiled = None
-            raise UnsupportedModel(f"spec.runtime.compile: torch.compile failed for this model "
-                                   f"({type(e).__name__}: {e}); leave compile unset to serve it uncompiled") from e
-        finally:
-            for s in warm:
-                self.finish(s)
-        self.compiled_steps = 0
-        log.info("text-generation engine: decode forward compiled in %.1f s (%d linear layers carry LoRA at rank %d)",
-                 time.monotonic() - t0, wrapped, self.patch.max_rank)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu",
                  device_slots: int = 32, max_rank: int = 64, max_seqs: int = 32,
                  max_len: int | None = None, quantization: str = "none",
-                 merged_adapter: str | Path | None = None, compile: bool = False) -> "GenerationEngine":
+                 merged_adapter: str | Path | None = None) -> "GenerationEngine":
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         quant.check_supported(quantization, cls.task, device)
@@ -314,7 +271,7 @@ class GenerationEngine(Engine):
 
             merge_adapter(model, merged_adapter)  # before the multi-LoRA layers wrap the Linear ones
         tok = AutoTokenizer.from_pretrained(str(model_dir))
-        return cls(model, tok, device_slots, max_rank, device, max_seqs, max_len, quantization, compile)
+        return cls(model, tok, device_slots, max_rank, device, max_seqs, max_len, quantization)
 
     def max_input_tokens(self) -> int:
         return self.max_len
@@ -331,10 +288,9 @@ class GenerationEngine(Engine):
         return len(self._row_seq) < self.max_seqs
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, decode: bool,
-                 first_row: int | None = None, span: int | None = None) -> torch.Tensor:
+                 first_row: int | None = None) -> torch.Tensor:
         """``rows``: each sequence's cache row; ``first_row``: set when they are first_row, first_row + 1,
-        ... in order (decode then reads the cache as a slice); ``span``: decode, the cache positions read
-        (the largest position + 1; computed when not given, which a compiled forward cannot do)."""
+        ... in order (decode then reads the cache as a slice)."""
         n, t = ids.shape
         h = self.inner.embed_tokens(ids)
         plan = self.plan
@@ -349,8 +305,7 @@ class GenerationEngine(Engine):
         masks: dict[object, torch.Tensor | None] = {}
         if decode:
             p = pos[:, 0]
-            if span is None:
-                span = int(p.max()) + 1
+            span = int(p.max()) + 1
             keys = torch.arange(span, device=self.device)[None, :]
             masks[None] = (keys <= p[:, None])[:, None, None, :]
         else:
@@ -377,7 +332,7 @@ class GenerationEngine(Engine):
             key = "causal" if window is None and softcap is not None and not decode else window
             mask = masks.get(key, False)
             if mask is False:
-                mask = masks[key] = self._window_mask(pos, window, decode, span)
+                mask = masks[key] = self._window_mask(pos, window, decode)
             kc, vc = self.k_cache[i], self.v_cache[i]
             if decode:
                 kc[rows, :, p] = k[:, :, 0]
@@ -406,13 +361,12 @@ class GenerationEngine(Engine):
             h = h + (m if rm is None else m * rm)
         return self.inner.norm(h)
 
-    def _window_mask(self, pos: torch.Tensor, window: int | None, decode: bool,
-                     span: int | None = None) -> torch.Tensor:
+    def _window_mask(self, pos: torch.Tensor, window: int | None, decode: bool) -> torch.Tensor:
         """Boolean mask (True = attend) for a query at p over keys in (p - window, p], as HF's
         sliding-window mask; without a window, plain causal (prefill needs it for soft-capped attention)."""
         if decode:
             p = pos[:, 0]
-            keys = torch.arange(int(p.max()) + 1 if span is None else span, device=self.device)[None, :]
+            keys = torch.arange(int(p.max()) + 1, device=self.device)[None, :]
             ok = keys <= p[:, None]
             if window is not None:
                 ok = ok & (keys > p[:, None] - window)
@@ -523,15 +477,9 @@ class GenerationEngine(Engine):
         ids = torch.tensor([[s.generated[-1]] for s in seqs], device=self.device)
         pos = torch.tensor([[s.pos] for s in seqs], device=self.device)
         rows = torch.tensor([s.row for s in seqs], device=self.device)
-        span = max(s.pos for s in seqs) + 1
-        compiled = self._compiled is not None and contiguous and first == 0
-        self.patch.ctx.set(torch.tensor([s.slot for s in seqs], device=self.device), keep_base=compiled)
+        self.patch.ctx.set(torch.tensor([s.slot for s in seqs], device=self.device))
         try:
-            if compiled:  # rows 0..n-1, as the engine keeps them: one graph for every batch size
-                h = self._compiled(ids, pos, rows, True, 0, span)
-                self.compiled_steps += 1
-            else:
-                h = self._forward(ids, pos, rows, decode=True, first_row=first if contiguous else None, span=span)
+            h = self._forward(ids, pos, rows, decode=True, first_row=first if contiguous else None)
             logits = self._logits(h[:, 0])
         finally:
             self.patch.ctx.set(None)

@@ -113,9 +113,6 @@ def build_engine(model_dir: Path, task: str, settings: RuntimeSettings, metrics)
     kind = choose_engine(task, settings)
     log.info("engine: %s (spec.runtime.engine %s, task %s)", kind, settings.engine, task)
     if kind == "vllm":
-        if settings.compile:
-            raise UnsupportedModel("spec.runtime.compile is the torch engine's (vLLM compiles its own graphs); "
-                                   "set spec.runtime.engine: torch, or leave compile unset")
         from lorafleet.runtime.vllm_engine import VLLMEngine
 
         return VLLMEngine.from_dir(model_dir, settings, metrics)

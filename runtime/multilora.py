@@ -24,11 +24,9 @@ class LoRAContext:
         self.idx: torch.Tensor | None = None
         self._bags: dict[int, torch.Tensor] = {}
 
-    def set(self, idx: torch.Tensor | None, keep_base: bool = False) -> None:
-        """``keep_base``: keep an all-base batch's indices (slot 0 holds zeros: the LoRA path adds 0), so a
-        compiled forward always sees the same branch."""
+    def set(self, idx: torch.Tensor | None) -> None:
         # Rows without an adapter skip the LoRA path entirely when the whole batch is base-only.
-        self.idx = idx if idx is not None and (keep_base or bool((idx != 0).any())) else None
+        self.idx = idx if idx is not None and bool((idx != 0).any()) else None
         self._bags = {}
 
     def bag(self, width: int) -> torch.Tensor:
@@ -202,19 +200,6 @@ class LoRAModelPatch:
         parent, attr = _parent(self.model, path)
         setattr(parent, attr, wrapped)
         return wrapped
-
-    def wrap_all(self, under: nn.Module, prefix: str, rank: int) -> int:
-        """Wrap every ``nn.Linear`` inside ``under`` (at ``prefix`` in the model) now, at ``rank``: a
-        compiled forward then never meets a newly wrapped layer or a grown rank. Returns the count."""
-        self.base_info()  # the model's own layout, taken before anything is wrapped
-        wrapped = {name for name, m in under.named_modules() if isinstance(m, MultiLoRALinear)}
-        paths = [f"{prefix}.{name}" for name, m in under.named_modules()
-                 if name in wrapped or (isinstance(m, nn.Linear) and name.rpartition(".")[0] not in wrapped)]
-        for path in paths:
-            if path not in self.layers:
-                self.layers[path] = self._wrap(path, MultiLoRALinear)
-            self.layers[path].grow(rank)
-        return len(paths)
 
     def base_info(self) -> BaseModelInfo:
         """The loaded model as the adapter rules see it: every module's class and 2-D weight shape, by

@@ -46,11 +46,6 @@ class TorchEngine(ServingEngine):
             # Merging into quantized weights is not PEFT's merge_and_unload over the float base.
             raise UnsupportedModel(f"spec.model.mergedAdapter with quantization {s.quantization}: a merged pool merges "
                                    "into unquantized weights only; set spec.model.quantization: none")
-        if s.compile and task != "text-generation":
-            from lorafleet.runtime.architectures import UnsupportedModel
-
-            raise UnsupportedModel(f"spec.runtime.compile: the compiled forward is text generation's only (this pool "
-                                   f"is {task}); leave compile unset")
         if task == "text-to-image":
             from lorafleet.runtime.diffusion import DiffusionEngine
 
@@ -63,7 +58,7 @@ class TorchEngine(ServingEngine):
             engine = GenerationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device, device_slots=s.device_slots,
                                                max_rank=s.max_rank, max_seqs=s.max_batch_size,
                                                max_len=s.max_model_len or None, quantization=s.quantization,
-                                               merged_adapter=s.merged_adapter_dir or None, compile=s.compile)
+                                               merged_adapter=s.merged_adapter_dir or None)
         else:
             engine = ClassificationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device,
                                                    device_slots=s.device_slots, max_rank=s.max_rank,
