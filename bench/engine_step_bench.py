@@ -5,6 +5,11 @@ Measures, with one torch thread (no HTTP, no scheduler):
   peft_token_ms     PEFT's ``generate`` with one adapter at batch 1 (the serve_bench baseline's per-token cost)
   prefill           k prompts of seeded lengths 16-128: one padded forward against the split that
                     ``GenerationEngine.prefill_groups`` chooses (same first tokens, logits within 1e-4)
+  ceiling[B]        serve_bench's workload (its prompts and output lengths, ignore_eos, greedy, Zipf(1.0)
+                    over --adapters) run by the engine alone for --ceiling-seconds with B rows: a new
+                    sequence takes every freed row at once, as a saturated server's queue would. Output
+                    tokens/s with no HTTP, scheduler or event loop: what a server on this one thread can
+                    reach at most (served figures: bench/serve_bench.py)
 
 Usage: python bench/engine_step_bench.py [--hidden 256] [--layers 4] [--workdir /tmp/lorafleet-serve-bench]
 """
@@ -40,6 +45,69 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def ceiling(eng, entries, model: Path, rows: list[int], seconds: float) -> dict:
+    """serve_bench's workload by the engine alone (see the module's doc); per row count: output tokens/s,
+    the time in prefill and in decode, the mean rows a decode step ran."""
+    import bisect
+    import time
+
+    from serve_bench import build_workload, zipf_cum_weights
+    from transformers import AutoTokenizer
+
+    from lorafleet.runtime.engines import Sequence
+
+    wargs = argparse.Namespace(prompt_tokens="16,128", output_tokens="16,64", seed=0)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    work = [(tok(p)["input_ids"], m) for p, _, m in build_workload(model, wargs)]
+    cum = zipf_cum_weights(len(entries))
+    out = {}
+    for b in rows:
+        rng = random.Random(0)
+
+        def new():
+            e = entries[bisect.bisect(cum, rng.random() * cum[-1])]
+            prompt, m = work[rng.randrange(len(work))]
+            s = Sequence(prompt=prompt, max_new_tokens=m, ignore_eos=True, slot=eng.acquire(e))
+            return s, e
+
+        active: list = []
+        tokens = steps = decode_rows = 0
+        pre = dec = 0.0
+        start = time.perf_counter()
+        end = start + seconds + 1.0  # the first second fills the rows and is not counted
+        counting = False
+        while True:
+            now = time.perf_counter()
+            if not counting and now >= start + 1.0:
+                counting, tokens, steps, decode_rows, pre, dec, t0 = True, 0, 0, 0, 0.0, 0.0, now
+            if now >= end:
+                break
+            fresh = [new() for _ in range(b - len(active))]
+            a = time.perf_counter()
+            if fresh:
+                eng.prefill([s for s, _ in fresh])
+            m = time.perf_counter()
+            if active:
+                eng.decode([s for s, _ in active])
+            z = time.perf_counter()
+            tokens += len(fresh) + len(active)
+            decode_rows += len(active)
+            steps += 1
+            pre, dec = pre + (m - a), dec + (z - m)
+            active += fresh
+            for item in [x for x in active if eng.is_done(x[0])]:
+                eng.finish(item[0])
+                eng.release(item[1])
+                active.remove(item)
+        wall = time.perf_counter() - t0
+        for s, e in active:
+            eng.finish(s)
+            eng.release(e)
+        out[b] = {"output_tokens_per_s": round(tokens / wall, 1), "prefill_share": round(pre / wall, 2),
+                  "decode_share": round(dec / wall, 2), "mean_decode_rows": round(decode_rows / max(1, steps), 1)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
@@ -47,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--workdir", default="/tmp/lorafleet-serve-bench")
+    p.add_argument("--adapters", type=int, default=100, help="adapters the ceiling run draws from (Zipf)")
+    p.add_argument("--ceiling-rows", default="32,64", help="rows of the ceiling runs (0: none)")
+    p.add_argument("--ceiling-seconds", type=float, default=10.0)
     args = p.parse_args(argv)
     import torch
 
@@ -63,15 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model = build_model(ns, workdir)
-    adapters = build_adapters(model, 64)
+    adapters = build_adapters(model, max(64, args.adapters))
     eng = GenerationEngine.from_dir(model, device_slots=64, max_seqs=64, max_len=args.max_model_len, max_rank=16)
     man = AdapterManager("text-generation", 512, dtype=eng.dtype)
     eng.bind(man)
-    slots = []
+    slots, entries = [], []
     for name, path in adapters:
         e, _ = man.register(name, "1", AdapterLoadRequest(path=str(path), sha256="0" * 64, tenant=name))
         assert e.error is None, e.error
-        slots.append(eng.acquire(e))
+        entries.append(e)
+        if len(slots) < 64:
+            slots.append(eng.acquire(e))
     g = torch.Generator().manual_seed(0)
     vocab = eng.model.config.vocab_size
     out: dict = {"bench": "engine_step", "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(),
@@ -131,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         out["prefill"].append({"prompts": k, "real_tokens": sum(lengths), "padded_one_forward": k * max(lengths),
                                "forwards": len(eng.prefill_groups(lengths)), "one_forward_ms": round(res[0][0], 1),
                                "split_ms": round(res[split][0], 1), "speedup": round(res[0][0] / res[split][0], 2)})
+    for e in entries[: len(slots)]:  # the ceiling acquires its own (the resident ones are kept, LRU)
+        eng.release(e)
+    out["ceiling"] = {}
+    rows = [int(x) for x in args.ceiling_rows.split(",") if int(x)]
+    if rows:
+        out["ceiling"] = ceiling(eng, entries[: args.adapters], model, rows, args.ceiling_seconds)
     out["machine_after"] = {"load_average": loadavg()}
     print(json.dumps(out))
     return 0
