@@ -2,6 +2,8 @@
 
 Measures, with one torch thread (no HTTP, no scheduler):
   decode_ms[B]      one decode step of B rows, every row its own adapter (context 100 tokens), and per row
+                    (16-bit on CPU: also decode_ms_with_sdpa[B], the step with torch's SDPA kernel instead of
+                    the eager attention the engine uses there)
   peft_token_ms     PEFT's ``generate`` with one adapter at batch 1 (the serve_bench baseline's per-token cost)
   prefill           k prompts of seeded lengths 16-128: one padded forward against the split that
                     ``GenerationEngine.prefill_groups`` chooses (same first tokens, logits within 1e-4)
@@ -152,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     vocab = eng.model.config.vocab_size
     out: dict = {"bench": "engine_step", "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(),
                                                    "load_average": loadavg()},
-                 "model": {"hidden": args.hidden, "layers": args.layers}, "device": args.device, "dtype": args.dtype, "decode_ms": {}, "decode_ms_per_row": {}}
+                 "model": {"hidden": args.hidden, "layers": args.layers}, "device": args.device, "dtype": args.dtype,
+                 "decode_ms": {}, "decode_ms_per_row": {}}
+    if eng._eager_decode:  # a 16-bit pool on CPU: also the step with torch's SDPA kernel, for comparison
+        out["decode_ms_with_sdpa"] = {}
     for b in (1, 8, 32, 64):
         seqs = [Sequence(prompt=torch.randint(3, vocab, (100,), generator=g).tolist(), max_new_tokens=10 ** 6,
                          slot=slots[i]) for i in range(b)]
@@ -166,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
         ms = median_ms(step, args.reps)
         out["decode_ms"][b], out["decode_ms_per_row"][b] = round(ms, 2), round(ms / b, 3)
+        if "decode_ms_with_sdpa" in out:
+            eng._eager_decode = False
+            out["decode_ms_with_sdpa"][b] = round(median_ms(step, args.reps), 2)
+            eng._eager_decode = True
         for s in seqs:
             eng.finish(s)
 

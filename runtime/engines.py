@@ -246,6 +246,10 @@ class GenerationEngine(Engine):
                 lp.window, lp.softcap, lp.scaling, lp.layer_type))
         self._head_norm = lay.qk_norm == "head"
         self._gqa = self.n_kv != self.n_heads
+        # A decode step's attention (one query per row over its cached keys) as HF's eager attention does
+        # it (matmul, softmax in float32, matmul) where torch's CPU SDPA kernel is slow for one query in
+        # 16 bits: bfloat16, 32 rows x 101 keys, 4 heads: 1.02 ms SDPA against 0.28 ms (docs/benchmarks.md).
+        self._eager_decode = self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
         log.info("text-generation engine: %s; weights %.1f MiB, KV cache %.1f MiB (%d rows x %d positions; "
                  "the model's length is %d)", self.plan.architecture, self.weights_bytes / 2**20,
                  self.kv_cache_bytes / 2**20, max_seqs, self.max_len, model_len)
@@ -347,6 +351,8 @@ class GenerationEngine(Engine):
                 vc[rows, :, :t] = v
             if softcap is not None:
                 o = _softcapped_attention(q, k, v, mask, scaling, softcap, self.n_heads // self.n_kv)
+            elif decode and self._eager_decode:
+                o = _eager_decode_attention(q, k, v, mask, scaling, self.n_heads // self.n_kv)
             elif mask is None:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=self._gqa)
             else:
@@ -545,6 +551,19 @@ def _softcapped_attention(q, k, v, mask, scaling: float, softcap: float, groups:
     w = w.masked_fill(~mask, float("-inf"))
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(w, v)
+
+
+def _eager_decode_attention(q, k, v, mask, scaling: float, groups: int) -> torch.Tensor:
+    """HF's eager attention (``eager_attention_forward``: scores = q k^T x scaling, masked, softmax in float32
+    cast back, times v) for one query per row; the query heads of a key head are grouped in a view rather
+    than the keys repeated (the same products). q: (n, heads, 1, d); k, v: (n, kv heads, span, d)."""
+    n, h, _, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(n, kv, groups, d)
+    w = torch.matmul(qg, k.transpose(2, 3)) * scaling  # (n, kv, groups, span)
+    w = w.masked_fill(~mask, float("-inf"))  # mask: (n, 1, 1, span)
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(w, v).reshape(n, h, 1, d)
 
 
 def _as_list(x) -> list[int]:
