@@ -248,7 +248,8 @@ class GenerationEngine(Engine):
         self._gqa = self.n_kv != self.n_heads
         # A decode step's attention (one query per row over its cached keys) as HF's eager attention does
         # it (matmul, softmax in float32, matmul) where torch's CPU SDPA kernel is slow for one query in
-        # 16 bits: bfloat16, 32 rows x 101 keys, 4 heads: 1.02 ms SDPA against 0.28 ms (docs/benchmarks.md).
+        # 16 bits: bfloat16, 32 rows x 101 keys, 4 heads: 1.02 ms SDPA against 0.28 ms; at one row SDPA is the
+        # faster (37 against 50 us), so it keeps that (docs/benchmarks.md).
         self._eager_decode = self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
         log.info("text-generation engine: %s; weights %.1f MiB, KV cache %.1f MiB (%d rows x %d positions; "
                  "the model's length is %d)", self.plan.architecture, self.weights_bytes / 2**20,
@@ -351,7 +352,7 @@ class GenerationEngine(Engine):
                 vc[rows, :, :t] = v
             if softcap is not None:
                 o = _softcapped_attention(q, k, v, mask, scaling, softcap, self.n_heads // self.n_kv)
-            elif decode and self._eager_decode:
+            elif decode and self._eager_decode and n > 1:  # (one row: SDPA's kernel is the faster, measured)
                 o = _eager_decode_attention(q, k, v, mask, scaling, self.n_heads // self.n_kv)
             elif mask is None:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=self._gqa)
