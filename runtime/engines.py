@@ -560,6 +560,9 @@ def _eager_decode_attention(q, k, v, mask, scaling: float, groups: int) -> torch
     than the keys repeated (the same products). q: (n, heads, 1, d); k, v: (n, kv heads, span, d)."""
     n, h, _, d = q.shape
     kv = k.shape[1]
+    # The cache's slice is strided; a 16-bit matmul over it takes a slow path on CPU: a copy first costs
+    # less (bfloat16, 64 rows x 101 keys: 565 us strided against 81 + 210 us).
+    k, v = k.contiguous(), v.contiguous()
     qg = q.reshape(n, kv, groups, d)
     w = torch.matmul(qg, k.transpose(2, 3)) * scaling  # (n, kv, groups, span)
     w = w.masked_fill(~mask, float("-inf"))  # mask: (n, 1, 1, span)
