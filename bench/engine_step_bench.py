@@ -11,7 +11,9 @@ Measures, with one torch thread (no HTTP, no scheduler):
                     over --adapters) run by the engine alone for --ceiling-seconds with B rows: a new
                     sequence takes every freed row at once, as a saturated server's queue would. Output
                     tokens/s with no HTTP, scheduler or event loop: what a server on this one thread can
-                    reach at most (served figures: bench/serve_bench.py)
+                    reach at most (served figures: bench/serve_bench.py). New prompts and the decode step
+                    run in one forward (``GenerationEngine.step``, as the model worker runs them);
+                    ceiling_apart: the same with a prefill forward and a decode forward
 
 Usage: python bench/engine_step_bench.py [--hidden 256] [--layers 4] [--workdir /tmp/lorafleet-serve-bench]
 """
@@ -47,7 +49,7 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def ceiling(eng, entries, model: Path, rows: list[int], seconds: float) -> dict:
+def ceiling(eng, entries, model: Path, rows: list[int], seconds: float, packed: bool = True) -> dict:
     """serve_bench's workload by the engine alone (see the module's doc); per row count: output tokens/s,
     the time in prefill and in decode, the mean rows a decode step ran."""
     import bisect
@@ -86,11 +88,15 @@ def ceiling(eng, entries, model: Path, rows: list[int], seconds: float) -> dict:
                 break
             fresh = [new() for _ in range(b - len(active))]
             a = time.perf_counter()
-            if fresh:
-                eng.prefill([s for s, _ in fresh])
-            m = time.perf_counter()
-            if active:
-                eng.decode([s for s, _ in active])
+            if fresh and active and packed:  # as the model worker does: one forward for both
+                eng.step([s for s, _ in fresh], [s for s, _ in active])
+                m = a
+            else:
+                if fresh:
+                    eng.prefill([s for s, _ in fresh])
+                m = time.perf_counter()
+                if active:
+                    eng.decode([s for s, _ in active])
             z = time.perf_counter()
             tokens += len(fresh) + len(active)
             decode_rows += len(active)
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [int(x) for x in args.ceiling_rows.split(",") if int(x)]
     if rows:
         out["ceiling"] = ceiling(eng, entries[: args.adapters], model, rows, args.ceiling_seconds)
+        out["ceiling_apart"] = ceiling(eng, entries[: args.adapters], model, rows, args.ceiling_seconds, packed=False)
     out["machine_after"] = {"load_average": loadavg()}
     print(json.dumps(out))
     return 0

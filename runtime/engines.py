@@ -297,6 +297,51 @@ class GenerationEngine(Engine):
         """``rows``: each sequence's cache row; ``first_row``: set when they are first_row, first_row + 1,
         ... in order (decode then reads the cache as a slice)."""
         n, t = ids.shape
+        masks: dict[object, torch.Tensor | None] = {}
+        if decode:
+            p = pos[:, 0]
+            span = int(p.max()) + 1
+            keys = torch.arange(span, device=self.device)[None, :]
+            masks[None] = (keys <= p[:, None])[:, None, None, :]
+        else:
+            masks[None] = None  # right padding: a real query never sees the pads after it, causal is exact
+
+        def attend(i, q, k, v, window, softcap, scaling):
+            key = "causal" if window is None and softcap is not None and not decode else window
+            mask = masks.get(key, False)
+            if mask is False:
+                mask = masks[key] = self._window_mask(pos, window, decode)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            if decode:
+                kc[rows, :, p] = k[:, :, 0]
+                vc[rows, :, p] = v[:, :, 0]
+                if first_row is not None:
+                    k, v = kc[first_row:first_row + n, :, :span], vc[first_row:first_row + n, :, :span]
+                else:  # index_select: the rows of ``kc[rows, :, :span]`` at about 0.4x its cost on CPU
+                    k = kc.narrow(2, 0, span).index_select(0, rows)
+                    v = vc.narrow(2, 0, span).index_select(0, rows)
+            else:
+                kc[rows, :, :t] = k
+                vc[rows, :, :t] = v
+            return self._attention(q, k, v, mask, scaling, softcap, decode)
+
+        return self._layers_forward(ids, pos, attend)
+
+    def _attention(self, q, k, v, mask, scaling: float, softcap, decode: bool) -> torch.Tensor:
+        """(n, heads, t, d) queries over (n, kv heads, keys, d); ``mask``: True = attend, or None: causal."""
+        if softcap is not None:
+            return _softcapped_attention(q, k, v, mask, scaling, softcap, self.n_heads // self.n_kv)
+        if decode and self._eager_decode and q.shape[0] > 1:  # (one row: SDPA's kernel is the faster, measured)
+            return _eager_decode_attention(q, k, v, mask, scaling, self.n_heads // self.n_kv)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=self._gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=self._gqa)
+
+    def _layers_forward(self, ids: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder over ``ids`` (b, t) at positions ``pos`` (b, t); ``attend(layer, q, k, v, window,
+        softcap, scaling)`` keeps the layer's keys and values and answers its attention output
+        (b, heads, t, head_dim), given q (b, heads, t, head_dim) and k, v (b, kv heads, t, head_dim)."""
+        n, t = ids.shape
         h = self.inner.embed_tokens(ids)
         plan = self.plan
         if plan.embedding_multiplier is not None:
@@ -307,14 +352,6 @@ class GenerationEngine(Engine):
         else:
             cs = self.inner.rotary_emb(h, pos)
         fused = self.plan.layout.fused_qkv
-        masks: dict[object, torch.Tensor | None] = {}
-        if decode:
-            p = pos[:, 0]
-            span = int(p.max()) + 1
-            keys = torch.arange(span, device=self.device)[None, :]
-            masks[None] = (keys <= p[:, None])[:, None, None, :]
-        else:
-            masks[None] = None  # right padding: a real query never sees the pads after it, causal is exact
         for i, (attn, pre_norm, post_attn_norm, pre_mlp_norm, post_mlp_norm, mlp, q_norm, k_norm, window,
                 softcap, scaling, layer_type) in enumerate(self._layers):
             x = h if pre_norm is None else pre_norm(h)
@@ -334,30 +371,7 @@ class GenerationEngine(Engine):
             v = v.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
             cos, sin = ropes[layer_type] if self.plan.layout.rope_per_layer_type else cs
             q, k = self._rope(q, k, cos, sin)
-            key = "causal" if window is None and softcap is not None and not decode else window
-            mask = masks.get(key, False)
-            if mask is False:
-                mask = masks[key] = self._window_mask(pos, window, decode)
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            if decode:
-                kc[rows, :, p] = k[:, :, 0]
-                vc[rows, :, p] = v[:, :, 0]
-                if first_row is not None:
-                    k, v = kc[first_row:first_row + n, :, :span], vc[first_row:first_row + n, :, :span]
-                else:  # index_select: the rows of ``kc[rows, :, :span]`` at about 0.4x its cost on CPU
-                    k = kc.narrow(2, 0, span).index_select(0, rows)
-                    v = vc.narrow(2, 0, span).index_select(0, rows)
-            else:
-                kc[rows, :, :t] = k
-                vc[rows, :, :t] = v
-            if softcap is not None:
-                o = _softcapped_attention(q, k, v, mask, scaling, softcap, self.n_heads // self.n_kv)
-            elif decode and self._eager_decode and n > 1:  # (one row: SDPA's kernel is the faster, measured)
-                o = _eager_decode_attention(q, k, v, mask, scaling, self.n_heads // self.n_kv)
-            elif mask is None:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=self._gqa)
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=self._gqa)
+            o = attend(i, q, k, v, window, softcap, scaling)
             o = attn.o_proj(o.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim))
             if post_attn_norm is not None:
                 o = post_attn_norm(o)
@@ -470,6 +484,107 @@ class GenerationEngine(Engine):
             s.pos = len(s.prompt)
         self.last_logits = logits
         return self._sample(logits, seqs)
+
+    @torch.inference_mode()
+    def step(self, new: list[Sequence], running: list[Sequence]) -> tuple[list[int], list[int]]:
+        """The prefill of ``new`` and a decode step of ``running`` in one forward: every token of both goes
+        through the linear layers at once (one pass of the per-layer fixed cost, and no padding there);
+        attention runs apart for the decode rows (over their cache) and the prompts (causal, padded).
+        Returns (new's first tokens, running's next tokens), each in the order given. Separate ``prefill``
+        and ``decode`` calls where packing does not apply (prompt logprobs asked, rows not 0..n-1). On an
+        error the new sequences' rows are freed again and nothing of ``running`` has moved, so the caller
+        may retry the two apart."""
+        if not new or not running:
+            return (self.prefill(new) if new else []), (self.decode(running) if running else [])
+        order = sorted(range(len(running)), key=lambda i: running[i].row)
+        run = [running[i] for i in order]
+        if (run[0].row != 0 or run[-1].row != len(run) - 1 or len(run) != len(self._row_seq)
+                or any(s.prompt_logprobs is not None for s in new)
+                or len(self._row_seq) + len(new) > self.max_seqs):
+            return self.prefill(new), self.decode(running)
+        try:
+            return self._packed(new, run, order)
+        except Exception:
+            for s in reversed(new):  # the last rows: freeing them moves nothing
+                self.finish(s)
+            raise
+
+    def _packed(self, new: list[Sequence], run: list[Sequence], order: list[int]) -> tuple[list[int], list[int]]:
+        dev = self.device
+        for s in new:
+            s.row = len(self._row_seq)
+            self._row_seq[s.row] = s
+            if s.seed is not None:
+                s.generator = torch.Generator(device=dev).manual_seed(s.seed)
+        nd, n_p = len(run), len(new)
+        lens = [len(s.prompt) for s in new]
+        longest = max(lens)
+        ids, pos, slots, dest, last = [], [], [], [], []
+        for s in run:
+            ids.append(s.generated[-1])
+            pos.append(s.pos)
+            slots.append(s.slot)
+        for j, s in enumerate(new):
+            ids += s.prompt
+            pos += range(len(s.prompt))
+            slots += [s.slot] * len(s.prompt)
+            dest += range(j * longest, j * longest + len(s.prompt))
+            last.append(len(ids) - 1)
+        ids_t = torch.tensor([ids], device=dev)
+        pos_t = torch.tensor([pos], device=dev)
+        dest_t = torch.tensor(dest, device=dev)
+        rows_d = torch.arange(nd, device=dev)
+        rows_p = torch.tensor([s.row for s in new], device=dev)
+        p_d = pos_t[0, :nd]
+        span = max(s.pos for s in run) + 1
+        pos_d = p_d[:, None]
+        pos_p = torch.arange(longest, device=dev).expand(n_p, longest)
+        masks_d: dict[object, torch.Tensor] = {}
+        masks_p: dict[object, torch.Tensor | None] = {None: None}  # right padding: causal is exact
+
+        def pad(x: torch.Tensor) -> torch.Tensor:  # (heads, prompt tokens, d) -> (n_p, heads, longest, d)
+            out = x.new_zeros(x.shape[0], n_p * longest, x.shape[2])
+            out[:, dest_t] = x
+            return out.view(x.shape[0], n_p, longest, x.shape[2]).transpose(0, 1)
+
+        def attend(i, q, k, v, window, softcap, scaling):
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            # The decode rows: one query each over its cache row (rows 0..nd-1, a slice).
+            mask = masks_d.get(window)
+            if mask is None:
+                mask = masks_d[window] = self._window_mask(pos_d, window, True)
+            kc[rows_d, :, p_d] = k[0, :, :nd].transpose(0, 1)
+            vc[rows_d, :, p_d] = v[0, :, :nd].transpose(0, 1)
+            od = self._attention(q[0, :, :nd].transpose(0, 1).unsqueeze(2), kc[:nd, :, :span], vc[:nd, :, :span],
+                                 mask, scaling, softcap, True)  # (nd, heads, 1, d)
+            # The prompts, padded on the right as one prefill forward pads them.
+            qp, kp, vp = pad(q[0, :, nd:]), pad(k[0, :, nd:]), pad(v[0, :, nd:])
+            kc[rows_p, :, :longest] = kp
+            vc[rows_p, :, :longest] = vp
+            key = "causal" if window is None and softcap is not None else window
+            mp = masks_p.get(key, False)
+            if mp is False:
+                mp = masks_p[key] = self._window_mask(pos_p, window, False)
+            op = self._attention(qp, kp, vp, mp, scaling, softcap, False)  # (n_p, heads, longest, d)
+            op = op.transpose(0, 1).reshape(op.shape[1], n_p * longest, op.shape[3])[:, dest_t]
+            return torch.cat([od[:, :, 0].transpose(0, 1), op], dim=1).unsqueeze(0)
+
+        self.patch.ctx.set(torch.tensor(slots, device=dev))
+        try:
+            h = self._layers_forward(ids_t, pos_t, attend)
+            logits = self._logits(h[0, torch.tensor(list(range(nd)) + last, device=dev)])
+        finally:
+            self.patch.ctx.set(None)
+        for s in run:
+            s.pos += 1
+        for s in new:
+            s.pos = len(s.prompt)
+        toks = self._sample(logits, run + new)
+        self.last_logits = logits  # running in row order, then new (tests compare them with PEFT's)
+        back = [0] * nd
+        for j, i in enumerate(order):
+            back[i] = toks[j]
+        return toks[nd:], back
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> list[int]:

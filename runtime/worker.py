@@ -428,9 +428,16 @@ class ModelWorker(threading.Thread):
             new = self._acquire(self.sched.take(room, self._acceptor(held), in_flight=len(self.active)))
         t0, c0 = time.perf_counter(), time.thread_time()
         if new:
-            seqs = [w.payload for w in new]
             for w in new:
                 w.payload.slot = w.payload_slot
+        rows = len(self.active) + len(new)
+        if new and self.active and self._packed_step(engine, new):
+            if self.metrics:
+                self.metrics.batch(engine.task, rows, time.perf_counter() - t0, time.thread_time() - c0)
+            return
+        if new:
+            seqs = [w.payload for w in new]
+            for w in new:
                 w.steps += 1
             try:
                 toks = engine.prefill(seqs)
@@ -466,6 +473,26 @@ class ModelWorker(threading.Thread):
             if self.metrics:
                 self.metrics.batch(engine.task, len(self.active) + len(new), time.perf_counter() - t0,
                                    time.thread_time() - c0)
+
+    def _packed_step(self, engine: GenerationEngine, new: list[Work]) -> bool:
+        """The new sequences' prefill and the running ones' decode step in one forward
+        (``GenerationEngine.step``); False if it failed, after which the caller runs the two apart (the
+        engine has undone the new rows), so one bad prompt costs the others nothing."""
+        running = list(self.active)
+        try:
+            toks_new, toks_run = engine.step([w.payload for w in new], [w.payload for w in running])
+        except Exception:
+            log.exception("packed prefill + decode step failed; running the two apart")
+            return False
+        for w, tok in zip(new, toks_new):
+            w.steps += 1
+            self._send(w, "token", tok)
+        for w, tok in zip(running, toks_run):
+            w.steps += 1
+            self._send(w, "token", tok)
+        self.active.extend(new)
+        self._retire()
+        return True
 
     def _fail(self, w: Work, error: Exception) -> None:
         self.engine.finish(w.payload)

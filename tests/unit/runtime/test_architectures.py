@@ -82,8 +82,11 @@ def _save(cfg, out):
     return out
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["apart", "packed"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_batched_greedy_equals_hf_and_peft_per_row(name, tmp_path):
+def test_batched_greedy_equals_hf_and_peft_per_row(name, packed, tmp_path):
+    """apart: one prefill of every row, then decode steps; packed: two rows start, and the other three are
+    prefilled in the same forward as the first two's decode step (``GenerationEngine.step``)."""
     cfg, targets = CONFIGS[name]
     base = _save(cfg, tmp_path / "base")
     adapters = [make_generation_adapter(base, tmp_path / f"a{i}", seed=10 + i, r=4 + 4 * i, alpha=16,
@@ -101,14 +104,21 @@ def test_batched_greedy_equals_hf_and_peft_per_row(name, tmp_path):
     seqs = [Sequence(prompt=oracle.tok(p)["input_ids"], max_new_tokens=NEW_TOKENS,
                      slot=engine.acquire(None if a is None else entries[a])) for a, p in rows]
     assert max(len(s.prompt) for s in seqs) > 8 > min(len(s.prompt) for s in seqs)
-    engine.prefill(seqs)
+    first = 2 if packed else len(seqs)  # the rows whose prefill logits are checked start at ``first``
+    engine.prefill(seqs[:first] if packed else seqs)
+    if packed:
+        engine.step(seqs[first:], seqs[:first])
+        prefill_logits = engine.last_logits[first:]  # the decode rows first, then the new ones
+    else:
+        prefill_logits, first = engine.last_logits, 0
     # Logits too (sampling sees them; a final soft-cap never changes the argmax): base rows vs HF.
     hf = oracle._model(None)
     for i, (a, _) in enumerate(rows):
-        if a is None:
+        if a is None and i >= first:
             with torch.inference_mode():
                 ref = hf(input_ids=torch.tensor([seqs[i].prompt])).logits[0, -1]
-            torch.testing.assert_close(engine.last_logits[i], ref, atol=1e-4, rtol=1e-4, msg=f"{name}: row {i}")
+            torch.testing.assert_close(prefill_logits[i - first], ref, atol=1e-4, rtol=1e-4,
+                                       msg=f"{name}: row {i}")
     for _ in range(NEW_TOKENS - 1):
         engine.decode(seqs)
     refs = []
