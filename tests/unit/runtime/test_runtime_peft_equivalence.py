@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from lorafleet.contracts.runtime_api import AdapterLoadRequest
@@ -149,3 +150,35 @@ def test_the_loops_token_ids_and_counts_are_the_tokenizers_own(minilm, tiny_llam
         count = lambda text: len(encode(text))  # noqa: E731 - ClassificationEngine.count_tokens
         assert [count(t) for t in texts] == [len(tok(t)["input_ids"]) for t in texts], model
         assert [encode(t) for t in texts] == [tok(t)["input_ids"] for t in texts], model
+
+
+def test_a_failed_packed_step_frees_its_new_rows_and_the_two_apart_still_answer_peft(tiny_llama, gen_adapters):
+    """What the model worker relies on when a packed step raises: the new sequences' rows are free again and
+    the running ones have not moved, so prefill and decode apart give every row PEFT's greedy answer."""
+    engine = GenerationEngine.from_dir(tiny_llama, device_slots=8, max_seqs=16)
+    manager = AdapterManager("text-generation", 16)
+    engine.bind(manager)
+    entries = _register(manager, gen_adapters)
+    oracle = PeftOracle(tiny_llama, "text-generation")
+    names = list(gen_adapters)[:4]
+    seqs = [Sequence(prompt=oracle.tok(PROMPTS[i])["input_ids"], max_new_tokens=6, slot=engine.acquire(entries[n]))
+            for i, n in enumerate(names)]
+    running, new = seqs[:2], seqs[2:]
+    engine.prefill(running)
+    real = engine._layers_forward
+
+    def broken(*a, **k):
+        raise RuntimeError("injected")
+
+    engine._layers_forward = broken
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step(new, running)
+    engine._layers_forward = real
+    assert len(engine.free_rows) == 14 and all(s.row == -1 for s in new), "the new rows are free again"
+    assert [len(s.generated) for s in running] == [1, 1] and [s.pos for s in running] == [len(s.prompt) for s in running]
+    engine.prefill(new)
+    engine.decode(running)
+    for _ in range(5):
+        engine.decode(seqs)
+    for i, (name, s) in enumerate(zip(names, seqs)):
+        assert s.generated[:6] == oracle.greedy(gen_adapters[name], PROMPTS[i], 6), f"row {i} ({name})"
