@@ -51,7 +51,8 @@ def median_ms(fn, reps: int) -> float:
 
 def ceiling(eng, entries, model: Path, rows: list[int], seconds: float, packed: bool = True) -> dict:
     """serve_bench's workload by the engine alone (see the module's doc); per row count: output tokens/s,
-    the time in prefill and in decode, the mean rows a decode step ran."""
+    the shares of time in prefill and in decode forwards (packed: and in packed steps), the mean rows a
+    decode step ran."""
     import bisect
     import time
 
@@ -76,32 +77,31 @@ def ceiling(eng, entries, model: Path, rows: list[int], seconds: float, packed: 
 
         active: list = []
         tokens = steps = decode_rows = 0
-        pre = dec = 0.0
+        pre = dec = both = 0.0
         start = time.perf_counter()
         end = start + seconds + 1.0  # the first second fills the rows and is not counted
         counting = False
         while True:
             now = time.perf_counter()
             if not counting and now >= start + 1.0:
-                counting, tokens, steps, decode_rows, pre, dec, t0 = True, 0, 0, 0, 0.0, 0.0, now
+                counting, tokens, steps, decode_rows, pre, dec, both, t0 = True, 0, 0, 0, 0.0, 0.0, 0.0, now
             if now >= end:
                 break
             fresh = [new() for _ in range(b - len(active))]
             a = time.perf_counter()
             if fresh and active and packed:  # as the model worker does: one forward for both
                 eng.step([s for s, _ in fresh], [s for s, _ in active])
-                m = a
+                both += time.perf_counter() - a
             else:
                 if fresh:
                     eng.prefill([s for s, _ in fresh])
                 m = time.perf_counter()
                 if active:
                     eng.decode([s for s, _ in active])
-            z = time.perf_counter()
+                pre, dec = pre + (m - a), dec + (time.perf_counter() - m)
             tokens += len(fresh) + len(active)
             decode_rows += len(active)
             steps += 1
-            pre, dec = pre + (m - a), dec + (z - m)
             active += fresh
             for item in [x for x in active if eng.is_done(x[0])]:
                 eng.finish(item[0])
@@ -113,6 +113,8 @@ def ceiling(eng, entries, model: Path, rows: list[int], seconds: float, packed: 
             eng.release(e)
         out[b] = {"output_tokens_per_s": round(tokens / wall, 1), "prefill_share": round(pre / wall, 2),
                   "decode_share": round(dec / wall, 2), "mean_decode_rows": round(decode_rows / max(1, steps), 1)}
+        if packed:  # prefill_share / decode_share: the steps that had only one kind of work
+            out[b]["packed_share"] = round(both / wall, 2)
     return out
 
 

@@ -307,7 +307,7 @@ class GenerationEngine(Engine):
             masks[None] = None  # right padding: a real query never sees the pads after it, causal is exact
 
         def attend(i, q, k, v, window, softcap, scaling):
-            key = "causal" if window is None and softcap is not None and not decode else window
+            key = window if decode else _prefill_mask_key(window, softcap)
             mask = masks.get(key, False)
             if mask is False:
                 mask = masks[key] = self._window_mask(pos, window, decode)
@@ -453,8 +453,8 @@ class GenerationEngine(Engine):
         self.last_logits = logits
         return toks
 
-    def _prefill(self, seqs: list[Sequence]) -> list[int]:
-        """One padded forward over these sequences' prompts (right padding: causal attention is exact)."""
+    def _take_rows(self, seqs: list[Sequence]) -> None:
+        """A cache row each, after the rows in use (and a seeded generator for a sequence with a seed)."""
         for s in seqs:
             if not self.has_row():
                 raise RuntimeError(f"no free KV cache row: all {self.max_seqs} hold running sequences")
@@ -462,6 +462,10 @@ class GenerationEngine(Engine):
             self._row_seq[s.row] = s
             if s.seed is not None:
                 s.generator = torch.Generator(device=self.device).manual_seed(s.seed)
+
+    def _prefill(self, seqs: list[Sequence]) -> list[int]:
+        """One padded forward over these sequences' prompts (right padding: causal attention is exact)."""
+        self._take_rows(seqs)
         t = max(len(s.prompt) for s in seqs)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([s.prompt + [pad] * (t - len(s.prompt)) for s in seqs], device=self.device)
@@ -511,14 +515,9 @@ class GenerationEngine(Engine):
 
     def _packed(self, new: list[Sequence], run: list[Sequence], order: list[int]) -> tuple[list[int], list[int]]:
         dev = self.device
-        for s in new:
-            s.row = len(self._row_seq)
-            self._row_seq[s.row] = s
-            if s.seed is not None:
-                s.generator = torch.Generator(device=dev).manual_seed(s.seed)
+        self._take_rows(new)
         nd, n_p = len(run), len(new)
-        lens = [len(s.prompt) for s in new]
-        longest = max(lens)
+        longest = max(len(s.prompt) for s in new)
         ids, pos, slots, dest, last = [], [], [], [], []
         for s in run:
             ids.append(s.generated[-1])
@@ -561,7 +560,7 @@ class GenerationEngine(Engine):
             qp, kp, vp = pad(q[0, :, nd:]), pad(k[0, :, nd:]), pad(v[0, :, nd:])
             kc[rows_p, :, :longest] = kp
             vc[rows_p, :, :longest] = vp
-            key = "causal" if window is None and softcap is not None else window
+            key = _prefill_mask_key(window, softcap)
             mp = masks_p.get(key, False)
             if mp is False:
                 mp = masks_p[key] = self._window_mask(pos_p, window, False)
@@ -667,6 +666,12 @@ def _softcapped_attention(q, k, v, mask, scaling: float, softcap: float, groups:
     w = w.masked_fill(~mask, float("-inf"))
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(w, v)
+
+
+def _prefill_mask_key(window: int | None, softcap) -> object:
+    """Which prefill mask a layer needs: None (causal SDPA, no mask), its window, or "causal" (an explicit
+    causal mask, for soft-capped attention, which cannot use SDPA's)."""
+    return "causal" if window is None and softcap is not None else window
 
 
 def _eager_decode_attention(q, k, v, mask, scaling: float, groups: int) -> torch.Tensor:

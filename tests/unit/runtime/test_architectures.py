@@ -104,13 +104,14 @@ def test_batched_greedy_equals_hf_and_peft_per_row(name, packed, tmp_path):
     seqs = [Sequence(prompt=oracle.tok(p)["input_ids"], max_new_tokens=NEW_TOKENS,
                      slot=engine.acquire(None if a is None else entries[a])) for a, p in rows]
     assert max(len(s.prompt) for s in seqs) > 8 > min(len(s.prompt) for s in seqs)
-    first = 2 if packed else len(seqs)  # the rows whose prefill logits are checked start at ``first``
-    engine.prefill(seqs[:first] if packed else seqs)
+    first = 2 if packed else 0  # the rows whose prefill logits are checked start here
     if packed:
+        engine.prefill(seqs[:first])
         engine.step(seqs[first:], seqs[:first])
         prefill_logits = engine.last_logits[first:]  # the decode rows first, then the new ones
     else:
-        prefill_logits, first = engine.last_logits, 0
+        engine.prefill(seqs)
+        prefill_logits = engine.last_logits
     # Logits too (sampling sees them; a final soft-cap never changes the argmax): base rows vs HF.
     hf = oracle._model(None)
     for i, (a, _) in enumerate(rows):
