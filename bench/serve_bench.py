@@ -1,7 +1,8 @@
 """Serving benchmark at the level users feel: engines under open-loop load through HTTP, one JSON line.
 
 Contenders, each a server in its own process, one after another on the same seeded model and adapters:
-  torch  lorafleet's torch engine (`lorafleet serve --engine torch`)
+  torch  lorafleet's torch engine (`lorafleet serve --engine torch`, its default --model-process)
+  torch-inline / torch-process  the same with `--model-process inline` / `process` (side by side in one run)
   vllm   lorafleet's vLLM engine (`lorafleet serve --engine vllm`, run by the vLLM virtualenv's python)
   peft   the seed article's baseline: one PEFT model behind an asyncio.Lock, set_adapter per request
          (bench/peft_baseline.py; by default only N <= --peft-max-n: loading 1,000 PEFT adapters is slow)
@@ -162,14 +163,15 @@ class Server:
                 env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
                 env.setdefault("LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION", "0.3")
             env["LORA_ADAPTERS"] = ",".join(f"{n}={p}" for n, p in adapters)
-            cmd = [python, "-m", "lorafleet", "serve", "--engine", contender, "--model", str(model),
+            engine, _, where = contender.partition("-")
+            cmd = [python, "-m", "lorafleet", "serve", "--engine", engine, "--model", str(model),
                    "--host", "127.0.0.1", "--port", str(self.port), "--admin-port", str(free_port()),
                    "--metrics-port", str(free_port()), "--device", args.device, "--dtype", args.dtype,
                    "--device-slots", str(args.device_slots), "--host-adapters", str(max(512, len(adapters))),
                    "--max-rank", str(max(RANKS)), "--max-batch-size", str(args.max_batch_size),
                    "--max-model-len", str(args.max_model_len), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
                    "--per-tenant-max-inflight", "1024", "--torch-threads", str(args.threads),
-                   "--log-level", "warning"]
+                   "--log-level", "warning"] + (["--model-process", where] if where else [])
             self.ready_path = "/readyz"
         self.log = open(log, "w")
         t0 = time.monotonic()
@@ -482,9 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     args.clients = args.clients or 2 * args.max_batch_size
     args.rate_fractions = [float(x) for x in args.rates.split(",")]
     contenders = [c for c in args.contenders.split(",") if c]
-    unknown = set(contenders) - {"torch", "vllm", "peft"}
+    unknown = set(contenders) - {"torch", "torch-inline", "torch-process", "vllm", "peft"}
     if unknown:
-        p.error(f"--contenders: unknown {', '.join(sorted(unknown))} (torch, vllm, peft)")
+        p.error(f"--contenders: unknown {', '.join(sorted(unknown))} (torch, torch-inline, torch-process, vllm, peft)")
     if "vllm" in contenders and not (args.vllm_python and Path(args.vllm_python).exists()):
         p.error("the vllm contender needs --vllm-python (or LORAFLEET_VLLM_PYTHON): the vLLM virtualenv's python, "
                 "$(tools/venv-vllm)/bin/python")
@@ -524,11 +526,13 @@ def main(argv: list[str] | None = None) -> int:
             texts_by[(c, n)] = texts
             out["results"][c][str(n)] = res
     for (c, n), texts in texts_by.items():
-        ref = texts_by.get(("torch", n))
-        if ref is None or c == "torch":
+        # The reference: the torch engine as configured, else its first variant run (torch-inline / -process).
+        ref_c = next((t for t in ("torch", "torch-inline", "torch-process") if (t, n) in texts_by), None)
+        ref = texts_by.get((ref_c, n))
+        if ref is None or c == ref_c:
             continue
         both = set(ref) & set(texts)
-        out["results"][c][str(n)]["same_text_as_torch"] = [sum(1 for k in both if ref[k] == texts[k]), len(both)]
+        out["results"][c][str(n)][f"same_text_as_{ref_c}"] = [sum(1 for k in both if ref[k] == texts[k]), len(both)]
     tr = out["results"].get("torch", {})
     sat = {n: r["saturated_output_tokens_per_s"] for n, r in tr.items()}
     targets = {}

@@ -518,6 +518,12 @@ class RuntimeSettings(ComponentSettings):
         help="who serves the public port: process (an HTTP front process of its own takes the connections, HTTP "
              "parsing and refusals off the model's interpreter lock, and forwards the rest to the model server on "
              "a private socket) or inline (the model server's event loop does it all)")
+    model_process: Literal["auto", "inline", "process"] = setting(
+        "auto", env="LORAFLEET_MODEL_PROCESS", flags=("--model-process",),
+        help="where a text-generation pool's torch engine computes: process (a model process of its own holds the "
+             "model, KV cache and adapter slots, so the forward passes do not share an interpreter lock with the "
+             "HTTP event loop; answers are the same), inline (a thread of the model server; other tasks always), "
+             "or auto (process for text generation on CPU, where it was measured faster; inline elsewhere)")
     log_level: LogLevel = setting("info", flags=("--log-level",), help="log level")
 
     @model_validator(mode="after")

@@ -150,6 +150,9 @@ class ServingEngine(ABC):
     task: str = ""
     tokenizer: Any = None
     dtype: Any = None  # the adapters' weight dtype in host memory (the tiers need it)
+    # Set by the runtime: called (from any thread) with the reason when the engine can never serve again
+    # (its model process died); the runtime then stops with exit code 1.
+    on_fatal: Any = None
 
     # --- requests ---------------------------------------------------------------------------------
     @abstractmethod

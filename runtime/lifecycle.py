@@ -152,6 +152,9 @@ class Runtime:
         # snapshot went to it (front_link.py), and how often the adapter names changed.
         self.front_acks: list[int] = []
         self.names_changed = 0
+        # The engine can no longer serve (its model process died): the reason, and who stops the servers.
+        self.fatal: str | None = None
+        self.fatal_hooks: list = []
 
     # --- lifecycle -------------------------------------------------------------------------------
     def load(self, wait_s: float = 0.0) -> None:
@@ -186,6 +189,7 @@ class Runtime:
         manager = AdapterManager(self.task, s.host_adapters, s.cache_dir or None, engine.dtype,
                                  on_event=self._adapter_event)
         engine.bind(manager)
+        engine.on_fatal = self._engine_failed
         self.engine, self.manager = engine, manager
         if self.freeze_gc:
             # The model, tokenizer and imported modules are ~430,000 Python objects that live as long as
@@ -222,6 +226,20 @@ class Runtime:
         t = threading.Thread(target=run, name="lorafleet-model-loader", daemon=True)
         t.start()
         return t
+
+    def _engine_failed(self, reason: str) -> None:
+        """The engine lost its model for good (any thread): not ready, the admin API says why, and the
+        servers stop with exit code 1 so that the container restarts (``server.serve_async``)."""
+        if self.fatal is not None:
+            return
+        self.fatal = reason
+        self.model_error, self.model_state = reason, "failed"
+        self.loaded.clear()
+        for hook in list(self.fatal_hooks):
+            try:
+                hook(reason)
+            except Exception:
+                log.exception("stopping after the engine failed")
 
     def model_status(self) -> ModelStatus:
         return ModelStatus(state=self.model_state, message=self.model_error or "", task=self.task,

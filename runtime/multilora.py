@@ -164,6 +164,16 @@ class MultiHead(nn.Module):
         return torch.bmm(self.W[idx], x.unsqueeze(-1)).squeeze(-1) + self.b[idx]
 
 
+def check_fit(adapter: HostAdapter, base: BaseModelInfo, max_rank: int) -> None:
+    """``LoRAModelPatch.check`` against a model's layout (``base_info``), wherever the model is."""
+    problems = fit_problems(
+        {p: ((w.rank, w.a.shape[0]), (w.b.shape[1], w.rank)) for p, w in adapter.modules.items()},
+        {p: {k: tuple(t.shape) for k, t in h.items()} for p, h in adapter.heads.items()},
+        adapter.settings, Limits(max_rank=max_rank, max_adapter_bytes=None), base)
+    if problems:
+        raise AdapterFormatError("; ".join(p.message for p in problems), problems[0].category)
+
+
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), attr
@@ -222,12 +232,7 @@ class LoRAModelPatch:
     def check(self, adapter: HostAdapter) -> None:
         """Refuse, before it takes a slot, an adapter that cannot fit this model (the adapter rules'
         shape checks against the loaded modules, with the pool's maxRank)."""
-        problems = fit_problems(
-            {p: ((w.rank, w.a.shape[0]), (w.b.shape[1], w.rank)) for p, w in adapter.modules.items()},
-            {p: {k: tuple(t.shape) for k, t in h.items()} for p, h in adapter.heads.items()},
-            adapter.settings, Limits(max_rank=self.max_rank, max_adapter_bytes=None), self.base_info())
-        if problems:
-            raise AdapterFormatError("; ".join(p.message for p in problems), problems[0].category)
+        check_fit(adapter, self.base_info(), self.max_rank)
 
     def install(self, slot: int, adapter: HostAdapter) -> None:
         self.check(adapter)

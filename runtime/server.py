@@ -147,18 +147,43 @@ async def _serve(rt, public_sock, admin_sock, metrics_sock, stop, log_level, on_
         if on_started is not None:
             on_started(stack)
     code = 0
+    # The engine failing for good (its model process died) stops the servers with exit code 1.
+    loop = asyncio.get_running_loop()
+    fatal = asyncio.Event()
+
+    def on_fatal(_reason: str) -> None:
+        try:
+            loop.call_soon_threadsafe(fatal.set)
+        except RuntimeError:  # the loop is gone: the servers are stopping anyway
+            pass
+
+    rt.fatal_hooks.append(on_fatal)
+    if rt.fatal is not None:
+        fatal.set()
+    fatal_task = asyncio.ensure_future(fatal.wait())
+    waits = {fatal_task, pub_task}
     if stop is not None:
-        waits = {asyncio.ensure_future(stop.wait()), pub_task}
-        if front_task is not None:
-            waits.add(front_task)
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        if front_task is not None and front_task.done() and not link.stopping:
-            log.error("the HTTP front process %d exited unexpectedly (code %s): the runtime stops with exit "
-                      "code 1 so that its container restarts", link.pid, front_task.result())
-            code = 1
-        elif link is not None:
+        waits.add(asyncio.ensure_future(stop.wait()))
+    if front_task is not None:
+        waits.add(front_task)
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    rt.fatal_hooks.remove(on_fatal)
+    if fatal.is_set():
+        log.error("%s: the runtime stops with exit code 1 so that its container restarts", rt.fatal)
+        code = 1
+        if link is not None:
             await link.stop()
+    elif front_task is not None and front_task.done() and not link.stopping:
+        log.error("the HTTP front process %d exited unexpectedly (code %s): the runtime stops with exit "
+                  "code 1 so that its container restarts", link.pid, front_task.result())
+        code = 1
+    elif link is not None:
+        await link.stop()
+    if not pub_task.done():
         pub.should_exit = True
+    for w in waits:
+        if w is not pub_task and w is not front_task and not w.done():
+            w.cancel()
     await pub_task
     for srv, _ in others:
         srv.should_exit = True

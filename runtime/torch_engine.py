@@ -15,6 +15,17 @@ from lorafleet.runtime.worker import ModelWorker, Scheduler
 log = logging.getLogger("lorafleet.runtime")
 
 
+def model_process(s: RuntimeSettings, task: str) -> str:
+    """Where the torch engine's model computes: "process" (model_process.py) or "inline" (a worker thread).
+    auto: a process for text generation on CPU (measured faster there, docs/benchmarks.md); inline on a GPU,
+    where it has not been measured yet, and for the other tasks, which have no model process."""
+    if task != "text-generation":
+        return "inline"
+    if s.model_process == "auto":
+        return "process" if s.device.startswith("cpu") else "inline"
+    return s.model_process
+
+
 class TorchEngine(ServingEngine):
     def __init__(self, model_engine, settings: RuntimeSettings, metrics=None):
         self.model = model_engine  # ClassificationEngine or GenerationEngine
@@ -29,6 +40,12 @@ class TorchEngine(ServingEngine):
         worker_class = getattr(model_engine, "worker_class", ModelWorker)
         self.worker = worker_class(model_engine, self.scheduler, settings.max_batch_size,
                                   settings.max_batch_delay_ms, metrics)
+        if hasattr(model_engine, "on_death"):  # a model process (model_process.py)
+            model_engine.on_death = self._model_died
+
+    def _model_died(self, reason: str) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     @classmethod
     def from_dir(cls, model_dir: Path, task: str, settings: RuntimeSettings, metrics=None) -> "TorchEngine":
@@ -46,6 +63,15 @@ class TorchEngine(ServingEngine):
             # Merging into quantized weights is not PEFT's merge_and_unload over the float base.
             raise UnsupportedModel(f"spec.model.mergedAdapter with quantization {s.quantization}: a merged pool merges "
                                    "into unquantized weights only; set spec.model.quantization: none")
+        if s.model_process == "process" and task != "text-generation":
+            from lorafleet.runtime.architectures import UnsupportedModel
+
+            raise UnsupportedModel(f"--model-process process (LORAFLEET_MODEL_PROCESS): only text-generation pools run "
+                                   f"their model in a process of its own, and this pool is {task}; set it to auto "
+                                   "or inline")
+        log.info("model: %s (--model-process %s, task %s, device %s)",
+                 "a process of its own" if model_process(s, task) == "process" else "a thread of the model server",
+                 s.model_process, task, s.device)
         if task == "text-to-image":
             from lorafleet.runtime.diffusion import DiffusionEngine
 
@@ -55,10 +81,16 @@ class TorchEngine(ServingEngine):
             engine = DiffusionEngine.from_dir(model_dir, dtype=s.dtype, device=s.device, device_slots=s.device_slots,
                                               max_rank=s.max_rank)
         elif task == "text-generation":
-            engine = GenerationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device, device_slots=s.device_slots,
-                                               max_rank=s.max_rank, max_seqs=s.max_batch_size,
-                                               max_len=s.max_model_len or None, quantization=s.quantization,
-                                               merged_adapter=s.merged_adapter_dir or None)
+            kwargs = dict(dtype=s.dtype, device=s.device, device_slots=s.device_slots, max_rank=s.max_rank,
+                          max_seqs=s.max_batch_size, max_len=s.max_model_len or None, quantization=s.quantization,
+                          merged_adapter=s.merged_adapter_dir or None)
+            if model_process(s, task) == "process":
+                from lorafleet.runtime.lifecycle import torch_threads
+                from lorafleet.runtime.model_process import make_remote_engine
+
+                engine = make_remote_engine(model_dir, s, threads=torch_threads(s), **kwargs)
+            else:
+                engine = GenerationEngine.from_dir(model_dir, **kwargs)
         else:
             engine = ClassificationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device,
                                                    device_slots=s.device_slots, max_rank=s.max_rank,
@@ -158,3 +190,5 @@ class TorchEngine(ServingEngine):
         self.scheduler.close()
         if self.worker.is_alive():
             self.worker.join(timeout=10)
+        if hasattr(self.model, "close"):  # a model process (model_process.py) exits
+            self.model.close()

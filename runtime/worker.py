@@ -328,6 +328,11 @@ class ModelWorker(threading.Thread):
         for w in self.active:
             w.send("error", RuntimeError("the runtime is shutting down"))
 
+    def _cpu(self) -> float:
+        """CPU seconds of this thread, or of the model process that computes for it (model_process.py)."""
+        cpu = getattr(self.engine, "cpu_time", None)
+        return cpu() if cpu is not None else time.thread_time()
+
     def _send(self, w: Work, kind: str, value=None) -> None:
         """``w.send`` from this thread: events wait in order for ``_flush`` (after a step's forward
         pass), so a batch wakes the event loop once, not once per row."""
@@ -397,7 +402,7 @@ class ModelWorker(threading.Thread):
         batch = self._acquire(batch)
         if not batch:
             return
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0 = time.perf_counter(), self._cpu()
         for w in batch:
             w.steps += 1
         try:
@@ -413,7 +418,7 @@ class ModelWorker(threading.Thread):
             for w in batch:
                 self._release(w)
         if self.metrics:
-            self.metrics.batch(engine.task, len(batch), time.perf_counter() - t0, time.thread_time() - c0)
+            self.metrics.batch(engine.task, len(batch), time.perf_counter() - t0, self._cpu() - c0)
 
     def _generation_step(self) -> None:
         engine: GenerationEngine = self.engine  # type: ignore[assignment]
@@ -426,14 +431,14 @@ class ModelWorker(threading.Thread):
         if room > 0 and self.sched.queued:
             held = {w.key for w in self.active if w.key is not None}
             new = self._acquire(self.sched.take(room, self._acceptor(held), in_flight=len(self.active)))
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0 = time.perf_counter(), self._cpu()
         if new:
             for w in new:
                 w.payload.slot = w.payload_slot
         rows = len(self.active) + len(new)
         if new and self.active and self._packed_step(engine, new):
             if self.metrics:
-                self.metrics.batch(engine.task, rows, time.perf_counter() - t0, time.thread_time() - c0)
+                self.metrics.batch(engine.task, rows, time.perf_counter() - t0, self._cpu() - c0)
             return
         if new:
             seqs = [w.payload for w in new]
@@ -472,7 +477,7 @@ class ModelWorker(threading.Thread):
                 self._retire()
             if self.metrics:
                 self.metrics.batch(engine.task, len(self.active) + len(new), time.perf_counter() - t0,
-                                   time.thread_time() - c0)
+                                   self._cpu() - c0)
 
     def _packed_step(self, engine: GenerationEngine, new: list[Work]) -> bool:
         """The new sequences' prefill and the running ones' decode step in one forward

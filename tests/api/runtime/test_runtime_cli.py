@@ -100,3 +100,38 @@ def test_runtime_waits_for_its_model_then_loads_adapters_from_the_cache(tiny_lla
         assert 'python_gc_collections_total{generation="2"}' in metrics
     finally:
         assert _stop(p) == 0, (tmp_path / "runtime.log").read_text()[-2000:]
+
+
+def _model_process_of(pid: int) -> int:
+    from pathlib import Path
+
+    for task in Path(f"/proc/{pid}/task").iterdir():  # the loader thread started it: its own children list
+        for child in (task / "children").read_text().split():
+            if b"lorafleet.runtime.model_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError(f"process {pid} has no model process")
+
+
+def test_serve_exits_1_when_its_model_process_dies(tiny_llama, tmp_path):
+    """The model in a process of its own: answered through it, and if it dies the server says why and exits
+    1 (its container restarts) instead of serving errors."""
+    port = _free_port()
+    with open(tmp_path / "serve.log", "wb") as log:
+        p = _start(["serve", "--model", str(tiny_llama), "--port", str(port), "--admin-port", str(_free_port()),
+                    "--metrics-port", str(_free_port()), "--host", "127.0.0.1", "--model-process", "process"], log=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(url + "/readyz").status_code == 200, timeout=120, what="lorafleet serve ready")
+        base = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        r = httpx.post(url + "/v1/completions", json={"model": base, "prompt": "hello", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        child = _model_process_of(p.pid)
+        os.kill(child, signal.SIGKILL)
+        assert p.wait(timeout=60) == 1
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    text = (tmp_path / "serve.log").read_text()
+    assert f"the text-generation model process {child} died (signal 9)" in text
+    assert "stops with exit code 1 so that its container restarts" in text, text[-2000:]

@@ -35,11 +35,13 @@ def expected(oracle, gen_adapters20):
     return out
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama, gen_adapters20):
-    # Fewer device slots than adapters in use: slots are evicted and rewritten under traffic.
+@pytest.fixture(scope="module", params=["inline", "process"], ids=["model-inline", "model-process"])
+def server(request, tiny_llama, gen_adapters20):
+    # Fewer device slots than adapters in use: slots are evicted and rewritten under traffic. Every test
+    # runs twice: the model in a thread of the server, and in a model process of its own.
     srv = start_runtime(tiny_llama, device_slots=6, max_batch_size=16, max_batch_delay_ms=2, max_queue=512,
-                        per_tenant_max_inflight=64, max_queue_delay_ms=0)  # answers under contention, not shedding
+                        per_tenant_max_inflight=64, max_queue_delay_ms=0,  # answers under contention, not shedding
+                        model_process=request.param)
     with httpx.Client(base_url=srv.admin_url) as admin:
         for name, path in gen_adapters20.items():
             if "@" not in name:

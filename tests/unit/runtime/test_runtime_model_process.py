@@ -1,0 +1,154 @@
+"""The text-generation model in a process of its own (``--model-process process``, runtime/model_process.py)
+answers exactly as the engine in this process: the same tokens and logprobs, bit for bit, whatever the
+batch does (rows start apart or packed into a decode step, finish and move, adapters are evicted from
+too few device slots); what it refuses it refuses with the same message; and a model process that dies
+fails what was asked of it with a reason instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from lorafleet.contracts.runtime_api import AdapterLoadRequest
+from lorafleet.runtime.architectures import UnsupportedModel
+from lorafleet.runtime.engines import GenerationEngine, Sequence
+from lorafleet.runtime.model_process import ModelProcessDied, make_remote_engine
+from lorafleet.runtime.settings import RuntimeSettings
+from lorafleet.runtime.tiers import AdapterManager
+from support.models import PeftOracle, make_generation_adapter
+
+PROMPTS = ["hello world , how are", "please refund me , the invoice is wrong", "red green", "one two three four"]
+KW = dict(dtype="float32", device="cpu", max_rank=16, max_seqs=8, max_len=None, quantization="none",
+          merged_adapter=None)
+
+
+def _remote(model_dir, device_slots: int):
+    # The child computes with as many threads as this process, so float reductions run alike.
+    return make_remote_engine(model_dir, RuntimeSettings(), threads=torch.get_num_threads(),
+                              device_slots=device_slots, **KW)
+
+
+@pytest.fixture(scope="module")
+def three_adapters(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp-adapters")
+    return [make_generation_adapter(tiny_llama, root / f"a{i}", seed=40 + i, r=(4, 8, 16)[i], alpha=16)
+            for i in range(3)]
+
+
+def _script(engine, adapters, tok) -> list[Sequence]:
+    """A mixed batch through every kind of call: two rows prefilled, two more packed into their decode
+    step, one of them finished early (the last row moves into its cache row), a third adapter that must
+    evict one of the two device slots, greedy, seeded sampling and logprob rows side by side."""
+    manager = AdapterManager("text-generation", 8)
+    engine.bind(manager)
+    entries = []
+    for i, path in enumerate(adapters):
+        entry, _ = manager.register(f"a{i}", "1", AdapterLoadRequest(path=str(path), sha256="0" * 64, tenant=f"a{i}"))
+        assert entry.error is None, entry.error
+        entries.append(entry)
+
+    def seq(adapter, prompt, **kw):
+        return Sequence(prompt=tok(prompt)["input_ids"], max_new_tokens=12,
+                        slot=engine.acquire(None if adapter is None else entries[adapter]), **kw)
+
+    first = [seq(0, PROMPTS[0], logprobs=3), seq(None, PROMPTS[1])]
+    engine.prefill(first)
+    later = [seq(1, PROMPTS[2], temperature=0.8, seed=7), seq(0, PROMPTS[3], logprobs=0)]
+    engine.step(later, first)
+    rows = first + later
+    for _ in range(3):
+        engine.decode(rows)
+    engine.finish(first[0])  # row 0 frees: the last row's cache moves into it
+    engine.release(entries[0])
+    rows = rows[1:]
+    for _ in range(4):
+        engine.decode(rows)
+    done = [r for r in rows if r.slot == engine.slots.slot_of(entries[1].key)]
+    for r in done:
+        engine.finish(r)
+    engine.release(entries[1])
+    rows = [r for r in rows if r not in done]
+    # Two slots, two adapters used so far (a1 unreferenced now): a2 evicts it.
+    third = [seq(2, PROMPTS[1]), seq(None, PROMPTS[0], prompt_logprobs=2)]
+    engine.prefill(third)
+    rows += third
+    for _ in range(5):
+        engine.decode(rows)
+    assert engine.slots.evictions == 1
+    return first + later + third
+
+
+def _state(seqs):
+    return [(s.generated, s.pos, s.token_logprobs, s.top_logprobs, s.prompt_token_logprobs) for s in seqs]
+
+
+def test_the_model_process_answers_bit_for_bit_as_the_engine_in_this_process(tiny_llama, three_adapters):
+    oracle = PeftOracle(tiny_llama, "text-generation")
+    here = GenerationEngine.from_dir(tiny_llama, device_slots=2, **KW)
+    expected = _state(_script(here, three_adapters, oracle.tok))
+    remote = _remote(tiny_llama, device_slots=2)
+    try:
+        got = _state(_script(remote, three_adapters, oracle.tok))
+        assert remote.cpu_time() > 0 and remote.memory_bytes() == here.memory_bytes()
+    finally:
+        remote.close()
+    assert got == expected
+    # And both are PEFT's greedy answer (the rows with neither sampling nor a finish before the end).
+    ref = oracle.greedy(three_adapters[2], PROMPTS[1], 6)
+    assert got[4][0][: len(ref)] == ref
+    assert len(got[0][2]) == len(got[0][0]) and all(len(t) == 3 for t in got[0][3])
+    assert got[5][4] and len(got[5][4]) == len(oracle.tok(PROMPTS[0])["input_ids"]) - 1
+
+
+def test_an_adapter_that_does_not_fit_is_refused_as_in_this_process(tiny_llama, tmp_path):
+    big = make_generation_adapter(tiny_llama, tmp_path / "r32", seed=3, r=32, alpha=16)
+    errors = []
+    remote = _remote(tiny_llama, device_slots=2)
+    try:
+        for engine in (GenerationEngine.from_dir(tiny_llama, device_slots=2, **KW), remote):
+            manager = AdapterManager("text-generation", 8)
+            engine.bind(manager)
+            entry, _ = manager.register("big", "1", AdapterLoadRequest(path=str(big), sha256="0" * 64, tenant="t"))
+            errors.append(entry.error)
+        assert not remote.slots.by_key
+    finally:
+        remote.close()
+    assert errors[0] and "rank" in errors[0].lower() and errors[1] == errors[0]
+
+
+def test_a_refused_model_is_refused_with_the_same_reason_and_the_process_exits(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from support.models import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tok))
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedModel) as here:
+        GenerationEngine.from_dir(tmp_path / "gpt2", device_slots=2, **KW)
+    with pytest.raises(UnsupportedModel) as there:
+        _remote(tmp_path / "gpt2", device_slots=2)
+    assert str(there.value) == str(here.value) and "GPT2" in str(here.value)
+
+
+def test_a_dead_model_process_fails_each_call_with_its_reason_and_reports_once(tiny_llama):
+    remote = _remote(tiny_llama, device_slots=2)
+    deaths = []
+    remote.on_death = deaths.append
+    try:
+        tok = remote.tokenizer
+        s = Sequence(prompt=tok("hello world")["input_ids"], max_new_tokens=4)
+        remote.prefill([s])
+        os.kill(remote.pid, signal.SIGKILL)
+        with pytest.raises(ModelProcessDied, match=rf"model process {remote.pid} died \(signal 9\)"):
+            remote.decode([s])
+        with pytest.raises(ModelProcessDied):  # later calls fail at once, not by waiting on the channel
+            remote.prefill([Sequence(prompt=s.prompt, max_new_tokens=4)])
+        remote._watcher.join(10)
+        assert len(deaths) == 1 and "must restart" in deaths[0]
+    finally:
+        remote.close()
