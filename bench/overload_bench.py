@@ -89,7 +89,7 @@ class Server:
                "--host", "127.0.0.1", "--port", str(self.port), "--admin-port", str(free_port()), "--metrics-port", str(metrics_port),
                "--device-slots", "128", "--host-adapters", "512", "--max-batch-size", str(args.max_batch_size),
                "--max-queue-delay-ms", str(args.max_queue_delay_ms), "--torch-threads", str(args.threads),
-               "--front", args.front, "--log-level", "warning"]
+               "--front", args.front, "--model-process", args.model_process, "--log-level", "warning"]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         import httpx
@@ -108,8 +108,9 @@ class Server:
             time.sleep(0.5)
 
     def cpu_split(self) -> tuple[float, float]:
-        """CPU seconds of the server process itself and of its children alive now (the HTTP front
-        process with --front process): a child's time counts while it runs, not only once reaped."""
+        """CPU seconds of the server process itself and of its children alive now (the HTTP front process
+        with --front process, the model process with --model-process process): a child's time counts while it
+        runs, not only once reaped."""
         own = cpu_seconds(self.proc.pid)
         return own, tree_cpu_seconds(self.proc.pid) - own
 
@@ -361,7 +362,7 @@ def run(server: Server, task: str, expected: dict, mode: str, level: float, args
            "sent": len(recs), "answered": len(ok), "wrong": sum(1 for r in ok if r[4]),
            "refused": by_code,
            "server_cpu": round((sum(cpu1) - sum(cpu0)) / args.seconds, 2),
-           "front_cpu": round((cpu1[1] - cpu0[1]) / args.seconds, 2),
+           "children_cpu": round((cpu1[1] - cpu0[1]) / args.seconds, 2),  # front and model processes
            "generator_cpu_s": round(sum(res["cpu_s"] for res in results), 1),
            "connections": sum(res["connections"] for res in results),
            "mean_batch": round(rows / forwards, 1) if forwards else None,
@@ -406,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--front", choices=("inline", "process"), default="inline",
                    help="the server's HTTP front (lorafleet serve --front): inline in the engine's process, "
                         "or a process of its own")
+    p.add_argument("--model-process", choices=("auto", "inline", "process"), default="auto",
+                   help="where the server's model computes (lorafleet serve --model-process)")
     p.add_argument("--workdir", default="/tmp/lorafleet-overload-bench")
     args = p.parse_args(argv)
     if args.quick:
@@ -413,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     out: dict = {"bench": "overload", "machine": machine(), "seconds": args.seconds, "procs": args.procs,
-                 "threads": args.threads, "front": args.front, "max_queue_delay_ms": args.max_queue_delay_ms}
+                 "threads": args.threads, "front": args.front, "model_process": args.model_process,
+                 "max_queue_delay_ms": args.max_queue_delay_ms}
     for task in args.tasks.split(","):
         for n in [int(x) for x in args.tenants.split(",")]:
             model, adapters, expected = prepare(task, n, workdir)

@@ -520,9 +520,9 @@ class RuntimeSettings(ComponentSettings):
              "a private socket) or inline (the model server's event loop does it all)")
     model_process: Literal["auto", "inline", "process"] = setting(
         "auto", env="LORAFLEET_MODEL_PROCESS", flags=("--model-process",),
-        help="where a text-generation pool's torch engine computes: process (a model process of its own holds the "
+        help="where a text-generation or classification pool's torch engine computes: process (a model process of its own holds the "
              "model, KV cache and adapter slots, so the forward passes do not share an interpreter lock with the "
-             "HTTP event loop; answers are the same), inline (a thread of the model server; other tasks always), "
+             "HTTP event loop; answers are the same), inline (a thread of the model server; text-to-image always), "
              "or auto (process for text generation on CPU, where it was measured faster; inline elsewhere)")
     log_level: LogLevel = setting("info", flags=("--log-level",), help="log level")
 

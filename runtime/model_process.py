@@ -1,4 +1,4 @@
-"""The text-generation model in a process of its own (``--model-process process``).
+"""A text-generation or classification model in a process of its own (``--model-process process``).
 
 On CPU the model worker shares one interpreter lock with the event loop that parses requests and
 streams answers: under load neither gets a core of its own (docs/benchmarks.md). Here the model, its
@@ -14,6 +14,9 @@ position and logprobs, sent back with every step) for the HTTP layer to read. Fi
 next step (nothing in between reads the child); writing an adapter into a slot is a call of its own, so
 that its error reaches the request that needed it. If the child dies, every call fails with
 ``ModelProcessDied`` and ``on_death`` is called once (the runtime exits 1 so that its container restarts).
+
+``RemoteClassificationEngine`` does the same for a classification pool: a batch is one call, texts in and
+each row's label probabilities out.
 
 One message each way per call: pickled tuples over a socketpair (``multiprocessing.connection``).
 """
@@ -32,6 +35,8 @@ import time
 from dataclasses import fields
 from multiprocessing.connection import Connection
 from pathlib import Path
+
+from lorafleet.runtime.engines import ClassificationEngine, GenerationEngine
 
 log = logging.getLogger("lorafleet.runtime")
 
@@ -57,17 +62,11 @@ def _portable(e: BaseException) -> BaseException:
 
 
 # --- the runtime's side ----------------------------------------------------------------------------------
-def _engine_class():
-    from lorafleet.runtime.engines import GenerationEngine
-
-    return GenerationEngine
-
-
 class _RemotePatch:
     """What ``Engine.acquire`` and the adapter manager use of ``LoRAModelPatch``: the fit check, made here
     from the child's description of its model, and ``install``, made in the child."""
 
-    def __init__(self, engine: "RemoteGenerationEngine", base_info, max_rank: int):
+    def __init__(self, engine: "_RemoteModel", base_info, max_rank: int):
         self.engine = engine
         self._base = base_info
         self.max_rank = max_rank
@@ -85,194 +84,221 @@ class _RemotePatch:
         self.engine._memory = self.engine._call(("install", slot, adapter))
 
 
-def make_remote_engine(model_dir: Path, settings, **engine_kwargs):
-    """A ``RemoteGenerationEngine`` (its class is made here so that this module imports no torch)."""
-    base = _engine_class()
+class _RemoteModel:
+    """The channel to a model process and what every engine computed there shares: the tokenizer (read
+    here, for the event loop's tokenising), the device slots' bookkeeping, the fit check, memory figures
+    and CPU time, the death watch. Mixed in before the engine class it stands for; its ``__init__`` replaces
+    the engine's (there is no model in this process)."""
 
-    class RemoteGenerationEngine(base):
-        """``GenerationEngine`` computed by a child process (module docstring)."""
+    def __init__(self, model_dir: Path, settings, kwargs: dict):
+        from transformers import AutoTokenizer
 
-        def __init__(self, model_dir: Path, settings, kwargs: dict):  # no super().__init__(): no model here
-            from transformers import AutoTokenizer
+        from lorafleet.runtime.multilora import SlotAllocator
 
-            from lorafleet.runtime.multilora import SlotAllocator
+        self.settings = settings
+        self.manager = None
+        self._encoder = None
+        self._lock = threading.Lock()  # one call at a time (the worker's; close may come from another thread)
+        self.child_cpu = 0.0
+        self.closing = False
+        self.dead: str | None = None
+        self.on_death = None  # called once (from a watcher thread) with the reason, unless closing
+        parent, child = socket.socketpair()
+        import lorafleet
 
-            self.settings = settings
-            self.manager = None
-            self._encoder = None
-            self._lock = threading.Lock()  # one call at a time (the worker's; close may come from another thread)
-            self._finished: list[int] = []  # rids to free before the next step
-            self._next_rid = 0
-            self._row_seq: dict[int, object] = {}  # rid -> mirror Sequence, for the rows in use
-            self.child_cpu = 0.0
-            self.closing = False
-            self.dead: str | None = None
-            self.on_death = None  # called once (from a watcher thread) with the reason, unless closing
-            self.last_logits = None
-            parent, child = socket.socketpair()
-            import lorafleet
+        env = dict(os.environ)  # the child imports this same lorafleet (a checkout or an installed wheel)
+        home = str(Path(lorafleet.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([home] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        cmd = [sys.executable, "-m", "lorafleet.runtime.model_process", str(child.fileno())]
+        self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env)
+        child.close()
+        self.conn = Connection(parent.detach())
+        log.info("%s model process %d: loading %s", self.task, self.proc.pid, model_dir)
+        try:
+            hello = self._call(("load", self.task, str(model_dir), kwargs, settings.log_level))
+        except BaseException:
+            self.close()
+            raise
+        self._watcher = threading.Thread(target=self._watch, name="lorafleet-model-process-watch", daemon=True)
+        self._watcher.start()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self._dtype = hello.pop("dtype")
+        self._memory = hello.pop("memory")
+        self.patch = _RemotePatch(self, hello.pop("base_info"), kwargs["max_rank"])
+        for k, v in hello.items():
+            setattr(self, k, v)
+        self.slots = SlotAllocator(kwargs["device_slots"])
+        log.info("%s model process %d: %s loaded", self.task, self.proc.pid, self.architecture)
 
-            env = dict(os.environ)  # the child imports this same lorafleet (a checkout or an installed wheel)
-            home = str(Path(lorafleet.__file__).resolve().parents[1])
-            env["PYTHONPATH"] = os.pathsep.join([home] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-            cmd = [sys.executable, "-m", "lorafleet.runtime.model_process", str(child.fileno())]
-            self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env)
-            child.close()
-            self.conn = Connection(parent.detach())
-            log.info("text-generation model process %d: loading %s", self.proc.pid, model_dir)
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def memory_bytes(self) -> dict[str, int]:
+        return dict(self._memory)
+
+    def cpu_time(self) -> float:
+        """CPU seconds the child spent computing this engine's calls (the worker's batch metric)."""
+        return self.child_cpu
+
+    def _call(self, msg):
+        with self._lock:
+            if self.dead:
+                raise ModelProcessDied(self.dead)
             try:
-                hello = self._call(("load", str(model_dir), kwargs, settings.log_level))
-            except BaseException:
-                self.close()
-                raise
-            self._watcher = threading.Thread(target=self._watch, name="lorafleet-model-process-watch", daemon=True)
-            self._watcher.start()
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-            for k in ("max_len", "max_seqs", "model_len", "eos_ids", "quantization", "weights_bytes",
-                      "unquantized_weights_bytes", "kv_cache_bytes", "architecture", "device"):
-                setattr(self, k, hello[k])
-            self._dtype = hello["dtype"]
-            self._memory = hello["memory"]
-            self.slots = SlotAllocator(kwargs["device_slots"])
-            self.patch = _RemotePatch(self, hello["base_info"], kwargs["max_rank"])
-            log.info("text-generation model process %d: %s loaded", self.proc.pid, self.architecture)
+                self.conn.send_bytes(_dumps(msg))
+                reply = pickle.loads(self.conn.recv_bytes())
+            except (EOFError, OSError) as e:
+                self.dead = self.dead or self._death_reason(e)
+                raise ModelProcessDied(self.dead) from None
+        status, value, cpu = reply
+        self.child_cpu += cpu
+        if status == "error":
+            raise value
+        return value
 
-        @property
-        def dtype(self):
-            return self._dtype
-
-        @property
-        def pid(self) -> int:
-            return self.proc.pid
-
-        def memory_bytes(self) -> dict[str, int]:
-            return dict(self._memory)
-
-        def cpu_time(self) -> float:
-            """CPU seconds the child spent computing this engine's calls (the worker's batch metric)."""
-            return self.child_cpu
-
-        # --- the channel ---------------------------------------------------------------------------
-        def _call(self, msg):
-            with self._lock:
-                if self.dead:
-                    raise ModelProcessDied(self.dead)
-                try:
-                    self.conn.send_bytes(_dumps(msg))
-                    reply = pickle.loads(self.conn.recv_bytes())
-                except (EOFError, OSError) as e:
-                    self.dead = self.dead or self._death_reason(e)
-                    raise ModelProcessDied(self.dead) from None
-            status, value, cpu = reply
-            self.child_cpu += cpu
-            if status == "error":
-                raise value
-            return value
-
-        def _death_reason(self, e: BaseException | None = None) -> str:
-            code = self.proc.poll()
-            if code is None:
-                try:
-                    code = self.proc.wait(2)
-                except subprocess.TimeoutExpired:
-                    code = None
-            how = f"exit code {code}" if code is not None and code >= 0 else \
-                f"signal {-code}" if code is not None else f"channel lost: {e}"
-            return f"the text-generation model process {self.proc.pid} died ({how}); its KV cache and adapter " \
-                   "slots are gone: the runtime must restart"
-
-        def _watch(self) -> None:
-            self.proc.wait()
-            if self.closing:
-                return
-            self.dead = self.dead or self._death_reason()
-            log.error("%s", self.dead)
-            if self.on_death is not None:
-                try:
-                    self.on_death(self.dead)
-                except Exception:
-                    log.exception("reporting the model process's death failed")
-
-        # --- sequences -----------------------------------------------------------------------------
-        def _spec(self, seq) -> tuple[int, dict]:
-            rid = self._next_rid
-            self._next_rid += 1
-            seq.rid = rid
-            spec = {f.name: getattr(seq, f.name) for f in fields(seq) if f.name not in _STATE}
-            spec["slot"] = seq.slot
-            self._row_seq[rid] = seq
-            return rid, spec
-
-        @staticmethod
-        def _apply(seq, row) -> int:
-            tok, pos, lp, plp = row
-            seq.generated.append(tok)
-            seq.pos = pos
-            if seq.row < 0:
-                seq.row = 0  # in a row (which one is the child's business; finish only asks whether)
-            if lp is not None:
-                seq.token_logprobs.append(lp[0])
-                seq.top_logprobs.append(lp[1])
-            if plp is not None:
-                seq.prompt_token_logprobs = plp
-            return tok
-
-        def _run(self, mode: str, new: list, running: list):
-            finished, self._finished = self._finished, []
-            specs = [self._spec(s) for s in new]
+    def _death_reason(self, e: BaseException | None = None) -> str:
+        code = self.proc.poll()
+        if code is None:
             try:
-                rows_new, rows_run = self._call((mode, finished, specs, [s.rid for s in running]))
-            except ModelProcessDied:
-                raise
-            except Exception:
-                if mode == "step":  # the child freed the new rows (GenerationEngine.step's contract)
-                    for s in new:
-                        self._row_seq.pop(s.rid, None)
-                        s.row = -1
-                else:  # prefill: the rows stay the caller's to finish; decode moved nothing
-                    for s in new:
-                        s.row = 0
-                raise
-            return [self._apply(s, r) for s, r in zip(new, rows_new)], \
-                [self._apply(s, r) for s, r in zip(running, rows_run)]
-
-        def prefill(self, seqs: list) -> list[int]:
-            return self._run("prefill", seqs, [])[0]
-
-        def decode(self, seqs: list) -> list[int]:
-            return self._run("decode", [], seqs)[1]
-
-        def step(self, new: list, running: list) -> tuple[list[int], list[int]]:
-            if not new or not running:
-                return (self.prefill(new) if new else []), (self.decode(running) if running else [])
-            return self._run("step", new, running)
-
-        def finish(self, seq) -> None:
-            if seq.row < 0:
-                return
-            seq.row = -1
-            rid = getattr(seq, "rid", None)
-            if rid is not None and self._row_seq.pop(rid, None) is not None:
-                self._finished.append(rid)
-
-        def close(self) -> None:
-            self.closing = True
-            try:  # wakes a call blocked on the channel; the child exits at end of file
-                s = socket.socket(fileno=os.dup(self.conn.fileno()))
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
-            with self._lock:
-                self.conn.close()
-            try:
-                self.proc.wait(10)
+                code = self.proc.wait(2)
             except subprocess.TimeoutExpired:
-                log.warning("model process %d did not exit in 10 s: killed", self.proc.pid)
-                self.proc.kill()
-                self.proc.wait(10)
+                code = None
+        how = f"exit code {code}" if code is not None and code >= 0 else \
+            f"signal {-code}" if code is not None else f"channel lost: {e}"
+        return f"the {self.task} model process {self.proc.pid} died ({how}); its model and adapter slots are " \
+               "gone: the runtime must restart"
 
-    return RemoteGenerationEngine(model_dir, settings, engine_kwargs)
+    def _watch(self) -> None:
+        self.proc.wait()
+        if self.closing:
+            return
+        self.dead = self.dead or self._death_reason()
+        log.error("%s", self.dead)
+        if self.on_death is not None:
+            try:
+                self.on_death(self.dead)
+            except Exception:
+                log.exception("reporting the model process's death failed")
+
+    def close(self) -> None:
+        self.closing = True
+        try:  # wakes a call blocked on the channel; the child exits at end of file
+            s = socket.socket(fileno=os.dup(self.conn.fileno()))
+            s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        except OSError:
+            pass
+        with self._lock:
+            self.conn.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            log.warning("model process %d did not exit in 10 s: killed", self.proc.pid)
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class RemoteGenerationEngine(_RemoteModel, GenerationEngine):
+    """``GenerationEngine`` computed by a model process (module docstring)."""
+
+    def __init__(self, model_dir: Path, settings, kwargs: dict):
+        self._finished: list[int] = []  # rids to free before the next step
+        self._next_rid = 0
+        self._row_seq: dict[int, object] = {}  # rid -> mirror Sequence, for the rows in use
+        self.last_logits = None
+        super().__init__(model_dir, settings, kwargs)
+
+    def _spec(self, seq) -> tuple[int, dict]:
+        rid = self._next_rid
+        self._next_rid += 1
+        seq.rid = rid
+        spec = {f.name: getattr(seq, f.name) for f in fields(seq) if f.name not in _STATE}
+        spec["slot"] = seq.slot
+        self._row_seq[rid] = seq
+        return rid, spec
+
+    @staticmethod
+    def _apply(seq, row) -> int:
+        tok, pos, lp, plp = row
+        seq.generated.append(tok)
+        seq.pos = pos
+        if seq.row < 0:
+            seq.row = 0  # in a row (which one is the child's business; finish only asks whether)
+        if lp is not None:
+            seq.token_logprobs.append(lp[0])
+            seq.top_logprobs.append(lp[1])
+        if plp is not None:
+            seq.prompt_token_logprobs = plp
+        return tok
+
+    def _run(self, mode: str, new: list, running: list):
+        finished, self._finished = self._finished, []
+        specs = [self._spec(s) for s in new]
+        try:
+            rows_new, rows_run = self._call((mode, finished, specs, [s.rid for s in running]))
+        except ModelProcessDied:
+            raise
+        except Exception:
+            if mode == "step":  # the child freed the new rows (GenerationEngine.step's contract)
+                for s in new:
+                    self._row_seq.pop(s.rid, None)
+                    s.row = -1
+            else:  # prefill: the rows stay the caller's to finish; decode moved nothing
+                for s in new:
+                    s.row = 0
+            raise
+        return [self._apply(s, r) for s, r in zip(new, rows_new)], \
+            [self._apply(s, r) for s, r in zip(running, rows_run)]
+
+    def prefill(self, seqs: list) -> list[int]:
+        return self._run("prefill", seqs, [])[0]
+
+    def decode(self, seqs: list) -> list[int]:
+        return self._run("decode", [], seqs)[1]
+
+    def step(self, new: list, running: list) -> tuple[list[int], list[int]]:
+        if not new or not running:
+            return (self.prefill(new) if new else []), (self.decode(running) if running else [])
+        return self._run("step", new, running)
+
+    def finish(self, seq) -> None:
+        if seq.row < 0:
+            return
+        seq.row = -1
+        rid = getattr(seq, "rid", None)
+        if rid is not None and self._row_seq.pop(rid, None) is not None:
+            self._finished.append(rid)
+
+
+class RemoteClassificationEngine(_RemoteModel, ClassificationEngine):
+    """``ClassificationEngine`` computed by a model process: a batch is one call (texts in, each row's
+    label probabilities out); the event loop counts tokens on its own copy of the tokenizer, as before."""
+
+    def __init__(self, model_dir: Path, settings, kwargs: dict):
+        super().__init__(model_dir, settings, kwargs)
+        from lorafleet.runtime.engines import token_encoder
+
+        self._encoder = token_encoder(self.tokenizer)  # now, not on the first request's time
+
+    def max_input_tokens(self) -> int:
+        return self.max_input
+
+    def classify(self, texts: list[str], slots: list[int], label_counts: list[int]) -> list[list[float]]:
+        return self._call(("classify", texts, slots, label_counts))
+
+
+REMOTE = {"text-generation": RemoteGenerationEngine, "sequence-classification": RemoteClassificationEngine}
+
+
+def make_remote_engine(model_dir: Path, settings, task: str = "text-generation", **engine_kwargs):
+    """The engine for ``task`` (``REMOTE``) with its model in a process of its own, loaded there with
+    ``engine_kwargs`` (the engine's ``from_dir`` arguments, and ``threads``: torch's intra-op threads)."""
+    return REMOTE[task](model_dir, settings, engine_kwargs)
 
 
 # --- the model process -------------------------------------------------------------------------------------
@@ -282,13 +308,50 @@ def _row(s, new: bool):
     return s.generated[-1], s.pos, lp, plp
 
 
+def _hello(engine) -> dict:
+    """What the runtime's side of a model process needs to know of its engine (``_RemoteModel``)."""
+    out = {"quantization": engine.quantization, "weights_bytes": engine.weights_bytes,
+           "unquantized_weights_bytes": engine.unquantized_weights_bytes, "device": engine.device,
+           "dtype": engine.dtype, "memory": engine.memory_bytes(), "base_info": engine.patch.base_info()}
+    if isinstance(engine, GenerationEngine):
+        out.update(max_len=engine.max_len, max_seqs=engine.max_seqs, model_len=engine.model_len,
+                   eos_ids=engine.eos_ids, kv_cache_bytes=engine.kv_cache_bytes, architecture=engine.plan.architecture)
+    else:
+        out.update(max_input=engine.max_input_tokens(), architecture=type(engine.model).__name__)
+    return out
+
+
+def _generation_call(engine, seqs: dict, msg):
+    from lorafleet.runtime.engines import Sequence
+
+    op, finished, specs, running_ids = msg
+    for rid in finished:
+        engine.finish(seqs.pop(rid))
+    new = []
+    for rid, spec in specs:
+        s = seqs[rid] = Sequence(**spec)
+        new.append(s)
+    running = [seqs[rid] for rid in running_ids]
+    try:
+        if op == "prefill":
+            engine.prefill(new)
+        elif op == "decode":
+            engine.decode(running)
+        else:
+            engine.step(new, running)
+    except BaseException:
+        if op == "step":  # step freed the new rows: they start again from their spec
+            for rid, _ in specs:
+                seqs.pop(rid, None)
+        raise
+    return [_row(s, True) for s in new], [_row(s, False) for s in running]
+
+
 def serve(conn: Connection) -> int:
     """Load the engine the first message names, then answer calls until the runtime closes the channel."""
     import torch
 
-    from lorafleet.runtime.engines import GenerationEngine, Sequence
-
-    _, model_dir, kwargs, level = pickle.loads(conn.recv_bytes())
+    _, task, model_dir, kwargs, level = pickle.loads(conn.recv_bytes())
     logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s[model process]: %(message)s")
     threads = kwargs.pop("threads", 0)
@@ -296,19 +359,13 @@ def serve(conn: Connection) -> int:
         torch.set_num_threads(threads)
     c0 = time.thread_time()
     try:
-        engine = GenerationEngine.from_dir(model_dir, **kwargs)
+        engine = (GenerationEngine if task == "text-generation" else ClassificationEngine).from_dir(model_dir, **kwargs)
         engine.patch.base_info()  # before any layer is wrapped: the model's own layout
-        hello = {"max_len": engine.max_len, "max_seqs": engine.max_seqs, "model_len": engine.model_len,
-                 "eos_ids": engine.eos_ids, "quantization": engine.quantization, "weights_bytes": engine.weights_bytes,
-                 "unquantized_weights_bytes": engine.unquantized_weights_bytes,
-                 "kv_cache_bytes": engine.kv_cache_bytes, "architecture": engine.plan.architecture,
-                 "device": engine.device, "dtype": engine.dtype, "memory": engine.memory_bytes(),
-                 "base_info": engine.patch.base_info()}
-        conn.send_bytes(_dumps(("ok", hello, time.thread_time() - c0)))
+        conn.send_bytes(_dumps(("ok", _hello(engine), time.thread_time() - c0)))
     except BaseException as e:
         conn.send_bytes(_dumps(("error", _portable(e), time.thread_time() - c0)))
         return 1
-    seqs: dict[int, Sequence] = {}
+    seqs: dict = {}
     while True:
         try:
             msg = pickle.loads(conn.recv_bytes())
@@ -320,28 +377,10 @@ def serve(conn: Connection) -> int:
             if op == "install":
                 engine.patch.install(msg[1], msg[2])
                 reply = engine.memory_bytes()
+            elif op == "classify":
+                reply = engine.classify(msg[1], msg[2], msg[3])
             else:
-                _, finished, specs, running_ids = msg
-                for rid in finished:
-                    engine.finish(seqs.pop(rid))
-                new = []
-                for rid, spec in specs:
-                    s = seqs[rid] = Sequence(**spec)
-                    new.append(s)
-                running = [seqs[rid] for rid in running_ids]
-                try:
-                    if op == "prefill":
-                        engine.prefill(new)
-                    elif op == "decode":
-                        engine.decode(running)
-                    else:
-                        engine.step(new, running)
-                except BaseException:
-                    if op == "step":  # step freed the new rows: they start again from their spec
-                        for rid, _ in specs:
-                            seqs.pop(rid, None)
-                    raise
-                reply = ([_row(s, True) for s in new], [_row(s, False) for s in running])
+                reply = _generation_call(engine, seqs, msg)
             conn.send_bytes(_dumps(("ok", reply, time.thread_time() - c0)))
         except (BrokenPipeError, ConnectionResetError):
             return 0

@@ -15,14 +15,17 @@ from lorafleet.runtime.worker import ModelWorker, Scheduler
 log = logging.getLogger("lorafleet.runtime")
 
 
+MODEL_PROCESS_TASKS = ("text-generation", "sequence-classification")  # the engines model_process.py can run
+
+
 def model_process(s: RuntimeSettings, task: str) -> str:
     """Where the torch engine's model computes: "process" (model_process.py) or "inline" (a worker thread).
     auto: a process for text generation on CPU (measured faster there, docs/benchmarks.md); inline on a GPU,
-    where it has not been measured yet, and for the other tasks, which have no model process."""
-    if task != "text-generation":
+    where it has not been measured yet, and for the other tasks (text-to-image has no model process)."""
+    if task not in MODEL_PROCESS_TASKS:
         return "inline"
     if s.model_process == "auto":
-        return "process" if s.device.startswith("cpu") else "inline"
+        return "process" if task == "text-generation" and s.device.startswith("cpu") else "inline"
     return s.model_process
 
 
@@ -63,14 +66,18 @@ class TorchEngine(ServingEngine):
             # Merging into quantized weights is not PEFT's merge_and_unload over the float base.
             raise UnsupportedModel(f"spec.model.mergedAdapter with quantization {s.quantization}: a merged pool merges "
                                    "into unquantized weights only; set spec.model.quantization: none")
-        if s.model_process == "process" and task != "text-generation":
+        if s.model_process == "process" and task not in MODEL_PROCESS_TASKS:
             from lorafleet.runtime.architectures import UnsupportedModel
 
-            raise UnsupportedModel(f"--model-process process (LORAFLEET_MODEL_PROCESS): only text-generation pools run "
-                                   f"their model in a process of its own, and this pool is {task}; set it to auto "
-                                   "or inline")
+            raise UnsupportedModel(f"--model-process process (LORAFLEET_MODEL_PROCESS): a {task} pool has no model "
+                                   f"process (only {' and '.join(MODEL_PROCESS_TASKS)} pools have one); set it to "
+                                   "auto or inline")
+        remote = model_process(s, task) == "process"
+        if remote:
+            from lorafleet.runtime.lifecycle import torch_threads
+            from lorafleet.runtime.model_process import make_remote_engine
         log.info("model: %s (--model-process %s, task %s, device %s)",
-                 "a process of its own" if model_process(s, task) == "process" else "a thread of the model server",
+                 "a process of its own" if remote else "a thread of the model server",
                  s.model_process, task, s.device)
         if task == "text-to-image":
             from lorafleet.runtime.diffusion import DiffusionEngine
@@ -84,17 +91,13 @@ class TorchEngine(ServingEngine):
             kwargs = dict(dtype=s.dtype, device=s.device, device_slots=s.device_slots, max_rank=s.max_rank,
                           max_seqs=s.max_batch_size, max_len=s.max_model_len or None, quantization=s.quantization,
                           merged_adapter=s.merged_adapter_dir or None)
-            if model_process(s, task) == "process":
-                from lorafleet.runtime.lifecycle import torch_threads
-                from lorafleet.runtime.model_process import make_remote_engine
-
-                engine = make_remote_engine(model_dir, s, threads=torch_threads(s), **kwargs)
-            else:
-                engine = GenerationEngine.from_dir(model_dir, **kwargs)
+            engine = make_remote_engine(model_dir, s, task, threads=torch_threads(s), **kwargs) if remote else \
+                GenerationEngine.from_dir(model_dir, **kwargs)
         else:
-            engine = ClassificationEngine.from_dir(model_dir, dtype=s.dtype, device=s.device,
-                                                   device_slots=s.device_slots, max_rank=s.max_rank,
-                                                   quantization=s.quantization)
+            kwargs = dict(dtype=s.dtype, device=s.device, device_slots=s.device_slots, max_rank=s.max_rank,
+                          quantization=s.quantization)
+            engine = make_remote_engine(model_dir, s, task, threads=torch_threads(s), **kwargs) if remote else \
+                ClassificationEngine.from_dir(model_dir, **kwargs)
         return cls(engine, settings, metrics)
 
     # --- requests -------------------------------------------------------------------------------------

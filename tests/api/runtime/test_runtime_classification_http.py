@@ -22,11 +22,13 @@ def expected(minilm, cls_adapters):
     return {name: torch.softmax(oracle.logits(path, TEXTS), -1) for name, path in cls_adapters.items()}
 
 
-@pytest.fixture(scope="module")
-def server(minilm, cls_adapters):
+@pytest.fixture(scope="module", params=["inline", "process"], ids=["model-inline", "model-process"])
+def server(request, minilm, cls_adapters):
     # No queue-delay bound: this module checks answers under contention, not shedding (on two busy
-    # cores 50 clients wait longer than the default bound).
-    srv = start_runtime(minilm, device_slots=3, max_batch_size=16, max_batch_delay_ms=2, max_queue_delay_ms=0)
+    # cores 50 clients wait longer than the default bound). Every test runs with the model in a thread of
+    # the server and in a model process of its own.
+    srv = start_runtime(minilm, device_slots=3, max_batch_size=16, max_batch_delay_ms=2, max_queue_delay_ms=0,
+                        model_process=request.param)
     with httpx.Client(base_url=srv.admin_url) as admin:
         for name, path in cls_adapters.items():
             assert put_adapter(admin, name, "1", path).status_code == 200

@@ -1,4 +1,4 @@
-"""The text-generation model in a process of its own (``--model-process process``, runtime/model_process.py)
+"""A text-generation or classification model in a process of its own (``--model-process process``, runtime/model_process.py)
 answers exactly as the engine in this process: the same tokens and logprobs, bit for bit, whatever the
 batch does (rows start apart or packed into a decode step, finish and move, adapters are evicted from
 too few device slots); what it refuses it refuses with the same message; and a model process that dies
@@ -152,3 +152,46 @@ def test_a_dead_model_process_fails_each_call_with_its_reason_and_reports_once(t
         assert len(deaths) == 1 and "must restart" in deaths[0]
     finally:
         remote.close()
+
+
+def test_a_classification_model_process_answers_bit_for_bit_with_slots_evicted(minilm, cls_adapters):
+    """24 texts of 8 tenants (per-tenant heads of 2-6 labels) through 4 device slots: three batches, so
+    adapters are evicted and written again in the child; every probability equals the in-process engine's
+    and every row equals PEFT's."""
+    from lorafleet.runtime.engines import ClassificationEngine
+
+    kw = dict(dtype="float32", device="cpu", max_rank=16, quantization="none")
+    names = list(cls_adapters)
+    texts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(24)]
+    batches = [names[:4], names[4:], names[2:6]]
+
+    def run(engine):
+        manager = AdapterManager("sequence-classification", 16)
+        engine.bind(manager)
+        entries = {}
+        for n, path in cls_adapters.items():
+            entries[n], _ = manager.register(n, "1", AdapterLoadRequest(path=str(path), sha256="0" * 64, tenant=n))
+        out = []
+        for b, tenants in enumerate(batches):
+            rows = [tenants[i % len(tenants)] for i in range(8)]
+            slots = [engine.acquire(entries[n]) for n in rows]
+            out.append((rows, engine.classify(texts[8 * b: 8 * b + 8], slots, [len(entries[n].labels) for n in rows])))
+            for n in rows:
+                engine.release(entries[n])
+        assert engine.slots.evictions >= 4
+        assert engine.count_tokens(texts[0]) == len(engine.tokenizer(texts[0])["input_ids"])
+        return out, engine.max_input_tokens()
+
+    expected = run(ClassificationEngine.from_dir(minilm, device_slots=4, **kw))
+    remote = make_remote_engine(minilm, RuntimeSettings(), "sequence-classification",
+                                threads=torch.get_num_threads(), device_slots=4, **kw)
+    try:
+        got = run(remote)
+    finally:
+        remote.close()
+    assert got == expected
+    oracle = PeftOracle(minilm, "sequence-classification")
+    rows, probs = got[0][2]
+    for i, n in enumerate(rows):
+        ref = torch.softmax(oracle.logits(cls_adapters[n], [texts[16 + i]]), -1)[0]
+        torch.testing.assert_close(torch.tensor(probs[i]), ref, atol=1e-5, rtol=1e-4, msg=f"row {i} ({n})")
