@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
             if not args.no_leader_election:
                 logging.getLogger("lorafleet.operator").warning(
                     "leader election off (no --lease-namespace, not in a cluster): run only one operator")
-            kopf.run(**kopf_args)
+            asyncio.run(run_standalone(kopf_args))  # what kopf.run does, with the handler below
         else:
             asyncio.run(run_elected(args, lease_namespace, kopf_args))
     except KeyboardInterrupt:
@@ -64,10 +64,33 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """asyncio's own handling, except for one known kopf shutdown artefact: when the loop finalizes a watch
+    stream that was still open (``infinite_watch``), kopf's ``streaming_block`` context manager answers the
+    close with "generator didn't stop after athrow()". Nothing is lost (the operator is stopping and every
+    state it keeps is in the API server), so that is one warning line, not a traceback that reads as a crash."""
+    exc, gen = context.get("exception"), context.get("asyncgen")
+    if (isinstance(exc, RuntimeError) and "didn't stop after athrow()" in str(exc)
+            and getattr(gen, "__qualname__", "") == "infinite_watch"):
+        logging.getLogger("lorafleet.operator").warning(
+            "kopf's watch stream did not close cleanly at shutdown (%s); nothing is lost", exc)
+        return
+    loop.default_exception_handler(context)
+
+
+async def run_standalone(kopf_args: dict) -> None:
+    import kopf
+
+    asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
+    await kopf.operator(**kopf_args)
+
+
 async def run_elected(args: OperatorSettings, lease_namespace: str, kopf_args: dict) -> None:
     """Wait for the Lease, then run the operator while renewing it. A leader that cannot renew in time
     exits at once (its pod restarts as a candidate): two replicas must never act together."""
     import kopf
+
+    asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
     from lightkube import AsyncClient
 
     from lorafleet.operator.leader import LeaderElector, LeadershipLost, default_identity
