@@ -523,7 +523,7 @@ class RuntimeSettings(ComponentSettings):
         help="where a text-generation or classification pool's torch engine computes: process (a model process of its own holds the "
              "model, KV cache and adapter slots, so the forward passes do not share an interpreter lock with the "
              "HTTP event loop; answers are the same), inline (a thread of the model server; text-to-image always), "
-             "or auto (process for text generation on CPU, where it was measured faster; inline elsewhere)")
+             "or auto (process on CPU, where it was measured faster; inline on a GPU)")
     log_level: LogLevel = setting("info", flags=("--log-level",), help="log level")
 
     @model_validator(mode="after")

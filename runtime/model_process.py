@@ -42,6 +42,7 @@ from lorafleet.runtime.engines import ClassificationEngine, GenerationEngine
 log = logging.getLogger("lorafleet.runtime")
 
 SWITCH_INTERVAL_S = 0.0005  # the interpreter's time slice in a server whose model is in a model process
+MODEL_PROCESS_NICE = 10  # the model process's niceness, added to the server's
 
 # The Sequence fields a request sets (sent once, when it starts); the rest is state the child computes.
 _STATE = {"slot", "row", "pos", "generated", "token_logprobs", "top_logprobs", "prompt_token_logprobs", "generator"}
@@ -428,6 +429,9 @@ def main(argv: list[str]) -> int:
     # SIGTERM to the process group must not take the model away from requests still being answered.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # When the cores are short, the server's event loop (admission: a refusal must be fast) goes first and
+    # the model takes what is left; otherwise this changes nothing (docs/benchmarks.md, 2026-12-07).
+    os.nice(MODEL_PROCESS_NICE)
     conn = Connection(int(argv[0]))
     return serve(conn)
 

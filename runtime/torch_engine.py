@@ -20,12 +20,12 @@ MODEL_PROCESS_TASKS = ("text-generation", "sequence-classification")  # the engi
 
 def model_process(s: RuntimeSettings, task: str) -> str:
     """Where the torch engine's model computes: "process" (model_process.py) or "inline" (a worker thread).
-    auto: a process for text generation on CPU (measured faster there, docs/benchmarks.md); inline on a GPU,
-    where it has not been measured yet, and for the other tasks (text-to-image has no model process)."""
+    auto: a process for text generation and classification on CPU (measured faster there, docs/benchmarks.md);
+    inline on a GPU, where it has not been measured yet (text-to-image has no model process)."""
     if task not in MODEL_PROCESS_TASKS:
         return "inline"
     if s.model_process == "auto":
-        return "process" if task == "text-generation" and s.device.startswith("cpu") else "inline"
+        return "process" if s.device.startswith("cpu") else "inline"
     return s.model_process
 
 

@@ -335,3 +335,19 @@ def put_adapter(admin, name, version, path, tenant=None, weight=100, pinned=Fals
     return admin.put(f"/admin/adapters/{name}/{version}",
                      json={"path": str(path), "sha256": directory_digest(path), "tenant": tenant or name,
                            "weight": weight, "pinned": pinned})
+
+
+def bind_adapters(engine, task: str, adapters: dict, host_adapters: int = 16) -> dict:
+    """An adapter manager bound to ``engine`` with ``adapters`` (name -> directory) registered as version 1,
+    each its own tenant: name -> entry (a registration error fails the caller's test)."""
+    from lorafleet.contracts.runtime_api import AdapterLoadRequest
+    from lorafleet.runtime.tiers import AdapterManager
+
+    manager = AdapterManager(task, host_adapters)
+    engine.bind(manager)
+    entries = {}
+    for name, path in adapters.items():
+        entry, _ = manager.register(name, "1", AdapterLoadRequest(path=str(path), sha256="0" * 64, tenant=name))
+        assert entry.error is None, f"{name}: {entry.error}"
+        entries[name] = entry
+    return entries

@@ -8,11 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.contracts.runtime_api import AdapterLoadRequest
 from lorafleet.runtime.architectures import UnsupportedModel
 from lorafleet.runtime.engines import GenerationEngine, Sequence
-from lorafleet.runtime.tiers import AdapterManager
-from support.models import PeftOracle, build_tokenizer, make_generation_adapter
+from support.models import PeftOracle, bind_adapters, build_tokenizer, make_generation_adapter
 
 # 4 to 31 tokens: with a window of 8, the short prompts start inside it and decode past it, the long
 # ones are past it from the prefill on.
@@ -92,13 +90,7 @@ def test_batched_greedy_equals_hf_and_peft_per_row(name, packed, tmp_path):
     adapters = [make_generation_adapter(base, tmp_path / f"a{i}", seed=10 + i, r=4 + 4 * i, alpha=16,
                                         targets=targets[i::2] if i else targets) for i in range(2)]
     engine = GenerationEngine.from_dir(base, device_slots=4, max_seqs=8)
-    manager = AdapterManager("text-generation", 8)
-    engine.bind(manager)
-    entries = []
-    for i, path in enumerate(adapters):
-        entry, _ = manager.register(f"a{i}", "1", AdapterLoadRequest(path=str(path), sha256="0" * 64, tenant=f"a{i}"))
-        assert entry.error is None, entry.error
-        entries.append(entry)
+    entries = list(bind_adapters(engine, "text-generation", {f"a{i}": p for i, p in enumerate(adapters)}).values())
     rows = [(None, PROMPTS[0]), (0, PROMPTS[1]), (1, PROMPTS[2]), (0, PROMPTS[3]), (None, PROMPTS[1])]
     oracle = PeftOracle(base, "text-generation")
     seqs = [Sequence(prompt=oracle.tok(p)["input_ids"], max_new_tokens=NEW_TOKENS,
