@@ -301,8 +301,7 @@ class GenerationEngine(Engine):
         if decode:
             p = pos[:, 0]
             span = int(p.max()) + 1
-            keys = torch.arange(span, device=self.device)[None, :]
-            masks[None] = (keys <= p[:, None])[:, None, None, :]
+            masks[None] = self._window_mask(pos, None, True)
         else:
             masks[None] = None  # right padding: a real query never sees the pads after it, causal is exact
 
