@@ -488,23 +488,26 @@ class GenerationEngine(Engine):
         self.last_logits = logits
         return self._sample(logits, seqs)
 
+    def packs(self, new: list[Sequence], running: list[Sequence]) -> bool:
+        """Whether ``step`` runs ``new`` and ``running`` in one forward: both given, every row in use
+        running (rows in use are always 0..n-1, so the running rows are those), no prompt logprobs asked,
+        room for the new rows. Only then does ``step``'s error contract hold."""
+        return (bool(new) and bool(running) and len(running) == len(self._row_seq)
+                and all(s.row >= 0 for s in running) and all(s.prompt_logprobs is None for s in new)
+                and len(self._row_seq) + len(new) <= self.max_seqs)
+
     @torch.inference_mode()
     def step(self, new: list[Sequence], running: list[Sequence]) -> tuple[list[int], list[int]]:
         """The prefill of ``new`` and a decode step of ``running`` in one forward: every token of both goes
         through the linear layers at once (one pass of the per-layer fixed cost, and no padding there);
         attention runs apart for the decode rows (over their cache) and the prompts (causal, padded).
-        Returns (new's first tokens, running's next tokens), each in the order given. Separate ``prefill``
-        and ``decode`` calls where packing does not apply (prompt logprobs asked, rows not 0..n-1). On an
-        error the new sequences' rows are freed again and nothing of ``running`` has moved, so the caller
-        may retry the two apart."""
-        if not new or not running:
+        Returns (new's first tokens, running's next tokens), each in the order given. Where it ``packs``, on
+        an error the new sequences' rows are freed again and nothing of ``running`` has moved, so the caller
+        may retry the two apart; elsewhere it is a ``prefill`` and a ``decode`` call, with their own errors."""
+        if not self.packs(new, running):
             return (self.prefill(new) if new else []), (self.decode(running) if running else [])
         order = sorted(range(len(running)), key=lambda i: running[i].row)
         run = [running[i] for i in order]
-        if (run[0].row != 0 or run[-1].row != len(run) - 1 or len(run) != len(self._row_seq)
-                or any(s.prompt_logprobs is not None for s in new)
-                or len(self._row_seq) + len(new) > self.max_seqs):
-            return self.prefill(new), self.decode(running)
         try:
             return self._packed(new, run, order)
         except Exception:

@@ -297,7 +297,7 @@ class RemoteGenerationEngine(_RemoteModel, GenerationEngine):
         return self._run("decode", [], seqs)[1]
 
     def step(self, new: list, running: list) -> tuple[list[int], list[int]]:
-        if not new or not running:
+        if not self.packs(new, running):  # the child's engine would run these apart too
             return (self.prefill(new) if new else []), (self.decode(running) if running else [])
         return self._run("step", new, running)
 

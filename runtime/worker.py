@@ -436,7 +436,8 @@ class ModelWorker(threading.Thread):
             for w in new:
                 w.payload.slot = w.payload_slot
         rows = len(self.active) + len(new)
-        if new and self.active and self._packed_step(engine, new):
+        # Packed only where a failed step can be retried apart (``packs``: the engine undoes the new rows).
+        if engine.packs([w.payload for w in new], [w.payload for w in self.active]) and self._packed_step(engine, new):
             if self.metrics:
                 self.metrics.batch(engine.task, rows, time.perf_counter() - t0, self._cpu() - c0)
             return

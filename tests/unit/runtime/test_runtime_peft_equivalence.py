@@ -182,3 +182,23 @@ def test_a_failed_packed_step_frees_its_new_rows_and_the_two_apart_still_answer_
         engine.decode(seqs)
     for i, (name, s) in enumerate(zip(names, seqs)):
         assert s.generated[:6] == oracle.greedy(gen_adapters[name], PROMPTS[i], 6), f"row {i} ({name})"
+
+
+def test_a_step_packs_only_where_a_failure_can_be_retried_apart(tiny_llama, gen_adapters):
+    """The model worker packs a step only where ``GenerationEngine.step`` undoes a failure (``packs``):
+    apart, a prefill that failed after taking its rows would have left them taken when the worker retried."""
+    engine = GenerationEngine.from_dir(tiny_llama, device_slots=8, max_seqs=4)
+    oracle = PeftOracle(tiny_llama, "text-generation")
+
+    def seq(**kw):
+        return Sequence(prompt=oracle.tok(PROMPTS[0])["input_ids"], max_new_tokens=4, **kw)
+
+    running = [seq(), seq()]
+    engine.prefill(running)
+    assert engine.packs([seq()], running)
+    assert not engine.packs([seq(prompt_logprobs=1)], running), "prompt logprobs are computed by prefill"
+    assert not engine.packs([seq()], running[:1]), "every row in use must step"
+    assert not engine.packs([seq(), seq(), seq()], running), "no room for three more rows"
+    assert not engine.packs([], running) and not engine.packs([seq()], [])
+    engine.finish(running[0])
+    assert not engine.packs([seq()], running), "a finished sequence is not running"
