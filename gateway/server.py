@@ -68,6 +68,22 @@ def error(status: int, message: str, type_: str, code: str, headers: dict | None
     return web.json_response(error_body(message, type_, code), status=status, headers=headers)
 
 
+async def send(session: aiohttp.ClientSession, method: str, url: str, **kwargs) -> aiohttp.ClientResponse:
+    """``session.request``, sent once more where a kept-alive connection turned out closed before any
+    answer: the pod's server dropped it as idle just as it was reused (uvicorn's keep-alive timeout
+    against the client's pool). The pod is there; treating it as failed would send the request to a
+    pod that may not hold the adapter, or mark a healthy replica down. No connection at all (refused,
+    unreachable) is raised as it came."""
+    try:
+        return await session.request(method, url, **kwargs)
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+        if isinstance(e, aiohttp.ClientConnectorError):
+            raise
+        log.info("%s %s: a kept-alive connection closed before answering (%s); sending again",
+                 method, url, type(e).__name__)
+        return await session.request(method, url, **kwargs)
+
+
 def requested_adapter(path: str, body: dict) -> str | None:
     """The adapter a request names: ``model`` (OpenAI, classify) or ``parameters.adapter_id`` (TGI)."""
     if path in MODEL_IN_BODY:
@@ -472,8 +488,8 @@ class Gateway:
             r.inflight += 1
             self.metrics.inflight.labels(r.name).set(r.inflight)
             try:
-                upstream = await self.session.request(request.method, r.url + str(request.rel_url), data=raw,
-                                                      headers=headers)
+                upstream = await send(self.session, request.method, r.url + str(request.rel_url), data=raw,
+                                      headers=headers)
                 try:
                     out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
                     out_headers["X-Lorafleet-Replica"] = r.name

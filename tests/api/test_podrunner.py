@@ -248,3 +248,85 @@ def test_a_deleted_pod_keeps_serving_through_its_prestop_sleep_then_ends(kube, n
     wait_for(lambda: not any(p.metadata.name == pod.metadata.name
                              for p in kube.list(Pod, namespace=namespace, labels={"app": "echo"})),
              timeout=30, what="the deleted pod gone")
+
+
+def test_local_ingress_sends_again_where_a_pod_dropped_a_kept_alive_connection(kube, namespace, control_plane):
+    """A pod's server that closes a kept-alive connection as idle just as the ingress reuses it
+    (uvicorn's keep-alive timeout against aiohttp's pool) costs the client nothing: the ingress sends
+    the request again on a new connection, to the same pod, rather than answering from another pod
+    (which, with placement, may not hold the adapter)."""
+    import asyncio
+    import socket
+
+    from lightkube import Client, KubeConfig
+    from lightkube.models.core_v1 import ServicePort, ServiceSpec
+    from lightkube.resources.core_v1 import Service
+    from lightkube.types import PatchType
+
+    from lorafleet.localstack.ingress import LocalIngress
+    from lorafleet.localstack.procs import free_port
+
+    # A server that answers the first request of each connection with keep-alive, then closes that
+    # connection when a second request comes on it, before answering.
+    served, dropped = [], []
+    listener = socket.create_server(("127.0.0.1", 0))
+    pod_port = listener.getsockname()[1]
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            first = True
+            while True:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                if not first:
+                    dropped.append(1)
+                    return  # closed with the request unanswered
+                first = False
+                served.append(1)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n"
+                             b"Connection: keep-alive\r\n\r\n{\"ok\": true}")
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    kube.create(Service(metadata=ObjectMeta(name="keepalive", namespace=namespace), spec=ServiceSpec(
+        selector={"app": "keepalive"}, ports=[ServicePort(port=80, targetPort=8000)])))
+    kube.create(Pod(metadata=ObjectMeta(name="keepalive-0", namespace=namespace, labels={"app": "keepalive"},
+                                        annotations={LOCAL_PORTS_ANNOTATION: json.dumps({"8000": pod_port})}),
+                    spec=PodSpec(containers=[Container(name="c", image="local/keepalive")])))
+    kube.patch(Pod.Status, "keepalive-0", {"status": {"phase": "Running", "conditions": [
+        {"type": "Ready", "status": "True"}]}}, namespace=namespace, patch_type=PatchType.MERGE)
+    port = free_port()
+
+    async def scenario():
+        import aiohttp
+
+        ing = LocalIngress(Client(config=KubeConfig.from_file(str(control_plane.kubeconfig))),
+                           default_backend=(namespace, "keepalive"), refresh=0.2)
+        web_runner = await ing.serve(port)
+        try:
+            async with aiohttp.ClientSession() as s:
+                answers = []
+                for _ in range(3):
+                    async with s.post(f"http://127.0.0.1:{port}/v1/classify", data=b"{}") as r:
+                        answers.append((r.status, await r.text()))
+            return answers
+        finally:
+            await web_runner.cleanup()
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        listener.close()
+    assert answers == [(200, '{"ok": true}')] * 3, answers
+    assert len(dropped) == 2 and len(served) == 3, (dropped, served)  # each reuse dropped, each sent again

@@ -224,15 +224,20 @@ class LocalIngress:
             return web.json_response(error_body(f"service {backend[0]}/{backend[1]} has no ready pods",
                                                 "unavailable", "no_ready_endpoints"), status=503,
                                      headers={"Retry-After": "1"})
+        from lorafleet.gateway.server import send
+
         shared_pool = self.pools.get(backend)
         last_error: Exception | None = None
         for i, endpoint in enumerate(ports):  # a connection refused (pod just went away) tries the next pod
             url = f"http://127.0.0.1:{endpoint.port}{request.rel_url}"
             merged_pod = endpoint.pool is not None and endpoint.pool != shared_pool
             try:
-                upstream = await self.session.request(request.method, url, data=body, headers=headers,
-                                                      allow_redirects=False)
+                # A kept-alive connection the pod closed as idle is sent again to the same pod (send).
+                upstream = await send(self.session, request.method, url, data=body, headers=headers,
+                                      allow_redirects=False)
             except aiohttp.ClientConnectionError as e:
+                log.warning("pod %s failed %s %s before answering (%s: %s); trying the next pod",
+                            endpoint.pod, request.method, request.path, type(e).__name__, e)
                 last_error = e
                 continue
             if i + 1 < len(ports) and (upstream.status == 503 or (upstream.status == 404 and merged_pod)):
