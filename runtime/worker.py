@@ -476,9 +476,8 @@ class ModelWorker(threading.Thread):
                 for w, tok in zip(step, toks):
                     self._send(w, "token", tok)
                 self._retire()
-            if self.metrics:
-                self.metrics.batch(engine.task, len(self.active) + len(new), time.perf_counter() - t0,
-                                   self._cpu() - c0)
+            if self.metrics:  # the rows this step ran (``new`` are in ``active`` by now)
+                self.metrics.batch(engine.task, rows, time.perf_counter() - t0, self._cpu() - c0)
 
     def _packed_step(self, engine: GenerationEngine, new: list[Work]) -> bool:
         """The new sequences' prefill and the running ones' decode step in one forward

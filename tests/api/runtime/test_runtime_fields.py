@@ -288,3 +288,29 @@ def test_response_format_text_is_plain_generation(c):
     want = c.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
     r = c.post("/v1/chat/completions", json={**chat, "response_format": {"type": "text"}})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
+
+
+def _batches(url: str) -> tuple[float, float, float]:
+    """(forwards, rows, forwards of at most one row) the generation batch-size histogram has counted."""
+    count = total = one = 0.0
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        value = line.rsplit(" ", 1)[-1]
+        if line.startswith('lorafleet_runtime_batch_size_count{task="text-generation"}'):
+            count = float(value)
+        elif line.startswith('lorafleet_runtime_batch_size_sum{task="text-generation"}'):
+            total = float(value)
+        elif line.startswith('lorafleet_runtime_batch_size_bucket{le="1.0",task="text-generation"}'):
+            one = float(value)
+    return count, total, one
+
+
+def test_the_batch_size_metric_counts_each_row_of_a_step_once(server, c):
+    """One request alone: each of its steps ran one row, its first (prefill) step and its last (after
+    which the row retires) too."""
+    before = _batches(server.metrics_url)
+    r = c.post("/v1/completions", json={"model": "gen0", "prompt": PROMPT, "max_tokens": NEW, "temperature": 0,
+                                        "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    after = _batches(server.metrics_url)
+    steps, rows, one_row = (a - b for a, b in zip(after, before))
+    assert steps == NEW and rows == NEW and one_row == NEW, (steps, rows, one_row)
