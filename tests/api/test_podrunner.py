@@ -256,49 +256,18 @@ def test_local_ingress_sends_again_where_a_pod_dropped_a_kept_alive_connection(k
     the request again on a new connection, to the same pod, rather than answering from another pod
     (which, with placement, may not hold the adapter)."""
     import asyncio
-    import socket
 
     from lightkube import Client, KubeConfig
     from lightkube.models.core_v1 import ServicePort, ServiceSpec
     from lightkube.resources.core_v1 import Service
     from lightkube.types import PatchType
+    from support.keepalive import DroppingServer
 
     from lorafleet.localstack.ingress import LocalIngress
     from lorafleet.localstack.procs import free_port
 
-    # A server that answers the first request of each connection with keep-alive, then closes that
-    # connection when a second request comes on it, before answering.
-    served, dropped = [], []
-    listener = socket.create_server(("127.0.0.1", 0))
-    pod_port = listener.getsockname()[1]
-
-    def serve_one(conn: socket.socket) -> None:
-        with conn:
-            first = True
-            while True:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                if not first:
-                    dropped.append(1)
-                    return  # closed with the request unanswered
-                first = False
-                served.append(1)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n"
-                             b"Connection: keep-alive\r\n\r\n{\"ok\": true}")
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    pod_server = DroppingServer()
+    pod_port = pod_server.port
     kube.create(Service(metadata=ObjectMeta(name="keepalive", namespace=namespace), spec=ServiceSpec(
         selector={"app": "keepalive"}, ports=[ServicePort(port=80, targetPort=8000)])))
     kube.create(Pod(metadata=ObjectMeta(name="keepalive-0", namespace=namespace, labels={"app": "keepalive"},
@@ -327,6 +296,7 @@ def test_local_ingress_sends_again_where_a_pod_dropped_a_kept_alive_connection(k
     try:
         answers = asyncio.run(scenario())
     finally:
-        listener.close()
+        pod_server.close()
     assert answers == [(200, '{"ok": true}')] * 3, answers
-    assert len(dropped) == 2 and len(served) == 3, (dropped, served)  # each reuse dropped, each sent again
+    # Each reuse dropped, each sent again to the same pod.
+    assert (pod_server.dropped, pod_server.served) == (2, 3), (pod_server.dropped, pod_server.served)
