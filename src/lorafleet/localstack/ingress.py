@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -33,6 +34,7 @@ from lorafleet.contracts.runtime_api import error_body
 from .podrunner import LOCAL_PORTS_ANNOTATION, warm_decoders
 
 log = logging.getLogger("lorafleet.ingress")
+RESNAPSHOT_AFTER_S = 0.05  # the soonest a request looks at the pods again itself (handle)
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
 
@@ -66,6 +68,7 @@ class LocalIngress:
         self.merged: dict[tuple[str, str], dict[str, tuple[tuple[str, str], str]]] = {}
         self.pools: dict[tuple[str, str], str] = {}  # (ns, service) -> the pool it selects
         self._rr = itertools.count()
+        self._snapshot_at = float("-inf")  # when the last completed routing snapshot began (time.monotonic)
         self.registry = CollectorRegistry()
         self.pool_choice = Counter(
             "lorafleet_ingress_pool_choice", "Answers to requests for an adapter a merged pool serves, by the pool "
@@ -76,6 +79,7 @@ class LocalIngress:
     # --------------------------------------------------------------------------- routing table
 
     def _snapshot(self) -> tuple[list[Rule], dict[tuple[str, str], list[Endpoint]]]:
+        began = time.monotonic()
         rules: list[Rule] = []
         for ing in self.client.list(Ingress, namespace="*"):
             for r in ing.spec.rules or []:
@@ -127,6 +131,7 @@ class LocalIngress:
                         merged.setdefault((ns, name), {})[served] = (key, entry.merged.version)
                         pending.append(key)  # its Ready pods are looked up too
         self.routes, self.merged, self.pools = routes, merged, pools
+        self._snapshot_at = began
         return rules, endpoints
 
     def merged_first(self, backend: tuple[str, str], endpoints: list[Endpoint], wanted: str | None) -> list[Endpoint]:
@@ -165,6 +170,16 @@ class LocalIngress:
             return None
         wanted = requested_adapters(path, doc if isinstance(doc, dict) else {}, headers)
         return wanted[0] if wanted else None
+
+    def _holders_not_ready(self, backend: tuple[str, str], wanted: str | None) -> bool:
+        """Whether ``wanted`` is placed on some replicas of which none is among the ready pods seen."""
+        table = self.routes.get(backend)
+        if table is None or not wanted:
+            return False
+        entry = table.adapters.get(names.split_versioned(wanted)[0])
+        if entry is None or not entry.holders:
+            return False
+        return not any(entry.held_by(e.pod) for e in self.endpoints.get(backend) or [])
 
     def holders_first(self, backend: tuple[str, str], endpoints: list[Endpoint], wanted: str | None) -> list[Endpoint]:
         """The pods to try for this request, in order: for an adapter placed on some replicas, those
@@ -212,9 +227,13 @@ class LocalIngress:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         wanted = self.requested(backend, body, request.path, request.headers)
         ports = self._order(backend, wanted)
-        if not ports:
+        if not ports or (self._holders_not_ready(backend, wanted)
+                         and time.monotonic() - self._snapshot_at >= RESNAPSHOT_AFTER_S):
             # The table is polled every `refresh` s, where a real controller watches endpoints and
-            # sees a pod turn Ready within milliseconds: look again before answering 503.
+            # sees a pod turn Ready within milliseconds: look again before answering 503 (no pod), or
+            # before sending a placed adapter only to pods that do not hold it (its holder may have
+            # turned Ready since; at most once per RESNAPSHOT_AFTER_S after the last snapshot began,
+            # so a holder that stays unready costs the API server no more than that).
             try:
                 self.rules, self.endpoints = await asyncio.to_thread(self._snapshot)
             except Exception:
