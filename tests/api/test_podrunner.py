@@ -300,3 +300,87 @@ def test_local_ingress_sends_again_where_a_pod_dropped_a_kept_alive_connection(k
     assert answers == [(200, '{"ok": true}')] * 3, answers
     # Each reuse dropped, each sent again to the same pod.
     assert (pod_server.dropped, pod_server.served) == (2, 3), (pod_server.dropped, pod_server.served)
+
+
+def test_local_ingress_looks_again_when_a_placed_adapters_holder_is_not_among_its_ready_pods(
+        kube, namespace, control_plane):
+    """The ingress polls the pods; a request for an adapter placed on a pod its last poll did not see
+    Ready looks at the pods again first, so a holder that turned Ready since answers (not the other
+    pods' 503 adapter_elsewhere until the next poll)."""
+    import asyncio
+    import http.server
+
+    from lightkube import Client, KubeConfig
+    from lightkube.models.core_v1 import ServicePort, ServiceSpec
+    from lightkube.resources.core_v1 import ConfigMap, Service
+    from lightkube.types import PatchType
+
+    from lorafleet.contracts import names
+    from lorafleet.contracts.routes import RouteEntry, RoutesTable, RouteVersion
+    from lorafleet.localstack.ingress import LocalIngress
+    from lorafleet.localstack.procs import free_port
+
+    def server(status: int, body: bytes) -> http.server.ThreadingHTTPServer:
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+        return s
+
+    other = server(503, b'{"error": {"code": "adapter_elsewhere"}}')
+    holder = server(200, b'{"replica": "holder"}')
+    pool = "looked"
+    labels = {names.LABEL_POOL: pool}
+    kube.create(Service(metadata=ObjectMeta(name="looked", namespace=namespace), spec=ServiceSpec(
+        selector=labels, ports=[ServicePort(port=80, targetPort=8000)])))
+    for pod, srv in (("looked-0", other), ("looked-1", holder)):
+        kube.create(Pod(metadata=ObjectMeta(name=pod, namespace=namespace, labels=labels, annotations={
+            LOCAL_PORTS_ANNOTATION: json.dumps({"8000": srv.server_address[1]})}),
+            spec=PodSpec(containers=[Container(name="c", image="local/looked")])))
+    ready = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+    kube.patch(Pod.Status, "looked-0", ready, namespace=namespace, patch_type=PatchType.MERGE)
+    table = RoutesTable(pool=pool, generation=1, placed_on=["looked-0", "looked-1"], adapters={"a": RouteEntry(
+        tenant="t", versions=[RouteVersion(version="1", uri="s3://b/a/", sha256="0" * 64)], holders={"looked-1": 1})})
+    kube.create(ConfigMap(metadata=ObjectMeta(name="looked-routes", namespace=namespace,
+                                              labels={names.LABEL_ROUTES_FOR: pool}),
+                          data={names.ROUTES_KEY: table.to_json()}))
+    port = free_port()
+
+    async def scenario():
+        import aiohttp
+
+        # Polled once an hour: only a request's own look can see the holder turn Ready.
+        ing = LocalIngress(Client(config=KubeConfig.from_file(str(control_plane.kubeconfig))),
+                           default_backend=(namespace, "looked"), refresh=3600)
+        web_runner = await ing.serve(port)
+        try:
+            async with aiohttp.ClientSession() as s:
+                async def ask():
+                    async with s.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "a", "input": "x"}) as r:
+                        return r.status, await r.json()
+
+                before = await ask()  # the holder is not Ready: the other pod's 503
+                await asyncio.to_thread(kube.patch, Pod.Status, "looked-1", ready, namespace=namespace,
+                                        patch_type=PatchType.MERGE)
+                await asyncio.sleep(0.1)
+                return before, await ask()
+        finally:
+            await web_runner.cleanup()
+
+    try:
+        before, after = asyncio.run(scenario())
+    finally:
+        other.shutdown()
+        holder.shutdown()
+    assert before == (503, {"error": {"code": "adapter_elsewhere"}}), before
+    assert after == (200, {"replica": "holder"}), after
