@@ -28,8 +28,9 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from lorafleet.contracts import names
 from lorafleet.contracts.kubeio import pod_ready
-from lorafleet.contracts.routes import RoutesTable, SyncReport
+from lorafleet.contracts.routes import RouteEntry, RoutesTable, SyncReport
 from lorafleet.contracts.runtime_api import error_body
+from lorafleet.gateway.server import requested_adapters, send
 
 from .podrunner import LOCAL_PORTS_ANNOTATION, warm_decoders
 
@@ -162,8 +163,6 @@ class LocalIngress:
         """The adapter (``name`` or ``name@version``) a request for a pool's Service names, if any."""
         if not body or (backend not in self.routes and backend not in self.merged):
             return None
-        from lorafleet.gateway.server import requested_adapters
-
         try:
             doc = json.loads(body)
         except ValueError:
@@ -171,39 +170,45 @@ class LocalIngress:
         wanted = requested_adapters(path, doc if isinstance(doc, dict) else {}, headers)
         return wanted[0] if wanted else None
 
-    def _holders_not_ready(self, backend: tuple[str, str], wanted: str | None) -> bool:
-        """Whether ``wanted`` is placed on some replicas of which none is among the ready pods seen."""
+    def _placed(self, backend: tuple[str, str], wanted: str | None) -> RouteEntry | None:
+        """The routes entry of ``wanted`` where the routes place it on some replicas (None: on all, or
+        not an adapter of a pool with placement)."""
         table = self.routes.get(backend)
         if table is None or not wanted:
-            return False
+            return None
         entry = table.adapters.get(names.split_versioned(wanted)[0])
-        if entry is None or not entry.holders:
-            return False
-        return not any(entry.held_by(e.pod) for e in self.endpoints.get(backend) or [])
+        return entry if entry is not None and entry.holders is not None else None
+
+    def _holders_not_ready(self, backend: tuple[str, str], wanted: str | None) -> bool:
+        """Whether ``wanted`` is placed on some replicas of which none is among the ready pods seen."""
+        entry = self._placed(backend, wanted)
+        return bool(entry is not None and entry.holders
+                    and not any(entry.held_by(e.pod) for e in self.endpoints.get(backend) or []))
 
     def holders_first(self, backend: tuple[str, str], endpoints: list[Endpoint], wanted: str | None) -> list[Endpoint]:
         """The pods to try for this request, in order: for an adapter placed on some replicas, those
         replicas (the ones that report it loaded first), then the others, which answer 503 unless this
         table is a refresh behind a move; otherwise every ready pod."""
-        table = self.routes.get(backend)
-        if table is None or not wanted:
+        entry = self._placed(backend, wanted)
+        if entry is None or wanted is None:
             return endpoints
         served = names.split_versioned(wanted)[0]
-        entry = table.adapters.get(served)
-        if entry is None or entry.holders is None:
-            return endpoints
         held = [e for e in endpoints if entry.held_by(e.pod)]
         loaded = [e for e in held if e.report is not None and any(
             e.report.has_loaded(served, v.version, max(v.since, entry.placed_since(e.pod) or 0))
             for v in entry.serving())]
         return loaded + [e for e in held if e not in loaded] + [e for e in endpoints if e not in held]
 
+    async def _look(self) -> None:
+        """A routing snapshot taken now (a failure is logged; the last one stays)."""
+        try:
+            self.rules, self.endpoints = await asyncio.to_thread(self._snapshot)
+        except Exception:
+            log.exception("ingress refresh failed")
+
     async def refresh_forever(self) -> None:
         while True:
-            try:
-                self.rules, self.endpoints = await asyncio.to_thread(self._snapshot)
-            except Exception:
-                log.exception("ingress refresh failed")
+            await self._look()
             await asyncio.sleep(self.refresh)
 
     def backend_for(self, host: str | None, path: str, default: bool = True) -> tuple[str, str] | None:
@@ -234,17 +239,12 @@ class LocalIngress:
             # before sending a placed adapter only to pods that do not hold it (its holder may have
             # turned Ready since; at most once per RESNAPSHOT_AFTER_S after the last snapshot began,
             # so a holder that stays unready costs the API server no more than that).
-            try:
-                self.rules, self.endpoints = await asyncio.to_thread(self._snapshot)
-            except Exception:
-                log.exception("ingress refresh failed")
+            await self._look()
             ports = self._order(backend, wanted)
         if not ports:
             return web.json_response(error_body(f"service {backend[0]}/{backend[1]} has no ready pods",
                                                 "unavailable", "no_ready_endpoints"), status=503,
                                      headers={"Retry-After": "1"})
-        from lorafleet.gateway.server import send
-
         shared_pool = self.pools.get(backend)
         last_error: Exception | None = None
         for i, endpoint in enumerate(ports):  # a connection refused (pod just went away) tries the next pod
