@@ -11,21 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from lorafleet.localstack.procs import free_port, wait_for
+from support.metrics import metric
 from support.models import put_adapter, start_runtime
 
 BODY = {"model": "gen0", "prompt": "hello world", "max_tokens": 2, "temperature": 0}
-
-
-def metric(url: str, name: str, **labels) -> float:
-    total = 0.0
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 class GatewayThread:

@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from lorafleet.localstack.procs import wait_for
+from support.metrics import metric as support_metric
 from support.models import make_generation_adapter, make_tiny_llama, put_adapter, start_runtime
 
 # Long enough that the row is still generating when the test looks (one token per model step).
@@ -44,13 +44,8 @@ def server(long_llama, adapters):
 
 
 def metric(srv, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels``, as /metrics shows them."""
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(srv.metrics_url + "/metrics").text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+    """The sum of ``name``'s samples whose labels include ``labels``, on ``srv``'s metrics port."""
+    return support_metric(srv.metrics_url, name, **labels)
 
 
 def cancelled(srv, stage: str) -> float:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import torch
 
+from support.metrics import metric
 from support.models import put_adapter, start_runtime
 
 PROMPT = "hello world , how are"
@@ -292,16 +293,10 @@ def test_response_format_text_is_plain_generation(c):
 
 def _batches(url: str) -> tuple[float, float, float]:
     """(forwards, rows, forwards of at most one row) the generation batch-size histogram has counted."""
-    count = total = one = 0.0
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        value = line.rsplit(" ", 1)[-1]
-        if line.startswith('lorafleet_runtime_batch_size_count{task="text-generation"}'):
-            count = float(value)
-        elif line.startswith('lorafleet_runtime_batch_size_sum{task="text-generation"}'):
-            total = float(value)
-        elif line.startswith('lorafleet_runtime_batch_size_bucket{le="1.0",task="text-generation"}'):
-            one = float(value)
-    return count, total, one
+    task = "text-generation"
+    return (metric(url, "lorafleet_runtime_batch_size_count", task=task),
+            metric(url, "lorafleet_runtime_batch_size_sum", task=task),
+            metric(url, "lorafleet_runtime_batch_size_bucket", task=task, le="1.0"))
 
 
 def test_the_batch_size_metric_counts_each_row_of_a_step_once(server, c):

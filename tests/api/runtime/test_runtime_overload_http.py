@@ -10,22 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from lorafleet.localstack.procs import wait_for
 from lorafleet.runtime.worker import ServiceRate
+from support.metrics import metric
 from support.models import put_adapter, start_runtime
-
-
-def metric(url: str, name: str, **labels) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels`` (0 when none)."""
-    text = httpx.get(url + "/metrics").text  # url: the metrics port's
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 class Held:
