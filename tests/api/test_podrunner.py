@@ -250,6 +250,31 @@ def test_a_deleted_pod_keeps_serving_through_its_prestop_sleep_then_ends(kube, n
              timeout=30, what="the deleted pod gone")
 
 
+def _service_of_local_pods(kube, namespace: str, name: str, labels: dict[str, str], pods: dict[str, int],
+                           ready: list[str]) -> None:
+    """A Service selecting ``labels`` and the pods ``pods`` (name -> the local port of their 8000), of
+    which ``ready`` get a Ready status, as the pod runner gives them (no process behind: the caller serves
+    each port)."""
+    from lightkube.models.core_v1 import ServicePort, ServiceSpec
+    from lightkube.resources.core_v1 import Service
+
+    kube.create(Service(metadata=ObjectMeta(name=name, namespace=namespace), spec=ServiceSpec(
+        selector=labels, ports=[ServicePort(port=80, targetPort=8000)])))
+    for pod, local in pods.items():
+        kube.create(Pod(metadata=ObjectMeta(name=pod, namespace=namespace, labels=labels, annotations={
+            LOCAL_PORTS_ANNOTATION: json.dumps({"8000": local})}),
+            spec=PodSpec(containers=[Container(name="c", image=f"local/{name}")])))
+    for pod in ready:
+        _set_ready(kube, namespace, pod)
+
+
+def _set_ready(kube, namespace: str, pod: str) -> None:
+    from lightkube.types import PatchType
+
+    kube.patch(Pod.Status, pod, {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}},
+               namespace=namespace, patch_type=PatchType.MERGE)
+
+
 def test_local_ingress_sends_again_where_a_pod_dropped_a_kept_alive_connection(kube, namespace, control_plane):
     """A pod's server that closes a kept-alive connection as idle just as the ingress reuses it
     (uvicorn's keep-alive timeout against aiohttp's pool) costs the client nothing: the ingress sends
@@ -258,23 +283,14 @@ def test_local_ingress_sends_again_where_a_pod_dropped_a_kept_alive_connection(k
     import asyncio
 
     from lightkube import Client, KubeConfig
-    from lightkube.models.core_v1 import ServicePort, ServiceSpec
-    from lightkube.resources.core_v1 import Service
-    from lightkube.types import PatchType
     from support.keepalive import DroppingServer
 
     from lorafleet.localstack.ingress import LocalIngress
     from lorafleet.localstack.procs import free_port
 
     pod_server = DroppingServer()
-    pod_port = pod_server.port
-    kube.create(Service(metadata=ObjectMeta(name="keepalive", namespace=namespace), spec=ServiceSpec(
-        selector={"app": "keepalive"}, ports=[ServicePort(port=80, targetPort=8000)])))
-    kube.create(Pod(metadata=ObjectMeta(name="keepalive-0", namespace=namespace, labels={"app": "keepalive"},
-                                        annotations={LOCAL_PORTS_ANNOTATION: json.dumps({"8000": pod_port})}),
-                    spec=PodSpec(containers=[Container(name="c", image="local/keepalive")])))
-    kube.patch(Pod.Status, "keepalive-0", {"status": {"phase": "Running", "conditions": [
-        {"type": "Ready", "status": "True"}]}}, namespace=namespace, patch_type=PatchType.MERGE)
+    _service_of_local_pods(kube, namespace, "keepalive", {"app": "keepalive"}, {"keepalive-0": pod_server.port},
+                           ready=["keepalive-0"])
     port = free_port()
 
     async def scenario():
@@ -311,9 +327,7 @@ def test_local_ingress_looks_again_when_a_placed_adapters_holder_is_not_among_it
     import http.server
 
     from lightkube import Client, KubeConfig
-    from lightkube.models.core_v1 import ServicePort, ServiceSpec
-    from lightkube.resources.core_v1 import ConfigMap, Service
-    from lightkube.types import PatchType
+    from lightkube.resources.core_v1 import ConfigMap
 
     from lorafleet.contracts import names
     from lorafleet.contracts.routes import RouteEntry, RoutesTable, RouteVersion
@@ -340,15 +354,9 @@ def test_local_ingress_looks_again_when_a_placed_adapters_holder_is_not_among_it
     other = server(503, b'{"error": {"code": "adapter_elsewhere"}}')
     holder = server(200, b'{"replica": "holder"}')
     pool = "looked"
-    labels = {names.LABEL_POOL: pool}
-    kube.create(Service(metadata=ObjectMeta(name="looked", namespace=namespace), spec=ServiceSpec(
-        selector=labels, ports=[ServicePort(port=80, targetPort=8000)])))
-    for pod, srv in (("looked-0", other), ("looked-1", holder)):
-        kube.create(Pod(metadata=ObjectMeta(name=pod, namespace=namespace, labels=labels, annotations={
-            LOCAL_PORTS_ANNOTATION: json.dumps({"8000": srv.server_address[1]})}),
-            spec=PodSpec(containers=[Container(name="c", image="local/looked")])))
-    ready = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
-    kube.patch(Pod.Status, "looked-0", ready, namespace=namespace, patch_type=PatchType.MERGE)
+    _service_of_local_pods(kube, namespace, "looked", {names.LABEL_POOL: pool},
+                           {"looked-0": other.server_address[1], "looked-1": holder.server_address[1]},
+                           ready=["looked-0"])
     table = RoutesTable(pool=pool, generation=1, placed_on=["looked-0", "looked-1"], adapters={"a": RouteEntry(
         tenant="t", versions=[RouteVersion(version="1", uri="s3://b/a/", sha256="0" * 64)], holders={"looked-1": 1})})
     kube.create(ConfigMap(metadata=ObjectMeta(name="looked-routes", namespace=namespace,
@@ -370,8 +378,7 @@ def test_local_ingress_looks_again_when_a_placed_adapters_holder_is_not_among_it
                         return r.status, await r.json()
 
                 before = await ask()  # the holder is not Ready: the other pod's 503
-                await asyncio.to_thread(kube.patch, Pod.Status, "looked-1", ready, namespace=namespace,
-                                        patch_type=PatchType.MERGE)
+                await asyncio.to_thread(_set_ready, kube, namespace, "looked-1")
                 await asyncio.sleep(0.1)
                 return before, await ask()
         finally:
