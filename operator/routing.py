@@ -666,15 +666,47 @@ def with_leaving(served: str, entry: RouteEntry, previous: RouteEntry | None, po
     else:
         before = dict(previous.leaving or {})
         before.update(previous.holders)
-    gone = {pod: since for pod, since in before.items() if pod not in entry.holders and pod in alive}
+    serving = [v for v in entry.versions if not v.draining]
+    # Only a pod that has the adapter loaded keeps it: one placed it moments ago that has not loaded
+    # it serves nothing of it, and fetching it now would only take room from what it is to hold
+    # (pods joining one after another moved adapters on before any had loaded: a pod was asked for
+    # holders and old copies past its cache, and downloads failed "cache full").
+    gone = {pod: since for pod, since in before.items() if pod not in entry.holders and pod in alive
+            and any(alive[pod].report is not None and since != NEW
+                    and alive[pod].report.has_loaded(served, v.version, max(v.since, since))
+                    for v in serving if v.since != NEW)}
     if not gone:
         return entry
-    serving = [v for v in entry.versions if not v.draining]
     # Placed nowhere now (no pod has room within the budget): the budget wins, the old copies go.
     if all(pod in alive and alive[pod].ready and holds_all(alive[pod], served, serving, since)
            for pod, since in entry.holders.items()):
         return entry
     return entry.model_copy(update={"leaving": gone})
+
+
+def _cap_leaving(entries: dict[str, RouteEntry], adapters: list[AdapterView], pool_spec: BaseModelPoolSpec,
+                 known: dict[str, int]) -> None:
+    """Old copies kept on a pod (``leaving``) take at most one placement budget of bytes there (the
+    room the cache keeps for a move beside what the pod holds, ``placement_budget``); past it, the
+    copies of the adapters later in name order are let go at once (their new holders serve them once
+    loaded). Chained moves (pods joining or leaving before the last move finished) would otherwise
+    ask one pod for its holders and several moves' old copies together, past its cache."""
+    room = pool_spec.placement_budget()
+    default = pool_spec.cache.max_adapter_bytes_int
+    sizes = {a.served_name: adapter_bytes(a.spec, known, default) for a in adapters if a.spec is not None}
+    kept: dict[str, int] = {}
+    for served in sorted(entries):
+        e = entries[served]
+        if not e.leaving:
+            continue
+        size = sizes.get(served, default)
+        stay = {}
+        for pod, since in e.leaving.items():
+            if kept.get(pod, 0) + size <= room:
+                kept[pod] = kept.get(pod, 0) + size
+                stay[pod] = since
+        if len(stay) != len(e.leaving):
+            entries[served] = e.model_copy(update={"leaving": stay or None})
 
 
 def _fill_since(entries: dict[str, RouteEntry], generation: int) -> None:
@@ -742,6 +774,8 @@ def plan_routes(pool: str, adapters: list[AdapterView], problems: dict[str, list
         if holders is not None:
             _with_verified(entry, known)
         entries[a.served_name] = with_leaving(a.served_name, entry, prev, pods)
+    if pool_spec is not None and targets:
+        _cap_leaving(entries, adapters, pool_spec, known)
     check = source_check(tenants)
     for served, entry in list(entries.items()) if check is not None else ():
         kept = check.within(entry)

@@ -20,7 +20,8 @@ def adapter(name, version="1", sha="b", **spec):
     body = {"metadata": {"name": name, "namespace": "ns", "uid": f"placement-uid-{next(_uids)}", "generation": 1,
                          "creationTimestamp": "2026-01-01T00:00:00Z"},
             "spec": {"pool": "p", "tenant": "acme", "version": version,
-                     "source": {"uri": f"s3://a/{name}/{version}/", "sha256": sha * 64, "sizeBytes": 100}, **spec}}
+                     "source": {"uri": f"s3://a/{name}/{version}/", "sha256": sha if len(sha) == 64 else sha * 64,
+                                "sizeBytes": 100}, **spec}}
     return routing.adapter_view(body)
 
 
@@ -145,6 +146,28 @@ def test_a_pod_that_joins_gets_its_share_and_the_previous_holders_serve_until_it
     t6 = plan(ADAPTERS, [pod(n, t5.generation) for n in "xyz"] + [pod("w", t5.generation, terminating=True)],
               previous=t5).table
     assert t6.placed_on == ["x", "y", "z"] and all("w" not in e.holders for e in t6.adapters.values())
+
+
+def test_old_copies_stay_only_where_loaded_and_within_one_budget_through_chained_moves():
+    # Pods join one after another, each before the moves the last one caused are done: x has loaded
+    # what it was given each time; y, z and w have loaded nothing yet.
+    many = [adapter(f"a{i:02d}", sha=f"{i:064x}") for i in range(24)]
+    p = pool(replicas=3, adapter_bytes=800)  # 8 adapters of 100 bytes per replica
+    t = plan(many, [pod("x", 0)], p=p).table
+    joined = []
+    for new in "yzw":
+        joined.append(new)
+        t = plan(many, [pod("x", t.generation)] + [pod(n, 0, ready=False) for n in joined], previous=t, p=p).table
+        held = {q: {a for a, e in t.adapters.items() if q in (e.holders or {})} for q in ["x", *joined]}
+        old = {q: {a for a, e in t.adapters.items() if q in (e.leaving or {})} for q in ["x", *joined]}
+        # A pod that never loaded an adapter keeps no copy of it (fetching it now would only take the
+        # room of what it is to hold); the one that has them keeps them until their new holders do,
+        # within one placement budget beside what it holds (the room the cache keeps for a move).
+        assert all(not old[q] for q in joined), old
+        assert old["x"] and len(old["x"]) <= 8, old["x"]
+        assert all(len(held[q]) + len(old[q]) <= 16 for q in held), (held, old)
+        for a in old["x"]:
+            assert t.adapters[a].held_by("x") and "x" not in t.adapters[a].holders
 
 
 def test_all_keeps_todays_behaviour_and_an_adapter_may_ask_for_its_own_count():
