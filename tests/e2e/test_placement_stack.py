@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ from lorafleet.contracts.names import split_versioned
 from lorafleet.contracts.digest import directory_digest
 from lorafleet.contracts.routes import RoutesTable
 from lorafleet.localstack.procs import wait_for
+from lorafleet.localstack.tools import require_tool
 
 NS = "placement"
 POOL = "placed"
@@ -93,23 +95,65 @@ class Pool:
 
     def settled(self, replicas: int, names: list[str], served: int | None = None):
         """``replicas`` pods placed over, none draining or terminating, nothing moving, and ``served``
-        (all by default) of ``names`` Ready 1/1 (the others Unplaced)."""
+        (all by default) of ``names`` Ready 1/1 (the others Unplaced). Not yet settled raises
+        ``NotSettled`` saying what is missing, which a timed-out wait reports."""
         def check():
             t = self.routes()
             pods = self.pods()
-            alive = [p for p, body in pods.items() if not body["metadata"].get("deletionTimestamp")]
-            if (len(t.placed_on or []) != replicas or t.draining or len(alive) != replicas
-                    or any(e.leaving for e in t.adapters.values())):
-                return None
+            alive = sorted(p for p, body in pods.items() if not body["metadata"].get("deletionTimestamp"))
+            leaving = sorted(a for a, e in t.adapters.items() if e.leaving)
+            if len(t.placed_on or []) != replicas or t.draining or len(alive) != replicas or leaving:
+                raise NotSettled(f"placed on {sorted(t.placed_on or [])}, draining {t.draining}, pods alive "
+                                 f"{alive}, leaving {leaving[:10]}")
             st = self.statuses()
             ready = [a for a in names if st.get(a, {}).get("ready") == "1/1" and st[a].get("phase") == "Ready"]
-            if len(ready) != (len(names) if served is None else served):
-                return None
-            unplaced = [a for a in names if a not in ready]
-            if any((st.get(a, {}).get("conditions") or [{}])[0].get("reason") != "Unplaced" for a in unplaced):
-                return None
+            odd = {a: (st.get(a, {}).get("phase"), st.get(a, {}).get("ready"),
+                       (st.get(a, {}).get("conditions") or [{}])[0].get("reason")) for a in names if a not in ready}
+            if len(ready) != (len(names) if served is None else served) or any(r != "Unplaced" for *_, r in odd.values()):
+                raise NotSettled(f"{len(ready)} of {len(names)} Ready 1/1; others (phase, ready, reason): "
+                                 f"{dict(list(odd.items())[:12])}; holders per pod "
+                                 f"{dict(Counter(p for e in t.adapters.values() for p in e.holders))}")
             return t
         return check
+
+
+class NotSettled(Exception):
+    pass
+
+
+class Watch:
+    """``kubectl get -w`` in the background: every version of the objects it names as the API server
+    sent them (a poll can miss a state that lasts less than its interval; a watch cannot)."""
+
+    def __init__(self, e2e, *args: str):
+        self.proc = subprocess.Popen([str(require_tool("kubectl")), f"--kubeconfig={e2e.state['kubeconfig']}", "get",
+                                      *args, "-n", NS, "-w", "-o", "json"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.seen: list[tuple[float, dict]] = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        decoder, buf = json.JSONDecoder(), ""
+        for line in self.proc.stdout:
+            buf += line
+            while buf.strip():
+                try:
+                    obj, end = decoder.raw_decode(buf.lstrip())
+                except ValueError:
+                    break
+                buf = buf.lstrip()[end:]
+                with self.lock:
+                    self.seen.append((time.monotonic(), obj))
+
+    def since(self, t: float) -> list[dict]:
+        with self.lock:
+            return [o for at, o in self.seen if at >= t]
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
 
 
 class Load:
@@ -231,6 +275,7 @@ def test_sixty_adapters_on_three_real_replicas_scale_3_4_2_and_a_killed_pod(e2e,
     caches = CacheWatch(e2e.root / "node")
     caches.thread.start()
     figures: dict[str, object] = {}
+    watches: list[Watch] = []
     try:
         t3 = wait_for(pool.settled(3, names), 300, interval=1, what=f"{N} adapters Ready 1/1 on 3 replicas")
         figures["up_s"] = round(time.monotonic() - started, 1)
@@ -268,38 +313,34 @@ def test_sixty_adapters_on_three_real_replicas_scale_3_4_2_and_a_killed_pod(e2e,
             # 4 -> 2: the two pods the scale down removes drain first; a third of the adapters has
             # no room on two replicas (the budget wins) and is answered 503 adapter_elsewhere.
             load.phase = "4->2"
+            routes_seen = Watch(e2e, "configmap", "-l", f"lorafleet.io/routes-for={POOL}")
+            pool_seen = Watch(e2e, "lfpool", POOL)
+            watches += [routes_seen, pool_seen]
             scaled = time.monotonic()
             pool.scale(2)
-            seen_drain: dict[str, object] = {}
-
-            def drained_and_gone():
-                t = pool.routes()
-                if t.draining and "pods" not in seen_drain:
-                    seen_drain["pods"] = sorted(t.draining)
-                # The routes table and the pool's status are two writes (the table first), so a poll
-                # can read the drain in the one before the other: the status must show it while the
-                # drain lasts, not at the very instant the table does.
-                if "pods" in seen_drain and seen_drain.get("scaling", {}).get("reason") != "Draining":
-                    seen_drain["scaling"] = next((c for c in pool.status().get("conditions", [])
-                                                  if c["type"] == "Scaling"), None) or {}
-                return pool.settled(2, names, served=2 * (N // 3))()
-            t2 = wait_for(drained_and_gone, 240, interval=0.5, what="2 replicas, two thirds served")
+            t2 = wait_for(pool.settled(2, names, served=2 * (N // 3)), 240, interval=0.5,
+                          what="2 replicas, two thirds served")
             figures["scale_4_2_s"] = round(time.monotonic() - scaled, 1)
             # Still under load while the removed pods terminate (their preStop sleep, then SIGTERM):
             # no request reaches one that is gone.
-            wait_for(lambda: not set(seen_drain.get("pods", [])) & set(pool.pods()), 60, interval=0.5,
-                     what="the drained pods gone")
+            time.sleep(1)  # the watches have the versions written until the pool settled
+            drained = [RoutesTable.from_json(cm["data"]["routes.json"]).draining
+                       for cm in routes_seen.since(scaled) if "routes.json" in cm.get("data", {})]
+            drained = next((sorted(d) for d in drained if d), None)
+            wait_for(lambda: not set(drained or []) & set(pool.pods()), 60, interval=0.5, what="the drained pods gone")
             figures["scale_4_2_gone_s"] = round(time.monotonic() - scaled, 1)
             time.sleep(1)
-        # The pods removed were the ones drained, and their drain showed on the pool.
-        assert "pods" in seen_drain, "the scale down never drained a pod"
-        assert sorted(set(t4b.placed_on) - set(t2.placed_on)) == seen_drain["pods"]
-        scaling = seen_drain["scaling"]
-        assert scaling.get("status") == "True" and scaling.get("reason") == "Draining", scaling
-        assert all(p in scaling["message"] for p in seen_drain["pods"]), scaling
+        # The pods removed were the ones drained, and their drain showed on the pool's status while it
+        # lasted (the routes table and the status are two writes, the table first).
+        assert drained, "the scale down never drained a pod"
+        assert sorted(set(t4b.placed_on) - set(t2.placed_on)) == drained
+        scalings = [c for o in pool_seen.since(scaled) for c in (o.get("status") or {}).get("conditions", [])
+                    if c["type"] == "Scaling" and c.get("reason") == "Draining"]
+        assert scalings, "the pool's status never said Draining"
+        assert all(c.get("status") == "True" and all(p in c["message"] for p in drained) for c in scalings), scalings
         staying = {a for a in names if t2.adapters[a].holders}
         assert len(staying) == 2 * (N // 3)
-        figures["moved_off_drained"] = sum(1 for a in staying if set(t4b.adapters[a].holders) & set(seen_drain["pods"]))
+        figures["moved_off_drained"] = sum(1 for a in staying if set(t4b.adapters[a].holders) & set(drained))
         for phase, served in (("3->4", set(names)), ("4->2", staying)):
             got = load.of(phase)
             failed = [o for o in got if o[0] in served and o[1:] != (200, "ok")]
@@ -328,5 +369,7 @@ def test_sixty_adapters_on_three_real_replicas_scale_3_4_2_and_a_killed_pod(e2e,
         print("placement e2e:", json.dumps(figures, sort_keys=True))
     finally:
         caches.stop.set()
+        for w in watches:
+            w.close()
         # The stack is the session's: the pool's runtimes go, not to weigh on the tests after this one.
         e2e.kubectl("delete", "namespace", NS, "--wait=false")
