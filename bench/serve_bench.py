@@ -147,6 +147,7 @@ class Server:
         self.contender = contender
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_url: str | None = None  # the runtime's own /metrics (lorafleet's engines only)
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads)}
         listing = log.with_suffix(".adapters")
         listing.write_text("\n".join(f"{n}={p}" for n, p in adapters))
@@ -164,9 +165,11 @@ class Server:
                 env.setdefault("LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION", "0.3")
             env["LORA_ADAPTERS"] = ",".join(f"{n}={p}" for n, p in adapters)
             engine, _, where = contender.partition("-")
+            metrics_port = free_port()
+            self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             cmd = [python, "-m", "lorafleet", "serve", "--engine", engine, "--model", str(model),
                    "--host", "127.0.0.1", "--port", str(self.port), "--admin-port", str(free_port()),
-                   "--metrics-port", str(free_port()), "--device", args.device, "--dtype", args.dtype,
+                   "--metrics-port", str(metrics_port), "--device", args.device, "--dtype", args.dtype,
                    "--device-slots", str(args.device_slots), "--host-adapters", str(max(512, len(adapters))),
                    "--max-rank", str(max(RANKS)), "--max-batch-size", str(args.max_batch_size),
                    "--max-model-len", str(args.max_model_len), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
@@ -195,6 +198,30 @@ class Server:
 
     def cpu_s(self) -> float:
         return tree_cpu_seconds(self.proc.pid)
+
+    def engine_counters(self) -> dict[str, float]:
+        """The runtime's own counters where it has them (lorafleet's engines; the PEFT baseline has
+        none): model forwards, their rows and seconds, device-slot evictions."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        want = {"lorafleet_runtime_batch_size": "rows", "lorafleet_runtime_batch_seconds": "seconds"}
+        out: dict[str, float] = {}
+        if not self.metrics_url:
+            return out
+        try:
+            text = httpx.get(self.metrics_url, timeout=5).text
+            for fam in text_string_to_metric_families(text):
+                for smp in fam.samples:
+                    if smp.name.endswith("_sum") and smp.name[:-4] in want:
+                        out[want[smp.name[:-4]]] = out.get(want[smp.name[:-4]], 0.0) + smp.value
+                    elif smp.name == "lorafleet_runtime_batch_size_count":
+                        out["forwards"] = out.get("forwards", 0.0) + smp.value
+                    elif smp.name.startswith("lorafleet_runtime_adapter_evictions") and smp.labels.get("tier") == "device":
+                        out["device_evictions"] = smp.value
+        except (httpx.HTTPError, ValueError):
+            return {}
+        return out
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -342,10 +369,10 @@ def run(server: Server, names: list[str], cw: list[float], workload: list, mode:
         window.put((t_start, t_stop))
     while time.time() < t_start:
         time.sleep(0.01)
-    cpu0, load0 = server.cpu_s(), os.getloadavg()[0]
+    cpu0, load0, eng0 = server.cpu_s(), os.getloadavg()[0], server.engine_counters()
     while time.time() < t_stop:
         time.sleep(0.05)
-    cpu1, load1 = server.cpu_s(), os.getloadavg()[0]
+    cpu1, load1, eng1 = server.cpu_s(), os.getloadavg()[0], server.engine_counters()
     results = [q.get(timeout=args.client_timeout + 120) for _ in ps]
     for proc in ps:
         proc.join(30)
@@ -379,6 +406,16 @@ def run(server: Server, names: list[str], cw: list[float], workload: list, mode:
            "output_tokens_per_server_cpu_s": round(tokens_in_window / (cpu1 - cpu0), 1) if cpu1 > cpu0 else None,
            "generator_cpu": round(sum(res["cpu_s"] for res in results) / (args.seconds + args.warmup), 2),
            "load_average": [round(load0, 1), round(load1, 1)]}
+    if eng0 and eng1 and eng1.get("forwards", 0) > eng0.get("forwards", 0):
+        # What the model did in the window: forwards (prefill, decode and packed steps), rows per
+        # forward, milliseconds per forward, device-slot evictions (adapter installs over another).
+        steps = eng1["forwards"] - eng0["forwards"]
+        out["engine"] = {"forwards_per_s": round(steps / args.seconds, 1),
+                         "rows_per_forward": round((eng1.get("rows", 0) - eng0.get("rows", 0)) / steps, 2),
+                         "ms_per_forward": round(1000 * (eng1.get("seconds", 0) - eng0.get("seconds", 0)) / steps, 2),
+                         "busy": round((eng1.get("seconds", 0) - eng0.get("seconds", 0)) / args.seconds, 3),
+                         "device_evictions_per_s": round((eng1.get("device_evictions", 0)
+                                                          - eng0.get("device_evictions", 0)) / args.seconds, 1)}
     if mode == "open":
         out["sent_per_s"] = round(len(sent) / args.seconds, 2)
         out["send_lag_p99_ms"] = _ms(_pct([r["lag"] for r in sent], 99))
