@@ -691,15 +691,16 @@ def _cap_leaving(entries: dict[str, RouteEntry], adapters: list[AdapterView], po
     copies of the adapters later in name order are let go at once (their new holders serve them once
     loaded). Chained moves (pods joining or leaving before the last move finished) would otherwise
     ask one pod for its holders and several moves' old copies together, past its cache."""
+    moving = sorted(served for served, e in entries.items() if e.leaving)
+    if not moving:
+        return
     room = pool_spec.placement_budget()
     default = pool_spec.cache.max_adapter_bytes_int
-    sizes = {a.served_name: adapter_bytes(a.spec, known, default) for a in adapters if a.spec is not None}
+    specs = {a.served_name: a.spec for a in adapters if a.spec is not None}
     kept: dict[str, int] = {}
-    for served in sorted(entries):
+    for served in moving:
         e = entries[served]
-        if not e.leaving:
-            continue
-        size = sizes.get(served, default)
+        size = adapter_bytes(specs[served], known, default) if served in specs else default
         stay = {}
         for pod, since in e.leaving.items():
             if kept.get(pod, 0) + size <= room:
