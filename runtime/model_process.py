@@ -11,8 +11,12 @@ slots' bookkeeping (which adapter is in which slot, reference counts, evictions)
 and ``finish`` have its semantics and are computed by the child's real ``GenerationEngine``, so answers
 are the in-process engine's bit for bit. The parent keeps a mirror of each ``Sequence`` (its tokens,
 position and logprobs, sent back with every step) for the HTTP layer to read. Finishes are sent with the
-next step (nothing in between reads the child); writing an adapter into a slot is a call of its own, so
-that its error reaches the request that needed it. If the child dies, every call fails with
+next step (nothing in between reads the child). Writing an adapter into a slot is a call of its own where
+it can fail (the first adapter on a module wraps it, a higher rank than the slots have grows them), so
+that its error reaches the request that needed it; every other write is a copy into tensors that exist,
+sent with the next call (each install a round trip of its own left the model idle a sixth of the time at
+N = 1,000 in serve_bench), and one failing there (it cannot, short of memory corruption) ends the model
+process, as the slots can no longer be trusted. If the child dies, every call fails with
 ``ModelProcessDied`` and ``on_death`` is called once (the runtime exits 1 so that its container restarts).
 
 ``RemoteClassificationEngine`` does the same for a classification pool: a batch is one call, texts in and
@@ -108,8 +112,13 @@ class _RemotePatch:
         check_fit(adapter, self._base, self.max_rank)
 
     def install(self, slot: int, adapter) -> None:
-        # The reply is the engine's memory figures: a first adapter on a module wraps it (its slots' factors).
-        self.engine._memory = self.engine._call(("install", slot, adapter))
+        engine = self.engine
+        if engine._writes_only(adapter):
+            engine._installs.append((slot, adapter))  # goes with the next call, before what it carries
+            return
+        # The reply is the engine's memory figures and slot layout: a first adapter on a module wraps it,
+        # a higher rank grows its slots.
+        engine._memory, engine._layout = engine._call(("install", slot, adapter))
 
 
 class _RemoteModel:
@@ -131,6 +140,9 @@ class _RemoteModel:
         self.closing = False
         self.dead: str | None = None
         self.on_death = None  # called once (from a watcher thread) with the reason, unless closing
+        self._installs: list = []  # (slot, adapter) writes into existing slot tensors, sent with the next call
+        self._layout: tuple[dict, dict] = ({}, {})  # the child's wrapped modules' ranks, heads' widths
+        self.round_trips = 0  # calls made on the channel (installs that went with another call not counted)
         parent, child = socket.socketpair()
         for sock in (parent, child):  # an adapter's factors in one write, not a few hundred KiB at a time
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -155,6 +167,7 @@ class _RemoteModel:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self._dtype = hello.pop("dtype")
         self._memory = hello.pop("memory")
+        self._layout = hello.pop("layout")
         self.patch = _RemotePatch(self, hello.pop("base_info"), kwargs["max_rank"])
         for k, v in hello.items():
             setattr(self, k, v)
@@ -180,10 +193,20 @@ class _RemoteModel:
         """CPU seconds the child spent computing this engine's calls (the worker's batch metric)."""
         return self.child_cpu
 
+    def _writes_only(self, adapter) -> bool:
+        """Whether installing ``adapter`` only copies into slot tensors the child has (every module it
+        names wrapped at a rank at least its own, every head at least as wide): nothing there can refuse it."""
+        layers, heads = self._layout
+        return all(layers.get(path, -1) >= w.a.shape[1] for path, w in adapter.modules.items()) and \
+            all(heads.get(path, -1) >= h["weight"].shape[0] for path, h in adapter.heads.items())
+
     def _call(self, msg):
         with self._lock:
             if self.dead:
                 raise ModelProcessDied(self.dead)
+            if self._installs:
+                msg, self._installs = ("installs", self._installs, msg), []
+            self.round_trips += 1
             try:
                 self.conn.send_bytes(_dumps(msg))
                 reply = pickle.loads(self.conn.recv_bytes())
@@ -347,13 +370,33 @@ def _hello(engine) -> dict:
     """What the runtime's side of a model process needs to know of its engine (``_RemoteModel``)."""
     out = {"quantization": engine.quantization, "weights_bytes": engine.weights_bytes,
            "unquantized_weights_bytes": engine.unquantized_weights_bytes, "device": engine.device,
-           "dtype": engine.dtype, "memory": engine.memory_bytes(), "base_info": engine.patch.base_info()}
+           "dtype": engine.dtype, "memory": engine.memory_bytes(), "base_info": engine.patch.base_info(),
+           "layout": _layout(engine)}
     if isinstance(engine, GenerationEngine):
         out.update(max_len=engine.max_len, max_seqs=engine.max_seqs, model_len=engine.model_len,
                    eos_ids=engine.eos_ids, kv_cache_bytes=engine.kv_cache_bytes, architecture=engine.plan.architecture)
     else:
         out.update(max_input=engine.max_input_tokens(), architecture=type(engine.model).__name__)
     return out
+
+
+def _layout(engine) -> tuple[dict, dict]:
+    """The slots as they are: each wrapped module's rank, each head's width (``_RemoteModel._writes_only``)."""
+    return ({p: layer.rank for p, layer in engine.patch.layers.items()},
+            {p: head.width for p, head in engine.patch.heads.items()})
+
+
+def _write_all(engine, installs) -> None:
+    """The installs that came with a call: copies into existing slot tensors (the runtime sent only such).
+    One failing leaves a slot the runtime believes written half written: this process ends rather than
+    let any request compute with it."""
+    for slot, adapter in installs:
+        try:
+            engine.patch.install(slot, adapter)
+        except BaseException:
+            log.critical("writing an adapter into slot %d failed; the model process exits, as its slots can no "
+                         "longer be trusted", slot, exc_info=True)
+            os._exit(70)
 
 
 def _generation_call(engine, seqs: dict, msg):
@@ -408,10 +451,13 @@ def serve(conn: Connection) -> int:
             return 0
         c0 = time.thread_time()
         try:
+            if msg[0] == "installs":
+                _write_all(engine, msg[1])
+                msg = msg[2]
             op = msg[0]
             if op == "install":
                 engine.patch.install(msg[1], msg[2])
-                reply = engine.memory_bytes()
+                reply = engine.memory_bytes(), _layout(engine)
             elif op == "classify":
                 reply = engine.classify(msg[1], msg[2], msg[3])
             else:

@@ -97,6 +97,30 @@ def test_the_model_process_answers_bit_for_bit_as_the_engine_in_this_process(tin
     assert got[5][4] and len(got[5][4]) == len(oracle.tok(PROMPTS[0])["input_ids"]) - 1
 
 
+def test_installs_into_existing_slots_go_with_the_next_call_and_answer_bit_for_bit(tiny_llama, three_adapters):
+    """The rank-16 adapter first: it wraps the modules (an install call of its own); the rank-4 and rank-8
+    ones after it, one evicting, are copies into those slots and travel with the next call (a packed step,
+    a prefill)."""
+    import pickle
+
+    oracle = PeftOracle(tiny_llama, "text-generation")
+    order = [three_adapters[2], three_adapters[0], three_adapters[1]]
+    expected = _state(_script(GenerationEngine.from_dir(tiny_llama, device_slots=2, **KW), order, oracle.tok))
+    remote = _remote(tiny_llama, device_slots=2)
+    sent: list[tuple] = []
+    send = remote.conn.send_bytes
+    remote.conn.send_bytes = lambda b: (sent.append(pickle.loads(b)), send(b))[1]
+    try:
+        got = _state(_script(remote, order, oracle.tok))
+    finally:
+        remote.close()
+    assert got == expected
+    assert len([m for m in sent if m[0] == "install"]) == 1  # the first adapter only
+    carried = [(m[2][0], len(m[1])) for m in sent if m[0] == "installs"]
+    assert carried == [("step", 1), ("prefill", 1)], carried  # a0 into the free slot, then a1 evicting one
+    assert remote.round_trips == 1 + len(sent)  # the load, then one per call: no install of its own after the first
+
+
 def test_an_adapter_that_does_not_fit_is_refused_as_in_this_process(tiny_llama, tmp_path):
     big = make_generation_adapter(tiny_llama, tmp_path / "r32", seed=3, r=32, alpha=16)
     errors = []
