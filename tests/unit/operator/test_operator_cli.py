@@ -71,3 +71,39 @@ def test_kopfs_watch_stream_closing_badly_at_shutdown_is_one_warning_and_other_e
         asyncio.run(_leave_open("some_other_stream")())
     assert [(r.name, r.levelname) for r in caplog.records] == [("asyncio", "ERROR")]
     assert caplog.records[0].exc_info is not None  # with its traceback
+
+
+def test_kopfs_resource_scan_losing_its_connection_is_one_warning_and_other_task_errors_stay(caplog):
+    """kopf's scan reads /api and /apis side by side and stops at the first failure; the other read's task,
+    failing too with the connection closed, is never awaited: one warning line, not asyncio's traceback."""
+    import asyncio
+    import gc
+    import logging
+
+    import aiohttp
+
+    def orphan(name: str):
+        async def read():
+            raise aiohttp.ClientConnectionError("Connection closed")
+
+        read.__qualname__ = name
+
+        async def main():
+            from lorafleet.operator.cli import loop_exception_handler
+
+            asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
+            task = asyncio.ensure_future(read())
+            await asyncio.sleep(0.01)  # it fails; nobody retrieves its exception
+            del task
+            gc.collect()
+        return main
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(orphan("_read_new_apis")())
+    assert [(r.name, r.levelname) for r in caplog.records] == [("lorafleet.operator", "WARNING")]
+    assert "lost its connection" in caplog.records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(orphan("some_other_read")())
+    assert [(r.name, r.levelname) for r in caplog.records] == [("asyncio", "ERROR")]
+    assert caplog.records[0].exc_info is not None  # with its traceback
