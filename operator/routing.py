@@ -672,9 +672,7 @@ def with_leaving(served: str, entry: RouteEntry, previous: RouteEntry | None, po
     # (pods joining one after another moved adapters on before any had loaded: a pod was asked for
     # holders and old copies past its cache, and downloads failed "cache full").
     gone = {pod: since for pod, since in before.items() if pod not in entry.holders and pod in alive
-            and any(alive[pod].report is not None and since != NEW
-                    and alive[pod].report.has_loaded(served, v.version, max(v.since, since))
-                    for v in serving if v.since != NEW)}
+            and any(holds_all(alive[pod], served, [v], since) for v in serving)}
     if not gone:
         return entry
     # Placed nowhere now (no pod has room within the budget): the budget wins, the old copies go.
