@@ -56,21 +56,28 @@ def _leave_open(name: str):
 _OPEN: list = []
 
 
-def test_kopfs_watch_stream_closing_badly_at_shutdown_is_one_warning_and_other_errors_stay(caplog):
-    """The operator's log shows no traceback for the known kopf shutdown artefact (a test reading the log
-    for tracebacks would take it for a crash), and still shows asyncio's report for any other generator."""
+def _one_warning_for_the_known_only(caplog, known, other, says: str) -> None:
+    """Run the loop ``known`` (a kopf artefact): one warning of the operator's saying ``says``; then
+    ``other``: asyncio's own ERROR with its traceback."""
     import asyncio
     import logging
 
     with caplog.at_level(logging.WARNING):
-        asyncio.run(_leave_open("infinite_watch")())
+        asyncio.run(known())
     assert [(r.name, r.levelname) for r in caplog.records] == [("lorafleet.operator", "WARNING")]
-    assert "did not close cleanly at shutdown" in caplog.records[0].getMessage()
+    assert says in caplog.records[0].getMessage()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        asyncio.run(_leave_open("some_other_stream")())
+        asyncio.run(other())
     assert [(r.name, r.levelname) for r in caplog.records] == [("asyncio", "ERROR")]
     assert caplog.records[0].exc_info is not None  # with its traceback
+
+
+def test_kopfs_watch_stream_closing_badly_at_shutdown_is_one_warning_and_other_errors_stay(caplog):
+    """The operator's log shows no traceback for the known kopf shutdown artefact (a test reading the log
+    for tracebacks would take it for a crash), and still shows asyncio's report for any other generator."""
+    _one_warning_for_the_known_only(caplog, _leave_open("infinite_watch"), _leave_open("some_other_stream"),
+                                    "did not close cleanly at shutdown")
 
 
 def test_kopfs_resource_scan_losing_its_connection_is_one_warning_and_other_task_errors_stay(caplog):
@@ -78,7 +85,6 @@ def test_kopfs_resource_scan_losing_its_connection_is_one_warning_and_other_task
     failing too with the connection closed, is never awaited: one warning line, not asyncio's traceback."""
     import asyncio
     import gc
-    import logging
 
     import aiohttp
 
@@ -98,12 +104,5 @@ def test_kopfs_resource_scan_losing_its_connection_is_one_warning_and_other_task
             gc.collect()
         return main
 
-    with caplog.at_level(logging.WARNING):
-        asyncio.run(orphan("_read_new_apis")())
-    assert [(r.name, r.levelname) for r in caplog.records] == [("lorafleet.operator", "WARNING")]
-    assert "lost its connection" in caplog.records[0].getMessage()
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        asyncio.run(orphan("some_other_read")())
-    assert [(r.name, r.levelname) for r in caplog.records] == [("asyncio", "ERROR")]
-    assert caplog.records[0].exc_info is not None  # with its traceback
+    _one_warning_for_the_known_only(caplog, orphan("_read_new_apis"), orphan("some_other_read"),
+                                    "lost its connection")
