@@ -201,11 +201,12 @@ class Server:
 
     def engine_counters(self) -> dict[str, float]:
         """The runtime's own counters where it has them (lorafleet's engines; the PEFT baseline has
-        none): model forwards, their rows and seconds, device-slot evictions."""
+        none): model forwards, their rows, seconds and CPU seconds, device-slot evictions."""
         import httpx
         from prometheus_client.parser import text_string_to_metric_families
 
         want = {"lorafleet_runtime_batch_size": "rows", "lorafleet_runtime_batch_seconds": "seconds"}
+        totals = {"lorafleet_runtime_batch_cpu_seconds_total": "cpu_seconds"}
         out: dict[str, float] = {}
         if not self.metrics_url:
             return out
@@ -215,6 +216,8 @@ class Server:
                 for smp in fam.samples:
                     if smp.name.endswith("_sum") and smp.name[:-4] in want:
                         out[want[smp.name[:-4]]] = out.get(want[smp.name[:-4]], 0.0) + smp.value
+                    elif smp.name in totals:
+                        out[totals[smp.name]] = out.get(totals[smp.name], 0.0) + smp.value
                     elif smp.name == "lorafleet_runtime_batch_size_count":
                         out["forwards"] = out.get("forwards", 0.0) + smp.value
                     elif smp.name.startswith("lorafleet_runtime_adapter_evictions") and smp.labels.get("tier") == "device":
@@ -413,6 +416,10 @@ def run(server: Server, names: list[str], cw: list[float], workload: list, mode:
         out["engine"] = {"forwards_per_s": round(steps / args.seconds, 1),
                          "rows_per_forward": round((eng1.get("rows", 0) - eng0.get("rows", 0)) / steps, 2),
                          "ms_per_forward": round(1000 * (eng1.get("seconds", 0) - eng0.get("seconds", 0)) / steps, 2),
+                         # the model's own CPU (its thread's time) per forward: below ms_per_forward when
+                         # something else on the machine took the core from it
+                         "cpu_ms_per_forward": round(1000 * (eng1.get("cpu_seconds", 0) - eng0.get("cpu_seconds", 0))
+                                                     / steps, 2),
                          "busy": round((eng1.get("seconds", 0) - eng0.get("seconds", 0)) / args.seconds, 3),
                          "device_evictions_per_s": round((eng1.get("device_evictions", 0)
                                                           - eng0.get("device_evictions", 0)) / args.seconds, 1)}
