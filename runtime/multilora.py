@@ -96,9 +96,10 @@ class MultiLoRALinear(nn.Module):
         r = a.shape[1]
         self.grow(r)
         self.A[slot, :, :r].copy_(a)
-        self.A[slot, :, r:].zero_()
         self.B[slot, :r, :].copy_(b)
-        self.B[slot, r:, :].zero_()
+        if r < self.rank:
+            self.A[slot, :, r:].zero_()
+            self.B[slot, r:, :].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -234,8 +235,10 @@ class LoRAModelPatch:
         shape checks against the loaded modules, with the pool's maxRank)."""
         check_fit(adapter, self.base_info(), self.max_rank)
 
-    def install(self, slot: int, adapter: HostAdapter) -> None:
-        self.check(adapter)
+    def install(self, slot: int, adapter: HostAdapter, check: bool = True) -> None:
+        """Write ``adapter`` into ``slot``; ``check=False`` only for one this layout has checked already."""
+        if check:
+            self.check(adapter)
         for path in adapter.modules:
             if path not in self.layers:
                 self.layers[path] = self._wrap(path, MultiLoRALinear)

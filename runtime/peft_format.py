@@ -16,7 +16,7 @@ from lorafleet.contracts.adapter_rules import (CONFIG_FILE, LABELS_FILE, TASKS, 
                                                LoraSettings, Refused, check_adapter)
 
 __all__ = ["CONFIG_FILE", "LABELS_FILE", "TASKS", "WEIGHTS_FILE", "AdapterFormatError", "HostAdapter",
-           "LoRAWeights", "load_adapter_dir"]
+           "LoRAWeights", "load_adapter_dir", "pack"]
 
 # The runtime's own loads apply no size limit (the sidecar applied the pool's before the download);
 # the rank limit is the pool's and is checked against the loaded model (multilora.LoRAModelPatch).
@@ -46,6 +46,39 @@ class HostAdapter:
     max_rank: int = 0
     nbytes: int = 0
     settings: LoraSettings | None = None  # None: not read from a PEFT adapter_config.json
+    # load_adapter_dir puts every tensor above in this one buffer (they are views of it), so that the trip to
+    # a model process is one block of bytes rather than one per tensor (model_process._Pickler).
+    blob: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every factor and head tensor, in a fixed order (modules' A and B, then heads)."""
+        return [t for w in self.modules.values() for t in (w.a, w.b)] + \
+            [t for h in self.heads.values() for t in h.values()]
+
+
+def pack(host: HostAdapter) -> HostAdapter:
+    """``host`` with its tensors copied into one contiguous buffer (``blob``) and replaced by views of it;
+    their values are unchanged. Tensors of more than one dtype are left as they are."""
+    ts = host.tensors()
+    if not ts or len({t.dtype for t in ts}) != 1:
+        return host
+    blob = torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype)
+    off = 0
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        nonlocal off
+        v = blob[off: off + t.numel()].view(t.shape)
+        v.copy_(t)
+        off += t.numel()
+        return v
+
+    for w in host.modules.values():
+        w.a, w.b = place(w.a), place(w.b)
+    for h in host.heads.values():
+        for k in h:
+            h[k] = place(h[k])
+    host.blob = blob
+    return host
 
 
 def read_checked_adapter(path: Path, limits: Limits = RUNTIME_LIMITS, what: str = ""):
@@ -91,6 +124,6 @@ def load_adapter_dir(path: str | Path, dtype: torch.dtype = torch.float32,
         nbytes += wa.numel() * wa.element_size() + wb.numel() * wb.element_size()
     for h in heads.values():
         nbytes += sum(t.numel() * t.element_size() for t in h.values())
-    return HostAdapter(modules=modules, heads=heads, task=layout.settings.task,
-                       labels=layout.labels if (layout.settings.task == "sequence-classification" or heads) else None,
-                       max_rank=layout.max_rank, nbytes=nbytes, settings=layout.settings)
+    return pack(HostAdapter(modules=modules, heads=heads, task=layout.settings.task,
+                            labels=layout.labels if (layout.settings.task == "sequence-classification" or heads) else None,
+                            max_rank=layout.max_rank, nbytes=nbytes, settings=layout.settings))

@@ -121,6 +121,34 @@ def test_installs_into_existing_slots_go_with_the_next_call_and_answer_bit_for_b
     assert remote.round_trips == 1 + len(sent)  # the load, then one per call: no install of its own after the first
 
 
+def test_an_adapter_travels_to_the_model_process_as_its_bytes_once_and_arrives_unchanged(three_adapters):
+    """A loaded adapter is one buffer (peft_format.pack): pickled for the channel it is that buffer's bytes
+    plus where each tensor lies, not a copy per tensor; one whose tensors are not views of its buffer any
+    more goes tensor by tensor, without the buffer. Either way every tensor and field arrives as sent."""
+    import dataclasses
+    import pickle
+
+    from lorafleet.runtime.model_process import _dumps
+    from lorafleet.runtime.peft_format import load_adapter_dir
+
+    host = load_adapter_dir(three_adapters[1], torch.bfloat16)
+    assert host.blob is not None and host.blob.numel() * 2 == host.nbytes
+    loose = dataclasses.replace(host, modules={p: dataclasses.replace(w, a=w.a.clone()) for p, w in
+                                               host.modules.items()})
+    for sent, packed in ((host, True), (loose, False)):
+        data = _dumps(sent)
+        got = pickle.loads(data)
+        assert (got.blob is not None) == packed
+        assert len(data) < host.nbytes + 16_384  # the factors' bytes once, and a little to say where they go
+        assert got.modules.keys() == sent.modules.keys()
+        for p, w in sent.modules.items():
+            g = got.modules[p]
+            assert (g.rank, g.scale) == (w.rank, w.scale)
+            assert torch.equal(g.a, w.a) and torch.equal(g.b, w.b) and g.a.dtype == torch.bfloat16
+        assert (got.task, got.labels, got.max_rank, got.nbytes, got.settings) == \
+            (sent.task, sent.labels, sent.max_rank, sent.nbytes, sent.settings)
+
+
 def test_an_adapter_that_does_not_fit_is_refused_as_in_this_process(tiny_llama, tmp_path):
     big = make_generation_adapter(tiny_llama, tmp_path / "r32", seed=3, r=32, alpha=16)
     errors = []
