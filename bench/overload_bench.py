@@ -404,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2000.0)
     p.add_argument("--client-timeout", type=float, default=30.0)
-    p.add_argument("--front", choices=("inline", "process"), default="inline",
+    p.add_argument("--front", choices=("auto", "inline", "process"), default="auto",
                    help="the server's HTTP front (lorafleet serve --front): inline in the engine's process, "
-                        "or a process of its own")
+                        "a process of its own, or the runtime's choice (auto)")
     p.add_argument("--model-process", choices=("auto", "inline", "process"), default="auto",
                    help="where the server's model computes (lorafleet serve --model-process)")
     p.add_argument("--workdir", default="/tmp/lorafleet-overload-bench")

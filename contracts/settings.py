@@ -513,11 +513,13 @@ class RuntimeSettings(ComponentSettings):
         0.9, env="LORAFLEET_VLLM_GPU_MEMORY_UTILIZATION", gt=0, le=1,
         expect="a fraction greater than 0 and at most 1",
         help="engine vllm: the share of the GPU's memory vLLM may take (weights, KV cache, adapters)")
-    front: Literal["inline", "process"] = setting(
-        "inline", env="LORAFLEET_FRONT", flags=("--front",),
+    front: Literal["auto", "inline", "process"] = setting(
+        "auto", env="LORAFLEET_FRONT", flags=("--front",),
         help="who serves the public port: process (an HTTP front process of its own takes the connections, HTTP "
              "parsing and refusals off the model's interpreter lock, and forwards the rest to the model server on "
-             "a private socket) or inline (the model server's event loop does it all)")
+             "a private socket), inline (the model server's event loop does it all), or auto (process where the "
+             "torch engine computes in a model process: text generation and classification on CPU, where the "
+             "event loop alone let 5x overload wait for seconds past the queue-delay bound; inline elsewhere)")
     model_process: Literal["auto", "inline", "process"] = setting(
         "auto", env="LORAFLEET_MODEL_PROCESS", flags=("--model-process",),
         help="where a text-generation or classification pool's torch engine computes: process (a model process of its own holds the "

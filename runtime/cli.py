@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     rt = Runtime(settings)
     rt.freeze_gc = True
     rt.load_in_background(wait_s=settings.model_wait_s)
+    from lorafleet.runtime.lifecycle import choose_front, known_task
+
     return serve_until_signalled(rt, *socks, log_level=settings.log_level,
-                                 front=settings.front == "process")
+                                 front=choose_front(settings, known_task(settings)) == "process")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,35 @@ def choose_engine(task: str, settings: RuntimeSettings, *, has_vllm=vllm_install
     return "vllm"
 
 
+def choose_front(s: RuntimeSettings, task: str | None) -> str:
+    """``inline`` or ``process``: who serves the public port (settings.front). ``auto`` is the HTTP front
+    process where the torch engine computes in a model process (text generation and classification on
+    CPU, ``torch_engine.model_process``): there the event loop alone, parsing every request of a 5x overload,
+    left the ones it answered waiting seconds in the socket buffers where the queue-delay bound does not see
+    them (docs/benchmarks.md, issue 19). Inline elsewhere: with vLLM, on a GPU (not measured) and for
+    text-to-image. ``task`` None: not known yet (the model folder is not there): decided without it."""
+    if s.front != "auto":
+        return s.front
+    if s.engine == "vllm" or not s.device.startswith("cpu") or s.model_process == "inline":
+        return "inline"
+    if task is None:
+        return "process"
+    from lorafleet.runtime.torch_engine import model_process
+
+    return model_process(s, task)
+
+
+def known_task(s: RuntimeSettings) -> str | None:
+    """The pool's task where it can be told before the model loads: set, or read from the model folder's
+    config; None while the folder is not there."""
+    if s.task:
+        return s.task
+    try:
+        return detect_task(Path(s.model_dir))
+    except (OSError, ValueError):
+        return None
+
+
 def torch_threads(s: RuntimeSettings) -> int:
     """The intra-op threads to set (0: leave torch's default). On CPU, as many threads as cores starve the
     event loop and whatever else runs there; a parallel op then waits for its descheduled thread (on 2

@@ -160,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("listening on %s:%d (admin 127.0.0.1:%d, metrics %s:%d)", settings.host, settings.port,
              settings.admin_port, settings.host, settings.metrics_port)
+    from lorafleet.runtime.lifecycle import choose_front
+
     return serve_until_signalled(rt, *socks, log_level=settings.log_level,
-                                 front=settings.front == "process")
+                                 front=choose_front(settings, rt.task) == "process")
 
 
 if __name__ == "__main__":

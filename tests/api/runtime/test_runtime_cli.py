@@ -102,14 +102,20 @@ def test_runtime_waits_for_its_model_then_loads_adapters_from_the_cache(tiny_lla
         assert _stop(p) == 0, (tmp_path / "runtime.log").read_text()[-2000:]
 
 
-def _model_process_of(pid: int) -> int:
+def _child_of(pid: int, module: str) -> int | None:
     from pathlib import Path
 
-    for task in Path(f"/proc/{pid}/task").iterdir():  # the loader thread started it: its own children list
+    for task in Path(f"/proc/{pid}/task").iterdir():  # the thread that started it has it in its own children list
         for child in (task / "children").read_text().split():
-            if b"lorafleet.runtime.model_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+            if module.encode() in Path(f"/proc/{child}/cmdline").read_bytes():
                 return int(child)
-    raise AssertionError(f"process {pid} has no model process")
+    return None
+
+
+def _model_process_of(pid: int) -> int:
+    child = _child_of(pid, "lorafleet.runtime.model_process")
+    assert child is not None, f"process {pid} has no model process"
+    return child
 
 
 def test_serve_exits_1_when_its_model_process_dies(tiny_llama, tmp_path):
@@ -125,6 +131,8 @@ def test_serve_exits_1_when_its_model_process_dies(tiny_llama, tmp_path):
         base = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         r = httpx.post(url + "/v1/completions", json={"model": base, "prompt": "hello", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        # On CPU with the model in a model process, the public port is the HTTP front process's (--front auto).
+        assert _child_of(p.pid, "lorafleet.runtime.front") is not None
         child = _model_process_of(p.pid)
         os.kill(child, signal.SIGKILL)
         assert p.wait(timeout=60) == 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from lorafleet.runtime.architectures import UnsupportedModel
-from lorafleet.runtime.lifecycle import Runtime, choose_engine
+from lorafleet.runtime.lifecycle import Runtime, choose_engine, choose_front
 from lorafleet.runtime.settings import RuntimeSettings
 
 
@@ -26,6 +26,21 @@ def test_auto_is_vllm_only_for_text_generation_on_a_gpu_with_vllm_installed():
     assert _choose("auto", "text-generation", vllm=True, gpu=True, quantization="nf4") == "torch"
     assert _choose("auto", "text-generation", vllm=True, gpu=True, merged_adapter_dir="/m", merged_adapter_name="m",
                    merged_adapter_version="1") == "torch"
+
+
+def test_auto_front_is_a_front_process_where_the_model_computes_in_a_model_process():
+    """auto: the HTTP front process for text generation and classification on CPU (the model in a model
+    process), also while the task is not known yet; inline on a GPU, with vLLM, for text-to-image and where
+    the model stays in the server's process. An explicit choice is kept."""
+    cpu = RuntimeSettings()
+    for task in ("text-generation", "sequence-classification", None):
+        assert choose_front(cpu, task) == "process"
+    assert choose_front(cpu, "text-to-image") == "inline"
+    assert choose_front(RuntimeSettings(device="cuda"), "text-generation") == "inline"
+    assert choose_front(RuntimeSettings(engine="vllm"), "text-generation") == "inline"
+    assert choose_front(RuntimeSettings(model_process="inline"), "text-generation") == "inline"
+    assert choose_front(RuntimeSettings(front="inline"), "text-generation") == "inline"
+    assert choose_front(RuntimeSettings(front="process", device="cuda"), "text-to-image") == "process"
 
 
 def test_an_explicit_engine_is_honoured_or_refused():
