@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.model_dir:
         print("lorafleet runtime: no model directory; pass --model DIR or set LORAFLEET_MODEL_DIR", file=sys.stderr)
         return 2
-    from lorafleet.runtime.lifecycle import Runtime
+    from lorafleet.runtime.lifecycle import Runtime, choose_front, known_task
     from lorafleet.runtime.server import bind_all, serve_until_signalled
 
     try:
@@ -29,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     rt = Runtime(settings)
     rt.freeze_gc = True
     rt.load_in_background(wait_s=settings.model_wait_s)
-    from lorafleet.runtime.lifecycle import choose_front, known_task
-
     return serve_until_signalled(rt, *socks, log_level=settings.log_level,
                                  front=choose_front(settings, known_task(settings)) == "process")
 

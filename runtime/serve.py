@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lorafleet serve: pass --model DIR (a transformers model directory or a diffusers pipeline folder)",
               file=sys.stderr)
         return 2
-    from lorafleet.runtime.lifecycle import Runtime
+    from lorafleet.runtime.lifecycle import Runtime, choose_front
     from lorafleet.runtime.server import bind_all, serve_until_signalled
 
     rt = Runtime(settings)
@@ -160,8 +160,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("listening on %s:%d (admin 127.0.0.1:%d, metrics %s:%d)", settings.host, settings.port,
              settings.admin_port, settings.host, settings.metrics_port)
-    from lorafleet.runtime.lifecycle import choose_front
-
     return serve_until_signalled(rt, *socks, log_level=settings.log_level,
                                  front=choose_front(settings, rt.task) == "process")
 
