@@ -47,7 +47,18 @@ from lorafleet.runtime.peft_format import HostAdapter, LoRAWeights
 log = logging.getLogger("lorafleet.runtime")
 
 SWITCH_INTERVAL_S = 0.0005  # the interpreter's time slice in a server whose model is in a model process
-MODEL_PROCESS_NICE = 10  # the model process's niceness, added to the server's
+MODEL_PROCESS_NICE = 10  # the model process's niceness behind the server's own event loop, added to the server's
+
+
+def model_nice(settings, task: str) -> int:
+    """The model process's niceness, added to the server's. With the server's event loop on the public port,
+    ``MODEL_PROCESS_NICE``: when the cores are short, the loop (admission: a refusal must be fast) goes first
+    and the model takes what is left (5x overload p99 29.1 s -> 4.4 s). Behind the HTTP front process, which
+    refuses before the server sees a request, 0: niced there, the model lost its core to the server and the
+    front (serve_bench, N = 1,000 / N = 1 over three rounds: 0.84x niced, 0.95x not; docs/benchmarks.md)."""
+    from lorafleet.runtime.lifecycle import choose_front
+
+    return MODEL_PROCESS_NICE if choose_front(settings, task) == "inline" else 0
 
 # The Sequence fields a request sets (sent once, when it starts); the rest is state the child computes.
 _STATE = {"slot", "row", "pos", "generated", "token_logprobs", "top_logprobs", "prompt_token_logprobs", "generator"}
@@ -199,7 +210,8 @@ class _RemoteModel:
         env = dict(os.environ)  # the child imports this same lorafleet (a checkout or an installed wheel)
         home = str(Path(lorafleet.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([home] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        cmd = [sys.executable, "-m", "lorafleet.runtime.model_process", str(child.fileno())]
+        self.nice = model_nice(settings, self.task)
+        cmd = [sys.executable, "-m", "lorafleet.runtime.model_process", str(child.fileno()), str(self.nice)]
         self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env)
         child.close()
         self.conn = Connection(parent.detach())
@@ -523,9 +535,8 @@ def main(argv: list[str]) -> int:
     # SIGTERM to the process group must not take the model away from requests still being answered.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # When the cores are short, the server's event loop (admission: a refusal must be fast) goes first and
-    # the model takes what is left; otherwise this changes nothing (docs/benchmarks.md, 2026-12-07).
-    os.nice(MODEL_PROCESS_NICE)
+    # The runtime's choice (model_nice): niced behind its own event loop, not behind its front process.
+    os.nice(int(argv[1]))
     conn = Connection(int(argv[0]))
     return serve(conn)
 

@@ -25,9 +25,9 @@ KW = dict(dtype="float32", device="cpu", max_rank=16, max_seqs=8, max_len=None, 
           merged_adapter=None)
 
 
-def _remote(model_dir, device_slots: int):
+def _remote(model_dir, device_slots: int, settings: RuntimeSettings | None = None):
     # The child computes with as many threads as this process, so float reductions run alike.
-    return make_remote_engine(model_dir, RuntimeSettings(), threads=torch.get_num_threads(),
+    return make_remote_engine(model_dir, settings or RuntimeSettings(), threads=torch.get_num_threads(),
                               device_slots=device_slots, **KW)
 
 
@@ -87,6 +87,8 @@ def test_the_model_process_answers_bit_for_bit_as_the_engine_in_this_process(tin
     try:
         got = _state(_script(remote, three_adapters, oracle.tok))
         assert remote.cpu_time() > 0 and remote.memory_bytes() == here.memory_bytes()
+        # On CPU the runtime's default front is its front process, and the model then runs at its priority.
+        assert os.getpriority(os.PRIO_PROCESS, remote.pid) == os.getpriority(os.PRIO_PROCESS, 0)
     finally:
         remote.close()
     assert got == expected
@@ -182,14 +184,15 @@ def test_a_refused_model_is_refused_with_the_same_reason_and_the_process_exits(t
 
 
 def test_a_dead_model_process_fails_each_call_with_its_reason_and_reports_once(tiny_llama):
-    remote = _remote(tiny_llama, device_slots=2)
+    remote = _remote(tiny_llama, device_slots=2, settings=RuntimeSettings(front="inline"))
     deaths = []
     remote.on_death = deaths.append
     try:
         tok = remote.tokenizer
         s = Sequence(prompt=tok("hello world")["input_ids"], max_new_tokens=4)
         remote.prefill([s])
-        # Under CPU contention the server's event loop (admission) goes first: the model is niced.
+        # The server's own event loop on the public port (admission) goes first under CPU contention: the model
+        # is niced (behind the front process it is not: test_the_model_process_answers_bit_for_bit...).
         assert os.getpriority(os.PRIO_PROCESS, remote.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
         os.kill(remote.pid, signal.SIGKILL)
         with pytest.raises(ModelProcessDied, match=rf"model process {remote.pid} died \(signal 9\)"):
