@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import pickle
 import signal
@@ -77,10 +78,7 @@ def _tensor(dtype: str, shape: tuple, data: bytes):
 
 
 def _view(blob, offset: int, shape: tuple):
-    n = 1
-    for d in shape:
-        n *= d
-    return blob[offset: offset + n].view(shape)
+    return blob[offset: offset + math.prod(shape)].view(shape)
 
 
 def _packed_host(blob, modules: dict, heads: dict, rest: dict) -> HostAdapter:
@@ -120,7 +118,7 @@ class _Pickler(pickle.Pickler):
         if blob is not None:
             base = blob.data_ptr()
 
-            def span(t):  # where t lies in the blob, or None if it is not a contiguous view of it
+            def span(t):  # where t lies in the blob; LookupError if it is not a contiguous view of it
                 if t.dtype != blob.dtype or not t.is_contiguous() or t.untyped_storage().data_ptr() != \
                         blob.untyped_storage().data_ptr():
                     raise LookupError
@@ -129,7 +127,7 @@ class _Pickler(pickle.Pickler):
             try:
                 modules = {p: (span(w.a), span(w.b), w.rank, w.scale) for p, w in host.modules.items()}
                 heads = {p: {k: span(t) for k, t in h.items()} for p, h in host.heads.items()}
-                return _packed_host, (blob.contiguous(), modules, heads, rest)
+                return _packed_host, (blob, modules, heads, rest)
             except LookupError:
                 pass
         # Not packed (or no longer): each tensor on its own, and no buffer beside them.
