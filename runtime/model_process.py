@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import fields
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -63,6 +64,10 @@ def model_nice(settings, task: str) -> int:
 
 # The Sequence fields a request sets (sent once, when it starts); the rest is state the child computes.
 _STATE = {"slot", "row", "pos", "generated", "token_logprobs", "top_logprobs", "prompt_token_logprobs", "generator"}
+
+
+class StepSkipped(RuntimeError):
+    """A pipelined step the model process skipped: one sent before it failed (``collect_step``)."""
 
 
 class ModelProcessDied(RuntimeError):
@@ -199,6 +204,8 @@ class _RemoteModel:
         self._installs: list = []  # (slot, adapter) writes into existing slot tensors, sent with the next call
         self._layout: tuple[dict, dict] = ({}, {})  # the child's wrapped modules' ranks, heads' widths
         self.round_trips = 0  # calls made on the channel (installs that went with another call not counted)
+        self._in_flight = 0  # pipelined steps sent whose replies have not been read
+        self._early: deque = deque()  # their replies, read while a later call waited for its own
         parent, child = socket.socketpair()
         for sock in (parent, child):  # an adapter's factors in one write, not a few hundred KiB at a time
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -257,24 +264,41 @@ class _RemoteModel:
         return all(layers.get(path, -1) >= w.a.shape[1] for path, w in adapter.modules.items()) and \
             all(heads.get(path, -1) >= h["weight"].shape[0] for path, h in adapter.heads.items())
 
-    def _call(self, msg):
-        with self._lock:
-            if self.dead:
-                raise ModelProcessDied(self.dead)
-            if self._installs:
-                msg, self._installs = ("installs", self._installs, msg), []
-            self.round_trips += 1
-            try:
-                self.conn.send_bytes(_dumps(msg))
-                reply = pickle.loads(self.conn.recv_bytes())
-            except (EOFError, OSError) as e:
-                self.dead = self.dead or self._death_reason(e)
-                raise ModelProcessDied(self.dead) from None
+    def _send(self, msg) -> None:
+        """Send ``msg`` (with the installs waiting to go, ahead of what it carries); the lock is held."""
+        if self.dead:
+            raise ModelProcessDied(self.dead)
+        if self._installs:
+            msg, self._installs = ("installs", self._installs, msg), []
+        self.round_trips += 1
+        try:
+            self.conn.send_bytes(_dumps(msg))
+        except (EOFError, OSError) as e:
+            self.dead = self.dead or self._death_reason(e)
+            raise ModelProcessDied(self.dead) from None
+
+    def _recv(self):
+        try:
+            return pickle.loads(self.conn.recv_bytes())
+        except (EOFError, OSError) as e:
+            self.dead = self.dead or self._death_reason(e)
+            raise ModelProcessDied(self.dead) from None
+
+    def _value(self, reply):
         status, value, cpu = reply
         self.child_cpu += cpu
         if status == "error":
             raise value
         return value
+
+    def _call(self, msg):
+        with self._lock:
+            self._send(msg)
+            while self._in_flight:  # replies to pipelined steps sent before this call come first
+                self._early.append(self._recv())
+                self._in_flight -= 1
+            reply = self._recv()
+        return self._value(reply)
 
     def _death_reason(self, e: BaseException | None = None) -> str:
         code = self.proc.poll()
@@ -320,6 +344,8 @@ class _RemoteModel:
 
 class RemoteGenerationEngine(_RemoteModel, GenerationEngine):
     """``GenerationEngine`` computed by a model process (module docstring)."""
+
+    pipelined = True  # the model worker keeps a step in flight (send_step / collect_step)
 
     def __init__(self, model_dir: Path, settings, kwargs: dict):
         self._finished: list[int] = []  # rids to free before the next step
@@ -369,6 +395,56 @@ class RemoteGenerationEngine(_RemoteModel, GenerationEngine):
             raise
         return [self._apply(s, r) for s, r in zip(new, rows_new)], \
             [self._apply(s, r) for s, r in zip(running, rows_run)]
+
+    # --- the pipeline (ModelWorker._pipelined_step) ----------------------------------------------------
+    def send_step(self, new: list, running: list):
+        """Send a step and return without its answer (``collect_step`` reads it), so that the model computes
+        while the model worker hands out the last step's tokens and takes the next work. ``running`` rows
+        continue from the tokens the model process holds, the one the step still in flight adds included;
+        one that step ends (the model process sees it done) is skipped and freed there. Sent with it: the
+        finishes since the last call and the installs waiting to go."""
+        finished, self._finished = self._finished, []
+        specs = [self._spec(s) for s in new]
+        for s in new:
+            s.row = 0  # in the model process's rows from now on: a finish must reach it
+        op = "step" if new and running else "prefill" if new else "decode"
+        with self._lock:
+            self._send((op, finished, specs, [s.rid for s in running], True))
+            self._in_flight += 1
+        return new, running
+
+    def collect_step(self, handle) -> tuple[list, list]:
+        """The answer to the oldest step ``send_step`` sent: each row's token in the order given, None for a
+        row that step skipped (ended by the step before) or that was finished here since. On an error the
+        new rows are free again and the running ones have not moved, and every step sent after it is
+        skipped (``StepSkipped``) until ``resync``."""
+        new, running = handle
+        with self._lock:
+            if self._early:
+                reply = self._early.popleft()
+            else:
+                reply = self._recv()
+                self._in_flight -= 1
+        try:
+            value = self._value(reply)
+            if value == "skipped":
+                raise StepSkipped("a step sent after one that failed: nothing of it ran")
+        except Exception:
+            for s in new:
+                if self._row_seq.pop(s.rid, None) is not None:
+                    s.row = -1
+            raise
+        rows_new, rows_run = value
+        return [self._live(s, r) for s, r in zip(new, rows_new)], [self._live(s, r) for s, r in zip(running, rows_run)]
+
+    def _live(self, seq, row):
+        if row is None or seq.rid not in self._row_seq:  # skipped there, or finished here meanwhile
+            return None
+        return self._apply(seq, row)
+
+    def resync(self) -> None:
+        """After a failed pipelined step and the skipped ones behind it: the model process takes steps again."""
+        self._call(("resync",))
 
     def prefill(self, seqs: list) -> list[int]:
         return self._run("prefill", seqs, [])[0]
@@ -457,29 +533,50 @@ def _write_all(engine, installs) -> None:
             os._exit(70)
 
 
-def _generation_call(engine, seqs: dict, msg):
+def _generation_call(engine, seqs: dict, msg, pipeline: dict):
     from lorafleet.runtime.engines import Sequence
 
-    op, finished, specs, running_ids = msg
+    op, finished, specs, running_ids = msg[:4]
+    pipelined = len(msg) > 4 and msg[4]
     for rid in finished:
-        engine.finish(seqs.pop(rid))
+        s = seqs.pop(rid, None)  # None: a row of a step that failed or was skipped
+        if s is not None:
+            engine.finish(s)
+    if pipelined and pipeline["skipping"]:
+        return "skipped"
     new = []
     for rid, spec in specs:
         s = seqs[rid] = Sequence(**spec)
         new.append(s)
-    running = [seqs[rid] for rid in running_ids]
+    if pipelined:  # rows the step before ended were freed then: they are skipped
+        listed = [seqs.get(rid) for rid in running_ids]
+        running = [s for s in listed if s is not None and s.row >= 0]
+        op = "step" if new and running else "prefill" if new else "decode"
+    else:
+        running = listed = [seqs[rid] for rid in running_ids]
     try:
         if op == "prefill":
             engine.prefill(new)
         elif op == "decode":
-            engine.decode(running)
+            if running:
+                engine.decode(running)
         else:
             engine.step(new, running)
     except BaseException:
-        if op == "step":  # step freed the new rows: they start again from their spec
-            for rid, _ in specs:
+        if op == "step" or pipelined:  # step freed the new rows (as does this, pipelined): they start again
+            for (rid, _), s in zip(specs, new):
                 seqs.pop(rid, None)
+                engine.finish(s)
+        if pipelined:  # the steps already sent behind this one are skipped until the runtime resyncs
+            pipeline["skipping"] = True
         raise
+    if pipelined:  # a row this step ended leaves its row now, so the next step (sent already) packs
+        ran = set(map(id, running))
+        out = [_row(s, True) for s in new], [_row(s, False) if s is not None and id(s) in ran else None for s in listed]
+        for s in new + running:
+            if engine.is_done(s):
+                engine.finish(s)
+        return out
     return [_row(s, True) for s in new], [_row(s, False) for s in running]
 
 
@@ -502,6 +599,7 @@ def serve(conn: Connection) -> int:
         conn.send_bytes(_dumps(("error", _portable(e), time.thread_time() - c0)))
         return 1
     seqs: dict = {}
+    pipeline = {"skipping": False}  # after a pipelined step failed, until the runtime resyncs
     while True:
         try:
             msg = pickle.loads(conn.recv_bytes())
@@ -518,8 +616,11 @@ def serve(conn: Connection) -> int:
                 reply = engine.memory_bytes(), _layout(engine)
             elif op == "classify":
                 reply = engine.classify(msg[1], msg[2], msg[3])
+            elif op == "resync":
+                pipeline["skipping"] = False
+                reply = None
             else:
-                reply = _generation_call(engine, seqs, msg)
+                reply = _generation_call(engine, seqs, msg, pipeline)
             conn.send_bytes(_dumps(("ok", reply, time.thread_time() - c0)))
         except (BrokenPipeError, ConnectionResetError):
             return 0

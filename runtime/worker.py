@@ -299,6 +299,15 @@ class Scheduler:
             self._reaper_cv.notify_all()
 
 
+class _Flight:
+    """A pipelined step sent to the engine and not yet read: its new and running work, when it was sent."""
+
+    __slots__ = ("handle", "new", "running", "sent")
+
+    def __init__(self, handle, new: list[Work], running: list[Work], sent: float):
+        self.handle, self.new, self.running, self.sent = handle, new, running, sent
+
+
 class ModelWorker(threading.Thread):
     """Owns the engine: the only thread that runs the model or writes device slots."""
 
@@ -312,12 +321,16 @@ class ModelWorker(threading.Thread):
         self.metrics = metrics
         self.active: list[Work] = []
         self._out: list[tuple[Work, str, object]] = []  # events not yet handed to the loop (``_flush``)
+        self._flight: _Flight | None = None  # the pipelined step sent and not yet read (``_pipelined_step``)
+        self._last_read = 0.0  # when the last pipelined step's answer was read
 
     def run(self) -> None:
         while not self.sched.closed:
             try:
                 self._control()
-                if isinstance(self.engine, GenerationEngine):
+                if getattr(self.engine, "pipelined", False):
+                    self._pipelined_step()
+                elif isinstance(self.engine, GenerationEngine):
                     self._generation_step()
                 else:
                     self._classification_step()
@@ -420,24 +433,29 @@ class ModelWorker(threading.Thread):
         if self.metrics:
             self.metrics.batch(engine.task, len(batch), time.perf_counter() - t0, self._cpu() - c0)
 
-    def _generation_step(self) -> None:
+    def _generation_step(self, new: list[Work] | None = None, pack: bool = True) -> None:
+        """One step: new work's prefill and the running rows' decode, packed into one forward where the
+        engine can undo a failure (else, or with ``pack`` False, the two apart). ``new``: work already
+        taken and holding its slots (the pipeline's rows to run again after a failed step)."""
         engine: GenerationEngine = self.engine  # type: ignore[assignment]
-        if not self.active:
-            self._wait_for_batch(idle=True)
-        elif any(w.cancelled for w in self.active):
-            self._retire(cancelled_only=True)  # rows nobody reads any more are freed before this step
-        room = min(self.max_batch - len(self.active), len(engine.free_rows))
-        new: list[Work] = []
-        if room > 0 and self.sched.queued:
-            held = {w.key for w in self.active if w.key is not None}
-            new = self._acquire(self.sched.take(room, self._acceptor(held), in_flight=len(self.active)))
+        if new is None:
+            if not self.active:
+                self._wait_for_batch(idle=True)
+            elif any(w.cancelled for w in self.active):
+                self._retire(cancelled_only=True)  # rows nobody reads any more are freed before this step
+            room = min(self.max_batch - len(self.active), len(engine.free_rows))
+            new = []
+            if room > 0 and self.sched.queued:
+                held = {w.key for w in self.active if w.key is not None}
+                new = self._acquire(self.sched.take(room, self._acceptor(held), in_flight=len(self.active)))
         t0, c0 = time.perf_counter(), self._cpu()
         if new:
             for w in new:
                 w.payload.slot = w.payload_slot
         rows = len(self.active) + len(new)
         # Packed only where a failed step can be retried apart (``packs``: the engine undoes the new rows).
-        if engine.packs([w.payload for w in new], [w.payload for w in self.active]) and self._packed_step(engine, new):
+        if pack and engine.packs([w.payload for w in new], [w.payload for w in self.active]) and \
+                self._packed_step(engine, new):
             if self.metrics:
                 self.metrics.batch(engine.task, rows, time.perf_counter() - t0, self._cpu() - c0)
             return
@@ -479,6 +497,123 @@ class ModelWorker(threading.Thread):
             if self.metrics:  # the rows this step ran (``new`` are in ``active`` by now)
                 self.metrics.batch(engine.task, rows, time.perf_counter() - t0, self._cpu() - c0)
 
+    def _pipelined_step(self) -> None:
+        """One turn of the pipeline (an engine with ``send_step`` / ``collect_step``: the model process). The
+        next step goes out before the answer to the one in flight is read, so the model computes while this
+        thread hands that answer's tokens out, retires rows and takes work (the model waited for that
+        between steps, and longest while the event loop held the interpreter lock: docs/benchmarks.md).
+        The next step runs every active row except those the step in flight ends for certain (their last
+        token), so batches stay full; a row the step in flight ends otherwise (an end-of-sequence or stop
+        token) the model process skips. New work therefore starts one step later than it would otherwise.
+        Work a step cannot pack (prompt logprobs) waits for the pipeline to drain and runs as before."""
+        engine = self.engine
+        flight = self._flight
+        if flight is None and not self.active:
+            self._wait_for_batch(idle=True)
+        if any(w.cancelled for w in self.active):
+            self._retire(cancelled_only=True)
+        running = [w for w in self.active if flight is None or not self._ends_in_flight(w)]
+        room = min(self.max_batch, engine.max_seqs) - len(running)
+        new: list[Work] = []
+        if room > 0 and self.sched.queued:
+            held = {w.key for w in self.active if w.key is not None}
+            new = self._acquire(self.sched.take(room, self._acceptor(held), in_flight=len(self.active)))
+        if any(w.payload.prompt_logprobs is not None for w in new):
+            if flight is not None:
+                self._flight = None
+                self._read(flight, None)
+            self._generation_step(new)
+            return
+        sent = None
+        if new or running:
+            for w in new:
+                w.payload.slot = w.payload_slot
+            try:
+                handle = engine.send_step([w.payload for w in new], [w.payload for w in running])
+            except Exception as e:  # the channel is gone (ModelProcessDied): nothing can run
+                for w in list(self.active) + new:
+                    self._fail(w, e)
+                self.active, self._flight = [], None
+                return
+            self.active.extend(new)
+            sent = _Flight(handle, new, running, time.perf_counter())
+        self._flight = sent
+        if flight is None:
+            self._last_read = time.perf_counter()
+        else:
+            self._read(flight, sent)
+
+    @staticmethod
+    def _ends_in_flight(w: Work) -> bool:
+        seq: Sequence = w.payload
+        return len(seq.generated) + 1 >= seq.max_new_tokens
+
+    def _read(self, flight: "_Flight", behind: "_Flight | None") -> None:
+        """Read ``flight``'s answer and hand out its tokens; ``behind``: the step sent after it."""
+        engine = self.engine
+        c0 = engine.cpu_time()
+        try:
+            toks_new, toks_run = engine.collect_step(flight.handle)
+        except Exception as e:
+            self._step_failed(flight, behind, e)
+            return
+        now = time.perf_counter()
+        for w, tok in zip(flight.new, toks_new):
+            if tok is not None:
+                w.steps += 1
+                self._send(w, "token", tok)
+        for w, tok in zip(flight.running, toks_run):
+            if tok is not None:
+                w.steps += 1
+                self._send(w, "token", tok)
+        self._retire()
+        if self.metrics:  # the model's time on it: from when it could start (sent, and the one before read)
+            self.metrics.batch(engine.task, len(flight.new) + len(flight.running),
+                               now - max(flight.sent, self._last_read), engine.cpu_time() - c0)
+        self._last_read = now
+
+    def _step_failed(self, flight: "_Flight", behind: "_Flight | None", error: Exception) -> None:
+        """A pipelined step failed: its new rows are free again and its running rows have not moved, and the
+        step sent behind it was skipped. After a resync each of both steps' new prompts is prefilled alone and
+        the running rows go on with the next step, so one bad prompt costs the others nothing."""
+        engine = self.engine
+        self._flight = None
+        retry = list(flight.new)
+        try:
+            if behind is not None:
+                try:
+                    engine.collect_step(behind.handle)
+                except Exception as e:  # StepSkipped, as expected; anything else is the channel gone
+                    if type(e).__name__ != "StepSkipped":
+                        raise
+                retry += behind.new
+            if type(error).__name__ == "ModelProcessDied":
+                raise error
+            log.warning("pipelined generation step failed (%s: %s); running its rows again apart",
+                        type(error).__name__, error)
+            engine.resync()
+        except Exception as e:  # the model process is gone: nothing can run
+            for w in self.active:
+                self._fail(w, e)
+            self.active = []
+            return
+        active = set(map(id, self.active))
+        retry = [w for w in retry if id(w) in active]  # not what was retired meanwhile (cancelled)
+        again = set(map(id, retry))
+        self.active = [w for w in self.active if id(w) not in again]
+        for w in retry:  # each prompt alone: only the one the model cannot run fails
+            try:
+                tok = engine.prefill([w.payload])[0]
+            except Exception as e:
+                log.exception("prefill failed")
+                self._fail(w, e)
+                continue
+            w.steps += 1
+            self._send(w, "token", tok)
+            self.active.append(w)
+        self._retire()
+        self._last_read = time.perf_counter()
+
     def _packed_step(self, engine: GenerationEngine, new: list[Work]) -> bool:
         """The new sequences' prefill and the running ones' decode step in one forward
         (``GenerationEngine.step``); False if it failed, after which the caller runs the two apart (the
@@ -515,7 +650,8 @@ class ModelWorker(threading.Thread):
         keep = []
         for w in self.active:
             seq: Sequence = w.payload
-            if w.cancelled or (not cancelled_only and engine.is_done(seq)):
+            # A row without a token yet (its prefill still in flight: the pipeline) cannot be done.
+            if w.cancelled or (not cancelled_only and seq.generated and engine.is_done(seq)):
                 engine.finish(seq)
                 if not w.cancelled:
                     reason = "length" if len(seq.generated) >= seq.max_new_tokens or seq.pos >= engine.max_len \
