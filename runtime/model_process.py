@@ -11,7 +11,10 @@ slots' bookkeeping (which adapter is in which slot, reference counts, evictions)
 and ``finish`` have its semantics and are computed by the child's real ``GenerationEngine``, so answers
 are the in-process engine's bit for bit. The parent keeps a mirror of each ``Sequence`` (its tokens,
 position and logprobs, sent back with every step) for the HTTP layer to read. Finishes are sent with the
-next step (nothing in between reads the child). Writing an adapter into a slot is a call of its own where
+next step (nothing in between reads the child). The model worker keeps a step in flight (``send_step`` /
+``collect_step``; ``ModelWorker._pipelined_step``): a step names rows that continue from the tokens the child
+holds, and the child skips and frees a row the step before ended; a failed pipelined step frees its new rows,
+and the child skips the steps sent behind it until ``resync``. Writing an adapter into a slot is a call of its own where
 it can fail (the first adapter on a module wraps it, a higher rank than the slots have grows them), so
 that its error reaches the request that needed it; every other write is a copy into tensors that exist,
 sent with the next call (each install a round trip of its own left the model idle a sixth of the time at
