@@ -3,10 +3,60 @@ loads, evictions and queue depth. Each runtime owns its registry (tests run seve
 
 from __future__ import annotations
 
+import bisect
 import gc
+import time
 
 from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+
+class GCPauses:
+    """How long this process's garbage collector ran, per pass and generation (``gc.callbacks``). A pass
+    holds the interpreter lock: the event loop and the model worker stop for its length. One per process
+    (``gc_pauses()``), shared by every registry in it; the callback only counts (no lock, no allocation
+    beyond a float), so it cannot deadlock with a scrape that a collection interrupts."""
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self) -> None:
+        self.counts = [[0] * (len(self.BUCKETS) + 1) for _ in range(3)]  # per generation, per bucket (+Inf)
+        self.sums = [0.0, 0.0, 0.0]
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        g = min(int(info.get("generation", 2)), 2)
+        d = time.perf_counter() - self._start
+        self.sums[g] += d
+        self.counts[g][bisect.bisect_left(self.BUCKETS, d)] += 1
+
+    def collect(self):
+        h = HistogramMetricFamily("lorafleet_runtime_gc_pause_seconds",
+                                  "Garbage-collector passes of the runtime's server process by generation, and how "
+                                  "long each held the interpreter lock (the event loop and the model worker wait "
+                                  "meanwhile); generation 2 is a full collection", labels=["generation"])
+        for g in range(3):
+            counts, acc, buckets = list(self.counts[g]), 0, []
+            for le, n in zip(self.BUCKETS + (float("inf"),), counts):
+                acc += n
+                buckets.append(("+Inf" if le == float("inf") else repr(le), acc))
+            h.add_metric([str(g)], buckets, self.sums[g])
+        yield h
+
+
+_GC_PAUSES: GCPauses | None = None
+
+
+def gc_pauses() -> GCPauses:
+    """This process's ``GCPauses``, installed on first use."""
+    global _GC_PAUSES
+    if _GC_PAUSES is None:
+        _GC_PAUSES = GCPauses()
+    return _GC_PAUSES
 
 
 class RuntimeMetrics:
@@ -44,6 +94,7 @@ class RuntimeMetrics:
                                       "Adapter admin events (loaded, failed, unloaded)", ["event"], registry=r)
         self._runtime = None
         GCCollector(registry=r)  # python_gc_collections_total by generation: full collections show here
+        r.register(gc_pauses())  # and how long they held the interpreter lock
         # Overload: work refused or dropped from the queue unserved, answered 429 with Retry-After.
         self.shed_work = Counter("lorafleet_runtime_shed",
                                  "Work items answered 429 by reason: queue_full, tenant_over_share, queue_delay "

@@ -232,7 +232,7 @@ def test_queued_work_keeps_its_deadlines_in_order():
     early.enqueued = first.enqueued - 5.0
     sched.submit([first])
     sched.submit([early])
-    assert [w.enqueued for w in sched.deadlines] == [first.enqueued, first.enqueued]
+    assert [r().enqueued for r in sched.deadlines] == [first.enqueued, first.enqueued]
     loop.close()
 
 
@@ -276,3 +276,35 @@ def test_a_batch_of_events_wakes_each_loop_once():
     got, wakeups = asyncio.run(main())
     assert wakeups == 1
     assert got == [("token", 0), ("done", "length"), ("token", 1), ("token", 2), ("token", 3), ("token", 4)]
+
+
+def test_work_handed_out_is_not_kept_alive_by_the_queue_delay_bound():
+    """A request's work taken by the model worker and finished is freed at once (by reference counting:
+    the collector is off), not held until its queue-delay bound passes; work still queued keeps its
+    deadline and is still answered 429 at the bound."""
+    import gc
+    import weakref
+
+    loop = asyncio.new_event_loop()
+    shed = Shed()
+    sched = Scheduler(max_queue=100, per_tenant_max_inflight=100, max_queue_delay_ms=60_000, on_shed=shed)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        taken_refs, waiting = [], []
+        for i in range(6):
+            w = work(loop, f"t{i % 2}", payload=[i] * 8)
+            sched.submit([w])
+            (taken_refs if i < 4 else waiting).append(weakref.ref(w) if i < 4 else w)
+            del w
+        out = sched.take(4, lambda w: True)
+        assert [x.payload[0] for x in out] == [0, 1, 2, 3]
+        for x in out:
+            sched.finished(x)
+        del out, x
+        assert [r() for r in taken_refs] == [None] * 4, "taken work still referenced by the scheduler"
+        assert [r() for r in sched.deadlines] == waiting and sched.queued == 2
+    finally:
+        if was_enabled:
+            gc.enable()
+        loop.close()
