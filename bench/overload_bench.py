@@ -9,7 +9,8 @@ For each task (classification on MiniLM, generation on the tiny seeded Llama) an
 Every answer is checked against its tenant's PEFT oracle (classification: every label's score within
 1e-3, generation: PEFT's greedy text). The generator runs in --procs processes of its own (asyncio +
 a lean HTTP/1.1 client of its own on uvloop, keep-alive connections opened as needed); their CPU time, the
-connections they opened and the server's CPU are reported so a reader can tell which one was the limit.
+connections they opened, the server's CPU and its garbage collector's time (server_gc_share, full_collections)
+are reported so a reader can tell which one was the limit.
 
 Usage: python bench/overload_bench.py [--quick] [--tasks classify,generate] [--tenants 1,100]
        [--concurrency 1,8,32,200,1000] [--overload 0.5,1,2,5] [--seconds 8]
@@ -114,8 +115,9 @@ class Server:
         own = cpu_seconds(self.proc.pid)
         return own, tree_cpu_seconds(self.proc.pid) - own
 
-    def batches(self) -> tuple[float, float, float, float] | None:
-        """(forward passes, rows, seconds in forward passes, the model thread's CPU seconds in them) so far,
+    def batches(self) -> tuple[float, ...] | None:
+        """(forward passes, rows, seconds in forward passes, the model thread's CPU seconds in them, seconds the
+        server process's garbage collector ran, its full collections) so far,
         from /metrics; None when the metrics port does not answer within 10 s (it shares the overloaded event loop): the run goes on."""
         import httpx
 
@@ -125,10 +127,11 @@ class Server:
             return None
         vals = {}
         keys = ("lorafleet_runtime_batch_size_count", "lorafleet_runtime_batch_size_sum",
-                "lorafleet_runtime_batch_seconds_sum", "lorafleet_runtime_batch_cpu_seconds_total")
+                "lorafleet_runtime_batch_seconds_sum", "lorafleet_runtime_batch_cpu_seconds_total",
+                "lorafleet_runtime_gc_pause_seconds_sum", 'lorafleet_runtime_gc_pause_seconds_count{generation="2"')
         for line in text.splitlines():
             for key in keys:
-                if line.startswith(key + "{"):
+                if line.startswith(key if key.endswith('"') else key + "{"):
                     vals[key] = vals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         return tuple(vals.get(k, 0.0) for k in keys)
 
@@ -369,7 +372,10 @@ def run(server: Server, task: str, expected: dict, mode: str, level: float, args
            "model_busy": round(busy / args.seconds, 2) if busy is not None else None,
            # The model thread's CPU over its wall time in forwards: below 1 it waited (a core, the GIL).
            "model_cpu_share": round(busy_cpu / busy, 2) if busy else None,
-           "step_ms": round(busy / forwards * 1e3, 2) if busy and forwards else None}
+           "step_ms": round(busy / forwards * 1e3, 2) if busy and forwards else None,
+           # The server process's garbage collector: its passes hold the interpreter lock (loop and worker wait).
+           "server_gc_share": round((b1[4] - b0[4]) / args.seconds, 3) if b0 and b1 else None,
+           "full_collections": int(b1[5] - b0[5]) if b0 and b1 else None}
     if mode == "open":
         out["sent_per_s"] = round(len(recs) / args.seconds, 1)
         lags = sorted(r[6] for r in recs)
@@ -395,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="classify,generate")
     p.add_argument("--tenants", default="1,100")
     p.add_argument("--concurrency", default="1,8,32,200,1000")
-    p.add_argument("--overload", default="0.5,1,2,5", help="open-loop rates as multiples of the best closed rate")
+    p.add_argument("--overload", default="0.5,1,2,5", help="open-loop rates as multiples of the best closed rate (empty: none)")
     p.add_argument("--seconds", type=float, default=8.0, help="measured window of each run")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--procs", type=int, default=2, help="load generator processes")
@@ -427,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                           for c in [int(x) for x in args.concurrency.split(",")]]
                 best = max(r["answers_per_s"] for r in closed)
                 opened = [run(server, task, expected, "open", best * m, args)
-                          for m in [float(x) for x in args.overload.split(",")]]
+                          for m in [float(x) for x in args.overload.split(",") if x]]
             finally:
                 server.stop()
             at = {r["clients"]: r["answers_per_s"] for r in closed}
