@@ -13,7 +13,7 @@ connections they opened, the server's CPU and its garbage collector's time (serv
 are reported so a reader can tell which one was the limit.
 
 Usage: python bench/overload_bench.py [--quick] [--tasks classify,generate] [--tenants 1,100]
-       [--concurrency 1,8,32,200,1000] [--overload 0.5,1,2,5] [--seconds 8]
+       [--concurrency 1,8,32,200,1000] [--overload 0.5,1,2,5] [--seconds 8] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -404,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overload", default="0.5,1,2,5", help="open-loop rates as multiples of the best closed rate (empty: none)")
     p.add_argument("--seconds", type=float, default=8.0, help="measured window of each run")
     p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="closed-loop sweeps per configuration, one after another on one server: saturated_vs_best "
+                        "is the median of the rounds' ratios, each to its own round's best (this machine's speed "
+                        "moves from minute to minute); the open-loop rates use the median best")
     p.add_argument("--procs", type=int, default=2, help="load generator processes")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
                    help="the server's torch threads (--torch-threads; default the runtime's own: cores - 1)")
@@ -428,18 +432,24 @@ def main(argv: list[str] | None = None) -> int:
         for n in [int(x) for x in args.tenants.split(",")]:
             model, adapters, expected = prepare(task, n, workdir)
             server = Server(model, adapters, args, workdir / f"serve-{task}-{n}.log")
+            rounds: list[list[dict]] = []
             try:
-                closed = [run(server, task, expected, "closed", c, args)
-                          for c in [int(x) for x in args.concurrency.split(",")]]
-                best = max(r["answers_per_s"] for r in closed)
+                for k in range(args.repeat):  # the whole sweep again: a round's ratios share its minutes
+                    rounds.append([dict(run(server, task, expected, "closed", c, args), round=k + 1)
+                                   for c in [int(x) for x in args.concurrency.split(",")]])
+                bests = [max(r["answers_per_s"] for r in closed) for closed in rounds]
+                best = statistics.median(bests)
                 opened = [run(server, task, expected, "open", best * m, args)
                           for m in [float(x) for x in args.overload.split(",") if x]]
             finally:
                 server.stop()
-            at = {r["clients"]: r["answers_per_s"] for r in closed}
-            out[f"{task}_{n}"] = {"closed": closed, "open": opened, "best_answers_per_s": best,
-                                  "saturated_vs_best": {c: round(v / best, 2) for c, v in at.items() if c >= 200},
-                                  "wrong": sum(r["wrong"] for r in closed + opened)}
+            ratios = [{r["clients"]: round(r["answers_per_s"] / b, 2) for r in closed if r["clients"] >= 200}
+                      for closed, b in zip(rounds, bests)]
+            closed_all = [r for closed in rounds for r in closed]
+            out[f"{task}_{n}"] = {"closed": closed_all, "open": opened, "best_answers_per_s": best,
+                                  "saturated_vs_best": {c: statistics.median(r[c] for r in ratios) for c in ratios[0]},
+                                  "rounds_saturated_vs_best": ratios,
+                                  "wrong": sum(r["wrong"] for r in closed_all + opened)}
     out["machine_after"] = {"load_average": [round(x, 1) for x in os.getloadavg()]}
     print(json.dumps(out))
     return 0
