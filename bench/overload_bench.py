@@ -126,12 +126,13 @@ class Server:
         except httpx.HTTPError:
             return None
         vals = {}
-        keys = ("lorafleet_runtime_batch_size_count", "lorafleet_runtime_batch_size_sum",
-                "lorafleet_runtime_batch_seconds_sum", "lorafleet_runtime_batch_cpu_seconds_total",
-                "lorafleet_runtime_gc_pause_seconds_sum", 'lorafleet_runtime_gc_pause_seconds_count{generation="2"')
+        # Line prefixes; each sums over the label sets that follow it.
+        keys = ("lorafleet_runtime_batch_size_count{", "lorafleet_runtime_batch_size_sum{",
+                "lorafleet_runtime_batch_seconds_sum{", "lorafleet_runtime_batch_cpu_seconds_total{",
+                "lorafleet_runtime_gc_pause_seconds_sum{", 'lorafleet_runtime_gc_pause_seconds_count{generation="2"')
         for line in text.splitlines():
             for key in keys:
-                if line.startswith(key if key.endswith('"') else key + "{"):
+                if line.startswith(key):
                     vals[key] = vals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         return tuple(vals.get(k, 0.0) for k in keys)
 
@@ -421,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the server's model computes (lorafleet serve --model-process)")
     p.add_argument("--workdir", default="/tmp/lorafleet-overload-bench")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, not {args.repeat}")
     if args.quick:
         args.tenants, args.concurrency, args.overload, args.seconds, args.warmup = "4", "1,16", "2", 2.0, 0.5
     workdir = Path(args.workdir)

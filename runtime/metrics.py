@@ -9,6 +9,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 
 class GCPauses:
@@ -40,10 +41,10 @@ class GCPauses:
                                   "long each held the interpreter lock (the event loop and the model worker wait "
                                   "meanwhile); generation 2 is a full collection", labels=["generation"])
         for g in range(3):
-            counts, acc, buckets = list(self.counts[g]), 0, []
-            for le, n in zip(self.BUCKETS + (float("inf"),), counts):
+            acc, buckets = 0, []
+            for le, n in zip(self.BUCKETS + (float("inf"),), list(self.counts[g])):  # a copy: passes go on
                 acc += n
-                buckets.append(("+Inf" if le == float("inf") else repr(le), acc))
+                buckets.append((floatToGoString(le), acc))
             h.add_metric([str(g)], buckets, self.sums[g])
         yield h
 
